@@ -1,0 +1,169 @@
+"""Command-line entry points: ``easyquant-convert`` and ``easyquant-validate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from easyquant_vllm.format import CheckpointError, validate_checkpoint
+from easyquant_vllm.quant import METHODS, SUPPORTED_BITS
+
+from .convert import (
+    DEFAULT_SKIP_PATTERNS,
+    ConversionError,
+    ConvertOptions,
+    convert,
+    summary_table,
+)
+
+DESCRIPTION = """\
+Convert a Hugging Face model directory (safetensors) into an EasyQuant checkpoint: data-free
+weight-only quantization. For every linear weight inside the decoder blocks, the few n-sigma
+outliers are kept in float16 (CSR) and the rest is quantized to int4 (or int8) per group with a
+step size optimised to minimise ||W - Q(W)||^2. No calibration data is used.
+
+Embeddings, lm_head, norms and biases are copied unchanged. The output is written to a temporary
+directory next to DST and renamed into place only when everything succeeded. Serve it with
+  vllm serve DST --quantization easyquant
+"""
+
+EPILOG = """\
+examples:
+  easyquant-convert ./Llama-3-8B ./Llama-3-8B-easyquant
+  easyquant-convert ./model ./out --group-size -1            # per output channel, as in the paper
+  easyquant-convert ./model ./out --skip 'layers\\.0\\.'       # leave the first block in fp16
+exit status: 0 success, 1 bad input (message names the file/tensor), 130 interrupted.
+"""
+
+
+def _group_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 32, 64, 128, -1 or auto, got {value!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="easyquant-convert",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d = ConvertOptions()
+    p.add_argument(
+        "src", type=Path, metavar="SRC_DIR", help="Hugging Face model directory (config.json + *.safetensors)"
+    )
+    p.add_argument("dst", type=Path, metavar="DST_DIR", help="output directory; must not exist unless --overwrite")
+    p.add_argument("--bits", type=int, default=d.bits, choices=SUPPORTED_BITS, help="code width (default %(default)s)")
+    p.add_argument(
+        "--group-size", type=_group_size, default=d.group_size,
+        help="input columns per step size: 32, 64, 128, -1 (one per output channel) or auto, the largest "
+        "of 128/64/32 that divides every quantized input dim (default %(default)s); config.json records the number",
+    )  # fmt: skip
+    p.add_argument(
+        "--outlier-threshold", type=float, default=d.outlier_threshold, metavar="N",
+        help="keep |w - mean| >= N * std in float16 (per tensor; default %(default)s, 0 disables)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-outlier-fraction", type=float, default=d.max_outlier_fraction, metavar="F",
+        help="cap on the outlier fraction per tensor; the largest deviations win (default %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--method", choices=METHODS, default=d.method,
+        help="range optimiser: search (clip-ratio search + alternating least squares; fastest and most "
+        "accurate, default), adam (the paper's: Adam on Eq. 2), rtn (max-abs, no optimisation)",
+    )  # fmt: skip
+    p.add_argument(
+        "--adam-lr", type=float, default=d.adam_lr, help="with --method adam (paper: 1e-4 LLaMA, 1e-3 BLOOM)"
+    )
+    p.add_argument(
+        "--adam-steps", type=int, default=d.adam_steps, help="with --method adam (paper: 500 LLaMA, 100 BLOOM)"
+    )
+    p.add_argument(
+        "--skip", action="append", default=[], metavar="PATTERN",
+        help="regex (searched in the tensor name) of weights to leave unquantized; repeatable. Always skipped: "
+        + ", ".join(DEFAULT_SKIP_PATTERNS),
+    )  # fmt: skip
+    p.add_argument(
+        "--quantize-pattern", default=d.quantize_pattern, metavar="REGEX",
+        help="which 2-D weights are candidates (default: inside decoder blocks, %(default)s). The vLLM plugin "
+        "serves quantized linear layers only: do not widen it to embeddings",
+    )  # fmt: skip
+    p.add_argument("--device", default=d.device, help="where to compute: cpu or cuda[:N] (default %(default)s)")
+    p.add_argument(
+        "--max-shard-size", type=float, default=d.max_shard_bytes / 1024**3, metavar="GIB",
+        help="output shard size cap in GiB (default %(default)s)",
+    )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only after success)")
+    p.add_argument("--dry-run", action="store_true", help="check the input and print the plan; write nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
+    p.add_argument("-v", "--verbose", action="store_true", help="one log line per tensor")
+    return p
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    opts = ConvertOptions(
+        bits=args.bits,
+        group_size=args.group_size,
+        outlier_threshold=args.outlier_threshold,
+        max_outlier_fraction=args.max_outlier_fraction,
+        method=args.method,
+        adam_lr=args.adam_lr,
+        adam_steps=args.adam_steps,
+        quantize_pattern=args.quantize_pattern,
+        skip=args.skip,
+        device=args.device,
+        max_shard_bytes=int(args.max_shard_size * 1024**3),
+        overwrite=args.overwrite,
+    )
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` cleans up like Ctrl-C
+    try:
+        report = convert(args.src, args.dst, opts, progress=not args.no_progress, dry_run=args.dry_run)
+    except (ConversionError, ValueError) as e:
+        print(f"easyquant-convert: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"easyquant-convert: interrupted; nothing was written to {args.dst}", file=sys.stderr)
+        return 130
+    if args.dry_run:
+        print(f"would quantize {len(report['quantize'])} tensors with group size {report['group_size']}:")
+        for name in report["quantize"]:
+            print(f"  {name}")
+        print(f"left as they are (2-D): {report['not_converted']}")
+        return 0
+    print(summary_table(report))
+    print(f"wrote {args.dst} (report: {args.dst / 'easyquant_report.json'})")
+    return 0
+
+
+def validate_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="easyquant-validate",
+        description="Check an EasyQuant checkpoint directory against the format (docs/format.md).",
+    )
+    p.add_argument("model_dir", type=Path)
+    args = p.parse_args(argv)
+    try:
+        summary = validate_checkpoint(args.model_dir)
+    except CheckpointError as e:
+        print(f"easyquant-validate: invalid: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

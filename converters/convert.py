@@ -1,0 +1,374 @@
+"""Offline conversion of a Hugging Face safetensors model directory into an EasyQuant checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from easyquant_vllm.format import (
+    CONFIG_FILE,
+    QWEIGHT,
+    REPORT_FILE,
+    SAFETENSORS_INDEX_FILE,
+    CheckpointError,
+    EasyQuantCheckpointConfig,
+    bits_per_weight,
+    layer_tensors,
+)
+from easyquant_vllm.quant import (
+    AdamParams,
+    QuantSpec,
+    SearchParams,
+    check_bits,
+    pack_factor,
+    quantize_weight,
+    resolve_group_size,
+)
+from easyquant_vllm.safetensors_io import PICKLE_SUFFIXES, ShardedSafetensorsWriter, open_checkpoint
+
+log = logging.getLogger("easyquant.convert")
+
+DEFAULT_QUANTIZE_PATTERN = r"\.(layers|h|blocks)\.\d+\..+\.weight$"
+"""2-D weights inside decoder blocks: the attention and MLP projections of Llama/Qwen/Mistral/OPT/..."""
+
+DEFAULT_SKIP_PATTERNS = (r"norm", r"\.gate\.weight$", r"\.experts\.")
+"""Never quantized by default: norms, MoE routers and MoE experts (the vLLM plugin serves dense
+linear layers only)."""
+
+# Linear layers that vLLM loads into one fused module: all of a group or none must be quantized.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".h5", ".msgpack", *PICKLE_SUFFIXES)
+
+
+class ConversionError(ValueError):
+    """Bad input or options; the message names the file or tensor and what is wrong."""
+
+
+@dataclass
+class ConvertOptions:
+    """Everything that decides the output; recorded in ``easyquant_report.json``."""
+
+    bits: int = 4
+    group_size: int | str = "auto"
+    outlier_threshold: float = 3.0
+    max_outlier_fraction: float = 0.01
+    method: str = "search"
+    adam_lr: float = AdamParams.lr
+    adam_steps: int = AdamParams.steps
+    quantize_pattern: str = DEFAULT_QUANTIZE_PATTERN
+    skip: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    max_shard_bytes: int = 2 * 1024**3
+    overwrite: bool = False
+
+
+@dataclass
+class Plan:
+    """What the converter will do, decided from the headers alone before any tensor is read."""
+
+    names: list[str]
+    quantize: list[str]
+    not_converted: list[str]  # module prefixes of 2-D weights left in their original dtype
+    spec: QuantSpec
+
+
+def _module_of(name: str) -> str:
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions) -> Plan:
+    """Choose the tensors to quantize and resolve the group size; raise ConversionError on bad input."""
+    try:
+        check_bits(opts.bits)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    try:
+        include = re.compile(opts.quantize_pattern)
+        skips = [re.compile(p) for p in (*DEFAULT_SKIP_PATTERNS, *opts.skip)]
+    except re.error as e:
+        raise ConversionError(f"bad pattern: {e}") from None
+    names = ckpt.names()
+    already = [n for n in names if n.endswith("." + QWEIGHT)]
+    if already:
+        raise ConversionError(f"{src}: already quantized (tensor {already[0]}); convert the original model")
+    quantize, not_converted = [], []
+    for name in names:
+        if len(ckpt.shape(name)) != 2 or ckpt.dtype_code(name) not in ("F16", "BF16", "F32"):
+            continue
+        if include.search(name) and not any(p.search(name) for p in skips):
+            quantize.append(name)
+        else:
+            not_converted.append(_module_of(name))
+    if not quantize:
+        raise ConversionError(f"{src}: no tensor matches the quantize pattern {opts.quantize_pattern!r}")
+    _check_fused_groups(set(map(_module_of, quantize)), set(not_converted))
+
+    pf = pack_factor(opts.bits)
+    in_dims: dict[int, str] = {}
+    for name in quantize:
+        k = ckpt.shape(name)[1]
+        if k % pf:
+            raise ConversionError(
+                f"{name} in {ckpt.file_of(name).name}: input dimension {k} is not divisible by {pf}, "
+                f"which {opts.bits}-bit packing needs; skip it with --skip"
+            )
+        in_dims.setdefault(k, name)
+    try:
+        group_size = resolve_group_size(set(in_dims), opts.group_size)
+    except ValueError as e:
+        bad = [n for k, n in in_dims.items() if str(k) in str(e)]
+        raise ConversionError(f"{e} (e.g. tensor {bad[0] if bad else next(iter(in_dims.values()))})") from None
+    spec = QuantSpec(
+        bits=opts.bits,
+        group_size=group_size,
+        outlier_threshold=opts.outlier_threshold,
+        max_outlier_fraction=opts.max_outlier_fraction,
+        method=opts.method,
+        adam=AdamParams(lr=opts.adam_lr, steps=opts.adam_steps),
+        search=SearchParams(),
+    )
+    return Plan(names, quantize, not_converted, spec)
+
+
+def _check_fused_groups(quantized: set[str], kept: set[str]) -> None:
+    for module in quantized:
+        parent, _, leaf = module.rpartition(".")
+        for group in FUSED_SIBLINGS:
+            if leaf in group:
+                split = [f"{parent}.{s}" for s in group if f"{parent}.{s}" in kept]
+                if split:
+                    raise ConversionError(
+                        f"{module} would be quantized but {split} not: vLLM fuses {list(group)} into one layer, "
+                        "so skip all of them or none"
+                    )
+
+
+def method_params(spec: QuantSpec) -> dict[str, Any]:
+    if spec.method == "adam":
+        return asdict(spec.adam)
+    if spec.method == "search":
+        return asdict(spec.search)
+    return {}
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    opts: ConvertOptions | None = None,
+    progress: bool = True,
+    dry_run: bool = False,
+    on_tensor: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Convert ``src`` (HF directory, safetensors) into the EasyQuant checkpoint ``dst``.
+
+    Streams tensor by tensor; writes into a temporary sibling of ``dst`` renamed into place only on
+    success, so a failure or interrupt leaves nothing at ``dst``. ``on_tensor`` is called with each
+    tensor name before it is processed (tests use it to interrupt). Returns the report dict (also
+    written to ``dst/easyquant_report.json``); with ``dry_run`` only the plan is returned.
+    """
+    opts = opts or ConvertOptions()
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise ConversionError(f"{src}: not a directory")
+    config_path = src / CONFIG_FILE
+    if not config_path.is_file():
+        raise ConversionError(f"{config_path}: missing; a Hugging Face model directory needs its config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{config_path}: not valid JSON ({e})") from None
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method", "?")
+        raise ConversionError(f"{config_path}: model is already quantized (quant_method={method!r})")
+    if dst.exists() and not opts.overwrite:
+        raise ConversionError(f"{dst}: already exists (pass --overwrite to replace it)")
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise ConversionError(f"{dst}: must not be the source directory or inside it")
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConversionError(f"--device {opts.device}: CUDA is not available on this machine")
+
+    try:
+        with open_checkpoint(src) as ckpt:
+            plan = plan_conversion(src, ckpt, opts)
+            if dry_run:
+                return {
+                    "quantize": plan.quantize,
+                    "not_converted": plan.not_converted,
+                    "group_size": plan.spec.group_size,
+                }
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.parent / f".{dst.name}.easyquant-tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            try:
+                report = _write(src, tmp, ckpt, plan, opts, config, progress, on_tensor)
+                _commit(tmp, dst)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
+    return report
+
+
+def _write(
+    src: Path,
+    out: Path,
+    ckpt: Any,
+    plan: Plan,
+    opts: ConvertOptions,
+    config: dict[str, Any],
+    progress: bool,
+    on_tensor: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    writer = ShardedSafetensorsWriter(out, opts.max_shard_bytes)
+    to_quantize = set(plan.quantize)
+    rows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for name in tqdm(plan.names, desc="easyquant", unit="tensor", disable=not progress, leave=False):
+        if on_tensor is not None:
+            on_tensor(name)
+        t = ckpt.get(name)
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise ConversionError(f"{name} in {ckpt.file_of(name).name}: {bad} NaN/Inf value(s)")
+        if name not in to_quantize:
+            writer.add(name, t)
+            continue
+        t0 = time.perf_counter()
+        qw = quantize_weight(t, plan.spec, device=opts.device)
+        seconds = time.perf_counter() - t0
+        for full, tensor in layer_tensors(_module_of(name), qw).items():
+            writer.add(full, tensor)
+        n, k = t.shape
+        assert qw.stats is not None
+        rows.append({
+            "name": _module_of(name),
+            "shape": [n, k],
+            "outlier_fraction": qw.stats.outlier_fraction,
+            "rel_err_rtn": qw.stats.rel_err_rtn,
+            "rel_err": qw.stats.rel_err,
+            "bits_per_weight": bits_per_weight(n, k, plan.spec.bits, plan.spec.group_size, qw.outliers.nnz),
+            "seconds": seconds,
+        })  # fmt: skip
+        log.debug("%s [%d, %d] %s -> outliers %.3f%%, rel err %.4f (RTN %.4f)", name, n, k, t.dtype,
+                  100 * qw.stats.outlier_fraction, qw.stats.rel_err, qw.stats.rel_err_rtn)  # fmt: skip
+        del t, qw
+    writer.close()
+    total_seconds = time.perf_counter() - start
+
+    qcfg = EasyQuantCheckpointConfig(
+        bits=plan.spec.bits,
+        group_size=plan.spec.group_size,
+        outlier_threshold=plan.spec.outlier_threshold,
+        max_outlier_fraction=plan.spec.max_outlier_fraction,
+        method=plan.spec.method,
+        method_params=method_params(plan.spec),
+        modules_to_not_convert=plan.not_converted,
+    )
+    (out / CONFIG_FILE).write_text(json.dumps({**config, "quantization_config": qcfg.to_dict()}, indent=2) + "\n")
+    _copy_side_files(src, out)
+    report = _report(src, plan, opts, qcfg, rows, total_seconds)
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _copy_side_files(src: Path, out: Path) -> None:
+    """Tokenizer, generation config, license, README...: every plain file that is not weights."""
+    skip = {CONFIG_FILE, REPORT_FILE, SAFETENSORS_INDEX_FILE}
+    for p in sorted(src.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and p.name not in skip and p.suffix not in WEIGHT_SUFFIXES:
+            shutil.copyfile(p, out / p.name)
+
+
+def _report(
+    src: Path,
+    plan: Plan,
+    opts: ConvertOptions,
+    qcfg: EasyQuantCheckpointConfig,
+    rows: list[dict[str, Any]],
+    total_seconds: float,
+) -> dict[str, Any]:
+    params = sum(r["shape"][0] * r["shape"][1] for r in rows)
+
+    def weighted(key: str) -> float:
+        return sum(r[key] * r["shape"][0] * r["shape"][1] for r in rows) / params
+
+    quant_seconds = sum(r["seconds"] for r in rows)
+    return {
+        "source": str(src),
+        "options": {**asdict(opts), "group_size_resolved": plan.spec.group_size},
+        "quantization_config": qcfg.to_dict(),
+        "tensors": rows,
+        "totals": {
+            "quantized_tensors": len(rows),
+            "quantized_params": params,
+            "outlier_fraction": weighted("outlier_fraction"),
+            "rel_err_rtn": weighted("rel_err_rtn"),
+            "rel_err": weighted("rel_err"),
+            "bits_per_weight": weighted("bits_per_weight"),
+            "quantize_seconds": quant_seconds,
+            "total_seconds": total_seconds,
+            "params_per_second": params / quant_seconds if quant_seconds > 0 else None,
+        },
+        "timing_keys": ["seconds", "quantize_seconds", "total_seconds", "params_per_second"],
+    }
+
+
+def _commit(tmp: Path, dst: Path) -> None:
+    """Move the finished output into place; an existing ``dst`` (``--overwrite``) goes only after."""
+    if dst.exists() or dst.is_symlink():
+        old = dst.parent / f".{dst.name}.easyquant-old-{os.getpid()}"
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    else:
+        os.replace(tmp, dst)
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """Per module kind (q_proj, down_proj, ...): count, params, outliers, RTN vs EasyQuant error."""
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for r in report["tensors"]:
+        kinds.setdefault(r["name"].rsplit(".", 1)[-1], []).append(r)
+    lines = [f"{'module':<14}{'count':>6}{'params':>12}{'outliers':>10}{'RTN err':>10}{'EQ err':>10}{'gain':>8}"]
+    for kind, rs in sorted(kinds.items()):
+        p = sum(r["shape"][0] * r["shape"][1] for r in rs)
+
+        def avg(key: str, rs: list[dict[str, Any]] = rs, p: int = p) -> float:
+            return sum(r[key] * r["shape"][0] * r["shape"][1] for r in rs) / p
+
+        rtn, eq = avg("rel_err_rtn"), avg("rel_err")
+        lines.append(
+            f"{kind:<14}{len(rs):>6}{p:>12,}{100 * avg('outlier_fraction'):>9.3f}%{rtn:>10.4f}{eq:>10.4f}"
+            f"{100 * (1 - eq / rtn):>7.1f}%"
+        )
+    t = report["totals"]
+    qc = report["quantization_config"]
+    lines.append(
+        f"{'total':<14}{t['quantized_tensors']:>6}{t['quantized_params']:>12,}{100 * t['outlier_fraction']:>9.3f}%"
+        f"{t['rel_err_rtn']:>10.4f}{t['rel_err']:>10.4f}{100 * (1 - t['rel_err'] / t['rel_err_rtn']):>7.1f}%"
+    )
+    rate = t["params_per_second"]
+    lines.append(
+        f"{qc['bits']}-bit, group {qc['group_size']}, method {qc['method']}, {t['bits_per_weight']:.3f} bits/weight; "
+        f"quantized in {t['quantize_seconds']:.1f} s ({(rate or 0) / 1e6:.1f} M params/s), "
+        f"total {t['total_seconds']:.1f} s"
+    )
+    return "\n".join(lines)

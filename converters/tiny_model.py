@@ -1,0 +1,134 @@
+"""Build small random Hugging Face models locally (Llama or Qwen2), with a locally trained tokenizer.
+
+No download ever: the tokenizer is a byte-level BPE trained on a few paragraphs embedded below, and
+the weights are random but shaped like trained ones (heavy-tailed, so there are real 3-sigma
+outliers). Used by the tests and as a quick demo input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+_CORPUS = """\
+The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is Madrid.
+Paris is a city on the river Seine. Rome was founded on seven hills. Madrid lies in the middle of Spain.
+A language model predicts the next word from the words before it. Quantization stores the weights of a
+model with fewer bits, so that the model needs less memory and runs faster. Outliers are the few weights
+that are much larger than the rest; keeping them exact keeps the model accurate.
+The quick brown fox jumps over the lazy dog. One, two, three, four, five, six, seven, eight, nine, ten.
+Water boils at one hundred degrees. The sun rises in the east and sets in the west. Cats and dogs are
+animals. Music, science, history and art are subjects taught in schools around the world.
+"""
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+
+
+def train_tokenizer(vocab_size: int) -> object:
+    """A byte-level BPE tokenizer trained on the embedded corpus, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
+
+
+def _heavy_tailed_(w: torch.Tensor, generator: torch.Generator, std: float = 0.02) -> None:
+    """Fill ``w`` with Student-t (5 dof) noise of the given std, with per-row scale variation.
+
+    Trained LLM weights are heavier-tailed than Gaussian (kurtosis > 3) and their rows differ in
+    scale; both matter for outlier isolation and per-group ranges, so the tiny model has them too.
+    """
+    n, k = w.shape
+    normal = torch.randn(n, k, generator=generator)
+    chi2 = torch.randn(n, k, 5, generator=generator).square().sum(-1)
+    t = normal / (chi2 / 5).sqrt() * (3 / 5) ** 0.5  # unit variance: Var(t_5) = 5/3
+    rows = torch.exp(0.3 * torch.randn(n, 1, generator=generator))
+    w.copy_(t * rows * std)
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    arch: str = "llama",
+    hidden_size: int = 256,
+    num_layers: int = 2,
+    num_heads: int = 8,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 512,
+    vocab_size: int = 512,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+) -> Path:
+    """Write a random ``arch`` ("llama" or "qwen2": Qwen2 has q/k/v biases) model to ``out_dir``.
+
+    Returns the directory, which holds config.json, model.safetensors (sharded with an index if
+    ``max_shard_size`` is given, e.g. "300KB"), tokenizer files and generation_config.json.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    if arch not in classes:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(classes)}")
+    config_cls, model_cls = classes[arch]
+    tokenizer = train_tokenizer(vocab_size)
+    config = config_cls(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
+                _heavy_tailed_(p, gen)
+            elif p.dim() == 2 or name.endswith("bias"):
+                p.normal_(0.0, 0.02, generator=gen)
+            else:  # norm weights: around 1, like trained ones
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    tokenizer.save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.setdefault("torch_dtype", "float32")  # vLLM reads it; transformers 5 writes "dtype"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="easyquant-tiny-model", description=__doc__)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    print(build_tiny_model(args.out_dir, arch=args.arch, seed=args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

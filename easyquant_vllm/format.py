@@ -1,0 +1,291 @@
+"""The EasyQuant checkpoint schema (format_version 1): names, dtypes, shapes, config keys, validator.
+
+This module is the single owner of the on-disk format; ``docs/format.md`` describes the same thing
+in prose. Per quantized linear with prefix ``P`` and weight ``[N = out, K = in]``:
+
+=====================  =======  ==================  ==============================================
+tensor                 dtype    shape               meaning
+=====================  =======  ==================  ==============================================
+``P.qweight``          int32    ``[N, K*bits/32]``  codes ``u = q + 2**(bits-1)``, packed along K
+``P.scales``           float16  ``[N, K/G]``        step per group (``[N, 1]`` per channel)
+``P.outlier_indptr``   int32    ``[N + 1]``         CSR row pointers
+``P.outlier_indices``  int32    ``[nnz]``           column of each outlier, ascending in a row
+``P.outlier_values``   float16  ``[nnz]``           original weight value of each outlier
+=====================  =======  ==================  ==============================================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .quant import (
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+    OutlierCSR,
+    QuantizedWeight,
+    effective_group_size,
+    pack_factor,
+)
+
+QUANT_METHOD = "easyquant"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+CONFIG_FILE = "config.json"
+REPORT_FILE = "easyquant_report.json"
+SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
+
+QWEIGHT = "qweight"
+SCALES = "scales"
+OUTLIER_INDPTR = "outlier_indptr"
+OUTLIER_INDICES = "outlier_indices"
+OUTLIER_VALUES = "outlier_values"
+TENSOR_SUFFIXES = (QWEIGHT, SCALES, OUTLIER_INDPTR, OUTLIER_INDICES, OUTLIER_VALUES)
+
+TENSOR_DTYPES: dict[str, torch.dtype] = {
+    QWEIGHT: torch.int32,
+    SCALES: torch.float16,
+    OUTLIER_INDPTR: torch.int32,
+    OUTLIER_INDICES: torch.int32,
+    OUTLIER_VALUES: torch.float16,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the schema; the message names the file or tensor and the problem."""
+
+
+@dataclass(frozen=True)
+class EasyQuantCheckpointConfig:
+    """The ``quantization_config`` block of ``config.json``.
+
+    ``group_size`` is resolved (never "auto"): 32, 64, 128, or -1 for one range per output channel.
+    ``method`` and ``method_params`` record how the ranges were optimised (informative only: the
+    tensors alone define the weights). ``modules_to_not_convert`` lists the module names (prefixes
+    without ``.weight``) of linear layers inside the decoder blocks that were left unquantized.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    outlier_threshold: float = 3.0
+    max_outlier_fraction: float = 0.01
+    method: str = "search"
+    method_params: dict[str, Any] = field(default_factory=dict)
+    modules_to_not_convert: list[str] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EasyQuantCheckpointConfig:
+        """Parse and validate; unknown keys are ignored (forward compatible), bad values raise."""
+        where = "quantization_config"
+        if d.get("quant_method", QUANT_METHOD) != QUANT_METHOD:
+            raise CheckpointError(f"{where}: quant_method is {d.get('quant_method')!r}, expected {QUANT_METHOD!r}")
+        version = d.get("format_version")
+        if version not in SUPPORTED_FORMAT_VERSIONS:
+            raise CheckpointError(
+                f"{where}: format_version {version!r} is not supported by this easyquant-vllm "
+                f"(supported: {list(SUPPORTED_FORMAT_VERSIONS)}); upgrade the package or re-convert"
+            )
+        bits = d.get("bits")
+        if bits not in SUPPORTED_BITS:
+            raise CheckpointError(f"{where}: unsupported bits = {bits!r}; supported: {list(SUPPORTED_BITS)}")
+        group_size = d.get("group_size")
+        if group_size not in SUPPORTED_GROUP_SIZES:
+            raise CheckpointError(
+                f"{where}: unsupported group_size = {group_size!r}; supported: {list(SUPPORTED_GROUP_SIZES)}"
+            )
+        skip = d.get("modules_to_not_convert") or []
+        if not isinstance(skip, list) or not all(isinstance(m, str) for m in skip):
+            raise CheckpointError(f"{where}: modules_to_not_convert must be a list of strings, got {skip!r}")
+        return cls(
+            bits=bits,
+            group_size=group_size,
+            outlier_threshold=float(d.get("outlier_threshold", 3.0)),
+            max_outlier_fraction=float(d.get("max_outlier_fraction", 0.01)),
+            method=str(d.get("method", "search")),
+            method_params=dict(d.get("method_params") or {}),
+            modules_to_not_convert=list(skip),
+            format_version=version,
+        )
+
+
+def tensor_name(prefix: str, suffix: str) -> str:
+    """``"model.layers.0.mlp.down_proj" + "qweight"`` -> ``"model.layers.0.mlp.down_proj.qweight"``."""
+    return f"{prefix}.{suffix}"
+
+
+def dense_shapes(n: int, k: int, bits: int, group_size: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the fixed-size tensors of an ``[N, K]`` weight (the CSR arrays' nnz is data)."""
+    return {
+        QWEIGHT: (n, k // pack_factor(bits)),
+        SCALES: (n, k // effective_group_size(k, group_size)),
+        OUTLIER_INDPTR: (n + 1,),
+    }
+
+
+def layer_tensors(prefix: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """The five checkpoint tensors of one quantized linear, keyed by full name, in file order."""
+    o = qw.outliers
+    parts = {QWEIGHT: qw.qweight, SCALES: qw.scales, OUTLIER_INDPTR: o.indptr, OUTLIER_INDICES: o.indices,
+             OUTLIER_VALUES: o.values}  # fmt: skip
+    return {tensor_name(prefix, s): t.contiguous() for s, t in parts.items()}
+
+
+def quantized_weight_from_tensors(
+    prefix: str, tensors: Mapping[str, torch.Tensor], bits: int, group_size: int
+) -> QuantizedWeight:
+    """Validate the five tensors of ``prefix`` and wrap them (inverse of :func:`layer_tensors`)."""
+    validate_layer(prefix, tensors, bits, group_size)
+    t = {s: tensors[tensor_name(prefix, s)] for s in TENSOR_SUFFIXES}
+    n = t[QWEIGHT].shape[0]
+    k = t[QWEIGHT].shape[1] * pack_factor(bits)
+    csr = OutlierCSR(t[OUTLIER_INDPTR], t[OUTLIER_INDICES], t[OUTLIER_VALUES], (n, k))
+    return QuantizedWeight(t[QWEIGHT], t[SCALES], csr, bits, group_size)
+
+
+def validate_layer(prefix: str, tensors: Mapping[str, torch.Tensor], bits: int, group_size: int) -> None:
+    """Check one layer's tensors against the schema; raise :class:`CheckpointError` naming the tensor.
+
+    Checks presence, dtype, rank and shape of all five tensors, that ``K`` is a multiple of the group
+    size, that ``indptr`` starts at 0, never decreases and ends at nnz, that every column index is in
+    ``[0, K)`` and strictly ascending within its row, and that scales and outlier values are finite.
+    """
+    missing = [tensor_name(prefix, s) for s in TENSOR_SUFFIXES if tensor_name(prefix, s) not in tensors]
+    if missing:
+        raise CheckpointError(f"layer {prefix}: missing tensor(s) {missing}")
+    t = {s: tensors[tensor_name(prefix, s)] for s in TENSOR_SUFFIXES}
+    for s, want in TENSOR_DTYPES.items():
+        if t[s].dtype != want:
+            raise CheckpointError(f"{tensor_name(prefix, s)}: dtype {t[s].dtype}, expected {want}")
+    for s, rank in ((QWEIGHT, 2), (SCALES, 2), (OUTLIER_INDPTR, 1), (OUTLIER_INDICES, 1), (OUTLIER_VALUES, 1)):
+        if t[s].dim() != rank:
+            raise CheckpointError(
+                f"{tensor_name(prefix, s)}: rank {t[s].dim()} (shape {list(t[s].shape)}), expected {rank}"
+            )
+    n = t[QWEIGHT].shape[0]
+    k = t[QWEIGHT].shape[1] * pack_factor(bits)
+    if group_size != -1 and k % group_size:
+        raise CheckpointError(
+            f"{tensor_name(prefix, QWEIGHT)}: input dim K = {k} is not a multiple of group_size {group_size}"
+        )
+    for s, shape in dense_shapes(n, k, bits, group_size).items():
+        if tuple(t[s].shape) != shape:
+            raise CheckpointError(
+                f"{tensor_name(prefix, s)}: shape {list(t[s].shape)}, expected {list(shape)} (N={n}, K={k})"
+            )
+    nnz = t[OUTLIER_INDICES].numel()
+    if t[OUTLIER_VALUES].numel() != nnz:
+        raise CheckpointError(
+            f"{tensor_name(prefix, OUTLIER_VALUES)}: {t[OUTLIER_VALUES].numel()} values but {nnz} indices"
+        )
+    indptr = t[OUTLIER_INDPTR].long()
+    if int(indptr[0]) != 0:
+        raise CheckpointError(f"{tensor_name(prefix, OUTLIER_INDPTR)}: must start at 0, starts at {int(indptr[0])}")
+    steps = indptr[1:] - indptr[:-1]
+    if bool((steps < 0).any()):
+        row = int(torch.nonzero(steps < 0)[0])
+        raise CheckpointError(f"{tensor_name(prefix, OUTLIER_INDPTR)}: not monotone (decreases at row {row})")
+    if int(indptr[-1]) != nnz:
+        raise CheckpointError(f"{tensor_name(prefix, OUTLIER_INDPTR)}: ends at {int(indptr[-1])}, expected nnz = {nnz}")
+    idx = t[OUTLIER_INDICES].long()
+    if nnz:
+        bad = (idx < 0) | (idx >= k)
+        if bool(bad.any()):
+            j = int(torch.nonzero(bad)[0])
+            raise CheckpointError(
+                f"{tensor_name(prefix, OUTLIER_INDICES)}: entry {j} = {int(idx[j])} out of range [0, {k})"
+            )
+        # Within a row, columns must strictly ascend: a step that is not positive is only allowed
+        # where a new row starts.
+        row_start = torch.zeros(nnz, dtype=torch.bool)
+        row_start[indptr[:-1][steps > 0]] = True
+        not_ascending = (idx[1:] <= idx[:-1]) & ~row_start[1:]
+        if bool(not_ascending.any()):
+            j = int(torch.nonzero(not_ascending)[0]) + 1
+            raise CheckpointError(
+                f"{tensor_name(prefix, OUTLIER_INDICES)}: entry {j} not strictly ascending within its row"
+            )
+    for s in (SCALES, OUTLIER_VALUES):
+        if not bool(torch.isfinite(t[s]).all()):
+            raise CheckpointError(f"{tensor_name(prefix, s)}: contains NaN or Inf")
+    if bool((t[SCALES] < 0).any()):
+        raise CheckpointError(f"{tensor_name(prefix, SCALES)}: negative step size")
+
+
+def read_quantization_config(model_dir: str | Path) -> EasyQuantCheckpointConfig:
+    """Parse ``config.json``'s ``quantization_config`` of an EasyQuant checkpoint directory."""
+    path = Path(model_dir) / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{path}: no quantization_config: not an EasyQuant checkpoint")
+    return EasyQuantCheckpointConfig.from_dict(qc)
+
+
+def bits_per_weight(n: int, k: int, bits: int, group_size: int, nnz: int) -> float:
+    """Storage cost per weight: codes + float16 steps + outliers (16-bit value, 32-bit index) + indptr."""
+    g = effective_group_size(k, group_size)
+    total = n * k * bits + n * (k // g) * 16 + nnz * (16 + 32) + (n + 1) * 32
+    return total / (n * k)
+
+
+def validate_checkpoint(model_dir: str | Path) -> dict[str, Any]:
+    """Validate a whole EasyQuant checkpoint directory against the schema.
+
+    Reads ``config.json`` and every safetensors shard (via the index if present), checks every
+    quantized layer with :func:`validate_layer` and that no schema tensor is orphaned.
+
+    Returns:
+        A summary: ``{"layers": int, "quantized_params": int, "outliers": int, "bits_per_weight": float}``.
+
+    Raises:
+        CheckpointError naming the file or tensor and the problem.
+    """
+    from .safetensors_io import open_checkpoint  # local: keeps this module free of file I/O deps
+
+    cfg = read_quantization_config(model_dir)
+    layers = params = outliers = 0
+    bits_total = 0.0
+    with open_checkpoint(model_dir) as ckpt:
+        names = set(ckpt.names())
+        prefixes = sorted(name[: -len(QWEIGHT) - 1] for name in names if name.endswith("." + QWEIGHT))
+        for name in sorted(names):
+            for s in TENSOR_SUFFIXES:
+                if name.endswith("." + s) and name[: -len(s) - 1] not in prefixes:
+                    raise CheckpointError(f"{name}: {s} without a matching {QWEIGHT}")
+        for prefix in prefixes:
+            tensors = {}
+            for s in TENSOR_SUFFIXES:
+                full = tensor_name(prefix, s)
+                if full in names:
+                    tensors[full] = ckpt.get(full)
+            qw = quantized_weight_from_tensors(prefix, tensors, cfg.bits, cfg.group_size)
+            n, k = qw.shape
+            layers += 1
+            params += n * k
+            outliers += qw.outliers.nnz
+            bits_total += bits_per_weight(n, k, cfg.bits, cfg.group_size, qw.outliers.nnz) * n * k
+    if layers == 0:
+        raise CheckpointError(f"{model_dir}: config.json says easyquant but no tensor ends in .{QWEIGHT}")
+    return {
+        "layers": layers,
+        "quantized_params": params,
+        "outliers": outliers,
+        "outlier_fraction": outliers / params,
+        "bits_per_weight": bits_total / params if params else math.nan,
+    }

@@ -1,0 +1,133 @@
+"""Range (step size) optimisers for symmetric group quantization: RTN, the paper's Adam, and ours.
+
+Every function works on a batch of groups at once: ``x`` is ``[R, G]`` float32, one group of G
+consecutive weights of one output row per line (``G = K`` for per-channel ranges), with the outliers
+already set to 0 (a zero weight gets code 0 and adds nothing to the error, so the loss below is the
+loss over the normal values only, as in the paper). Each returns the step sizes ``s`` as ``[R]``
+float32; the quantizer is ``Q[x] = s * clamp(round(x / s), q_min, q_max)`` (EasyQuant Eq. 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .packing import code_range
+
+
+def quantize_codes(x: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes ``clamp(round(x / s), q_min, q_max)`` as float32, ``[R, G]``.
+
+    ``s`` is ``[R]``; a group with ``s == 0`` (all of its normal values are 0) gets code 0.
+    ``torch.round`` rounds half to even, the same on every device.
+    """
+    q_min, q_max = code_range(bits)
+    s_safe = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(1)
+    q = torch.round(x / s_safe).clamp_(q_min, q_max)
+    return q.mul_((s > 0).unsqueeze(1))
+
+
+def group_loss_and_grad(x: torch.Tensor, s: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """EasyQuant Eq. 2 per group and its analytic gradient.
+
+    ``L(s) = sum_i (s*q_i - x_i)^2`` and ``dL/ds = 2 * sum_i (s*q_i - x_i) * q_i`` with
+    ``q_i = clamp(round(x_i / s))`` held fixed: exact away from rounding boundaries, and equal to
+    autograd with zero gradient through ``round``. Returns two ``[R]`` float32 tensors.
+    """
+    q = quantize_codes(x, s, bits)
+    err = q * s.unsqueeze(1) - x
+    return err.square().sum(1), 2.0 * (err * q).sum(1)
+
+
+def group_loss(x: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[R]`` float32 squared reconstruction error of each group at step sizes ``s [R]``."""
+    q = quantize_codes(x, s, bits)
+    return q.mul_(s.unsqueeze(1)).sub_(x).square_().sum(1)
+
+
+def rtn_scales(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round-to-nearest baseline: ``s = max|x| / q_max`` maps the largest magnitude onto the top code."""
+    return x.abs().amax(1) / code_range(bits)[1]
+
+
+@dataclass(frozen=True)
+class AdamParams:
+    """The paper's optimiser: Adam on the range ``r = q_max * s``, initialised at max|x| (RTN).
+
+    The paper writes the range as ``s = max|x|`` and uses lr 1e-4 / 500 steps for LLaMA (the default
+    here) and lr 1e-3 / 100 steps for BLOOM. The best iterate of each group is kept, so the result is
+    never worse than RTN (the paper does not say; plain Adam can end above its start).
+    """
+
+    lr: float = 1e-4
+    steps: int = 500
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """Our solver: a coarse search over clipping ratios, then alternating least squares.
+
+    Step 1 tries ``s = ratio * s_rtn`` for ``grid_points`` ratios evenly spaced in
+    ``[grid_min, 1]`` and keeps each group's best. Step 2 alternates, ``lsq_iters`` times, code
+    assignment (round to nearest, the optimal codes for a fixed ``s``) and the closed-form step for
+    fixed codes, ``s = sum(x*q) / sum(q*q)``: each half-step can only lower the loss. The search
+    matters: least squares alone stops in the local minimum nearest to the max-abs start.
+    """
+
+    grid_min: float = 0.5
+    grid_points: int = 11
+    lsq_iters: int = 4
+
+
+def solve_adam(x: torch.Tensor, bits: int, params: AdamParams = AdamParams()) -> torch.Tensor:
+    """Paper mode: Adam on Eq. 2 with the analytic gradient, all groups at once. ``x [R, G]`` -> ``[R]``."""
+    q_max = code_range(bits)[1]
+    r0 = x.abs().amax(1)
+    r = r0.clone()
+    m = torch.zeros_like(r)
+    v = torch.zeros_like(r)
+    best_r = r.clone()
+    best_loss = torch.full_like(r, float("inf"))
+    r_floor = r0 * 1e-3  # keep the range positive: a sign flip would mirror every code
+    for t in range(1, params.steps + 1):
+        loss, grad_s = group_loss_and_grad(x, r / q_max, bits)
+        better = loss < best_loss
+        best_loss = torch.where(better, loss, best_loss)
+        best_r = torch.where(better, r, best_r)
+        grad = grad_s / q_max  # dL/dr = dL/ds * ds/dr
+        m.mul_(params.beta1).add_(grad, alpha=1 - params.beta1)
+        v.mul_(params.beta2).addcmul_(grad, grad, value=1 - params.beta2)
+        m_hat = m / (1 - params.beta1**t)
+        v_hat = v / (1 - params.beta2**t)
+        r = torch.maximum(r - params.lr * m_hat / (v_hat.sqrt() + params.eps), r_floor)
+    last = group_loss(x, r / q_max, bits)
+    best_r = torch.where(last < best_loss, r, best_r)
+    return best_r / q_max
+
+
+def solve_search(x: torch.Tensor, bits: int, params: SearchParams = SearchParams()) -> torch.Tensor:
+    """Our default: clipping-ratio search + alternating least squares. ``x [R, G]`` -> ``[R]``."""
+    s_rtn = rtn_scales(x, bits)
+    best_s = s_rtn
+    best_loss = group_loss(x, s_rtn, bits)
+    if params.grid_points > 1:
+        for ratio in torch.linspace(params.grid_min, 1.0, params.grid_points)[:-1].tolist():
+            s = s_rtn * ratio
+            loss = group_loss(x, s, bits)
+            better = loss < best_loss
+            best_loss = torch.where(better, loss, best_loss)
+            best_s = torch.where(better, s, best_s)
+    for _ in range(params.lsq_iters):
+        q = quantize_codes(x, best_s, bits)
+        num = (x * q).sum(1)
+        den = (q * q).sum(1)
+        s = torch.where(den > 0, num / den.clamp_min(1.0), best_s)
+        loss = group_loss(x, s, bits)
+        better = loss < best_loss
+        best_loss = torch.where(better, loss, best_loss)
+        best_s = torch.where(better, s, best_s)
+    return best_s

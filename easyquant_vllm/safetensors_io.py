@@ -1,0 +1,198 @@
+"""Reading Hugging Face safetensors checkpoints lazily and writing sharded ones with bounded memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .format import SAFETENSORS_INDEX_FILE, CheckpointError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# safetensors dtype codes (https://github.com/huggingface/safetensors, format spec).
+_DTYPE_CODES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def resolve_weight_files(model_dir: str | Path) -> dict[str, Path]:
+    """Map every tensor name of a checkpoint directory to the safetensors file that holds it.
+
+    Uses ``model.safetensors.index.json`` when present (and checks that every shard it names
+    exists), else every ``*.safetensors`` file in the directory. Refuses pickle checkpoints.
+
+    Raises:
+        CheckpointError naming the file and the problem.
+    """
+    model_dir = Path(model_dir)
+    index = model_dir / SAFETENSORS_INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (model_dir / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: names shard(s) that do not exist: {missing}")
+        mapping = {name: model_dir / f for name, f in weight_map.items()}
+        with ExitStack() as stack:  # the index must agree with the shards' own headers
+            for f in files:
+                names = set(_open(model_dir / f, stack).keys())
+                wrong = [n for n, g in weight_map.items() if g == f and n not in names]
+                if wrong:
+                    raise CheckpointError(f"{model_dir / f}: index lists tensor(s) not in this shard: {wrong[:5]}")
+        return mapping
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"{model_dir}: only pickle weights ({', '.join(pickles)}); pickle checkpoints can run arbitrary "
+                "code and are refused. Convert them to safetensors first (transformers: "
+                "save_pretrained(..., safe_serialization=True))"
+            )
+        raise CheckpointError(f"{model_dir}: no *.safetensors weights found")
+    mapping: dict[str, Path] = {}
+    with ExitStack() as stack:
+        for f in files:
+            for name in _open(f, stack).keys():  # noqa: SIM118 (safe_open has keys(), no __iter__)
+                if name in mapping:
+                    raise CheckpointError(f"{f}: tensor {name} also in {mapping[name]}")
+                mapping[name] = f
+    return mapping
+
+
+def _open(path: Path, stack: ExitStack) -> Any:
+    try:
+        return stack.enter_context(safe_open(str(path), framework="pt"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of a safetensors checkpoint: one tensor in memory at a time."""
+
+    def __init__(self, model_dir: str | Path, stack: ExitStack) -> None:
+        self._where = resolve_weight_files(model_dir)
+        self._handles = {f: _open(f, stack) for f in sorted(set(self._where.values()))}
+
+    def names(self) -> list[str]:
+        """Tensor names in file order (sorted by file, then by the file's own order)."""
+        return list(self._where)
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
+    def dtype_code(self, name: str) -> str:
+        return self._handles[self._where[name]].get_slice(name).get_dtype()
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor; a truncated or corrupt file raises CheckpointError naming it."""
+        f = self._where[name]
+        try:
+            return self._handles[f].get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{f}: cannot read tensor {name} ({e})") from None
+
+
+@contextmanager
+def open_checkpoint(model_dir: str | Path) -> Iterator[CheckpointReader]:
+    """Context manager yielding a :class:`CheckpointReader`; closes every file on exit."""
+    with ExitStack() as stack:
+        yield CheckpointReader(model_dir, stack)
+
+
+class ShardedSafetensorsWriter:
+    """Write tensors one at a time into size-capped safetensors shards, holding none in memory.
+
+    Each shard's data goes straight to a scratch file; when the shard is full its header (which must
+    come first and needs every tensor's size -- unknown in advance for the outlier arrays) is written
+    to the final file, followed by the data copied from scratch. Memory use is one tensor at a time.
+    File names follow transformers: ``model.safetensors`` for one shard, else
+    ``model-00001-of-0000N.safetensors`` plus ``model.safetensors.index.json``.
+    """
+
+    def __init__(self, out_dir: str | Path, max_shard_bytes: int = 2 * 1024**3) -> None:
+        self.out_dir = Path(out_dir)
+        self.max_shard_bytes = max_shard_bytes
+        self._shards: list[tuple[Path, list[str]]] = []
+        self._header: dict[str, Any] = {}
+        self._offset = 0
+        self._data: Any = None
+        self._total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in _DTYPE_CODES:
+            raise ValueError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
+        t = tensor.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        if self._header and self._offset + nbytes > self.max_shard_bytes:
+            self._finish_shard()
+        if self._data is None:
+            # Stays open across add() calls until the shard is finished; closed in _finish_shard.
+            self._data = open(self.out_dir / f".shard-{len(self._shards):05d}.data", "wb")  # noqa: SIM115
+        self._data.write(t.view(torch.uint8).numpy().tobytes() if nbytes else b"")
+        self._header[name] = {
+            "dtype": _DTYPE_CODES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [self._offset, self._offset + nbytes],
+        }
+        self._offset += nbytes
+        self._total += nbytes
+
+    def _finish_shard(self) -> None:
+        data_path = Path(self._data.name)
+        self._data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # data must start 8-byte aligned
+        path = self.out_dir / f".shard-{len(self._shards):05d}.safetensors"
+        with open(path, "wb") as out, open(data_path, "rb") as src:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(src, out, 16 * 1024**2)
+        data_path.unlink()
+        self._shards.append((path, list(self._header)))
+        self._header, self._offset, self._data = {}, 0, None
+
+    def close(self) -> list[str]:
+        """Finish the last shard, give the shards their final names, write the index if sharded."""
+        if self._data is not None:
+            self._finish_shard()
+        count = len(self._shards)
+        names = (
+            ["model.safetensors"]
+            if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
+        weight_map: dict[str, str] = {}
+        for (tmp, tensors), final in zip(self._shards, names, strict=True):
+            os.replace(tmp, self.out_dir / final)
+            weight_map.update(dict.fromkeys(tensors, final))
+        if count > 1:
+            index = {"metadata": {"total_size": self._total}, "weight_map": weight_map}
+            (self.out_dir / SAFETENSORS_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return names
