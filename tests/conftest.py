@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny models built locally once per session (no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from converters.tiny_model import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama (hidden 256, 8 heads / 2 KV heads), single safetensors file."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same model saved as several shards with a model.safetensors.index.json."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama-sharded", max_shard_size="1MB")
+
+
+def heavy_tailed(n: int, k: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[n, k]`` weight shaped like a trained one: Student-t noise, per-row scales, std ~0.02."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(n, k, generator=g) / (torch.randn(n, k, 5, generator=g).square().mean(-1)).sqrt()
+    return (t * torch.exp(0.3 * torch.randn(n, 1, generator=g)) * 0.015).to(dtype)

@@ -1,0 +1,270 @@
+"""easyquant-convert end to end on locally built models, and every bad input it must refuse."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from converters.cli import main as cli_main
+from converters.cli import validate_main
+from converters.convert import ConversionError, ConvertOptions, convert
+from easyquant_vllm.format import read_quantization_config, validate_checkpoint
+from easyquant_vllm.safetensors_io import open_checkpoint
+from tests.conftest import heavy_tailed
+
+
+def _all_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    with open_checkpoint(model_dir) as ckpt:
+        return {n: ckpt.get(n) for n in ckpt.names()}
+
+
+def _siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    dst = tmp_path_factory.mktemp("out") / "eq"
+    report = convert(tiny_llama, dst, progress=False)
+    return dst, report
+
+
+def test_convert_output_validates_and_config(converted: tuple[Path, dict], tiny_llama: Path) -> None:
+    dst, report = converted
+    summary = validate_checkpoint(dst)
+    assert summary["layers"] == 14  # 2 blocks x (q, k, v, o, gate, up, down)
+    qc = read_quantization_config(dst)
+    assert (qc.bits, qc.group_size, qc.method) == (4, 128, "search")  # auto -> 128 (K is 256 or 512)
+    assert sorted(qc.modules_to_not_convert) == ["lm_head", "model.embed_tokens"]
+    cfg = json.loads((dst / "config.json").read_text())
+    src_cfg = json.loads((tiny_llama / "config.json").read_text())
+    assert {k: v for k, v in cfg.items() if k != "quantization_config"} == src_cfg
+    assert cfg["quantization_config"]["quant_method"] == "easyquant"
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (dst / f).read_bytes() == (tiny_llama / f).read_bytes()
+    assert report["totals"]["quantized_params"] == summary["quantized_params"]
+
+
+def test_convert_weights_close_and_passthrough_identical(converted: tuple[Path, dict], tiny_llama: Path) -> None:
+    dst, report = converted
+    src, out = _all_tensors(tiny_llama), _all_tensors(dst)
+    qc = read_quantization_config(dst)
+    errs = {r["name"]: r for r in report["tensors"]}
+    for name, w in src.items():
+        module = name.removesuffix(".weight")
+        if module in errs:
+            parts = [out[f"{module}.{s}"] for s in ("qweight", "scales", "outlier_indptr", "outlier_indices",
+                                                     "outlier_values")]  # fmt: skip
+            from easyquant_vllm.quant import dequantize
+
+            w_hat = dequantize(*parts, bits=qc.bits, group_size=qc.group_size)
+            rel = float((w_hat - w).norm() / w.norm())
+            assert rel == pytest.approx(errs[module]["rel_err"], rel=1e-4)
+            assert rel < 0.6 * errs[module]["rel_err_rtn"] and rel < 0.11
+        else:  # embeddings, lm_head, norms: byte-identical
+            assert out[name].dtype == w.dtype and torch.equal(out[name], w), name
+    assert not any(n.endswith(".weight") and n.removesuffix(".weight") in errs for n in out)
+
+
+def test_convert_sharded_in_and_out(tiny_llama_sharded: Path, tmp_path: Path) -> None:
+    assert (tiny_llama_sharded / "model.safetensors.index.json").exists()
+    dst = tmp_path / "eq"
+    convert(tiny_llama_sharded, dst, ConvertOptions(max_shard_bytes=400_000), progress=False)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert sorted(p.name for p in dst.glob("*.safetensors")) == files
+    assert validate_checkpoint(dst)["layers"] == 14
+    assert not any(p.name.startswith(".") for p in dst.iterdir())
+
+
+def test_convert_deterministic(tiny_llama: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    convert(tiny_llama, a, progress=False)
+    convert(tiny_llama, b, progress=False)
+    assert sorted(os.listdir(a)) == sorted(os.listdir(b))
+    for f in os.listdir(a):
+        if f == "easyquant_report.json":  # equal except the timing fields it lists
+            ra, rb = (json.loads((d / f).read_text()) for d in (a, b))
+            for r in (ra, rb):
+                for t in r["tensors"]:
+                    t.pop("seconds")
+                for key in r["timing_keys"]:
+                    r["totals"].pop(key, None)
+            assert ra == rb
+        else:
+            assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(8, "auto"), (4, -1), (4, 32)])
+def test_convert_other_settings(tiny_llama: Path, tmp_path: Path, bits: int, group_size: int | str) -> None:
+    dst = tmp_path / "eq"
+    convert(tiny_llama, dst, ConvertOptions(bits=bits, group_size=group_size), progress=False)
+    qc = read_quantization_config(dst)
+    assert qc.bits == bits and qc.group_size == (128 if group_size == "auto" else group_size)
+    assert validate_checkpoint(dst)["layers"] == 14
+
+
+def test_convert_skip_pattern_and_fused_groups(tiny_llama: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "eq"
+    convert(tiny_llama, dst, ConvertOptions(skip=[r"layers\.1\.mlp"]), progress=False)
+    qc = read_quantization_config(dst)
+    assert "model.layers.1.mlp.down_proj" in qc.modules_to_not_convert
+    assert validate_checkpoint(dst)["layers"] == 11
+    with pytest.raises(ConversionError, match="vLLM fuses"):
+        convert(tiny_llama, tmp_path / "x", ConvertOptions(skip=[r"layers\.0\.self_attn\.k_proj"]), progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_convert_interrupt_leaves_nothing(tiny_llama: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "eq"
+    seen = []
+
+    def interrupt(name: str) -> None:
+        seen.append(name)
+        if len(seen) == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_llama, dst, progress=False, on_tensor=interrupt)
+    assert _siblings(dst) == []  # neither DST nor the temporary directory
+
+
+def test_convert_overwrite_replaces_only_on_success(tiny_llama: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "eq"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    with pytest.raises(ConversionError, match="already exists"):
+        convert(tiny_llama, dst, progress=False)
+    with pytest.raises(ConversionError):  # a failing overwrite keeps the old directory
+        convert(tiny_llama, dst, ConvertOptions(overwrite=True, bits=3), progress=False)
+    assert (dst / "old.txt").exists()
+    convert(tiny_llama, dst, ConvertOptions(overwrite=True), progress=False)
+    assert not (dst / "old.txt").exists() and validate_checkpoint(dst)["layers"] == 14
+    assert _siblings(dst) == ["eq"]
+
+
+# --- bad inputs: each gives its one-line error and writes nothing ------------------------------
+
+
+def _model_dir(path: Path, tensors: dict[str, torch.Tensor], config: dict | None = None) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config if config is not None else {"model_type": "llama"}))
+    save_file(tensors, str(path / "model.safetensors"))
+    return path
+
+
+def _layer(k: int = 256, n: int = 64) -> dict[str, torch.Tensor]:
+    return {
+        "model.embed_tokens.weight": torch.randn(32, k),
+        "model.layers.0.mlp.down_proj.weight": heavy_tailed(n, k),
+        "model.layers.0.input_layernorm.weight": torch.ones(k),
+    }
+
+
+def _bad_cases(tmp: Path, tiny: Path) -> dict[str, tuple[Path, ConvertOptions, str]]:
+    cases: dict[str, tuple[Path, ConvertOptions, str]] = {}
+    d = _model_dir(tmp / "nan", _layer())
+    t = _layer()
+    t["model.layers.0.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(t, str(d / "model.safetensors"))
+    cases["nan"] = (d, ConvertOptions(), r"model\.layers\.0\.mlp\.down_proj\.weight in model\.safetensors: 1 NaN/Inf")
+    cases["group"] = (
+        _model_dir(tmp / "g", _layer(k=96)),
+        ConvertOptions(group_size=64),
+        r"group_size 64 does not divide input dimension\(s\) \[96\]; sizes that would: \[32, -1\]",
+    )
+    cases["k8"] = (
+        _model_dir(tmp / "k8", _layer(k=100)),
+        ConvertOptions(),
+        r"model\.layers\.0\.mlp\.down_proj\.weight in model\.safetensors: input dimension 100 is not "
+        "divisible by 8",
+    )
+    cases["bits"] = (tiny, ConvertOptions(bits=3), r"unsupported bits = 3")
+    d = tmp / "noconfig"
+    shutil.copytree(tiny, d)
+    (d / "config.json").unlink()
+    cases["noconfig"] = (d, ConvertOptions(), r"config\.json: missing")
+    d = tmp / "trunc"
+    shutil.copytree(tiny, d)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    cases["truncated"] = (d, ConvertOptions(), r"trunc/model\.safetensors: not a readable safetensors file")
+    d = tmp / "garbage"
+    shutil.copytree(tiny, d)
+    (d / "model.safetensors").write_bytes(b"\x00" * 64)
+    cases["corrupt"] = (d, ConvertOptions(), r"garbage/model\.safetensors: not a readable safetensors file")
+    d = tmp / "noweights"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    cases["noweights"] = (d, ConvertOptions(), r"no \*\.safetensors weights found")
+    d = tmp / "pickle"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    torch.save({"w": torch.zeros(2)}, d / "pytorch_model.bin")
+    cases["pickle"] = (d, ConvertOptions(), r"only pickle weights \(pytorch_model\.bin\).*refused")
+    d = tmp / "index"
+    shutil.copytree(tiny, d)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00002.safetensors"}}))
+    cases["index"] = (d, ConvertOptions(), r"names shard\(s\) that do not exist: \['model-00002\.safetensors'\]")
+    return cases
+
+
+BAD = ["nan", "group", "k8", "bits", "noconfig", "truncated", "corrupt", "noweights", "pickle", "index"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_convert_bad_input_clear_error_no_output(case: str, tiny_llama: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    src, opts, message = _bad_cases(tmp_path / "in", tiny_llama)[case]
+    dst = tmp_path / "out" / "eq"
+    with pytest.raises(ConversionError, match=message):
+        convert(src, dst, opts, progress=False)
+    assert not dst.exists() and (not dst.parent.exists() or _siblings(dst) == [])
+    # The CLI turns it into one line on stderr and exit status 1.
+    args = [str(src), str(dst), "--no-progress", "--bits", str(opts.bits), "--group-size", str(opts.group_size)]
+    if opts.bits not in (4, 8):  # argparse rejects it before the converter runs
+        with pytest.raises(SystemExit):
+            cli_main(args)
+        return
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("easyquant-convert: error: ") and "\n" not in err and "Traceback" not in err
+
+
+def test_convert_refuses_already_quantized(converted: tuple[Path, dict], tmp_path: Path) -> None:
+    with pytest.raises(ConversionError, match="already quantized"):
+        convert(converted[0], tmp_path / "again", progress=False)
+    d = tmp_path / "gptq"
+    _model_dir(d, _layer(), {"quantization_config": {"quant_method": "gptq"}})
+    with pytest.raises(ConversionError, match="already quantized \\(quant_method='gptq'\\)"):
+        convert(d, tmp_path / "x", progress=False)
+    assert not (tmp_path / "again").exists() and not (tmp_path / "x").exists()
+
+
+def test_cli_convert_summary_and_validate(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dst = tmp_path / "eq"
+    assert cli_main([str(tiny_llama), str(dst), "--no-progress", "--group-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "down_proj" in out and "total" in out and "M params/s" in out
+    assert cli_main([str(tiny_llama), str(tmp_path / "dry"), "--dry-run"]) == 0
+    assert "model.layers.1.mlp.down_proj.weight" in capsys.readouterr().out
+    assert not (tmp_path / "dry").exists()
+    assert validate_main([str(dst)]) == 0
+    with safe_open(str(dst / "model.safetensors"), "pt") as f:
+        f.get_tensor("model.layers.0.self_attn.q_proj.qweight")
+    assert validate_main([str(tiny_llama)]) == 1
+    assert "no quantization_config" in capsys.readouterr().err
+
+
+def test_cli_help_explains() -> None:
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--help"])
+    assert e.value.code == 0
