@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
@@ -31,6 +33,7 @@ from easyquant_vllm.quant import (
     QuantSpec,
     SearchParams,
     check_bits,
+    count_nonfinite,
     pack_factor,
     quantize_weight,
     resolve_group_size,
@@ -242,7 +245,7 @@ def _write(
             on_tensor(name)
         t = ckpt.get(name)
         if t.is_floating_point():
-            bad = int((~torch.isfinite(t)).sum())
+            bad = count_nonfinite(t)
             if bad:
                 raise ConversionError(f"{name} in {ckpt.file_of(name).name}: {bad} NaN/Inf value(s)")
         if name not in to_quantize:
@@ -267,6 +270,7 @@ def _write(
         log.debug("%s [%d, %d] %s -> outliers %.3f%%, rel err %.4f (RTN %.4f)", name, n, k, t.dtype,
                   100 * qw.stats.outlier_fraction, qw.stats.rel_err, qw.stats.rel_err_rtn)  # fmt: skip
         del t, qw
+        _release_freed_memory()
     writer.close()
     total_seconds = time.perf_counter() - start
 
@@ -284,6 +288,28 @@ def _write(
     report = _report(src, plan, opts, qcfg, rows, total_seconds)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS between tensors (glibc keeps it otherwise).
+
+    Without this, the block temporaries of the first large tensor stay in the process's resident
+    set for the whole run (measured: +220 MiB on a Llama-7B block), and the peak of the next tensor
+    lands on top of them. No-op where glibc's ``malloc_trim`` is not available.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _copy_side_files(src: Path, out: Path) -> None:

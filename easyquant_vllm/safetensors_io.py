@@ -91,39 +91,52 @@ def _open(path: Path, stack: ExitStack) -> Any:
 
 
 class CheckpointReader:
-    """Lazy access to the tensors of a safetensors checkpoint: one tensor in memory at a time."""
+    """Lazy access to the tensors of a safetensors checkpoint: one tensor in memory at a time.
 
-    def __init__(self, model_dir: str | Path, stack: ExitStack) -> None:
+    ``safe_open`` memory-maps the file, and every page a read touches stays in this process's
+    resident set until the handle closes: a handle held across a whole shard would grow RSS by the
+    shard's size. Headers are read once here; each :meth:`get` opens, reads and closes its file.
+    """
+
+    def __init__(self, model_dir: str | Path) -> None:
         self._where = resolve_weight_files(model_dir)
-        self._handles = {f: _open(f, stack) for f in sorted(set(self._where.values()))}
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        with ExitStack() as stack:
+            for f in sorted(set(self._where.values())):
+                handle = _open(f, stack)
+                for name in handle.keys():  # noqa: SIM118 (safe_open has keys(), no __iter__)
+                    sl = handle.get_slice(name)
+                    self._meta[name] = (tuple(sl.get_shape()), sl.get_dtype())
 
     def names(self) -> list[str]:
-        """Tensor names in file order (sorted by file, then by the file's own order)."""
+        """Tensor names in the order of the index (or of the files, then each file's order)."""
         return list(self._where)
 
     def file_of(self, name: str) -> Path:
         return self._where[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+        return self._meta[name][0]
 
     def dtype_code(self, name: str) -> str:
-        return self._handles[self._where[name]].get_slice(name).get_dtype()
+        """safetensors dtype code, e.g. ``"F16"``, ``"BF16"``, ``"I32"``."""
+        return self._meta[name][1]
 
     def get(self, name: str) -> torch.Tensor:
         """Load one tensor; a truncated or corrupt file raises CheckpointError naming it."""
         f = self._where[name]
         try:
-            return self._handles[f].get_tensor(name)
+            with ExitStack() as stack:
+                # A lazy view on the file's mapping: its pages are resident only while it lives.
+                return _open(f, stack).get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{f}: cannot read tensor {name} ({e})") from None
 
 
 @contextmanager
 def open_checkpoint(model_dir: str | Path) -> Iterator[CheckpointReader]:
-    """Context manager yielding a :class:`CheckpointReader`; closes every file on exit."""
-    with ExitStack() as stack:
-        yield CheckpointReader(model_dir, stack)
+    """Context manager yielding a :class:`CheckpointReader` (files are opened per read)."""
+    yield CheckpointReader(model_dir)
 
 
 class ShardedSafetensorsWriter:
@@ -155,7 +168,8 @@ class ShardedSafetensorsWriter:
         if self._data is None:
             # Stays open across add() calls until the shard is finished; closed in _finish_shard.
             self._data = open(self.out_dir / f".shard-{len(self._shards):05d}.data", "wb")  # noqa: SIM115
-        self._data.write(t.view(torch.uint8).numpy().tobytes() if nbytes else b"")
+        if nbytes:
+            self._data.write(t.reshape(-1).view(torch.uint8).numpy().data)  # no intermediate copy
         self._header[name] = {
             "dtype": _DTYPE_CODES[t.dtype],
             "shape": list(t.shape),

@@ -1,6 +1,6 @@
 """EasyQuant math: pure tensor functions, no vLLM import (outliers, range solvers, packing, Q(W))."""
 
-from .outliers import OutlierCSR, rows_from_indptr, select_outliers, tensor_mean_std
+from .outliers import OutlierCSR, count_nonfinite, rows_from_indptr, select_outliers, tensor_mean_std
 from .packing import SUPPORTED_BITS, check_bits, code_offset, code_range, pack_codes, pack_factor, unpack_codes
 from .quantize import (
     AUTO_GROUP_SIZES,
@@ -33,6 +33,7 @@ __all__ = [
     "check_bits",
     "code_offset",
     "code_range",
+    "count_nonfinite",
     "dequantize",
     "dequantize_dense",
     "effective_group_size",

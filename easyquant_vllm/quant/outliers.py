@@ -81,6 +81,12 @@ def tensor_mean_std(w: torch.Tensor) -> tuple[float, float]:
     return mean, var**0.5
 
 
+def count_nonfinite(w: torch.Tensor) -> int:
+    """Number of NaN/Inf entries of ``w``, scanned in blocks (no full-size boolean mask)."""
+    flat = w.reshape(-1)
+    return sum(int((~torch.isfinite(flat[i : i + _SCAN_ELEMS])).sum()) for i in range(0, flat.numel(), _SCAN_ELEMS))
+
+
 def select_outliers(w: torch.Tensor, threshold: float, max_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions of the n-sigma outliers of a weight, capped to a fraction of its entries.
 
