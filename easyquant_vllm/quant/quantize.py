@@ -94,6 +94,13 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return self.outliers.shape
 
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        """The same weight with every tensor on ``device``."""
+        o = self.outliers
+        csr = OutlierCSR(o.indptr.to(device), o.indices.to(device), o.values.to(device), o.shape)
+        return QuantizedWeight(self.qweight.to(device), self.scales.to(device), csr, self.bits, self.group_size,
+                               self.stats)  # fmt: skip
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``[N, K]`` reconstruction ``W'`` in ``dtype``."""
         o = self.outliers

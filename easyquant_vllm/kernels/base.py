@@ -1,0 +1,77 @@
+"""What a kernel is told about a layer, and what every kernel implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..quant import QuantizedWeight
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One linear layer partition as a kernel sees it: ``y[M, N] = x[M, K] @ W'^T (+ bias)``.
+
+    ``n`` and ``k`` are this rank's partition sizes; ``group_size`` -1 means per output channel.
+    """
+
+    n: int
+    k: int
+    bits: int
+    group_size: int
+    act_dtype: torch.dtype
+    device_type: str  # "cpu" or "cuda"
+
+
+class Kernel(ABC):
+    """Repacks a layer's canonical tensors once, then computes ``x @ W'^T + bias`` on every call.
+
+    ``prepare`` returns the tensors the kernel needs (registered on the layer as parameters, so they
+    follow the module across devices); ``apply`` receives them back by name.
+    """
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def can_implement(cls, spec: LayerSpec) -> tuple[bool, str | None]:
+        """``(True, None)`` or ``(False, reason)``; the reason names the unsupported value."""
+
+    def __init__(self, spec: LayerSpec) -> None:
+        self.spec = spec
+
+    @abstractmethod
+    def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        """Turn the canonical layout into this kernel's tensors (called once, at load)."""
+
+    @abstractmethod
+    def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x [..., K]`` -> ``[..., N]`` in ``x.dtype``."""
+
+
+def outlier_matrix(qw: QuantizedWeight) -> torch.Tensor | None:
+    """The outliers as a torch sparse CSR ``[N, K]`` float32 matrix, or None if there are none.
+
+    float32 values so that adding them does not round twice; the invariants were checked by the
+    format validator at load, so torch's own (slow) checks are off.
+    """
+    o = qw.outliers
+    if not o.nnz:
+        return None
+    return torch.sparse_csr_tensor(
+        o.indptr.long(), o.indices.long(), o.values.float(), size=o.shape, check_invariants=False
+    )
+
+
+def add_outliers(y: torch.Tensor, outliers: torch.Tensor | None, x2: torch.Tensor) -> torch.Tensor:
+    """``y [M, N] + x2 [M, K] @ S^T`` computed as ``(S @ x2^T)^T`` in float32, returned in ``y.dtype``.
+
+    The sparse product reads each outlier once (about 0.5 % of the weights): no masking, because the
+    dense code at an outlier position is 0.
+    """
+    if outliers is None:
+        return y
+    return (y.float() + torch.sparse.mm(outliers, x2.float().t()).t()).to(y.dtype)

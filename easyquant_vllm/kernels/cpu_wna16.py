@@ -1,0 +1,112 @@
+"""CPU kernel: vLLM's int4 GEMM (``cpu_gemm_wna16``) for the dense part plus a sparse outlier product.
+
+vLLM's CPU kernel computes ``x @ dequant(u)^T`` for ``uint4b8`` codes (``u = q + 8``: exactly ours),
+symmetric, with per-group scales. It wants the codes packed along the *output* dim and blocked 16
+output channels at a time. We build that once from the canonical layout (packed along K) by unpacking
+with our own ``unpack_codes``, transposing, and re-packing with our own ``pack_codes``, so that the bit
+order is the one documented in docs/format.md on both sides. The outliers, about 0.5 % of entries, are added with
+a CSR x dense product in float32: ``y += (S @ x^T)^T``. That keeps the dense kernel unmodified, and
+it reads each outlier once per call, with no masking (the code at an outlier position is 0).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from ..quant import QuantizedWeight, code_offset, pack_codes, unpack_codes
+from .base import Kernel, LayerSpec, add_outliers, outlier_matrix
+
+_BLOCK_N = 16  # output channels per contiguous block in vLLM's CPU weight layout
+_amx_ready = False
+
+
+@functools.cache
+def _ops() -> Any:
+    """vLLM's op wrappers with the CPU extension loaded, or None where they are not available."""
+    try:
+        from vllm import _custom_ops as ops
+        from vllm.platforms import current_platform
+    except ImportError:
+        return None
+    if not current_platform.is_cpu():
+        return None
+    current_platform.import_kernels()  # registers torch.ops._C.* (vLLM does this at engine start)
+    try:
+        torch.ops._C.cpu_gemm_wna16  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return None
+    return ops
+
+
+def _isa_hint(act_dtype: torch.dtype) -> str:
+    """vLLM's choice: AMX tiles for bf16 where the CPU has them, else the generic vector path."""
+    global _amx_ready
+    if act_dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported():
+        if not _amx_ready:
+            # Without this, the first AMX instruction dies with SIGILL: Linux grants AMX state to a
+            # process only on request (arch_prctl), which this call makes.
+            torch.cpu._init_amx()
+            _amx_ready = True
+        return "amx"
+    return "vec"
+
+
+def repack_for_cpu_wna16(
+    qweight: torch.Tensor, scales: torch.Tensor, act_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical ``qweight [N, K/8] int32`` + ``scales [N, K/G] fp16`` -> vLLM CPU layout.
+
+    Returns ``w_q [N/16, 2K] int32`` (codes packed along N, 8 per word, then blocks of 16 output
+    channels made contiguous) and ``w_s [K/G, N]`` in ``act_dtype``.
+    """
+    u = unpack_codes(qweight, 4)  # [N, K] uint8
+    n, k = u.shape
+    along_n = pack_codes(u.t().contiguous(), 4)  # [K, N/8]: word j of row k holds u[8j..8j+7, k]
+    per_block = _BLOCK_N // 8  # words per block of 16 output channels
+    w_q = along_n.view(k, n // _BLOCK_N, per_block).permute(1, 0, 2).reshape(n // _BLOCK_N, k * per_block)
+    return w_q.contiguous(), scales.t().to(act_dtype).contiguous()
+
+
+class CpuWna16Kernel(Kernel):
+    name = "cpu-wna16"
+
+    @classmethod
+    def can_implement(cls, spec: LayerSpec) -> tuple[bool, str | None]:
+        if spec.device_type != "cpu":
+            return False, "cpu-wna16 runs on CPU only"
+        if _ops() is None:
+            return False, "vLLM's CPU ops (vllm._custom_ops.cpu_gemm_wna16) are not available"
+        if spec.bits != 4:
+            return False, f"cpu-wna16 supports 4-bit codes only, got bits = {spec.bits}"
+        if spec.act_dtype not in (torch.bfloat16, torch.float16):
+            return False, f"cpu-wna16 needs bf16/fp16 activations, got {spec.act_dtype}"
+        if spec.group_size != -1 and spec.group_size % 2:
+            return False, f"cpu-wna16 needs an even group size, got {spec.group_size}"
+        if spec.k % 32 or spec.n % 32:
+            return False, f"cpu-wna16 needs K and N multiples of 32, got K = {spec.k}, N = {spec.n}"
+        return True, None
+
+    def __init__(self, spec: LayerSpec) -> None:
+        super().__init__(spec)
+        self.isa_hint = _isa_hint(spec.act_dtype)
+        assert code_offset(4) == 8  # uint4b8: the kernel subtracts 8 from every code, as we store them
+
+    def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        w_q, w_s = repack_for_cpu_wna16(qw.qweight, qw.scales, self.spec.act_dtype)
+        tensors = {"w_q": w_q, "w_s": w_s}
+        s = outlier_matrix(qw)
+        if s is not None:
+            tensors["outliers"] = s
+        return tensors
+
+    def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ops = _ops()
+        x2 = x.reshape(-1, self.spec.k)
+        y = ops.cpu_gemm_wna16(
+            input=x2, q_weight=tensors["w_q"], scales=tensors["w_s"], zeros=None, bias=bias,
+            pack_factor=8, isa_hint=self.isa_hint,
+        )  # fmt: skip
+        return add_outliers(y, tensors.get("outliers"), x2).reshape(*x.shape[:-1], self.spec.n)

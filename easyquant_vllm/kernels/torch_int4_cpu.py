@@ -1,0 +1,60 @@
+"""CPU kernel on PyTorch's own int4 GEMM (``torch._weight_int4pack_mm_for_cpu``) plus sparse outliers.
+
+Why a second CPU kernel: vLLM 0.32's ``cpu_gemm_wna16`` is registered only by its AVX512 build, so on
+AVX2-only CPUs (e.g. the AMD EPYC machines we run on) vLLM has no int4 GEMM at all. PyTorch ships
+one for every x86 CPU, the "tinygemm" layout that torchao uses, which dequantizes
+``(u - 8) * scale + zero`` per group. With ``zero = 0`` that is exactly our ``uint4b8`` code. Measured on
+one 1536x576 layer at M = 1 in bf16 it is 1.5x faster than the dense bf16 matmul. In float32 it is exact
+but about 10x slower than dense, so float32 engines use the reference kernel instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant import QuantizedWeight, unpack_codes
+from .base import Kernel, LayerSpec, add_outliers, outlier_matrix
+
+_GROUP_SIZES = (32, 64, 128, 256)  # what the kernel's group loop is instantiated for
+_INNER_K_TILES = 2  # packing parameter of _convert_weight_to_int4pack_for_cpu; 2 works for K % 32 == 0
+
+
+class TorchInt4CpuKernel(Kernel):
+    name = "torch-int4-cpu"
+
+    @classmethod
+    def can_implement(cls, spec: LayerSpec) -> tuple[bool, str | None]:
+        if spec.device_type != "cpu":
+            return False, "torch-int4-cpu runs on CPU only"
+        if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+            return False, f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu"
+        if spec.bits != 4:
+            return False, f"torch-int4-cpu supports 4-bit codes only, got bits = {spec.bits}"
+        if spec.act_dtype not in (torch.bfloat16, torch.float16):
+            return False, f"torch-int4-cpu is only faster than dense for bf16/fp16 activations, got {spec.act_dtype}"
+        if spec.group_size not in _GROUP_SIZES:
+            return False, f"torch-int4-cpu needs group size in {list(_GROUP_SIZES)}, got {spec.group_size}"
+        if spec.n % 16 or spec.k % 32:
+            return False, f"torch-int4-cpu needs N % 16 == 0 and K % 32 == 0, got N = {spec.n}, K = {spec.k}"
+        return True, None
+
+    def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        # Layout it expects: unsigned codes [N, K] int32 -> its own packed uint8 blob; scales and
+        # zeros interleaved as [K/G, N, 2] in the activation dtype (zeros all 0: symmetric codes).
+        u = unpack_codes(qw.qweight, 4).to(torch.int32)
+        w_q = torch._convert_weight_to_int4pack_for_cpu(u, _INNER_K_TILES)
+        scales = qw.scales.t().to(self.spec.act_dtype)  # [K/G, N]
+        w_sz = torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous()
+        tensors = {"w_q": w_q, "w_sz": w_sz}
+        s = outlier_matrix(qw)
+        if s is not None:
+            tensors["outliers"] = s
+        return tensors
+
+    def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, self.spec.k)
+        y = torch._weight_int4pack_mm_for_cpu(x2, tensors["w_q"], self.spec.group_size, tensors["w_sz"])
+        y = add_outliers(y, tensors.get("outliers"), x2)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], self.spec.n)

@@ -1,0 +1,28 @@
+"""Reference kernel: W' dequantized once at load with the reference ``dequantize``, then ``F.linear``.
+
+Exact by construction (the semantics every other kernel is tested against) and available for every
+shape, dtype and device, but it keeps W' dense: memory as an unquantized model. It is the fallback
+where no int4 kernel applies (e.g. a float32 engine, 8-bit codes on CPU), chosen with a warning.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..quant import QuantizedWeight
+from .base import Kernel, LayerSpec
+
+
+class TorchReferenceKernel(Kernel):
+    name = "torch-reference"
+
+    @classmethod
+    def can_implement(cls, spec: LayerSpec) -> tuple[bool, str | None]:
+        return True, None
+
+    def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        return {"weight_dequant": qw.dequantize(self.spec.act_dtype)}  # [N, K]
+
+    def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, tensors["weight_dequant"], bias)

@@ -1,0 +1,242 @@
+"""vLLM ``LinearMethod`` for EasyQuant: declare the five tensors, load shards, slice for TP, run a kernel.
+
+Loading in three steps:
+
+1. ``create_weights`` declares ``qweight``, ``scales`` and the three CSR tensors of the layer partition, so
+   that every checkpoint tensor name has a parameter to land in. Each carries our own ``weight_loader``.
+2. The loader receives whole checkpoint tensors, one per (shard, tensor): ``q``/``k``/``v`` of a QKV layer,
+   ``0``/``1`` of gate/up, or the whole layer. The shard id arrives as a third argument or as
+   ``loaded_weight.shard_id``. The loader only collects them: the CSR arrays' lengths are data, and the
+   five tensors of a shard must be validated together.
+3. ``process_weights_after_loading`` validates each shard against the schema (the errors name the
+   checkpoint tensor), takes this rank's slice, stacks the shards, and hands the result to the chosen
+   kernel, which repacks it once. The canonical parameters are then dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.nn import Parameter
+from vllm.logger import init_logger
+from vllm.model_executor.layers.linear import LinearMethodBase, QKVParallelLinear
+from vllm.model_executor.utils import set_weight_attrs
+
+from .format import (
+    OUTLIER_INDICES,
+    OUTLIER_INDPTR,
+    OUTLIER_VALUES,
+    QWEIGHT,
+    SCALES,
+    TENSOR_DTYPES,
+    TENSOR_SUFFIXES,
+    CheckpointError,
+    quantized_weight_from_tensors,
+    tensor_name,
+)
+from .kernels import FALLBACK, LayerSpec, choose_kernel
+from .quant import effective_group_size, pack_factor
+from .sharding import slice_columns, slice_rows, stack_rows
+
+if TYPE_CHECKING:
+    from .vllm_config import EasyQuantConfig
+
+logger = init_logger("vllm.easyquant")  # under "vllm" so that vLLM's log handlers show it
+
+_QKV_SHARDS = ("q", "k", "v")
+_WHOLE = -1  # shard index of a tensor that covers the whole (fused-on-disk) layer
+_kernels_announced: set[str] = set()
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Where one logical shard of the checkpoint goes in this rank's partition."""
+
+    name: str  # checkpoint module name, e.g. model.layers.0.self_attn.k_proj
+    rows: int  # rows of this shard in this rank's partition
+    full_rows: int  # rows of this shard in the checkpoint
+    row_start: int  # first checkpoint row this rank takes
+
+
+@dataclass
+class LayerState:
+    prefix: str
+    shards: list[ShardPlan]
+    k_full: int
+    k_part: int
+    col_start: int  # first input column this rank takes (row-parallel layers)
+    act_dtype: torch.dtype
+    pending: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    kernel: Any = None
+    tensor_names: tuple[str, ...] = ()
+
+
+def plan_shards(
+    layer: torch.nn.Module, prefix: str, names: list[str], output_partition_sizes: list[int], output_size: int
+) -> list[ShardPlan]:
+    """Rows of each logical shard for this rank, mirroring vLLM's own column-parallel loaders.
+
+    A column-parallel layer of TP size t keeps ``1/t`` of every shard's rows. For QKV with more ranks
+    than KV heads, each KV head is replicated on ``num_kv_head_replicas`` ranks, so rank r takes
+    KV block ``r // replicas``.
+    """
+    col_tp = output_size // sum(output_partition_sizes)  # 1 unless column-parallel with TP > 1
+    tp_rank = getattr(layer, "tp_rank", 0) if col_tp > 1 else 0
+    replicas = getattr(layer, "num_kv_head_replicas", 1)
+    is_qkv = isinstance(layer, QKVParallelLinear)
+    if len(names) != len(output_partition_sizes):
+        names = [f"{prefix}[shard {i}]" for i in range(len(output_partition_sizes))]
+    plans = []
+    for i, (rows, name) in enumerate(zip(output_partition_sizes, names, strict=True)):
+        if is_qkv and i > 0:
+            plans.append(ShardPlan(name, rows, rows * col_tp // replicas, (tp_rank // replicas) * rows))
+        else:
+            plans.append(ShardPlan(name, rows, rows * col_tp, tp_rank * rows))
+    return plans
+
+
+class EasyQuantLinearMethod(LinearMethodBase):
+    """Linear layers of an EasyQuant checkpoint (docs/format.md), on the best kernel for each shape."""
+
+    def __init__(self, config: EasyQuantConfig, prefix: str) -> None:
+        self.config = config
+        self.prefix = prefix
+        self.bits = config.checkpoint.bits
+        self.group_size = config.checkpoint.group_size
+
+    # Layout contract of the declared parameters (canonical, per rank partition [N_part, K_part]):
+    #   qweight          int32   [N_part, K_part / pack_factor]   packed along K
+    #   scales           float16 [N_part, K_part / G] ([N_part, 1] per channel)
+    #   outlier_indptr   int32   [0] placeholder; the CSR arrays are assembled at load
+    #   outlier_indices  int32   [0] placeholder
+    #   outlier_values   float16 [0] placeholder
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        k_part = input_size_per_partition
+        n_part = sum(output_partition_sizes)
+        pf = pack_factor(self.bits)
+        row_tp = input_size // k_part
+        g = effective_group_size(k_part, self.group_size)
+        if k_part % pf or (self.group_size != -1 and k_part % self.group_size):
+            raise ValueError(
+                f"EasyQuant layer {self.prefix}: its input dim {input_size} split over {row_tp} tensor-parallel "
+                f"ranks gives {k_part} columns per rank, which must be a multiple of {pf} and of the "
+                f"checkpoint's group size {self.group_size}. Use a smaller tensor-parallel size, or convert "
+                "with a group size that divides it"
+            )
+        names = self.config.checkpoint_names(self.prefix)
+        state = LayerState(
+            prefix=self.prefix,
+            shards=plan_shards(layer, self.prefix, names, output_partition_sizes, output_size),
+            k_full=input_size,
+            k_part=k_part,
+            col_start=(getattr(layer, "tp_rank", 0) * k_part) if row_tp > 1 else 0,
+            act_dtype=params_dtype,
+        )
+        layer.easyquant = state
+        shapes = {
+            QWEIGHT: (n_part, k_part // pf),
+            SCALES: (n_part, k_part // g),
+            OUTLIER_INDPTR: (0,),
+            OUTLIER_INDICES: (0,),
+            OUTLIER_VALUES: (0,),
+        }
+        for suffix, shape in shapes.items():
+            param = Parameter(torch.empty(shape, dtype=TENSOR_DTYPES[suffix]), requires_grad=False)
+            set_weight_attrs(param, {"weight_loader": _Loader(state, suffix)})
+            layer.register_parameter(suffix, param)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        state: LayerState = layer.easyquant
+        if state.kernel is not None:  # already processed (vLLM may call this more than once)
+            return
+        device = layer.qweight.device
+        parts = []
+        if _WHOLE in state.pending:
+            if len(state.shards) > 1 and state.shards[0].full_rows != state.shards[0].rows:
+                raise CheckpointError(
+                    f"{state.prefix}: the checkpoint stores this fused layer as one tensor; tensor parallelism "
+                    "over fused-on-disk layers is not supported, use --tensor-parallel-size 1"
+                )
+            whole = ShardPlan(state.prefix, sum(s.rows for s in state.shards), sum(s.rows for s in state.shards), 0)
+            plans = [(whole, state.pending.pop(_WHOLE))]
+        else:
+            plans = [(plan, state.pending.pop(i, {})) for i, plan in enumerate(state.shards)]
+        for plan, tensors in plans:
+            missing = [s for s in TENSOR_SUFFIXES if s not in tensors]
+            if missing:
+                raise CheckpointError(
+                    f"EasyQuant layer {state.prefix}: checkpoint has no {[tensor_name(plan.name, s) for s in missing]}"
+                )
+            named = {tensor_name(plan.name, s): t.to("cpu") for s, t in tensors.items()}
+            qw = quantized_weight_from_tensors(plan.name, named, self.bits, self.group_size)
+            n, k = qw.shape
+            if n != plan.full_rows or k != state.k_full:
+                raise CheckpointError(
+                    f"{tensor_name(plan.name, QWEIGHT)}: holds a [{n}, {k}] weight, but the model expects "
+                    f"[{plan.full_rows}, {state.k_full}] for this layer (config.json and weights disagree?)"
+                )
+            if plan.rows != n:
+                qw = slice_rows(qw, plan.row_start, plan.rows)
+            if state.k_part != k:
+                qw = slice_columns(qw, state.col_start, state.k_part)
+            parts.append(qw)
+        qw = stack_rows(parts) if len(parts) > 1 else parts[0]
+        qw = qw.to(device)
+
+        spec = LayerSpec(qw.shape[0], qw.shape[1], self.bits, self.group_size, state.act_dtype, device.type)
+        kernel_cls, reasons = choose_kernel(spec)
+        if kernel_cls.name not in _kernels_announced:
+            _kernels_announced.add(kernel_cls.name)
+            if kernel_cls is FALLBACK and reasons:
+                logger.warning(
+                    "EasyQuant: no int4 kernel for %s (%s); using %s: weights are dequantized once at load "
+                    "(exact, but as much memory as an unquantized model)", spec, "; ".join(reasons), kernel_cls.name
+                )  # fmt: skip
+            else:
+                logger.info("EasyQuant: using kernel %s (e.g. for %s)", kernel_cls.name, state.prefix)
+        kernel = kernel_cls(spec)
+        tensors = kernel.prepare(qw)
+        for suffix in TENSOR_SUFFIXES:  # the canonical parameters are not needed any more
+            delattr(layer, suffix)
+        for name, t in tensors.items():
+            layer.register_buffer(f"eq_{name}", t, persistent=False)
+        state.kernel = kernel
+        state.tensor_names = tuple(tensors)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        state: LayerState = layer.easyquant
+        tensors = {name: getattr(layer, f"eq_{name}") for name in state.tensor_names}
+        return state.kernel.apply(tensors, x, bias)
+
+
+class _Loader:
+    """``weight_loader(param, loaded_weight, shard_id=None)`` for one of a layer's five tensors."""
+
+    def __init__(self, state: LayerState, suffix: str) -> None:
+        self.state = state
+        self.suffix = suffix
+
+    def __call__(self, param: Parameter, loaded_weight: torch.Tensor, loaded_shard_id: Any = None) -> None:
+        shard = loaded_shard_id if loaded_shard_id is not None else getattr(loaded_weight, "shard_id", None)
+        if shard is None:
+            index = 0 if len(self.state.shards) == 1 else _WHOLE
+        elif isinstance(shard, str):
+            if shard not in _QKV_SHARDS:
+                raise CheckpointError(f"{self.state.prefix}.{self.suffix}: unknown shard id {shard!r}")
+            index = _QKV_SHARDS.index(shard)
+        else:
+            index = int(shard)
+        if index != _WHOLE and not 0 <= index < len(self.state.shards):
+            raise CheckpointError(f"{self.state.prefix}.{self.suffix}: shard {shard!r} does not exist in this layer")
+        self.state.pending.setdefault(index, {})[self.suffix] = loaded_weight

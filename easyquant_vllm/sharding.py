@@ -1,0 +1,76 @@
+"""Tensor-parallel slicing and merging of quantized weights, in the canonical layout (no vLLM import).
+
+Column-parallel layers (QKV, gate/up, ...) keep every input column and take a block of output rows
+of each logical shard; row-parallel layers keep every output row and take a block of input
+columns. Merged layers stack their shards' row blocks in order. All of it works on
+:class:`~easyquant_vllm.quant.QuantizedWeight`, so the CSR outliers are re-based with the rows and
+filtered/re-indexed with the columns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quant import OutlierCSR, QuantizedWeight, effective_group_size, pack_factor
+from .quant.outliers import rows_from_indptr
+
+
+def slice_rows(qw: QuantizedWeight, start: int, size: int) -> QuantizedWeight:
+    """Output rows ``[start, start + size)`` of ``qw`` (a column-parallel slice)."""
+    o = qw.outliers
+    n, k = qw.shape
+    if start < 0 or start + size > n:
+        raise ValueError(f"row slice [{start}, {start + size}) outside [0, {n})")
+    lo, hi = int(o.indptr[start]), int(o.indptr[start + size])
+    csr = OutlierCSR(o.indptr[start : start + size + 1] - lo, o.indices[lo:hi], o.values[lo:hi], (size, k))
+    return QuantizedWeight(
+        qw.qweight[start : start + size], qw.scales[start : start + size], csr, qw.bits, qw.group_size
+    )
+
+
+def slice_columns(qw: QuantizedWeight, start: int, size: int) -> QuantizedWeight:
+    """Input columns ``[start, start + size)`` of ``qw`` (a row-parallel slice).
+
+    ``start`` and ``size`` must be multiples of the pack factor and, with groups, of the group size;
+    per-channel step sizes (group_size -1) are kept whole: every rank uses the row's one step.
+    """
+    n, k = qw.shape
+    pf = pack_factor(qw.bits)
+    g = effective_group_size(k, qw.group_size)
+    if start % pf or size % pf or (qw.group_size != -1 and (start % g or size % g)):
+        raise ValueError(
+            f"input slice [{start}, {start + size}) of K = {k} must align to the pack factor {pf}"
+            + (f" and group size {g}" if qw.group_size != -1 else "")
+        )
+    scales = qw.scales if qw.group_size == -1 else qw.scales[:, start // g : (start + size) // g]
+    o = qw.outliers
+    rows = rows_from_indptr(o.indptr)
+    keep = (o.indices >= start) & (o.indices < start + size)
+    counts = torch.bincount(rows[keep], minlength=n)
+    indptr = torch.zeros(n + 1, dtype=torch.int32, device=o.indptr.device)
+    indptr[1:] = torch.cumsum(counts, 0)
+    csr = OutlierCSR(indptr, (o.indices[keep] - start).to(torch.int32), o.values[keep], (n, size))
+    return QuantizedWeight(qw.qweight[:, start // pf : (start + size) // pf], scales, csr, qw.bits, qw.group_size)
+
+
+def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Concatenate weights along the output dimension (the shards of a merged layer, in order)."""
+    first = parts[0]
+    k = first.shape[1]
+    for p in parts:
+        if p.shape[1] != k or p.bits != first.bits or p.group_size != first.group_size:
+            raise ValueError(f"cannot stack a [{p.shape[0]}, {p.shape[1]}] shard onto K = {k}")
+    pieces, offset = [first.outliers.indptr[:1]], 0
+    for p in parts:  # a handful of shards (q/k/v, gate/up), not rows
+        pieces.append(p.outliers.indptr[1:] + offset)
+        offset += p.outliers.nnz
+    indptr = torch.cat(pieces)
+    csr = OutlierCSR(
+        indptr.to(torch.int32),
+        torch.cat([p.outliers.indices for p in parts]),
+        torch.cat([p.outliers.values for p in parts]),
+        (sum(p.shape[0] for p in parts), k),
+    )
+    return QuantizedWeight(
+        torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), csr, first.bits, first.group_size
+    )
