@@ -1,0 +1,138 @@
+"""EasyQuant checkpoints in the real vLLM engine (CPU build), in process: outputs, errors, kernels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from converters.convert import ConvertOptions, convert
+from converters.tiny_model import build_tiny_model
+from easyquant_vllm.reference import dequantized_state_dict
+from tests.vllm_helpers import hf_logprobs, require_vllm, vllm_generate
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [[5, 17, 42, 9, 100, 3], [200, 11, 7]]  # token ids (any ids < the tiny vocab of 512)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _vllm() -> None:
+    require_vllm()
+
+
+@pytest.fixture(scope="module")
+def qwen2_eq(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen2: q/k/v biases, a different module layout from Llama, group size 64."""
+    root = tmp_path_factory.mktemp("qwen2")
+    src = build_tiny_model(root / "src", arch="qwen2", seed=1)
+    convert(src, root / "eq", ConvertOptions(group_size=64), progress=False)
+    return root / "eq"
+
+
+@pytest.fixture(scope="module")
+def llama_eq(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dst = tmp_path_factory.mktemp("llama") / "eq"
+    convert(tiny_llama, dst, progress=False)
+    return dst
+
+
+def _check_against_hf(model_dir: Path, quantization: str | None, atol: float) -> None:
+    gens = vllm_generate(model_dir, PROMPTS, quantization=quantization)
+    sd = dequantized_state_dict(model_dir)
+    for prompt, gen in zip(PROMPTS, gens, strict=True):
+        hf_tokens, hf_lp = hf_logprobs(model_dir, sd, prompt, gen.token_ids)
+        assert gen.token_ids == hf_tokens  # greedy tokens identical
+        diff = max(abs(a - b) for a, b in zip(gen.logprobs, hf_lp, strict=True))
+        assert diff <= atol, f"max |dlogprob| {diff:.2e}"
+
+
+@pytest.mark.parametrize("quantization", [None, "easyquant"])
+def test_vllm_llama_matches_hf_reference(llama_eq: Path, quantization: str | None) -> None:
+    # Merged qkv_proj / gate_up_proj; float32 engine (reference kernel): identical up to fp32 noise.
+    _check_against_hf(llama_eq, quantization, atol=1e-4)
+
+
+def test_vllm_qwen2_with_biases_matches_hf_reference(qwen2_eq: Path) -> None:
+    _check_against_hf(qwen2_eq, "easyquant", atol=1e-4)
+
+
+def test_vllm_bf16_int4_kernel_close_to_reference(llama_eq: Path) -> None:
+    # bf16 engine runs the int4 CPU kernel (torch-int4-cpu here, cpu-wna16 on AVX512 machines);
+    # compare its logprobs of the fp32 engine's tokens with the exact fp32 reference path.
+    ref = vllm_generate(llama_eq, PROMPTS)
+    bf16 = vllm_generate(llama_eq, PROMPTS, dtype="bfloat16")
+    sd = dequantized_state_dict(llama_eq)
+    for prompt, r, b in zip(PROMPTS, ref, bf16, strict=True):
+        n = next((i for i, (x, y) in enumerate(zip(r.token_ids, b.token_ids, strict=True)) if x != y), len(r.token_ids))
+        assert n >= 2, "bf16 diverged from the fp32 reference at the first tokens"
+        _, hf_lp = hf_logprobs(llama_eq, sd, prompt, b.token_ids)
+        diff = max(abs(x - y) for x, y in zip(b.logprobs, hf_lp, strict=True))
+        assert diff < 0.15, f"bf16 max |dlogprob| {diff:.3f}"  # bf16 rounding of activations (~3 digits)
+
+
+def test_vllm_quantization_flag_on_unquantized_model_is_clear(tiny_llama: Path) -> None:
+    with pytest.raises(Exception, match=r"not an EasyQuant checkpoint\. Convert it first"):
+        vllm_generate(tiny_llama, PROMPTS[:1], quantization="easyquant")
+
+
+def _broken(src: Path, dst: Path, edit) -> Path:  # type: ignore[no-untyped-def]
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            (dst / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(src / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
+P = "model.layers.1.self_attn.k_proj"
+
+
+def _drop(t: dict) -> None:
+    del t[f"{P}.outlier_values"]
+
+
+def _bad_indptr(t: dict) -> None:
+    t[f"{P}.outlier_indptr"] = t[f"{P}.outlier_indptr"].flip(0).contiguous()
+
+
+def _bad_index(t: dict) -> None:
+    t[f"{P}.outlier_indices"] = torch.full_like(t[f"{P}.outlier_indices"], 10_000)
+
+
+def _bad_dtype(t: dict) -> None:
+    t[f"{P}.scales"] = t[f"{P}.scales"].float()
+
+
+def _bad_shape(t: dict) -> None:
+    t[f"{P}.qweight"] = t[f"{P}.qweight"][:, :-1].contiguous()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_drop, rf"checkpoint has no \['{P}\.outlier_values'\]"),
+        (_bad_indptr, rf"{P}\.outlier_indptr: (must start at 0|not monotone)"),
+        (_bad_index, rf"{P}\.outlier_indices: entry 0 = 10000 out of range"),
+        (_bad_dtype, rf"{P}\.scales: dtype torch\.float32, expected torch\.float16"),
+        (_bad_shape, rf"{P}\.qweight: input dim K = 248 is not a multiple of group_size 128"),
+    ],
+)
+def test_vllm_malformed_checkpoint_fails_at_load(llama_eq: Path, tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
+    bad = _broken(llama_eq, tmp_path / "bad", edit)
+    with pytest.raises(Exception, match=message):
+        vllm_generate(bad, PROMPTS[:1])
+
+
+def test_vllm_unknown_format_version_is_clear(llama_eq: Path, tmp_path: Path) -> None:
+    bad = _broken(llama_eq, tmp_path / "v2", lambda t: None)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = 2
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception, match="format_version 2 is not supported"):
+        vllm_generate(bad, PROMPTS[:1])
