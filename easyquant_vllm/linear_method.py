@@ -36,7 +36,7 @@ from .format import (
     quantized_weight_from_tensors,
     tensor_name,
 )
-from .kernels import FALLBACK, LayerSpec, choose_kernel
+from .kernels import FALLBACK, LayerSpec, TorchReferenceKernel, choose_kernel
 from .quant import effective_group_size, pack_factor
 from .sharding import slice_columns, slice_rows, stack_rows
 
@@ -207,6 +207,8 @@ class EasyQuantLinearMethod(LinearMethodBase):
                 logger.info("EasyQuant: using kernel %s (e.g. for %s)", kernel_cls.name, state.prefix)
         kernel = kernel_cls(spec)
         tensors = kernel.prepare(qw)
+        if isinstance(kernel, TorchReferenceKernel) and device.type == "cpu":
+            kernel.linear = _vllm_cpu_dense_linear(tensors.pop("weight_dequant"), layer)
         for suffix in TENSOR_SUFFIXES:  # the canonical parameters are not needed any more
             delattr(layer, suffix)
         for name, t in tensors.items():
@@ -218,6 +220,23 @@ class EasyQuantLinearMethod(LinearMethodBase):
         state: LayerState = layer.easyquant
         tensors = {name: getattr(layer, f"eq_{name}") for name in state.tensor_names}
         return state.kernel.apply(tensors, x, bias)
+
+
+def _vllm_cpu_dense_linear(weight: torch.Tensor, layer: torch.nn.Module) -> Any:
+    """``(x, bias) -> y`` on the GEMM vLLM dispatches for an unquantized CPU layer with this weight.
+
+    vLLM prepacks the weight (oneDNN, SGL or zentorch, by CPU and shape) into a handle of its own;
+    the holder module gives its dispatcher the ``weight``/``bias`` attributes it expects. It shares
+    the layer's bias so that any dtype change vLLM makes to it applies to the real one.
+    """
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    holder = torch.nn.Module()
+    holder.weight = Parameter(weight, requires_grad=False)
+    holder.bias = getattr(layer, "bias", None)
+    dispatch_cpu_unquantized_gemm(holder, remove_weight=True)
+    cpu_linear = holder.cpu_linear
+    return lambda x, bias: cpu_linear(x, None, bias)
 
 
 class _Loader:

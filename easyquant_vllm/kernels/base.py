@@ -67,11 +67,14 @@ def outlier_matrix(qw: QuantizedWeight) -> torch.Tensor | None:
 
 
 def add_outliers(y: torch.Tensor, outliers: torch.Tensor | None, x2: torch.Tensor) -> torch.Tensor:
-    """``y [M, N] + x2 [M, K] @ S^T`` computed as ``(S @ x2^T)^T`` in float32, returned in ``y.dtype``.
+    """``y [M, N] += x2 [M, K] @ S^T``, the product computed as ``(S @ x2^T)^T`` in float32.
 
     The sparse product reads each outlier once (about 0.5 % of the weights): no masking, because the
-    dense code at an outlier position is 0.
+    dense code at an outlier position is 0. The in-place add rounds the float32 product into ``y``'s
+    dtype once. (Measured on a 1536x576 SmolLM2 layer, 8.8k outliers, one thread: 39 us at M = 1 next
+    to 131 us for the int4 GEMM. MKL's CSR product costs ~3 ns per outlier, ~20x more per element than
+    the int4 GEMM: a fused kernel adds them far cheaper; see the CUDA kernels.)
     """
     if outliers is None:
         return y
-    return (y.float() + torch.sparse.mm(outliers, x2.float().t()).t()).to(y.dtype)
+    return y.add_(torch.sparse.mm(outliers, x2.float().t()).t())

@@ -7,6 +7,8 @@ where no int4 kernel applies (e.g. a float32 engine, 8-bit codes on CPU), chosen
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -17,6 +19,10 @@ from .base import Kernel, LayerSpec
 class TorchReferenceKernel(Kernel):
     name = "torch-reference"
 
+    linear: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
+    """Set by the vLLM linear method on CPU to the GEMM vLLM gives unquantized layers (oneDNN with
+    a prepacked W', 1.3x faster than ``F.linear`` at M = 16), which then owns W'."""
+
     @classmethod
     def can_implement(cls, spec: LayerSpec) -> tuple[bool, str | None]:
         return True, None
@@ -25,4 +31,6 @@ class TorchReferenceKernel(Kernel):
         return {"weight_dequant": qw.dequantize(self.spec.act_dtype)}  # [N, K]
 
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.linear is not None:
+            return self.linear(x, bias)
         return F.linear(x, tensors["weight_dequant"], bias)

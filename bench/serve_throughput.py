@@ -1,0 +1,77 @@
+"""Decode throughput of real vLLM (CPU build): EasyQuant vs the unquantized model, side by side.
+
+    python bench/serve_throughput.py --model SRC_DIR --quantized DST_DIR [--batch 1 16] [--tokens 64]
+
+Each (checkpoint, dtype, batch) runs in a fresh child process with an in-process engine; it generates
+``--tokens`` tokens per sequence after a short prompt (ignore_eos), after one warm-up request, and
+reports output tokens/s. The EasyQuant rows name the kernel the plugin picked. Timings on shared cores
+swing between runs: compare rows of one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+_CHILD = r"""
+import json, os, sys, time, logging
+from vllm import LLM, SamplingParams
+model, dtype, batch, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+llm = LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=512, max_num_seqs=max(batch, 1), seed=0)
+prompts = [{"prompt_token_ids": [1 + (7 * i + j) % 1000 for j in range(16)]} for i in range(batch)]
+params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
+t0 = time.perf_counter()
+out = llm.generate(prompts, params, use_tqdm=False)
+dt = time.perf_counter() - t0
+n = sum(len(o.outputs[0].token_ids) for o in out)
+kernel = None
+try:
+    from easyquant_vllm.linear_method import _kernels_announced
+    kernel = ",".join(sorted(_kernels_announced)) or None
+except Exception:
+    pass
+print("RESULT " + json.dumps({"tokens": n, "seconds": dt, "kernel": kernel}))
+"""
+
+
+def run(model: Path, dtype: str, batch: int, tokens: int) -> dict:
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
+           "VLLM_CACHE_ROOT": os.path.join(tempfile.gettempdir(), "easyquant-bench-cache")}  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(model), dtype, str(batch), str(tokens)],
+                       capture_output=True, text=True, env=env)  # fmt: skip
+    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    if r.returncode or not lines:
+        raise RuntimeError(f"{model} {dtype} batch {batch} failed:\n{(r.stdout + r.stderr)[-3000:]}")
+    return json.loads(lines[-1][7:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="unquantized HF directory")
+    p.add_argument("--quantized", type=Path, required=True, help="its EasyQuant conversion")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"])
+    p.add_argument("--tokens", type=int, default=64)
+    args = p.parse_args()
+    import torch
+
+    print(f"# decode tokens/s, vLLM CPU, {args.tokens} new tokens per sequence, torch threads "
+          f"{torch.get_num_threads()}")  # fmt: skip
+    print("| dtype | batch | unquantized tok/s | EasyQuant tok/s | EasyQuant / unquantized | EasyQuant kernel |")
+    print("|---|---|---|---|---|---|")
+    for dtype in args.dtype:
+        for batch in args.batch:
+            base = run(args.model, dtype, batch, args.tokens)
+            eq = run(args.quantized, dtype, batch, args.tokens)
+            b, e = base["tokens"] / base["seconds"], eq["tokens"] / eq["seconds"]
+            print(f"| {dtype} | {batch} | {b:.1f} | {e:.1f} | {e / b:.2f}x | {eq['kernel']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
