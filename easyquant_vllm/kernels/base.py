@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -61,9 +62,11 @@ def outlier_matrix(qw: QuantizedWeight) -> torch.Tensor | None:
     o = qw.outliers
     if not o.nnz:
         return None
-    return torch.sparse_csr_tensor(
-        o.indptr.long(), o.indices.long(), o.values.float(), size=o.shape, check_invariants=False
-    )
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": true, and not the user's concern
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            o.indptr.long(), o.indices.long(), o.values.float(), size=o.shape, check_invariants=False
+        )
 
 
 def add_outliers(y: torch.Tensor, outliers: torch.Tensor | None, x2: torch.Tensor) -> torch.Tensor:
