@@ -60,3 +60,22 @@ def test_fused_layer_skip_must_be_all_or_nothing() -> None:
     assert isinstance(all_skipped.get_quant_method(layer, f"{p}.qkv_proj"), UnquantizedLinearMethod)
     with pytest.raises(ValueError, match="only some are quantized"):
         config([f"{p}.k_proj"]).get_quant_method(layer, f"{p}.qkv_proj")
+
+
+def test_loader_accepts_shard_id_as_argument_or_attribute() -> None:
+    import torch
+
+    from easyquant_vllm.linear_method import LayerState, ShardPlan, _Loader
+
+    shards = [ShardPlan(f"m.{s}_proj", 8, 8, 0) for s in "qkv"]
+    state = LayerState(prefix="m.qkv_proj", shards=shards, k_full=64, k_part=64, col_start=0,
+                       act_dtype=torch.float32)  # fmt: skip
+    loader = _Loader(state, "scales")
+    loader(None, torch.ones(8, 1), "k")  # merged layers pass it as the third argument
+    tagged = torch.full((8, 1), 2.0)
+    tagged.shard_id = "v"  # some models attach it to the tensor instead
+    loader(None, tagged)
+    assert set(state.pending) == {1, 2}
+    assert float(state.pending[2]["scales"][0, 0]) == 2.0
+    with pytest.raises(ValueError, match="unknown shard id 'x'"):
+        loader(None, torch.ones(1), "x")
