@@ -81,3 +81,24 @@ def add_outliers(y: torch.Tensor, outliers: torch.Tensor | None, x2: torch.Tenso
     if outliers is None:
         return y
     return y.add_(torch.sparse.mm(outliers, x2.float().t()).t())
+
+
+def cpu_int4_unsupported(name: str, spec: LayerSpec) -> str | None:
+    """What the CPU int4 kernels have in common: CPU, 4-bit codes, 16-bit activations.
+
+    float32 activations are declined on purpose: the int4 GEMMs either lack a float32 path or are
+    ~10x slower there than a dense float32 GEMM, so the reference kernel is the better choice.
+    """
+    if spec.device_type != "cpu":
+        return f"{name} runs on CPU only"
+    if spec.bits != 4:
+        return f"{name} supports 4-bit codes only, got bits = {spec.bits}"
+    if spec.act_dtype not in (torch.bfloat16, torch.float16):
+        return f"{name} needs bf16/fp16 activations, got {spec.act_dtype}"
+    return None
+
+
+def with_outliers(tensors: dict[str, torch.Tensor], qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """``tensors`` plus ``"outliers"`` (see :func:`outlier_matrix`) when the weight has any."""
+    s = outlier_matrix(qw)
+    return tensors if s is None else {**tensors, "outliers": s}

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..quant import QuantizedWeight, code_offset, pack_codes, unpack_codes
-from .base import Kernel, LayerSpec, add_outliers, outlier_matrix
+from .base import Kernel, LayerSpec, add_outliers, cpu_int4_unsupported, with_outliers
 
 _BLOCK_N = 16  # output channels per contiguous block in vLLM's CPU weight layout
 _amx_ready = False
@@ -75,14 +75,11 @@ class CpuWna16Kernel(Kernel):
 
     @classmethod
     def can_implement(cls, spec: LayerSpec) -> tuple[bool, str | None]:
-        if spec.device_type != "cpu":
-            return False, "cpu-wna16 runs on CPU only"
+        why = cpu_int4_unsupported(cls.name, spec)
+        if why:
+            return False, why
         if _ops() is None:
             return False, "vLLM's CPU ops (vllm._custom_ops.cpu_gemm_wna16) are not available"
-        if spec.bits != 4:
-            return False, f"cpu-wna16 supports 4-bit codes only, got bits = {spec.bits}"
-        if spec.act_dtype not in (torch.bfloat16, torch.float16):
-            return False, f"cpu-wna16 needs bf16/fp16 activations, got {spec.act_dtype}"
         if spec.group_size != -1 and spec.group_size % 2:
             return False, f"cpu-wna16 needs an even group size, got {spec.group_size}"
         if spec.k % 32 or spec.n % 32:
@@ -96,11 +93,7 @@ class CpuWna16Kernel(Kernel):
 
     def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         w_q, w_s = repack_for_cpu_wna16(qw.qweight, qw.scales, self.spec.act_dtype)
-        tensors = {"w_q": w_q, "w_s": w_s}
-        s = outlier_matrix(qw)
-        if s is not None:
-            tensors["outliers"] = s
-        return tensors
+        return with_outliers({"w_q": w_q, "w_s": w_s}, qw)
 
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ops = _ops()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..quant import QuantizedWeight, unpack_codes
-from .base import Kernel, LayerSpec, add_outliers, outlier_matrix
+from .base import Kernel, LayerSpec, add_outliers, cpu_int4_unsupported, with_outliers
 
 _GROUP_SIZES = (32, 64, 128, 256)  # what the kernel's group loop is instantiated for
 _INNER_K_TILES = 2  # packing parameter of _convert_weight_to_int4pack_for_cpu; 2 works for K % 32 == 0
@@ -24,14 +24,11 @@ class TorchInt4CpuKernel(Kernel):
 
     @classmethod
     def can_implement(cls, spec: LayerSpec) -> tuple[bool, str | None]:
-        if spec.device_type != "cpu":
-            return False, "torch-int4-cpu runs on CPU only"
+        why = cpu_int4_unsupported(cls.name, spec)
+        if why:
+            return False, why
         if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
             return False, f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu"
-        if spec.bits != 4:
-            return False, f"torch-int4-cpu supports 4-bit codes only, got bits = {spec.bits}"
-        if spec.act_dtype not in (torch.bfloat16, torch.float16):
-            return False, f"torch-int4-cpu is only faster than dense for bf16/fp16 activations, got {spec.act_dtype}"
         if spec.group_size not in _GROUP_SIZES:
             return False, f"torch-int4-cpu needs group size in {list(_GROUP_SIZES)}, got {spec.group_size}"
         if spec.n % 16 or spec.k % 32:
@@ -45,11 +42,7 @@ class TorchInt4CpuKernel(Kernel):
         w_q = torch._convert_weight_to_int4pack_for_cpu(u, _INNER_K_TILES)
         scales = qw.scales.t().to(self.spec.act_dtype)  # [K/G, N]
         w_sz = torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous()
-        tensors = {"w_q": w_q, "w_sz": w_sz}
-        s = outlier_matrix(qw)
-        if s is not None:
-            tensors["outliers"] = s
-        return tensors
+        return with_outliers({"w_q": w_q, "w_sz": w_sz}, qw)
 
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, self.spec.k)
