@@ -205,7 +205,13 @@ def main() -> None:
     p.add_argument("--no-hqq", action="store_true")
     p.add_argument("--no-sweeps", action="store_true")
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM-vs-reference agreement check")
+    p.add_argument("--plot-only", action="store_true", help="redraw the plots and tables from quality.json")
     args = p.parse_args()
+    if args.plot_only:
+        saved = json.loads((args.out / "quality.json").read_text())
+        print_tables(saved["rows"], saved["vllm_agreement"])
+        plot(saved["rows"], args.out)
+        return
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = build_smollm2(args.cache / "SmolLM2-135M-Instruct")
@@ -271,34 +277,42 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    main_rows = [r for r in results if "n" not in r and "cap" not in r and not r["label"].startswith("fp32")]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in main_rows:
-        ax.scatter(r["bits_per_weight"], r["ppl"], s=40)
-        ax.annotate(r["label"], (r["bits_per_weight"], r["ppl"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.axhline(results[0]["ppl"], color="gray", ls="--", lw=1, label=f"fp32 {results[0]['ppl']:.2f}")
+    fp32 = results[0]["ppl"]
+    # 1. Perplexity vs bits per weight, 4-bit methods (the 8-bit row sits at 8.57 bits, ppl ~ fp32).
+    main_rows = [r for r in results if "n" not in r and "cap" not in r and r["bits_per_weight"] < 8]
+    markers = "osD^v<>ph*"
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for i, r in enumerate(main_rows):
+        ax.scatter(r["bits_per_weight"], r["ppl"], s=60, marker=markers[i % len(markers)],
+                   label=f"{r['label']}: {r['ppl']:.2f}")  # fmt: skip
+    frontier = sorted([(r["bits_per_weight"], r["ppl"]) for r in results if "cap" in r or r.get("default")
+                       or r.get("n") == 2.0])  # fmt: skip
+    ax.plot(*zip(*frontier, strict=True), "k:", lw=1, label="EasyQuant g64, outlier cap 0.1 / 0.25 / 0.5 / 1 %")
+    ax.axhline(fp32, color="gray", ls="--", lw=1, label=f"fp32 (Q4_1 dequantized): {fp32:.2f}")
     ax.set_xlabel("bits per weight (codes + scales + outliers)")
-    ax.set_ylabel("perplexity (Wikipedia slice)")
-    ax.set_title("SmolLM2-135M-Instruct: perplexity vs bits per weight")
-    ax.legend(loc="upper right")
+    ax.set_ylabel("perplexity (Wikipedia slice, 10k tokens)")
+    ax.set_title("SmolLM2-135M-Instruct, 4-bit: perplexity vs bits per weight (lower left is better)")
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(out / "ppl_vs_bits.png", dpi=120)
     plt.close(fig)
 
+    # 2. Perplexity vs outlier threshold n (cap 1 %).
     default = next(r for r in results if r.get("default"))
     pts = sorted([(r["n"], r["ppl"], r["outlier_fraction"]) for r in results if "n" in r]
                  + [(3.0, default["ppl"], default["outlier_fraction"])])  # fmt: skip
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="EasyQuant g64, cap 1 %")
-    for n, ppl, frac in pts:
-        ax.annotate(f"{100 * frac:.2f} % outliers", (n, ppl), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="EasyQuant g64 (search), outlier cap 1 %")
+    for i, (n, ppl, frac) in enumerate(pts):
+        ax.annotate(f"{100 * frac:.2f} %", (n, ppl), fontsize=8, ha="center",
+                    xytext=(0, 8 if i % 2 else -14), textcoords="offset points")  # fmt: skip
     rtn = next(r for r in results if r["label"] == "RTN g64")
-    ax.axhline(rtn["ppl"], color="red", ls=":", lw=1, label=f"RTN g64 {rtn['ppl']:.2f}")
-    ax.axhline(results[0]["ppl"], color="gray", ls="--", lw=1, label=f"fp32 {results[0]['ppl']:.2f}")
-    ax.set_xlabel("outlier threshold n (|w - mean| >= n * std)")
+    ax.axhline(rtn["ppl"], color="red", ls=":", lw=1, label=f"RTN g64: {rtn['ppl']:.2f}")
+    ax.axhline(fp32, color="gray", ls="--", lw=1, label=f"fp32: {fp32:.2f}")
+    ax.set_xlabel("outlier threshold n (|w - mean| >= n * std); labels: fraction kept")
     ax.set_ylabel("perplexity")
-    ax.set_title("Where the paper's n = 3 sits")
-    ax.legend()
+    ax.set_title("Where the paper's n = 3 sits (n <= 2.5 hits the 1 % cap)")
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "ppl_vs_threshold.png", dpi=120)
     plt.close(fig)
