@@ -102,6 +102,9 @@ def test_choose_kernel_order_and_fallback() -> None:
     int8 = LayerSpec(64, 128, 8, 32, torch.bfloat16, "cpu")
     assert choose_kernel(int8)[0] is TorchReferenceKernel
     assert KERNELS[-1] is TorchReferenceKernel  # always last: it implements everything
+    per_channel = LayerSpec(64, 96, 4, -1, torch.bfloat16, "cpu")  # 96 = 3 x 32: kernel groups of 32
+    assert TorchInt4CpuKernel.can_implement(per_channel) == (True, None)
+    assert not TorchInt4CpuKernel.can_implement(LayerSpec(64, 40, 4, -1, torch.bfloat16, "cpu"))[0]
     odd = LayerSpec(40, 128, 4, 32, torch.bfloat16, "cpu")
     ok, why = TorchInt4CpuKernel.can_implement(odd)
     assert not ok and "N = 40" in (why or "")
