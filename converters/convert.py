@@ -131,8 +131,9 @@ def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions) -> Plan:
     try:
         group_size = resolve_group_size(set(in_dims), opts.group_size)
     except ValueError as e:
-        bad = [n for k, n in in_dims.items() if str(k) in str(e)]
-        raise ConversionError(f"{e} (e.g. tensor {bad[0] if bad else next(iter(in_dims.values()))})") from None
+        g = opts.group_size
+        bad = [n for k, n in in_dims.items() if isinstance(g, int) and g > 0 and k % g]
+        raise ConversionError(f"{e} (e.g. tensor {(bad or list(in_dims.values()))[0]})") from None
     spec = QuantSpec(
         bits=opts.bits,
         group_size=group_size,
