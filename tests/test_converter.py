@@ -179,7 +179,8 @@ def _bad_cases(tmp: Path, tiny: Path) -> dict[str, tuple[Path, ConvertOptions, s
     cases["group"] = (
         _model_dir(tmp / "g", _layer(k=96)),
         ConvertOptions(group_size=64),
-        r"group_size 64 does not divide input dimension\(s\) \[96\]; sizes that would: \[32, -1\]",
+        r"group_size 64 does not divide input dimension\(s\) \[96\]; sizes that would: \[32, -1\] "
+        r"\(e\.g\. tensor model\.layers\.0\.mlp\.down_proj\.weight\)",
     )
     cases["k8"] = (
         _model_dir(tmp / "k8", _layer(k=100)),
