@@ -269,3 +269,11 @@ def test_cli_help_explains() -> None:
     with pytest.raises(SystemExit) as e:
         cli_main(["--help"])
     assert e.value.code == 0
+
+
+def test_convert_cuda_device_without_gpu_is_clear(tiny_llama: Path, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConversionError, match="--device cuda: CUDA is not available"):
+        convert(tiny_llama, tmp_path / "eq", ConvertOptions(device="cuda"), progress=False)
+    assert not (tmp_path / "eq").exists()
