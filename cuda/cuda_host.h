@@ -1,0 +1,113 @@
+// cuda_host.h - run the kernels of this directory on CPU threads, so their exact source is tested
+// without a GPU (our CI has none). Under nvcc/NVRTC (__CUDACC__) it only pulls in the CUDA half types.
+//
+// Model of execution on the host:
+//   * blocks run one after another; the threads of a block are real OS threads (one per CUDA thread),
+//     so data races between them are real and ThreadSanitizer sees them;
+//   * __syncthreads() is a std::barrier over the block;
+//   * __shared__ is a function-static: with one block at a time, that is per-block shared memory;
+//   * warp shuffles go through a per-block scratch array and two block barriers. That requires the
+//     shuffle to be reached by every thread of the block (uniform control flow), which the kernels
+//     here guarantee by never returning early (see the `active` flags);
+//   * threadIdx / blockIdx are thread_local; blockDim / gridDim are set per launch.
+// Inline PTX stays behind small wrappers in the kernels with an exact host version beside it.
+#pragma once
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#else
+
+#include <barrier>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct int4 {
+  int x, y, z, w;
+};
+
+using __half = _Float16;  // IEEE binary16 on the host, the same rounding as the GPU's __half
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+
+inline float __half2float(__half h) { return static_cast<float>(h); }
+inline __half __float2half_rn(float f) { return static_cast<__half>(f); }
+inline __half __ushort_as_half(unsigned short u) {
+  __half h;
+  std::memcpy(&h, &u, sizeof h);
+  return h;
+}
+inline float __bfloat162float(__nv_bfloat16 b) {
+  uint32_t u = uint32_t(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {  // round to nearest even (finite inputs)
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return {static_cast<uint16_t>(u >> 16)};
+}
+
+namespace emu {
+inline thread_local dim3 thread_idx, block_idx;
+inline dim3 block_dim, grid_dim;
+inline std::barrier<>* block_barrier = nullptr;
+inline std::vector<float> shuffle_scratch;  // one slot per thread of the block
+}  // namespace emu
+
+#define threadIdx (emu::thread_idx)
+#define blockIdx (emu::block_idx)
+#define blockDim (emu::block_dim)
+#define gridDim (emu::grid_dim)
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __restrict__ __restrict
+
+inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+
+// Butterfly shuffle within a warp of 32: every thread publishes its value, then reads its partner's.
+inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) {
+  const unsigned t = threadIdx.x;
+  float* warp = &emu::shuffle_scratch[t - t % 32];
+  warp[t % 32] = v;
+  __syncthreads();
+  const float r = warp[(t % 32) ^ unsigned(lane_mask)];
+  __syncthreads();  // nobody overwrites a slot before everyone has read it
+  return r;
+}
+
+// Launch a 1-D grid of 1-D blocks: emu_launch(grid, block, kernel, args...).
+template <typename Kernel, typename... Args>
+void emu_launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
+  emu::grid_dim = grid;
+  emu::block_dim = block;
+  emu::shuffle_scratch.assign(block.x, 0.0f);
+  for (unsigned b = 0; b < grid.x; ++b) {
+    std::barrier<> barrier(block.x);
+    emu::block_barrier = &barrier;
+    std::vector<std::thread> threads;
+    threads.reserve(block.x);
+    for (unsigned t = 0; t < block.x; ++t) {
+      threads.emplace_back([=] {
+        emu::thread_idx = dim3(t);
+        emu::block_idx = dim3(b);
+        kernel(args...);
+      });
+    }
+    for (auto& th : threads) th.join();
+  }
+}
+
+#endif  // __CUDACC__

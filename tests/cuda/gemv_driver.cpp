@@ -1,0 +1,76 @@
+// Host driver for cuda/eq_gemv.cu under the CPU emulation of cuda/cuda_host.h (test use only).
+//   gemv_driver run IN OUT     IN: int32 header {M, N, K, G, nnz, dtype (0 fp16, 1 bf16), threads per block}
+//                              then x [M*K] u16 bits, qweight [N*K/8] i32, scales [N*K/G] u16 bits,
+//                              indptr [N+1] i32, indices [nnz] i32, values [nnz] u16 bits.
+//                              OUT: y [M*N] float32.
+//   gemv_driver magic          prints the dequantized code of every nibble value 0..15, one per line.
+#include "../../cuda/eq_gemv.cu"
+
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+template <typename V>
+static std::vector<V> read(std::ifstream& f, size_t n) {
+  std::vector<V> v(n);
+  f.read(reinterpret_cast<char*>(v.data()), static_cast<std::streamsize>(n * sizeof(V)));
+  return v;
+}
+
+template <typename T>
+static std::vector<float> run(std::vector<uint16_t> xbits, const std::vector<int32_t>& qweight,
+                              std::vector<uint16_t> sbits, const std::vector<int32_t>& indptr,
+                              const std::vector<int32_t>& indices, std::vector<uint16_t> vbits, int M, int N, int K,
+                              int G, int threads) {
+  std::vector<T> x(xbits.size()), y(static_cast<size_t>(M) * N);
+  std::memcpy(x.data(), xbits.data(), xbits.size() * 2);
+  std::vector<__half> scales(sbits.size()), values(vbits.size());
+  std::memcpy(scales.data(), sbits.data(), sbits.size() * 2);
+  std::memcpy(values.data(), vbits.data(), vbits.size() * 2);
+  const int rows_per_block = threads / 32;
+  const dim3 grid((N + rows_per_block - 1) / rows_per_block);
+  if constexpr (sizeof(T) == 2 && std::is_same_v<T, __half>) {
+    emu_launch(grid, dim3(threads), eq_gemv_int4_f16, x.data(), reinterpret_cast<const int4*>(qweight.data()),
+               scales.data(), indptr.data(), indices.data(), values.data(), y.data(), M, N, K, G);
+  } else {
+    emu_launch(grid, dim3(threads), eq_gemv_int4_bf16, x.data(), reinterpret_cast<const int4*>(qweight.data()),
+               scales.data(), indptr.data(), indices.data(), values.data(), y.data(), M, N, K, G);
+  }
+  std::vector<float> out(y.size());
+  for (size_t i = 0; i < y.size(); ++i) {
+    if constexpr (std::is_same_v<T, __half>) out[i] = __half2float(y[i]);
+    else out[i] = __bfloat162float(y[i]);
+  }
+  return out;
+}
+
+int main(int argc, char** argv) {
+  if (argc >= 2 && std::string(argv[1]) == "magic") {
+    for (uint32_t u = 0; u < 16; ++u) {
+      float q[8];
+      eq::dequant_word(u * 0x11111111u, q);  // the same nibble in all 8 positions
+      for (int j = 0; j < 8; ++j) std::printf(j ? " %g" : "%g", q[j]);
+      std::printf("\n");
+    }
+    return 0;
+  }
+  if (argc != 4 || std::string(argv[1]) != "run") {
+    std::fprintf(stderr, "usage: gemv_driver run IN OUT | gemv_driver magic\n");
+    return 2;
+  }
+  std::ifstream in(argv[2], std::ios::binary);
+  const auto h = read<int32_t>(in, 7);
+  const int M = h[0], N = h[1], K = h[2], G = h[3], nnz = h[4], dtype = h[5], threads = h[6];
+  auto x = read<uint16_t>(in, static_cast<size_t>(M) * K);
+  auto qweight = read<int32_t>(in, static_cast<size_t>(N) * K / 8);
+  auto scales = read<uint16_t>(in, static_cast<size_t>(N) * (K / G));
+  auto indptr = read<int32_t>(in, N + 1);
+  auto indices = read<int32_t>(in, nnz);
+  auto values = read<uint16_t>(in, nnz);
+  const auto y = dtype == 0 ? run<__half>(x, qweight, scales, indptr, indices, values, M, N, K, G, threads)
+                            : run<__nv_bfloat16>(x, qweight, scales, indptr, indices, values, M, N, K, G, threads);
+  std::ofstream out(argv[3], std::ios::binary);
+  out.write(reinterpret_cast<const char*>(y.data()), static_cast<std::streamsize>(y.size() * sizeof(float)));
+  return 0;
+}
