@@ -76,6 +76,8 @@ inline std::vector<float> shuffle_scratch;  // one slot per thread of the block
 #define __restrict__ __restrict
 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+// Stronger than the GPU's (the whole block, not one warp), which is fine for uniform control flow.
+inline void __syncwarp(unsigned /*mask*/ = 0xFFFFFFFFu) { __syncthreads(); }
 
 // Butterfly shuffle within a warp of 32: every thread publishes its value, then reads its partner's.
 inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) {

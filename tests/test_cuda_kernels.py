@@ -1,4 +1,4 @@
-"""cuda/eq_gemv.cu without a GPU: nvcc/ptxas compile checks, and the same source executed on CPU
+"""The CUDA kernels without a GPU: nvcc/ptxas compile checks, and the same source executed on CPU
 threads (cuda/cuda_host.h) against the PyTorch reference, also under ThreadSanitizer."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from easyquant_vllm.quant import QuantSpec, quantize_weight
 from tests.conftest import heavy_tailed
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL = ROOT / "cuda" / "eq_gemv.cu"
+KERNELS = {"eq_gemv.cu": ["eq_gemv_int4_bf16", "eq_gemv_int4_f16"],
+           "eq_dequant.cu": ["eq_dequant_int4_bf16", "eq_dequant_int4_f16"]}  # fmt: skip
 DRIVER = ROOT / "tests" / "cuda" / "gemv_driver.cpp"
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 REGISTER_BUDGET = 64  # measured 55-58; above 64 the 4-warp blocks would start to lose occupancy
@@ -39,8 +40,9 @@ def _bits(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
-def run_emulated(driver: Path, tmp: Path, x: torch.Tensor, qw, threads: int = 128) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """Run the kernel on the host for activations ``x [M, K]`` (fp16/bf16); returns y [M, N] float32."""
+def run_emulated(driver: Path, tmp: Path, x: torch.Tensor, qw, threads: int = 128, mode: str = "run") -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Run a kernel on the host: ``mode="run"`` the GEMV for ``x [M, K]`` (fp16/bf16) -> y [M, N];
+    ``"dequant"`` W' -> [N, K] in x's dtype. Results come back as float32."""
     m, k = x.shape
     n = qw.shape[0]
     g = k if qw.group_size == -1 else qw.group_size
@@ -49,9 +51,9 @@ def run_emulated(driver: Path, tmp: Path, x: torch.Tensor, qw, threads: int = 12
     parts = [header, _bits(x), qw.qweight.numpy().astype(np.int32), _bits(qw.scales),
              o.indptr.numpy().astype(np.int32), o.indices.numpy().astype(np.int32), _bits(o.values)]  # fmt: skip
     (tmp / "in.bin").write_bytes(b"".join(p.tobytes() for p in parts))
-    r = subprocess.run([str(driver), "run", str(tmp / "in.bin"), str(tmp / "out.bin")], capture_output=True, text=True)
+    r = subprocess.run([str(driver), mode, str(tmp / "in.bin"), str(tmp / "out.bin")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    return torch.from_numpy(np.fromfile(tmp / "out.bin", dtype=np.float32).reshape(m, n))
+    return torch.from_numpy(np.fromfile(tmp / "out.bin", dtype=np.float32).reshape((m, n) if mode == "run" else (n, k)))
 
 
 def _reference(x: torch.Tensor, qw) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -95,6 +97,19 @@ def test_gemv_emulated_matches_reference(driver: Path, tmp_path: Path, m, n, k, 
     assert float((y - ref).abs().mean() / scale) < (1e-3 if dtype == torch.float16 else 4e-3)
 
 
+DEQUANT_CASES = [(37, 96, 32, torch.float16), (24, 1024, -1, torch.bfloat16), (40, 384, 128, torch.float16)]
+
+
+@pytest.mark.parametrize(("n", "k", "group_size", "dtype"), DEQUANT_CASES)
+def test_dequant_emulated_is_bit_identical_to_reference(driver: Path, tmp_path: Path, n, k, group_size, dtype) -> None:  # type: ignore[no-untyped-def]
+    w = heavy_tailed(n, k, seed=n)
+    w[1] = 0.0
+    qw = quantize_weight(w, QuantSpec(group_size=group_size, outlier_threshold=2.0, max_outlier_fraction=0.05))
+    x = torch.zeros(1, k, dtype=dtype)  # unused by the dequant kernel; carries the dtype
+    w_kernel = run_emulated(driver, tmp_path, x, qw, mode="dequant")
+    assert torch.equal(w_kernel, qw.dequantize(dtype).float())  # one rounding of s*q (+ outlier): exact
+
+
 def test_magic_number_dequant_is_exact_for_all_codes(driver: Path) -> None:
     out = subprocess.run([str(driver), "magic"], capture_output=True, text=True, check=True).stdout.split("\n")
     for u in range(16):
@@ -110,29 +125,19 @@ def test_gemv_emulated_has_no_data_races(tmp_path: Path) -> None:
     # run_emulated asserts exit status 0; TSan exits 66 on a report (halt_on_error is not needed)
 
 
+@pytest.mark.parametrize("source", sorted(KERNELS))
 @pytest.mark.parametrize("arch", ARCHS)
-def test_gemv_compiles_without_spills(arch: str, tmp_path: Path) -> None:
+def test_kernels_compile_without_spills(arch: str, source: str, tmp_path: Path) -> None:
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not available")
-    cmd = [
-        "nvcc",
-        f"-arch={arch}",
-        "-std=c++17",
-        "-cubin",
-        "-Xptxas",
-        "-v",
-        "-o",
-        str(tmp_path / "k.cubin"),
-        str(KERNEL),
-    ]
+    cuda = str(ROOT / "cuda" / source)
+    cmd = ["nvcc", f"-arch={arch}", "-std=c++17", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), cuda]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     log = r.stdout + r.stderr
     kernels = re.findall(r"Compiling entry function '(\w+)'", log)
-    assert sorted(kernels) == ["eq_gemv_int4_bf16", "eq_gemv_int4_f16"]
-    assert (
-        re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
-        == [("0", "0", "0")] * 2
-    )
+    assert sorted(kernels) == KERNELS[source]
+    stats = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert stats == [("0", "0", "0")] * len(kernels)  # no local memory, no spills
     registers = [int(v) for v in re.findall(r"Used (\d+) registers", log)]
-    assert len(registers) == 2 and max(registers) <= REGISTER_BUDGET
+    assert len(registers) == len(kernels) and max(registers) <= REGISTER_BUDGET

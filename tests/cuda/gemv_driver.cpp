@@ -1,9 +1,11 @@
-// Host driver for cuda/eq_gemv.cu under the CPU emulation of cuda/cuda_host.h (test use only).
+// Host driver for cuda/eq_gemv.cu and cuda/eq_dequant.cu under the CPU emulation of cuda/cuda_host.h.
 //   gemv_driver run IN OUT     IN: int32 header {M, N, K, G, nnz, dtype (0 fp16, 1 bf16), threads per block}
 //                              then x [M*K] u16 bits, qweight [N*K/8] i32, scales [N*K/G] u16 bits,
 //                              indptr [N+1] i32, indices [nnz] i32, values [nnz] u16 bits.
 //                              OUT: y [M*N] float32.
+//   gemv_driver dequant IN OUT same IN (x is read and ignored); OUT: W' [N*K] float32 (exact: fp16/bf16 values).
 //   gemv_driver magic          prints the dequantized code of every nibble value 0..15, one per line.
+#include "../../cuda/eq_dequant.cu"
 #include "../../cuda/eq_gemv.cu"
 
 #include <cstdio>
@@ -19,6 +21,33 @@ static std::vector<V> read(std::ifstream& f, size_t n) {
 }
 
 template <typename T>
+static float to_float(T v) {
+  if constexpr (std::is_same_v<T, __half>) return __half2float(v);
+  else return __bfloat162float(v);
+}
+
+template <typename T>
+static std::vector<float> dequant(const std::vector<int32_t>& qweight, std::vector<uint16_t> sbits,
+                                  const std::vector<int32_t>& indptr, const std::vector<int32_t>& indices,
+                                  std::vector<uint16_t> vbits, int N, int K, int G, int threads) {
+  std::vector<__half> scales(sbits.size()), values(vbits.size());
+  std::memcpy(scales.data(), sbits.data(), sbits.size() * 2);
+  std::memcpy(values.data(), vbits.data(), vbits.size() * 2);
+  std::vector<T> w(static_cast<size_t>(N) * K);
+  const dim3 grid((N + threads / 32 - 1) / (threads / 32));
+  if constexpr (std::is_same_v<T, __half>) {
+    emu_launch(grid, dim3(threads), eq_dequant_int4_f16, reinterpret_cast<const int4*>(qweight.data()),
+               scales.data(), indptr.data(), indices.data(), values.data(), w.data(), N, K, G);
+  } else {
+    emu_launch(grid, dim3(threads), eq_dequant_int4_bf16, reinterpret_cast<const int4*>(qweight.data()),
+               scales.data(), indptr.data(), indices.data(), values.data(), w.data(), N, K, G);
+  }
+  std::vector<float> out(w.size());
+  for (size_t i = 0; i < w.size(); ++i) out[i] = to_float(w[i]);
+  return out;
+}
+
+template <typename T>
 static std::vector<float> run(std::vector<uint16_t> xbits, const std::vector<int32_t>& qweight,
                               std::vector<uint16_t> sbits, const std::vector<int32_t>& indptr,
                               const std::vector<int32_t>& indices, std::vector<uint16_t> vbits, int M, int N, int K,
@@ -30,7 +59,7 @@ static std::vector<float> run(std::vector<uint16_t> xbits, const std::vector<int
   std::memcpy(values.data(), vbits.data(), vbits.size() * 2);
   const int rows_per_block = threads / 32;
   const dim3 grid((N + rows_per_block - 1) / rows_per_block);
-  if constexpr (sizeof(T) == 2 && std::is_same_v<T, __half>) {
+  if constexpr (std::is_same_v<T, __half>) {
     emu_launch(grid, dim3(threads), eq_gemv_int4_f16, x.data(), reinterpret_cast<const int4*>(qweight.data()),
                scales.data(), indptr.data(), indices.data(), values.data(), y.data(), M, N, K, G);
   } else {
@@ -38,10 +67,7 @@ static std::vector<float> run(std::vector<uint16_t> xbits, const std::vector<int
                scales.data(), indptr.data(), indices.data(), values.data(), y.data(), M, N, K, G);
   }
   std::vector<float> out(y.size());
-  for (size_t i = 0; i < y.size(); ++i) {
-    if constexpr (std::is_same_v<T, __half>) out[i] = __half2float(y[i]);
-    else out[i] = __bfloat162float(y[i]);
-  }
+  for (size_t i = 0; i < y.size(); ++i) out[i] = to_float(y[i]);
   return out;
 }
 
@@ -55,8 +81,9 @@ int main(int argc, char** argv) {
     }
     return 0;
   }
-  if (argc != 4 || std::string(argv[1]) != "run") {
-    std::fprintf(stderr, "usage: gemv_driver run IN OUT | gemv_driver magic\n");
+  const std::string mode = argc == 4 ? argv[1] : "";
+  if (mode != "run" && mode != "dequant") {
+    std::fprintf(stderr, "usage: gemv_driver run|dequant IN OUT | gemv_driver magic\n");
     return 2;
   }
   std::ifstream in(argv[2], std::ios::binary);
@@ -68,6 +95,13 @@ int main(int argc, char** argv) {
   auto indptr = read<int32_t>(in, N + 1);
   auto indices = read<int32_t>(in, nnz);
   auto values = read<uint16_t>(in, nnz);
+  if (mode == "dequant") {
+    const auto w = dtype == 0 ? dequant<__half>(qweight, scales, indptr, indices, values, N, K, G, threads)
+                              : dequant<__nv_bfloat16>(qweight, scales, indptr, indices, values, N, K, G, threads);
+    std::ofstream out(argv[3], std::ios::binary);
+    out.write(reinterpret_cast<const char*>(w.data()), static_cast<std::streamsize>(w.size() * sizeof(float)));
+    return 0;
+  }
   const auto y = dtype == 0 ? run<__half>(x, qweight, scales, indptr, indices, values, M, N, K, G, threads)
                             : run<__nv_bfloat16>(x, qweight, scales, indptr, indices, values, M, N, K, G, threads);
   std::ofstream out(argv[3], std::ios::binary);
