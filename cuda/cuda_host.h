@@ -14,6 +14,15 @@
 #pragma once
 
 #ifdef __CUDACC__
+#ifdef __CUDACC_RTC__
+// NVRTC (how CuPy compiles at run time) has no C++ standard library headers.
+using uint16_t = unsigned short;
+using uint32_t = unsigned int;
+using int32_t = int;
+using size_t = decltype(sizeof(0));
+#else
+#include <cstdint>
+#endif
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #else

