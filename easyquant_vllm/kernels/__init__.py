@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from .base import Kernel, LayerSpec
 from .cpu_wna16 import CpuWna16Kernel
+from .cuda_int4 import CudaInt4Kernel
 from .torch_int4_cpu import TorchInt4CpuKernel
 from .torch_ref import TorchReferenceKernel
 
-KERNELS: tuple[type[Kernel], ...] = (CpuWna16Kernel, TorchInt4CpuKernel, TorchReferenceKernel)
+KERNELS: tuple[type[Kernel], ...] = (CudaInt4Kernel, CpuWna16Kernel, TorchInt4CpuKernel, TorchReferenceKernel)
 """Preference order: the first kernel whose ``can_implement`` says yes is used."""
 
 FALLBACK: type[Kernel] = TorchReferenceKernel
@@ -28,6 +29,7 @@ __all__ = [
     "FALLBACK",
     "KERNELS",
     "CpuWna16Kernel",
+    "CudaInt4Kernel",
     "Kernel",
     "LayerSpec",
     "TorchInt4CpuKernel",

@@ -1,0 +1,146 @@
+"""CUDA kernel: the fused GEMV (M <= 8) or dequantize + cuBLAS (M > 8), launched with CuPy as torch ops.
+
+The ops ``easyquant::gemv_int4`` and ``easyquant::dequant_int4`` are ``torch.library.custom_op``s with
+fake implementations, so vLLM's torch.compile can trace them and CUDA graphs can capture them. They
+launch on torch's current stream, and the tensors reach CuPy through DLPack (no copies). Inputs are
+checked in Python before launch; errors name the tensor and its actual dtype, shape or alignment.
+
+Status: compiled and tested without a GPU (tests/test_cuda_kernels.py); the launch itself and the
+GPU tests (``pytest -m gpu``) have not run yet: no GPU was available (docs/kernels.md).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from ..quant import QuantizedWeight
+from .base import Kernel, LayerSpec
+from .cuda_build import CUDA_DIR, cuda_include_dir
+
+GEMV_MAX_M = 8  # = kMaxM in cuda/eq_gemv.cu: above it, dequantize + cuBLAS (see docs/kernels.md)
+THREADS = 128  # 4 warps per block, one output row per warp
+_ROWS_PER_BLOCK = THREADS // 32
+_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"easyquant CUDA kernel: {message}")
+
+
+def check_weight(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
+                 values: torch.Tensor, group_size: int) -> tuple[int, int, int]:  # fmt: skip
+    """Validate the canonical tensors; returns ``(N, K, G)``. Device and alignment are checked last."""
+    _require(qweight.dtype == torch.int32 and qweight.dim() == 2,
+             f"qweight must be int32 [N, K/8], got {qweight.dtype} {list(qweight.shape)}")  # fmt: skip
+    n, k = qweight.shape[0], qweight.shape[1] * 8
+    g = k if group_size == -1 else group_size
+    _require(k % 32 == 0 and g % 32 == 0 and k % g == 0,
+             f"needs K % 32 == 0 and a group size, multiple of 32, dividing K; got K = {k}, G = {g}")  # fmt: skip
+    _require(scales.dtype == torch.float16 and tuple(scales.shape) == (n, k // g),
+             f"scales must be float16 [{n}, {k // g}], got {scales.dtype} {list(scales.shape)}")  # fmt: skip
+    _require(indptr.dtype == torch.int32 and tuple(indptr.shape) == (n + 1,),
+             f"outlier_indptr must be int32 [{n + 1}], got {indptr.dtype} {list(indptr.shape)}")  # fmt: skip
+    _require(indices.dtype == torch.int32 and values.dtype == torch.float16 and indices.shape == values.shape,
+             f"outlier_indices/values must be int32/float16 of one length, got {indices.dtype} "
+             f"{list(indices.shape)} / {values.dtype} {list(values.shape)}")  # fmt: skip
+    for name, t in (("qweight", qweight), ("scales", scales), ("outlier_indptr", indptr),
+                    ("outlier_indices", indices), ("outlier_values", values)):  # fmt: skip
+        _require(t.is_cuda and t.is_contiguous(), f"{name} must be a contiguous CUDA tensor, got {t.device}")
+    _require(qweight.data_ptr() % 16 == 0, "qweight must be 16-byte aligned (128-bit loads)")
+    return n, k, g
+
+
+@functools.cache
+def _function(source: str, name: str, device_index: int) -> Any:
+    """Compile ``cuda/<source>`` once per device (CuPy caches the cubin on disk as well)."""
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        module = cupy.RawModule(code=(CUDA_DIR / source).read_text(), backend="nvrtc",
+                                options=("-std=c++17", f"-I{CUDA_DIR}", f"-I{cuda_include_dir()}"))  # fmt: skip
+        return module.get_function(name)
+
+
+def _launch(source: str, name: str, grid: int, args: list[Any], device: torch.device) -> None:
+    import cupy
+    import numpy as np
+
+    converted = [cupy.from_dlpack(a) if isinstance(a, torch.Tensor) else np.int32(a) for a in args]
+    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
+    _function(source, name, device.index or 0)((grid,), (THREADS,), tuple(converted), stream=stream)
+
+
+@torch.library.custom_op("easyquant::gemv_int4", mutates_args=())
+def gemv_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor,
+              indices: torch.Tensor, values: torch.Tensor, group_size: int) -> torch.Tensor:  # fmt: skip
+    """``x [M <= 8, K] fp16/bf16`` -> ``[M, N]``: the fused GEMV of cuda/eq_gemv.cu."""
+    n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size)
+    _require(x.dtype in _SUFFIX and x.dim() == 2 and x.shape[1] == k and 1 <= x.shape[0] <= GEMV_MAX_M,
+             f"x must be fp16/bf16 [1..{GEMV_MAX_M}, {k}], got {x.dtype} {list(x.shape)}")  # fmt: skip
+    _require(x.is_cuda and x.is_contiguous(), "x must be a contiguous CUDA tensor")
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    _launch("eq_gemv.cu", f"eq_gemv_int4_{_SUFFIX[x.dtype]}", -(-n // _ROWS_PER_BLOCK),
+            [x, qweight, scales, indptr, indices, values, y, x.shape[0], n, k, g], x.device)  # fmt: skip
+    return y
+
+
+@gemv_int4.register_fake
+def _(x, qweight, scales, indptr, indices, values, group_size):  # type: ignore[no-untyped-def]
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.custom_op("easyquant::dequant_int4", mutates_args=())
+def dequant_int4(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
+                 values: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """W' ``[N, K]`` in ``dtype`` (fp16/bf16): cuda/eq_dequant.cu, bit-identical to the reference."""
+    n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size)
+    _require(dtype in _SUFFIX, f"dtype must be float16 or bfloat16, got {dtype}")
+    w = torch.empty(n, k, dtype=dtype, device=qweight.device)
+    _launch("eq_dequant.cu", f"eq_dequant_int4_{_SUFFIX[dtype]}", -(-n // _ROWS_PER_BLOCK),
+            [qweight, scales, indptr, indices, values, w, n, k, g], qweight.device)  # fmt: skip
+    return w
+
+
+@dequant_int4.register_fake
+def _(qweight, scales, indptr, indices, values, group_size, dtype):  # type: ignore[no-untyped-def]
+    return qweight.new_empty(qweight.shape[0], qweight.shape[1] * 8, dtype=dtype)
+
+
+class CudaInt4Kernel(Kernel):
+    name = "cuda-int4"
+
+    @classmethod
+    def can_implement(cls, spec: LayerSpec) -> tuple[bool, str | None]:
+        if spec.device_type != "cuda":
+            return False, "cuda-int4 runs on CUDA devices only"
+        if spec.bits != 4 or spec.act_dtype not in _SUFFIX:
+            return False, f"cuda-int4 needs 4-bit codes and fp16/bf16 activations, got {spec.bits} / {spec.act_dtype}"
+        g = spec.k if spec.group_size == -1 else spec.group_size
+        if spec.k % 32 or g % 32:
+            return False, f"cuda-int4 needs K and the group size to be multiples of 32, got K = {spec.k}, G = {g}"
+        try:
+            import cupy  # noqa: F401
+        except ImportError:
+            return False, "cuda-int4 needs CuPy (pip install cupy-cuda13x)"
+        return True, None
+
+    def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        o = qw.outliers  # the canonical layout is the kernel's layout: no repacking
+        return {"qweight": qw.qweight.contiguous(), "scales": qw.scales.contiguous(), "indptr": o.indptr.contiguous(),
+                "indices": o.indices.contiguous(), "values": o.values.contiguous()}  # fmt: skip
+
+    def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        t = tensors
+        x2 = x.reshape(-1, self.spec.k).contiguous()
+        weight = (t["qweight"], t["scales"], t["indptr"], t["indices"], t["values"], self.spec.group_size)
+        if x2.shape[0] <= GEMV_MAX_M:
+            y = torch.ops.easyquant.gemv_int4(x2, *weight)
+        else:
+            y = x2 @ torch.ops.easyquant.dequant_int4(*weight, x.dtype).t()
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], self.spec.n)

@@ -1,0 +1,88 @@
+"""The CUDA kernel's torch ops: input checks and fake (meta) shapes on CPU; real launches with -m gpu."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from easyquant_vllm.kernels import CudaInt4Kernel, LayerSpec, choose_kernel
+from easyquant_vllm.kernels.cuda_int4 import check_weight
+from easyquant_vllm.quant import QuantSpec, quantize_weight
+from tests.conftest import heavy_tailed
+
+
+def _parts(n: int = 40, k: int = 256, group_size: int = 64):  # type: ignore[no-untyped-def]
+    qw = quantize_weight(heavy_tailed(n, k, seed=n), QuantSpec(group_size=group_size))
+    o = qw.outliers
+    return qw, [qw.qweight, qw.scales, o.indptr, o.indices, o.values, group_size]
+
+
+def test_check_weight_names_the_bad_tensor() -> None:
+    _, p = _parts()
+    with pytest.raises(ValueError, match=r"qweight must be int32 \[N, K/8\], got torch.int64"):
+        check_weight(p[0].long(), *p[1:])
+    with pytest.raises(ValueError, match=r"scales must be float16 \[40, 4\], got torch.float32"):
+        check_weight(p[0], p[1].float(), *p[2:])
+    with pytest.raises(ValueError, match=r"outlier_indptr must be int32 \[41\]"):
+        check_weight(p[0], p[1], p[2][:-1], *p[3:])
+    with pytest.raises(ValueError, match="group size, multiple of 32"):
+        check_weight(*p[:5], 48)
+    with pytest.raises(ValueError, match="qweight must be a contiguous CUDA tensor, got cpu"):
+        check_weight(*p)  # everything right but the device
+
+
+def test_ops_have_fake_implementations_for_compile() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _, p = _parts()
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in p]
+        x = torch.empty(3, 256, dtype=torch.float16)
+        assert torch.ops.easyquant.gemv_int4(x, *fake).shape == (3, 40)
+        w = torch.ops.easyquant.dequant_int4(*fake, torch.bfloat16)
+        assert w.shape == (40, 256) and w.dtype == torch.bfloat16
+
+
+def test_cuda_kernel_is_first_for_cuda_and_never_on_cpu() -> None:
+    cpu = LayerSpec(64, 256, 4, 64, torch.float16, "cpu")
+    assert CudaInt4Kernel.can_implement(cpu) == (False, "cuda-int4 runs on CUDA devices only")
+    assert choose_kernel(cpu)[0] is not CudaInt4Kernel
+    ok, why = CudaInt4Kernel.can_implement(LayerSpec(64, 576, 4, -1, torch.float16, "cuda"))  # 576 = 18 x 32
+    assert ok or "CuPy" in (why or "")
+    assert not CudaInt4Kernel.can_implement(LayerSpec(64, 256, 4, 64, torch.float32, "cuda"))[0]
+
+
+# --- on a GPU (pytest -m gpu); skipped elsewhere by conftest ---------------------------------------
+
+GPU_CASES = [(1, 40, 256, 64, torch.float16), (8, 96, 1024, 128, torch.bfloat16), (3, 33, 576, -1, torch.float16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("m", "n", "k", "group_size", "dtype"), GPU_CASES)
+def test_gpu_gemv_and_dequant_match_reference(m: int, n: int, k: int, group_size: int, dtype: torch.dtype) -> None:
+    qw, p = _parts(n, k, group_size)
+    dev = [t.cuda() if isinstance(t, torch.Tensor) else t for t in p]
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    ref = x.double() @ qw.dequantize(torch.float64).cuda().T
+    y = torch.ops.easyquant.gemv_int4(x, *dev).double()
+    assert float((y - ref.to(dtype).double()).abs().mean() / ref.abs().mean()) < 1e-3
+    w = torch.ops.easyquant.dequant_int4(*dev, dtype)
+    assert torch.equal(w.cpu(), qw.dequantize(dtype))
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_under_cuda_graph_and_compile() -> None:
+    qw, _ = _parts(64, 512, 128)
+    spec = LayerSpec(64, 512, 4, 128, torch.float16, "cuda")
+    kernel = CudaInt4Kernel(spec)
+    tensors = kernel.prepare(qw.to("cuda"))
+    x = torch.randn(2, 512, device="cuda", dtype=torch.float16)
+    eager = kernel.apply(tensors, x, None)
+    graph = torch.cuda.CUDAGraph()
+    static_x = x.clone()
+    with torch.cuda.graph(graph):
+        static_y = kernel.apply(tensors, static_x, None)
+    graph.replay()
+    torch.testing.assert_close(static_y, eager)
+    compiled = torch.compile(lambda a: kernel.apply(tensors, a, None), fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager)
