@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from easyquant_vllm.kernels.cuda_build import ARCHS, KERNEL_NAMES
 from easyquant_vllm.quant import QuantSpec, quantize_weight
 from tests.conftest import heavy_tailed
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = {"eq_gemv.cu": ["eq_gemv_int4_bf16", "eq_gemv_int4_f16"],
-           "eq_dequant.cu": ["eq_dequant_int4_bf16", "eq_dequant_int4_f16"]}  # fmt: skip
 DRIVER = ROOT / "tests" / "cuda" / "gemv_driver.cpp"
-ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
+KERNELS = {source: sorted(names) for source, names in KERNEL_NAMES.items()}
 REGISTER_BUDGET = 64  # measured 55-58; above 64 the 4-warp blocks would start to lose occupancy
 
 

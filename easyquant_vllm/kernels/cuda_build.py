@@ -29,9 +29,14 @@ def cuda_include_dir() -> Path:
     return Path(next(iter(nvidia.cu13.__path__))) / "include"
 
 
+def nvrtc_base_options() -> list[str]:
+    """The options every compile of ``cuda/*.cu`` uses: at run time CuPy adds the device's ``-arch``."""
+    return ["-std=c++17", f"-I{CUDA_DIR}", f"-I{cuda_include_dir()}"]
+
+
 def nvrtc_options(arch: str) -> list[str]:
-    """NVRTC options for one architecture, e.g. ``"sm_90"``; the same at run time and in tests."""
-    return ["-std=c++17", f"-arch={arch}", "-Xptxas=-v", f"-I{CUDA_DIR}", f"-I{cuda_include_dir()}"]
+    """:func:`nvrtc_base_options` for one architecture, e.g. ``"sm_90"``, with ptxas statistics."""
+    return [*nvrtc_base_options(), f"-arch={arch}", "-Xptxas=-v"]
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 
 from ..quant import QuantizedWeight
 from .base import Kernel, LayerSpec
-from .cuda_build import CUDA_DIR, cuda_include_dir
+from .cuda_build import CUDA_DIR, nvrtc_base_options
 
 GEMV_MAX_M = 8  # = kMaxM in cuda/eq_gemv.cu: above it, dequantize + cuBLAS (see docs/kernels.md)
 THREADS = 128  # 4 warps per block, one output row per warp
@@ -61,7 +61,7 @@ def _function(source: str, name: str, device_index: int) -> Any:
 
     with cupy.cuda.Device(device_index):
         module = cupy.RawModule(code=(CUDA_DIR / source).read_text(), backend="nvrtc",
-                                options=("-std=c++17", f"-I{CUDA_DIR}", f"-I{cuda_include_dir()}"))  # fmt: skip
+                                options=tuple(nvrtc_base_options()))  # fmt: skip
         return module.get_function(name)
 
 
