@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,6 +244,25 @@ def bits_per_weight(n: int, k: int, bits: int, group_size: int, nnz: int) -> flo
     return total / (n * k)
 
 
+def quantized_layers(ckpt: Any, cfg: EasyQuantCheckpointConfig) -> Iterator[tuple[str, QuantizedWeight]]:
+    """Every quantized layer of an open checkpoint (a ``safetensors_io.CheckpointReader``), validated.
+
+    Yields ``(prefix, weight)`` in name order, loading one layer at a time. Raises
+    :class:`CheckpointError` for a schema tensor without its ``.qweight`` and for any layer that fails
+    :func:`validate_layer`.
+    """
+    names = set(ckpt.names())
+    prefixes = sorted(name[: -len(QWEIGHT) - 1] for name in names if name.endswith("." + QWEIGHT))
+    for name in sorted(names):
+        for s in TENSOR_SUFFIXES:
+            if name.endswith("." + s) and name[: -len(s) - 1] not in prefixes:
+                raise CheckpointError(f"{name}: {s} without a matching {QWEIGHT}")
+    for prefix in prefixes:
+        tensors = {tensor_name(prefix, s): ckpt.get(tensor_name(prefix, s))
+                   for s in TENSOR_SUFFIXES if tensor_name(prefix, s) in names}  # fmt: skip
+        yield prefix, quantized_weight_from_tensors(prefix, tensors, cfg.bits, cfg.group_size)
+
+
 def validate_checkpoint(model_dir: str | Path) -> dict[str, Any]:
     """Validate a whole EasyQuant checkpoint directory against the schema.
 
@@ -262,19 +281,7 @@ def validate_checkpoint(model_dir: str | Path) -> dict[str, Any]:
     layers = params = outliers = 0
     bits_total = 0.0
     with open_checkpoint(model_dir) as ckpt:
-        names = set(ckpt.names())
-        prefixes = sorted(name[: -len(QWEIGHT) - 1] for name in names if name.endswith("." + QWEIGHT))
-        for name in sorted(names):
-            for s in TENSOR_SUFFIXES:
-                if name.endswith("." + s) and name[: -len(s) - 1] not in prefixes:
-                    raise CheckpointError(f"{name}: {s} without a matching {QWEIGHT}")
-        for prefix in prefixes:
-            tensors = {}
-            for s in TENSOR_SUFFIXES:
-                full = tensor_name(prefix, s)
-                if full in names:
-                    tensors[full] = ckpt.get(full)
-            qw = quantized_weight_from_tensors(prefix, tensors, cfg.bits, cfg.group_size)
+        for _, qw in quantized_layers(ckpt, cfg):
             n, k = qw.shape
             layers += 1
             params += n * k

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .format import QWEIGHT, TENSOR_SUFFIXES, quantized_weight_from_tensors, read_quantization_config, tensor_name
+from .format import TENSOR_SUFFIXES, quantized_layers, read_quantization_config, tensor_name
 from .safetensors_io import open_checkpoint
 
 
@@ -20,14 +20,12 @@ def dequantized_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.flo
     cfg = read_quantization_config(model_dir)
     out: dict[str, torch.Tensor] = {}
     with open_checkpoint(model_dir) as ckpt:
-        names = ckpt.names()
-        prefixes = {n[: -len(QWEIGHT) - 1] for n in names if n.endswith("." + QWEIGHT)}
-        schema = {tensor_name(p, s) for p in prefixes for s in TENSOR_SUFFIXES}
-        for prefix in sorted(prefixes):
-            parts = {tensor_name(prefix, s): ckpt.get(tensor_name(prefix, s)) for s in TENSOR_SUFFIXES}
-            qw = quantized_weight_from_tensors(prefix, parts, cfg.bits, cfg.group_size)
+        prefixes = []
+        for prefix, qw in quantized_layers(ckpt, cfg):
             out[f"{prefix}.weight"] = qw.dequantize(dtype)
-        for name in names:
+            prefixes.append(prefix)
+        schema = {tensor_name(p, s) for p in prefixes for s in TENSOR_SUFFIXES}
+        for name in ckpt.names():
             if name not in schema:
                 out[name] = ckpt.get(name).clone()
     return out
