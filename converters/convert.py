@@ -329,11 +329,7 @@ def _report(
     rows: list[dict[str, Any]],
     total_seconds: float,
 ) -> dict[str, Any]:
-    params = sum(r["shape"][0] * r["shape"][1] for r in rows)
-
-    def weighted(key: str) -> float:
-        return sum(r[key] * r["shape"][0] * r["shape"][1] for r in rows) / params
-
+    params = sum(_params(r) for r in rows)
     quant_seconds = sum(r["seconds"] for r in rows)
     return {
         "source": str(src),
@@ -343,10 +339,10 @@ def _report(
         "totals": {
             "quantized_tensors": len(rows),
             "quantized_params": params,
-            "outlier_fraction": weighted("outlier_fraction"),
-            "rel_err_rtn": weighted("rel_err_rtn"),
-            "rel_err": weighted("rel_err"),
-            "bits_per_weight": weighted("bits_per_weight"),
+            "outlier_fraction": _weighted_mean(rows, "outlier_fraction"),
+            "rel_err_rtn": _weighted_mean(rows, "rel_err_rtn"),
+            "rel_err": _weighted_mean(rows, "rel_err"),
+            "bits_per_weight": _weighted_mean(rows, "bits_per_weight"),
             "quantize_seconds": quant_seconds,
             "total_seconds": total_seconds,
             "params_per_second": params / quant_seconds if quant_seconds > 0 else None,
@@ -369,29 +365,32 @@ def _commit(tmp: Path, dst: Path) -> None:
         os.replace(tmp, dst)
 
 
+def _params(row: dict[str, Any]) -> int:
+    return row["shape"][0] * row["shape"][1]
+
+
+def _weighted_mean(rows: list[dict[str, Any]], key: str) -> float:
+    """Mean of ``key`` over report rows, weighted by each tensor's parameter count."""
+    return sum(r[key] * _params(r) for r in rows) / sum(_params(r) for r in rows)
+
+
+def _summary_row(label: str, rows: list[dict[str, Any]]) -> str:
+    rtn, eq = _weighted_mean(rows, "rel_err_rtn"), _weighted_mean(rows, "rel_err")
+    params = sum(_params(r) for r in rows)
+    return (f"{label:<14}{len(rows):>6}{params:>12,}{100 * _weighted_mean(rows, 'outlier_fraction'):>9.3f}%"
+            f"{rtn:>10.4f}{eq:>10.4f}{100 * (1 - eq / rtn):>7.1f}%")  # fmt: skip
+
+
 def summary_table(report: dict[str, Any]) -> str:
     """Per module kind (q_proj, down_proj, ...): count, params, outliers, RTN vs EasyQuant error."""
     kinds: dict[str, list[dict[str, Any]]] = {}
     for r in report["tensors"]:
         kinds.setdefault(r["name"].rsplit(".", 1)[-1], []).append(r)
     lines = [f"{'module':<14}{'count':>6}{'params':>12}{'outliers':>10}{'RTN err':>10}{'EQ err':>10}{'gain':>8}"]
-    for kind, rs in sorted(kinds.items()):
-        p = sum(r["shape"][0] * r["shape"][1] for r in rs)
-
-        def avg(key: str, rs: list[dict[str, Any]] = rs, p: int = p) -> float:
-            return sum(r[key] * r["shape"][0] * r["shape"][1] for r in rs) / p
-
-        rtn, eq = avg("rel_err_rtn"), avg("rel_err")
-        lines.append(
-            f"{kind:<14}{len(rs):>6}{p:>12,}{100 * avg('outlier_fraction'):>9.3f}%{rtn:>10.4f}{eq:>10.4f}"
-            f"{100 * (1 - eq / rtn):>7.1f}%"
-        )
+    lines += [_summary_row(kind, rs) for kind, rs in sorted(kinds.items())]
+    lines.append(_summary_row("total", report["tensors"]))
     t = report["totals"]
     qc = report["quantization_config"]
-    lines.append(
-        f"{'total':<14}{t['quantized_tensors']:>6}{t['quantized_params']:>12,}{100 * t['outlier_fraction']:>9.3f}%"
-        f"{t['rel_err_rtn']:>10.4f}{t['rel_err']:>10.4f}{100 * (1 - t['rel_err'] / t['rel_err_rtn']):>7.1f}%"
-    )
     rate = t["params_per_second"]
     lines.append(
         f"{qc['bits']}-bit, group {qc['group_size']}, method {qc['method']}, {t['bits_per_weight']:.3f} bits/weight; "
