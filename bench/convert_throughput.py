@@ -77,9 +77,8 @@ def run(src: Path, dst: Path, method: str, group_size: str) -> dict:
 def largest_tensor_bytes(src: Path) -> int:
     from easyquant_vllm.safetensors_io import open_checkpoint
 
-    sizes = {"F16": 2, "BF16": 2, "F32": 4}
     with open_checkpoint(src) as ckpt:
-        return max(torch.Size(ckpt.shape(n)).numel() * sizes.get(ckpt.dtype_code(n), 4) for n in ckpt.names())
+        return max(ckpt.nbytes(n) for n in ckpt.names())
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ outlier instead of 6 on disk).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -27,18 +28,13 @@ from easyquant_vllm.format import (  # noqa: E402
 )
 from easyquant_vllm.safetensors_io import open_checkpoint  # noqa: E402
 
-_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
 
 def sizes(model_dir: Path) -> dict[str, int]:
     out = {"codes": 0, "scales": 0, "outliers": 0, "kept": 0, "kept_fp16": 0, "outlier_count": 0, "rows": 0}
     with open_checkpoint(model_dir) as ckpt:
         for name in ckpt.names():
-            shape = ckpt.shape(name)
-            numel = 1
-            for d in shape:
-                numel *= d
-            nbytes = numel * _BYTES[ckpt.dtype_code(name)]
+            numel = math.prod(ckpt.shape(name))
+            nbytes = ckpt.nbytes(name)
             suffix = name.rsplit(".", 1)[-1]
             if suffix == QWEIGHT:
                 out["codes"] += nbytes
@@ -58,13 +54,7 @@ def sizes(model_dir: Path) -> dict[str, int]:
 
 def fp16_bytes(model_dir: Path) -> int:
     with open_checkpoint(model_dir) as ckpt:
-        total = 0
-        for name in ckpt.names():
-            numel = 1
-            for d in ckpt.shape(name):
-                numel *= d
-            total += numel * 2
-    return total
+        return sum(math.prod(ckpt.shape(name)) * 2 for name in ckpt.names())
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -33,6 +34,7 @@ _DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
 }
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 
 
 def resolve_weight_files(model_dir: str | Path) -> dict[str, Path]:
@@ -121,6 +123,11 @@ class CheckpointReader:
     def dtype_code(self, name: str) -> str:
         """safetensors dtype code, e.g. ``"F16"``, ``"BF16"``, ``"I32"``."""
         return self._meta[name][1]
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of the tensor's data, from its header (nothing is read)."""
+        shape, code = self._meta[name]
+        return math.prod(shape) * _CODE_DTYPES[code].itemsize
 
     def get(self, name: str) -> torch.Tensor:
         """Load one tensor; a truncated or corrupt file raises CheckpointError naming it."""

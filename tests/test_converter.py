@@ -277,3 +277,10 @@ def test_convert_cuda_device_without_gpu_is_clear(tiny_llama: Path, tmp_path: Pa
     with pytest.raises(ConversionError, match="--device cuda: CUDA is not available"):
         convert(tiny_llama, tmp_path / "eq", ConvertOptions(device="cuda"), progress=False)
     assert not (tmp_path / "eq").exists()
+
+
+def test_reader_nbytes_matches_loaded_tensors(converted: tuple[Path, dict]) -> None:
+    with open_checkpoint(converted[0]) as ckpt:
+        for name in ckpt.names():
+            t = ckpt.get(name)
+            assert ckpt.nbytes(name) == t.numel() * t.element_size(), name
