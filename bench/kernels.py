@@ -1,23 +1,35 @@
-"""The CUDA kernels by the numbers that do not need a GPU: bytes per call, roofline, compile stats.
+"""The CUDA kernels by the numbers: bytes per call and compile stats anywhere, timings on a GPU.
 
-    python bench/kernels.py [--outlier-fraction 0.005] [--group-size 128]
+    python bench/kernels.py                      # no GPU: bytes per call, roofline, compile stats
+    python bench/kernels.py --json out.json      # on a GPU: also latency, GB/s, speed-up vs fp16
 
-For Llama-7B/70B linear shapes and M = 1..64 it prints the bytes the fused GEMV (cuda/eq_gemv.cu)
-moves per call: int4 codes, fp16 steps, CSR outliers (16-bit value + 32-bit index each), row
-pointers, activations in and out. It compares them with an fp16 GEMV's bytes. Decode GEMV is
+Without a GPU it prints, for Llama-7B/70B linear shapes and M = 1..64, the bytes the fused GEMV
+(cuda/eq_gemv.cu) moves per call: int4 codes, fp16 steps, CSR outliers (16-bit value + 32-bit index
+each), row pointers, activations in and out, against an fp16 GEMV's bytes. Decode GEMV is
 memory-bound, so the ratio is the ideal speed-up (16 / bits per weight for the weights alone). It then
 compiles every kernel with NVRTC, exactly as at run time, and prints registers and spills per
 architecture.
 
-Timings (latency, achieved GB/s against peak bandwidth) need a GPU and the CuPy launcher, which is
-not written yet (issue "CUDA kernels via CuPy"). This script says so instead of printing numbers it
-cannot measure.
+With a GPU it also times, on synthetic weights in the canonical layout (random codes, 0.5 % CSR
+outliers per row, codes 0 under them as in a real checkpoint):
+  * ``fp16``: ``torch.matmul(x, W.T)`` with a dense fp16 W (cuBLAS), the baseline;
+  * ``gemv``: the fused GEMV ``easyquant::gemv_int4`` (only for M up to the kernel's maximum);
+  * ``deq+mm``: ``easyquant::dequant_int4`` into a workspace, then ``torch.matmul``;
+  * ``eq``: what ``CudaInt4Kernel.apply`` dispatches to at this M.
+Each is captured ``--calls`` times in one CUDA graph, cycling through enough weight copies that the
+set exceeds 4x the L2 cache (so every call reads its weights from HBM, as in a model, where each
+layer's weights are touched once per token), and timed with CUDA events over graph replays: the
+numbers are device time without Python launch overhead, as vLLM runs decode under CUDA graphs.
+Achieved bandwidth counts the bytes above; "% peak" is against a device-to-device copy measured
+in the same run (bytes read + written), not the datasheet.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -40,12 +52,7 @@ def gemv_bytes(n: int, k: int, m: int, group: int, frac: float) -> dict[str, flo
     return {"weights": weights, "io": m * k * 2 + m * n * 2, "fp16": n * k * 2 + m * k * 2 + m * n * 2}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--outlier-fraction", type=float, default=0.005)
-    p.add_argument("--group-size", type=int, default=128)
-    args = p.parse_args()
-    g, f = args.group_size, args.outlier_fraction
+def print_bytes_table(g: int, f: float) -> None:
     bits = 4 + 16 / g + f * 48
     print(f"# fused GEMV bytes per call, int4 g{g}, {100 * f:g} % outliers ({bits:.3f} bits/weight); "
           f"ideal weight-only speed-up over fp16: {16 / bits:.2f}x")  # fmt: skip
@@ -54,11 +61,12 @@ def main() -> None:
         for m in (1, 4, 8, 16, 64):
             b = gemv_bytes(n, k, m, g, f)
             ours = b["weights"] + b["io"]
-            path = "" if m <= 8 else " (dequant + cuBLAS path)"
-            print(f"| {name}{path} | {n} x {k} | {m} | {ours / 1e6:.2f} | {b['fp16'] / 1e6:.2f} | "
-                  f"{b['fp16'] / ours:.2f}x |")  # fmt: skip
-    print("\nFor M > 8 the linear method dequantizes into a workspace (2 bytes/weight written and read back)"
-          " and runs cuBLAS; the GEMV rows above 8 show what the GEMV alone would move.")  # fmt: skip
+            print(f"| {name} | {n} x {k} | {m} | {ours / 1e6:.2f} | {b['fp16'] / 1e6:.2f} | {b['fp16'] / ours:.2f}x |")
+    print("\nAbove the GEMV's M the linear method dequantizes into a workspace (2 bytes/weight written and"
+          " read back) and runs cuBLAS; those rows show what a GEMV alone would move.")  # fmt: skip
+
+
+def print_compile_stats() -> None:
     try:
         from easyquant_vllm.kernels.cuda_build import ARCHS, KERNEL_NAMES, nvrtc_compile
     except ImportError as e:
@@ -76,7 +84,194 @@ def main() -> None:
             spills = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", log)
             clean = all(s == ("0", "0") for s in spills)
             print(f"| {source} | {arch} | {'/'.join(map(str, regs))} | {'none' if clean else spills} |")
-    print("\nTimings need a GPU and the CuPy launcher (not written yet); none are printed here.")
+
+
+# --- timings on a GPU ------------------------------------------------------------------------------
+
+
+def synthetic_weight(n: int, k: int, group: int, frac: float, seed: int):  # type: ignore[no-untyped-def]
+    """A :class:`QuantizedWeight` on the GPU in the canonical layout, built without quantizing."""
+    import torch
+
+    from easyquant_vllm.quant import QuantizedWeight
+    from easyquant_vllm.quant.outliers import OutlierCSR
+    from easyquant_vllm.quant.packing import pack_codes
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    per_row = max(1, round(frac * k))
+    cols = torch.rand(n, k, device="cuda", generator=gen).topk(per_row, dim=1).indices.sort(dim=1).values
+    u = torch.randint(0, 16, (n, k), device="cuda", generator=gen, dtype=torch.int32)
+    u.scatter_(1, cols, 8)  # code 0 under every outlier, as the quantizer writes it
+    indptr = torch.arange(0, n * per_row + 1, per_row, device="cuda", dtype=torch.int32)
+    values = (torch.randn(n * per_row, device="cuda", generator=gen) * 0.1).half()
+    g = k if group == -1 else group
+    scales = (0.005 + 0.01 * torch.rand(n, k // g, device="cuda", generator=gen)).half()
+    csr = OutlierCSR(indptr, cols.reshape(-1).to(torch.int32), values, (n, k))
+    return QuantizedWeight(pack_codes(u, 4), scales, csr, 4, group)
+
+
+def graph_time_us(fns: list, calls: int, reps: int) -> float:  # type: ignore[type-arg]
+    """Median device time per call of ``fns[i % len(fns)]()``, i < calls, captured in one CUDA graph."""
+    import torch
+
+    for f in fns:  # warm up: compile, cuBLAS handles and workspaces, outside the capture
+        f()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def eager_time_us(fn, calls: int) -> float:  # type: ignore[no-untyped-def]
+    """Wall time per call launched from Python, no graph: includes dispatch and CuPy launch overhead."""
+    import time
+
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e6 / calls
+
+
+def peak_copy_gbs() -> float:
+    """Device-to-device copy bandwidth, bytes read + written (the ceiling a memory-bound kernel sees)."""
+    import torch
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    t = graph_time_us([lambda: dst.copy_(src)], calls=20, reps=5)
+    return 2 * src.numel() / (t * 1e-6) / 1e9
+
+
+def check_against_reference(qw, dtype) -> float:  # type: ignore[no-untyped-def]
+    """Mean relative error of the GEMV (M = 4) vs an fp64 product with the reference W'."""
+    import torch
+
+    o = qw.outliers
+    x = torch.randn(4, qw.shape[1], device="cuda").to(dtype)
+    ref = x.double() @ qw.dequantize(torch.float64).T
+    y = torch.ops.easyquant.gemv_int4(x, qw.qweight, qw.scales, o.indptr, o.indices, o.values, qw.group_size)
+    return float((y.double() - ref).abs().mean() / ref.abs().mean())
+
+
+def time_paths(xs, w16, preps, kern, args) -> dict[str, float | None]:  # type: ignore[no-untyped-def]
+    """Device us per call of each path for activations ``xs [M, K]`` (see the module docstring)."""
+    import torch
+
+    from easyquant_vllm.kernels.cuda_int4 import GEMV_KERNEL_MAX_M
+
+    g, dtype, ops = args.group_size, xs.dtype, torch.ops.easyquant
+
+    def gemv(p):  # type: ignore[no-untyped-def]
+        return lambda: ops.gemv_int4(xs, p["qweight"], p["scales"], p["indptr"], p["indices"], p["values"], g)
+
+    def deq(p):  # type: ignore[no-untyped-def]
+        return lambda: xs @ ops.dequant_int4(p["qweight"], p["scales"], p["indptr"], p["indices"], p["values"],
+                                             g, dtype).t()  # fmt: skip
+
+    def apply(p):  # type: ignore[no-untyped-def]
+        return lambda: kern.apply(p, xs, None)
+
+    def timed(fns):  # type: ignore[no-untyped-def]
+        return graph_time_us(fns, args.calls, args.reps)
+
+    return {
+        "fp16_us": timed([lambda w=w: xs @ w.t() for w in w16]),
+        "gemv_us": timed([gemv(p) for p in preps]) if xs.shape[0] <= GEMV_KERNEL_MAX_M else None,
+        "deq_mm_us": timed([deq(p) for p in preps]),
+        "eq_us": timed([apply(p) for p in preps]),
+        "eager_us": eager_time_us(apply(preps[0]), 50),
+    }
+
+
+def run_gpu(args: argparse.Namespace) -> list[dict]:  # type: ignore[type-arg]
+    import torch
+
+    from easyquant_vllm.kernels import CudaInt4Kernel, LayerSpec
+    from easyquant_vllm.kernels.cuda_int4 import GEMV_KERNEL_MAX_M, GEMV_MAX_M
+
+    props = torch.cuda.get_device_properties(0)
+    peak = peak_copy_gbs()
+    print(f"\n# GPU: {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size / 2**20:.0f} MiB; "
+          f"torch {torch.__version__}; measured copy bandwidth {peak:.0f} GB/s (read + write)")  # fmt: skip
+    print(f"# g{args.group_size}, {100 * args.outlier_fraction:g} % outliers, {args.dtype}; GEMV for M <= "
+          f"{GEMV_MAX_M} (kernel max {GEMV_KERNEL_MAX_M}); device us per call under a CUDA graph")  # fmt: skip
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    hdr = "| layer | M | fp16 us | gemv us | deq+mm us | eq us | eq GB/s | % peak | speed-up | eager us |"
+    print(hdr + "\n|" + "---|" * (hdr.count("|") - 1))
+    for name, (n, k) in SHAPES.items():
+        if args.shapes and not any(s in name for s in args.shapes):
+            continue
+        bytes_fp16 = n * k * 2
+        bytes_eq = gemv_bytes(n, k, 1, args.group_size, args.outlier_fraction)["weights"]
+        copies = max(2, min(64, -(-4 * props.L2_cache_size // int(bytes_eq))))
+        copies16 = max(2, min(64, -(-4 * props.L2_cache_size // bytes_fp16)))
+        qws = [synthetic_weight(n, k, args.group_size, args.outlier_fraction, seed=i) for i in range(copies)]
+        err = check_against_reference(qws[0], dtype)
+        spec = LayerSpec(n, k, 4, args.group_size, dtype, "cuda")
+        kern = CudaInt4Kernel(spec)
+        preps = [kern.prepare(q) for q in qws]
+        w16 = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies16)]
+        for m in args.m:
+            t = time_paths(torch.randn(m, k, device="cuda", dtype=dtype), w16, preps, kern, args)
+            gbs = (bytes_eq + m * k * 2 + m * n * 2) / (t["eq_us"] * 1e-6) / 1e9
+            row = {"layer": name, "n": n, "k": k, "m": m, **t, "eq_gbs": gbs, "pct_peak": 100 * gbs / peak,
+                   "speedup": t["fp16_us"] / t["eq_us"], "rel_err_m4": err, "copies": copies}  # fmt: skip
+            rows.append(row)
+            cells = [row[c] for c in ("fp16_us", "gemv_us", "deq_mm_us", "eq_us", "eq_gbs")]
+            tail = f" | {row['pct_peak']:.0f} % | {row['speedup']:.2f}x | {t['eager_us']:.1f} |"
+            print(f"| {name} | {m} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in cells) + tail, flush=True)
+        del qws, preps, w16
+        torch.cuda.empty_cache()
+    print(f"\nGEMV vs fp64 reference, mean relative error (M = 4): max over layers "
+          f"{max(r['rel_err_m4'] for r in rows):.2e}")  # fmt: skip
+    return [{"device": props.name, "peak_copy_gbs": peak, **r} for r in rows]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--outlier-fraction", type=float, default=0.005)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
+    p.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="batch rows to time")
+    p.add_argument("--shapes", nargs="*", help="only layers whose name contains one of these")
+    p.add_argument("--calls", type=int, default=200, help="calls captured per CUDA graph")
+    p.add_argument("--reps", type=int, default=10, help="graph replays; the median is reported")
+    p.add_argument("--json", type=Path, help="write the GPU rows here")
+    p.add_argument("--no-compile-stats", action="store_true")
+    args = p.parse_args()
+    print_bytes_table(args.group_size, args.outlier_fraction)
+    if not args.no_compile_stats:
+        print_compile_stats()
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if not has_gpu:
+        print("\nNo CUDA GPU here: timings need one (see docs/kernels.md for the numbers measured on an H100).")
+        return
+    rows = run_gpu(args)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ using size_t = decltype(sizeof(0));
 #else
 
 #include <barrier>
+#include <cmath>  // fmaf: fused, one rounding, as the GPU's FFMA
 #include <cstdint>
 #include <cstring>
 #include <thread>
@@ -39,6 +40,9 @@ struct dim3 {
 };
 struct int4 {
   int x, y, z, w;
+};
+struct uint4 {
+  unsigned x, y, z, w;
 };
 
 using __half = _Float16;  // IEEE binary16 on the host, the same rounding as the GPU's __half
@@ -52,6 +56,17 @@ inline __half __ushort_as_half(unsigned short u) {
   __half h;
   std::memcpy(&h, &u, sizeof h);
   return h;
+}
+inline unsigned short __half_as_ushort(__half h) {
+  unsigned short u;
+  std::memcpy(&u, &h, sizeof u);
+  return u;
+}
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
+inline float __uint_as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
 }
 inline float __bfloat162float(__nv_bfloat16 b) {
   uint32_t u = uint32_t(b.bits) << 16;

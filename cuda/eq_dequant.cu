@@ -5,8 +5,10 @@
 // The linear method then writes W' once per call with this kernel and runs torch.matmul on it.
 // Above the crossover M the extra 2 bytes/weight written and read back are small next to the GEMM.
 //
-// Thread mapping: as in eq_gemv.cu, one warp per row n; lane l converts the 128-bit chunks
-// c = l, l+32, ... (32 codes, one step each: G % 32 == 0) and writes 32 outputs. After __syncwarp,
+// Thread mapping: one warp per row n; lane l converts the 128-bit chunks c = l, l+32, ... (32 codes,
+// one step each: G % 32 == 0) and writes its 32 outputs as four 128-bit stores (8 values each), so
+// the kernel moves 0.5 byte in and 2 bytes out per weight in full-width transactions: 16-bit scalar
+// stores would need 8x the store instructions and scatter each warp store over 32 segments. After __syncwarp,
 // the same warp writes the row's outliers over their positions: the dense value there is exactly 0
 // (code 0), so writing v equals adding it - and no other warp touches row n, so no atomics.
 // Each value is s * q rounded once to the output type: bit-identical to the reference
@@ -33,13 +35,13 @@ __device__ __forceinline__ void dequant_int4(
     const int4 q4 = qweight[static_cast<size_t>(n) * chunks + c];
     const float s = __half2float(scales[static_cast<size_t>(n) * groups + (c * 32) / G]);
     const uint32_t words[4] = {uint32_t(q4.x), uint32_t(q4.y), uint32_t(q4.z), uint32_t(q4.w)};
-    T* out = w + static_cast<size_t>(n) * K + c * 32;
+    uint4* out = reinterpret_cast<uint4*>(w + static_cast<size_t>(n) * K + c * 32);  // K % 32 == 0: aligned
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       float q[8];
       dequant_word(words[i], q);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) out[i * 8 + j] = Act<T>::store(s * q[j]);
+      out[i] = uint4{Act<T>::pack2(s * q[0], s * q[1]), Act<T>::pack2(s * q[2], s * q[3]),
+                     Act<T>::pack2(s * q[4], s * q[5]), Act<T>::pack2(s * q[6], s * q[7])};  // STG.E.128
     }
   }
   __syncwarp();  // the row's dense values are written before its outliers go over them

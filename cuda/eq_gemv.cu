@@ -1,30 +1,41 @@
-// eq_gemv.cu - EasyQuant fused decode GEMV: y[M, N] = x[M, K] @ W'^T for small M (1..8).
+// eq_gemv.cu - EasyQuant fused decode GEMV: y[M, N] = x[M, K] @ W'^T for small M (1..16).
 //
 // W' = dequant(codes, steps) + S, in the canonical checkpoint layout (docs/format.md):
 //   qweight [N, K/8] int32   4-bit codes u = q + 8, column k = nibble k % 8 of word k / 8
 //   scales  [N, K/G] fp16    one step per group of G columns (G = K: per output channel)
 //   indptr  [N+1], indices [nnz] int32, values [nnz] fp16: the outliers of each row (CSR)
 //
-// Thread mapping: one warp per output row n (blockDim.x / 32 rows per block).
-//   lane l streams the 128-bit chunks c = l, l+32, ... of row n: each chunk is 4 words = 32 codes,
-//   one coalesced 512-byte transaction per warp and iteration, every weight byte read exactly once.
-//   A chunk never straddles a group because G is a multiple of 32, so one step per chunk.
-//   The same warp then walks row n's outliers (lane l takes entries l, l+32, ...) and adds them
-//   to its partial sums before the warp reduction. Rows are independent and a row has one owner,
-//   so the outlier merge needs no atomics and no second pass over y; the dense code at an
-//   outlier position is 0, so adding needs no mask.
-//   Accumulation is fp32; y is rounded to the activation type once.
+// Why it looks like this (numbers in docs/kernels.md, "instruction budget"):
+//   At M = 1 the GEMV must stream 0.5 byte per weight at HBM speed. On an H100 that leaves ~5.5
+//   instructions per weight and lane-chunk slot: the kernel is as much issue-bound as memory-bound,
+//   so every instruction per weight counts. Three choices follow.
+//   * One warp owns kRowsPerWarp = 2 output rows. Lane l streams the 128-bit chunks c = l, l+32, ...
+//     of both rows (two independent LDG.E.128 in flight per lane, one coalesced 512-byte transaction
+//     per warp and row), and every activation it loads and converts serves both rows.
+//   * Activations are read 8 at a time with one 128-bit load (the 8 columns of one code word) and
+//     converted once per warp and word, not once per row.
+//   * The batch size is a template parameter kM (instantiated for 1, 2, 4, 8, 16; a launch takes
+//     the smallest kM >= M and masks the rest), so the accumulators acc[row][m] are registers with
+//     compile-time indices and the loops over m unroll with no per-m bookkeeping.
+//   A chunk (32 codes) never straddles a group because G is a multiple of 32: one step per chunk.
+//   Accumulation is fp32: the step multiplies each 8-column partial dot, then y is rounded once.
 //
-// Requires K % 32 == 0, G % 32 == 0 (or G == K), 16-byte aligned qweight, M <= kMaxM.
+// Outliers: the warp that owns rows n0, n0+1 then walks their CSR entries (lane l takes entries
+// l, l+32, ...) and adds them to its partial sums before the warp reduction. A row has exactly one
+// owner, so the merge needs no atomics and no second pass over y; the dense code at an outlier
+// position is 0, so adding needs no mask.
+//
+// Requires K % 32 == 0, G % 32 == 0 (or G == K), 16-byte aligned qweight and x, M <= kM.
 #include "eq_int4.cuh"
 
 namespace eq {
 
-constexpr int kMaxM = 8;  // decode batch rows per launch: acc[] stays in registers
+constexpr int kMaxM = 16;        // largest batch one launch takes: acc[][] stays in registers
+constexpr int kRowsPerWarp = 2;  // output rows per warp; grid = ceil(N / (blockDim.x / 32 * 2))
 
-template <typename T>
+template <typename T, int kM>
 __device__ __forceinline__ void gemv_int4(
-    const T* __restrict__ x,             // [M, K] activations, row-major
+    const T* __restrict__ x,             // [M, K] activations, row-major, 16-byte aligned
     const int4* __restrict__ qweight,    // [N, K/32] 128-bit chunks of the [N, K/8] int32 codes
     const __half* __restrict__ scales,   // [N, K/G]
     const int* __restrict__ indptr,      // [N + 1]
@@ -32,71 +43,101 @@ __device__ __forceinline__ void gemv_int4(
     const __half* __restrict__ values,   // [nnz]
     T* __restrict__ y,                   // [M, N]
     int M, int N, int K, int G) {
+  constexpr int R = kRowsPerWarp;
   const int lane = threadIdx.x % kWarp;
-  const int n = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+  const int n0 = (blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp) * R;
   // No early return: every thread reaches the shuffles below (the host emulation needs it).
-  const bool active = n < N;
-  float acc[kMaxM];
+  bool active[R];
+  int row[R];  // an inactive second row re-reads row n0 (in bounds, never written): no branch in the loop
 #pragma unroll
-  for (int m = 0; m < kMaxM; ++m) acc[m] = 0.0f;
+  for (int r = 0; r < R; ++r) {
+    active[r] = n0 + r < N;
+    row[r] = active[r] ? n0 + r : n0;
+  }
+  float acc[R][kM];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < kM; ++m) acc[r][m] = 0.0f;
 
   const int chunks = K / 32;
   const int groups = K / G;
-  for (int c = lane; active && c < chunks; c += kWarp) {
-    const int4 w = qweight[static_cast<size_t>(n) * chunks + c];  // LDG.E.128: 32 codes
-    const float s = __half2float(scales[static_cast<size_t>(n) * groups + (c * 32) / G]);
-    const uint32_t words[4] = {uint32_t(w.x), uint32_t(w.y), uint32_t(w.z), uint32_t(w.w)};
+  for (int c = lane; active[0] && c < chunks; c += kWarp) {
+    uint32_t words[R][4];
+    float s[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {  // both rows' loads are issued before either is used
+      const int4 w = qweight[static_cast<size_t>(row[r]) * chunks + c];  // LDG.E.128: 32 codes
+      words[r][0] = uint32_t(w.x), words[r][1] = uint32_t(w.y);
+      words[r][2] = uint32_t(w.z), words[r][3] = uint32_t(w.w);
+      s[r] = __half2float(scales[static_cast<size_t>(row[r]) * groups + (c * 32) / G]);
+    }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      float q[8];
-      dequant_word(words[i], q);
-      const int k0 = c * 32 + i * 8;
+      float q[R][8];
 #pragma unroll
-      for (int m = 0; m < kMaxM; ++m) {
-        if (m < M) {
-          const T* xm = x + static_cast<size_t>(m) * K + k0;
-          float dot = 0.0f;
+      for (int r = 0; r < R; ++r) dequant_word(words[r][i], q[r]);
+      const T* xk = x + c * 32 + i * 8;
 #pragma unroll
-          for (int j = 0; j < 8; ++j) dot += q[j] * Act<T>::load(xm[j]);
-          acc[m] += s * dot;
+      for (int m = 0; m < kM; ++m) {
+        if (m < M) {  // uniform over the grid
+          float xv[8];
+          Act<T>::load8(xk + static_cast<size_t>(m) * K, xv);  // LDG.E.128: 8 activations
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            float dot = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) dot = fmaf(q[r][j], xv[j], dot);
+            acc[r][m] = fmaf(s[r], dot, acc[r][m]);
+          }
         }
       }
     }
   }
-  if (active) {
-    for (int e = indptr[n] + lane; e < indptr[n + 1]; e += kWarp) {
-      const float v = __half2float(values[e]);
-      const int col = indices[e];
 #pragma unroll
-      for (int m = 0; m < kMaxM; ++m)
-        if (m < M) acc[m] += v * Act<T>::load(x[static_cast<size_t>(m) * K + col]);
+  for (int r = 0; r < R; ++r) {
+    if (active[r]) {
+      for (int e = indptr[row[r]] + lane; e < indptr[row[r] + 1]; e += kWarp) {
+        const float v = __half2float(values[e]);
+        const int col = indices[e];
+#pragma unroll
+        for (int m = 0; m < kM; ++m)
+          if (m < M) acc[r][m] = fmaf(v, Act<T>::load(x[static_cast<size_t>(m) * K + col]), acc[r][m]);
+      }
     }
   }
 #pragma unroll
-  for (int m = 0; m < kMaxM; ++m) {
-    if (m < M) {  // M is the same for the whole grid: the shuffles stay uniform
+  for (int r = 0; r < R; ++r) {
 #pragma unroll
-      for (int offset = kWarp / 2; offset > 0; offset /= 2) acc[m] += __shfl_xor_sync(0xFFFFFFFFu, acc[m], offset);
+    for (int m = 0; m < kM; ++m) {
+      if (m < M) {  // M is the same for the whole grid: the shuffles stay uniform
+#pragma unroll
+        for (int offset = kWarp / 2; offset > 0; offset /= 2)
+          acc[r][m] += __shfl_xor_sync(0xFFFFFFFFu, acc[r][m], offset);
+        // After the butterfly every lane holds the sum: lane m % 32 writes it, so the up to
+        // 2 * kM stores of a warp go out from different lanes in one instruction.
+        if (active[r] && lane == m % kWarp) y[static_cast<size_t>(m) * N + n0 + r] = Act<T>::store(acc[r][m]);
+      }
     }
-  }
-  if (active && lane == 0) {
-#pragma unroll
-    for (int m = 0; m < kMaxM; ++m)
-      if (m < M) y[static_cast<size_t>(m) * N + n] = Act<T>::store(acc[m]);
   }
 }
 
 }  // namespace eq
 
-// C names, so that CuPy's RawModule finds them without C++ name mangling.
-extern "C" __global__ void eq_gemv_int4_f16(const __half* x, const int4* qweight, const __half* scales,
-                                            const int* indptr, const int* indices, const __half* values,
-                                            __half* y, int M, int N, int K, int G) {
-  eq::gemv_int4<__half>(x, qweight, scales, indptr, indices, values, y, M, N, K, G);
-}
-
-extern "C" __global__ void eq_gemv_int4_bf16(const __nv_bfloat16* x, const int4* qweight, const __half* scales,
-                                             const int* indptr, const int* indices, const __half* values,
-                                             __nv_bfloat16* y, int M, int N, int K, int G) {
-  eq::gemv_int4<__nv_bfloat16>(x, qweight, scales, indptr, indices, values, y, M, N, K, G);
-}
+// C names, so that CuPy's RawModule finds them without C++ name mangling:
+// eq_gemv_int4_{f16,bf16}_m{1,2,4,8,16}; a launch takes the smallest kM >= M.
+#define EQ_GEMV_ENTRY(SUFFIX, T, KM)                                                                        \
+  extern "C" __global__ void eq_gemv_int4_##SUFFIX##_m##KM(const T* x, const int4* qweight,                  \
+                                                          const __half* scales, const int* indptr,          \
+                                                          const int* indices, const __half* values, T* y,   \
+                                                          int M, int N, int K, int G) {                     \
+    eq::gemv_int4<T, KM>(x, qweight, scales, indptr, indices, values, y, M, N, K, G);                       \
+  }
+#define EQ_GEMV_ENTRIES(SUFFIX, T) \
+  EQ_GEMV_ENTRY(SUFFIX, T, 1)      \
+  EQ_GEMV_ENTRY(SUFFIX, T, 2)      \
+  EQ_GEMV_ENTRY(SUFFIX, T, 4)      \
+  EQ_GEMV_ENTRY(SUFFIX, T, 8)      \
+  EQ_GEMV_ENTRY(SUFFIX, T, 16)
+EQ_GEMV_ENTRIES(f16, __half)
+EQ_GEMV_ENTRIES(bf16, __nv_bfloat16)

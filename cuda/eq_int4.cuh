@@ -24,28 +24,69 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
 #endif
 }
 
+// Two halves 1024 + u_lo, 1024 + u_hi (a magic pair) -> the signed codes u - 8 as floats.
+// On the GPU one HSUB2 subtracts 1032 from both halves at once (exact: small integers), then two
+// conversions; on the host the same exact arithmetic one half at a time.
+__device__ __forceinline__ void magic_pair_to_codes(uint32_t pair, float& lo, float& hi) {
+#ifdef __CUDACC__
+  const __half2 h = __hsub2(*reinterpret_cast<const __half2*>(&pair), __float2half2_rn(kMagicBias));
+  const float2 f = __half22float2(h);
+  lo = f.x;
+  hi = f.y;
+#else
+  lo = __half2float(__ushort_as_half(static_cast<unsigned short>(pair & 0xFFFFu))) - kMagicBias;
+  hi = __half2float(__ushort_as_half(static_cast<unsigned short>(pair >> 16))) - kMagicBias;
+#endif
+}
+
 // The 8 signed codes of one word (column k0 + j is nibble j), in column order, as floats.
 __device__ __forceinline__ void dequant_word(uint32_t w, float (&q)[8]) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const uint32_t pair = and_or(w >> (4 * j), kNibblePairMask, kMagicPair);  // halves: u_j, u_{j+4}
-    q[j] = __half2float(__ushort_as_half(static_cast<unsigned short>(pair & 0xFFFFu))) - kMagicBias;
-    q[j + 4] = __half2float(__ushort_as_half(static_cast<unsigned short>(pair >> 16))) - kMagicBias;
+    magic_pair_to_codes(pair, q[j], q[j + 4]);
   }
 }
 
 // Activation / output types as float, rounding to nearest even on the way back.
+// load8 reads 8 consecutive activations with one 128-bit load (p must be 16-byte aligned): a lane
+// needs exactly the 8 columns of one code word, so a scalar 16-bit load per column would cost 8
+// load instructions where one suffices.
 template <typename T>
 struct Act;
 template <>
 struct Act<__half> {
   static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half store(float f) { return __float2half_rn(f); }
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {  // two rounded values, one word
+    return uint32_t(__half_as_ushort(store(lo))) | (uint32_t(__half_as_ushort(store(hi))) << 16);
+  }
+  static __device__ __forceinline__ void load8(const __half* p, float (&f)[8]) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xFFFFu)));
+      f[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
+    }
+  }
 };
 template <>
 struct Act<__nv_bfloat16> {
   static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ __nv_bfloat16 store(float f) { return __float2bfloat16_rn(f); }
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    return uint32_t(__bfloat16_as_ushort(store(lo))) | (uint32_t(__bfloat16_as_ushort(store(hi))) << 16);
+  }
+  static __device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&f)[8]) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // a bf16 is the top half of its float: a shift or a mask, exact
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+    }
+  }
 };
 
 }  // namespace eq

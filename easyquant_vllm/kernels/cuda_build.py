@@ -7,6 +7,7 @@ machine without a GPU: CuPy's high-level ``RawModule`` needs a device, but the l
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,17 +17,40 @@ CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 """Architectures every kernel must compile for (Ampere, Ada, Hopper)."""
 
+GEMV_BATCH_TILES = (1, 2, 4, 8, 16)
+"""The batch sizes kM the GEMV is instantiated for (cuda/eq_gemv.cu); a launch takes the smallest >= M."""
+
+GEMV_ROWS_PER_WARP = 2
+"""= kRowsPerWarp in cuda/eq_gemv.cu: output rows one warp owns (a test reads the source to check)."""
+
 KERNEL_NAMES = {
-    "eq_gemv.cu": ("eq_gemv_int4_f16", "eq_gemv_int4_bf16"),
+    "eq_gemv.cu": tuple(f"eq_gemv_int4_{t}_m{m}" for t in ("f16", "bf16") for m in GEMV_BATCH_TILES),
     "eq_dequant.cu": ("eq_dequant_int4_f16", "eq_dequant_int4_bf16"),
 }
 
 
 def cuda_include_dir() -> Path:
-    """The CUDA runtime headers shipped by the ``nvidia-cuda-runtime`` wheel (cuda_fp16.h, ...)."""
-    import nvidia.cu13  # the wheel's namespace package
+    """The CUDA headers NVRTC needs (cuda_fp16.h, ...).
 
-    return Path(next(iter(nvidia.cu13.__path__))) / "include"
+    First the ``nvidia-cuda-runtime`` wheel's (what scripts/setup.sh pins), else a CUDA toolkit's
+    (``$CUDA_PATH``, ``$CUDA_HOME``, ``/usr/local/cuda``). Raises ImportError naming both when neither exists.
+    """
+    candidates = []
+    try:
+        import nvidia.cu13  # the wheel's namespace package
+
+        candidates += [Path(p) / "include" for p in nvidia.cu13.__path__]
+    except ImportError:
+        pass
+    for var in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(var):
+            candidates.append(Path(os.environ[var]) / "include")
+    candidates.append(Path("/usr/local/cuda/include"))
+    for path in candidates:
+        if (path / "cuda_fp16.h").is_file():
+            return path
+    raise ImportError("no CUDA headers (cuda_fp16.h) found: pip install nvidia-cuda-runtime==13.0.96, "
+                      "or set CUDA_PATH to a CUDA 13 toolkit")  # fmt: skip
 
 
 def nvrtc_base_options() -> list[str]:

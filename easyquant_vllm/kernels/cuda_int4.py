@@ -1,4 +1,4 @@
-"""CUDA kernel: the fused GEMV (M <= 8) or dequantize + cuBLAS (M > 8), launched with CuPy as torch ops.
+"""CUDA kernel: the fused GEMV (M <= 16) or dequantize + cuBLAS (M > 16), launched with CuPy as torch ops.
 
 The ops ``easyquant::gemv_int4`` and ``easyquant::dequant_int4`` are ``torch.library.custom_op``s with
 fake implementations, so vLLM's torch.compile can trace them and CUDA graphs can capture them. They
@@ -6,7 +6,8 @@ launch on torch's current stream, and the tensors reach CuPy through DLPack (no 
 checked in Python before launch; errors name the tensor and its actual dtype, shape or alignment.
 
 Status: compiled and tested without a GPU (tests/test_cuda_kernels.py); the launch itself and the
-GPU tests (``pytest -m gpu``) have not run yet: no GPU was available (docs/kernels.md).
+GPU tests (``pytest -m gpu``) have not run yet: no GPU was lent to the tasks that built them
+(docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ import torch
 
 from ..quant import QuantizedWeight
 from .base import Kernel, LayerSpec
-from .cuda_build import CUDA_DIR, nvrtc_base_options
+from .cuda_build import CUDA_DIR, GEMV_BATCH_TILES, GEMV_ROWS_PER_WARP, nvrtc_base_options
 
-GEMV_MAX_M = 8  # = kMaxM in cuda/eq_gemv.cu: above it, dequantize + cuBLAS (see docs/kernels.md)
-THREADS = 128  # 4 warps per block, one output row per warp
-_ROWS_PER_BLOCK = THREADS // 32
+GEMV_KERNEL_MAX_M = GEMV_BATCH_TILES[-1]  # = kMaxM in cuda/eq_gemv.cu: the most rows one GEMV launch takes
+GEMV_MAX_M = 16
+"""Dispatch threshold: GEMV for M <= 16, dequantize + cuBLAS above. From the issue-rate model of
+docs/kernels.md (SASS instruction counts): the GEMV stays ahead of dequantize + matmul, which moves
+4.5 bytes per weight, up to about M = 26 on an H100; 16 is the largest tile. Not yet timed on a GPU."""
+THREADS = 128  # 4 warps per block
+_ROWS_PER_BLOCK = THREADS // 32 * GEMV_ROWS_PER_WARP
 _SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
@@ -77,13 +82,16 @@ def _launch(source: str, name: str, grid: int, args: list[Any], device: torch.de
 @torch.library.custom_op("easyquant::gemv_int4", mutates_args=())
 def gemv_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor,
               indices: torch.Tensor, values: torch.Tensor, group_size: int) -> torch.Tensor:  # fmt: skip
-    """``x [M <= 8, K] fp16/bf16`` -> ``[M, N]``: the fused GEMV of cuda/eq_gemv.cu."""
+    """``x [M <= 16, K] fp16/bf16`` -> ``[M, N]``: the fused GEMV of cuda/eq_gemv.cu."""
     n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size)
-    _require(x.dtype in _SUFFIX and x.dim() == 2 and x.shape[1] == k and 1 <= x.shape[0] <= GEMV_MAX_M,
-             f"x must be fp16/bf16 [1..{GEMV_MAX_M}, {k}], got {x.dtype} {list(x.shape)}")  # fmt: skip
+    _require(x.dtype in _SUFFIX and x.dim() == 2 and x.shape[1] == k and 1 <= x.shape[0] <= GEMV_KERNEL_MAX_M,
+             f"x must be fp16/bf16 [1..{GEMV_KERNEL_MAX_M}, {k}], got {x.dtype} {list(x.shape)}")  # fmt: skip
     _require(x.is_cuda and x.is_contiguous(), "x must be a contiguous CUDA tensor")
+    if x.data_ptr() % 16:  # a view into a larger buffer: the kernel reads x 128 bits at a time
+        x = x.clone()
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    _launch("eq_gemv.cu", f"eq_gemv_int4_{_SUFFIX[x.dtype]}", -(-n // _ROWS_PER_BLOCK),
+    tile = next(t for t in GEMV_BATCH_TILES if t >= x.shape[0])
+    _launch("eq_gemv.cu", f"eq_gemv_int4_{_SUFFIX[x.dtype]}_m{tile}", -(-n // _ROWS_PER_BLOCK),
             [x, qweight, scales, indptr, indices, values, y, x.shape[0], n, k, g], x.device)  # fmt: skip
     return y
 
@@ -100,7 +108,7 @@ def dequant_int4(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tens
     n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size)
     _require(dtype in _SUFFIX, f"dtype must be float16 or bfloat16, got {dtype}")
     w = torch.empty(n, k, dtype=dtype, device=qweight.device)
-    _launch("eq_dequant.cu", f"eq_dequant_int4_{_SUFFIX[dtype]}", -(-n // _ROWS_PER_BLOCK),
+    _launch("eq_dequant.cu", f"eq_dequant_int4_{_SUFFIX[dtype]}", -(-n // (THREADS // 32)),  # a warp per row
             [qweight, scales, indptr, indices, values, w, n, k, g], qweight.device)  # fmt: skip
     return w
 

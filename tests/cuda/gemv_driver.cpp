@@ -47,6 +47,16 @@ static std::vector<float> dequant(const std::vector<int32_t>& qweight, std::vect
   return out;
 }
 
+// The extern "C" entry points, by batch tile kM = 1, 2, 4, 8, 16: a launch takes the smallest kM >= M.
+template <typename T>
+using GemvEntry = void (*)(const T*, const int4*, const __half*, const int*, const int*, const __half*, T*, int,
+                           int, int, int);
+static const GemvEntry<__half> kGemvF16[] = {eq_gemv_int4_f16_m1, eq_gemv_int4_f16_m2, eq_gemv_int4_f16_m4,
+                                             eq_gemv_int4_f16_m8, eq_gemv_int4_f16_m16};
+static const GemvEntry<__nv_bfloat16> kGemvBf16[] = {eq_gemv_int4_bf16_m1, eq_gemv_int4_bf16_m2,
+                                                     eq_gemv_int4_bf16_m4, eq_gemv_int4_bf16_m8,
+                                                     eq_gemv_int4_bf16_m16};
+
 template <typename T>
 static std::vector<float> run(std::vector<uint16_t> xbits, const std::vector<int32_t>& qweight,
                               std::vector<uint16_t> sbits, const std::vector<int32_t>& indptr,
@@ -57,15 +67,14 @@ static std::vector<float> run(std::vector<uint16_t> xbits, const std::vector<int
   std::vector<__half> scales(sbits.size()), values(vbits.size());
   std::memcpy(scales.data(), sbits.data(), sbits.size() * 2);
   std::memcpy(values.data(), vbits.data(), vbits.size() * 2);
-  const int rows_per_block = threads / 32;
+  const int rows_per_block = threads / 32 * eq::kRowsPerWarp;
   const dim3 grid((N + rows_per_block - 1) / rows_per_block);
-  if constexpr (std::is_same_v<T, __half>) {
-    emu_launch(grid, dim3(threads), eq_gemv_int4_f16, x.data(), reinterpret_cast<const int4*>(qweight.data()),
-               scales.data(), indptr.data(), indices.data(), values.data(), y.data(), M, N, K, G);
-  } else {
-    emu_launch(grid, dim3(threads), eq_gemv_int4_bf16, x.data(), reinterpret_cast<const int4*>(qweight.data()),
-               scales.data(), indptr.data(), indices.data(), values.data(), y.data(), M, N, K, G);
-  }
+  const int tile = M <= 1 ? 0 : M <= 2 ? 1 : M <= 4 ? 2 : M <= 8 ? 3 : 4;
+  GemvEntry<T> entry;
+  if constexpr (std::is_same_v<T, __half>) entry = kGemvF16[tile];
+  else entry = kGemvBf16[tile];
+  emu_launch(grid, dim3(threads), entry, x.data(), reinterpret_cast<const int4*>(qweight.data()), scales.data(),
+             indptr.data(), indices.data(), values.data(), y.data(), M, N, K, G);
   std::vector<float> out(y.size());
   for (size_t i = 0; i < y.size(); ++i) out[i] = to_float(y[i]);
   return out;

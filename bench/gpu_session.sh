@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (docs/kernels.md): environment, GPU tests, kernel timings.
+#   bash bench/gpu_session.sh [bench/kernels.py arguments...]
+# Logs and the JSON rows go to $OUT (the device tool's result folder) or ./gpu-out.
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv
+  $PY -c "import torch, cupy; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| cupy', cupy.__version__)"
+  nvcc --version | tail -2
+} 2>&1 | tee "$OUT/env.txt"
+$PY -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_ops.py 2>&1 | tee "$OUT/pytest_gpu.txt"
+$PY bench/kernels.py --json "$OUT/kernels.json" "$@" 2>&1 | tee "$OUT/kernels.txt"
