@@ -86,6 +86,39 @@ def print_compile_stats() -> None:
             print(f"| {source} | {arch} | {'/'.join(map(str, regs))} | {'none' if clean else spills} |")
 
 
+def print_issue_model(g: int, f: float) -> None:
+    """The SASS issue model (docs/kernels.md): predicted bandwidth fraction and speed-up per batch tile."""
+    import tempfile
+
+    from easyquant_vllm.kernels import sass
+    from easyquant_vllm.kernels.cuda_build import GEMV_ROWS_PER_WARP
+
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            text = sass.disassemble("eq_gemv.cu", "sm_90", Path(d))
+    except (FileNotFoundError, OSError) as e:
+        print(f"\n(no SASS model: {e})")
+        return
+    model = sass.IssueModel()
+    bits = 4 + 16 / g + f * 48
+    ideal = 16 / bits
+    deq_mm = 16 / (bits + 32)  # dequant reads the int4 weights and writes W', the GEMM reads W' back
+    print(f"\n# SASS issue model, sm_90 (H100 SXM: {model.sms} SMs x {model.schedulers_per_sm} schedulers at "
+          f"{model.clock_ghz} GHz, {model.hbm_gbs / 1000:g} TB/s): the GEMV keeps up with HBM while its main loop "
+          f"issues <= {model.budget():.0f} warp instructions per 512 weight bytes (a chunk-row)")  # fmt: skip
+    print("| tile | instructions / chunk-row | predicted % of HBM | predicted speed-up vs fp16 | "
+          "dequant + cuBLAS |\n|---|---|---|---|---|")  # fmt: skip
+    for name, n in sorted(
+        sass.gemv_loop_counts(text, GEMV_ROWS_PER_WARP).items(), key=lambda kv: int(kv[0].split("_m")[1])
+    ):
+        if "_f16_" not in name:
+            continue
+        frac = model.bandwidth_fraction(n)
+        print(f"| M <= {name.split('_m')[1]} | {n:.1f} | {100 * frac:.0f} % | {ideal * frac:.2f}x | {deq_mm:.2f}x |")
+    print("Speed-ups assume fp16 cuBLAS at the same HBM fraction as a copy (its best case); they are a model,"
+          " not a measurement.")  # fmt: skip
+
+
 # --- timings on a GPU ------------------------------------------------------------------------------
 
 
@@ -260,6 +293,7 @@ def main() -> None:
     print_bytes_table(args.group_size, args.outlier_fraction)
     if not args.no_compile_stats:
         print_compile_stats()
+        print_issue_model(args.group_size, args.outlier_fraction)
     try:
         import torch
 
@@ -267,7 +301,7 @@ def main() -> None:
     except ImportError:
         has_gpu = False
     if not has_gpu:
-        print("\nNo CUDA GPU here: timings need one (see docs/kernels.md for the numbers measured on an H100).")
+        print("\nNo CUDA GPU here: timings need one (bash bench/gpu_session.sh on a GPU machine; docs/kernels.md).")
         return
     rows = run_gpu(args)
     if args.json:

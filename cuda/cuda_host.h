@@ -63,6 +63,7 @@ inline unsigned short __half_as_ushort(__half h) {
   return u;
 }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
+inline int __ffs(int v) { return __builtin_ffs(v); }  // 1-based index of the lowest set bit, 0 for 0
 inline float __uint_as_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);

@@ -16,7 +16,8 @@
 //     converted once per warp and word, not once per row.
 //   * The batch size is a template parameter kM (instantiated for 1, 2, 4, 8, 16; a launch takes
 //     the smallest kM >= M and masks the rest), so the accumulators acc[row][m] are registers with
-//     compile-time indices and the loops over m unroll with no per-m bookkeeping.
+//     compile-time indices and the loops over m unroll with no per-m bookkeeping. Since then
+//     kM / 2 < M, the first half of a tile needs no mask test at all.
 //   A chunk (32 codes) never straddles a group because G is a multiple of 32: one step per chunk.
 //   Accumulation is fp32: the step multiplies each 8-column partial dot, then y is rounded once.
 //
@@ -25,7 +26,8 @@
 // owner, so the merge needs no atomics and no second pass over y; the dense code at an outlier
 // position is 0, so adding needs no mask.
 //
-// Requires K % 32 == 0, G % 32 == 0 (or G == K), 16-byte aligned qweight and x, M <= kM.
+// Requires K % 32 == 0, G a power of two >= 32 dividing K (or G == K), 16-byte aligned qweight
+// and x, kM / 2 < M <= kM (the launcher in easyquant_vllm/kernels/cuda_int4.py checks all of it).
 #include "eq_int4.cuh"
 
 namespace eq {
@@ -62,16 +64,33 @@ __device__ __forceinline__ void gemv_int4(
 
   const int chunks = K / 32;
   const int groups = K / G;
+  // Group of chunk c: c * 32 / G, as a shift (G is a power of two, or G == K with one group and
+  // group_shift = 31). A run-time division here cost ~18 instructions per chunk in SASS.
+  const int group_shift = G == K ? 31 : __ffs(G / 32) - 1;
+
+  // Registers double-buffer the weight stream: chunk c + 32's loads are issued before chunk c is
+  // dequantized, so each lane keeps two rows x two chunks (64 bytes) in flight instead of waiting
+  // a full HBM latency per iteration (with K = 4096 a lane only has 4 chunks to do).
+  int4 next[R];
+  __half next_s[R];
+  auto fetch = [&](int c) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      next[r] = qweight[static_cast<size_t>(row[r]) * chunks + c];  // LDG.E.128: 32 codes
+      next_s[r] = scales[static_cast<size_t>(row[r]) * groups + (c >> group_shift)];
+    }
+  };
+  if (active[0] && lane < chunks) fetch(lane);
   for (int c = lane; active[0] && c < chunks; c += kWarp) {
     uint32_t words[R][4];
     float s[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {  // both rows' loads are issued before either is used
-      const int4 w = qweight[static_cast<size_t>(row[r]) * chunks + c];  // LDG.E.128: 32 codes
-      words[r][0] = uint32_t(w.x), words[r][1] = uint32_t(w.y);
-      words[r][2] = uint32_t(w.z), words[r][3] = uint32_t(w.w);
-      s[r] = __half2float(scales[static_cast<size_t>(row[r]) * groups + (c * 32) / G]);
+    for (int r = 0; r < R; ++r) {
+      words[r][0] = uint32_t(next[r].x), words[r][1] = uint32_t(next[r].y);
+      words[r][2] = uint32_t(next[r].z), words[r][3] = uint32_t(next[r].w);
+      s[r] = __half2float(next_s[r]);
     }
+    if (c + kWarp < chunks) fetch(c + kWarp);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       float q[R][8];
@@ -80,7 +99,7 @@ __device__ __forceinline__ void gemv_int4(
       const T* xk = x + c * 32 + i * 8;
 #pragma unroll
       for (int m = 0; m < kM; ++m) {
-        if (m < M) {  // uniform over the grid
+        if (m <= kM / 2 || m < M) {  // kM / 2 < M: the first half of the tile is never masked
           float xv[8];
           Act<T>::load8(xk + static_cast<size_t>(m) * K, xv);  // LDG.E.128: 8 activations
 #pragma unroll
@@ -126,6 +145,8 @@ __device__ __forceinline__ void gemv_int4(
 
 // C names, so that CuPy's RawModule finds them without C++ name mangling:
 // eq_gemv_int4_{f16,bf16}_m{1,2,4,8,16}; a launch takes the smallest kM >= M.
+// No __launch_bounds__: capping kM = 16 at 128 registers made it spill, and the cap also let the
+// small tiles grow from 55 to 95 registers (fewer resident warps where they matter most, at M = 1).
 #define EQ_GEMV_ENTRY(SUFFIX, T, KM)                                                                        \
   extern "C" __global__ void eq_gemv_int4_##SUFFIX##_m##KM(const T* x, const int4* qweight,                  \
                                                           const __half* scales, const int* indptr,          \

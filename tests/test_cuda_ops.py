@@ -54,8 +54,13 @@ def test_cuda_kernel_is_first_for_cuda_and_never_on_cpu() -> None:
 
 # --- on a GPU (pytest -m gpu); skipped elsewhere by conftest ---------------------------------------
 
-GPU_CASES = [(1, 40, 256, 64, torch.float16), (8, 96, 1024, 128, torch.bfloat16), (3, 33, 576, -1, torch.float16),
-             (16, 50, 512, 64, torch.bfloat16), (11, 37, 4096, 128, torch.float16)]
+GPU_CASES = [
+    (1, 40, 256, 64, torch.float16),
+    (8, 96, 1024, 128, torch.bfloat16),
+    (3, 33, 576, -1, torch.float16),
+    (16, 50, 512, 64, torch.bfloat16),
+    (11, 37, 4096, 128, torch.float16),
+]
 
 
 @pytest.mark.gpu

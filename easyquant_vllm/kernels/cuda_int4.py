@@ -31,6 +31,11 @@ _ROWS_PER_BLOCK = THREADS // 32 * GEMV_ROWS_PER_WARP
 _SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
+def _group_ok(k: int, g: int) -> bool:
+    """The kernels' group sizes: per channel (G == K), or a power of two >= 32 dividing K (a shift finds the group)."""
+    return g == k or (g >= 32 and g & (g - 1) == 0 and k % g == 0)
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(f"easyquant CUDA kernel: {message}")
@@ -43,7 +48,7 @@ def check_weight(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tens
              f"qweight must be int32 [N, K/8], got {qweight.dtype} {list(qweight.shape)}")  # fmt: skip
     n, k = qweight.shape[0], qweight.shape[1] * 8
     g = k if group_size == -1 else group_size
-    _require(k % 32 == 0 and g % 32 == 0 and k % g == 0,
+    _require(k % 32 == 0 and _group_ok(k, g),
              f"needs K % 32 == 0 and a group size, multiple of 32, dividing K; got K = {k}, G = {g}")  # fmt: skip
     _require(scales.dtype == torch.float16 and tuple(scales.shape) == (n, k // g),
              f"scales must be float16 [{n}, {k // g}], got {scales.dtype} {list(scales.shape)}")  # fmt: skip
@@ -128,8 +133,9 @@ class CudaInt4Kernel(Kernel):
         if spec.bits != 4 or spec.act_dtype not in _SUFFIX:
             return False, f"cuda-int4 needs 4-bit codes and fp16/bf16 activations, got {spec.bits} / {spec.act_dtype}"
         g = spec.k if spec.group_size == -1 else spec.group_size
-        if spec.k % 32 or g % 32:
-            return False, f"cuda-int4 needs K and the group size to be multiples of 32, got K = {spec.k}, G = {g}"
+        if spec.k % 32 or not _group_ok(spec.k, g):
+            return False, (f"cuda-int4 needs K % 32 == 0 and a power-of-two group size >= 32 (or per channel), "
+                           f"got K = {spec.k}, G = {g}")  # fmt: skip
         try:
             import cupy  # noqa: F401
         except ImportError:
