@@ -72,7 +72,8 @@ def print_compile_stats() -> None:
     except ImportError as e:
         print(f"\n(no compile stats: {e})")
         return
-    print("\n| kernel source | arch | registers | spills / stack |\n|---|---|---|---|")
+    print("\n| kernel source | arch | registers (fp16 entries; GEMV tiles 1 / 2 / 4 / 8 / 16) | spills / stack |"
+          "\n|---|---|---|---|")  # fmt: skip
     for source in KERNEL_NAMES:
         for arch in ARCHS:
             try:
@@ -80,10 +81,12 @@ def print_compile_stats() -> None:
             except (ImportError, RuntimeError) as e:
                 print(f"| {source} | {arch} | compile failed: {e} | |")
                 continue
-            regs = sorted({int(r) for r in re.findall(r"Used (\d+) registers", log)})
+            names = re.findall(r"Compiling entry function '(\w+)'", log)
+            regs = dict(zip(names, re.findall(r"Used (\d+) registers", log), strict=True))
+            shown = [regs[n] for n in KERNEL_NAMES[source] if n in regs and "bf16" not in n]  # f16 = bf16 +- 0
             spills = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", log)
             clean = all(s == ("0", "0") for s in spills)
-            print(f"| {source} | {arch} | {'/'.join(map(str, regs))} | {'none' if clean else spills} |")
+            print(f"| {source} | {arch} | {' / '.join(shown)} | {'none' if clean else spills} |")
 
 
 def print_issue_model(g: int, f: float) -> None:
@@ -122,23 +125,23 @@ def print_issue_model(g: int, f: float) -> None:
 # --- timings on a GPU ------------------------------------------------------------------------------
 
 
-def synthetic_weight(n: int, k: int, group: int, frac: float, seed: int):  # type: ignore[no-untyped-def]
-    """A :class:`QuantizedWeight` on the GPU in the canonical layout, built without quantizing."""
+def synthetic_weight(n: int, k: int, group: int, frac: float, seed: int, device: str = "cuda"):  # type: ignore[no-untyped-def]
+    """A :class:`QuantizedWeight` on ``device`` in the canonical layout, built without quantizing."""
     import torch
 
     from easyquant_vllm.quant import QuantizedWeight
     from easyquant_vllm.quant.outliers import OutlierCSR
     from easyquant_vllm.quant.packing import pack_codes
 
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     per_row = max(1, round(frac * k))
-    cols = torch.rand(n, k, device="cuda", generator=gen).topk(per_row, dim=1).indices.sort(dim=1).values
-    u = torch.randint(0, 16, (n, k), device="cuda", generator=gen, dtype=torch.int32)
+    cols = torch.rand(n, k, device=device, generator=gen).topk(per_row, dim=1).indices.sort(dim=1).values
+    u = torch.randint(0, 16, (n, k), device=device, generator=gen, dtype=torch.int32)
     u.scatter_(1, cols, 8)  # code 0 under every outlier, as the quantizer writes it
-    indptr = torch.arange(0, n * per_row + 1, per_row, device="cuda", dtype=torch.int32)
-    values = (torch.randn(n * per_row, device="cuda", generator=gen) * 0.1).half()
+    indptr = torch.arange(0, n * per_row + 1, per_row, device=device, dtype=torch.int32)
+    values = (torch.randn(n * per_row, device=device, generator=gen) * 0.1).half()
     g = k if group == -1 else group
-    scales = (0.005 + 0.01 * torch.rand(n, k // g, device="cuda", generator=gen)).half()
+    scales = (0.005 + 0.01 * torch.rand(n, k // g, device=device, generator=gen)).half()
     csr = OutlierCSR(indptr, cols.reshape(-1).to(torch.int32), values, (n, k))
     return QuantizedWeight(pack_codes(u, 4), scales, csr, 4, group)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +11,8 @@ from easyquant_vllm.kernels import CudaInt4Kernel, LayerSpec, choose_kernel
 from easyquant_vllm.kernels.cuda_int4 import check_weight
 from easyquant_vllm.quant import QuantSpec, quantize_weight
 from tests.conftest import heavy_tailed
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _parts(n: int = 40, k: int = 256, group_size: int = 64):  # type: ignore[no-untyped-def]
@@ -92,3 +96,34 @@ def test_gpu_kernel_under_cuda_graph_and_compile() -> None:
     torch.testing.assert_close(static_y, eager)
     compiled = torch.compile(lambda a: kernel.apply(tensors, a, None), fullgraph=True)
     torch.testing.assert_close(compiled(x), eager)
+
+
+def test_bench_synthetic_weights_are_valid_checkpoint_layers() -> None:
+    # bench/kernels.py times the kernels on weights it builds without quantizing; they must be what a
+    # converted checkpoint holds (validated by the format's own checker), else the timings mean little.
+    import importlib.util
+
+    from easyquant_vllm.format import (
+        OUTLIER_INDICES,
+        OUTLIER_INDPTR,
+        OUTLIER_VALUES,
+        QWEIGHT,
+        SCALES,
+        tensor_name,  # fmt: skip
+        validate_layer,
+    )
+    from easyquant_vllm.quant.packing import unpack_codes
+
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
+    bench = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    qw = bench.synthetic_weight(24, 512, 128, 0.005, seed=3, device="cpu")
+    o = qw.outliers
+    parts = {QWEIGHT: qw.qweight, SCALES: qw.scales, OUTLIER_INDPTR: o.indptr, OUTLIER_INDICES: o.indices,
+             OUTLIER_VALUES: o.values}  # fmt: skip
+    validate_layer("layer", {tensor_name("layer", s): t for s, t in parts.items()}, 4, 128)
+    assert o.nnz == 24 * 3  # round(0.005 * 512) per row
+    codes = unpack_codes(qw.qweight, 4)
+    rows = torch.arange(24).repeat_interleave(3)
+    assert bool((codes[rows, o.indices.long()] == 8).all())  # code 0 under every outlier
+    assert 0.004 < qw.dequantize().abs().mean() < 0.1

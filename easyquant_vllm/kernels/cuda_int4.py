@@ -25,7 +25,7 @@ GEMV_KERNEL_MAX_M = GEMV_BATCH_TILES[-1]  # = kMaxM in cuda/eq_gemv.cu: the most
 GEMV_MAX_M = 16
 """Dispatch threshold: GEMV for M <= 16, dequantize + cuBLAS above. From the issue-rate model of
 docs/kernels.md (SASS instruction counts): the GEMV stays ahead of dequantize + matmul, which moves
-4.5 bytes per weight, up to about M = 26 on an H100; 16 is the largest tile. Not yet timed on a GPU."""
+4.5 bytes per weight, up to about M = 25 on an H100; 16 is the largest tile. Not yet timed on a GPU."""
 THREADS = 128  # 4 warps per block
 _ROWS_PER_BLOCK = THREADS // 32 * GEMV_ROWS_PER_WARP
 _SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
