@@ -35,13 +35,13 @@ __device__ __forceinline__ void dequant_int4(
     const int4 q4 = qweight[static_cast<size_t>(n) * chunks + c];
     const float s = __half2float(scales[static_cast<size_t>(n) * groups + (c * 32) / G]);
     const uint32_t words[4] = {uint32_t(q4.x), uint32_t(q4.y), uint32_t(q4.z), uint32_t(q4.w)};
-    uint4* out = reinterpret_cast<uint4*>(w + static_cast<size_t>(n) * K + c * 32);  // K % 32 == 0: aligned
+    T* out = w + static_cast<size_t>(n) * K + c * 32;  // K % 32 == 0: 16-byte aligned
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       float q[8];
       dequant_word(words[i], q);
-      out[i] = uint4{Act<T>::pack2(s * q[0], s * q[1]), Act<T>::pack2(s * q[2], s * q[3]),
-                     Act<T>::pack2(s * q[4], s * q[5]), Act<T>::pack2(s * q[6], s * q[7])};  // STG.E.128
+      store128(out + i * 8, uint4{Act<T>::pack2(s * q[0], s * q[1]), Act<T>::pack2(s * q[2], s * q[3]),
+                                  Act<T>::pack2(s * q[4], s * q[5]), Act<T>::pack2(s * q[6], s * q[7])});
     }
   }
   __syncwarp();  // the row's dense values are written before its outliers go over them

@@ -24,6 +24,25 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
 #endif
 }
 
+// 128-bit global load / store of 16-bit values (16-byte aligned). On the GPU one LDG/STG.E.128; on the
+// host a memcpy, so the emulation does not read _Float16 arrays through a uint4 pointer (aliasing UB).
+__device__ __forceinline__ uint4 load128(const void* p) {
+#ifdef __CUDACC__
+  return *reinterpret_cast<const uint4*>(p);
+#else
+  uint4 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+#endif
+}
+__device__ __forceinline__ void store128(void* p, uint4 v) {
+#ifdef __CUDACC__
+  *reinterpret_cast<uint4*>(p) = v;
+#else
+  std::memcpy(p, &v, sizeof v);
+#endif
+}
+
 // Two halves 1024 + u_lo, 1024 + u_hi (a magic pair) -> the signed codes u - 8 as floats.
 // On the GPU one HSUB2 subtracts 1032 from both halves at once (exact: small integers), then two
 // conversions; on the host the same exact arithmetic one half at a time.
@@ -62,7 +81,7 @@ struct Act<__half> {
     return uint32_t(__half_as_ushort(store(lo))) | (uint32_t(__half_as_ushort(store(hi))) << 16);
   }
   static __device__ __forceinline__ void load8(const __half* p, float (&f)[8]) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const uint4 v = load128(p);
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -79,7 +98,7 @@ struct Act<__nv_bfloat16> {
     return uint32_t(__bfloat16_as_ushort(store(lo))) | (uint32_t(__bfloat16_as_ushort(store(hi))) << 16);
   }
   static __device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&f)[8]) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const uint4 v = load128(p);
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {  // a bf16 is the top half of its float: a shift or a mask, exact

@@ -65,14 +65,22 @@ def check_weight(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tens
 
 
 @functools.cache
-def _function(source: str, name: str, device_index: int) -> Any:
-    """Compile ``cuda/<source>`` once per device (CuPy caches the cubin on disk as well)."""
+def _module(source: str, device_index: int) -> Any:
+    """``cuda/<source>`` compiled once per device by NVRTC for its architecture; every entry point of the
+    file comes from this one module (CuPy also caches the cubin on disk across processes)."""
     import cupy
 
     with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(code=(CUDA_DIR / source).read_text(), backend="nvrtc",
-                                options=tuple(nvrtc_base_options()))  # fmt: skip
-        return module.get_function(name)
+        return cupy.RawModule(code=(CUDA_DIR / source).read_text(), backend="nvrtc",
+                              options=tuple(nvrtc_base_options()))  # fmt: skip
+
+
+@functools.cache
+def _function(source: str, name: str, device_index: int) -> Any:
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        return _module(source, device_index).get_function(name)
 
 
 def _launch(source: str, name: str, grid: int, args: list[Any], device: torch.device) -> None:
