@@ -127,3 +127,50 @@ def test_bench_synthetic_weights_are_valid_checkpoint_layers() -> None:
     rows = torch.arange(24).repeat_interleave(3)
     assert bool((codes[rows, o.indices.long()] == 8).all())  # code 0 under every outlier
     assert 0.004 < qw.dequantize().abs().mean() < 0.1
+
+
+def _entry_signatures() -> dict[str, list[str]]:
+    """Entry name -> C parameter types, from the kernels' source as the host preprocessor expands it."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not available")
+    sigs = {}
+    for source in ("eq_gemv.cu", "eq_dequant.cu"):
+        cmd = ["g++", "-std=c++20", "-E", "-P", "-x", "c++", "-I", str(ROOT / "cuda"), str(ROOT / "cuda" / source)]
+        text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        for name, params in re.findall(r'extern "C"\s+void\s+(eq_\w+)\s*\(([^)]*)\)', " ".join(text.split())):
+            sigs[name] = [p.rsplit(" ", 1)[0].strip() for p in params.split(",")]
+    return sigs
+
+
+_C_TYPES = {torch.float16: "__half*", torch.bfloat16: "__nv_bfloat16*", torch.int32: ("int*", "int4*")}
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_launch_plans_match_the_kernel_signatures(m: int, dtype: torch.dtype) -> None:
+    # What only a GPU run would otherwise show: the host passes every argument in the order and type
+    # the entry point declares, and the grid covers all N rows exactly (the kernels' row mapping).
+    from easyquant_vllm.kernels.cuda_int4 import THREADS, dequant_plan, gemv_plan
+
+    sigs = _entry_signatures()
+    _, p = _parts(n=37, k=256, group_size=64)
+    x = torch.randn(m, 256).to(dtype)
+    gemv = gemv_plan(x, *p[:5], torch.empty(m, 37, dtype=dtype), 64)
+    deq = dequant_plan(*p[:5], torch.empty(37, 256, dtype=dtype), 64)
+    for plan, rows_per_block in ((gemv, THREADS // 32 * 2), (deq, THREADS // 32)):
+        params = sigs[plan.name]
+        assert len(params) == len(plan.args), plan.name
+        for c_type, arg in zip(params, plan.args, strict=True):
+            if isinstance(arg, torch.Tensor):
+                assert c_type.replace("const ", "").endswith(_C_TYPES[arg.dtype]), (plan.name, c_type, arg.dtype)
+            else:
+                assert c_type == "int" and isinstance(arg, int), (plan.name, c_type, arg)
+        assert (plan.grid - 1) * rows_per_block < 37 <= plan.grid * rows_per_block
+    tile = int(gemv.name.rsplit("_m", 1)[1])
+    assert tile // 2 < m <= tile  # the kernel's contract: the first half of a tile is never masked
+    assert gemv.args[7:] == (m, 37, 256, 64)  # M, N, K, G as the signature names them
+    assert deq.args[6:] == (37, 256, 64)  # N, K, G

@@ -13,6 +13,7 @@ GPU tests (``pytest -m gpu``) have not run yet: no GPU was lent to the tasks tha
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -83,13 +84,46 @@ def _function(source: str, name: str, device_index: int) -> Any:
         return _module(source, device_index).get_function(name)
 
 
-def _launch(source: str, name: str, grid: int, args: list[Any], device: torch.device) -> None:
+@dataclass(frozen=True)
+class LaunchPlan:
+    """One kernel launch: entry point, grid (blocks of :data:`THREADS`), and its arguments in the
+    order of the C signature (tensors by pointer, ints as ``int``). Built without a device, so tests
+    check it against the kernels' signatures on any machine."""
+
+    source: str
+    name: str
+    grid: int
+    args: tuple[Any, ...]
+
+
+def gemv_plan(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor,
+              indices: torch.Tensor, values: torch.Tensor, y: torch.Tensor, group_size: int) -> LaunchPlan:  # fmt: skip
+    """The GEMV launch for ``x [M, K]`` into ``y [M, N]``: the smallest batch tile >= M."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    tile = next(t for t in GEMV_BATCH_TILES if t >= m)
+    g = k if group_size == -1 else group_size
+    return LaunchPlan("eq_gemv.cu", f"eq_gemv_int4_{_SUFFIX[x.dtype]}_m{tile}", -(-n // _ROWS_PER_BLOCK),
+                      (x, qweight, scales, indptr, indices, values, y, m, n, k, g))  # fmt: skip
+
+
+def dequant_plan(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
+                 values: torch.Tensor, w: torch.Tensor, group_size: int) -> LaunchPlan:  # fmt: skip
+    """The dequantize launch writing ``w [N, K]``: one warp per row."""
+    n, k = w.shape
+    g = k if group_size == -1 else group_size
+    return LaunchPlan("eq_dequant.cu", f"eq_dequant_int4_{_SUFFIX[w.dtype]}", -(-n // (THREADS // 32)),
+                      (qweight, scales, indptr, indices, values, w, n, k, g))  # fmt: skip
+
+
+def _launch(plan: LaunchPlan, device: torch.device) -> None:
     import cupy
     import numpy as np
 
-    converted = [cupy.from_dlpack(a) if isinstance(a, torch.Tensor) else np.int32(a) for a in args]
+    converted = [cupy.from_dlpack(a) if isinstance(a, torch.Tensor) else np.int32(a) for a in plan.args]
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
-    _function(source, name, device.index or 0)((grid,), (THREADS,), tuple(converted), stream=stream)
+    fn = _function(plan.source, plan.name, device.index or 0)
+    fn((plan.grid,), (THREADS,), tuple(converted), stream=stream)
 
 
 @torch.library.custom_op("easyquant::gemv_int4", mutates_args=())
@@ -103,9 +137,7 @@ def gemv_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, indp
     if x.data_ptr() % 16:  # a view into a larger buffer: the kernel reads x 128 bits at a time
         x = x.clone()
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    tile = next(t for t in GEMV_BATCH_TILES if t >= x.shape[0])
-    _launch("eq_gemv.cu", f"eq_gemv_int4_{_SUFFIX[x.dtype]}_m{tile}", -(-n // _ROWS_PER_BLOCK),
-            [x, qweight, scales, indptr, indices, values, y, x.shape[0], n, k, g], x.device)  # fmt: skip
+    _launch(gemv_plan(x, qweight, scales, indptr, indices, values, y, g), x.device)
     return y
 
 
@@ -121,8 +153,7 @@ def dequant_int4(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tens
     n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size)
     _require(dtype in _SUFFIX, f"dtype must be float16 or bfloat16, got {dtype}")
     w = torch.empty(n, k, dtype=dtype, device=qweight.device)
-    _launch("eq_dequant.cu", f"eq_dequant_int4_{_SUFFIX[dtype]}", -(-n // (THREADS // 32)),  # a warp per row
-            [qweight, scales, indptr, indices, values, w, n, k, g], qweight.device)  # fmt: skip
+    _launch(dequant_plan(qweight, scales, indptr, indices, values, w, g), qweight.device)
     return w
 
 
