@@ -6,9 +6,10 @@
 //     so data races between them are real and ThreadSanitizer sees them;
 //   * __syncthreads() is a std::barrier over the block;
 //   * __shared__ is a function-static: with one block at a time, that is per-block shared memory;
-//   * warp shuffles go through a per-block scratch array and two block barriers. That requires the
-//     shuffle to be reached by every thread of the block (uniform control flow), which the kernels
-//     here guarantee by never returning early (see the `active` flags);
+//   * warp-level operations (shuffles, __syncwarp, the mma.sync emulation of eq_mma.cu) go through
+//     per-block scratch and a barrier of the warp's 32 threads, so, as on the GPU, they need the whole
+//     warp (the kernels never return early: see the `active` flags), and different warps of a block
+//     may take different paths (eq_mma.cu's warps loop over different numbers of k-blocks);
 //   * threadIdx / blockIdx are thread_local; blockDim / gridDim are set per launch.
 // Inline PTX stays behind small wrappers in the kernels with an exact host version beside it.
 #pragma once
@@ -31,6 +32,7 @@ using size_t = decltype(sizeof(0));
 #include <cmath>  // fmaf: fused, one rounding, as the GPU's FFMA
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -43,6 +45,9 @@ struct int4 {
 };
 struct uint4 {
   unsigned x, y, z, w;
+};
+struct uint2 {
+  unsigned x, y;
 };
 
 using __half = _Float16;  // IEEE binary16 on the host, the same rounding as the GPU's __half
@@ -86,7 +91,9 @@ namespace emu {
 inline thread_local dim3 thread_idx, block_idx;
 inline dim3 block_dim, grid_dim;
 inline std::barrier<>* block_barrier = nullptr;
+inline std::vector<std::barrier<>*> warp_barriers;  // one per warp of the block
 inline std::vector<float> shuffle_scratch;  // one slot per thread of the block
+inline std::vector<uint32_t> mma_scratch;   // 6 registers (4 of A, 2 of B) per thread, for mma.sync
 }  // namespace emu
 
 #define threadIdx (emu::thread_idx)
@@ -101,17 +108,16 @@ inline std::vector<float> shuffle_scratch;  // one slot per thread of the block
 #define __restrict__ __restrict
 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
-// Stronger than the GPU's (the whole block, not one warp), which is fine for uniform control flow.
-inline void __syncwarp(unsigned /*mask*/ = 0xFFFFFFFFu) { __syncthreads(); }
+inline void __syncwarp(unsigned /*mask*/ = 0xFFFFFFFFu) { emu::warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 
 // Butterfly shuffle within a warp of 32: every thread publishes its value, then reads its partner's.
 inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) {
   const unsigned t = threadIdx.x;
   float* warp = &emu::shuffle_scratch[t - t % 32];
   warp[t % 32] = v;
-  __syncthreads();
+  __syncwarp();
   const float r = warp[(t % 32) ^ unsigned(lane_mask)];
-  __syncthreads();  // nobody overwrites a slot before everyone has read it
+  __syncwarp();  // nobody overwrites a slot before everyone has read it
   return r;
 }
 
@@ -121,9 +127,16 @@ void emu_launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
   emu::grid_dim = grid;
   emu::block_dim = block;
   emu::shuffle_scratch.assign(block.x, 0.0f);
+  emu::mma_scratch.assign(block.x * 6, 0u);
   for (unsigned b = 0; b < grid.x; ++b) {
     std::barrier<> barrier(block.x);
     emu::block_barrier = &barrier;
+    std::vector<std::unique_ptr<std::barrier<>>> warps;  // blocks are whole warps here
+    emu::warp_barriers.clear();
+    for (unsigned w = 0; w < block.x / 32; ++w) {
+      warps.push_back(std::make_unique<std::barrier<>>(32));
+      emu::warp_barriers.push_back(warps.back().get());
+    }
     std::vector<std::thread> threads;
     threads.reserve(block.x);
     for (unsigned t = 0; t < block.x; ++t) {

@@ -42,6 +42,13 @@ __device__ __forceinline__ void store128(void* p, uint4 v) {
   std::memcpy(p, &v, sizeof v);
 #endif
 }
+__device__ __forceinline__ void store64(void* p, uint2 v) {
+#ifdef __CUDACC__
+  *reinterpret_cast<uint2*>(p) = v;
+#else
+  std::memcpy(p, &v, sizeof v);
+#endif
+}
 
 // Two halves 1024 + u_lo, 1024 + u_hi (a magic pair) -> the signed codes u - 8 as floats.
 // On the GPU one HSUB2 subtracts 1032 from both halves at once (exact: small integers), then two

@@ -14,7 +14,15 @@ import pytest
 import torch
 
 from easyquant_vllm.kernels import sass
-from easyquant_vllm.kernels.cuda_build import ARCHS, GEMV_BATCH_TILES, GEMV_ROWS_PER_WARP, KERNEL_NAMES
+from easyquant_vllm.kernels.cuda_build import (
+    ARCHS,
+    GEMV_BATCH_TILES,
+    GEMV_ROWS_PER_WARP,
+    KERNEL_NAMES,
+    MMA_BATCH_TILES,
+    MMA_WARPS,
+)
+from easyquant_vllm.kernels.mma_layout import to_mma_layout
 from easyquant_vllm.quant import QuantSpec, quantize_weight
 from tests.conftest import heavy_tailed
 
@@ -48,18 +56,21 @@ def _bits(t: torch.Tensor) -> np.ndarray:
 
 def run_emulated(driver: Path, tmp: Path, x: torch.Tensor, qw, threads: int = 128, mode: str = "run") -> torch.Tensor:  # type: ignore[no-untyped-def]
     """Run a kernel on the host: ``mode="run"`` the GEMV for ``x [M, K]`` (fp16/bf16) -> y [M, N];
-    ``"dequant"`` W' -> [N, K] in x's dtype. Results come back as float32."""
+    ``"dequant"`` W' -> [N, K] in x's dtype; ``"mma"`` / ``"dequant_mma"`` the same from cuda/eq_mma.cu
+    with the weights repacked to the MMA layout. Results come back as float32."""
     m, k = x.shape
     n = qw.shape[0]
     g = k if qw.group_size == -1 else qw.group_size
     o = qw.outliers
     header = np.array([m, n, k, g, o.nnz, 0 if x.dtype == torch.float16 else 1, threads], dtype=np.int32)
-    parts = [header, _bits(x), qw.qweight.numpy().astype(np.int32), _bits(qw.scales),
+    words = to_mma_layout(qw.qweight).reshape(-1) if mode in ("mma", "dequant_mma") else qw.qweight
+    parts = [header, _bits(x), words.numpy().astype(np.int32), _bits(qw.scales),
              o.indptr.numpy().astype(np.int32), o.indices.numpy().astype(np.int32), _bits(o.values)]  # fmt: skip
     (tmp / "in.bin").write_bytes(b"".join(p.tobytes() for p in parts))
     r = subprocess.run([str(driver), mode, str(tmp / "in.bin"), str(tmp / "out.bin")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    return torch.from_numpy(np.fromfile(tmp / "out.bin", dtype=np.float32).reshape((m, n) if mode == "run" else (n, k)))
+    shape = (m, n) if mode in ("run", "mma") else (n, k)
+    return torch.from_numpy(np.fromfile(tmp / "out.bin", dtype=np.float32).reshape(shape))
 
 
 def _reference(x: torch.Tensor, qw) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -84,8 +95,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("m", "n", "k", "group_size", "dtype", "outliers"), CASES)
-def test_gemv_emulated_matches_reference(driver: Path, tmp_path: Path, m, n, k, group_size, dtype, outliers) -> None:  # type: ignore[no-untyped-def]
+def _check_product(driver: Path, tmp: Path, m, n, k, group_size, dtype, outliers, mode: str) -> None:  # type: ignore[no-untyped-def]
     spec = {"3sigma": {}, "none": {"outlier_threshold": 0.0},
             "many": {"outlier_threshold": 1.0, "max_outlier_fraction": 0.2}}[outliers]  # fmt: skip
     w = heavy_tailed(n, k, seed=m * 1000 + n)
@@ -96,10 +106,10 @@ def test_gemv_emulated_matches_reference(driver: Path, tmp_path: Path, m, n, k, 
     if outliers == "many":
         assert int(counts.max()) > 64  # more than two passes of a warp over one row's outliers
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).to(dtype)
-    y = run_emulated(driver, tmp_path, x, qw).double()
+    y = run_emulated(driver, tmp, x, qw, mode=mode).double()
     ref = _reference(x, qw)
     scale = ref.abs().mean()
-    # The kernel accumulates in fp32 and rounds y to the activation dtype once. Against the exact
+    # The kernels accumulate in fp32 and round y to the activation dtype once. Against the exact
     # reference rounded the same way: Marlin's criterion, mean |error| / mean |reference| < 1e-3.
     assert float((y - ref.to(dtype).double()).abs().mean() / scale) < 1e-3
     # Against the unrounded reference, the final rounding itself counts: fp16 stays under 1e-3; bf16's
@@ -107,16 +117,52 @@ def test_gemv_emulated_matches_reference(driver: Path, tmp_path: Path, m, n, k, 
     assert float((y - ref).abs().mean() / scale) < (1e-3 if dtype == torch.float16 else 4e-3)
 
 
+@pytest.mark.parametrize(("m", "n", "k", "group_size", "dtype", "outliers"), CASES)
+def test_gemv_emulated_matches_reference(driver: Path, tmp_path: Path, m, n, k, group_size, dtype, outliers) -> None:  # type: ignore[no-untyped-def]
+    _check_product(driver, tmp_path, m, n, k, group_size, dtype, outliers, "run")
+
+
+# The tensor-core kernel (N % 16 == 0, K % 64 == 0): K of one k-block (only warp 0 of 8 has work), of
+# 9 k-blocks (warps with 1 and 2 blocks), 16 blocks; groups of 32 (two scalings per k-block), 64, 128
+# (a group across two warps' blocks) and per channel; both batch tiles full and masked; rows with 0
+# and with hundreds of outliers.
+MMA_CASES = [
+    (1, 32, 64, 32, torch.float16, "3sigma"),
+    (8, 48, 576, 64, torch.bfloat16, "3sigma"),
+    (3, 16, 576, -1, torch.float16, "many"),
+    (16, 32, 1024, 128, torch.bfloat16, "3sigma"),
+    (11, 64, 256, 32, torch.float16, "many"),
+    (5, 16, 128, 64, torch.bfloat16, "none"),
+]
+
+
+@pytest.mark.parametrize(("m", "n", "k", "group_size", "dtype", "outliers"), MMA_CASES)
+def test_mma_emulated_matches_reference(driver: Path, tmp_path: Path, m, n, k, group_size, dtype, outliers) -> None:  # type: ignore[no-untyped-def]
+    _check_product(driver, tmp_path, m, n, k, group_size, dtype, outliers, "mma")
+
+
 DEQUANT_CASES = [(37, 96, 32, torch.float16), (24, 1024, -1, torch.bfloat16), (40, 384, 128, torch.float16)]
 
 
 @pytest.mark.parametrize(("n", "k", "group_size", "dtype"), DEQUANT_CASES)
 def test_dequant_emulated_is_bit_identical_to_reference(driver: Path, tmp_path: Path, n, k, group_size, dtype) -> None:  # type: ignore[no-untyped-def]
+    _check_dequant(driver, tmp_path, n, k, group_size, dtype, "dequant")
+
+
+@pytest.mark.parametrize(("n", "k", "group_size", "dtype"), [(32, 64, 32, torch.float16), (48, 576, -1, torch.bfloat16),
+                                                            (16, 1024, 128, torch.float16)])  # fmt: skip
+def test_dequant_mma_emulated_is_bit_identical_to_reference(
+    driver: Path, tmp_path: Path, n, k, group_size, dtype
+) -> None:  # type: ignore[no-untyped-def]
+    _check_dequant(driver, tmp_path, n, k, group_size, dtype, "dequant_mma")
+
+
+def _check_dequant(driver: Path, tmp: Path, n: int, k: int, group_size: int, dtype: torch.dtype, mode: str) -> None:
     w = heavy_tailed(n, k, seed=n)
     w[1] = 0.0
     qw = quantize_weight(w, QuantSpec(group_size=group_size, outlier_threshold=2.0, max_outlier_fraction=0.05))
-    x = torch.zeros(1, k, dtype=dtype)  # unused by the dequant kernel; carries the dtype
-    w_kernel = run_emulated(driver, tmp_path, x, qw, mode="dequant")
+    x = torch.zeros(1, k, dtype=dtype)  # unused by the dequant kernels; carries the dtype
+    w_kernel = run_emulated(driver, tmp, x, qw, mode=mode)
     assert torch.equal(w_kernel, qw.dequantize(dtype).float())  # one rounding of s*q (+ outlier): exact
 
 
@@ -126,12 +172,22 @@ def test_magic_number_dequant_is_exact_for_all_codes(driver: Path) -> None:
         assert [float(v) for v in out[u].split()] == [u - 8.0] * 8
 
 
-def test_gemv_emulated_has_no_data_races(tmp_path: Path) -> None:
+def test_emulated_mma_follows_the_ptx_fragment_layout(driver: Path) -> None:
+    # The host mma.sync of cuda/eq_mma.cu against a plain product, with fragments placed by the PTX ISA's
+    # "Matrix Fragments for mma.m16n8k16" formulas (written out separately in the driver).
+    out = subprocess.run([str(driver), "mma_unit"], capture_output=True, text=True, check=True).stdout.split()
+    a = torch.tensor([[i - c // 4 for c in range(16)] for i in range(16)], dtype=torch.float64)
+    b = torch.tensor([[(c * j) % 5 - 2 for j in range(8)] for c in range(16)], dtype=torch.float64)
+    assert torch.equal(torch.tensor([float(v) for v in out], dtype=torch.float64).view(16, 8), a @ b)
+
+
+def test_kernels_emulated_have_no_data_races(tmp_path: Path) -> None:
     tsan = _build(tmp_path / "gemv_tsan", "-O1", "-g", "-fsanitize=thread")
-    qw = quantize_weight(heavy_tailed(12, 256, seed=5), QuantSpec(group_size=64))
-    x = torch.randn(3, 256).half()
-    y = run_emulated(tsan, tmp_path, x, qw, threads=64)
-    assert float((y.double() - _reference(x, qw)).abs().mean() / _reference(x, qw).abs().mean()) < 1e-3
+    for n, mode in ((12, "run"), (32, "mma")):  # the mma kernel: shared-memory reduction across 8 warps
+        qw = quantize_weight(heavy_tailed(n, 256, seed=5), QuantSpec(group_size=64))
+        x = torch.randn(3, 256).half()
+        y = run_emulated(tsan, tmp_path, x, qw, threads=64, mode=mode)
+        assert float((y.double() - _reference(x, qw)).abs().mean() / _reference(x, qw).abs().mean()) < 1e-3
     # run_emulated asserts exit status 0; TSan exits 66 on a report (halt_on_error is not needed)
 
 
@@ -189,6 +245,8 @@ def test_weight_loads_are_128_bit_and_no_local_memory(source: str, tmp_path: Pat
         assert not re.search(r"\b(LDL|STL)\b", text), f"{source} {arch}: uses local memory"
         if source == "eq_dequant.cu":  # W' goes out 8 values per store
             assert len(re.findall(r"\bSTG\.E\.128\b", text)) >= 4 * 2, f"{arch}: W' is not stored 128 bits wide"
+        if source == "eq_mma.cu":  # the products run on tensor cores, fp32 accumulation, both types
+            assert re.search(r"\bHMMA\.16816\.F32\s", text) and re.search(r"\bHMMA\.16816\.F32\.BF16\b", text), arch
 
 
 def test_gemv_main_loop_fits_the_h100_issue_budget_at_m1(tmp_path: Path) -> None:
@@ -205,9 +263,22 @@ def test_gemv_main_loop_fits_the_h100_issue_budget_at_m1(tmp_path: Path) -> None
         assert all(a < b < 2 * a for a, b in itertools.pairwise(tiles)), tiles
 
 
+def test_mma_main_loop_fits_the_h100_issue_budget_up_to_m16(tmp_path: Path) -> None:
+    # One loop iteration streams one 512-byte k-block of a 16-row tile. Both batch tiles (M <= 8 and
+    # M <= 16) must stay under the H100 budget, i.e. run at HBM speed (measured 126 and 162 of 178).
+    text = _disassemble("eq_mma.cu", "sm_90", tmp_path)
+    budget = sass.IssueModel().budget()
+    counts = {name: len(sass.main_loop(body).instructions) for name, body in sass.functions(text).items()
+              if name.startswith("eq_mma_int4_")}  # fmt: skip
+    assert len(counts) == 4 and max(counts.values()) <= budget, counts
+
+
 def test_python_constants_match_the_kernel_source() -> None:
     source = (ROOT / "cuda" / "eq_gemv.cu").read_text()
     assert int(re.search(r"constexpr int kRowsPerWarp = (\d+);", source).group(1)) == GEMV_ROWS_PER_WARP
     assert int(re.search(r"constexpr int kMaxM = (\d+);", source).group(1)) == GEMV_BATCH_TILES[-1]
     for m in GEMV_BATCH_TILES:
         assert f"EQ_GEMV_ENTRY(SUFFIX, T, {m})" in source
+    mma = (ROOT / "cuda" / "eq_mma.cu").read_text()
+    assert int(re.search(r"constexpr int kMmaWarps = (\d+);", mma).group(1)) == MMA_WARPS
+    assert int(re.search(r"constexpr int kMmaMaxTiles = (\d+);", mma).group(1)) == MMA_BATCH_TILES[-1]

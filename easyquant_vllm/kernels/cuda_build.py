@@ -23,9 +23,17 @@ GEMV_BATCH_TILES = (1, 2, 4, 8, 16)
 GEMV_ROWS_PER_WARP = 2
 """= kRowsPerWarp in cuda/eq_gemv.cu: output rows one warp owns (a test reads the source to check)."""
 
+MMA_BATCH_TILES = (1, 2)
+"""Batch tiles of 8 rows the tensor-core kernel (cuda/eq_mma.cu) is instantiated for: M <= 8, M <= 16."""
+
+MMA_WARPS = 8
+"""= kMmaWarps in cuda/eq_mma.cu: warps per block, all on one 16-row tile, splitting K."""
+
 KERNEL_NAMES = {
     "eq_gemv.cu": tuple(f"eq_gemv_int4_{t}_m{m}" for t in ("f16", "bf16") for m in GEMV_BATCH_TILES),
     "eq_dequant.cu": ("eq_dequant_int4_f16", "eq_dequant_int4_bf16"),
+    "eq_mma.cu": (*(f"eq_mma_int4_{t}_t{j}" for t in ("f16", "bf16") for j in MMA_BATCH_TILES),
+                  "eq_dequant_mma_int4_f16", "eq_dequant_mma_int4_bf16"),  # fmt: skip
 }
 
 

@@ -4,9 +4,13 @@
 //                              indptr [N+1] i32, indices [nnz] i32, values [nnz] u16 bits.
 //                              OUT: y [M*N] float32.
 //   gemv_driver dequant IN OUT same IN (x is read and ignored); OUT: W' [N*K] float32 (exact: fp16/bf16 values).
+//   gemv_driver mma IN OUT     cuda/eq_mma.cu's tensor-core kernel; qweight in IN is in the MMA layout.
+//   gemv_driver dequant_mma IN OUT   W' from the MMA layout, as dequant.
+//   gemv_driver mma_unit       prints D = A B of one emulated mma.sync.m16n8k16 (see mma_unit).
 //   gemv_driver magic          prints the dequantized code of every nibble value 0..15, one per line.
 #include "../../cuda/eq_dequant.cu"
 #include "../../cuda/eq_gemv.cu"
+#include "../../cuda/eq_mma.cu"
 
 #include <cstdio>
 #include <fstream>
@@ -80,7 +84,90 @@ static std::vector<float> run(std::vector<uint16_t> xbits, const std::vector<int
   return out;
 }
 
+// The tensor-core kernels (cuda/eq_mma.cu), qweight in the MMA layout: kT = 1 for M <= 8, else 2.
+template <typename T>
+static std::vector<float> run_mma(std::vector<uint16_t> xbits, const std::vector<int32_t>& qweight,
+                                  std::vector<uint16_t> sbits, const std::vector<int32_t>& indptr,
+                                  const std::vector<int32_t>& indices, std::vector<uint16_t> vbits, int M, int N,
+                                  int K, int G) {
+  std::vector<T> x(xbits.size()), y(static_cast<size_t>(M) * N);
+  std::memcpy(x.data(), xbits.data(), xbits.size() * 2);
+  std::vector<__half> scales(sbits.size()), values(vbits.size());
+  std::memcpy(scales.data(), sbits.data(), sbits.size() * 2);
+  std::memcpy(values.data(), vbits.data(), vbits.size() * 2);
+  const auto* q = reinterpret_cast<const int4*>(qweight.data());
+  const dim3 grid(N / 16), block(eq::kMmaWarps * 32);
+  if constexpr (std::is_same_v<T, __half>) {
+    emu_launch(grid, block, M <= 8 ? eq_mma_int4_f16_t1 : eq_mma_int4_f16_t2, x.data(), q, scales.data(),
+               indptr.data(), indices.data(), values.data(), y.data(), M, N, K, G);
+  } else {
+    emu_launch(grid, block, M <= 8 ? eq_mma_int4_bf16_t1 : eq_mma_int4_bf16_t2, x.data(), q, scales.data(),
+               indptr.data(), indices.data(), values.data(), y.data(), M, N, K, G);
+  }
+  std::vector<float> out(y.size());
+  for (size_t i = 0; i < y.size(); ++i) out[i] = to_float(y[i]);
+  return out;
+}
+
+template <typename T>
+static std::vector<float> dequant_mma(const std::vector<int32_t>& qweight, std::vector<uint16_t> sbits,
+                                      const std::vector<int32_t>& indptr, const std::vector<int32_t>& indices,
+                                      std::vector<uint16_t> vbits, int N, int K, int G) {
+  std::vector<__half> scales(sbits.size()), values(vbits.size());
+  std::memcpy(scales.data(), sbits.data(), sbits.size() * 2);
+  std::memcpy(values.data(), vbits.data(), vbits.size() * 2);
+  std::vector<T> w(static_cast<size_t>(N) * K);
+  const auto* q = reinterpret_cast<const int4*>(qweight.data());
+  const dim3 grid((N / 16 + 3) / 4), block(128);
+  if constexpr (std::is_same_v<T, __half>) {
+    emu_launch(grid, block, eq_dequant_mma_int4_f16, q, scales.data(), indptr.data(), indices.data(), values.data(),
+               w.data(), N, K, G);
+  } else {
+    emu_launch(grid, block, eq_dequant_mma_int4_bf16, q, scales.data(), indptr.data(), indices.data(),
+               values.data(), w.data(), N, K, G);
+  }
+  std::vector<float> out(w.size());
+  for (size_t i = 0; i < w.size(); ++i) out[i] = to_float(w[i]);
+  return out;
+}
+
+// One emulated mma.sync.m16n8k16 (fp16) on A[i][c] = i - c / 4 and B[c][j] = (c * j) % 5 - 2, small
+// integers, so D = A B is exact. Fragments are placed by the PTX ISA's formulas, written out again here
+// independently of eq_mma.cu. Prints D, 16 rows of 8.
+static void mma_unit() {
+  float d[32][4] = {};
+  auto a_val = [](int i, int c) { return float(i - c / 4); };
+  auto b_val = [](int c, int j) { return float((c * j) % 5 - 2); };
+  auto bits = [](float v) { return uint32_t(__half_as_ushort(__float2half_rn(v))); };
+  emu_launch(dim3(1), dim3(32), [&] {
+    const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+    uint32_t a[4], b[2];
+    for (int r = 0; r < 4; ++r) {  // a_{2r}, a_{2r+1}: row g (+8 for r = 1, 3), column 2t (+8 for r >= 2)
+      const int row = g + (r % 2) * 8, col = 2 * t + (r / 2) * 8;
+      a[r] = bits(a_val(row, col)) | (bits(a_val(row, col + 1)) << 16);
+    }
+    for (int r = 0; r < 2; ++r) {  // b_{2r}, b_{2r+1}: rows 2t, 2t + 1 (+8 for r = 1), column g
+      const int row = 2 * t + 8 * r;
+      b[r] = bits(b_val(row, g)) | (bits(b_val(row + 1, g)) << 16);
+    }
+    float acc[4] = {0, 0, 0, 0};
+    eq::mma<__half>(acc, a, b);
+    for (int i = 0; i < 4; ++i) d[lane][i] = acc[i];
+  });
+  for (int i = 0; i < 16; ++i) {
+    for (int j = 0; j < 8; ++j) {  // c_k: row g (+8 for k >= 2), column 2t + (k & 1)
+      const int lane = (i % 8) * 4 + j / 2, k = (i >= 8 ? 2 : 0) + (j % 2);
+      std::printf(j ? " %g" : "%g", d[lane][k]);
+    }
+    std::printf("\n");
+  }
+}
+
 int main(int argc, char** argv) {
+  if (argc >= 2 && std::string(argv[1]) == "mma_unit") {
+    mma_unit();
+    return 0;
+  }
   if (argc >= 2 && std::string(argv[1]) == "magic") {
     for (uint32_t u = 0; u < 16; ++u) {
       float q[8];
@@ -91,8 +178,8 @@ int main(int argc, char** argv) {
     return 0;
   }
   const std::string mode = argc == 4 ? argv[1] : "";
-  if (mode != "run" && mode != "dequant") {
-    std::fprintf(stderr, "usage: gemv_driver run|dequant IN OUT | gemv_driver magic\n");
+  if (mode != "run" && mode != "dequant" && mode != "mma" && mode != "dequant_mma") {
+    std::fprintf(stderr, "usage: gemv_driver run|dequant|mma|dequant_mma IN OUT | gemv_driver magic\n");
     return 2;
   }
   std::ifstream in(argv[2], std::ios::binary);
@@ -104,6 +191,16 @@ int main(int argc, char** argv) {
   auto indptr = read<int32_t>(in, N + 1);
   auto indices = read<int32_t>(in, nnz);
   auto values = read<uint16_t>(in, nnz);
+  if (mode == "mma" || mode == "dequant_mma") {  // qweight holds the MMA layout (same number of words)
+    const auto r = mode == "mma"
+                       ? (dtype == 0 ? run_mma<__half>(x, qweight, scales, indptr, indices, values, M, N, K, G)
+                                     : run_mma<__nv_bfloat16>(x, qweight, scales, indptr, indices, values, M, N, K, G))
+                       : (dtype == 0 ? dequant_mma<__half>(qweight, scales, indptr, indices, values, N, K, G)
+                                     : dequant_mma<__nv_bfloat16>(qweight, scales, indptr, indices, values, N, K, G));
+    std::ofstream out(argv[3], std::ios::binary);
+    out.write(reinterpret_cast<const char*>(r.data()), static_cast<std::streamsize>(r.size() * sizeof(float)));
+    return 0;
+  }
   if (mode == "dequant") {
     const auto w = dtype == 0 ? dequant<__half>(qweight, scales, indptr, indices, values, N, K, G, threads)
                               : dequant<__nv_bfloat16>(qweight, scales, indptr, indices, values, N, K, G, threads);

@@ -1,0 +1,312 @@
+// eq_mma.cu - EasyQuant int4 x fp16/bf16 on tensor cores for batches of 1..16 rows, and W' from the
+// same layout for larger batches.
+//
+// Why tensor cores even for decode: the CUDA-core GEMV (eq_gemv.cu) spends 32 fp32 FMAs per 32
+// weights per batch row, so beyond M ~ 2 it is bound by instruction issue, not HBM (docs/kernels.md).
+// One mma.sync.m16n8k16 multiplies a 16 x 16 block of weights by 8 batch rows at once. Here the
+// WEIGHTS are the A operand (16 rows x 16 columns) and the activations the B operand (16 columns x
+// 8 batch rows), so a batch of up to 8 fills one mma and costs the same as a batch of 1. Per 512
+// weight bytes the loop issues ~1/3 of the GEMV's instructions at M = 1 and stays under the
+// H100's issue budget up to M = 16: the kernel should run at HBM speed for every M <= 16.
+//
+// Layout (easyquant_vllm/kernels/mma_layout.py builds it once at load from the checkpoint's):
+//   qweight [N/16][K/64][32 lanes] of int4: tile (r, b) = rows 16r.., columns 64b..; lane l = 4g + t
+//   holds word s for k-step s (columns 64b + 16s ..), whose nibbles p / p + 4 are the two halves of
+//   A register p. Inside a step, mma column 2t + e is physical column 4t + e and 2t + 8 + e is
+//   4t + 2 + e, so a lane's B fragment is the 4 consecutive activations 16s + 4t .. + 3 (one 64-bit
+//   load) and its A fragment is one lop3 + HSUB2 per register, with no shuffles.
+// Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"), g = lane >> 2,
+// t = lane & 3:  A a0,a1: (g, 2t..2t+1)  a2,a3: (g+8, 2t..)  a4,a5: (g, 2t+8..)  a6,a7: (g+8, 2t+8..)
+//                B b0,b1: (2t..2t+1, g)  b2,b3: (2t+8.., g);  C c0,c1: (g, 2t..2t+1)  c2,c3: (g+8, 2t..)
+//
+// Steps: the codes go in as exact small integers q (fp16 or bf16), the mma accumulates q * x in
+// fp32, and the group step multiplies that partial sum in fp32 at each group (or k-block) end. So W'
+// is never rounded: more exact than the dequantize path, and bf16 needs no bf16 copy of the fp16 step.
+//
+// Work split: one block of kMmaWarps warps per 16-row tile; warp w takes k-blocks w, w + 8, ... (split
+// K: enough warps in flight for HBM even when N is small), prefetching its next 128-bit load. Each
+// warp adds its share of the tile's CSR outliers (entries w, w + 8, ... of each row) to its
+// accumulators; then the warps' partial sums meet in shared memory and warp 0 writes y. No atomics:
+// a tile has one owner block.
+//
+// Requires N % 16 == 0, K % 64 == 0, G a power of two >= 32 dividing K (or G == K), 16-byte aligned
+// qweight and x, M <= 8 * kT (checked by easyquant_vllm/kernels/cuda_int4.py).
+#include "eq_int4.cuh"
+
+namespace eq {
+
+constexpr int kMmaWarps = 8;     // warps per block, all on one 16-row tile
+constexpr int kMmaMaxTiles = 2;  // batch tiles of 8 rows: M <= 16
+
+// 64-bit load of 4 consecutive 16-bit activations (8-byte aligned: K % 64 == 0, x 16-byte aligned).
+__device__ __forceinline__ uint2 load64(const void* p) {
+#ifdef __CUDACC__
+  return *reinterpret_cast<const uint2*>(p);
+#else
+  uint2 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+#endif
+}
+
+// Per operand type: the magic pair (two 16-bit 2^n with room for a nibble in the mantissa), the
+// bias 2^n + 8 that turns 2^n + u into q = u - 8 exactly, and the mma instruction.
+template <typename T>
+struct Mma;
+
+template <>
+struct Mma<__half> {
+  static constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024.0, twice
+  static constexpr float kBias = 1032.0f;
+  static __device__ __forceinline__ float to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+  static __device__ __forceinline__ uint16_t from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
+#ifdef __CUDACC__
+  static __device__ __forceinline__ uint32_t codes(uint32_t pair) {
+    const __half2 q = __hsub2(*reinterpret_cast<const __half2*>(&pair), __float2half2_rn(kBias));
+    return *reinterpret_cast<const uint32_t*>(&q);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+};
+
+template <>
+struct Mma<__nv_bfloat16> {
+  static constexpr uint32_t kMagic = 0x43004300u;  // bf16 128.0, twice: 7 mantissa bits hold u < 16
+  static constexpr float kBias = 136.0f;
+  static __device__ __forceinline__ float to_float(uint16_t bits) { return __uint_as_float(uint32_t(bits) << 16); }
+  static __device__ __forceinline__ uint16_t from_float(float f) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+  }
+#ifdef __CUDACC__
+  static __device__ __forceinline__ uint32_t codes(uint32_t pair) {
+    const __nv_bfloat162 q = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&pair), __float2bfloat162_rn(kBias));
+    return *reinterpret_cast<const uint32_t*>(&q);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+};
+
+#ifndef __CUDACC__
+// Host versions, exact: the codes are small integers; the mma gathers the warp's fragments through
+// scratch (like the shuffles of cuda_host.h) and sums the 16 exact products per output in fp32.
+template <typename T>
+inline uint32_t host_codes(uint32_t pair) {
+  const float lo = Mma<T>::to_float(uint16_t(pair & 0xFFFFu)) - Mma<T>::kBias;
+  const float hi = Mma<T>::to_float(uint16_t(pair >> 16)) - Mma<T>::kBias;
+  return uint32_t(Mma<T>::from_float(lo)) | (uint32_t(Mma<T>::from_float(hi)) << 16);
+}
+
+template <typename T>
+inline void host_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const unsigned tid = threadIdx.x, lane = tid % 32;
+  uint32_t* warp = &emu::mma_scratch[(tid - lane) * 6];
+  for (int i = 0; i < 4; ++i) warp[lane * 6 + i] = a[i];
+  warp[lane * 6 + 4] = b[0];
+  warp[lane * 6 + 5] = b[1];
+  __syncwarp();
+  auto half_of = [](uint32_t reg, int c) { return Mma<T>::to_float(uint16_t(c & 1 ? reg >> 16 : reg & 0xFFFFu)); };
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+    float sum = d[i];
+    for (int c = 0; c < 16; ++c) {
+      const int a_lane = (row % 8) * 4 + (c % 8) / 2, a_reg = (row >= 8 ? 1 : 0) + (c >= 8 ? 2 : 0);
+      const int b_lane = col * 4 + (c % 8) / 2, b_reg = c >= 8 ? 1 : 0;
+      sum += half_of(warp[a_lane * 6 + a_reg], c) * half_of(warp[b_lane * 6 + 4 + b_reg], c);
+    }
+    d[i] = sum;
+  }
+  __syncwarp();  // nobody overwrites the scratch before the whole warp has read it
+}
+#endif
+
+template <typename T>
+__device__ __forceinline__ uint32_t codes(uint32_t pair) {
+#ifdef __CUDACC__
+  return Mma<T>::codes(pair);
+#else
+  return host_codes<T>(pair);
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifdef __CUDACC__
+  Mma<T>::mma(d, a, b);
+#else
+  host_mma<T>(d, a, b);
+#endif
+}
+
+template <typename T, int kT>
+__device__ __forceinline__ void mma_int4(
+    const T* __restrict__ x,            // [M, K] activations, 16-byte aligned
+    const int4* __restrict__ qweight,   // [N/16][K/64][32] lanes' 128-bit words (MMA layout)
+    const __half* __restrict__ scales,  // [N, K/G]
+    const int* __restrict__ indptr, const int* __restrict__ indices, const __half* __restrict__ values,
+    T* __restrict__ y,  // [M, N]
+    int M, int N, int K, int G) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int g = lane >> 2, t = lane & 3;
+  const int r0 = blockIdx.x * 16;
+  const int kblocks = K / 64;
+  const int groups = K / G;
+  const int group_shift = G == K ? 31 : __ffs(G) - 1;  // group of column k = k >> group_shift
+  const int steps_per_scale = G == 32 ? 2 : 4;         // scale at each group end, at least per k-block
+  float acc[kT][4], part[kT][4];
+#pragma unroll
+  for (int j = 0; j < kT; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] = part[j][i] = 0.0f;
+
+  const int4* tile = qweight + static_cast<size_t>(blockIdx.x) * kblocks * kWarp + lane;
+  int4 next = {0, 0, 0, 0};
+  if (warp < kblocks) next = tile[warp * kWarp];  // LDG.E.128
+  for (int kb = warp; kb < kblocks; kb += kMmaWarps) {
+    const uint32_t words[4] = {uint32_t(next.x), uint32_t(next.y), uint32_t(next.z), uint32_t(next.w)};
+    if (kb + kMmaWarps < kblocks) next = tile[(kb + kMmaWarps) * kWarp];  // in flight during this block
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const int k0 = kb * 64 + 16 * s;
+      uint32_t a[4];
+#pragma unroll
+      for (int p = 0; p < 4; ++p) a[p] = codes<T>(and_or(words[s] >> (4 * p), kNibblePairMask, Mma<T>::kMagic));
+#pragma unroll
+      for (int j = 0; j < kT; ++j) {
+        const int m = 8 * j + g;  // this lane's batch row in the B fragment
+        uint32_t b[2] = {0u, 0u};
+        if (m < M) {
+          const uint2 v = load64(x + static_cast<size_t>(m) * K + k0 + 4 * t);
+          b[0] = v.x, b[1] = v.y;
+        }
+        mma<T>(part[j], a, b);
+      }
+      if ((s + 1) % steps_per_scale == 0) {
+        const int grp = k0 >> group_shift;
+        const float s_lo = __half2float(scales[static_cast<size_t>(r0 + g) * groups + grp]);
+        const float s_hi = __half2float(scales[static_cast<size_t>(r0 + g + 8) * groups + grp]);
+#pragma unroll
+        for (int j = 0; j < kT; ++j) {
+          acc[j][0] = fmaf(s_lo, part[j][0], acc[j][0]), acc[j][1] = fmaf(s_lo, part[j][1], acc[j][1]);
+          acc[j][2] = fmaf(s_hi, part[j][2], acc[j][2]), acc[j][3] = fmaf(s_hi, part[j][3], acc[j][3]);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) part[j][i] = 0.0f;
+        }
+      }
+    }
+  }
+  // This warp's share of the outliers of rows r0 + g (c0, c1) and r0 + g + 8 (c2, c3).
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = r0 + g + 8 * h;
+    for (int e = indptr[row] + warp; e < indptr[row + 1]; e += kMmaWarps) {
+      const float v = __half2float(values[e]);
+      const int col = indices[e];
+#pragma unroll
+      for (int j = 0; j < kT; ++j)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int m = 8 * j + 2 * t + i;
+          if (m < M) acc[j][2 * h + i] = fmaf(v, Act<T>::load(x[static_cast<size_t>(m) * K + col]), acc[j][2 * h + i]);
+        }
+    }
+  }
+  __shared__ float partial[kMmaWarps][kWarp][kMmaMaxTiles * 4];
+#pragma unroll
+  for (int j = 0; j < kT; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) partial[warp][lane][4 * j + i] = acc[j][i];
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int j = 0; j < kT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kMmaWarps; ++w) sum += partial[w][lane][4 * j + i];
+        const int m = 8 * j + 2 * t + (i & 1), n = r0 + g + (i >= 2 ? 8 : 0);
+        if (m < M) y[static_cast<size_t>(m) * N + n] = Act<T>::store(sum);
+      }
+  }
+}
+
+// W' [N, K] from the MMA layout: one warp per 16-row tile, each value s * q rounded once (bit-identical
+// to easyquant_vllm.quant.dequantize), 4 consecutive values per row and step as one 64-bit store; then,
+// after __syncwarp, the tile's outliers over their zeros (the owner warp only: no atomics).
+template <typename T>
+__device__ __forceinline__ void dequant_mma(const int4* __restrict__ qweight, const __half* __restrict__ scales,
+                                            const int* __restrict__ indptr, const int* __restrict__ indices,
+                                            const __half* __restrict__ values, T* __restrict__ w, int N, int K,
+                                            int G) {
+  const int lane = threadIdx.x % kWarp;
+  const int tile = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+  const bool active = tile < N / 16;
+  const int g = lane >> 2, t = lane & 3;
+  const int r0 = tile * 16;
+  const int kblocks = K / 64, groups = K / G;
+  const int group_shift = G == K ? 31 : __ffs(G) - 1;
+  for (int kb = 0; active && kb < kblocks; ++kb) {
+    const int4 q4 = qweight[(static_cast<size_t>(tile) * kblocks + kb) * kWarp + lane];
+    const uint32_t words[4] = {uint32_t(q4.x), uint32_t(q4.y), uint32_t(q4.z), uint32_t(q4.w)};
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const int col = kb * 64 + 16 * s + 4 * t;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // row g (nibble pairs 0, 2) and row g + 8 (pairs 1, 3)
+        const int row = r0 + g + 8 * h;
+        const float step = __half2float(scales[static_cast<size_t>(row) * groups + (col >> group_shift)]);
+        float q[4];
+        magic_pair_to_codes(and_or(words[s] >> (4 * h), kNibblePairMask, kMagicPair), q[0], q[1]);
+        magic_pair_to_codes(and_or(words[s] >> (4 * (h + 2)), kNibblePairMask, kMagicPair), q[2], q[3]);
+        const uint2 out = {Act<T>::pack2(step * q[0], step * q[1]), Act<T>::pack2(step * q[2], step * q[3])};
+        store64(w + static_cast<size_t>(row) * K + col, out);  // STG.E.64
+      }
+    }
+  }
+  __syncwarp();
+  if (active) {
+    for (int r = r0; r < r0 + 16; ++r)
+      for (int e = indptr[r] + lane; e < indptr[r + 1]; e += kWarp)
+        w[static_cast<size_t>(r) * K + indices[e]] = Act<T>::store(__half2float(values[e]));
+  }
+}
+
+}  // namespace eq
+
+// eq_mma_int4_{f16,bf16}_t{1,2}: kT batch tiles of 8 rows (M <= 8, M <= 16); grid N / 16 blocks of
+// 8 warps. eq_dequant_mma_int4_{f16,bf16}: grid ceil(N / 64) blocks of 4 warps.
+#define EQ_MMA_ENTRY(SUFFIX, T, KT)                                                                             \
+  extern "C" __global__ void eq_mma_int4_##SUFFIX##_t##KT(const T* x, const int4* qweight, const __half* scales, \
+                                                         const int* indptr, const int* indices,                 \
+                                                         const __half* values, T* y, int M, int N, int K, int G) { \
+    eq::mma_int4<T, KT>(x, qweight, scales, indptr, indices, values, y, M, N, K, G);                            \
+  }
+EQ_MMA_ENTRY(f16, __half, 1)
+EQ_MMA_ENTRY(f16, __half, 2)
+EQ_MMA_ENTRY(bf16, __nv_bfloat16, 1)
+EQ_MMA_ENTRY(bf16, __nv_bfloat16, 2)
+
+extern "C" __global__ void eq_dequant_mma_int4_f16(const int4* qweight, const __half* scales, const int* indptr,
+                                                   const int* indices, const __half* values, __half* w, int N,
+                                                   int K, int G) {
+  eq::dequant_mma<__half>(qweight, scales, indptr, indices, values, w, N, K, G);
+}
+
+extern "C" __global__ void eq_dequant_mma_int4_bf16(const int4* qweight, const __half* scales, const int* indptr,
+                                                    const int* indices, const __half* values, __nv_bfloat16* w,
+                                                    int N, int K, int G) {
+  eq::dequant_mma<__nv_bfloat16>(qweight, scales, indptr, indices, values, w, N, K, G);
+}
