@@ -13,7 +13,8 @@ architecture.
 With a GPU it also times, on synthetic weights in the canonical layout (random codes, 0.5 % CSR
 outliers per row, codes 0 under them as in a real checkpoint):
   * ``fp16``: ``torch.matmul(x, W.T)`` with a dense fp16 W (cuBLAS), the baseline;
-  * ``gemv``: the fused GEMV ``easyquant::gemv_int4`` (only for M up to the kernel's maximum);
+  * ``gemv``: the fused CUDA-core GEMV ``easyquant::gemv_int4`` (M <= 16, canonical layout);
+  * ``mma``: the tensor-core kernel ``easyquant::mma_int4`` (M <= 16, MMA layout);
   * ``deq+mm``: ``easyquant::dequant_int4`` into a workspace, then ``torch.matmul``;
   * ``eq``: what ``CudaInt4Kernel.apply`` dispatches to at this M.
 Each is captured ``--calls`` times in one CUDA graph, cycling through enough weight copies that the
@@ -90,7 +91,7 @@ def print_compile_stats() -> None:
 
 
 def print_issue_model(g: int, f: float) -> None:
-    """The SASS issue model (docs/kernels.md): predicted bandwidth fraction and speed-up per batch tile."""
+    """The SASS issue model (docs/kernels.md): predicted bandwidth fraction and speed-up per kernel and tile."""
     import tempfile
 
     from easyquant_vllm.kernels import sass
@@ -98,7 +99,9 @@ def print_issue_model(g: int, f: float) -> None:
 
     try:
         with tempfile.TemporaryDirectory() as d:
-            text = sass.disassemble("eq_gemv.cu", "sm_90", Path(d))
+            gemv = sass.loop_counts(sass.disassemble("eq_gemv.cu", "sm_90", Path(d)), "eq_gemv_int4_f16_",
+                                    GEMV_ROWS_PER_WARP)  # fmt: skip
+            mma = sass.loop_counts(sass.disassemble("eq_mma.cu", "sm_90", Path(d)), "eq_mma_int4_f16_", 1)
     except (FileNotFoundError, OSError) as e:
         print(f"\n(no SASS model: {e})")
         return
@@ -107,17 +110,19 @@ def print_issue_model(g: int, f: float) -> None:
     ideal = 16 / bits
     deq_mm = 16 / (bits + 32)  # dequant reads the int4 weights and writes W', the GEMM reads W' back
     print(f"\n# SASS issue model, sm_90 (H100 SXM: {model.sms} SMs x {model.schedulers_per_sm} schedulers at "
-          f"{model.clock_ghz} GHz, {model.hbm_gbs / 1000:g} TB/s): the GEMV keeps up with HBM while its main loop "
-          f"issues <= {model.budget():.0f} warp instructions per 512 weight bytes (a chunk-row)")  # fmt: skip
-    print("| tile | instructions / chunk-row | predicted % of HBM | predicted speed-up vs fp16 | "
-          "dequant + cuBLAS |\n|---|---|---|---|---|")  # fmt: skip
-    for name, n in sorted(
-        sass.gemv_loop_counts(text, GEMV_ROWS_PER_WARP).items(), key=lambda kv: int(kv[0].split("_m")[1])
-    ):
-        if "_f16_" not in name:
-            continue
+          f"{model.clock_ghz} GHz, {model.hbm_gbs / 1000:g} TB/s): a kernel keeps up with HBM while its main loop "
+          f"issues <= {model.budget():.0f} warp instructions per 512 weight bytes")  # fmt: skip
+    print(
+        "| kernel | M | instructions / 512 B | predicted % of HBM | predicted speed-up vs fp16 |\n|---|---|---|---|---|"
+    )
+    rows = [(f"GEMV (CUDA cores), tile {name.rsplit('_m', 1)[1]}", f"<= {name.rsplit('_m', 1)[1]}", n)
+            for name, n in sorted(gemv.items(), key=lambda kv: int(kv[0].rsplit("_m", 1)[1]))]  # fmt: skip
+    rows += [(f"tensor cores, {name.rsplit('_t', 1)[1]} x 8 batch rows", f"<= {8 * int(name.rsplit('_t', 1)[1])}", n)
+             for name, n in sorted(mma.items())]  # fmt: skip
+    for kernel, m, n in rows:
         frac = model.bandwidth_fraction(n)
-        print(f"| M <= {name.split('_m')[1]} | {n:.1f} | {100 * frac:.0f} % | {ideal * frac:.2f}x | {deq_mm:.2f}x |")
+        print(f"| {kernel} | {m} | {n:.1f} | {100 * frac:.0f} % | {ideal * frac:.2f}x |")
+    print(f"| dequantize + cuBLAS | any | (4.5 bytes per weight) | | {deq_mm:.2f}x |")
     print("Speed-ups assume fp16 cuBLAS at the same HBM fraction as a copy (its best case); they are a model,"
           " not a measurement.")  # fmt: skip
 
@@ -206,33 +211,29 @@ def check_against_reference(qw, dtype) -> float:  # type: ignore[no-untyped-def]
     return float((y.double() - ref).abs().mean() / ref.abs().mean())
 
 
-def time_paths(xs, w16, preps, kern, args) -> dict[str, float | None]:  # type: ignore[no-untyped-def]
+def time_paths(xs, w16, qws, kern, args) -> dict[str, float | None]:  # type: ignore[no-untyped-def]
     """Device us per call of each path for activations ``xs [M, K]`` (see the module docstring)."""
     import torch
 
-    from easyquant_vllm.kernels.cuda_int4 import GEMV_KERNEL_MAX_M
+    from easyquant_vllm.kernels.cuda_int4 import GEMV_KERNEL_MAX_M, MMA_MAX_M
+    from easyquant_vllm.kernels.mma_layout import mma_compatible, to_mma_layout
 
-    g, dtype, ops = args.group_size, xs.dtype, torch.ops.easyquant
-
-    def gemv(p):  # type: ignore[no-untyped-def]
-        return lambda: ops.gemv_int4(xs, p["qweight"], p["scales"], p["indptr"], p["indices"], p["values"], g)
-
-    def deq(p):  # type: ignore[no-untyped-def]
-        return lambda: xs @ ops.dequant_int4(p["qweight"], p["scales"], p["indptr"], p["indices"], p["values"],
-                                             g, dtype).t()  # fmt: skip
-
-    def apply(p):  # type: ignore[no-untyped-def]
-        return lambda: kern.apply(p, xs, None)
+    g, dtype, ops, m = args.group_size, xs.dtype, torch.ops.easyquant, xs.shape[0]
+    canon = [(q.qweight, q.scales, q.outliers.indptr, q.outliers.indices, q.outliers.values) for q in qws]
+    n, k = qws[0].shape
+    mma = [(to_mma_layout(c[0]), *c[1:]) for c in canon] if mma_compatible(n, k) else []
+    preps = [kern.prepare(q) for q in qws]  # what the linear method holds: the layout apply() dispatches on
 
     def timed(fns):  # type: ignore[no-untyped-def]
         return graph_time_us(fns, args.calls, args.reps)
 
     return {
         "fp16_us": timed([lambda w=w: xs @ w.t() for w in w16]),
-        "gemv_us": timed([gemv(p) for p in preps]) if xs.shape[0] <= GEMV_KERNEL_MAX_M else None,
-        "deq_mm_us": timed([deq(p) for p in preps]),
-        "eq_us": timed([apply(p) for p in preps]),
-        "eager_us": eager_time_us(apply(preps[0]), 50),
+        "gemv_us": timed([lambda c=c: ops.gemv_int4(xs, *c, g) for c in canon]) if m <= GEMV_KERNEL_MAX_M else None,
+        "mma_us": timed([lambda c=c: ops.mma_int4(xs, *c, g) for c in mma]) if mma and m <= MMA_MAX_M else None,
+        "deq_mm_us": timed([lambda c=c: xs @ ops.dequant_int4(*c, g, dtype).t() for c in canon]),
+        "eq_us": timed([lambda p=p: kern.apply(p, xs, None) for p in preps]),
+        "eager_us": eager_time_us(lambda: kern.apply(preps[0], xs, None), 50),
     }
 
 
@@ -240,17 +241,18 @@ def run_gpu(args: argparse.Namespace) -> list[dict]:  # type: ignore[type-arg]
     import torch
 
     from easyquant_vllm.kernels import CudaInt4Kernel, LayerSpec
-    from easyquant_vllm.kernels.cuda_int4 import GEMV_KERNEL_MAX_M, GEMV_MAX_M
+    from easyquant_vllm.kernels.cuda_int4 import GEMV_MAX_M, MMA_MAX_M
 
     props = torch.cuda.get_device_properties(0)
     peak = peak_copy_gbs()
     print(f"\n# GPU: {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size / 2**20:.0f} MiB; "
           f"torch {torch.__version__}; measured copy bandwidth {peak:.0f} GB/s (read + write)")  # fmt: skip
-    print(f"# g{args.group_size}, {100 * args.outlier_fraction:g} % outliers, {args.dtype}; GEMV for M <= "
-          f"{GEMV_MAX_M} (kernel max {GEMV_KERNEL_MAX_M}); device us per call under a CUDA graph")  # fmt: skip
+    print(f"# g{args.group_size}, {100 * args.outlier_fraction:g} % outliers, {args.dtype}; eq = the dispatch: "
+          f"tensor cores for M <= {MMA_MAX_M} (GEMV for M <= {GEMV_MAX_M} where N % 16 or K % 64), then "
+          "dequantize + cuBLAS; device us per call under a CUDA graph")  # fmt: skip
     dtype = getattr(torch, args.dtype)
     rows = []
-    hdr = "| layer | M | fp16 us | gemv us | deq+mm us | eq us | eq GB/s | % peak | speed-up | eager us |"
+    hdr = "| layer | M | fp16 us | gemv us | mma us | deq+mm us | eq us | eq GB/s | % peak | speed-up | eager us |"
     print(hdr + "\n|" + "---|" * (hdr.count("|") - 1))
     for name, (n, k) in SHAPES.items():
         if args.shapes and not any(s in name for s in args.shapes):
@@ -263,18 +265,17 @@ def run_gpu(args: argparse.Namespace) -> list[dict]:  # type: ignore[type-arg]
         err = check_against_reference(qws[0], dtype)
         spec = LayerSpec(n, k, 4, args.group_size, dtype, "cuda")
         kern = CudaInt4Kernel(spec)
-        preps = [kern.prepare(q) for q in qws]
         w16 = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies16)]
         for m in args.m:
-            t = time_paths(torch.randn(m, k, device="cuda", dtype=dtype), w16, preps, kern, args)
+            t = time_paths(torch.randn(m, k, device="cuda", dtype=dtype), w16, qws, kern, args)
             gbs = (bytes_eq + m * k * 2 + m * n * 2) / (t["eq_us"] * 1e-6) / 1e9
             row = {"layer": name, "n": n, "k": k, "m": m, **t, "eq_gbs": gbs, "pct_peak": 100 * gbs / peak,
                    "speedup": t["fp16_us"] / t["eq_us"], "rel_err_m4": err, "copies": copies}  # fmt: skip
             rows.append(row)
-            cells = [row[c] for c in ("fp16_us", "gemv_us", "deq_mm_us", "eq_us", "eq_gbs")]
+            cells = [row[c] for c in ("fp16_us", "gemv_us", "mma_us", "deq_mm_us", "eq_us", "eq_gbs")]
             tail = f" | {row['pct_peak']:.0f} % | {row['speedup']:.2f}x | {t['eager_us']:.1f} |"
             print(f"| {name} | {m} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in cells) + tail, flush=True)
-        del qws, preps, w16
+        del qws, w16
         torch.cuda.empty_cache()
     print(f"\nGEMV vs fp64 reference, mean relative error (M = 4): max over layers "
           f"{max(r['rel_err_m4'] for r in rows):.2e}")  # fmt: skip

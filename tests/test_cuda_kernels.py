@@ -253,7 +253,7 @@ def test_gemv_main_loop_fits_the_h100_issue_budget_at_m1(tmp_path: Path) -> None
     # The GEMV is only worth having if at M = 1 it streams weights at HBM speed: its main loop must
     # issue fewer warp instructions per 512 weight bytes than an H100 can issue in the time HBM
     # delivers them (docs/kernels.md). 10 % headroom: measured 144 against a budget of 178.
-    counts = sass.gemv_loop_counts(_disassemble("eq_gemv.cu", "sm_90", tmp_path), GEMV_ROWS_PER_WARP)
+    counts = sass.loop_counts(_disassemble("eq_gemv.cu", "sm_90", tmp_path), "eq_gemv_int4_", GEMV_ROWS_PER_WARP)
     assert sorted(counts) == sorted(KERNEL_NAMES["eq_gemv.cu"])
     budget = sass.IssueModel().budget()
     for dtype in ("f16", "bf16"):
@@ -268,8 +268,7 @@ def test_mma_main_loop_fits_the_h100_issue_budget_up_to_m16(tmp_path: Path) -> N
     # M <= 16) must stay under the H100 budget, i.e. run at HBM speed (measured 126 and 162 of 178).
     text = _disassemble("eq_mma.cu", "sm_90", tmp_path)
     budget = sass.IssueModel().budget()
-    counts = {name: len(sass.main_loop(body).instructions) for name, body in sass.functions(text).items()
-              if name.startswith("eq_mma_int4_")}  # fmt: skip
+    counts = sass.loop_counts(text, "eq_mma_int4_", 1)
     assert len(counts) == 4 and max(counts.values()) <= budget, counts
 
 

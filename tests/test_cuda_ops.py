@@ -45,6 +45,10 @@ def test_ops_have_fake_implementations_for_compile() -> None:
         assert torch.ops.easyquant.gemv_int4(x, *fake).shape == (3, 40)
         w = torch.ops.easyquant.dequant_int4(*fake, torch.bfloat16)
         assert w.shape == (40, 256) and w.dtype == torch.bfloat16
+        mma_weight = mode.from_tensor(torch.zeros(3, 512, dtype=torch.int32))  # N = 48, K = 256
+        assert torch.ops.easyquant.mma_int4(x, mma_weight, *fake[1:]).shape == (3, 48)
+        w = torch.ops.easyquant.dequant_mma_int4(mma_weight, *fake[1:], torch.float16)
+        assert w.shape == (48, 256) and w.dtype == torch.float16
 
 
 def test_cuda_kernel_is_first_for_cuda_and_never_on_cpu() -> None:
@@ -80,14 +84,38 @@ def test_gpu_gemv_and_dequant_match_reference(m: int, n: int, k: int, group_size
     assert torch.equal(w.cpu(), qw.dequantize(dtype))
 
 
+MMA_GPU_CASES = [(1, 48, 256, 64, torch.float16), (8, 64, 1024, 128, torch.bfloat16), (3, 32, 576, -1, torch.float16),
+                 (16, 48, 512, 32, torch.bfloat16), (11, 16, 4096, 128, torch.float16)]  # fmt: skip
+
+
 @pytest.mark.gpu
-def test_gpu_kernel_under_cuda_graph_and_compile() -> None:
-    qw, _ = _parts(64, 512, 128)
-    spec = LayerSpec(64, 512, 4, 128, torch.float16, "cuda")
+@pytest.mark.parametrize(("m", "n", "k", "group_size", "dtype"), MMA_GPU_CASES)
+def test_gpu_mma_and_dequant_mma_match_reference(m: int, n: int, k: int, group_size: int, dtype: torch.dtype) -> None:
+    from easyquant_vllm.kernels.mma_layout import to_mma_layout
+
+    qw, p = _parts(n, k, group_size)
+    dev = [to_mma_layout(p[0]).cuda(), *(t.cuda() for t in p[1:5]), group_size]
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    ref = x.double() @ qw.dequantize(torch.float64).cuda().T
+    y = torch.ops.easyquant.mma_int4(x, *dev).double()
+    assert float((y - ref.to(dtype).double()).abs().mean() / ref.abs().mean()) < 1e-3
+    w = torch.ops.easyquant.dequant_mma_int4(*dev, dtype)
+    assert torch.equal(w.cpu(), qw.dequantize(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("n", "layout"), [(64, "qweight_mma"), (40, "qweight")])  # N % 16 decides the layout
+@pytest.mark.parametrize("m", [2, 24])  # the small-M kernel, and dequantize + cuBLAS
+def test_gpu_kernel_under_cuda_graph_and_compile(n: int, layout: str, m: int) -> None:
+    qw, _ = _parts(n, 512, 128)
+    spec = LayerSpec(n, 512, 4, 128, torch.float16, "cuda")
     kernel = CudaInt4Kernel(spec)
     tensors = kernel.prepare(qw.to("cuda"))
-    x = torch.randn(2, 512, device="cuda", dtype=torch.float16)
+    assert layout in tensors
+    x = torch.randn(m, 512, device="cuda", dtype=torch.float16)
     eager = kernel.apply(tensors, x, None)
+    ref = (x.double() @ qw.dequantize(torch.float64).cuda().T).half()
+    assert float((eager.double() - ref.double()).abs().mean() / ref.double().abs().mean()) < 1e-3
     graph = torch.cuda.CUDAGraph()
     static_x = x.clone()
     with torch.cuda.graph(graph):
@@ -138,7 +166,7 @@ def _entry_signatures() -> dict[str, list[str]]:
     if shutil.which("g++") is None:
         pytest.skip("g++ not available")
     sigs = {}
-    for source in ("eq_gemv.cu", "eq_dequant.cu"):
+    for source in ("eq_gemv.cu", "eq_dequant.cu", "eq_mma.cu"):
         cmd = ["g++", "-std=c++20", "-E", "-P", "-x", "c++", "-I", str(ROOT / "cuda"), str(ROOT / "cuda" / source)]
         text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         for name, params in re.findall(r'extern "C"\s+void\s+(eq_\w+)\s*\(([^)]*)\)', " ".join(text.split())):
@@ -149,28 +177,42 @@ def _entry_signatures() -> dict[str, list[str]]:
 _C_TYPES = {torch.float16: "__half*", torch.bfloat16: "__nv_bfloat16*", torch.int32: ("int*", "int4*")}
 
 
+def _assert_plan_matches(plan, sigs: dict[str, list[str]], n: int, rows_per_block: int) -> None:  # type: ignore[no-untyped-def]
+    params = sigs[plan.name]
+    assert len(params) == len(plan.args), plan.name
+    for c_type, arg in zip(params, plan.args, strict=True):
+        if isinstance(arg, torch.Tensor):
+            assert c_type.replace("const ", "").endswith(_C_TYPES[arg.dtype]), (plan.name, c_type, arg.dtype)
+        else:
+            assert c_type == "int" and isinstance(arg, int), (plan.name, c_type, arg)
+    assert (plan.grid - 1) * rows_per_block < n <= plan.grid * rows_per_block
+
+
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_launch_plans_match_the_kernel_signatures(m: int, dtype: torch.dtype) -> None:
     # What only a GPU run would otherwise show: the host passes every argument in the order and type
     # the entry point declares, and the grid covers all N rows exactly (the kernels' row mapping).
-    from easyquant_vllm.kernels.cuda_int4 import THREADS, dequant_plan, gemv_plan
+    from easyquant_vllm.kernels.cuda_int4 import THREADS, dequant_mma_plan, dequant_plan, gemv_plan, mma_plan
+    from easyquant_vllm.kernels.mma_layout import to_mma_layout
 
     sigs = _entry_signatures()
     _, p = _parts(n=37, k=256, group_size=64)
     x = torch.randn(m, 256).to(dtype)
     gemv = gemv_plan(x, *p[:5], torch.empty(m, 37, dtype=dtype), 64)
     deq = dequant_plan(*p[:5], torch.empty(37, 256, dtype=dtype), 64)
-    for plan, rows_per_block in ((gemv, THREADS // 32 * 2), (deq, THREADS // 32)):
-        params = sigs[plan.name]
-        assert len(params) == len(plan.args), plan.name
-        for c_type, arg in zip(params, plan.args, strict=True):
-            if isinstance(arg, torch.Tensor):
-                assert c_type.replace("const ", "").endswith(_C_TYPES[arg.dtype]), (plan.name, c_type, arg.dtype)
-            else:
-                assert c_type == "int" and isinstance(arg, int), (plan.name, c_type, arg)
-        assert (plan.grid - 1) * rows_per_block < 37 <= plan.grid * rows_per_block
+    _assert_plan_matches(gemv, sigs, 37, THREADS // 32 * 2)
+    _assert_plan_matches(deq, sigs, 37, THREADS // 32)
     tile = int(gemv.name.rsplit("_m", 1)[1])
     assert tile // 2 < m <= tile  # the kernel's contract: the first half of a tile is never masked
     assert gemv.args[7:] == (m, 37, 256, 64)  # M, N, K, G as the signature names them
     assert deq.args[6:] == (37, 256, 64)  # N, K, G
+
+    _, q = _parts(n=48, k=256, group_size=64)
+    packed = to_mma_layout(q[0])
+    mma = mma_plan(x, packed, *q[1:5], torch.empty(m, 48, dtype=dtype), 64)
+    deq_mma = dequant_mma_plan(packed, *q[1:5], torch.empty(48, 256, dtype=dtype), 64)
+    _assert_plan_matches(mma, sigs, 48, 16)
+    _assert_plan_matches(deq_mma, sigs, 48, 16 * THREADS // 32)
+    assert mma.threads == 256 and mma.name.endswith("_t1" if m <= 8 else "_t2")
+    assert mma.args[7:] == (m, 48, 256, 64) and deq_mma.args[6:] == (48, 256, 64)

@@ -32,8 +32,11 @@ MMA_WARPS = 8
 KERNEL_NAMES = {
     "eq_gemv.cu": tuple(f"eq_gemv_int4_{t}_m{m}" for t in ("f16", "bf16") for m in GEMV_BATCH_TILES),
     "eq_dequant.cu": ("eq_dequant_int4_f16", "eq_dequant_int4_bf16"),
-    "eq_mma.cu": (*(f"eq_mma_int4_{t}_t{j}" for t in ("f16", "bf16") for j in MMA_BATCH_TILES),
-                  "eq_dequant_mma_int4_f16", "eq_dequant_mma_int4_bf16"),  # fmt: skip
+    "eq_mma.cu": (
+        *(f"eq_mma_int4_{t}_t{j}" for t in ("f16", "bf16") for j in MMA_BATCH_TILES),
+        "eq_dequant_mma_int4_f16",
+        "eq_dequant_mma_int4_bf16",
+    ),
 }
 
 

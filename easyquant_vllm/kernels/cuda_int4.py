@@ -20,13 +20,23 @@ import torch
 
 from ..quant import QuantizedWeight
 from .base import Kernel, LayerSpec
-from .cuda_build import CUDA_DIR, GEMV_BATCH_TILES, GEMV_ROWS_PER_WARP, nvrtc_base_options
+from .cuda_build import (
+    CUDA_DIR,
+    GEMV_BATCH_TILES,
+    GEMV_ROWS_PER_WARP,
+    MMA_BATCH_TILES,
+    MMA_WARPS,
+    nvrtc_base_options,
+)
+from .mma_layout import mma_compatible, to_mma_layout
 
 GEMV_KERNEL_MAX_M = GEMV_BATCH_TILES[-1]  # = kMaxM in cuda/eq_gemv.cu: the most rows one GEMV launch takes
 GEMV_MAX_M = 16
 """Dispatch threshold: GEMV for M <= 16, dequantize + cuBLAS above. From the issue-rate model of
 docs/kernels.md (SASS instruction counts): the GEMV stays ahead of dequantize + matmul, which moves
 4.5 bytes per weight, up to about M = 25 on an H100; 16 is the largest tile. Not yet timed on a GPU."""
+MMA_MAX_M = 8 * MMA_BATCH_TILES[-1]
+"""Tensor-core kernel for M <= 16 (where the layer has the MMA layout), dequantize + cuBLAS above."""
 THREADS = 128  # 4 warps per block
 _ROWS_PER_BLOCK = THREADS // 32 * GEMV_ROWS_PER_WARP
 _SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -43,11 +53,21 @@ def _require(ok: bool, message: str) -> None:
 
 
 def check_weight(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
-                 values: torch.Tensor, group_size: int) -> tuple[int, int, int]:  # fmt: skip
-    """Validate the canonical tensors; returns ``(N, K, G)``. Device and alignment are checked last."""
-    _require(qweight.dtype == torch.int32 and qweight.dim() == 2,
-             f"qweight must be int32 [N, K/8], got {qweight.dtype} {list(qweight.shape)}")  # fmt: skip
-    n, k = qweight.shape[0], qweight.shape[1] * 8
+                 values: torch.Tensor, group_size: int, mma: bool = False) -> tuple[int, int, int]:  # fmt: skip
+    """Validate the weight tensors; returns ``(N, K, G)``. Device and alignment are checked last.
+
+    ``qweight`` is canonical ``[N, K/8]`` int32, or with ``mma=True`` the tensor-core layout
+    ``[N/16, 2K]`` int32 of :mod:`.mma_layout`.
+    """
+    if mma:
+        _require(qweight.dtype == torch.int32 and qweight.dim() == 2 and qweight.shape[1] % 128 == 0,
+                 f"qweight (MMA layout) must be int32 [N/16, K/64 * 128], got {qweight.dtype} "
+                 f"{list(qweight.shape)}")  # fmt: skip
+        n, k = qweight.shape[0] * 16, qweight.shape[1] // 2
+    else:
+        _require(qweight.dtype == torch.int32 and qweight.dim() == 2,
+                 f"qweight must be int32 [N, K/8], got {qweight.dtype} {list(qweight.shape)}")  # fmt: skip
+        n, k = qweight.shape[0], qweight.shape[1] * 8
     g = k if group_size == -1 else group_size
     _require(k % 32 == 0 and _group_ok(k, g),
              f"needs K % 32 == 0 and a group size, multiple of 32, dividing K; got K = {k}, G = {g}")  # fmt: skip
@@ -94,6 +114,7 @@ class LaunchPlan:
     name: str
     grid: int
     args: tuple[Any, ...]
+    threads: int = THREADS
 
 
 def gemv_plan(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor,
@@ -116,6 +137,26 @@ def dequant_plan(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tens
                       (qweight, scales, indptr, indices, values, w, n, k, g))  # fmt: skip
 
 
+def mma_plan(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor,
+             indices: torch.Tensor, values: torch.Tensor, y: torch.Tensor, group_size: int) -> LaunchPlan:  # fmt: skip
+    """The tensor-core launch for ``x [M <= 16, K]`` into ``y [M, N]``: one block of 8 warps per 16 rows."""
+    m, k = x.shape
+    n = y.shape[1]
+    tiles = next(t for t in MMA_BATCH_TILES if 8 * t >= m)
+    g = k if group_size == -1 else group_size
+    return LaunchPlan("eq_mma.cu", f"eq_mma_int4_{_SUFFIX[x.dtype]}_t{tiles}", n // 16,
+                      (x, qweight, scales, indptr, indices, values, y, m, n, k, g), threads=32 * MMA_WARPS)  # fmt: skip
+
+
+def dequant_mma_plan(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
+                     values: torch.Tensor, w: torch.Tensor, group_size: int) -> LaunchPlan:  # fmt: skip
+    """W' ``[N, K]`` from the MMA layout: one warp per 16-row tile."""
+    n, k = w.shape
+    g = k if group_size == -1 else group_size
+    return LaunchPlan("eq_mma.cu", f"eq_dequant_mma_int4_{_SUFFIX[w.dtype]}", -(-(n // 16) // (THREADS // 32)),
+                      (qweight, scales, indptr, indices, values, w, n, k, g))  # fmt: skip
+
+
 def _launch(plan: LaunchPlan, device: torch.device) -> None:
     import cupy
     import numpy as np
@@ -123,7 +164,7 @@ def _launch(plan: LaunchPlan, device: torch.device) -> None:
     converted = [cupy.from_dlpack(a) if isinstance(a, torch.Tensor) else np.int32(a) for a in plan.args]
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
     fn = _function(plan.source, plan.name, device.index or 0)
-    fn((plan.grid,), (THREADS,), tuple(converted), stream=stream)
+    fn((plan.grid,), (plan.threads,), tuple(converted), stream=stream)
 
 
 @torch.library.custom_op("easyquant::gemv_int4", mutates_args=())
@@ -131,11 +172,7 @@ def gemv_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, indp
               indices: torch.Tensor, values: torch.Tensor, group_size: int) -> torch.Tensor:  # fmt: skip
     """``x [M <= 16, K] fp16/bf16`` -> ``[M, N]``: the fused GEMV of cuda/eq_gemv.cu."""
     n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size)
-    _require(x.dtype in _SUFFIX and x.dim() == 2 and x.shape[1] == k and 1 <= x.shape[0] <= GEMV_KERNEL_MAX_M,
-             f"x must be fp16/bf16 [1..{GEMV_KERNEL_MAX_M}, {k}], got {x.dtype} {list(x.shape)}")  # fmt: skip
-    _require(x.is_cuda and x.is_contiguous(), "x must be a contiguous CUDA tensor")
-    if x.data_ptr() % 16:  # a view into a larger buffer: the kernel reads x 128 bits at a time
-        x = x.clone()
+    x = _aligned_x(x, k, GEMV_KERNEL_MAX_M)
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     _launch(gemv_plan(x, qweight, scales, indptr, indices, values, y, g), x.device)
     return y
@@ -162,6 +199,50 @@ def _(qweight, scales, indptr, indices, values, group_size, dtype):  # type: ign
     return qweight.new_empty(qweight.shape[0], qweight.shape[1] * 8, dtype=dtype)
 
 
+def _aligned_x(x: torch.Tensor, k: int, max_m: int) -> torch.Tensor:
+    _require(x.dtype in _SUFFIX and x.dim() == 2 and x.shape[1] == k and 1 <= x.shape[0] <= max_m,
+             f"x must be fp16/bf16 [1..{max_m}, {k}], got {x.dtype} {list(x.shape)}")  # fmt: skip
+    _require(x.is_cuda and x.is_contiguous(), "x must be a contiguous CUDA tensor")
+    return x.clone() if x.data_ptr() % 16 else x  # a view into a larger buffer: the kernels load 8 or 16 bytes
+
+
+@torch.library.custom_op("easyquant::mma_int4", mutates_args=())
+def mma_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor,
+             indices: torch.Tensor, values: torch.Tensor, group_size: int) -> torch.Tensor:  # fmt: skip
+    """``x [M <= 16, K] fp16/bf16`` -> ``[M, N]`` on tensor cores (cuda/eq_mma.cu); ``qweight`` in the MMA layout."""
+    n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size, mma=True)
+    x = _aligned_x(x, k, MMA_MAX_M)
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    _launch(mma_plan(x, qweight, scales, indptr, indices, values, y, g), x.device)
+    return y
+
+
+@mma_int4.register_fake
+def _(x, qweight, scales, indptr, indices, values, group_size):  # type: ignore[no-untyped-def]
+    return x.new_empty(x.shape[0], qweight.shape[0] * 16)
+
+
+@torch.library.custom_op("easyquant::dequant_mma_int4", mutates_args=())
+def dequant_mma_int4(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
+                     values: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """W' ``[N, K]`` in ``dtype`` from the MMA layout (cuda/eq_mma.cu), bit-identical to the reference."""
+    n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size, mma=True)
+    _require(dtype in _SUFFIX, f"dtype must be float16 or bfloat16, got {dtype}")
+    w = torch.empty(n, k, dtype=dtype, device=qweight.device)
+    _launch(dequant_mma_plan(qweight, scales, indptr, indices, values, w, g), qweight.device)
+    return w
+
+
+@dequant_mma_int4.register_fake
+def _(qweight, scales, indptr, indices, values, group_size, dtype):  # type: ignore[no-untyped-def]
+    return qweight.new_empty(qweight.shape[0] * 16, qweight.shape[1] // 2, dtype=dtype)
+
+
+def _has_mma(device: torch.device) -> bool:
+    """mma.sync.m16n8k16 with fp16 and bf16 operands needs sm_80 (Ampere) or newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 class CudaInt4Kernel(Kernel):
     name = "cuda-int4"
 
@@ -182,18 +263,30 @@ class CudaInt4Kernel(Kernel):
         return True, None
 
     def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-        o = qw.outliers  # the canonical layout is the kernel's layout: no repacking
-        return {"qweight": qw.qweight.contiguous(), "scales": qw.scales.contiguous(), "indptr": o.indptr.contiguous(),
-                "indices": o.indices.contiguous(), "values": o.values.contiguous()}  # fmt: skip
+        """The tensor-core layout where the shape and GPU allow it (N % 16, K % 64, sm_80+), regrouped
+        once here from the checkpoint's; else the canonical layout, which the GEMV reads as it is."""
+        o = qw.outliers
+        parts = {"scales": qw.scales.contiguous(), "indptr": o.indptr.contiguous(), "indices": o.indices.contiguous(),
+                 "values": o.values.contiguous()}  # fmt: skip
+        if mma_compatible(self.spec.n, self.spec.k) and _has_mma(qw.qweight.device):
+            return {"qweight_mma": to_mma_layout(qw.qweight).contiguous(), **parts}
+        return {"qweight": qw.qweight.contiguous(), **parts}
 
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         t = tensors
         x2 = x.reshape(-1, self.spec.k).contiguous()
-        weight = (t["qweight"], t["scales"], t["indptr"], t["indices"], t["values"], self.spec.group_size)
-        if x2.shape[0] <= GEMV_MAX_M:
-            y = torch.ops.easyquant.gemv_int4(x2, *weight)
+        m = x2.shape[0]
+        rest = (t["scales"], t["indptr"], t["indices"], t["values"], self.spec.group_size)
+        ops = torch.ops.easyquant
+        if "qweight_mma" in t:
+            if m <= MMA_MAX_M:
+                y = ops.mma_int4(x2, t["qweight_mma"], *rest)
+            else:
+                y = x2 @ ops.dequant_mma_int4(t["qweight_mma"], *rest, x.dtype).t()
+        elif m <= GEMV_MAX_M:
+            y = ops.gemv_int4(x2, t["qweight"], *rest)
         else:
-            y = x2 @ torch.ops.easyquant.dequant_int4(*weight, x.dtype).t()
+            y = x2 @ ops.dequant_int4(t["qweight"], *rest, x.dtype).t()
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], self.spec.n)

@@ -130,7 +130,11 @@ class IssueModel:
         return min(1.0, self.budget() / per_chunk_row)
 
 
-def gemv_loop_counts(sass_text: str, rows_per_warp: int) -> dict[str, float]:
-    """GEMV entry name -> main-loop warp instructions per 512 weight bytes of one row (a chunk-row)."""
-    return {name: len(main_loop(body).instructions) / rows_per_warp
-            for name, body in functions(sass_text).items() if name.startswith("eq_gemv_int4_")}  # fmt: skip
+def loop_counts(sass_text: str, prefix: str, blocks_per_iteration: int) -> dict[str, float]:
+    """Entry name (starting with ``prefix``) -> main-loop warp instructions per 512 weight bytes.
+
+    ``blocks_per_iteration``: 512-byte weight blocks one iteration of the main loop streams per warp
+    (the GEMV: one per row it owns, ``GEMV_ROWS_PER_WARP``; the tensor-core kernel: one k-block of a tile).
+    """
+    return {name: len(main_loop(body).instructions) / blocks_per_iteration
+            for name, body in functions(sass_text).items() if name.startswith(prefix)}  # fmt: skip
