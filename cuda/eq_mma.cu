@@ -223,7 +223,9 @@ __device__ __forceinline__ void mma_int4(
         }
     }
   }
-  __shared__ float partial[kMmaWarps][kWarp][kMmaMaxTiles * 4];
+  // +1 float per lane: a stride of 9 words puts the 32 lanes' stores in 32 different banks (8 would
+  // fold them onto 4 banks, an 8-way conflict).
+  __shared__ float partial[kMmaWarps][kWarp][kMmaMaxTiles * 4 + 1];
 #pragma unroll
   for (int j = 0; j < kT; ++j)
 #pragma unroll
