@@ -1,4 +1,4 @@
-// eq_mma.cu - EasyQuant int4 x fp16/bf16 on tensor cores for batches of 1..16 rows, and W' from the
+// eq_mma.cu - EasyQuant int4 x fp16/bf16 on tensor cores for batches of 1..64 rows, and W' from the
 // same layout for larger batches.
 //
 // Why tensor cores even for decode: the CUDA-core GEMV (eq_gemv.cu) spends 32 fp32 FMAs per 32
@@ -6,8 +6,8 @@
 // One mma.sync.m16n8k16 multiplies a 16 x 16 block of weights by 8 batch rows at once. Here the
 // WEIGHTS are the A operand (16 rows x 16 columns) and the activations the B operand (16 columns x
 // 8 batch rows), so a batch of up to 8 fills one mma and costs the same as a batch of 1. Per 512
-// weight bytes the loop issues ~1/3 of the GEMV's instructions at M = 1 and stays under the
-// H100's issue budget up to M = 16: the kernel should run at HBM speed for every M <= 16.
+// weight bytes the loop issues less than the GEMV at M = 1 and stays under the H100's issue budget up
+// to M = 16 (HBM speed); batch tiles up to kT = 8 (M <= 64) add ~25 instructions per 8 rows.
 //
 // Layout (easyquant_vllm/kernels/mma_layout.py builds it once at load from the checkpoint's):
 //   qweight [N/16][K/64][32 lanes] of int4: tile (r, b) = rows 16r.., columns 64b..; lane l = 4g + t
@@ -31,12 +31,13 @@
 //
 // Requires N % 16 == 0, K % 64 == 0, G a power of two >= 32 dividing K (or G == K), 16-byte aligned
 // qweight and x, M <= 8 * kT (checked by easyquant_vllm/kernels/cuda_int4.py).
+// Registers: 44-80 up to kT = 4; kT = 8 holds 64 fp32 accumulators (~130 registers, one block per SM).
 #include "eq_int4.cuh"
 
 namespace eq {
 
 constexpr int kMmaWarps = 8;     // warps per block, all on one 16-row tile
-constexpr int kMmaMaxTiles = 2;  // batch tiles of 8 rows: M <= 16
+constexpr int kMmaMaxTiles = 8;  // batch tiles of 8 rows: M <= 64
 
 // 64-bit load of 4 consecutive 16-bit activations (8-byte aligned: K % 64 == 0, x 16-byte aligned).
 __device__ __forceinline__ uint2 load64(const void* p) {
@@ -225,7 +226,7 @@ __device__ __forceinline__ void mma_int4(
   }
   // +1 float per lane: a stride of 9 words puts the 32 lanes' stores in 32 different banks (8 would
   // fold them onto 4 banks, an 8-way conflict).
-  __shared__ float partial[kMmaWarps][kWarp][kMmaMaxTiles * 4 + 1];
+  __shared__ float partial[kMmaWarps][kWarp][kT * 4 + 1];
 #pragma unroll
   for (int j = 0; j < kT; ++j)
 #pragma unroll
@@ -288,7 +289,8 @@ __device__ __forceinline__ void dequant_mma(const int4* __restrict__ qweight, co
 
 }  // namespace eq
 
-// eq_mma_int4_{f16,bf16}_t{1,2}: kT batch tiles of 8 rows (M <= 8, M <= 16); grid N / 16 blocks of
+// eq_mma_int4_{f16,bf16}_t{1,2,4,8}: kT batch tiles of 8 rows (M <= 8 kT; a launch takes the smallest);
+// grid N / 16 blocks of
 // 8 warps. eq_dequant_mma_int4_{f16,bf16}: grid ceil(N / 64) blocks of 4 warps.
 #define EQ_MMA_ENTRY(SUFFIX, T, KT)                                                                             \
   extern "C" __global__ void eq_mma_int4_##SUFFIX##_t##KT(const T* x, const int4* qweight, const __half* scales, \
@@ -298,8 +300,12 @@ __device__ __forceinline__ void dequant_mma(const int4* __restrict__ qweight, co
   }
 EQ_MMA_ENTRY(f16, __half, 1)
 EQ_MMA_ENTRY(f16, __half, 2)
+EQ_MMA_ENTRY(f16, __half, 4)
+EQ_MMA_ENTRY(f16, __half, 8)
 EQ_MMA_ENTRY(bf16, __nv_bfloat16, 1)
 EQ_MMA_ENTRY(bf16, __nv_bfloat16, 2)
+EQ_MMA_ENTRY(bf16, __nv_bfloat16, 4)
+EQ_MMA_ENTRY(bf16, __nv_bfloat16, 8)
 
 extern "C" __global__ void eq_dequant_mma_int4_f16(const int4* qweight, const __half* scales, const int* indptr,
                                                    const int* indices, const __half* values, __half* w, int N,

@@ -85,7 +85,8 @@ def test_gpu_gemv_and_dequant_match_reference(m: int, n: int, k: int, group_size
 
 
 MMA_GPU_CASES = [(1, 48, 256, 64, torch.float16), (8, 64, 1024, 128, torch.bfloat16), (3, 32, 576, -1, torch.float16),
-                 (16, 48, 512, 32, torch.bfloat16), (11, 16, 4096, 128, torch.float16)]  # fmt: skip
+                 (16, 48, 512, 32, torch.bfloat16), (11, 16, 4096, 128, torch.float16),
+                 (40, 48, 1024, 128, torch.bfloat16), (64, 32, 512, 64, torch.float16)]  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -105,7 +106,7 @@ def test_gpu_mma_and_dequant_mma_match_reference(m: int, n: int, k: int, group_s
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("n", "layout"), [(64, "qweight_mma"), (40, "qweight")])  # N % 16 decides the layout
-@pytest.mark.parametrize("m", [2, 24])  # the small-M kernel, and dequantize + cuBLAS
+@pytest.mark.parametrize("m", [2, 24, 80])  # every regime: GEMV/mma tiles, dequantize + cuBLAS
 def test_gpu_kernel_under_cuda_graph_and_compile(n: int, layout: str, m: int) -> None:
     qw, _ = _parts(n, 512, 128)
     spec = LayerSpec(n, 512, 4, 128, torch.float16, "cuda")
@@ -210,9 +211,13 @@ def test_launch_plans_match_the_kernel_signatures(m: int, dtype: torch.dtype) ->
 
     _, q = _parts(n=48, k=256, group_size=64)
     packed = to_mma_layout(q[0])
-    mma = mma_plan(x, packed, *q[1:5], torch.empty(m, 48, dtype=dtype), 64)
     deq_mma = dequant_mma_plan(packed, *q[1:5], torch.empty(48, 256, dtype=dtype), 64)
-    _assert_plan_matches(mma, sigs, 48, 16)
     _assert_plan_matches(deq_mma, sigs, 48, 16 * THREADS // 32)
-    assert mma.threads == 256 and mma.name.endswith("_t1" if m <= 8 else "_t2")
-    assert mma.args[7:] == (m, 48, 256, 64) and deq_mma.args[6:] == (48, 256, 64)
+    assert deq_mma.args[6:] == (48, 256, 64)
+    for rows in (m, 4 * m):  # the tensor-core kernel takes M up to 64
+        xm = torch.randn(rows, 256).to(dtype)
+        mma = mma_plan(xm, packed, *q[1:5], torch.empty(rows, 48, dtype=dtype), 64)
+        _assert_plan_matches(mma, sigs, 48, 16)
+        tiles = int(mma.name.rsplit("_t", 1)[1])
+        assert mma.threads == 256 and 8 * tiles >= rows and (tiles == 1 or 4 * tiles < rows)
+        assert mma.args[7:] == (rows, 48, 256, 64)

@@ -23,8 +23,8 @@ GEMV_BATCH_TILES = (1, 2, 4, 8, 16)
 GEMV_ROWS_PER_WARP = 2
 """= kRowsPerWarp in cuda/eq_gemv.cu: output rows one warp owns (a test reads the source to check)."""
 
-MMA_BATCH_TILES = (1, 2)
-"""Batch tiles of 8 rows the tensor-core kernel (cuda/eq_mma.cu) is instantiated for: M <= 8, M <= 16."""
+MMA_BATCH_TILES = (1, 2, 4, 8)
+"""Batch tiles of 8 rows the tensor-core kernel (cuda/eq_mma.cu) is instantiated for: M <= 8, 16, 32, 64."""
 
 MMA_WARPS = 8
 """= kMmaWarps in cuda/eq_mma.cu: warps per block, all on one 16-row tile, splitting K."""

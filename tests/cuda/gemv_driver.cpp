@@ -84,7 +84,7 @@ static std::vector<float> run(std::vector<uint16_t> xbits, const std::vector<int
   return out;
 }
 
-// The tensor-core kernels (cuda/eq_mma.cu), qweight in the MMA layout: kT = 1 for M <= 8, else 2.
+// The tensor-core kernels (cuda/eq_mma.cu), qweight in the MMA layout: the smallest kT with 8 kT >= M.
 template <typename T>
 static std::vector<float> run_mma(std::vector<uint16_t> xbits, const std::vector<int32_t>& qweight,
                                   std::vector<uint16_t> sbits, const std::vector<int32_t>& indptr,
@@ -97,12 +97,17 @@ static std::vector<float> run_mma(std::vector<uint16_t> xbits, const std::vector
   std::memcpy(values.data(), vbits.data(), vbits.size() * 2);
   const auto* q = reinterpret_cast<const int4*>(qweight.data());
   const dim3 grid(N / 16), block(eq::kMmaWarps * 32);
+  const int tile = M <= 8 ? 0 : M <= 16 ? 1 : M <= 32 ? 2 : 3;  // kT = 1, 2, 4, 8 batch tiles of 8 rows
   if constexpr (std::is_same_v<T, __half>) {
-    emu_launch(grid, block, M <= 8 ? eq_mma_int4_f16_t1 : eq_mma_int4_f16_t2, x.data(), q, scales.data(),
-               indptr.data(), indices.data(), values.data(), y.data(), M, N, K, G);
+    const GemvEntry<__half> entry[] = {eq_mma_int4_f16_t1, eq_mma_int4_f16_t2, eq_mma_int4_f16_t4,
+                                       eq_mma_int4_f16_t8};
+    emu_launch(grid, block, entry[tile], x.data(), q, scales.data(), indptr.data(), indices.data(), values.data(),
+               y.data(), M, N, K, G);
   } else {
-    emu_launch(grid, block, M <= 8 ? eq_mma_int4_bf16_t1 : eq_mma_int4_bf16_t2, x.data(), q, scales.data(),
-               indptr.data(), indices.data(), values.data(), y.data(), M, N, K, G);
+    const GemvEntry<__nv_bfloat16> entry[] = {eq_mma_int4_bf16_t1, eq_mma_int4_bf16_t2, eq_mma_int4_bf16_t4,
+                                              eq_mma_int4_bf16_t8};
+    emu_launch(grid, block, entry[tile], x.data(), q, scales.data(), indptr.data(), indices.data(), values.data(),
+               y.data(), M, N, K, G);
   }
   std::vector<float> out(y.size());
   for (size_t i = 0; i < y.size(); ++i) out[i] = to_float(y[i]);
