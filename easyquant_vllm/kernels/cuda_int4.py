@@ -1,9 +1,11 @@
-"""CUDA kernel: the fused GEMV (M <= 16) or dequantize + cuBLAS (M > 16), launched with CuPy as torch ops.
+"""CUDA kernel: tensor cores (M <= 64) or a CUDA-core GEMV (M <= 16), else dequantize + cuBLAS; CuPy-launched torch ops.
 
-The ops ``easyquant::gemv_int4`` and ``easyquant::dequant_int4`` are ``torch.library.custom_op``s with
-fake implementations, so vLLM's torch.compile can trace them and CUDA graphs can capture them. They
-launch on torch's current stream, and the tensors reach CuPy through DLPack (no copies). Inputs are
-checked in Python before launch; errors name the tensor and its actual dtype, shape or alignment.
+``CudaInt4Kernel`` picks per layer and batch (docs/kernels.md, "Dispatch"). The ops
+``easyquant::mma_int4`` / ``dequant_mma_int4`` (MMA layout, regrouped at load) and
+``easyquant::gemv_int4`` / ``dequant_int4`` (the checkpoint's layout) are ``torch.library.custom_op``s
+with fake implementations, so vLLM's torch.compile can trace them and CUDA graphs can capture them.
+They launch on torch's current stream, and the tensors reach CuPy through DLPack (no copies). Inputs
+are checked in Python before launch; errors name the tensor and its actual dtype, shape or alignment.
 
 Status: compiled and tested without a GPU (tests/test_cuda_kernels.py); the launch itself and the
 GPU tests (``pytest -m gpu``) have not run yet: no GPU was lent to the tasks that built them
@@ -32,9 +34,9 @@ from .mma_layout import mma_compatible, to_mma_layout
 
 GEMV_KERNEL_MAX_M = GEMV_BATCH_TILES[-1]  # = kMaxM in cuda/eq_gemv.cu: the most rows one GEMV launch takes
 GEMV_MAX_M = 16
-"""Dispatch threshold: GEMV for M <= 16, dequantize + cuBLAS above. From the issue-rate model of
-docs/kernels.md (SASS instruction counts): the GEMV stays ahead of dequantize + matmul, which moves
-4.5 bytes per weight, up to about M = 25 on an H100; 16 is the largest tile. Not yet timed on a GPU."""
+"""For layers without the MMA layout: GEMV for M <= 16, dequantize + cuBLAS above. From the issue-rate
+model of docs/kernels.md (SASS instruction counts): the GEMV stays ahead of dequantize + matmul, which
+moves 4.5 bytes per weight, up to about M = 25 on an H100; 16 is the largest tile. Not yet timed on a GPU."""
 MMA_MAX_M = 8 * MMA_BATCH_TILES[-1]
 """Tensor-core kernel for M <= 64 (where the layer has the MMA layout), dequantize + cuBLAS above. By the
 SASS model (docs/kernels.md) it streams at HBM speed to M = 16, and at M = 64 still moves weights at
