@@ -73,7 +73,8 @@ def print_compile_stats() -> None:
     except ImportError as e:
         print(f"\n(no compile stats: {e})")
         return
-    print("\n| kernel source | arch | registers (fp16 entries; GEMV tiles 1 / 2 / 4 / 8 / 16) | spills / stack |"
+    print("\n| kernel source | arch | registers (fp16 entries: GEMV tiles 1 / 2 / 4 / 8 / 16; "
+          "tensor-core tiles 8 / 16 / 32 / 64 rows, dequantize) | spills / stack |"
           "\n|---|---|---|---|")  # fmt: skip
     for source in KERNEL_NAMES:
         for arch in ARCHS:

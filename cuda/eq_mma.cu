@@ -7,7 +7,7 @@
 // WEIGHTS are the A operand (16 rows x 16 columns) and the activations the B operand (16 columns x
 // 8 batch rows), so a batch of up to 8 fills one mma and costs the same as a batch of 1. Per 512
 // weight bytes the loop issues less than the GEMV at M = 1 and stays under the H100's issue budget up
-// to M = 16 (HBM speed); batch tiles up to kT = 8 (M <= 64) add ~25 instructions per 8 rows.
+// to M = 16 (HBM speed); batch tiles up to kT = 8 (M <= 64) add ~25-35 instructions per 8 rows.
 //
 // Layout (easyquant_vllm/kernels/mma_layout.py builds it once at load from the checkpoint's):
 //   qweight [N/16][K/64][32 lanes] of int4: tile (r, b) = rows 16r.., columns 64b..; lane l = 4g + t
@@ -30,8 +30,9 @@
 // a tile has one owner block.
 //
 // Requires N % 16 == 0, K % 64 == 0, G a power of two >= 32 dividing K (or G == K), 16-byte aligned
-// qweight and x, M <= 8 * kT (checked by easyquant_vllm/kernels/cuda_int4.py).
-// Registers: 44-80 up to kT = 4; kT = 8 holds 64 fp32 accumulators (~130 registers, one block per SM).
+// qweight and x, 4 * kT < M <= 8 * kT for kT > 1 (checked by easyquant_vllm/kernels/cuda_int4.py).
+// Registers: 40-62 up to kT = 2, 80-96 at kT = 4; kT = 8 holds 64 fp32 accumulators (138 registers,
+// one 8-warp block per SM).
 #include "eq_int4.cuh"
 
 namespace eq {
@@ -172,6 +173,11 @@ __device__ __forceinline__ void mma_int4(
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[j][i] = part[j][i] = 0.0f;
 
+  // Batch row 8j + g of each tile, clamped to M - 1 so every load is in bounds (a launch takes the
+  // smallest kT with 8 kT >= M, so M > 4 kT for kT > 1 and only the upper half of the tiles can be short).
+  const T* xrow[kT];
+#pragma unroll
+  for (int j = 0; j < kT; ++j) xrow[j] = x + static_cast<size_t>(8 * j + g < M ? 8 * j + g : M - 1) * K + 4 * t;
   const int4* tile = qweight + static_cast<size_t>(blockIdx.x) * kblocks * kWarp + lane;
   int4 next = {0, 0, 0, 0};
   if (warp < kblocks) next = tile[warp * kWarp];  // LDG.E.128
@@ -186,12 +192,11 @@ __device__ __forceinline__ void mma_int4(
       for (int p = 0; p < 4; ++p) a[p] = codes<T>(and_or(words[s] >> (4 * p), kNibblePairMask, Mma<T>::kMagic));
 #pragma unroll
       for (int j = 0; j < kT; ++j) {
-        const int m = 8 * j + g;  // this lane's batch row in the B fragment
-        uint32_t b[2] = {0u, 0u};
-        if (m < M) {
-          const uint2 v = load64(x + static_cast<size_t>(m) * K + k0 + 4 * t);
-          b[0] = v.x, b[1] = v.y;
-        }
+        // B fragment: 4 activations of this lane's batch row (see xrow). Rows past M are zeroed by a
+        // select, not skipped by a branch, so the warp reaches mma.sync.aligned converged.
+        const uint2 v = load64(xrow[j] + k0);
+        const bool live = 2 * j < kT || 8 * j + g < M;  // the first half of the tiles is never masked
+        const uint32_t b[2] = {live ? v.x : 0u, live ? v.y : 0u};
         mma<T>(part[j], a, b);
       }
       if ((s + 1) % steps_per_scale == 0) {

@@ -40,7 +40,7 @@ moves 4.5 bytes per weight, up to about M = 25 on an H100; 16 is the largest til
 MMA_MAX_M = 8 * MMA_BATCH_TILES[-1]
 """Tensor-core kernel for M <= 64 (where the layer has the MMA layout), dequantize + cuBLAS above. By the
 SASS model (docs/kernels.md) it streams at HBM speed to M = 16, and at M = 64 still moves weights at
-~57 % of HBM (~2x fp16), where dequantize + cuBLAS is ~0.44x of fp16."""
+~52 % of HBM (~1.9x fp16), where dequantize + cuBLAS is ~0.44x of fp16."""
 THREADS = 128  # 4 warps per block
 _ROWS_PER_BLOCK = THREADS // 32 * GEMV_ROWS_PER_WARP
 _SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
