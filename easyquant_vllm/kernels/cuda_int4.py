@@ -171,6 +171,13 @@ def _launch(plan: LaunchPlan, device: torch.device) -> None:
     fn((plan.grid,), (plan.threads,), tuple(converted), stream=stream)
 
 
+def _aligned_x(x: torch.Tensor, k: int, max_m: int) -> torch.Tensor:
+    _require(x.dtype in _SUFFIX and x.dim() == 2 and x.shape[1] == k and 1 <= x.shape[0] <= max_m,
+             f"x must be fp16/bf16 [1..{max_m}, {k}], got {x.dtype} {list(x.shape)}")  # fmt: skip
+    _require(x.is_cuda and x.is_contiguous(), "x must be a contiguous CUDA tensor")
+    return x.clone() if x.data_ptr() % 16 else x  # a view into a larger buffer: the kernels load 8 or 16 bytes
+
+
 @torch.library.custom_op("easyquant::gemv_int4", mutates_args=())
 def gemv_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor,
               indices: torch.Tensor, values: torch.Tensor, group_size: int) -> torch.Tensor:  # fmt: skip
@@ -201,13 +208,6 @@ def dequant_int4(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tens
 @dequant_int4.register_fake
 def _(qweight, scales, indptr, indices, values, group_size, dtype):  # type: ignore[no-untyped-def]
     return qweight.new_empty(qweight.shape[0], qweight.shape[1] * 8, dtype=dtype)
-
-
-def _aligned_x(x: torch.Tensor, k: int, max_m: int) -> torch.Tensor:
-    _require(x.dtype in _SUFFIX and x.dim() == 2 and x.shape[1] == k and 1 <= x.shape[0] <= max_m,
-             f"x must be fp16/bf16 [1..{max_m}, {k}], got {x.dtype} {list(x.shape)}")  # fmt: skip
-    _require(x.is_cuda and x.is_contiguous(), "x must be a contiguous CUDA tensor")
-    return x.clone() if x.data_ptr() % 16 else x  # a view into a larger buffer: the kernels load 8 or 16 bytes
 
 
 @torch.library.custom_op("easyquant::mma_int4", mutates_args=())
