@@ -3,12 +3,13 @@
     python bench/kernels.py                      # no GPU: bytes per call, roofline, compile stats
     python bench/kernels.py --json out.json      # on a GPU: also latency, GB/s, speed-up vs fp16
 
-Without a GPU it prints, for Llama-7B/70B linear shapes and M = 1..64, the bytes the fused GEMV
-(cuda/eq_gemv.cu) moves per call: int4 codes, fp16 steps, CSR outliers (16-bit value + 32-bit index
-each), row pointers, activations in and out, against an fp16 GEMV's bytes. Decode GEMV is
+Without a GPU it prints, for Llama-7B/70B linear shapes and M = 1..64, the bytes a small-M kernel
+(cuda/eq_mma.cu, cuda/eq_gemv.cu) moves per call: int4 codes, fp16 steps, CSR outliers (16-bit value +
+32-bit index each), row pointers, activations in and out, against an fp16 GEMV's bytes. Decode is
 memory-bound, so the ratio is the ideal speed-up (16 / bits per weight for the weights alone). It then
 compiles every kernel with NVRTC, exactly as at run time, and prints registers and spills per
-architecture.
+architecture, and the SASS issue model (easyquant_vllm/kernels/sass.py): instructions per 512 weight
+bytes of each main loop against what an H100 can issue at HBM speed.
 
 With a GPU it also times, on synthetic weights in the canonical layout (random codes, 0.5 % CSR
 outliers per row, codes 0 under them as in a real checkpoint):
@@ -55,7 +56,7 @@ def gemv_bytes(n: int, k: int, m: int, group: int, frac: float) -> dict[str, flo
 
 def print_bytes_table(g: int, f: float) -> None:
     bits = 4 + 16 / g + f * 48
-    print(f"# fused GEMV bytes per call, int4 g{g}, {100 * f:g} % outliers ({bits:.3f} bits/weight); "
+    print(f"# small-M kernel bytes per call, int4 g{g}, {100 * f:g} % outliers ({bits:.3f} bits/weight); "
           f"ideal weight-only speed-up over fp16: {16 / bits:.2f}x")  # fmt: skip
     print("| layer | N x K | M | EasyQuant MB | fp16 MB | ideal speed-up |\n|---|---|---|---|---|---|")
     for name, (n, k) in SHAPES.items():
