@@ -221,3 +221,20 @@ def test_launch_plans_match_the_kernel_signatures(m: int, dtype: torch.dtype) ->
         tiles = int(mma.name.rsplit("_t", 1)[1])
         assert mma.threads == 256 and 8 * tiles >= rows and (tiles == 1 or 4 * tiles < rows)
         assert mma.args[7:] == (rows, 48, 256, 64)
+
+
+def test_kernel_arguments_are_raw_addresses_and_int32() -> None:
+    # CuPy passes numpy scalars by value: 8 bytes for a pointer parameter, 4 for an int. Tensors go as
+    # their device address (never through DLPack, whose stream sync breaks CUDA-graph capture).
+    import numpy as np
+
+    from easyquant_vllm.kernels.cuda_int4 import gemv_plan, kernel_args
+
+    _, p = _parts(n=40, k=256, group_size=64)
+    x, y = torch.randn(2, 256).half(), torch.empty(2, 40, dtype=torch.float16)
+    plan = gemv_plan(x, *p[:5], y, 64)
+    args = kernel_args(plan)
+    tensors = [x, *p[:5], y]
+    assert [type(a) for a in args] == [np.uint64] * 7 + [np.int32] * 4
+    assert [int(a) for a in args[:7]] == [t.data_ptr() for t in tensors]
+    assert [int(a) for a in args[7:]] == [2, 40, 256, 64]

@@ -4,8 +4,9 @@
 ``easyquant::mma_int4`` / ``dequant_mma_int4`` (MMA layout, regrouped at load) and
 ``easyquant::gemv_int4`` / ``dequant_int4`` (the checkpoint's layout) are ``torch.library.custom_op``s
 with fake implementations, so vLLM's torch.compile can trace them and CUDA graphs can capture them.
-They launch on torch's current stream, and the tensors reach CuPy through DLPack (no copies). Inputs
-are checked in Python before launch; errors name the tensor and its actual dtype, shape or alignment.
+They launch on torch's current stream; tensors are passed by device address (no copies, and no
+DLPack stream sync, which CUDA-graph capture forbids). Inputs are checked in Python before launch;
+errors name the tensor and its actual dtype, shape or alignment.
 
 Status: compiled and tested without a GPU (tests/test_cuda_kernels.py); the launch itself and the
 GPU tests (``pytest -m gpu``) have not run yet: no GPU was lent to the tasks that built them
@@ -161,14 +162,27 @@ def dequant_mma_plan(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.
                       (qweight, scales, indptr, indices, values, w, n, k, g))  # fmt: skip
 
 
-def _launch(plan: LaunchPlan, device: torch.device) -> None:
-    import cupy
+def kernel_args(plan: LaunchPlan) -> tuple[Any, ...]:
+    """The plan's arguments as CuPy passes them by value: tensors as their raw device address (8 bytes,
+    a pointer parameter's ABI), ints as int32.
+
+    Not DLPack: ``cupy.from_dlpack`` calls ``tensor.__dlpack__(stream=...)``, and torch answers by
+    making that stream wait on its current one. Inside CUDA-graph capture that cross-stream sync is
+    an error (pytorch/pytorch#163242, wjakob/nanobind#1241). A raw address involves no stream at all;
+    the kernel is ordered by launching on torch's current stream.
+    """
     import numpy as np
 
-    converted = [cupy.from_dlpack(a) if isinstance(a, torch.Tensor) else np.int32(a) for a in plan.args]
+    return tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.int32(a) for a in plan.args)
+
+
+def _launch(plan: LaunchPlan, device: torch.device) -> None:
+    import cupy
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
-    fn = _function(plan.source, plan.name, device.index or 0)
-    fn((plan.grid,), (plan.threads,), tuple(converted), stream=stream)
+    with cupy.cuda.Device(index):
+        _function(plan.source, plan.name, index)((plan.grid,), (plan.threads,), kernel_args(plan), stream=stream)
 
 
 def _aligned_x(x: torch.Tensor, k: int, max_m: int) -> torch.Tensor:
