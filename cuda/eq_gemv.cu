@@ -1,14 +1,17 @@
-// eq_gemv.cu - EasyQuant fused decode GEMV: y[M, N] = x[M, K] @ W'^T for small M (1..16).
+// eq_gemv.cu - EasyQuant fused decode GEMV on CUDA cores: y[M, N] = x[M, K] @ W'^T for small M (1..16).
 //
+// Used for layers whose shape does not fit the tensor-core layout of eq_mma.cu (N % 16 or K % 64),
+// or GPUs before sm_80: it reads the checkpoint's layout as it is, with no load-time regrouping.
 // W' = dequant(codes, steps) + S, in the canonical checkpoint layout (docs/format.md):
 //   qweight [N, K/8] int32   4-bit codes u = q + 8, column k = nibble k % 8 of word k / 8
 //   scales  [N, K/G] fp16    one step per group of G columns (G = K: per output channel)
 //   indptr  [N+1], indices [nnz] int32, values [nnz] fp16: the outliers of each row (CSR)
 //
-// Why it looks like this (numbers in docs/kernels.md, "instruction budget"):
-//   At M = 1 the GEMV must stream 0.5 byte per weight at HBM speed. On an H100 that leaves ~5.5
-//   instructions per weight and lane-chunk slot: the kernel is as much issue-bound as memory-bound,
-//   so every instruction per weight counts. Three choices follow.
+// Why it looks like this (numbers in docs/kernels.md, "the instruction-issue model"):
+//   At M = 1 the GEMV must stream 0.5 byte per weight at HBM speed. An H100 can issue 178 warp
+//   instructions per 512 weight bytes in that time, and every batch row costs 32 FMAs per 32 weights,
+//   so the kernel is as much issue-bound as memory-bound: every instruction per weight counts (its
+//   main loop: 144 at M = 1). Three choices follow.
 //   * One warp owns kRowsPerWarp = 2 output rows. Lane l streams the 128-bit chunks c = l, l+32, ...
 //     of both rows (two independent LDG.E.128 in flight per lane, one coalesced 512-byte transaction
 //     per warp and row), and every activation it loads and converts serves both rows.
