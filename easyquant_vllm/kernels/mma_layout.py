@@ -27,8 +27,12 @@ from ..quant.packing import pack_codes, unpack_codes
 TILE_N = 16
 TILE_K = 64
 
-# [word nibble] -> (row offset within the 16-row tile: 0 or 8, column offset within the lane's 4 columns)
-_NIBBLE_SOURCE = ((0, 0), (8, 0), (0, 2), (8, 2), (0, 1), (8, 1), (0, 3), (8, 3))
+# Nibble p of a word is (row offset h * 8, column offset 2 * e2 + e) with p = 4 * e + 2 * e2 + h: the
+# order of the last three axes of the permuted view below.
+_CANONICAL_AXES = "r h g b s t e2 e"  # row = 16 r + 8 h + g, column = 64 b + 16 s + 4 t + 2 e2 + e
+_MMA_AXES = "r b g t s e e2 h"  # tile, k-block, lane = 4 g + t, word s, nibble p = 4 e + 2 e2 + h
+_TO_MMA = tuple(_CANONICAL_AXES.split().index(a) for a in _MMA_AXES.split())
+_FROM_MMA = tuple(_MMA_AXES.split().index(a) for a in _CANONICAL_AXES.split())
 
 
 def mma_compatible(n: int, k: int) -> bool:
@@ -40,35 +44,20 @@ def _check(n: int, k: int) -> None:
         raise ValueError(f"the tensor-core layout needs N % {TILE_N} == 0 and K % {TILE_K} == 0, got N = {n}, K = {k}")
 
 
-def _index(n: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column of every nibble of the MMA layout: two ``[N/16, K/64, 32 lanes, 4 words, 8 nibbles]``."""
-    r = torch.arange(n // TILE_N, device=device).view(-1, 1, 1, 1, 1)
-    b = torch.arange(k // TILE_K, device=device).view(1, -1, 1, 1, 1)
-    lane = torch.arange(32, device=device).view(1, 1, -1, 1, 1)
-    s = torch.arange(4, device=device).view(1, 1, 1, -1, 1)
-    src = torch.tensor(_NIBBLE_SOURCE, device=device)
-    row_off, col_off = src[:, 0].view(1, 1, 1, 1, 8), src[:, 1].view(1, 1, 1, 1, 8)
-    g, t = lane // 4, lane % 4
-    rows = TILE_N * r + g + row_off
-    cols = TILE_K * b + 16 * s + 4 * t + col_off
-    return rows, cols
-
-
 def to_mma_layout(qweight: torch.Tensor) -> torch.Tensor:
-    """Canonical ``[N, K/8] int32`` -> MMA layout ``[N/16, K/64 * 128] int32`` (a gather: no arithmetic)."""
+    """Canonical ``[N, K/8] int32`` -> MMA layout ``[N/16, K/64 * 128] int32``.
+
+    A fixed permutation of the nibbles inside each 16 x 64 tile, done as one view + permute of the
+    ``[N, K]`` uint8 codes: no index tensors, so a layer needs ~6 bytes per weight of temporaries at load.
+    """
     n, k = qweight.shape[0], qweight.shape[1] * 8
     _check(n, k)
-    u = unpack_codes(qweight, 4)
-    rows, cols = _index(n, k, qweight.device)
-    nibbles = u[rows, cols]  # [N/16, K/64, 32, 4, 8]
-    return pack_codes(nibbles.reshape(-1, 8), 4).view(n // TILE_N, (k // TILE_K) * 128)
+    u = unpack_codes(qweight, 4).view(n // TILE_N, 2, 8, k // TILE_K, 4, 4, 2, 2)
+    return pack_codes(u.permute(_TO_MMA).reshape(-1, 8), 4).view(n // TILE_N, (k // TILE_K) * 128)
 
 
 def from_mma_layout(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """Inverse of :func:`to_mma_layout`: MMA layout -> canonical ``[N, K/8] int32``."""
     _check(n, k)
-    nibbles = unpack_codes(packed.reshape(-1, 1), 4).view(n // TILE_N, k // TILE_K, 32, 4, 8)
-    rows, cols = _index(n, k, packed.device)
-    u = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
-    u[rows, cols] = nibbles
-    return pack_codes(u, 4)
+    u = unpack_codes(packed.reshape(-1, 1), 4).view(n // TILE_N, k // TILE_K, 8, 4, 4, 2, 2, 2)
+    return pack_codes(u.permute(_FROM_MMA).reshape(n, k), 4)
