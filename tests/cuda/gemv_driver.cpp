@@ -30,13 +30,26 @@ static float to_float(T v) {
   else return __bfloat162float(v);
 }
 
+// 16-bit values (fp16 / bf16) from their raw bits as read from IN, and results back as float32 for OUT.
+template <typename V>
+static std::vector<V> from_bits(const std::vector<uint16_t>& bits) {
+  std::vector<V> v(bits.size());
+  std::memcpy(v.data(), bits.data(), bits.size() * 2);
+  return v;
+}
+
 template <typename T>
-static std::vector<float> dequant(const std::vector<int32_t>& qweight, std::vector<uint16_t> sbits,
+static std::vector<float> to_floats(const std::vector<T>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = to_float(v[i]);
+  return out;
+}
+
+template <typename T>
+static std::vector<float> dequant(const std::vector<int32_t>& qweight, const std::vector<uint16_t>& sbits,
                                   const std::vector<int32_t>& indptr, const std::vector<int32_t>& indices,
-                                  std::vector<uint16_t> vbits, int N, int K, int G, int threads) {
-  std::vector<__half> scales(sbits.size()), values(vbits.size());
-  std::memcpy(scales.data(), sbits.data(), sbits.size() * 2);
-  std::memcpy(values.data(), vbits.data(), vbits.size() * 2);
+                                  const std::vector<uint16_t>& vbits, int N, int K, int G, int threads) {
+  const auto scales = from_bits<__half>(sbits), values = from_bits<__half>(vbits);
   std::vector<T> w(static_cast<size_t>(N) * K);
   const dim3 grid((N + threads / 32 - 1) / (threads / 32));
   if constexpr (std::is_same_v<T, __half>) {
@@ -46,9 +59,7 @@ static std::vector<float> dequant(const std::vector<int32_t>& qweight, std::vect
     emu_launch(grid, dim3(threads), eq_dequant_int4_bf16, reinterpret_cast<const int4*>(qweight.data()),
                scales.data(), indptr.data(), indices.data(), values.data(), w.data(), N, K, G);
   }
-  std::vector<float> out(w.size());
-  for (size_t i = 0; i < w.size(); ++i) out[i] = to_float(w[i]);
-  return out;
+  return to_floats(w);
 }
 
 // The extern "C" entry points, by batch tile kM = 1, 2, 4, 8, 16: a launch takes the smallest kM >= M.
@@ -62,15 +73,12 @@ static const GemvEntry<__nv_bfloat16> kGemvBf16[] = {eq_gemv_int4_bf16_m1, eq_ge
                                                      eq_gemv_int4_bf16_m16};
 
 template <typename T>
-static std::vector<float> run(std::vector<uint16_t> xbits, const std::vector<int32_t>& qweight,
-                              std::vector<uint16_t> sbits, const std::vector<int32_t>& indptr,
-                              const std::vector<int32_t>& indices, std::vector<uint16_t> vbits, int M, int N, int K,
-                              int G, int threads) {
-  std::vector<T> x(xbits.size()), y(static_cast<size_t>(M) * N);
-  std::memcpy(x.data(), xbits.data(), xbits.size() * 2);
-  std::vector<__half> scales(sbits.size()), values(vbits.size());
-  std::memcpy(scales.data(), sbits.data(), sbits.size() * 2);
-  std::memcpy(values.data(), vbits.data(), vbits.size() * 2);
+static std::vector<float> run(const std::vector<uint16_t>& xbits, const std::vector<int32_t>& qweight,
+                              const std::vector<uint16_t>& sbits, const std::vector<int32_t>& indptr,
+                              const std::vector<int32_t>& indices, const std::vector<uint16_t>& vbits, int M, int N,
+                              int K, int G, int threads) {
+  const auto x = from_bits<T>(xbits), scales = from_bits<__half>(sbits), values = from_bits<__half>(vbits);
+  std::vector<T> y(static_cast<size_t>(M) * N);
   const int rows_per_block = threads / 32 * eq::kRowsPerWarp;
   const dim3 grid((N + rows_per_block - 1) / rows_per_block);
   const int tile = M <= 1 ? 0 : M <= 2 ? 1 : M <= 4 ? 2 : M <= 8 ? 3 : 4;
@@ -79,48 +87,36 @@ static std::vector<float> run(std::vector<uint16_t> xbits, const std::vector<int
   else entry = kGemvBf16[tile];
   emu_launch(grid, dim3(threads), entry, x.data(), reinterpret_cast<const int4*>(qweight.data()), scales.data(),
              indptr.data(), indices.data(), values.data(), y.data(), M, N, K, G);
-  std::vector<float> out(y.size());
-  for (size_t i = 0; i < y.size(); ++i) out[i] = to_float(y[i]);
-  return out;
+  return to_floats(y);
 }
 
 // The tensor-core kernels (cuda/eq_mma.cu), qweight in the MMA layout: the smallest kT with 8 kT >= M.
+static const GemvEntry<__half> kMmaF16[] = {eq_mma_int4_f16_t1, eq_mma_int4_f16_t2, eq_mma_int4_f16_t4,
+                                            eq_mma_int4_f16_t8};
+static const GemvEntry<__nv_bfloat16> kMmaBf16[] = {eq_mma_int4_bf16_t1, eq_mma_int4_bf16_t2, eq_mma_int4_bf16_t4,
+                                                    eq_mma_int4_bf16_t8};
+
 template <typename T>
-static std::vector<float> run_mma(std::vector<uint16_t> xbits, const std::vector<int32_t>& qweight,
-                                  std::vector<uint16_t> sbits, const std::vector<int32_t>& indptr,
-                                  const std::vector<int32_t>& indices, std::vector<uint16_t> vbits, int M, int N,
-                                  int K, int G) {
-  std::vector<T> x(xbits.size()), y(static_cast<size_t>(M) * N);
-  std::memcpy(x.data(), xbits.data(), xbits.size() * 2);
-  std::vector<__half> scales(sbits.size()), values(vbits.size());
-  std::memcpy(scales.data(), sbits.data(), sbits.size() * 2);
-  std::memcpy(values.data(), vbits.data(), vbits.size() * 2);
-  const auto* q = reinterpret_cast<const int4*>(qweight.data());
-  const dim3 grid(N / 16), block(eq::kMmaWarps * 32);
+static std::vector<float> run_mma(const std::vector<uint16_t>& xbits, const std::vector<int32_t>& qweight,
+                                  const std::vector<uint16_t>& sbits, const std::vector<int32_t>& indptr,
+                                  const std::vector<int32_t>& indices, const std::vector<uint16_t>& vbits, int M,
+                                  int N, int K, int G) {
+  const auto x = from_bits<T>(xbits), scales = from_bits<__half>(sbits), values = from_bits<__half>(vbits);
+  std::vector<T> y(static_cast<size_t>(M) * N);
   const int tile = M <= 8 ? 0 : M <= 16 ? 1 : M <= 32 ? 2 : 3;  // kT = 1, 2, 4, 8 batch tiles of 8 rows
-  if constexpr (std::is_same_v<T, __half>) {
-    const GemvEntry<__half> entry[] = {eq_mma_int4_f16_t1, eq_mma_int4_f16_t2, eq_mma_int4_f16_t4,
-                                       eq_mma_int4_f16_t8};
-    emu_launch(grid, block, entry[tile], x.data(), q, scales.data(), indptr.data(), indices.data(), values.data(),
-               y.data(), M, N, K, G);
-  } else {
-    const GemvEntry<__nv_bfloat16> entry[] = {eq_mma_int4_bf16_t1, eq_mma_int4_bf16_t2, eq_mma_int4_bf16_t4,
-                                              eq_mma_int4_bf16_t8};
-    emu_launch(grid, block, entry[tile], x.data(), q, scales.data(), indptr.data(), indices.data(), values.data(),
-               y.data(), M, N, K, G);
-  }
-  std::vector<float> out(y.size());
-  for (size_t i = 0; i < y.size(); ++i) out[i] = to_float(y[i]);
-  return out;
+  GemvEntry<T> entry;
+  if constexpr (std::is_same_v<T, __half>) entry = kMmaF16[tile];
+  else entry = kMmaBf16[tile];
+  emu_launch(dim3(N / 16), dim3(eq::kMmaWarps * 32), entry, x.data(), reinterpret_cast<const int4*>(qweight.data()),
+             scales.data(), indptr.data(), indices.data(), values.data(), y.data(), M, N, K, G);
+  return to_floats(y);
 }
 
 template <typename T>
-static std::vector<float> dequant_mma(const std::vector<int32_t>& qweight, std::vector<uint16_t> sbits,
+static std::vector<float> dequant_mma(const std::vector<int32_t>& qweight, const std::vector<uint16_t>& sbits,
                                       const std::vector<int32_t>& indptr, const std::vector<int32_t>& indices,
-                                      std::vector<uint16_t> vbits, int N, int K, int G) {
-  std::vector<__half> scales(sbits.size()), values(vbits.size());
-  std::memcpy(scales.data(), sbits.data(), sbits.size() * 2);
-  std::memcpy(values.data(), vbits.data(), vbits.size() * 2);
+                                      const std::vector<uint16_t>& vbits, int N, int K, int G) {
+  const auto scales = from_bits<__half>(sbits), values = from_bits<__half>(vbits);
   std::vector<T> w(static_cast<size_t>(N) * K);
   const auto* q = reinterpret_cast<const int4*>(qweight.data());
   const dim3 grid((N / 16 + 3) / 4), block(128);
@@ -131,9 +127,7 @@ static std::vector<float> dequant_mma(const std::vector<int32_t>& qweight, std::
     emu_launch(grid, block, eq_dequant_mma_int4_bf16, q, scales.data(), indptr.data(), indices.data(),
                values.data(), w.data(), N, K, G);
   }
-  std::vector<float> out(w.size());
-  for (size_t i = 0; i < w.size(); ++i) out[i] = to_float(w[i]);
-  return out;
+  return to_floats(w);
 }
 
 // One emulated mma.sync.m16n8k16 (fp16) on A[i][c] = i - c / 4 and B[c][j] = (c * j) % 5 - 2, small
