@@ -24,13 +24,23 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
 #endif
 }
 
-// 128-bit global load / store of 16-bit values (16-byte aligned). On the GPU one LDG/STG.E.128; on the
-// host a memcpy, so the emulation does not read _Float16 arrays through a uint4 pointer (aliasing UB).
+// 128- and 64-bit global loads / stores of 16-bit values (aligned to their width). On the GPU one
+// LDG/STG.E.128 or .64; on the host a memcpy, so the emulation does not read _Float16 arrays through a
+// uint4 pointer (aliasing UB).
 __device__ __forceinline__ uint4 load128(const void* p) {
 #ifdef __CUDACC__
   return *reinterpret_cast<const uint4*>(p);
 #else
   uint4 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+#endif
+}
+__device__ __forceinline__ uint2 load64(const void* p) {
+#ifdef __CUDACC__
+  return *reinterpret_cast<const uint2*>(p);
+#else
+  uint2 v;
   std::memcpy(&v, p, sizeof v);
   return v;
 #endif

@@ -40,17 +40,6 @@ namespace eq {
 constexpr int kMmaWarps = 8;     // warps per block, all on one 16-row tile
 constexpr int kMmaMaxTiles = 8;  // batch tiles of 8 rows: M <= 64
 
-// 64-bit load of 4 consecutive 16-bit activations (8-byte aligned: K % 64 == 0, x 16-byte aligned).
-__device__ __forceinline__ uint2 load64(const void* p) {
-#ifdef __CUDACC__
-  return *reinterpret_cast<const uint2*>(p);
-#else
-  uint2 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-#endif
-}
-
 // Per operand type: the magic pair (two 16-bit 2^n with room for a nibble in the mantissa), the
 // bias 2^n + 8 that turns 2^n + u into q = u - 8 exactly, and the mma instruction.
 template <typename T>
@@ -194,7 +183,7 @@ __device__ __forceinline__ void mma_int4(
       for (int j = 0; j < kT; ++j) {
         // B fragment: 4 activations of this lane's batch row (see xrow). Rows past M are zeroed by a
         // select, not skipped by a branch, so the warp reaches mma.sync.aligned converged.
-        const uint2 v = load64(xrow[j] + k0);
+        const uint2 v = load64(xrow[j] + k0);  // 8-byte aligned: K % 64 == 0, x 16-byte aligned
         const bool live = 2 * j < kT || 8 * j + g < M;  // the first half of the tiles is never masked
         const uint32_t b[2] = {live ? v.x : 0u, live ? v.y : 0u};
         mma<T>(part[j], a, b);

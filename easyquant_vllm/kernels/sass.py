@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,23 +29,9 @@ def functions(sass: str) -> dict[str, str]:
             for i, h in enumerate(heads)}  # fmt: skip
 
 
-def opcode(instruction: str) -> str:
-    """``@!P0 LDG.E.128.CONSTANT R4, [...]`` -> ``LDG``."""
-    words = instruction.split()
-    op = words[1] if words[0].startswith("@") else words[0]
-    return op.split(".")[0]
-
-
 @dataclass(frozen=True)
 class Loop:
     instructions: list[str]  # from the loop head to its backward branch, inclusive
-
-    def mix(self) -> Counter[str]:
-        return Counter(opcode(i) for i in self.instructions)
-
-    def count(self, *opcodes: str) -> int:
-        mix = self.mix()
-        return sum(mix[o] for o in opcodes)
 
 
 def loops(function_sass: str) -> list[Loop]:
