@@ -33,6 +33,7 @@ import json
 import re
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -213,18 +214,31 @@ def check_against_reference(qw, dtype) -> float:  # type: ignore[no-untyped-def]
     return float((y.double() - ref).abs().mean() / ref.abs().mean())
 
 
-def time_paths(xs, w16, qws, kern, args) -> dict[str, float | None]:  # type: ignore[no-untyped-def]
+@dataclass
+class LayerCopies:
+    """One layer shape's weight copies in every layout the paths read, built once per shape."""
+
+    canon: list[tuple]  # type: ignore[type-arg]  # (qweight, scales, indptr, indices, values), checkpoint layout
+    mma: list[tuple]  # type: ignore[type-arg]  # the same with qweight in the MMA layout; [] if the shape has none
+    preps: list[dict]  # type: ignore[type-arg]  # what the linear method holds: the layout apply() dispatches on
+
+    @classmethod
+    def build(cls, qws, kern) -> LayerCopies:  # type: ignore[no-untyped-def]
+        from easyquant_vllm.kernels.mma_layout import mma_compatible, to_mma_layout
+
+        canon = [(q.qweight, q.scales, q.outliers.indptr, q.outliers.indices, q.outliers.values) for q in qws]
+        mma = [(to_mma_layout(c[0]), *c[1:]) for c in canon] if mma_compatible(*qws[0].shape) else []
+        return cls(canon, mma, [kern.prepare(q) for q in qws])
+
+
+def time_paths(xs, w16, layer: LayerCopies, kern, args) -> dict[str, float | None]:  # type: ignore[no-untyped-def]
     """Device us per call of each path for activations ``xs [M, K]`` (see the module docstring)."""
     import torch
 
     from easyquant_vllm.kernels.cuda_int4 import GEMV_KERNEL_MAX_M, MMA_MAX_M
-    from easyquant_vllm.kernels.mma_layout import mma_compatible, to_mma_layout
 
     g, dtype, ops, m = args.group_size, xs.dtype, torch.ops.easyquant, xs.shape[0]
-    canon = [(q.qweight, q.scales, q.outliers.indptr, q.outliers.indices, q.outliers.values) for q in qws]
-    n, k = qws[0].shape
-    mma = [(to_mma_layout(c[0]), *c[1:]) for c in canon] if mma_compatible(n, k) else []
-    preps = [kern.prepare(q) for q in qws]  # what the linear method holds: the layout apply() dispatches on
+    canon, mma, preps = layer.canon, layer.mma, layer.preps
 
     def timed(fns):  # type: ignore[no-untyped-def]
         return graph_time_us(fns, args.calls, args.reps)
@@ -267,9 +281,10 @@ def run_gpu(args: argparse.Namespace) -> list[dict]:  # type: ignore[type-arg]
         err = check_against_reference(qws[0], dtype)
         spec = LayerSpec(n, k, 4, args.group_size, dtype, "cuda")
         kern = CudaInt4Kernel(spec)
+        layer = LayerCopies.build(qws, kern)  # regrouped once per shape, not once per M
         w16 = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies16)]
         for m in args.m:
-            t = time_paths(torch.randn(m, k, device="cuda", dtype=dtype), w16, qws, kern, args)
+            t = time_paths(torch.randn(m, k, device="cuda", dtype=dtype), w16, layer, kern, args)
             gbs = (bytes_eq + m * k * 2 + m * n * 2) / (t["eq_us"] * 1e-6) / 1e9
             row = {"layer": name, "n": n, "k": k, "m": m, **t, "eq_gbs": gbs, "pct_peak": 100 * gbs / peak,
                    "speedup": t["fp16_us"] / t["eq_us"], "rel_err_m4": err, "copies": copies}  # fmt: skip
@@ -277,7 +292,7 @@ def run_gpu(args: argparse.Namespace) -> list[dict]:  # type: ignore[type-arg]
             cells = [row[c] for c in ("fp16_us", "gemv_us", "mma_us", "deq_mm_us", "eq_us", "eq_gbs")]
             tail = f" | {row['pct_peak']:.0f} % | {row['speedup']:.2f}x | {t['eager_us']:.1f} |"
             print(f"| {name} | {m} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in cells) + tail, flush=True)
-        del qws, w16
+        del qws, w16, layer
         torch.cuda.empty_cache()
     print(f"\nGEMV vs fp64 reference, mean relative error (M = 4): max over layers "
           f"{max(r['rel_err_m4'] for r in rows):.2e}")  # fmt: skip

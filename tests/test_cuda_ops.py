@@ -127,10 +127,11 @@ def test_gpu_kernel_under_cuda_graph_and_compile(n: int, layout: str, m: int) ->
     torch.testing.assert_close(compiled(x), eager)
 
 
-def test_bench_synthetic_weights_are_valid_checkpoint_layers() -> None:
+def test_bench_synthetic_weights_are_valid_checkpoint_layers(monkeypatch: pytest.MonkeyPatch) -> None:
     # bench/kernels.py times the kernels on weights it builds without quantizing; they must be what a
     # converted checkpoint holds (validated by the format's own checker), else the timings mean little.
     import importlib.util
+    import sys
 
     from easyquant_vllm.format import (
         OUTLIER_INDICES,
@@ -145,6 +146,7 @@ def test_bench_synthetic_weights_are_valid_checkpoint_layers() -> None:
 
     spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
     bench = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    monkeypatch.setitem(sys.modules, "bench_kernels", bench)  # dataclasses look their module up there
     spec.loader.exec_module(bench)  # type: ignore[union-attr]
     qw = bench.synthetic_weight(24, 512, 128, 0.005, seed=3, device="cpu")
     o = qw.outliers
