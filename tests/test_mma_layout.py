@@ -39,3 +39,13 @@ def test_mma_layout_names_the_shape_it_cannot_take() -> None:
     assert mma_compatible(576, 1536) and not mma_compatible(40, 256) and not mma_compatible(32, 96)
     with pytest.raises(ValueError, match="N % 16 == 0 and K % 64 == 0, got N = 40, K = 256"):
         to_mma_layout(torch.zeros(40, 32, dtype=torch.int32))
+
+
+def test_mma_layout_in_row_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Large layers are regrouped a block of rows at a time (bounded temporaries); the blocks must join up.
+    from easyquant_vllm.kernels import mma_layout
+
+    u = torch.randint(0, 16, (80, 256), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    whole = to_mma_layout(pack_codes(u, 4))
+    monkeypatch.setattr(mma_layout, "_BLOCK_CODES", 32 * 256)  # 32 rows per block: 3 blocks, the last short
+    assert torch.equal(to_mma_layout(pack_codes(u, 4)), whole)

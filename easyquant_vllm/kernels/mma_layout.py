@@ -44,16 +44,26 @@ def _check(n: int, k: int) -> None:
         raise ValueError(f"the tensor-core layout needs N % {TILE_N} == 0 and K % {TILE_K} == 0, got N = {n}, K = {k}")
 
 
+_BLOCK_CODES = 1 << 24  # codes regrouped per step: bounds the temporaries (~10 bytes per code) to ~160 MB
+
+
 def to_mma_layout(qweight: torch.Tensor) -> torch.Tensor:
     """Canonical ``[N, K/8] int32`` -> MMA layout ``[N/16, K/64 * 128] int32``.
 
     A fixed permutation of the nibbles inside each 16 x 64 tile, done as one view + permute of the
-    ``[N, K]`` uint8 codes: no index tensors, so a layer needs ~6 bytes per weight of temporaries at load.
+    ``[N, K]`` uint8 codes: no index tensors. Tiles of 16 rows are independent, so it runs over blocks of
+    rows: the temporaries stay bounded whatever the layer (a 70B fused gate_up has 470 M codes).
     """
     n, k = qweight.shape[0], qweight.shape[1] * 8
     _check(n, k)
-    u = unpack_codes(qweight, 4).view(n // TILE_N, 2, 8, k // TILE_K, 4, 4, 2, 2)
-    return pack_codes(u.permute(_TO_MMA).reshape(-1, 8), 4).view(n // TILE_N, (k // TILE_K) * 128)
+    out = torch.empty(n // TILE_N, (k // TILE_K) * 128, dtype=torch.int32, device=qweight.device)
+    rows = max(TILE_N, _BLOCK_CODES // k // TILE_N * TILE_N)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        u = unpack_codes(qweight[r0:r1], 4).view((r1 - r0) // TILE_N, 2, 8, k // TILE_K, 4, 4, 2, 2)
+        block = pack_codes(u.permute(_TO_MMA).reshape(-1, 8), 4)
+        out[r0 // TILE_N : r1 // TILE_N] = block.view((r1 - r0) // TILE_N, (k // TILE_K) * 128)
+    return out
 
 
 def from_mma_layout(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ def code_offset(bits: int) -> int:
 
 
 def _shifts(bits: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(0, 32, bits, dtype=torch.int64, device=device)  # (pack_factor,)
+    return torch.arange(0, 32, bits, dtype=torch.int32, device=device)  # (pack_factor,)
 
 
 def pack_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
@@ -80,6 +80,7 @@ def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
     pf = pack_factor(bits)
     n, kw = words.shape
     mask = (1 << bits) - 1
-    # Arithmetic right shift sign-extends negative words; the mask drops those bits again.
-    u = (words.to(torch.int64).unsqueeze(-1) >> _shifts(bits, words.device)) & mask  # (N, K/pf, pf)
+    # Arithmetic right shift sign-extends negative words; the mask drops those bits again. int32 all the
+    # way (4 bytes of temporaries per code, not the 8 of int64): load-time repacks of 70B layers stay small.
+    u = (words.to(torch.int32).unsqueeze(-1) >> _shifts(bits, words.device)) & mask  # (N, K/pf, pf)
     return u.reshape(n, kw * pf).to(torch.uint8)
