@@ -234,6 +234,24 @@ def test_kernels_compile_with_nvrtc_as_at_run_time(arch: str, source: str) -> No
     assert stats == [("0", "0", "0")] * len(KERNELS[source])
 
 
+def test_compile_checks_use_the_options_cupy_adds_at_run_time() -> None:
+    # At run time cupy.RawModule appends options of its own before NVRTC sees ours. Read them off CuPy's
+    # source (no GPU needed): the unconditional ``options += (...)`` lines of the function that compiles.
+    import ast
+    import inspect
+
+    _nvrtc()
+    from cupy.cuda import compiler
+
+    from easyquant_vllm.kernels.cuda_build import CUPY_APPENDED_OPTIONS, nvrtc_options
+
+    fn = ast.parse(inspect.getsource(compiler._compile_with_cache_cuda)).body[0]
+    appended = [opt.value for node in fn.body if isinstance(node, ast.AugAssign) and getattr(node.target, "id", "")
+                == "options" for opt in node.value.elts]  # fmt: skip
+    assert tuple(appended) == CUPY_APPENDED_OPTIONS == ("-ftz=true",)
+    assert set(CUPY_APPENDED_OPTIONS) <= set(nvrtc_options("sm_90"))
+
+
 def _disassemble(source: str, arch: str, tmp_path: Path) -> str:
     try:
         return sass.disassemble(source, arch, tmp_path)

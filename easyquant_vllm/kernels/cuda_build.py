@@ -64,14 +64,21 @@ def cuda_include_dir() -> Path:
                       "or set CUDA_PATH to a CUDA 13 toolkit")  # fmt: skip
 
 
+CUPY_APPENDED_OPTIONS = ("-ftz=true",)
+"""What ``cupy.RawModule`` appends to the options it is given before calling NVRTC (cupy 14,
+``cupy/cuda/compiler.py``: ``options += ('-ftz=true',)``; a test watches for changes). Our compile checks
+add the same, so that they see exactly the code that runs."""
+
+
 def nvrtc_base_options() -> list[str]:
-    """The options every compile of ``cuda/*.cu`` uses: at run time CuPy adds the device's ``-arch``."""
+    """The options the run time hands to ``cupy.RawModule``; CuPy adds :data:`CUPY_APPENDED_OPTIONS` and
+    the device's ``-arch``."""
     return ["-std=c++17", f"-I{CUDA_DIR}", f"-I{cuda_include_dir()}"]
 
 
 def nvrtc_options(arch: str) -> list[str]:
-    """:func:`nvrtc_base_options` for one architecture, e.g. ``"sm_90"``, with ptxas statistics."""
-    return [*nvrtc_base_options(), f"-arch={arch}", "-Xptxas=-v"]
+    """What NVRTC receives at run time on ``arch`` (e.g. ``"sm_90"``), plus ptxas statistics for the log."""
+    return [*nvrtc_base_options(), *CUPY_APPENDED_OPTIONS, f"-arch={arch}", "-Xptxas=-v"]
 
 
 @dataclass(frozen=True)
