@@ -14,10 +14,10 @@ bytes of each main loop against what an H100 can issue at HBM speed.
 With a GPU it also times, on synthetic weights in the canonical layout (random codes, 0.5 % CSR
 outliers per row, codes 0 under them as in a real checkpoint):
   * ``fp16``: ``torch.matmul(x, W.T)`` with a dense fp16 W (cuBLAS), the baseline;
-  * ``gemv``: the fused CUDA-core GEMV ``easyquant::gemv_int4`` (M <= 16, canonical layout);
-  * ``mma``: the tensor-core kernel ``easyquant::mma_int4`` (M <= 16, MMA layout);
-  * ``deq+mm``: ``easyquant::dequant_int4`` into a workspace, then ``torch.matmul``;
-  * ``eq``: what ``CudaInt4Kernel.apply`` dispatches to at this M.
+  * ``gemv``: the fused CUDA-core GEMV ``cuda_int4.gemv_int4`` (M <= 16, canonical layout);
+  * ``mma``: the tensor-core kernel ``cuda_int4.mma_int4`` (M <= 64, MMA layout);
+  * ``deq+mm``: ``cuda_int4.dequant_int4`` into a workspace, then ``torch.matmul``;
+  * ``eq``: what the ``easyquant::linear`` op of ``CudaInt4Kernel.apply`` dispatches to at this M.
 Each is captured ``--calls`` times in one CUDA graph, cycling through enough weight copies that the
 set exceeds 4x the L2 cache (so every call reads its weights from HBM, as in a model, where each
 layer's weights are touched once per token), and timed with CUDA events over graph replays: the
@@ -210,7 +210,9 @@ def check_against_reference(qw, dtype) -> float:  # type: ignore[no-untyped-def]
     o = qw.outliers
     x = torch.randn(4, qw.shape[1], device="cuda").to(dtype)
     ref = x.double() @ qw.dequantize(torch.float64).T
-    y = torch.ops.easyquant.gemv_int4(x, qw.qweight, qw.scales, o.indptr, o.indices, o.values, qw.group_size)
+    from easyquant_vllm.kernels.cuda_int4 import gemv_int4
+
+    y = gemv_int4(x, qw.qweight, qw.scales, o.indptr, o.indices, o.values, qw.group_size)
     return float((y.double() - ref).abs().mean() / ref.abs().mean())
 
 
@@ -233,11 +235,11 @@ class LayerCopies:
 
 def time_paths(xs, w16, layer: LayerCopies, kern, args) -> dict[str, float | None]:  # type: ignore[no-untyped-def]
     """Device us per call of each path for activations ``xs [M, K]`` (see the module docstring)."""
-    import torch
 
+    from easyquant_vllm.kernels import cuda_int4 as ops
     from easyquant_vllm.kernels.cuda_int4 import GEMV_KERNEL_MAX_M, MMA_MAX_M
 
-    g, dtype, ops, m = args.group_size, xs.dtype, torch.ops.easyquant, xs.shape[0]
+    g, dtype, m = args.group_size, xs.dtype, xs.shape[0]
     canon, mma, preps = layer.canon, layer.mma, layer.preps
 
     def timed(fns):  # type: ignore[no-untyped-def]

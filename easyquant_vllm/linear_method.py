@@ -191,11 +191,10 @@ class EasyQuantLinearMethod(LinearMethodBase):
             if state.k_part != k:
                 qw = slice_columns(qw, state.col_start, state.k_part)
             parts.append(qw)
-        qw = stack_rows(parts) if len(parts) > 1 else parts[0]
-        qw = qw.to(device)
+        qw = stack_rows(parts) if len(parts) > 1 else parts[0]  # on the CPU: repacking never costs GPU memory
 
         spec = LayerSpec(qw.shape[0], qw.shape[1], self.bits, self.group_size, state.act_dtype, device.type)
-        kernel_cls, reasons = choose_kernel(spec)
+        kernel_cls, reasons = choose_kernel(spec, device, where=state.prefix)
         if kernel_cls.name not in _kernels_announced:
             _kernels_announced.add(kernel_cls.name)
             if kernel_cls is FALLBACK and reasons:
@@ -205,8 +204,8 @@ class EasyQuantLinearMethod(LinearMethodBase):
                 )  # fmt: skip
             else:
                 logger.info("EasyQuant: using kernel %s (e.g. for %s)", kernel_cls.name, state.prefix)
-        kernel = kernel_cls(spec)
-        tensors = kernel.prepare(qw)
+        kernel = kernel_cls(spec, device)
+        tensors = {name: t.to(device) for name, t in kernel.prepare(qw).items()}
         if isinstance(kernel, TorchReferenceKernel) and device.type == "cpu":
             kernel.linear = _vllm_cpu_dense_linear(tensors.pop("weight_dequant"), layer)
         for suffix in TENSOR_SUFFIXES:  # the canonical parameters are not needed any more

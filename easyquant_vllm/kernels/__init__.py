@@ -1,31 +1,34 @@
-"""Kernels for the EasyQuant linear layer, chosen per layer by ``can_implement`` in a fixed order."""
+"""Kernels for the EasyQuant linear layer, chosen per layer by ``can_implement`` and a start-up self-check."""
 
 from __future__ import annotations
 
-from .base import Kernel, LayerSpec
+import torch
+
+from . import op  # noqa: F401  (registers easyquant::linear)
+from .base import DISPATCH_COUNTS, Kernel, LayerSpec
 from .cpu_wna16 import CpuWna16Kernel
 from .cuda_int4 import CudaInt4Kernel
+from .select import ENV_FORCE, select_kernel, self_check
 from .torch_int4_cpu import TorchInt4CpuKernel
 from .torch_ref import TorchReferenceKernel
 
 KERNELS: tuple[type[Kernel], ...] = (CudaInt4Kernel, CpuWna16Kernel, TorchInt4CpuKernel, TorchReferenceKernel)
-"""Preference order: the first kernel whose ``can_implement`` says yes is used."""
+"""Preference order: the first kernel whose ``can_implement`` says yes and whose self-check passes is used."""
 
 FALLBACK: type[Kernel] = TorchReferenceKernel
 
 
-def choose_kernel(spec: LayerSpec) -> tuple[type[Kernel], list[str]]:
-    """The first kernel that can implement ``spec``, and the reasons the ones before it gave."""
-    reasons = []
-    for kernel in KERNELS:
-        ok, why = kernel.can_implement(spec)
-        if ok:
-            return kernel, reasons
-        reasons.append(f"{kernel.name}: {why}")
-    raise ValueError(f"no EasyQuant kernel can run {spec}: " + "; ".join(reasons))
+def choose_kernel(
+    spec: LayerSpec, device: torch.device | None = None, where: str = "a layer"
+) -> tuple[type[Kernel], list[str]]:
+    """The kernel for ``spec`` on ``device`` (default: the spec's device type) and the reasons the
+    kernels before it gave (see :func:`select.select_kernel`)."""
+    return select_kernel(spec, device or torch.device(spec.device_type), KERNELS, where)
 
 
 __all__ = [
+    "DISPATCH_COUNTS",
+    "ENV_FORCE",
     "FALLBACK",
     "KERNELS",
     "CpuWna16Kernel",
@@ -35,4 +38,5 @@ __all__ = [
     "TorchInt4CpuKernel",
     "TorchReferenceKernel",
     "choose_kernel",
+    "self_check",
 ]

@@ -1,15 +1,30 @@
-"""What a kernel is told about a layer, and what every kernel implements."""
+"""What a kernel is told about a layer, what every kernel implements, and its start-up self-check.
+
+A kernel has two halves, split where torch.compile stops looking:
+
+* ``prepare`` (once, at load): the canonical tensors -> the kernel's own layout.
+* ``forward`` (every call): runs *inside* the one custom op ``easyquant::linear`` (see :mod:`.op`), so
+  it executes eagerly even in vLLM's compiled mode and under CUDA-graph capture. Everything that depends
+  on the batch size M (which dense kernel, which tile) is decided there, at run time, never at trace time.
+"""
 
 from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ..quant import QuantizedWeight
+
+DISPATCH_COUNTS: Counter[str] = Counter()
+"""``"<kernel>:<path>"`` -> number of forward calls that took that path (e.g. ``"cuda-int4:mma"``).
+
+Counted inside the op's real implementation, so it shows what really ran, also under torch.compile."""
 
 
 @dataclass(frozen=True)
@@ -26,61 +41,74 @@ class LayerSpec:
     act_dtype: torch.dtype
     device_type: str  # "cpu" or "cuda"
 
+    @property
+    def group(self) -> int:
+        """Columns per step size (``K`` when per channel)."""
+        return self.k if self.group_size == -1 else self.group_size
+
 
 class Kernel(ABC):
     """Repacks a layer's canonical tensors once, then computes ``x @ W'^T + bias`` on every call.
 
-    ``prepare`` returns the tensors the kernel needs (registered on the layer as parameters, so they
-    follow the module across devices); ``apply`` receives them back by name.
+    Subclasses name the tensors ``prepare`` returns in :attr:`TENSORS` (the order in which the op receives
+    them) and pack their static choices into ``meta`` ints (``meta[0]`` is always N, for the op's fake).
     """
 
     name: ClassVar[str]
+    TENSORS: ClassVar[tuple[str, ...]]
 
     @classmethod
     @abstractmethod
     def can_implement(cls, spec: LayerSpec) -> tuple[bool, str | None]:
         """``(True, None)`` or ``(False, reason)``; the reason names the unsupported value."""
 
-    def __init__(self, spec: LayerSpec) -> None:
+    def __init__(self, spec: LayerSpec, device: torch.device | None = None) -> None:
+        """``device``: where the layer will run (``prepare`` itself may run elsewhere, e.g. on the CPU)."""
         self.spec = spec
 
     @abstractmethod
     def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-        """Turn the canonical layout into this kernel's tensors (called once, at load)."""
+        """The canonical layout -> this kernel's tensors, keyed by :attr:`TENSORS` (called once, at load,
+        on the device of ``qw``; the linear method moves the result to the layer's device)."""
 
+    def meta(self) -> list[int]:
+        """Static ints the op passes to :meth:`forward`: ``[N, group_size]`` unless a kernel needs more."""
+        return [self.spec.n, self.spec.group_size]
+
+    @classmethod
     @abstractmethod
+    def forward(cls, w: Sequence[torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None,
+                meta: Sequence[int]) -> torch.Tensor:  # fmt: skip
+        """``x [M, K]`` -> ``[M, N]`` in ``x.dtype``; ``w`` as :attr:`TENSORS`. Runs inside the op: eager."""
+
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``x [..., K]`` -> ``[..., N]`` in ``x.dtype``."""
+        """``x [..., K]`` -> ``[..., N]``: the traced side, one ``easyquant::linear`` call."""
+        from .op import linear
+
+        return linear(x, [tensors[t] for t in self.TENSORS], bias, self.name, self.meta())
+
+    # --- the start-up self-check (kernels/select.py) --------------------------------------------------
+
+    @classmethod
+    def variant(cls, spec: LayerSpec, device: torch.device) -> tuple[object, ...]:
+        """What distinguishes this layer's compiled code and layout: layers with the same variant share
+        one self-check."""
+        return (spec.act_dtype, spec.bits, spec.group_size == -1)
+
+    @classmethod
+    def check_shape(cls, spec: LayerSpec, device: torch.device) -> tuple[int, int]:
+        """``(N, K)`` of the small weight the self-check uses: the same group size and layout as ``spec``."""
+        return 64, (128 if spec.group_size == -1 else max(64, 2 * spec.group_size))
+
+    @classmethod
+    def check_batches(cls, spec: LayerSpec, device: torch.device) -> tuple[int, ...]:
+        """Batch sizes the self-check runs: at least one per path that :meth:`forward` can take."""
+        return (1, 5)
 
 
-def outlier_matrix(qw: QuantizedWeight) -> torch.Tensor | None:
-    """The outliers as a torch sparse CSR ``[N, K]`` float32 matrix, or None if there are none.
-
-    float32 values so that adding them does not round twice; the invariants were checked by the
-    format validator at load, so torch's own (slow) checks are off.
-    """
-    o = qw.outliers
-    if not o.nnz:
-        return None
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": true, and not the user's concern
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(
-            o.indptr.long(), o.indices.long(), o.values.float(), size=o.shape, check_invariants=False
-        )
-
-
-def add_outliers(y: torch.Tensor, outliers: torch.Tensor | None, x2: torch.Tensor) -> torch.Tensor:
-    """``y [M, N] += x2 [M, K] @ S^T``, the product computed as ``(S @ x2^T)^T`` in float32.
-
-    The sparse product reads each outlier once (about 0.5 % of the weights): no masking, because the
-    dense code at an outlier position is 0. The in-place add rounds the float32 product into ``y``'s
-    dtype once. (Measured on a 1536x576 SmolLM2 layer, 8.8k outliers, one thread: 39 us at M = 1 next
-    to 131 us for the int4 GEMM. MKL's CSR product costs ~3 ns per outlier, ~20x more per element than
-    the int4 GEMM: a fused kernel adds them far cheaper; see the CUDA kernels.)
-    """
-    if outliers is None:
-        return y
-    return y.add_(torch.sparse.mm(outliers, x2.float().t()).t())
+def count(kernel: str, path: str) -> None:
+    """Record one forward call of ``kernel`` through ``path`` in :data:`DISPATCH_COUNTS`."""
+    DISPATCH_COUNTS[f"{kernel}:{path}"] += 1
 
 
 def cpu_int4_unsupported(name: str, spec: LayerSpec) -> str | None:
@@ -98,7 +126,25 @@ def cpu_int4_unsupported(name: str, spec: LayerSpec) -> str | None:
     return None
 
 
-def with_outliers(tensors: dict[str, torch.Tensor], qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """``tensors`` plus ``"outliers"`` (see :func:`outlier_matrix`) when the weight has any."""
-    s = outlier_matrix(qw)
-    return tensors if s is None else {**tensors, "outliers": s}
+def outlier_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """The outlier CSR arrays as plain tensors (``indptr [N+1]``, ``indices [nnz]`` int32, ``values [nnz]``
+    float16): what the op receives. No torch sparse tensor ever crosses the op boundary: Dynamo cannot
+    trace one."""
+    o = qw.outliers
+    return {"indptr": o.indptr.contiguous(), "indices": o.indices.contiguous(), "values": o.values.contiguous()}
+
+
+def add_outliers(y: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                 x: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """``y [M, N] += x [M, K] @ S^T`` with ``S`` the CSR outliers, computed in float32, rounded into y once.
+
+    Runs inside the op, so a torch sparse matrix may be built here: it never reaches the traced graph.
+    No masking: the dense code at an outlier position is 0.
+    """
+    if not indices.numel():
+        return y
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": true, and not the user's concern
+        warnings.simplefilter("ignore", UserWarning)
+        s = torch.sparse_csr_tensor(indptr, indices, values.float(), size=(y.shape[1], x.shape[1]),
+                                    check_invariants=False)  # fmt: skip
+    return y.add_(torch.sparse.mm(s, x.float().t()).t())

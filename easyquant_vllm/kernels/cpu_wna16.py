@@ -1,26 +1,26 @@
-"""CPU kernel: vLLM's int4 GEMM (``cpu_gemm_wna16``) for the dense part plus a sparse outlier product.
+"""CPU kernel: vLLM's int4 GEMM (``cpu_gemm_wna16``) for the dense part plus the outlier product.
 
 vLLM's CPU kernel computes ``x @ dequant(u)^T`` for ``uint4b8`` codes (``u = q + 8``: exactly ours),
 symmetric, with per-group scales. It wants the codes packed along the *output* dim and blocked 16
 output channels at a time. We build that once from the canonical layout (packed along K) by unpacking
 with our own ``unpack_codes``, transposing, and re-packing with our own ``pack_codes``, so that the bit
-order is the one documented in docs/format.md on both sides. The outliers, about 0.5 % of entries, are added with
-a CSR x dense product in float32: ``y += (S @ x^T)^T``. That keeps the dense kernel unmodified, and
-it reads each outlier once per call, with no masking (the code at an outlier position is 0).
+order is the one documented in docs/format.md on both sides. The outliers, about 0.5 % of entries, are
+added afterwards: ``y += x @ S^T``. That keeps the dense kernel unmodified, and it reads each outlier once
+per call, with no masking (the code at an outlier position is 0).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ..quant import QuantizedWeight, code_offset, pack_codes, unpack_codes
-from .base import Kernel, LayerSpec, add_outliers, cpu_int4_unsupported, with_outliers
+from .base import Kernel, LayerSpec, add_outliers, count, cpu_int4_unsupported, outlier_tensors
 
 _BLOCK_N = 16  # output channels per contiguous block in vLLM's CPU weight layout
-_amx_ready = False
 
 
 @functools.cache
@@ -41,15 +41,13 @@ def _ops() -> Any:
     return ops
 
 
+@functools.cache
 def _isa_hint(act_dtype: torch.dtype) -> str:
     """vLLM's choice: AMX tiles for bf16 where the CPU has them, else the generic vector path."""
-    global _amx_ready
     if act_dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported():
-        if not _amx_ready:
-            # Without this, the first AMX instruction dies with SIGILL: Linux grants AMX state to a
-            # process only on request (arch_prctl), which this call makes.
-            torch.cpu._init_amx()
-            _amx_ready = True
+        # Without this, the first AMX instruction dies with SIGILL: Linux grants AMX state to a
+        # process only on request (arch_prctl), which this call makes.
+        torch.cpu._init_amx()
         return "amx"
     return "vec"
 
@@ -72,6 +70,7 @@ def repack_for_cpu_wna16(
 
 class CpuWna16Kernel(Kernel):
     name = "cpu-wna16"
+    TENSORS = ("w_q", "w_s", "indptr", "indices", "values")
 
     @classmethod
     def can_implement(cls, spec: LayerSpec) -> tuple[bool, str | None]:
@@ -86,20 +85,16 @@ class CpuWna16Kernel(Kernel):
             return False, f"cpu-wna16 needs K and N multiples of 32, got K = {spec.k}, N = {spec.n}"
         return True, None
 
-    def __init__(self, spec: LayerSpec) -> None:
-        super().__init__(spec)
-        self.isa_hint = _isa_hint(spec.act_dtype)
-        assert code_offset(4) == 8  # uint4b8: the kernel subtracts 8 from every code, as we store them
-
     def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        assert code_offset(4) == 8  # uint4b8: the kernel subtracts 8 from every code, as we store them
         w_q, w_s = repack_for_cpu_wna16(qw.qweight, qw.scales, self.spec.act_dtype)
-        return with_outliers({"w_q": w_q, "w_s": w_s}, qw)
+        return {"w_q": w_q, "w_s": w_s, **outlier_tensors(qw)}
 
-    def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ops = _ops()
-        x2 = x.reshape(-1, self.spec.k)
-        y = ops.cpu_gemm_wna16(
-            input=x2, q_weight=tensors["w_q"], scales=tensors["w_s"], zeros=None, bias=bias,
-            pack_factor=8, isa_hint=self.isa_hint,
-        )  # fmt: skip
-        return add_outliers(y, tensors.get("outliers"), x2).reshape(*x.shape[:-1], self.spec.n)
+    @classmethod
+    def forward(cls, w: Sequence[torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None,
+                meta: Sequence[int]) -> torch.Tensor:  # fmt: skip
+        w_q, w_s, indptr, indices, values = w
+        count(cls.name, "int4")
+        y = _ops().cpu_gemm_wna16(input=x, q_weight=w_q, scales=w_s, zeros=None, bias=bias, pack_factor=8,
+                                  isa_hint=_isa_hint(x.dtype))  # fmt: skip
+        return add_outliers(y, indptr, indices, values, x)

@@ -1,11 +1,13 @@
-"""CUDA kernel: tensor cores (M <= 64) or a CUDA-core GEMV (M <= 16), else dequantize + cuBLAS; CuPy-launched torch ops.
+"""CUDA kernel: tensor cores (M <= 64) or a CUDA-core GEMV (M <= 16), else dequantize + cuBLAS; CuPy launches.
 
-``CudaInt4Kernel`` picks per layer and batch (docs/kernels.md, "Dispatch"). The ops
-``easyquant::mma_int4`` / ``dequant_mma_int4`` (MMA layout, regrouped at load) and
-``easyquant::gemv_int4`` / ``dequant_int4`` (the checkpoint's layout) are ``torch.library.custom_op``s
-with fake implementations, so vLLM's torch.compile can trace them and CUDA graphs can capture them.
-They launch on torch's current stream; tensors are passed by device address (no copies, and no
-DLPack stream sync, which CUDA-graph capture forbids). Inputs are checked in Python before launch;
+``CudaInt4Kernel.forward`` runs inside the ``easyquant::linear`` op (:mod:`.op`) and picks the path per
+batch there, at run time (docs/kernels.md, "Dispatch"): under torch.compile the graph holds the op, not
+a branch frozen at trace time, and CUDA graphs capture whichever launches the op makes. The launch
+functions :func:`mma_int4`, :func:`dequant_mma_int4` (MMA layout, regrouped at load), :func:`gemv_int4`
+and :func:`dequant_int4` (the checkpoint's layout) each build a :class:`LaunchPlan` and hand it to
+:data:`launcher`: CuPy on torch's current stream, tensors passed by device address (no copies, and no
+DLPack stream sync, which CUDA-graph capture forbids). Tests swap :data:`launcher` for a host stand-in
+to run the dispatch and the start-up self-check without a GPU. Inputs are checked before launch;
 errors name the tensor and its actual dtype, shape or alignment.
 
 Status: compiled and tested without a GPU (tests/test_cuda_kernels.py); the launch itself and the
@@ -16,13 +18,14 @@ GPU tests (``pytest -m gpu``) have not run yet: no GPU was lent to the tasks tha
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..quant import QuantizedWeight
-from .base import Kernel, LayerSpec
+from .base import Kernel, LayerSpec, count
 from .cuda_build import (
     CUDA_DIR,
     GEMV_BATCH_TILES,
@@ -59,7 +62,8 @@ def _require(ok: bool, message: str) -> None:
 
 def check_weight(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
                  values: torch.Tensor, group_size: int, mma: bool = False) -> tuple[int, int, int]:  # fmt: skip
-    """Validate the weight tensors; returns ``(N, K, G)``. Device and alignment are checked last.
+    """Validate the weight tensors; returns ``(N, K, G)``. Placement and alignment are checked last (that
+    they are CUDA tensors, the launcher checks).
 
     ``qweight`` is canonical ``[N, K/8]`` int32, or with ``mma=True`` the tensor-core layout
     ``[N/16, 2K]`` int32 of :mod:`.mma_layout`.
@@ -85,7 +89,8 @@ def check_weight(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tens
              f"{list(indices.shape)} / {values.dtype} {list(values.shape)}")  # fmt: skip
     for name, t in (("qweight", qweight), ("scales", scales), ("outlier_indptr", indptr),
                     ("outlier_indices", indices), ("outlier_values", values)):  # fmt: skip
-        _require(t.is_cuda and t.is_contiguous(), f"{name} must be a contiguous CUDA tensor, got {t.device}")
+        _require(t.is_contiguous() and t.device == qweight.device,
+                 f"{name} must be contiguous and on {qweight.device}, got {t.device}")  # fmt: skip
     _require(qweight.data_ptr() % 16 == 0, "qweight must be 16-byte aligned (128-bit loads)")
     return n, k, g
 
@@ -176,84 +181,72 @@ def kernel_args(plan: LaunchPlan) -> tuple[Any, ...]:
     return tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.int32(a) for a in plan.args)
 
 
-def _launch(plan: LaunchPlan, device: torch.device) -> None:
-    import cupy
+class CupyLauncher:
+    """Runs a :class:`LaunchPlan` with CuPy on torch's current stream of the tensors' device."""
 
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
-    with cupy.cuda.Device(index):
-        _function(plan.source, plan.name, index)((plan.grid,), (plan.threads,), kernel_args(plan), stream=stream)
+    def launch(self, plan: LaunchPlan) -> None:
+        import cupy
+
+        tensors = [a for a in plan.args if isinstance(a, torch.Tensor)]
+        device = tensors[0].device
+        for t in tensors:
+            _require(t.is_cuda and t.device == device, f"{plan.name}: every tensor must be on one CUDA device, "
+                                                       f"got {t.device} next to {device}")  # fmt: skip
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
+        with cupy.cuda.Device(index):
+            _function(plan.source, plan.name, index)((plan.grid,), (plan.threads,), kernel_args(plan), stream=stream)
+
+
+launcher: Any = CupyLauncher()
+"""What executes launch plans. Tests replace it with a host stand-in (any object with ``launch(plan)``)."""
 
 
 def _aligned_x(x: torch.Tensor, k: int, max_m: int) -> torch.Tensor:
     _require(x.dtype in _SUFFIX and x.dim() == 2 and x.shape[1] == k and 1 <= x.shape[0] <= max_m,
              f"x must be fp16/bf16 [1..{max_m}, {k}], got {x.dtype} {list(x.shape)}")  # fmt: skip
-    _require(x.is_cuda and x.is_contiguous(), "x must be a contiguous CUDA tensor")
+    x = x.contiguous()
     return x.clone() if x.data_ptr() % 16 else x  # a view into a larger buffer: the kernels load 8 or 16 bytes
 
 
-@torch.library.custom_op("easyquant::gemv_int4", mutates_args=())
 def gemv_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor,
               indices: torch.Tensor, values: torch.Tensor, group_size: int) -> torch.Tensor:  # fmt: skip
-    """``x [M <= 16, K] fp16/bf16`` -> ``[M, N]``: the fused GEMV of cuda/eq_gemv.cu."""
+    """``x [M <= 16, K] fp16/bf16`` -> ``[M, N]``: the fused GEMV of cuda/eq_gemv.cu (canonical layout)."""
     n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size)
     x = _aligned_x(x, k, GEMV_KERNEL_MAX_M)
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    _launch(gemv_plan(x, qweight, scales, indptr, indices, values, y, g), x.device)
+    launcher.launch(gemv_plan(x, qweight, scales, indptr, indices, values, y, g))
     return y
 
 
-@gemv_int4.register_fake
-def _(x, qweight, scales, indptr, indices, values, group_size):  # type: ignore[no-untyped-def]
-    return x.new_empty(x.shape[0], qweight.shape[0])
-
-
-@torch.library.custom_op("easyquant::dequant_int4", mutates_args=())
 def dequant_int4(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
                  values: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     """W' ``[N, K]`` in ``dtype`` (fp16/bf16): cuda/eq_dequant.cu, bit-identical to the reference."""
     n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size)
     _require(dtype in _SUFFIX, f"dtype must be float16 or bfloat16, got {dtype}")
     w = torch.empty(n, k, dtype=dtype, device=qweight.device)
-    _launch(dequant_plan(qweight, scales, indptr, indices, values, w, g), qweight.device)
+    launcher.launch(dequant_plan(qweight, scales, indptr, indices, values, w, g))
     return w
 
 
-@dequant_int4.register_fake
-def _(qweight, scales, indptr, indices, values, group_size, dtype):  # type: ignore[no-untyped-def]
-    return qweight.new_empty(qweight.shape[0], qweight.shape[1] * 8, dtype=dtype)
-
-
-@torch.library.custom_op("easyquant::mma_int4", mutates_args=())
 def mma_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor,
              indices: torch.Tensor, values: torch.Tensor, group_size: int) -> torch.Tensor:  # fmt: skip
     """``x [M <= 64, K] fp16/bf16`` -> ``[M, N]`` on tensor cores (cuda/eq_mma.cu); ``qweight`` in the MMA layout."""
     n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size, mma=True)
     x = _aligned_x(x, k, MMA_MAX_M)
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    _launch(mma_plan(x, qweight, scales, indptr, indices, values, y, g), x.device)
+    launcher.launch(mma_plan(x, qweight, scales, indptr, indices, values, y, g))
     return y
 
 
-@mma_int4.register_fake
-def _(x, qweight, scales, indptr, indices, values, group_size):  # type: ignore[no-untyped-def]
-    return x.new_empty(x.shape[0], qweight.shape[0] * 16)
-
-
-@torch.library.custom_op("easyquant::dequant_mma_int4", mutates_args=())
 def dequant_mma_int4(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
                      values: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     """W' ``[N, K]`` in ``dtype`` from the MMA layout (cuda/eq_mma.cu), bit-identical to the reference."""
     n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size, mma=True)
     _require(dtype in _SUFFIX, f"dtype must be float16 or bfloat16, got {dtype}")
     w = torch.empty(n, k, dtype=dtype, device=qweight.device)
-    _launch(dequant_mma_plan(qweight, scales, indptr, indices, values, w, g), qweight.device)
+    launcher.launch(dequant_mma_plan(qweight, scales, indptr, indices, values, w, g))
     return w
-
-
-@dequant_mma_int4.register_fake
-def _(qweight, scales, indptr, indices, values, group_size, dtype):  # type: ignore[no-untyped-def]
-    return qweight.new_empty(qweight.shape[0] * 16, qweight.shape[1] // 2, dtype=dtype)
 
 
 def _has_mma(device: torch.device) -> bool:
@@ -261,8 +254,35 @@ def _has_mma(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+@functools.cache
+def cuda_runtime_problem() -> str | None:
+    """Why CuPy's CUDA cannot run here, or None: CuPy missing, or a driver older than the CUDA runtime
+    CuPy was built for. cupy-cuda13x imports fine on a CUDA 12 driver (< 580) and only fails at the first
+    compile or launch, which in vLLM is the profile run: checked up front instead."""
+    try:
+        import cupy
+    except ImportError:
+        return "cuda-int4 needs CuPy (pip install cupy-cuda13x)"
+    try:
+        driver = cupy.cuda.runtime.driverGetVersion()
+        runtime = cupy.cuda.runtime.runtimeGetVersion()
+    except Exception as e:  # the driver refuses
+        return f"CuPy cannot query the CUDA driver ({type(e).__name__}: {e})"
+    if driver == 0:
+        return "no NVIDIA driver found (CUDA reports driver version 0)"
+    if driver // 1000 < runtime // 1000:
+        return (f"the NVIDIA driver supports CUDA {driver // 1000}.{driver % 1000 // 10}, older than the CUDA "
+                f"{runtime // 1000}.{runtime % 1000 // 10} this CuPy build needs; update the driver or install the "
+                f"cupy-cuda{driver // 1000}x wheel")  # fmt: skip
+    return None
+
+
 class CudaInt4Kernel(Kernel):
+    """int4 on CUDA: the MMA layout (tensor cores, M <= 64) where the shape and GPU allow, else the
+    checkpoint's layout (GEMV, M <= 16); dequantize + cuBLAS for larger batches. ``meta = [N, G, mma]``."""
+
     name = "cuda-int4"
+    TENSORS = ("qweight", "scales", "indptr", "indices", "values")
 
     @classmethod
     def can_implement(cls, spec: LayerSpec) -> tuple[bool, str | None]:
@@ -270,41 +290,61 @@ class CudaInt4Kernel(Kernel):
             return False, "cuda-int4 runs on CUDA devices only"
         if spec.bits != 4 or spec.act_dtype not in _SUFFIX:
             return False, f"cuda-int4 needs 4-bit codes and fp16/bf16 activations, got {spec.bits} / {spec.act_dtype}"
-        g = spec.k if spec.group_size == -1 else spec.group_size
-        if spec.k % 32 or not _group_ok(spec.k, g):
+        if spec.k % 32 or not _group_ok(spec.k, spec.group):
             return False, (f"cuda-int4 needs K % 32 == 0 and a power-of-two group size >= 32 (or per channel), "
-                           f"got K = {spec.k}, G = {g}")  # fmt: skip
-        try:
-            import cupy  # noqa: F401
-        except ImportError:
-            return False, "cuda-int4 needs CuPy (pip install cupy-cuda13x)"
-        return True, None
+                           f"got K = {spec.k}, G = {spec.group}")  # fmt: skip
+        problem = cuda_runtime_problem()
+        return (False, problem) if problem else (True, None)
+
+    def __init__(self, spec: LayerSpec, device: torch.device | None = None) -> None:
+        super().__init__(spec)
+        device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
+        self.mma = mma_compatible(spec.n, spec.k) and _has_mma(device)
+
+    @classmethod
+    def variant(cls, spec: LayerSpec, device: torch.device) -> tuple[Any, ...]:
+        return (spec.act_dtype, spec.group_size == -1, mma_compatible(spec.n, spec.k) and _has_mma(device))
+
+    @classmethod
+    def check_shape(cls, spec: LayerSpec, device: torch.device) -> tuple[int, int]:
+        k = 128 if spec.group_size == -1 else max(64, 2 * spec.group_size)
+        mma = mma_compatible(spec.n, spec.k) and _has_mma(device)
+        return (32 if mma else 40), k  # 40 rows: no MMA layout, so the small case takes the GEMV paths
+
+    @classmethod
+    def check_batches(cls, spec: LayerSpec, device: torch.device) -> tuple[int, ...]:
+        if mma_compatible(spec.n, spec.k) and _has_mma(device):
+            return (*(8 * t for t in MMA_BATCH_TILES), MMA_MAX_M + 1)  # every tile, then dequantize + cuBLAS
+        return (*GEMV_BATCH_TILES, GEMV_MAX_M + 1)
+
+    def meta(self) -> list[int]:
+        return [self.spec.n, self.spec.group_size, int(self.mma)]
 
     def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         """The tensor-core layout where the shape and GPU allow it (N % 16, K % 64, sm_80+), regrouped
-        once here from the checkpoint's; else the canonical layout, which the GEMV reads as it is."""
+        once here from the checkpoint's (on the CPU, in row blocks: see :func:`to_mma_layout`); else the
+        canonical layout, which the GEMV reads as it is."""
         o = qw.outliers
-        parts = {"scales": qw.scales.contiguous(), "indptr": o.indptr.contiguous(), "indices": o.indices.contiguous(),
-                 "values": o.values.contiguous()}  # fmt: skip
-        if mma_compatible(self.spec.n, self.spec.k) and _has_mma(qw.qweight.device):
-            return {"qweight_mma": to_mma_layout(qw.qweight).contiguous(), **parts}
-        return {"qweight": qw.qweight.contiguous(), **parts}
+        qweight = to_mma_layout(qw.qweight) if self.mma else qw.qweight
+        return {"qweight": qweight.contiguous(), "scales": qw.scales.contiguous(), "indptr": o.indptr.contiguous(),
+                "indices": o.indices.contiguous(), "values": o.values.contiguous()}  # fmt: skip
 
-    def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        t = tensors
-        x2 = x.reshape(-1, self.spec.k).contiguous()
-        m = x2.shape[0]
-        rest = (t["scales"], t["indptr"], t["indices"], t["values"], self.spec.group_size)
-        ops = torch.ops.easyquant
-        if "qweight_mma" in t:
-            if m <= MMA_MAX_M:
-                y = ops.mma_int4(x2, t["qweight_mma"], *rest)
-            else:
-                y = x2 @ ops.dequant_mma_int4(t["qweight_mma"], *rest, x.dtype).t()
+    @classmethod
+    def forward(cls, w: Sequence[torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None,
+                meta: Sequence[int]) -> torch.Tensor:  # fmt: skip
+        qweight, *rest = w
+        _, group_size, mma = meta
+        m = x.shape[0]
+        if mma and m <= MMA_MAX_M:
+            count(cls.name, "mma")
+            y = mma_int4(x, qweight, *rest, group_size)
+        elif mma:
+            count(cls.name, "dequant")
+            y = x @ dequant_mma_int4(qweight, *rest, group_size, x.dtype).t()
         elif m <= GEMV_MAX_M:
-            y = ops.gemv_int4(x2, t["qweight"], *rest)
+            count(cls.name, "gemv")
+            y = gemv_int4(x, qweight, *rest, group_size)
         else:
-            y = x2 @ ops.dequant_int4(t["qweight"], *rest, x.dtype).t()
-        if bias is not None:
-            y = y + bias
-        return y.reshape(*x.shape[:-1], self.spec.n)
+            count(cls.name, "dequant")
+            y = x @ dequant_int4(qweight, *rest, group_size, x.dtype).t()
+        return y if bias is None else y.add_(bias)

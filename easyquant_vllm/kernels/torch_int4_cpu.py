@@ -1,4 +1,4 @@
-"""CPU kernel on PyTorch's own int4 GEMM (``torch._weight_int4pack_mm_for_cpu``) plus sparse outliers.
+"""CPU kernel on PyTorch's own int4 GEMM (``torch._weight_int4pack_mm_for_cpu``) plus the outlier product.
 
 Why a second CPU kernel: vLLM 0.32's ``cpu_gemm_wna16`` is registered only by its AVX512 build, so on
 AVX2-only CPUs (e.g. the AMD EPYC machines we run on) vLLM has no int4 GEMM at all. PyTorch ships
@@ -10,27 +10,30 @@ but about 10x slower than dense, so float32 engines use the reference kernel ins
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..quant import QuantizedWeight, unpack_codes
-from .base import Kernel, LayerSpec, add_outliers, cpu_int4_unsupported, with_outliers
+from .base import Kernel, LayerSpec, add_outliers, count, cpu_int4_unsupported, outlier_tensors
 
 _GROUP_SIZES = (32, 64, 128, 256)  # what the kernel's group loop is instantiated for
 _INNER_K_TILES = 2  # packing parameter of _convert_weight_to_int4pack_for_cpu; 2 works for K % 32 == 0
 
 
-def _kernel_group_size(spec: LayerSpec) -> int | None:
+def _kernel_group_size(k: int, group_size: int) -> int | None:
     """The kernel's group size: the checkpoint's, or for per-channel steps (-1) the largest supported
     size dividing K. Repeating a row's one step over every group of that size is the same matrix."""
-    if spec.group_size in _GROUP_SIZES:
-        return spec.group_size
-    if spec.group_size == -1:
-        return next((g for g in reversed(_GROUP_SIZES) if spec.k % g == 0), None)
+    if group_size in _GROUP_SIZES:
+        return group_size
+    if group_size == -1:
+        return next((g for g in reversed(_GROUP_SIZES) if k % g == 0), None)
     return None
 
 
 class TorchInt4CpuKernel(Kernel):
     name = "torch-int4-cpu"
+    TENSORS = ("w_q", "w_sz", "indptr", "indices", "values")
 
     @classmethod
     def can_implement(cls, spec: LayerSpec) -> tuple[bool, str | None]:
@@ -39,7 +42,7 @@ class TorchInt4CpuKernel(Kernel):
             return False, why
         if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
             return False, f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu"
-        if _kernel_group_size(spec) is None:
+        if _kernel_group_size(spec.k, spec.group_size) is None:
             return False, (
                 f"torch-int4-cpu needs group size in {list(_GROUP_SIZES)} (or -1 with K divisible by one of "
                 f"them), got {spec.group_size} with K = {spec.k}"
@@ -48,28 +51,27 @@ class TorchInt4CpuKernel(Kernel):
             return False, f"torch-int4-cpu needs N % 16 == 0 and K % 32 == 0, got N = {spec.n}, K = {spec.k}"
         return True, None
 
-    def __init__(self, spec: LayerSpec) -> None:
-        super().__init__(spec)
-        group = _kernel_group_size(spec)
-        assert group is not None, "can_implement() said no"
-        self.group = group
+    def meta(self) -> list[int]:
+        return [self.spec.n, _kernel_group_size(self.spec.k, self.spec.group_size) or 0]  # [N, kernel group]
 
     def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         # Layout it expects: unsigned codes [N, K] int32 -> its own packed uint8 blob; scales and
         # zeros interleaved as [K/G, N, 2] in the activation dtype (zeros all 0: symmetric codes).
+        group = self.meta()[1]
         u = unpack_codes(qw.qweight, 4).to(torch.int32)
         w_q = torch._convert_weight_to_int4pack_for_cpu(u, _INNER_K_TILES)
         scales = qw.scales
-        if scales.shape[1] * self.group != self.spec.k:  # per channel: the row's step on every group
-            scales = scales.repeat_interleave(self.spec.k // self.group // scales.shape[1], dim=1)
+        if scales.shape[1] * group != self.spec.k:  # per channel: the row's step on every group
+            scales = scales.repeat_interleave(self.spec.k // group // scales.shape[1], dim=1)
         scales = scales.t().to(self.spec.act_dtype)  # [K/G, N]
         w_sz = torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous()
-        return with_outliers({"w_q": w_q, "w_sz": w_sz}, qw)
+        return {"w_q": w_q, "w_sz": w_sz, **outlier_tensors(qw)}
 
-    def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x2 = x.reshape(-1, self.spec.k)
-        y = torch._weight_int4pack_mm_for_cpu(x2, tensors["w_q"], self.group, tensors["w_sz"])
-        y = add_outliers(y, tensors.get("outliers"), x2)
-        if bias is not None:
-            y = y + bias
-        return y.reshape(*x.shape[:-1], self.spec.n)
+    @classmethod
+    def forward(cls, w: Sequence[torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None,
+                meta: Sequence[int]) -> torch.Tensor:  # fmt: skip
+        w_q, w_sz, indptr, indices, values = w
+        count(cls.name, "int4")
+        y = torch._weight_int4pack_mm_for_cpu(x, w_q, meta[1], w_sz)
+        y = add_outliers(y, indptr, indices, values, x)
+        return y if bias is None else y.add_(bias)

@@ -1,0 +1,64 @@
+"""``easyquant::linear``: every EasyQuant linear layer is one call of this custom op.
+
+vLLM's default mode traces the model with torch.compile (and on GPU captures CUDA graphs). Dynamo cannot
+trace torch sparse tensors, and with shape guards off a Python ``if`` on the batch size is decided once,
+at trace time. So the traced graph holds a single opaque op per layer; its real implementation runs
+eagerly and does everything shape-dependent there: kernel path by M, the int4 GEMM, the outlier product.
+This is how vLLM's own quantization methods survive compilation (one ``torch.ops._C`` GEMM per layer).
+
+Schema::
+
+    easyquant::linear(Tensor x, Tensor[] weights, Tensor? bias, str kernel, int[] meta) -> Tensor
+
+``x [..., K]`` fp16/bf16/fp32; ``weights`` the kernel's tensors in the order of its ``TENSORS``;
+``kernel`` the kernel's name; ``meta`` its static ints, ``meta[0] = N``. Returns ``[..., N]`` in x's
+dtype. The op is stateless: no layer registry, nothing that a cached compiled graph could point at
+after the engine that traced it is gone.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+
+_SCHEMA = "linear(Tensor x, Tensor[] weights, Tensor? bias, str kernel, int[] meta) -> Tensor"
+_lib = torch.library.Library("easyquant", "FRAGMENT")  # module-level: the op lives as long as the library
+
+
+@functools.cache
+def _kernels() -> dict[str, type]:
+    from . import KERNELS
+
+    return {k.name: k for k in KERNELS}
+
+
+def _linear_impl(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, kernel: str,
+                 meta: list[int]) -> torch.Tensor:  # fmt: skip
+    cls = _kernels().get(kernel)
+    if cls is None:
+        raise ValueError(f"easyquant::linear: unknown kernel {kernel!r}; known: {sorted(_kernels())}")
+    x2 = x.reshape(-1, x.shape[-1])
+    y = cls.forward(weights, x2, bias, meta)
+    return y.reshape(*x.shape[:-1], meta[0])
+
+
+def _linear_fake(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, kernel: str,
+                 meta: list[int]) -> torch.Tensor:  # fmt: skip
+    return x.new_empty((*x.shape[:-1], meta[0]))
+
+
+# Registered with torch.library's low-level API (define + impl), not @custom_op: the latter adds tens
+# of microseconds of Python per call, which at batch 1 is a visible share of a small layer
+# (vLLM's direct_register_custom_op does the same for its own ops).
+_lib.define(_SCHEMA)
+for _key in ("CPU", "CUDA"):
+    _lib.impl("linear", _linear_impl, _key)
+torch.library.register_fake("easyquant::linear", _linear_fake, lib=_lib)
+
+
+def linear(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: torch.Tensor | None, kernel: str,
+           meta: Sequence[int]) -> torch.Tensor:  # fmt: skip
+    """Call ``easyquant::linear`` (see the module docstring)."""
+    return torch.ops.easyquant.linear(x, list(weights), bias, kernel, list(meta))

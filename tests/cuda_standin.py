@@ -1,0 +1,42 @@
+"""A host stand-in for the CUDA launcher: executes each launch plan with the reference math on the CPU.
+
+With it, :class:`CudaInt4Kernel` runs its real dispatch, launch plans and start-up self-check on a machine
+without a GPU. It reads every argument from the plan in the order of the kernel's C signature, so a plan
+that passes the wrong tensor or size produces wrong numbers here too.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from easyquant_vllm.kernels.cuda_int4 import LaunchPlan
+from easyquant_vllm.kernels.mma_layout import from_mma_layout
+from easyquant_vllm.quant import dequantize
+
+
+def _w_prime(qweight: torch.Tensor, scales, indptr, indices, values, n: int, k: int, g: int, mma: bool):  # type: ignore[no-untyped-def]
+    canonical = from_mma_layout(qweight, n, k) if mma else qweight
+    return dequantize(canonical, scales, indptr, indices, values, 4, -1 if g == k else g, torch.float64)
+
+
+class HostLauncher:
+    """``launch(plan)`` like :class:`CupyLauncher`, on CPU tensors; counts the entry points it ran."""
+
+    def __init__(self) -> None:
+        self.launched: Counter[str] = Counter()
+
+    def launch(self, plan: LaunchPlan) -> None:
+        self.launched[plan.name] += 1
+        mma = plan.name.startswith(("eq_mma", "eq_dequant_mma"))
+        if plan.name.startswith(("eq_gemv", "eq_mma_int4")):  # products: (x, qweight, ..., values, y, m, n, k, g)
+            x, qweight, scales, indptr, indices, values, y, m, n, k, g = plan.args
+            assert tuple(x.shape) == (m, k) and tuple(y.shape) == (m, n)
+            w = _w_prime(qweight, scales, indptr, indices, values, n, k, g, mma)
+            y.copy_((x.double() @ w.T).to(y.dtype))
+        elif plan.name.startswith("eq_dequant"):  # (qweight, scales, indptr, indices, values, w, n, k, g)
+            qweight, scales, indptr, indices, values, w, n, k, g = plan.args
+            w.copy_(_w_prime(qweight, scales, indptr, indices, values, n, k, g, mma).to(w.dtype))
+        else:
+            raise AssertionError(f"unknown entry point {plan.name}")
