@@ -69,11 +69,14 @@ def build_tiny_model(
     vocab_size: int = 512,
     seed: int = 0,
     max_shard_size: str | None = None,
+    lm_head_std: float = 0.02,
 ) -> Path:
     """Write a random ``arch`` ("llama" or "qwen2": Qwen2 has q/k/v biases) model to ``out_dir``.
 
     Returns the directory, which holds config.json, model.safetensors (sharded with an index if
     ``max_shard_size`` is given, e.g. "300KB"), tokenizer files and generation_config.json.
+    ``lm_head_std``: the default gives nearly flat next-token distributions (logits ~0.3 apart); ~0.3
+    makes them decisive like a trained model's, for tests that must not hinge on near-ties.
     """
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -105,6 +108,8 @@ def build_tiny_model(
         for name, p in sorted(model.named_parameters()):
             if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
                 _heavy_tailed_(p, gen)
+            elif "lm_head" in name:
+                p.normal_(0.0, lm_head_std, generator=gen)
             elif p.dim() == 2 or name.endswith("bias"):
                 p.normal_(0.0, 0.02, generator=gen)
             else:  # norm weights: around 1, like trained ones

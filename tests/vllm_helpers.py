@@ -31,13 +31,16 @@ class Generation:
 
 def vllm_generate(
     model_dir: Path, prompts: list[list[int]], max_tokens: int = 8, quantization: str | None = None,
-    dtype: str = "float32", **engine_kwargs: object,
+    dtype: str = "float32", enforce_eager: bool = False, **engine_kwargs: object,
 ) -> list[Generation]:  # fmt: skip
-    """Greedy generations of an in-process vLLM engine, created and torn down here."""
+    """Greedy generations of an in-process vLLM engine, created and torn down here.
+
+    vLLM's default mode (torch.compile) unless ``enforce_eager``: what users run.
+    """
     os.environ.update(ENGINE_ENV)
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(model_dir), dtype=dtype, enforce_eager=True, max_model_len=256, max_num_seqs=8,
+    llm = LLM(model=str(model_dir), dtype=dtype, enforce_eager=enforce_eager, max_model_len=256, max_num_seqs=8,
               quantization=quantization, seed=0, **engine_kwargs)  # fmt: skip
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0, ignore_eos=True)
@@ -73,3 +76,28 @@ def hf_logprobs(model_dir: Path, state_dict: dict[str, torch.Tensor] | None, pro
         logits = model(full).logits[0, len(prompt) - 1 : -1].float()
         lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
     return greedy[0, len(prompt) :].tolist(), lp.tolist()
+
+
+def vllm_prompt_logprobs(model_dir: Path, sequences: list[list[int]], dtype: str = "float32",
+                         enforce_eager: bool = False, **engine_kwargs: object) -> list[list[float]]:  # fmt: skip
+    """Teacher-forced: the logprob vLLM assigns to each token of each sequence (after its first), in
+    vLLM's default mode unless ``enforce_eager``. No sampling, so nothing hinges on an argmax."""
+    os.environ.update(ENGINE_ENV)
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(model_dir), dtype=dtype, enforce_eager=enforce_eager, max_model_len=256, max_num_seqs=8,
+              seed=0, **engine_kwargs)  # fmt: skip
+    try:
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outs = llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False)
+        return [[step[tok].logprob for step, tok in zip(o.prompt_logprobs[1:], s[1:], strict=True)]
+                for o, s in zip(outs, sequences, strict=True)]  # fmt: skip
+    finally:
+        del llm
+        gc.collect()
+
+
+def hf_sequence_logprobs(model_dir: Path, state_dict: dict[str, torch.Tensor] | None,
+                         sequence: list[int]) -> list[float]:  # fmt: skip
+    """The float32 HF model's logprob of each token of ``sequence`` after its first."""
+    return hf_logprobs(model_dir, state_dict, sequence[:1], sequence[1:])[1]
