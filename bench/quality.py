@@ -174,7 +174,7 @@ def vllm_agreement(model_dir: Path, src: Path, ids: torch.Tensor, out: Path) -> 
 import json, os, sys
 os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
 from vllm import LLM, SamplingParams
-llm = LLM(model={str(dst)!r}, quantization="easyquant", dtype="float32", enforce_eager=True, max_model_len=1024)
+llm = LLM(model={str(dst)!r}, quantization="easyquant", dtype="float32", max_model_len=1024)
 ids = {window!r}
 o = llm.generate([{{"prompt_token_ids": ids}}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
 lp = [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], ids[1:])]

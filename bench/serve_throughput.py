@@ -1,11 +1,14 @@
 """Decode throughput of real vLLM (CPU build): EasyQuant vs the unquantized model, side by side.
 
     python bench/serve_throughput.py --model SRC_DIR --quantized DST_DIR [--batch 1 16] [--tokens 64]
+                                     [--mode compiled|eager] [--dtype bfloat16 float32]
 
-Each (checkpoint, dtype, batch) runs in a fresh child process with an in-process engine; it generates
-``--tokens`` tokens per sequence after a short prompt (ignore_eos), after one warm-up request, and
-reports output tokens/s. The EasyQuant rows name the kernel the plugin picked. Timings on shared cores
-swing between runs: compare rows of one table.
+Each (checkpoint, dtype, batch) runs in a fresh child process with an in-process engine, in vLLM's
+default compiled mode (torch.compile) unless ``--mode eager`` (vLLM's ``enforce_eager``, a debugging mode).
+It generates ``--tokens`` tokens per sequence after a 16-token prompt (ignore_eos), after one warm-up
+request of the same batch, and reports output tokens/s. The unquantized and the EasyQuant run of one row
+follow each other, so their ratio is the number to read: timings on shared cores swing between runs. The
+EasyQuant rows name the kernel(s) the plugin picked; the header names the CPU's ISA.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import tempfile
 from pathlib import Path
 
 _CHILD = r"""
-import json, os, sys, time, logging
+import json, os, sys, time
 from vllm import LLM, SamplingParams
-model, dtype, batch, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-llm = LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=512, max_num_seqs=max(batch, 1), seed=0)
+model, dtype, batch, tokens, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+eager = mode == "eager"
+llm = LLM(model=model, dtype=dtype, enforce_eager=eager, max_model_len=512, max_num_seqs=max(batch, 1), seed=0)
 prompts = [{"prompt_token_ids": [1 + (7 * i + j) % 1000 for j in range(16)]} for i in range(batch)]
 params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
+llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)
 t0 = time.perf_counter()
 out = llm.generate(prompts, params, use_tqdm=False)
 dt = time.perf_counter() - t0
@@ -40,10 +44,10 @@ print("RESULT " + json.dumps({"tokens": n, "seconds": dt, "kernel": kernel}))
 """
 
 
-def run(model: Path, dtype: str, batch: int, tokens: int) -> dict:
+def run(model: Path, dtype: str, batch: int, tokens: int, mode: str) -> dict:
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
            "VLLM_CACHE_ROOT": os.path.join(tempfile.gettempdir(), "easyquant-bench-cache")}  # fmt: skip
-    r = subprocess.run([sys.executable, "-c", _CHILD, str(model), dtype, str(batch), str(tokens)],
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(model), dtype, str(batch), str(tokens), mode],
                        capture_output=True, text=True, env=env)  # fmt: skip
     lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
     if r.returncode or not lines:
@@ -56,21 +60,38 @@ def main() -> None:
     p.add_argument("--model", type=Path, required=True, help="unquantized HF directory")
     p.add_argument("--quantized", type=Path, required=True, help="its EasyQuant conversion")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"])
+    p.add_argument("--dtype", nargs="+", default=["bfloat16"])
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument(
+        "--mode",
+        choices=["compiled", "eager"],
+        default="compiled",
+        help="compiled: vLLM's default (torch.compile); eager: --enforce-eager (debugging)",
+    )
+    p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
-    print(f"# decode tokens/s, vLLM CPU, {args.tokens} new tokens per sequence, torch threads "
-          f"{torch.get_num_threads()}")  # fmt: skip
-    print("| dtype | batch | unquantized tok/s | EasyQuant tok/s | EasyQuant / unquantized | EasyQuant kernel |")
-    print("|---|---|---|---|---|---|")
+    from easyquant_vllm.kernels.cpu_isa import cpu_isa
+
+    print(f"# decode tokens/s, vLLM CPU, {args.mode} mode, CPU {cpu_isa()}, {args.tokens} new tokens per "
+          f"sequence, {torch.get_num_threads()} threads")  # fmt: skip
+    print("| mode | dtype | batch | unquantized tok/s | EasyQuant tok/s | EasyQuant / unquantized | EasyQuant kernel |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
     for dtype in args.dtype:
         for batch in args.batch:
-            base = run(args.model, dtype, batch, args.tokens)
-            eq = run(args.quantized, dtype, batch, args.tokens)
+            base = run(args.model, dtype, batch, args.tokens, args.mode)
+            eq = run(args.quantized, dtype, batch, args.tokens, args.mode)
             b, e = base["tokens"] / base["seconds"], eq["tokens"] / eq["seconds"]
-            print(f"| {dtype} | {batch} | {b:.1f} | {e:.1f} | {e / b:.2f}x | {eq['kernel']} |", flush=True)
+            rows.append({"mode": args.mode, "isa": cpu_isa(), "dtype": dtype, "batch": batch, "unquantized_tok_s": b,
+                         "easyquant_tok_s": e, "ratio": e / b, "kernel": eq["kernel"]})  # fmt: skip
+            print(
+                f"| {args.mode} | {dtype} | {batch} | {b:.1f} | {e:.1f} | {e / b:.2f}x | {eq['kernel']} |", flush=True
+            )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def main() -> int:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     log_path = Path(tempfile.gettempdir()) / f"easyquant-serve-{port}.log"
     cmd = [str(vllm), "serve", str(args.model), "--quantization", "easyquant", "--dtype", args.dtype,
-           "--enforce-eager", "--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+           "--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     print("$ " + " ".join(cmd), flush=True)
     with open(log_path, "w") as log:
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
