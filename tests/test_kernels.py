@@ -9,6 +9,7 @@ from easyquant_vllm.kernels import (
     KERNELS,
     CpuWna16Kernel,
     LayerSpec,
+    NativeCpuKernel,
     TorchInt4CpuKernel,
     TorchReferenceKernel,
     choose_kernel,
@@ -49,7 +50,7 @@ def test_reference_kernel_exact_fp32(n: int, k: int, group_size: int, m: int) ->
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kernel_cls", [TorchInt4CpuKernel, CpuWna16Kernel])
+@pytest.mark.parametrize("kernel_cls", [NativeCpuKernel, TorchInt4CpuKernel, CpuWna16Kernel], ids=lambda k: k.name)
 @pytest.mark.parametrize(("n", "k", "group_size"), SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 5, 33])

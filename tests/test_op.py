@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from easyquant_vllm.kernels import (
-    DISPATCH_COUNTS,
     KERNELS,
     CudaInt4Kernel,
     LayerSpec,
     TorchReferenceKernel,
     cuda_int4,
+    dispatch_counts,
+    reset_dispatch_counts,
 )
 from easyquant_vllm.quant import QuantSpec, quantize_weight
 from tests.conftest import heavy_tailed
@@ -68,10 +69,10 @@ def test_cuda_dispatch_is_decided_at_run_time_under_compile(host_cuda: HostLaunc
     ref_w = qw.dequantize(torch.float64)
     torch._dynamo.utils.counters.clear()
     for m, path in ((24, mid), (80, "dequant"), (1, small)):
-        DISPATCH_COUNTS.clear()
+        reset_dispatch_counts()
         x = torch.randn(m, k).half()
         y = compiled(x)
-        assert dict(DISPATCH_COUNTS) == {f"cuda-int4:{path}": 1}, m
+        assert dict(dispatch_counts()) == {f"cuda-int4:{path}": 1}, m
         assert y.shape == (m, n) and _rel(y, x.double() @ ref_w.T) < 1e-3
         if m == 80:  # the graph traced at M = 24 took another path at M = 80: the branch is not in the graph
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
@@ -95,9 +96,9 @@ def test_cpu_kernels_run_under_compile(kernel_cls) -> None:  # type: ignore[no-u
     bias = torch.randn(n).bfloat16()
     compiled = torch.compile(lambda a: kernel.apply(tensors, a, bias), dynamic=True, fullgraph=True)
     for m in (1, 24, 80):
-        DISPATCH_COUNTS.clear()
+        reset_dispatch_counts()
         x = torch.randn(m, k).bfloat16()
         y = compiled(x)
-        assert sum(v for key, v in DISPATCH_COUNTS.items() if key.startswith(kernel_cls.name)) == 1
+        assert sum(v for key, v in dispatch_counts().items() if key.startswith(kernel_cls.name)) == 1
         ref = x.double() @ qw.dequantize(torch.float64).T + bias.double()
         assert _rel(y, ref) < 1e-2

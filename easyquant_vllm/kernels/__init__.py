@@ -5,14 +5,21 @@ from __future__ import annotations
 import torch
 
 from . import op  # noqa: F401  (registers easyquant::linear)
-from .base import DISPATCH_COUNTS, Kernel, LayerSpec
+from .base import Kernel, LayerSpec, dispatch_counts, reset_dispatch_counts
+from .cpu_native import NativeCpuKernel
 from .cpu_wna16 import CpuWna16Kernel
 from .cuda_int4 import CudaInt4Kernel
 from .select import ENV_FORCE, select_kernel, self_check
 from .torch_int4_cpu import TorchInt4CpuKernel
 from .torch_ref import TorchReferenceKernel
 
-KERNELS: tuple[type[Kernel], ...] = (CudaInt4Kernel, CpuWna16Kernel, TorchInt4CpuKernel, TorchReferenceKernel)
+KERNELS: tuple[type[Kernel], ...] = (
+    CudaInt4Kernel,
+    NativeCpuKernel,
+    CpuWna16Kernel,
+    TorchInt4CpuKernel,
+    TorchReferenceKernel,
+)
 """Preference order: the first kernel whose ``can_implement`` says yes and whose self-check passes is used."""
 
 FALLBACK: type[Kernel] = TorchReferenceKernel
@@ -27,7 +34,6 @@ def choose_kernel(
 
 
 __all__ = [
-    "DISPATCH_COUNTS",
     "ENV_FORCE",
     "FALLBACK",
     "KERNELS",
@@ -35,8 +41,11 @@ __all__ = [
     "CudaInt4Kernel",
     "Kernel",
     "LayerSpec",
+    "NativeCpuKernel",
     "TorchInt4CpuKernel",
     "TorchReferenceKernel",
     "choose_kernel",
+    "dispatch_counts",
+    "reset_dispatch_counts",
     "self_check",
 ]

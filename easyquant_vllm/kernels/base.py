@@ -21,10 +21,31 @@ import torch
 
 from ..quant import QuantizedWeight
 
-DISPATCH_COUNTS: Counter[str] = Counter()
-"""``"<kernel>:<path>"`` -> number of forward calls that took that path (e.g. ``"cuda-int4:mma"``).
+_counts: Counter[str] = Counter()
+_native_baseline: dict[str, int] = {}
 
-Counted inside the op's real implementation, so it shows what really ran, also under torch.compile."""
+
+def dispatch_counts() -> Counter[str]:
+    """``"<kernel>:<path>"`` -> calls that took that path since :func:`reset_dispatch_counts` (e.g.
+    ``"cuda-int4:mma"``, ``"native-int4-cpu:amx"``).
+
+    Counted inside the ops' real implementations (the native CPU op counts in C++), so it shows what really
+    ran, also under torch.compile and CUDA graphs."""
+    from .cpu_native import path_calls
+
+    out = Counter(_counts)
+    for path, calls in path_calls().items():
+        if calls > _native_baseline.get(path, 0):
+            out[f"native-int4-cpu:{path}"] += calls - _native_baseline.get(path, 0)
+    return out
+
+
+def reset_dispatch_counts() -> None:
+    from .cpu_native import path_calls
+
+    _counts.clear()
+    _native_baseline.clear()
+    _native_baseline.update(path_calls())
 
 
 @dataclass(frozen=True)
@@ -107,8 +128,8 @@ class Kernel(ABC):
 
 
 def count(kernel: str, path: str) -> None:
-    """Record one forward call of ``kernel`` through ``path`` in :data:`DISPATCH_COUNTS`."""
-    DISPATCH_COUNTS[f"{kernel}:{path}"] += 1
+    """Record one forward call of ``kernel`` through ``path`` (see :func:`dispatch_counts`)."""
+    _counts[f"{kernel}:{path}"] += 1
 
 
 def cpu_int4_unsupported(name: str, spec: LayerSpec) -> str | None:

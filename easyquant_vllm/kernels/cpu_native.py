@@ -1,0 +1,220 @@
+"""CPU kernel of our own (``csrc/eq_cpu.cpp``): int4 GEMM, CSR outliers and bias in one C++ op call.
+
+Built with ``torch.utils.cpp_extension`` at first use (about 10-60 s, then cached in torch's extension
+directory; ``scripts/setup.sh`` builds it ahead). Where no compiler is available the build error is
+reported once and the layers take the next kernel (``cpu-wna16`` / ``torch-int4-cpu``).
+
+Why: vLLM's ``cpu_gemm_wna16`` and PyTorch's int4 GEMM ran at ~0.5x of the unquantized model in vLLM's
+compiled mode on AVX512 CPUs: 3-5x slower than dense bf16 at batch 16, a general sparse product for the
+outliers, and several ops (each with Python overhead) per layer. Here ``apply`` emits one C++ op that the
+compiled graph calls directly, and the op picks a path by the batch size M:
+
+=========  =================================  =============================================================
+path       needs                              what
+=========  =================================  =============================================================
+fma        AVX2 + FMA                         exact fp32 ``s * (u - 8)`` times fp32 x; also fp16 activations
+bf16dp     AVX512-BF16, bf16 activations      exact bf16 codes, ``vdpbf16ps`` per group, step applied in fp32
+amx        AMX-BF16, bf16 activations         the same codes as AMX B tiles, up to 64 batch rows per pass
+dequant    AVX2                               W'^T in x's dtype (bit-identical to the reference), ATen GEMM
+=========  =================================  =============================================================
+
+The plan (which path for which M) is fixed per ISA and dtype from measurements (docs/serving.md); it is
+passed to the op as ints, so the compiled graph holds no branch on M.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..quant import QuantizedWeight
+from .base import Kernel, LayerSpec, cpu_int4_unsupported
+
+logger = logging.getLogger("vllm.easyquant")
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "eq_cpu.cpp"
+PATHS = ("fma", "bf16dp", "amx", "dequant")
+"""Path ids of the C++ op, in order (``Path`` in eq_cpu.cpp)."""
+
+_BLOCK_N = 16
+ENV_VERBOSE = "EASYQUANT_VERBOSE_BUILD"
+"""Set to show the compiler's output when the C++ op is built."""
+
+
+@functools.cache
+def build_problem() -> str | None:
+    """Build (or load from torch's extension cache) the C++ op; None on success, else why it failed."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        # -fopenmp: at::parallel_for is OpenMP code inlined from ATen's headers. The library links
+        # libgomp.so.1, which resolves to the copy torch already loaded: one thread pool, not two.
+        load(name="easyquant_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=bool(os.environ.get(ENV_VERBOSE)))  # fmt: skip
+    except Exception as e:  # no compiler, no ninja, a compile error: the other CPU kernels take over
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        compiler = [line for line in lines if ": error:" in line or "fatal error" in line]
+        first_error = (compiler or lines[-1:] or [str(e)])[0]
+        reason = f"building {SOURCE.name} failed ({type(e).__name__}: {first_error})"
+        logger.warning("EasyQuant: %s; the native CPU kernel is not used", reason)
+        return reason
+    register_fake()
+    return None
+
+
+def available_paths(dtype: torch.dtype) -> tuple[str, ...]:
+    """The op's paths this CPU can run for activations of ``dtype`` (needs the built op)."""
+    return tuple(PATHS[p] for p in torch.ops.easyquant.cpu_int4_paths(dtype))
+
+
+def path_calls() -> dict[str, int]:
+    """How often each path ran in this process (the native side of the dispatch counter); empty where the
+    op has not been built in this process (never builds it)."""
+    if build_problem.cache_info().currsize == 0 or build_problem() is not None:
+        return {}
+    return dict(zip(PATHS, torch.ops.easyquant.cpu_int4_path_calls(), strict=True))
+
+
+ENV_PLAN = "EASYQUANT_CPU_PLAN"
+"""Overrides the plan for measurements, e.g. ``fma`` or ``bf16dp:2,amx:96,dequant``: ``path:m_max`` pairs in
+order, the last without a bound."""
+
+
+def default_plan(dtype: torch.dtype, paths: Sequence[str]) -> list[int]:
+    """``[m_max, path, m_max, path, ...]`` for the op: the first pair with M <= m_max is used.
+
+    The bounds are crossovers measured on SmolLM2's shapes (docs/serving.md, ``bench/cpu_kernels.py``): with
+    AMX, vdpbf16ps for 1-2 rows, the AMX tiles to 96 rows, then dequantize + oneDNN's GEMM (AMX); with
+    AVX512-BF16 only, vdpbf16ps to 128 rows; with AVX2 (or fp16 activations), the FMA path for every M: there
+    the dense bf16 GEMM it would hand over to is slower than the FMA path even at 64 rows.
+    """
+    override = os.environ.get(ENV_PLAN)
+    if override:
+        return parse_plan(override, paths)
+    if "amx" in paths:
+        steps = [("bf16dp", 2), ("amx", 96), ("dequant", 0)]
+    elif "bf16dp" in paths:
+        steps = [("bf16dp", 128), ("dequant", 0)]
+    else:
+        steps = [("fma", 0)]
+    return _flatten(steps)
+
+
+def _flatten(steps: Sequence[tuple[str, int]]) -> list[int]:
+    flat: list[int] = []
+    for path, m_max in steps:
+        flat += [m_max if m_max > 0 else 1 << 30, PATHS.index(path)]
+    return flat
+
+
+def parse_plan(text: str, paths: Sequence[str]) -> list[int]:
+    """``"bf16dp:2,amx:96,dequant"`` -> the op's flat plan; ValueError naming what is wrong."""
+    steps = []
+    for i, item in enumerate(text.split(",")):
+        name, _, bound = item.strip().partition(":")
+        if name not in PATHS:
+            raise ValueError(f"{ENV_PLAN}={text!r}: unknown path {name!r}; paths: {list(PATHS)}")
+        if name not in paths:
+            raise ValueError(
+                f"{ENV_PLAN}={text!r}: path {name!r} is not available on this CPU (available: {list(paths)})"
+            )
+        last = i == text.count(",")
+        if (bound and not bound.isdigit()) or (not bound and not last):
+            raise ValueError(f"{ENV_PLAN}={text!r}: every path but the last needs ':m_max' (a positive integer)")
+        steps.append((name, int(bound) if bound and not last else 0))
+    return _flatten(steps)
+
+
+def plan_text(plan: Sequence[int]) -> str:
+    """The flat plan as ``"bf16dp:2,amx:96,dequant"`` (logs and benchmarks)."""
+    pairs = [(PATHS[plan[i + 1]], plan[i]) for i in range(0, len(plan), 2)]
+    return ",".join(name if i == len(pairs) - 1 else f"{name}:{m}" for i, (name, m) in enumerate(pairs))
+
+
+def repack(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical ``qweight [N, K/8] int32``, ``scales [N, K/G] fp16`` -> the op's layout.
+
+    Returns ``w_q [N/16, K/8 * 16] int32`` (word (b, q, j) = ``qweight[16b + j, q]``: the 16 rows of a block
+    side by side, each word unchanged) and ``scales [N/16, K/G * 16] fp16`` (the 16 rows contiguous per group).
+    """
+    n, words = qweight.shape
+    w_q = qweight.view(n // _BLOCK_N, _BLOCK_N, words).transpose(1, 2).reshape(n // _BLOCK_N, -1)
+    groups = scales.shape[1]
+    s = scales.view(n // _BLOCK_N, _BLOCK_N, groups).transpose(1, 2).reshape(n // _BLOCK_N, -1)
+    return w_q.contiguous(), s.contiguous()
+
+
+class NativeCpuKernel(Kernel):
+    """Our C++ CPU kernel; ``meta = [N, G]`` plus the plan (``[m_max, path, ...]``) after them."""
+
+    name = "native-int4-cpu"
+    TENSORS = ("w_q", "scales", "indptr", "indices", "values")
+
+    @classmethod
+    def can_implement(cls, spec: LayerSpec) -> tuple[bool, str | None]:
+        why = cpu_int4_unsupported(cls.name, spec)
+        if why:
+            return False, why
+        if spec.n % 16 or spec.k % 32 or spec.group % 32 or spec.k % spec.group:
+            return False, (f"{cls.name} needs N % 16 == 0, K % 32 == 0 and a group size, multiple of 32, dividing K; "
+                           f"got N = {spec.n}, K = {spec.k}, G = {spec.group}")  # fmt: skip
+        problem = build_problem()
+        if problem:
+            return False, problem
+        if not available_paths(spec.act_dtype):
+            return False, f"{cls.name} needs AVX2 + FMA"
+        return True, None
+
+    def __init__(self, spec: LayerSpec, device: torch.device | None = None,
+                 plan: Sequence[int] | None = None) -> None:  # fmt: skip
+        super().__init__(spec, device)
+        self.plan = list(plan) if plan is not None else default_plan(spec.act_dtype, available_paths(spec.act_dtype))
+
+    def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        w_q, scales = repack(qw.qweight, qw.scales)
+        o = qw.outliers
+        return {"w_q": w_q, "scales": scales, "indptr": o.indptr.contiguous(), "indices": o.indices.contiguous(),
+                "values": o.values.float().contiguous()}  # fmt: skip
+
+    def meta(self) -> list[int]:
+        return [self.spec.n, self.spec.group_size, *self.plan]
+
+    def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # The C++ op is the traced call itself (no Python between the compiled graph and the kernel): it
+        # picks the path by M at run time from the plan.
+        x2 = x.reshape(-1, self.spec.k)
+        t = tensors
+        y = torch.ops.easyquant.cpu_int4_linear(x2, t["w_q"], t["scales"], t["indptr"], t["indices"], t["values"],
+                                                bias, self.spec.group_size, self.plan)  # fmt: skip
+        return y.reshape(*x.shape[:-1], self.spec.n)
+
+    @classmethod
+    def forward(cls, w: Sequence[torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None,
+                meta: Sequence[int]) -> torch.Tensor:  # fmt: skip
+        return torch.ops.easyquant.cpu_int4_linear(x, *w, bias, meta[1], list(meta[2:]))
+
+    @classmethod
+    def check_batches(cls, spec: LayerSpec, device: torch.device) -> tuple[int, ...]:
+        # Every path of the plans above and their row tiles: 1-2 rows, 3-8, one and several 16-row slices,
+        # beyond 64 rows, beyond the last bound.
+        return (1, 2, 3, 9, 17, 70, 150)
+
+
+def _fake(x, w_q, scales, indptr, indices, values, bias, group_size, plan):  # type: ignore[no-untyped-def]
+    return x.new_empty((x.shape[0], indptr.shape[0] - 1))
+
+
+_registered_fake = False
+
+
+def register_fake() -> None:
+    """The op's shape function for torch.compile (once the library that defines the op is loaded)."""
+    global _registered_fake
+    if not _registered_fake:
+        torch.library.register_fake("easyquant::cpu_int4_linear", _fake)
+        _registered_fake = True

@@ -1,0 +1,768 @@
+// EasyQuant int4 linear for x86 CPUs: the int4 GEMM, the CSR outliers and the bias in one op call.
+//
+//   easyquant::cpu_int4_linear(x [M, K] bf16/fp16, w_q, scales, indptr, indices, values, bias?, G, plan)
+//       -> y [M, N] in x's dtype,   y = x @ W'^T + bias,   W'[n, k] = s[n, k / G] * (u[n, k] - 8) + S[n, k]
+//
+// Why our own kernel: vLLM's and PyTorch's int4 CPU GEMMs ran at ~0.5x of the unquantized model in vLLM's
+// compiled mode on AVX512 machines: 3-5x slower than a dense bf16 GEMM at 16 batch rows, and the outliers
+// went through a general sparse product (MKL CSR, ~3 ns per outlier plus a float copy of x) in separate
+// ops. Here every path reads the codes once per 16 output rows, keeps them exact (integer codes; the fp16
+// step applied in fp32, so W' is never rounded except where the reference rounds it), and adds each row's
+// outliers while that row's outputs are still in a small fp32 buffer.
+//
+// Weight layout (built at load by easyquant_vllm/kernels/cpu_native.py: a transpose of the checkpoint's
+// words, the nibbles stay where they are), per block of 16 output rows:
+//
+//   w_q     int32 [N/16, K/8, 16]   dword (b, q, j) = qweight[16b + j, q]: row 16b+j, columns 8q..8q+7,
+//                                   column 8q+i in bits 4i..4i+3 (the checkpoint's word)
+//   scales  fp16  [N/16, K/G, 16]   step of rows 16b..16b+15 for group g, contiguous per block
+//   indptr  int32 [N+1], indices int32 [nnz], values fp32 [nnz]   (the checkpoint's CSR, values widened)
+//
+// Why 16 rows side by side: one 64-byte load puts row j's word in lane j. Shifting it right by 8t leaves the
+// codes of columns (8q + 2t, 8q + 2t + 1) in bits 0-7 of every lane: exactly the (k, k+1) pair that both
+// vdpbf16ps (AVX512-BF16) and the AMX B tile (VNNI: row = k-pair, 16 columns x 2 bf16) want in one dword.
+// Two ternary-logic operations turn the pair into bf16 values 128 + u (see bf16_codes): no shuffles, so
+// the shuffle port stays free for the broadcasts of x. The 128 + 8 offset is removed per group with the
+// group's sum of x (x . (q + 136) - 136 sum(x) = x . q), computed once per call.
+//
+// Paths (``plan`` picks one per M, see cpu_native.py; each is compiled for its ISA with a target attribute
+// and only called where the CPU has it):
+//   kFma     AVX2 + FMA: codes -> fp32 s*(u-8) (exact: an 11-bit step times a 4-bit code), FMA with fp32 x.
+//            Any x86-64 CPU of the last decade; the only path for fp16 activations.
+//   kBf16Dp  AVX512-BF16: bf16 codes, vdpbf16ps per group, the group sum corrected and scaled in fp32.
+//   kAmx     AMX-BF16: a block's codes written once as 1 KB B tiles in L1, tdpbf16ps against 16-row A
+//            tiles of x (up to four at once); per group the C tiles are stored, corrected and scaled in fp32.
+//   kDequant W' [N, K] in x's dtype (bit-identical to the reference dequantize, outliers included), then
+//            ATen's GEMM (oneDNN; AMX where present): for prefill-sized M, where the GEMM dominates.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <torch/library.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlockN = 16;   // output rows per block: one zmm (or two ymm) of fp32 lanes
+constexpr int64_t kChunkK = 256;  // columns per fp32 panel of the kFma path: 16 rows x 256 x 4 B = 16 KB, in L1
+constexpr float kCodeBias = 136.0f;  // bf16 codes hold 128 + u = q + 136
+constexpr int64_t kPrefetchWords = 16;  // software prefetch distance in 64-byte lines of codes
+
+enum Path : int64_t { kFma = 0, kBf16Dp = 1, kAmx = 2, kDequant = 3, kNumPaths = 4 };
+
+std::atomic<int64_t> g_path_calls[kNumPaths];  // how often each path ran (the tests' dispatch counter)
+
+// Everything a path needs, as raw pointers (set up once per call by cpu_int4_linear).
+struct Problem {
+  int64_t m, n, k, g;
+  const uint32_t* w;       // [N/16][K/8][16]
+  const uint16_t* s;       // [N/16][K/G][16] fp16 bits
+  const int32_t* indptr;   // [N+1]
+  const int32_t* indices;  // [nnz]
+  const float* values;     // [nnz]
+  const float* xf;         // [M][K] x in fp32
+  const uint16_t* xh;      // [M][K] x's own 16-bit values (bf16 paths read a pair of them as one dword)
+  const float* xsum;       // [M][K/G] sum of x over each group (bf16 paths), or null
+  const float* xt;         // [K][mp] x^T in fp32, mp = M rounded up to 16 (outliers 16 rows at a time), or null
+  int64_t mp;
+  const uint16_t* xpad;    // [mp][K] x, zero rows past M (AMX A tiles are 16 rows), or null
+};
+
+inline float half_to_float(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
+
+// ---- fp32 <-> bf16 / fp16, 8 at a time (AVX2) ----------------------------------------------------------
+
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const at::BFloat16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline void store8(at::Half* out, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline void store8(at::BFloat16* out, __m256 v) {
+  // Round to nearest even, as torch's float -> bfloat16 (no NaN occurs: steps, codes and x are finite).
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // 8 words in lane order
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(packed));
+}
+
+// ---- kFma: AVX2 + FMA + F16C ------------------------------------------------------------------------
+
+struct FmaSteps {  // one group's steps for the 16 rows, and -8 x step: fma(u, s, -8 s) = s (u - 8), exactly
+  __m256 s0, s1, z0, z1;
+};
+
+__attribute__((target("avx2,fma,f16c"))) inline FmaSteps fma_steps(const uint16_t* sg) {
+  const __m256 minus8 = _mm256_set1_ps(-8.0f);
+  FmaSteps st;
+  st.s0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg)));
+  st.s1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + 8)));
+  st.z0 = _mm256_mul_ps(st.s0, minus8);
+  st.z1 = _mm256_mul_ps(st.s1, minus8);
+  return st;
+}
+
+// W' of column 8q + i for the 16 rows in fp32 (exact), from their words d0 (rows 0-7) and d1 (rows 8-15).
+__attribute__((target("avx2,fma,f16c"))) inline void fma_column(__m256i d0, __m256i d1, int i, const FmaSteps& st,
+                                                                __m256& w0, __m256& w1) {
+  const __m256i lo_mask = _mm256_set1_epi32(0xF);
+  const __m256i shift = _mm256_set1_epi32(4 * i);
+  w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(d0, shift), lo_mask)), st.s0, st.z0);
+  w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(d1, shift), lo_mask)), st.s1, st.z1);
+}
+
+// One or two batch rows straight from the codes. Two accumulator pairs per row (even and odd columns), so
+// that the FMA latency stays hidden at M = 1.
+template <int R>
+__attribute__((target("avx2,fma,f16c"))) void fma_direct(const Problem& P, int64_t b, int64_t m0, float* acc) {
+  const int64_t words = P.k / 8, words_per_group = P.g / 8;
+  const uint32_t* wb = P.w + b * words * kBlockN;
+  const uint16_t* sb = P.s + b * (P.k / P.g) * kBlockN;
+  __m256 a[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) a[r][i] = _mm256_setzero_ps();
+  for (int64_t q = 0; q < words; ++q) {
+    _mm_prefetch(reinterpret_cast<const char*>(wb + (q + kPrefetchWords) * kBlockN), _MM_HINT_T0);
+    const FmaSteps st = fma_steps(sb + (q / words_per_group) * kBlockN);
+    const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * kBlockN));
+    const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * kBlockN + 8));
+    for (int i = 0; i < 8; ++i) {
+      __m256 w0, w1;
+      fma_column(d0, d1, i, st, w0, w1);
+      const int h = 2 * (i & 1);
+      for (int r = 0; r < R; ++r) {
+        const __m256 xv = _mm256_broadcast_ss(P.xf + (m0 + r) * P.k + 8 * q + i);
+        a[r][h] = _mm256_fmadd_ps(w0, xv, a[r][h]);
+        a[r][h + 1] = _mm256_fmadd_ps(w1, xv, a[r][h + 1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(acc + (m0 + r) * kBlockN, _mm256_add_ps(a[r][0], a[r][2]));
+    _mm256_storeu_ps(acc + (m0 + r) * kBlockN + 8, _mm256_add_ps(a[r][1], a[r][3]));
+  }
+}
+
+// More rows: W' of a 256-column chunk is written once to an fp32 panel in L1 (16 KB), then every batch
+// row streams over it (4 rows at a time: 8 accumulators, two panel loads and eight FMAs per column).
+__attribute__((target("avx2,fma,f16c"))) void fma_panel(const Problem& P, int64_t b, float* acc, float* panel) {
+  const int64_t words_per_group = P.g / 8;
+  const uint32_t* wb = P.w + b * (P.k / 8) * kBlockN;
+  const uint16_t* sb = P.s + b * (P.k / P.g) * kBlockN;
+  std::fill(acc, acc + P.m * kBlockN, 0.0f);
+  for (int64_t k0 = 0; k0 < P.k; k0 += kChunkK) {
+    const int64_t kc = std::min(kChunkK, P.k - k0);
+    for (int64_t q = k0 / 8; q < (k0 + kc) / 8; ++q) {  // panel[k - k0][16] = W'[rows, k]
+      _mm_prefetch(reinterpret_cast<const char*>(wb + (q + kPrefetchWords) * kBlockN), _MM_HINT_T0);
+      const FmaSteps st = fma_steps(sb + (q / words_per_group) * kBlockN);
+      const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * kBlockN));
+      const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * kBlockN + 8));
+      for (int i = 0; i < 8; ++i) {
+        __m256 w0, w1;
+        fma_column(d0, d1, i, st, w0, w1);
+        float* out = panel + (8 * q + i - k0) * kBlockN;
+        _mm256_store_ps(out, w0);
+        _mm256_store_ps(out + 8, w1);
+      }
+    }
+    int64_t m = 0;
+    for (; m + 4 <= P.m; m += 4) {
+      __m256 a[4][2];
+      for (int r = 0; r < 4; ++r) {
+        a[r][0] = _mm256_loadu_ps(acc + (m + r) * kBlockN);
+        a[r][1] = _mm256_loadu_ps(acc + (m + r) * kBlockN + 8);
+      }
+      for (int64_t kk = 0; kk < kc; ++kk) {
+        const __m256 w0 = _mm256_load_ps(panel + kk * kBlockN), w1 = _mm256_load_ps(panel + kk * kBlockN + 8);
+        for (int r = 0; r < 4; ++r) {
+          const __m256 xv = _mm256_broadcast_ss(P.xf + (m + r) * P.k + k0 + kk);
+          a[r][0] = _mm256_fmadd_ps(w0, xv, a[r][0]);
+          a[r][1] = _mm256_fmadd_ps(w1, xv, a[r][1]);
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        _mm256_storeu_ps(acc + (m + r) * kBlockN, a[r][0]);
+        _mm256_storeu_ps(acc + (m + r) * kBlockN + 8, a[r][1]);
+      }
+    }
+    for (; m < P.m; ++m) {
+      __m256 a0 = _mm256_loadu_ps(acc + m * kBlockN), a1 = _mm256_loadu_ps(acc + m * kBlockN + 8);
+      for (int64_t kk = 0; kk < kc; ++kk) {
+        const __m256 xv = _mm256_broadcast_ss(P.xf + m * P.k + k0 + kk);
+        a0 = _mm256_fmadd_ps(_mm256_load_ps(panel + kk * kBlockN), xv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_load_ps(panel + kk * kBlockN + 8), xv, a1);
+      }
+      _mm256_storeu_ps(acc + m * kBlockN, a0);
+      _mm256_storeu_ps(acc + m * kBlockN + 8, a1);
+    }
+  }
+}
+
+// ---- kBf16Dp: AVX512-BF16 ----------------------------------------------------------------------------
+
+// Codes of one column pair for the 16 rows as bf16 in VNNI order, offset by 136: from v (lane j = row j's
+// word shifted so that the pair sits in bits 0-7), dword j = bf16(128 + u[j, k]) | bf16(128 + u[j, k+1]) << 16.
+// bf16(128 + u) is 0x4300 | u (u < 16 fits the 7 mantissa bits at exponent 7), so it is pure bit work:
+// (v & 0xF) | 0x43004300 puts the even code in the low word, then the odd code (bits 4-7 of v) moves to
+// bits 16-19. Two ternary-logic operations and a shift: no shuffle-port instruction.
+__attribute__((target("avx512f"))) inline __m512i bf16_codes(__m512i v) {
+  const __m512i lo = _mm512_ternarylogic_epi32(v, _mm512_set1_epi32(0xF), _mm512_set1_epi32(0x43004300), 0xEA);  // (a & b) | c
+  return _mm512_ternarylogic_epi32(lo, _mm512_slli_epi32(v, 12), _mm512_set1_epi32(0xF0000), 0xF8);  // a | (b & c)
+}
+
+// R batch rows, U independent partial sums per row (the four pairs of a word spread over them) so that a
+// single row still has U dot-product chains in flight. Per group: partial sums added, corrected by the
+// group's sum of x, scaled by the fp16 step.
+template <int R, int U>
+__attribute__((target("avx512f,avx512bw,avx512bf16,f16c"))) void bf16dp_rows(const Problem& P, int64_t b, int64_t m0,
+                                                                            float* acc) {
+  const int64_t words = P.k / 8, words_per_group = P.g / 8, pairs = P.k / 2, groups = P.k / P.g;
+  const uint32_t* wb = P.w + b * words * kBlockN;
+  const uint16_t* sb = P.s + b * groups * kBlockN;
+  const uint32_t* x32 = reinterpret_cast<const uint32_t*>(P.xh);  // x[m][2p], x[m][2p+1] as one dword
+  __m512 tot[R];
+  for (int r = 0; r < R; ++r) tot[r] = _mm512_setzero_ps();
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    __m512 part[U][R];
+    for (int u = 0; u < U; ++u)
+      for (int r = 0; r < R; ++r) part[u][r] = _mm512_setzero_ps();
+    for (int64_t q = gi * words_per_group; q < (gi + 1) * words_per_group; ++q) {
+      _mm_prefetch(reinterpret_cast<const char*>(wb + (q + kPrefetchWords) * kBlockN), _MM_HINT_T0);
+      const __m512i d = _mm512_loadu_si512(wb + q * kBlockN);
+      for (int t = 0; t < 4; ++t) {
+        const __m512bh w = reinterpret_cast<__m512bh>(bf16_codes(t ? _mm512_srli_epi32(d, 8 * t) : d));
+        for (int r = 0; r < R; ++r) {
+          const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(x32[(m0 + r) * pairs + 4 * q + t]));
+          part[t % U][r] = _mm512_dpbf16_ps(part[t % U][r], w, xb);
+        }
+      }
+    }
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + gi * kBlockN)));
+    for (int r = 0; r < R; ++r) {
+      __m512 sum = part[0][r];
+      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, part[u][r]);
+      const __m512 bias = _mm512_set1_ps(kCodeBias * P.xsum[(m0 + r) * groups + gi]);
+      tot[r] = _mm512_fmadd_ps(s, _mm512_sub_ps(sum, bias), tot[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + (m0 + r) * kBlockN, tot[r]);
+}
+
+void bf16dp_block(const Problem& P, int64_t b, float* acc) {
+  int64_t m0 = 0;
+  for (; m0 + 8 <= P.m; m0 += 8) bf16dp_rows<8, 1>(P, b, m0, acc);
+  switch (P.m - m0) {
+    case 7: bf16dp_rows<7, 1>(P, b, m0, acc); break;
+    case 6: bf16dp_rows<6, 1>(P, b, m0, acc); break;
+    case 5: bf16dp_rows<5, 1>(P, b, m0, acc); break;
+    case 4: bf16dp_rows<4, 1>(P, b, m0, acc); break;
+    case 3: bf16dp_rows<3, 2>(P, b, m0, acc); break;
+    case 2: bf16dp_rows<2, 2>(P, b, m0, acc); break;
+    case 1: bf16dp_rows<1, 2>(P, b, m0, acc); break;
+    default: break;
+  }
+}
+
+// ---- kAmx: AMX-BF16 ----------------------------------------------------------------------------------
+
+// Tile registers (all 16 rows x 64 bytes): 0-3 accumulate C (16 batch rows x 16 output rows, fp32) for up
+// to four 16-row slices of the batch; 4 and 7 take A (16 batch rows x 32 bf16 of x), 5 and 6 take B
+// (16 k-pairs x 16 output rows x 2 bf16: 16 registers of bf16_codes()). A and B alternate between two
+// registers each: tiles are not renamed, so a load into the register the previous tdpbf16ps still reads
+// would wait for it.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool request_amx() {
+  // Linux grants the AMX tile state to a process only on request (else the first tile instruction is
+  // SIGILL): ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18).
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+}
+
+__attribute__((target("amx-tile"))) void amx_configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  // GCC 12 does not treat ldtilecfg as reading its operand and drops the stores above (the tile config
+  // then holds stack garbage: #GP). The empty asm with a memory clobber makes them visible.
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
+
+// The block's codes as B tiles: panel + 512 * c (uint16) is the 1 KB tile of columns 32c .. 32c + 31.
+__attribute__((target("avx512f"))) void amx_panel(const Problem& P, int64_t b, uint16_t* panel) {
+  const int64_t words = P.k / 8;
+  const uint32_t* wb = P.w + b * words * kBlockN;
+  for (int64_t q = 0; q < words; ++q) {
+    _mm_prefetch(reinterpret_cast<const char*>(wb + (q + kPrefetchWords) * kBlockN), _MM_HINT_T0);
+    const __m512i d = _mm512_loadu_si512(wb + q * kBlockN);
+    for (int t = 0; t < 4; ++t)
+      _mm512_store_si512(panel + (4 * q + t) * 32, bf16_codes(t ? _mm512_srli_epi32(d, 8 * t) : d));
+  }
+}
+
+// C tile t += A(x rows m0 + 16t ..) . B(chunk c); A and B registers alternate by chunk parity.
+#define EQ_AMX_CHUNK(BREG, AREG)                                                                    \
+  do {                                                                                              \
+    _tile_loadd(BREG, panel + c * 512, 64);                                                         \
+    const uint16_t* xa = P.xpad + m0 * P.k + 32 * c;                                                \
+    _tile_loadd(AREG, xa, stride);                                                                  \
+    _tile_dpbf16ps(0, AREG, BREG);                                                                  \
+    if (T > 1) { _tile_loadd(AREG, xa + 16 * P.k, stride); _tile_dpbf16ps(1, AREG, BREG); }         \
+    if (T > 2) { _tile_loadd(AREG, xa + 32 * P.k, stride); _tile_dpbf16ps(2, AREG, BREG); }         \
+    if (T > 3) { _tile_loadd(AREG, xa + 48 * P.k, stride); _tile_dpbf16ps(3, AREG, BREG); }         \
+  } while (0)
+
+template <int T>
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,f16c"))) void amx_slices(const Problem& P, int64_t b,
+                                                                                 int64_t m0, const uint16_t* panel,
+                                                                                 float* acc) {
+  const int64_t groups = P.k / P.g, chunks_per_group = P.g / 32;
+  const uint16_t* sb = P.s + b * groups * kBlockN;
+  const int64_t stride = P.k * 2;  // bytes between batch rows of x
+  alignas(64) float ctile[16 * 16];
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    _tile_zero(0);
+    if (T > 1) _tile_zero(1);
+    if (T > 2) _tile_zero(2);
+    if (T > 3) _tile_zero(3);
+    for (int64_t c = gi * chunks_per_group; c < (gi + 1) * chunks_per_group; ++c) {
+      if (c % 2 == 0) EQ_AMX_CHUNK(5, 4);
+      else EQ_AMX_CHUNK(6, 7);
+    }
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + gi * kBlockN)));
+    for (int t = 0; t < T; ++t) {
+      switch (t) {
+        case 0: _tile_stored(0, ctile, 64); break;
+        case 1: _tile_stored(1, ctile, 64); break;
+        case 2: _tile_stored(2, ctile, 64); break;
+        default: _tile_stored(3, ctile, 64); break;
+      }
+      const int64_t rows = std::min<int64_t>(16, P.m - m0 - 16 * t);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t m = m0 + 16 * t + r;
+        float* out = acc + m * kBlockN;
+        const __m512 c = _mm512_sub_ps(_mm512_load_ps(ctile + r * 16), _mm512_set1_ps(kCodeBias * P.xsum[m * groups + gi]));
+        _mm512_storeu_ps(out, _mm512_fmadd_ps(s, c, _mm512_loadu_ps(out)));
+      }
+    }
+  }
+}
+#undef EQ_AMX_CHUNK
+
+// acc rows m0 .. m0 + rows += step * (C - 136 sum(x)): one group's C tile (in ctile) corrected and scaled.
+__attribute__((target("avx512f,f16c"))) void amx_fixup(const Problem& P, const uint16_t* steps, const float* ctile,
+                                                       int64_t m0, int64_t rows, int64_t gi, float* acc) {
+  const int64_t groups = P.k / P.g;
+  const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(steps)));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t m = m0 + r;
+    const __m512 c = _mm512_sub_ps(_mm512_load_ps(ctile + r * 16), _mm512_set1_ps(kCodeBias * P.xsum[m * groups + gi]));
+    _mm512_storeu_ps(acc + m * kBlockN, _mm512_fmadd_ps(s, c, _mm512_loadu_ps(acc + m * kBlockN)));
+  }
+}
+
+// One 16-row slice (M <= 16, decode): consecutive groups accumulate in C tiles 0 and 1 by turns, so the
+// tdpbf16ps chain of a group overlaps with storing and scaling the previous group's C tile (a tile store
+// waits for its tile's last tdpbf16ps, ~50 cycles of latency that would otherwise stall every group).
+#define EQ_AMX_ONE(CREG, BREG, AREG)                                                     \
+  do {                                                                                   \
+    _tile_loadd(BREG, panel + c * 512, 64);                                              \
+    _tile_loadd(AREG, P.xpad + m0 * P.k + 32 * c, stride);                               \
+    _tile_dpbf16ps(CREG, AREG, BREG);                                                    \
+  } while (0)
+
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,f16c"))) void amx_one_slice(const Problem& P, int64_t b,
+                                                                                    int64_t m0,
+                                                                                    const uint16_t* panel,
+                                                                                    float* acc) {
+  const int64_t groups = P.k / P.g, chunks_per_group = P.g / 32;
+  const uint16_t* sb = P.s + b * groups * kBlockN;
+  const int64_t stride = P.k * 2;
+  const int64_t rows = std::min<int64_t>(16, P.m - m0);
+  alignas(64) float ctile[16 * 16];
+  const auto fixup = [&](int64_t gi) { amx_fixup(P, sb + gi * kBlockN, ctile, m0, rows, gi, acc); };
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const bool even = gi % 2 == 0;
+    if (even) _tile_zero(0);
+    else _tile_zero(1);
+    for (int64_t c = gi * chunks_per_group; c < (gi + 1) * chunks_per_group; ++c) {
+      if (even) {
+        if (c % 2 == 0) EQ_AMX_ONE(0, 5, 4);
+        else EQ_AMX_ONE(0, 6, 7);
+      } else {
+        if (c % 2 == 0) EQ_AMX_ONE(1, 5, 4);
+        else EQ_AMX_ONE(1, 6, 7);
+      }
+    }
+    if (gi > 0) {  // the previous group, while this one's products run
+      if (even) _tile_stored(1, ctile, 64);
+      else _tile_stored(0, ctile, 64);
+      fixup(gi - 1);
+    }
+  }
+  if ((groups - 1) % 2 == 0) _tile_stored(0, ctile, 64);
+  else _tile_stored(1, ctile, 64);
+  fixup(groups - 1);
+}
+#undef EQ_AMX_ONE
+
+void amx_block(const Problem& P, int64_t b, float* acc, uint16_t* panel) {
+  std::fill(acc, acc + P.m * kBlockN, 0.0f);
+  amx_panel(P, b, panel);
+  for (int64_t m0 = 0; m0 < P.m; m0 += 64) {
+    switch (std::min<int64_t>(4, (P.m - m0 + 15) / 16)) {
+      case 4: amx_slices<4>(P, b, m0, panel, acc); break;
+      case 3: amx_slices<3>(P, b, m0, panel, acc); break;
+      case 2: amx_slices<2>(P, b, m0, panel, acc); break;
+      default: amx_one_slice(P, b, m0, panel, acc); break;
+    }
+  }
+}
+
+// ---- outliers ----------------------------------------------------------------------------------------
+
+// acc [M][16] += x @ S^T for the block's rows, one batch row at a time (few rows, or no AVX512).
+void outliers_scalar(const Problem& P, int64_t b, float* acc) {
+  for (int64_t j = 0; j < kBlockN; ++j) {
+    const int64_t n = b * kBlockN + j;
+    for (int32_t e = P.indptr[n]; e < P.indptr[n + 1]; ++e) {
+      const float v = P.values[e];
+      const float* xk = P.xf + P.indices[e];
+      for (int64_t m = 0; m < P.m; ++m) acc[m * kBlockN + j] += v * xk[m * P.k];
+    }
+  }
+}
+
+// 16x16 fp32 transpose in registers (unpack, in-lane shuffle, two 128-bit lane shuffles).
+__attribute__((target("avx512f"))) inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+
+// The same for many rows: per 16 batch rows, the outliers' contribution is summed with the batch rows in the
+// lanes (each outlier: one FMA of its value with 16 batch rows of its column of x^T, contiguous), then
+// turned around once and added to the block's accumulators: ~70 shuffles per 16 x 16 instead of ~3 scalar
+// operations per outlier and batch row.
+__attribute__((target("avx512f"))) void outliers_transposed(const Problem& P, int64_t b, float* acc) {
+  for (int64_t m0 = 0; m0 < P.m; m0 += 16) {
+    const int64_t rows = std::min<int64_t>(16, P.m - m0);
+    __m512 r[16];
+    for (int64_t j = 0; j < kBlockN; ++j) {  // r[j] = batch rows m0.. of output row 16b + j
+      const int64_t n = b * kBlockN + j;
+      r[j] = _mm512_setzero_ps();
+      for (int32_t e = P.indptr[n]; e < P.indptr[n + 1]; ++e)
+        r[j] = _mm512_fmadd_ps(_mm512_set1_ps(P.values[e]), _mm512_loadu_ps(P.xt + P.indices[e] * P.mp + m0), r[j]);
+    }
+    transpose16(r);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* out = acc + (m0 + i) * kBlockN;
+      _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), r[i]));
+    }
+  }
+}
+
+// ---- output ------------------------------------------------------------------------------------------
+
+// y[m, 16b + j] = acc[m][j] + bias, rounded to T once.
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) void store_block(const Problem& P, int64_t b, const float* acc, const T* bias,
+                                                          T* y) {
+  const __m256 b0 = bias ? load8(bias + b * kBlockN) : _mm256_setzero_ps();
+  const __m256 b1 = bias ? load8(bias + b * kBlockN + 8) : _mm256_setzero_ps();
+  for (int64_t m = 0; m < P.m; ++m) {
+    T* out = y + m * P.n + b * kBlockN;
+    store8(out, _mm256_add_ps(_mm256_loadu_ps(acc + m * kBlockN), b0));
+    store8(out + 8, _mm256_add_ps(_mm256_loadu_ps(acc + m * kBlockN + 8), b1));
+  }
+}
+
+// ---- kDequant: W' for ATen's GEMM --------------------------------------------------------------------
+
+// w [N][K] = W' in T for blocks b0..b1, exactly the reference: fp32 s * (u - 8) (exact) plus the outlier
+// value where there is one, rounded to T once. A row's word is 8 consecutive columns: 8 lanes, one store.
+// (Vector code lives in target functions, never in a lambda: a lambda is compiled without the target, and
+// passing __m256 by value across that boundary breaks the ABI.)
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) void dequant_blocks(const Problem& P, T* w, int64_t b0, int64_t b1) {
+  const int64_t words = P.k / 8, words_per_group = P.g / 8;
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i lo_mask = _mm256_set1_epi32(0xF);
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint32_t* wb = P.w + b * words * kBlockN;
+    const uint16_t* sb = P.s + b * (P.k / P.g) * kBlockN;
+    for (int64_t j = 0; j < kBlockN; ++j) {
+      T* row = w + (b * kBlockN + j) * P.k;
+      for (int64_t q = 0; q < words; ++q) {
+        const __m256i u = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(wb[q * kBlockN + j])), shifts), lo_mask);
+        const float s = half_to_float(sb[(q / words_per_group) * kBlockN + j]);
+        store8(row + 8 * q, _mm256_fmadd_ps(_mm256_cvtepi32_ps(u), _mm256_set1_ps(s), _mm256_set1_ps(-8.0f * s)));
+      }
+      const int64_t n = b * kBlockN + j;
+      for (int32_t e = P.indptr[n]; e < P.indptr[n + 1]; ++e) {  // W' = dense + S, as the reference adds them
+        const int64_t col = P.indices[e];
+        const int code = static_cast<int>((wb[(col / 8) * kBlockN + j] >> (4 * (col % 8))) & 0xF) - 8;
+        const float s = half_to_float(sb[(col / P.g) * kBlockN + j]);
+        row[col] = static_cast<T>(s * static_cast<float>(code) + P.values[e]);
+      }
+    }
+  }
+}
+
+// ---- per-call preparation of x -----------------------------------------------------------------------
+
+// Per-thread buffers that only grow: fresh allocations of ~100 KB each call would come back from the OS as
+// new pages and page-fault on first touch (measured ~15 us per call at M = 16, K = 1536).
+template <typename T>
+T* scratch(std::vector<T>& buffer, int64_t count) {
+  if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(count);
+  return buffer.data();
+}
+
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) void widen(const T* x, float* out, int64_t count) {  // count % 8 == 0
+  for (int64_t i = 0; i < count; i += 8) _mm256_storeu_ps(out + i, load8(x + i));
+}
+
+// out [M][K/G] = the sum of x over each group of G columns (G % 8 == 0).
+__attribute__((target("avx2,fma"))) void group_sums(const float* xf, int64_t m, int64_t k, int64_t g, float* out) {
+  for (int64_t i = 0; i < m * (k / g); ++i) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t c = 0; c < g; c += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(xf + i * g + c));
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    out[i] = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  }
+}
+
+// xt [K][mp] = x^T with zero rows past M, 16 x 16 tiles transposed in registers (K % 16 == 0).
+__attribute__((target("avx512f"))) void transpose_x(const float* xf, int64_t m, int64_t k, int64_t mp, float* xt) {
+  for (int64_t r0 = 0; r0 < mp; r0 += 16) {
+    for (int64_t c0 = 0; c0 < k; c0 += 16) {
+      __m512 t[16];
+      for (int64_t i = 0; i < 16; ++i)
+        t[i] = r0 + i < m ? _mm512_loadu_ps(xf + (r0 + i) * k + c0) : _mm512_setzero_ps();
+      transpose16(t);
+      for (int64_t i = 0; i < 16; ++i) _mm512_storeu_ps(xt + (c0 + i) * mp + r0, t[i]);
+    }
+  }
+}
+
+// ---- the op ------------------------------------------------------------------------------------------
+
+bool path_supported(int64_t path, at::ScalarType dtype) {
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");  // every such CPU has F16C
+  const bool avx512bf16 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512bf16");
+  const bool amx = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16");
+  switch (path) {
+    case kFma: return avx2;
+    case kBf16Dp: return avx512bf16 && dtype == at::kBFloat16;
+    case kAmx: return avx512bf16 && amx && dtype == at::kBFloat16 && request_amx();
+    case kDequant: return avx2;
+    default: return false;
+  }
+}
+
+bool has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+}
+
+int64_t choose_path(at::IntArrayRef plan, int64_t m) {
+  // plan = [m_max_0, path_0, m_max_1, path_1, ...]: the first pair with M <= m_max; the last covers the rest.
+  TORCH_CHECK(!plan.empty() && plan.size() % 2 == 0, "easyquant::cpu_int4_linear: plan must hold (m_max, path) pairs");
+  for (size_t i = 0; i + 2 < plan.size(); i += 2)
+    if (m <= plan[i]) return plan[i + 1];
+  return plan[plan.size() - 1];
+}
+
+// The next block's steps and outliers, fetched while this block computes. (Its codes are prefetched by the
+// paths themselves, a fixed distance ahead of the loads.)
+void prefetch_block_extras(const Problem& P, int64_t b) {
+  const char* s = reinterpret_cast<const char*>(P.s + b * (P.k / P.g) * kBlockN);
+  for (int64_t off = 0; off < (P.k / P.g) * kBlockN * 2; off += 64) _mm_prefetch(s + off, _MM_HINT_T0);
+  const int64_t e0 = P.indptr[b * kBlockN], e1 = P.indptr[(b + 1) * kBlockN];
+  for (int64_t e = e0; e < e1; e += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(P.indices + e), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(P.values + e), _MM_HINT_T0);
+  }
+}
+
+template <typename T>
+void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_t b0, int64_t b1) {
+  std::vector<float> acc(P.m * kBlockN);
+  std::vector<char> scratch;
+  float* panel32 = nullptr;
+  uint16_t* panel16 = nullptr;
+  if (path == kFma && P.m > 2) {
+    scratch.resize(kChunkK * kBlockN * sizeof(float) + 64);
+    panel32 = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
+  } else if (path == kAmx) {
+    scratch.resize(P.k * kBlockN * sizeof(uint16_t) + 64);
+    panel16 = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
+    amx_configure();
+  }
+  for (int64_t b = b0; b < b1; ++b) {
+    if (b + 1 < b1) prefetch_block_extras(P, b + 1);
+    if (path == kFma) {
+      if (P.m == 1) fma_direct<1>(P, b, 0, acc.data());
+      else if (P.m == 2) fma_direct<2>(P, b, 0, acc.data());
+      else fma_panel(P, b, acc.data(), panel32);
+    } else if (path == kBf16Dp) {
+      bf16dp_block(P, b, acc.data());
+    } else {
+      amx_block(P, b, acc.data(), panel16);
+    }
+    if (P.xt) outliers_transposed(P, b, acc.data());
+    else outliers_scalar(P, b, acc.data());
+    store_block<T>(P, b, acc.data(), bias, y);
+  }
+  if (path == kAmx) amx_release();
+}
+
+at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const at::Tensor& scales,
+                           const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
+                           const c10::optional<at::Tensor>& bias, int64_t group_size, at::IntArrayRef plan) {
+  const auto dtype = x_in.scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "easyquant::cpu_int4_linear: x must be bf16 or fp16, got ",
+              dtype);
+  TORCH_CHECK(x_in.dim() == 2, "easyquant::cpu_int4_linear: x must be [M, K], got ", x_in.sizes());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t m = x.size(0), k = x.size(1), n = indptr.size(0) - 1;
+  const int64_t g = group_size == -1 ? k : group_size;
+  TORCH_CHECK(n % kBlockN == 0 && k % 32 == 0 && g % 32 == 0 && k % g == 0,
+              "easyquant::cpu_int4_linear: needs N % 16 == 0, K % 32 == 0 and a group size, multiple of 32, dividing K;"
+              " got N = ", n, ", K = ", k, ", G = ", g);
+  TORCH_CHECK(w_q.scalar_type() == at::kInt && w_q.numel() == n * k / 8 && w_q.is_contiguous(),
+              "easyquant::cpu_int4_linear: w_q must be contiguous int32 with N*K/8 = ", n * k / 8, " words, got ",
+              w_q.scalar_type(), " ", w_q.sizes());
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.numel() == n * (k / g) && scales.is_contiguous(),
+              "easyquant::cpu_int4_linear: scales must be contiguous fp16 with N*K/G = ", n * (k / g), " entries, got ",
+              scales.scalar_type(), " ", scales.sizes());
+  TORCH_CHECK(indptr.scalar_type() == at::kInt && indices.scalar_type() == at::kInt &&
+                  values.scalar_type() == at::kFloat && indices.numel() == values.numel() && indptr.is_contiguous() &&
+                  indices.is_contiguous() && values.is_contiguous(),
+              "easyquant::cpu_int4_linear: outliers must be contiguous int32 indptr/indices and fp32 values of one length");
+  if (bias)
+    TORCH_CHECK(bias->scalar_type() == dtype && bias->numel() == n, "easyquant::cpu_int4_linear: bias must be ", dtype,
+                " [", n, "]");
+  const int64_t path = choose_path(plan, m);
+  TORCH_CHECK(path >= 0 && path < kNumPaths && path_supported(path, dtype), "easyquant::cpu_int4_linear: path ", path,
+              " is not available on this CPU for ", dtype);
+  g_path_calls[path].fetch_add(1, std::memory_order_relaxed);
+
+  const bool bf16 = dtype == at::kBFloat16;
+  thread_local std::vector<float> xf_buffer, xsum_buffer, xt_buffer;
+  thread_local std::vector<uint16_t> xpad_buffer;
+  float* xf = scratch(xf_buffer, m * k);
+  if (bf16) widen(x.data_ptr<at::BFloat16>(), xf, m * k);
+  else widen(x.data_ptr<at::Half>(), xf, m * k);
+  Problem P{m, n, k, g, reinterpret_cast<const uint32_t*>(w_q.data_ptr<int32_t>()),
+            reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), indptr.data_ptr<int32_t>(),
+            indices.data_ptr<int32_t>(), values.data_ptr<float>(), xf,
+            reinterpret_cast<const uint16_t*>(x.data_ptr()), nullptr, nullptr, 0, nullptr};
+  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  if (path == kDequant) {
+    at::Tensor w = at::empty({n, k}, x.options());
+    at::parallel_for(0, n / kBlockN, 1, [&](int64_t b0, int64_t b1) {
+      if (bf16) dequant_blocks<at::BFloat16>(P, w.data_ptr<at::BFloat16>(), b0, b1);
+      else dequant_blocks<at::Half>(P, w.data_ptr<at::Half>(), b0, b1);
+    });
+    return bias ? at::linear(x, w, b) : at::linear(x, w);
+  }
+  if (path == kBf16Dp || path == kAmx) {  // the sum of x over each group: removes the codes' offset of 136
+    const int64_t groups = k / g;
+    float* xsum = scratch(xsum_buffer, m * groups);
+    group_sums(xf, m, k, g, xsum);
+    P.xsum = xsum;
+  }
+  if (m > 2 && has_avx512() && indices.numel()) {  // outliers 16 batch rows at a time: x^T, zero-padded
+    P.mp = (m + 15) / 16 * 16;
+    float* xt = scratch(xt_buffer, k * P.mp);
+    transpose_x(xf, m, k, P.mp, xt);
+    P.xt = xt;
+  }
+  if (path == kAmx) {  // whole 16-row slices for the A tiles: zero rows past M
+    const int64_t rows = (m + 15) / 16 * 16;
+    uint16_t* xpad = scratch(xpad_buffer, rows * k);
+    std::memcpy(xpad, x.data_ptr(), m * k * sizeof(uint16_t));
+    std::memset(xpad + m * k, 0, (rows - m) * k * sizeof(uint16_t));
+    P.xpad = xpad;
+  }
+  at::Tensor y = at::empty({m, n}, x.options());
+  at::parallel_for(0, n / kBlockN, 1, [&](int64_t b0, int64_t b1) {
+    if (bf16) run_block_range<at::BFloat16>(P, path, bias ? b.data_ptr<at::BFloat16>() : nullptr,
+                                            y.data_ptr<at::BFloat16>(), b0, b1);
+    else run_block_range<at::Half>(P, path, bias ? b.data_ptr<at::Half>() : nullptr, y.data_ptr<at::Half>(), b0, b1);
+  });
+  return y;
+}
+
+// Which paths this CPU can run for a dtype, as path ids (for the Python side's plan and the tests).
+std::vector<int64_t> cpu_int4_paths(c10::ScalarType dtype) {
+  std::vector<int64_t> out;
+  for (int64_t p = 0; p < kNumPaths; ++p)
+    if (path_supported(p, dtype)) out.push_back(p);
+  return out;
+}
+
+std::vector<int64_t> cpu_int4_path_calls() {
+  std::vector<int64_t> out;
+  for (auto& c : g_path_calls) out.push_back(c.load());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(easyquant, m) {
+  m.def(
+      "cpu_int4_linear(Tensor x, Tensor w_q, Tensor scales, Tensor indptr, Tensor indices, Tensor values, "
+      "Tensor? bias, int group_size, int[] plan) -> Tensor");
+  m.def("cpu_int4_paths(ScalarType dtype) -> int[]", &cpu_int4_paths);  // no tensor argument: catch-all
+  m.def("cpu_int4_path_calls() -> int[]", &cpu_int4_path_calls);
+}
+
+TORCH_LIBRARY_IMPL(easyquant, CPU, m) { m.impl("cpu_int4_linear", &cpu_int4_linear); }

@@ -1,0 +1,164 @@
+"""Our C++ CPU kernel (easyquant_vllm/kernels/csrc/eq_cpu.cpp): every path this CPU has, against the reference.
+
+Each path runs where the CPU has its instructions (AVX2 for ``fma`` and ``dequant``, AVX512-BF16 for
+``bf16dp``, AMX for ``amx``); the others skip and say which instructions are missing. The plan that picks a
+path by M is exercised under torch.compile with the dispatch counter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from easyquant_vllm.kernels import LayerSpec, NativeCpuKernel, choose_kernel, dispatch_counts, reset_dispatch_counts
+from easyquant_vllm.kernels import cpu_native as native
+from easyquant_vllm.quant import QuantizedWeight, QuantSpec, quantize_weight
+from easyquant_vllm.quant.outliers import OutlierCSR
+from tests.conftest import heavy_tailed
+
+NEEDS = {"fma": "AVX2 + FMA", "dequant": "AVX2 + FMA", "bf16dp": "AVX512-BF16 and bf16 activations",
+         "amx": "AMX-BF16 and bf16 activations"}  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built() -> None:
+    problem = native.build_problem()
+    if problem:
+        pytest.skip(f"the native CPU kernel could not be built here: {problem}")
+
+
+def _kernel(qw: QuantizedWeight, dtype: torch.dtype, path: str) -> NativeCpuKernel:
+    if path not in native.available_paths(dtype):
+        pytest.skip(f"path {path} needs {NEEDS[path]}; this CPU has {native.available_paths(dtype)} for {dtype}")
+    n, k = qw.shape
+    return NativeCpuKernel(LayerSpec(n, k, 4, qw.group_size, dtype, "cpu"), plan=native.parse_plan(path, native.PATHS))
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+def _heavy_row_weight(n: int = 32, k: int = 256) -> QuantizedWeight:
+    """A weight whose row 5 holds 200 outliers (a quarter of the columns) and whose other rows hold none."""
+    qw = quantize_weight(heavy_tailed(n, k, seed=9), QuantSpec(group_size=64, outlier_threshold=0.0))
+    cols = torch.arange(0, k, 1 + (k - 1) // 200)[:200].to(torch.int32)
+    indptr = torch.zeros(n + 1, dtype=torch.int32)
+    indptr[6:] = cols.numel()
+    values = torch.linspace(-0.5, 0.5, cols.numel()).half()
+    u = qw.qweight.clone()  # code 0 (u = 8) under each outlier, as the writer stores it
+    words, nibbles = cols.long() // 8, cols.long() % 8
+    u[5, words] = (u[5, words] & ~(0xF << (4 * nibbles)).to(torch.int32)) | (8 << (4 * nibbles)).to(torch.int32)
+    return QuantizedWeight(u, qw.scales, OutlierCSR(indptr, cols, values, (n, k)), 4, 64)
+
+
+SHAPES = [(1536, 576, 64), (64, 128, 32), (576, 1536, 128), (96, 256, -1), (48, 4096, 128)]  # (N, K, group size)
+
+
+@pytest.mark.parametrize("path", native.PATHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "k", "group_size"), SHAPES)
+def test_native_path_matches_reference(path: str, dtype: torch.dtype, n: int, k: int, group_size: int) -> None:
+    qw = quantize_weight(heavy_tailed(n, k, seed=n + k), QuantSpec(group_size=group_size))
+    assert qw.outliers.nnz > 0
+    kernel = _kernel(qw, dtype, path)
+    tensors = kernel.prepare(qw)
+    ref_w = qw.dequantize(torch.float64)
+    g = torch.Generator().manual_seed(k)
+    for m in (1, 2, 3, 5, 8, 9, 16, 17, 33, 64, 65, 100):  # every row tile, full and partial
+        x = torch.randn(m, k, generator=g).to(dtype)
+        bias = torch.randn(n, generator=g).to(dtype) if m % 2 else None
+        y = kernel.apply(tensors, x, bias)
+        assert y.dtype == dtype and y.shape == (m, n)
+        ref = x.double() @ ref_w.T + (bias.double() if bias is not None else 0)
+        # Only x, the output and (dequant path) W' are rounded to 16 bits: ~2.5e-3 in bf16, ~3e-4 in fp16.
+        assert _rel(y, ref) < (6e-3 if dtype == torch.bfloat16 else 1e-3), (path, m)
+
+
+@pytest.mark.parametrize("path", native.PATHS)
+def test_native_path_heavy_outlier_row_and_no_outliers(path: str) -> None:
+    qw = _heavy_row_weight()
+    kernel = _kernel(qw, torch.bfloat16, path)
+    for m in (1, 4, 20):
+        x = torch.randn(m, 256).bfloat16()
+        y = kernel.apply(kernel.prepare(qw), x, None)
+        assert _rel(y, x.double() @ qw.dequantize(torch.float64).T) < 6e-3
+    empty = OutlierCSR(torch.zeros(33, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
+                       torch.zeros(0, dtype=torch.float16), (32, 256))  # fmt: skip
+    bare = QuantizedWeight(qw.qweight, qw.scales, empty, 4, 64)
+    x = torch.randn(7, 256).bfloat16()
+    y = kernel.apply(kernel.prepare(bare), x, None)
+    assert _rel(y, x.double() @ bare.dequantize(torch.float64).T) < 6e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dequant_path_is_the_reference_weight_and_gemm(dtype: torch.dtype) -> None:
+    # W' in x's dtype, outliers included, bit-identical to the reference dequantize: the output then equals
+    # ATen's own GEMM on that weight exactly.
+    qw = quantize_weight(heavy_tailed(96, 512, seed=4), QuantSpec(group_size=128))
+    kernel = _kernel(qw, dtype, "dequant")
+    x, bias = torch.randn(40, 512).to(dtype), torch.randn(96).to(dtype)
+    y = kernel.apply(kernel.prepare(qw), x, bias)
+    assert torch.equal(y, F.linear(x, qw.dequantize(dtype), bias))
+
+
+def test_repack_keeps_each_word_and_groups_steps_per_block() -> None:
+    qw = quantize_weight(heavy_tailed(48, 256, seed=1), QuantSpec(group_size=64))
+    w_q, scales = native.repack(qw.qweight, qw.scales)
+    assert w_q.dtype == torch.int32 and w_q.shape == (3, 32 * 16)
+    assert scales.dtype == torch.float16 and scales.shape == (3, 4 * 16)
+    for b, q, j in ((0, 0, 0), (1, 5, 7), (2, 31, 15)):
+        assert w_q[b, q * 16 + j] == qw.qweight[16 * b + j, q]
+        assert scales[b, (q // 8) * 16 + j] == qw.scales[16 * b + j, q // 8]
+
+
+def test_plan_picks_the_path_by_m_at_run_time_under_compile() -> None:
+    paths = native.available_paths(torch.bfloat16)
+    small, large = ("bf16dp", "amx") if "amx" in paths else ("fma", "dequant")
+    qw = quantize_weight(heavy_tailed(64, 256, seed=2), QuantSpec(group_size=64))
+    kernel = NativeCpuKernel(LayerSpec(64, 256, 4, 64, torch.bfloat16, "cpu"),
+                             plan=native.parse_plan(f"{small}:4,{large}", paths))  # fmt: skip
+    tensors = kernel.prepare(qw)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a: kernel.apply(tensors, a, None), dynamic=True, fullgraph=True)
+    for m, path in ((24, large), (2, small), (80, large)):
+        reset_dispatch_counts()
+        x = torch.randn(m, 256).bfloat16()
+        y = compiled(x)
+        assert dict(dispatch_counts()) == {f"native-int4-cpu:{path}": 1}, m
+        assert _rel(y, x.double() @ qw.dequantize(torch.float64).T) < 6e-3
+
+
+def test_plan_text_round_trips_and_bad_plans_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = native.parse_plan("bf16dp:2,amx:96,dequant", native.PATHS)
+    assert plan == [2, 1, 96, 2, 1 << 30, 3] and native.plan_text(plan) == "bf16dp:2,amx:96,dequant"
+    with pytest.raises(ValueError, match="unknown path 'avx9'"):
+        native.parse_plan("avx9", native.PATHS)
+    with pytest.raises(ValueError, match="every path but the last needs ':m_max'"):
+        native.parse_plan("fma,dequant", native.PATHS)
+    with pytest.raises(ValueError, match="path 'amx' is not available on this CPU"):
+        native.parse_plan("amx", ("fma", "dequant"))
+    monkeypatch.setenv(native.ENV_PLAN, "fma")
+    assert native.default_plan(torch.bfloat16, native.PATHS) == [1 << 30, 0]
+
+
+def test_op_names_a_path_the_cpu_lacks_and_bad_tensors() -> None:
+    qw = quantize_weight(heavy_tailed(32, 64, seed=3), QuantSpec(group_size=32))
+    kernel = NativeCpuKernel(LayerSpec(32, 64, 4, 32, torch.float16, "cpu"), plan=[1 << 30, 1])  # bf16dp for fp16
+    t = kernel.prepare(qw)
+    with pytest.raises(RuntimeError, match="path 1 is not available on this CPU for Half"):
+        kernel.apply(t, torch.randn(1, 64).half(), None)
+    kernel.plan = [1 << 30, 0]
+    with pytest.raises(RuntimeError, match="w_q must be contiguous int32 with N\\*K/8 = 256 words"):
+        kernel.apply({**t, "w_q": t["w_q"].long()}, torch.randn(1, 64).half(), None)
+
+
+def test_build_failure_falls_back_to_the_next_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from easyquant_vllm.kernels import select
+
+    monkeypatch.setattr(select, "_checked", {})
+    monkeypatch.setattr(native, "build_problem", lambda: "building eq_cpu.cpp failed (no C++ compiler)")
+    spec = LayerSpec(64, 256, 4, 64, torch.bfloat16, "cpu")
+    kernel, reasons = choose_kernel(spec)
+    assert kernel is not NativeCpuKernel
+    assert any("native-int4-cpu: building eq_cpu.cpp failed (no C++ compiler)" in r for r in reasons)
