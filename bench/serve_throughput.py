@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,13 @@ from pathlib import Path
 
 _CHILD = r"""
 import json, os, sys, time
+isa = os.environ.get("EASYQUANT_BENCH_ISA", "native")
+if isa != "native":  # what vLLM and torch would see on a CPU without AMX (avx512) or without AVX512 (avx2)
+    import torch
+    torch.cpu._is_amx_tile_supported = lambda: False
+    if isa == "avx2":
+        torch.cpu._is_avx512_supported = lambda: False
+        torch.cpu._is_avx512_bf16_supported = lambda: False
 from vllm import LLM, SamplingParams
 model, dtype, batch, tokens, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 eager = mode == "eager"
@@ -38,15 +46,31 @@ kernel = None
 try:
     from easyquant_vllm.linear_method import _kernels_announced
     kernel = ",".join(sorted(_kernels_announced)) or None
+    if kernel == "native-int4-cpu":
+        import torch
+        from easyquant_vllm.kernels import cpu_native
+        act = torch.bfloat16 if dtype == "bfloat16" else torch.float16
+        plan = cpu_native.default_plan(act, cpu_native.available_paths(act))
+        kernel += " (" + cpu_native.plan_text(plan) + ")"
 except Exception:
     pass
 print("RESULT " + json.dumps({"tokens": n, "seconds": dt, "kernel": kernel}))
 """
 
 
-def run(model: Path, dtype: str, batch: int, tokens: int, mode: str) -> dict:
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
-           "VLLM_CACHE_ROOT": os.path.join(tempfile.gettempdir(), "easyquant-bench-cache")}  # fmt: skip
+# --emulate ISA: restrict oneDNN, ATen and vLLM to an older instruction set on this machine, and give the
+# native kernel the plan it picks there. Memory and clock stay this machine's: an approximation, labelled so.
+EMULATE = {
+    "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "EASYQUANT_CPU_PLAN": "bf16dp:128,dequant"},
+    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "EASYQUANT_CPU_PLAN": "fma"},
+}
+
+
+def run(model: Path, dtype: str, batch: int, tokens: int, mode: str, emulate: str | None = None) -> dict:
+    cache = os.path.join(tempfile.gettempdir(), f"easyquant-bench-cache-{emulate or 'native'}")
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CACHE_ROOT": cache}
+    if emulate:
+        env.update(EMULATE[emulate], EASYQUANT_BENCH_ISA=emulate)
     r = subprocess.run([sys.executable, "-c", _CHILD, str(model), dtype, str(batch), str(tokens), mode],
                        capture_output=True, text=True, env=env)  # fmt: skip
     lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
@@ -68,6 +92,17 @@ def main() -> None:
         default="compiled",
         help="compiled: vLLM's default (torch.compile); eager: --enforce-eager (debugging)",
     )
+    p.add_argument(
+        "--emulate",
+        choices=sorted(EMULATE),
+        help="measure as on a CPU without AMX (avx512) or without AVX512 (avx2): see EMULATE",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs per row, unquantized and EasyQuant alternating; the medians are reported",
+    )
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -75,17 +110,22 @@ def main() -> None:
 
     from easyquant_vllm.kernels.cpu_isa import cpu_isa
 
-    print(f"# decode tokens/s, vLLM CPU, {args.mode} mode, CPU {cpu_isa()}, {args.tokens} new tokens per "
-          f"sequence, {torch.get_num_threads()} threads")  # fmt: skip
+    isa = cpu_isa() + (f", emulating {args.emulate} ({EMULATE[args.emulate]})" if args.emulate else "")
+    print(f"# decode tokens/s, vLLM CPU, {args.mode} mode, CPU {isa}, {args.tokens} new tokens per "
+          f"sequence, {torch.get_num_threads()} threads, median of {args.repeats} alternating runs")  # fmt: skip
     print("| mode | dtype | batch | unquantized tok/s | EasyQuant tok/s | EasyQuant / unquantized | EasyQuant kernel |")
     print("|---|---|---|---|---|---|---|")
     rows = []
     for dtype in args.dtype:
         for batch in args.batch:
-            base = run(args.model, dtype, batch, args.tokens, args.mode)
-            eq = run(args.quantized, dtype, batch, args.tokens, args.mode)
-            b, e = base["tokens"] / base["seconds"], eq["tokens"] / eq["seconds"]
-            rows.append({"mode": args.mode, "isa": cpu_isa(), "dtype": dtype, "batch": batch, "unquantized_tok_s": b,
+            base_runs, eq_runs = [], []
+            for _ in range(args.repeats):  # alternate, so that a slow spell of the shared cores hits both
+                base_runs.append(run(args.model, dtype, batch, args.tokens, args.mode, args.emulate))
+                eq_runs.append(run(args.quantized, dtype, batch, args.tokens, args.mode, args.emulate))
+            b = statistics.median(r["tokens"] / r["seconds"] for r in base_runs)
+            e = statistics.median(r["tokens"] / r["seconds"] for r in eq_runs)
+            eq = eq_runs[-1]
+            rows.append({"mode": args.mode, "isa": isa, "dtype": dtype, "batch": batch, "unquantized_tok_s": b,
                          "easyquant_tok_s": e, "ratio": e / b, "kernel": eq["kernel"]})  # fmt: skip
             print(
                 f"| {args.mode} | {dtype} | {batch} | {b:.1f} | {e:.1f} | {e / b:.2f}x | {eq['kernel']} |", flush=True

@@ -70,13 +70,15 @@ def build_tiny_model(
     seed: int = 0,
     max_shard_size: str | None = None,
     lm_head_std: float = 0.02,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write a random ``arch`` ("llama" or "qwen2": Qwen2 has q/k/v biases) model to ``out_dir``.
 
     Returns the directory, which holds config.json, model.safetensors (sharded with an index if
     ``max_shard_size`` is given, e.g. "300KB"), tokenizer files and generation_config.json.
     ``lm_head_std``: the default gives nearly flat next-token distributions (logits ~0.3 apart); ~0.3
-    makes them decisive like a trained model's, for tests that must not hinge on near-ties.
+    makes them decisive like a trained model's, for tests that must not hinge on near-ties. ``dtype``: how
+    the weights are saved (bf16 halves the disk of a larger model built for benchmarks).
     """
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -99,7 +101,7 @@ def build_tiny_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="float32",
+        torch_dtype=str(dtype).removeprefix("torch."),
     )
     torch.manual_seed(seed)
     model = model_cls(config).eval()
@@ -117,10 +119,10 @@ def build_tiny_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(out, **kwargs)
+    model.to(dtype).save_pretrained(out, **kwargs)
     tokenizer.save_pretrained(out)
     cfg = json.loads((out / "config.json").read_text())
-    cfg.setdefault("torch_dtype", "float32")  # vLLM reads it; transformers 5 writes "dtype"
+    cfg.setdefault("torch_dtype", str(dtype).removeprefix("torch."))  # vLLM reads it; transformers 5 writes "dtype"
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return out
 
@@ -130,8 +132,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2, help="decoder blocks")
+    p.add_argument("--heads", type=int, default=8, help="attention heads (head dim = hidden size / heads)")
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate-size", type=int, default=512)
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="dtype the weights are saved in (bfloat16 for a larger benchmark model)",
+    )
     args = p.parse_args(argv)
-    print(build_tiny_model(args.out_dir, arch=args.arch, seed=args.seed))
+    print(
+        build_tiny_model(
+            args.out_dir,
+            arch=args.arch,
+            seed=args.seed,
+            hidden_size=args.hidden_size,
+            num_layers=args.layers,
+            num_heads=args.heads,
+            num_kv_heads=args.kv_heads,
+            intermediate_size=args.intermediate_size,
+            dtype=getattr(torch, args.dtype),
+        )
+    )
     return 0
 
 
