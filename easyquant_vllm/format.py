@@ -1,17 +1,19 @@
-"""The EasyQuant checkpoint schema (format_version 1): names, dtypes, shapes, config keys, validator.
+"""The EasyQuant checkpoint schema (format versions 1 and 2): names, dtypes, shapes, config keys, validator.
 
 This module is the single owner of the on-disk format; ``docs/format.md`` describes the same thing
 in prose. Per quantized linear with prefix ``P`` and weight ``[N = out, K = in]``:
 
-=====================  =======  ==================  ==============================================
-tensor                 dtype    shape               meaning
-=====================  =======  ==================  ==============================================
-``P.qweight``          int32    ``[N, K*bits/32]``  codes ``u = q + 2**(bits-1)``, packed along K
-``P.scales``           float16  ``[N, K/G]``        step per group (``[N, 1]`` per channel)
-``P.outlier_indptr``   int32    ``[N + 1]``         CSR row pointers
-``P.outlier_indices``  int32    ``[nnz]``           column of each outlier, ascending in a row
-``P.outlier_values``   float16  ``[nnz]``           original weight value of each outlier
-=====================  =======  ==================  ==============================================
+=====================  =======  =========================  ==============================================
+tensor                 dtype    shape                      meaning
+=====================  =======  =========================  ==============================================
+``P.qweight``          int32    ``[N, K*bits/32]``         unsigned codes ``u``, packed along K
+``P.scales``           float16  ``[N, K/G]``               step per group (``[N, 1]`` per channel)
+``P.outlier_indptr``   int32    ``[N + 1]``                CSR row pointers
+``P.outlier_indices``  int32    ``[nnz]``                  column of each outlier, ascending in a row
+``P.outlier_values``   float16  ``[nnz]``                  original weight value of each outlier
+``P.qzeros``           uint8    ``[N, ceil(K/G*bits/8)]``  v2 with ``zero_points``: zero per group, packed
+``P.col_scale``        float16  ``[K]``                    v2 with ``column_scale``: scale per input column
+=====================  =======  =========================  ==============================================
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ from .quant import (
     QuantizedWeight,
     effective_group_size,
     pack_factor,
+    pack_zeros,
+    unpack_zeros,
+    zeros_bytes,
 )
 
 QUANT_METHOD = "easyquant"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 
 CONFIG_FILE = "config.json"
 REPORT_FILE = "easyquant_report.json"
@@ -47,7 +52,12 @@ SCALES = "scales"
 OUTLIER_INDPTR = "outlier_indptr"
 OUTLIER_INDICES = "outlier_indices"
 OUTLIER_VALUES = "outlier_values"
+QZEROS = "qzeros"
+COL_SCALE = "col_scale"
 TENSOR_SUFFIXES = (QWEIGHT, SCALES, OUTLIER_INDPTR, OUTLIER_INDICES, OUTLIER_VALUES)
+"""Every quantized layer has these five; version 2 may add :data:`OPTIONAL_SUFFIXES` (see :func:`layer_suffixes`)."""
+OPTIONAL_SUFFIXES = (QZEROS, COL_SCALE)
+ALL_SUFFIXES = TENSOR_SUFFIXES + OPTIONAL_SUFFIXES
 
 TENSOR_DTYPES: dict[str, torch.dtype] = {
     QWEIGHT: torch.int32,
@@ -55,7 +65,12 @@ TENSOR_DTYPES: dict[str, torch.dtype] = {
     OUTLIER_INDPTR: torch.int32,
     OUTLIER_INDICES: torch.int32,
     OUTLIER_VALUES: torch.float16,
+    QZEROS: torch.uint8,
+    COL_SCALE: torch.float16,
 }
+
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Linear layers vLLM loads into one fused module (one input). Their column scales may differ (docs/format.md)."""
 
 
 class CheckpointError(ValueError):
@@ -67,6 +82,7 @@ class EasyQuantCheckpointConfig:
     """The ``quantization_config`` block of ``config.json``.
 
     ``group_size`` is resolved (never "auto"): 32, 64, 128, or -1 for one range per output channel.
+    ``zero_points`` / ``column_scale`` (version 2): every quantized layer has ``P.qzeros`` / ``P.col_scale``.
     ``method`` and ``method_params`` record how the ranges were optimised (informative only: the
     tensors alone define the weights). ``modules_to_not_convert`` lists the module names (prefixes
     without ``.weight``) of linear layers inside the decoder blocks that were left unquantized.
@@ -80,6 +96,8 @@ class EasyQuantCheckpointConfig:
     method_params: dict[str, Any] = field(default_factory=dict)
     modules_to_not_convert: list[str] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
+    zero_points: bool = False
+    column_scale: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, **asdict(self)}
@@ -107,6 +125,14 @@ class EasyQuantCheckpointConfig:
         skip = d.get("modules_to_not_convert") or []
         if not isinstance(skip, list) or not all(isinstance(m, str) for m in skip):
             raise CheckpointError(f"{where}: modules_to_not_convert must be a list of strings, got {skip!r}")
+        flags = {}
+        for key in ("zero_points", "column_scale"):
+            value = d.get(key, False)
+            if not isinstance(value, bool):
+                raise CheckpointError(f"{where}: {key} must be true or false, got {value!r}")
+            if value and version < 2:
+                raise CheckpointError(f"{where}: {key} needs format_version 2, the checkpoint says {version}")
+            flags[key] = value
         return cls(
             bits=bits,
             group_size=group_size,
@@ -116,7 +142,17 @@ class EasyQuantCheckpointConfig:
             method_params=dict(d.get("method_params") or {}),
             modules_to_not_convert=list(skip),
             format_version=version,
+            **flags,
         )
+
+    def layer_suffixes(self) -> tuple[str, ...]:
+        """The tensors every quantized layer of this checkpoint has."""
+        return layer_suffixes(self.zero_points, self.column_scale)
+
+
+def layer_suffixes(zero_points: bool = False, column_scale: bool = False) -> tuple[str, ...]:
+    """The five tensors of every quantized layer, plus ``qzeros`` / ``col_scale`` where the config has them."""
+    return TENSOR_SUFFIXES + ((QZEROS,) if zero_points else ()) + ((COL_SCALE,) if column_scale else ())
 
 
 def tensor_name(prefix: str, suffix: str) -> str:
@@ -126,48 +162,82 @@ def tensor_name(prefix: str, suffix: str) -> str:
 
 def dense_shapes(n: int, k: int, bits: int, group_size: int) -> dict[str, tuple[int, ...]]:
     """Shapes of the fixed-size tensors of an ``[N, K]`` weight (the CSR arrays' nnz is data)."""
+    groups = k // effective_group_size(k, group_size)
     return {
         QWEIGHT: (n, k // pack_factor(bits)),
-        SCALES: (n, k // effective_group_size(k, group_size)),
+        SCALES: (n, groups),
         OUTLIER_INDPTR: (n + 1,),
+        QZEROS: (n, zeros_bytes(groups, bits)),
+        COL_SCALE: (k,),
     }
 
 
 def layer_tensors(prefix: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """The five checkpoint tensors of one quantized linear, keyed by full name, in file order."""
+    """The checkpoint tensors of one quantized linear (five, plus the version-2 ones it has), keyed by full
+    name, in file order."""
     o = qw.outliers
     parts = {QWEIGHT: qw.qweight, SCALES: qw.scales, OUTLIER_INDPTR: o.indptr, OUTLIER_INDICES: o.indices,
              OUTLIER_VALUES: o.values}  # fmt: skip
+    if qw.zeros is not None:
+        parts[QZEROS] = pack_zeros(qw.zeros, qw.bits)
+    if qw.col_scale is not None:
+        parts[COL_SCALE] = qw.col_scale
     return {tensor_name(prefix, s): t.contiguous() for s, t in parts.items()}
 
 
 def quantized_weight_from_tensors(
-    prefix: str, tensors: Mapping[str, torch.Tensor], bits: int, group_size: int
+    prefix: str,
+    tensors: Mapping[str, torch.Tensor],
+    bits: int,
+    group_size: int,
+    zero_points: bool = False,
+    column_scale: bool = False,
 ) -> QuantizedWeight:
-    """Validate the five tensors of ``prefix`` and wrap them (inverse of :func:`layer_tensors`)."""
-    validate_layer(prefix, tensors, bits, group_size)
-    t = {s: tensors[tensor_name(prefix, s)] for s in TENSOR_SUFFIXES}
+    """Validate the tensors of ``prefix`` and wrap them (inverse of :func:`layer_tensors`)."""
+    validate_layer(prefix, tensors, bits, group_size, zero_points, column_scale)
+    t = {s: tensors[tensor_name(prefix, s)] for s in layer_suffixes(zero_points, column_scale)}
     n = t[QWEIGHT].shape[0]
     k = t[QWEIGHT].shape[1] * pack_factor(bits)
     csr = OutlierCSR(t[OUTLIER_INDPTR], t[OUTLIER_INDICES], t[OUTLIER_VALUES], (n, k))
-    return QuantizedWeight(t[QWEIGHT], t[SCALES], csr, bits, group_size)
+    zeros = unpack_zeros(t[QZEROS], t[SCALES].shape[1], bits) if zero_points else None
+    return QuantizedWeight(t[QWEIGHT], t[SCALES], csr, bits, group_size, zeros=zeros, col_scale=t.get(COL_SCALE))
 
 
-def validate_layer(prefix: str, tensors: Mapping[str, torch.Tensor], bits: int, group_size: int) -> None:
+def validate_layer(
+    prefix: str,
+    tensors: Mapping[str, torch.Tensor],
+    bits: int,
+    group_size: int,
+    zero_points: bool = False,
+    column_scale: bool = False,
+) -> None:
     """Check one layer's tensors against the schema; raise :class:`CheckpointError` naming the tensor.
 
-    Checks presence, dtype, rank and shape of all five tensors, that ``K`` is a multiple of the group
-    size, that ``indptr`` starts at 0, never decreases and ends at nnz, that every column index is in
-    ``[0, K)`` and strictly ascending within its row, and that scales and outlier values are finite.
+    Checks presence, dtype, rank and shape of every tensor the config calls for, that ``K`` is a multiple
+    of the group size, that ``indptr`` starts at 0, never decreases and ends at nnz, that every column
+    index is in ``[0, K)`` and strictly ascending within its row, that scales and outlier values are finite,
+    and (version 2) that the column scale is finite and positive and no tensor is there that the config
+    does not announce.
     """
-    missing = [tensor_name(prefix, s) for s in TENSOR_SUFFIXES if tensor_name(prefix, s) not in tensors]
+    expected = layer_suffixes(zero_points, column_scale)
+    missing = [tensor_name(prefix, s) for s in expected if tensor_name(prefix, s) not in tensors]
     if missing:
         raise CheckpointError(f"layer {prefix}: missing tensor(s) {missing}")
-    t = {s: tensors[tensor_name(prefix, s)] for s in TENSOR_SUFFIXES}
-    for s, want in TENSOR_DTYPES.items():
-        if t[s].dtype != want:
-            raise CheckpointError(f"{tensor_name(prefix, s)}: dtype {t[s].dtype}, expected {want}")
-    for s, rank in ((QWEIGHT, 2), (SCALES, 2), (OUTLIER_INDPTR, 1), (OUTLIER_INDICES, 1), (OUTLIER_VALUES, 1)):
+    extra = [
+        tensor_name(prefix, s) for s in OPTIONAL_SUFFIXES if s not in expected and tensor_name(prefix, s) in tensors
+    ]
+    if extra:
+        raise CheckpointError(
+            f"layer {prefix}: tensor(s) {extra} present, but config.json's quantization_config does not announce "
+            "them (zero_points / column_scale, format_version 2)"
+        )
+    t = {s: tensors[tensor_name(prefix, s)] for s in expected}
+    for s in expected:
+        if t[s].dtype != TENSOR_DTYPES[s]:
+            raise CheckpointError(f"{tensor_name(prefix, s)}: dtype {t[s].dtype}, expected {TENSOR_DTYPES[s]}")
+    ranks = {QWEIGHT: 2, SCALES: 2, OUTLIER_INDPTR: 1, OUTLIER_INDICES: 1, OUTLIER_VALUES: 1, QZEROS: 2, COL_SCALE: 1}
+    for s in expected:
+        rank = ranks[s]
         if t[s].dim() != rank:
             raise CheckpointError(
                 f"{tensor_name(prefix, s)}: rank {t[s].dim()} (shape {list(t[s].shape)}), expected {rank}"
@@ -179,7 +249,7 @@ def validate_layer(prefix: str, tensors: Mapping[str, torch.Tensor], bits: int, 
             f"{tensor_name(prefix, QWEIGHT)}: input dim K = {k} is not a multiple of group_size {group_size}"
         )
     for s, shape in dense_shapes(n, k, bits, group_size).items():
-        if tuple(t[s].shape) != shape:
+        if s in t and tuple(t[s].shape) != shape:
             raise CheckpointError(
                 f"{tensor_name(prefix, s)}: shape {list(t[s].shape)}, expected {list(shape)} (N={n}, K={k})"
             )
@@ -215,11 +285,13 @@ def validate_layer(prefix: str, tensors: Mapping[str, torch.Tensor], bits: int, 
             raise CheckpointError(
                 f"{tensor_name(prefix, OUTLIER_INDICES)}: entry {j} not strictly ascending within its row"
             )
-    for s in (SCALES, OUTLIER_VALUES):
-        if not bool(torch.isfinite(t[s]).all()):
+    for s in (SCALES, OUTLIER_VALUES, COL_SCALE):
+        if s in t and not bool(torch.isfinite(t[s]).all()):
             raise CheckpointError(f"{tensor_name(prefix, s)}: contains NaN or Inf")
     if bool((t[SCALES] < 0).any()):
         raise CheckpointError(f"{tensor_name(prefix, SCALES)}: negative step size")
+    if COL_SCALE in t and bool((t[COL_SCALE] <= 0).any()):
+        raise CheckpointError(f"{tensor_name(prefix, COL_SCALE)}: column scales must be > 0")
 
 
 def read_quantization_config(model_dir: str | Path) -> EasyQuantCheckpointConfig:
@@ -237,10 +309,16 @@ def read_quantization_config(model_dir: str | Path) -> EasyQuantCheckpointConfig
     return EasyQuantCheckpointConfig.from_dict(qc)
 
 
-def bits_per_weight(n: int, k: int, bits: int, group_size: int, nnz: int) -> float:
-    """Storage cost per weight: codes + float16 steps + outliers (16-bit value, 32-bit index) + indptr."""
+def bits_per_weight(n: int, k: int, bits: int, group_size: int, nnz: int, zero_points: bool = False,
+                    column_scale: bool = False) -> float:  # fmt: skip
+    """Storage cost per weight, from the bytes written: codes + float16 steps + outliers (16-bit value,
+    32-bit index) + indptr, plus the packed zero points and the float16 column scale where present."""
     g = effective_group_size(k, group_size)
     total = n * k * bits + n * (k // g) * 16 + nnz * (16 + 32) + (n + 1) * 32
+    if zero_points:
+        total += n * zeros_bytes(k // g, bits) * 8
+    if column_scale:
+        total += k * 16
     return total / (n * k)
 
 
@@ -254,13 +332,14 @@ def quantized_layers(ckpt: Any, cfg: EasyQuantCheckpointConfig) -> Iterator[tupl
     names = set(ckpt.names())
     prefixes = sorted(name[: -len(QWEIGHT) - 1] for name in names if name.endswith("." + QWEIGHT))
     for name in sorted(names):
-        for s in TENSOR_SUFFIXES:
+        for s in ALL_SUFFIXES:
             if name.endswith("." + s) and name[: -len(s) - 1] not in prefixes:
                 raise CheckpointError(f"{name}: {s} without a matching {QWEIGHT}")
     for prefix in prefixes:
         tensors = {tensor_name(prefix, s): ckpt.get(tensor_name(prefix, s))
-                   for s in TENSOR_SUFFIXES if tensor_name(prefix, s) in names}  # fmt: skip
-        yield prefix, quantized_weight_from_tensors(prefix, tensors, cfg.bits, cfg.group_size)
+                   for s in ALL_SUFFIXES if tensor_name(prefix, s) in names}  # fmt: skip
+        yield prefix, quantized_weight_from_tensors(prefix, tensors, cfg.bits, cfg.group_size, cfg.zero_points,
+                                                    cfg.column_scale)  # fmt: skip
 
 
 def validate_checkpoint(model_dir: str | Path) -> dict[str, Any]:
@@ -286,7 +365,9 @@ def validate_checkpoint(model_dir: str | Path) -> dict[str, Any]:
             layers += 1
             params += n * k
             outliers += qw.outliers.nnz
-            bits_total += bits_per_weight(n, k, cfg.bits, cfg.group_size, qw.outliers.nnz) * n * k
+            bits_total += bits_per_weight(n, k, cfg.bits, cfg.group_size, qw.outliers.nnz, cfg.zero_points,
+                                          cfg.column_scale) * n * k  # fmt: skip
+
     if layers == 0:
         raise CheckpointError(f"{model_dir}: config.json says easyquant but no tensor ends in .{QWEIGHT}")
     return {

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .format import TENSOR_SUFFIXES, quantized_layers, read_quantization_config, tensor_name
+from .format import ALL_SUFFIXES, quantized_layers, read_quantization_config, tensor_name
 from .safetensors_io import open_checkpoint
 
 
@@ -24,7 +24,7 @@ def dequantized_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.flo
         for prefix, qw in quantized_layers(ckpt, cfg):
             out[f"{prefix}.weight"] = qw.dequantize(dtype)
             prefixes.append(prefix)
-        schema = {tensor_name(p, s) for p in prefixes for s in TENSOR_SUFFIXES}
+        schema = {tensor_name(p, s) for p in prefixes for s in ALL_SUFFIXES}
         for name in ckpt.names():
             if name not in schema:
                 out[name] = ckpt.get(name).clone()

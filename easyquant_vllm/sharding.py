@@ -23,16 +23,17 @@ def slice_rows(qw: QuantizedWeight, start: int, size: int) -> QuantizedWeight:
         raise ValueError(f"row slice [{start}, {start + size}) outside [0, {n})")
     lo, hi = int(o.indptr[start]), int(o.indptr[start + size])
     csr = OutlierCSR(o.indptr[start : start + size + 1] - lo, o.indices[lo:hi], o.values[lo:hi], (size, k))
-    return QuantizedWeight(
-        qw.qweight[start : start + size], qw.scales[start : start + size], csr, qw.bits, qw.group_size
-    )
+    zeros = None if qw.zeros is None else qw.zeros[start : start + size]
+    return QuantizedWeight(qw.qweight[start : start + size], qw.scales[start : start + size], csr, qw.bits,
+                           qw.group_size, zeros=zeros, col_scale=qw.col_scale)  # fmt: skip
 
 
 def slice_columns(qw: QuantizedWeight, start: int, size: int) -> QuantizedWeight:
     """Input columns ``[start, start + size)`` of ``qw`` (a row-parallel slice).
 
     ``start`` and ``size`` must be multiples of the pack factor and, with groups, of the group size;
-    per-channel step sizes (group_size -1) are kept whole: every rank uses the row's one step.
+    per-channel step sizes and zero points (group_size -1) are kept whole: every rank uses the row's one
+    step. The column scale is sliced with the columns.
     """
     n, k = qw.shape
     pf = pack_factor(qw.bits)
@@ -42,7 +43,10 @@ def slice_columns(qw: QuantizedWeight, start: int, size: int) -> QuantizedWeight
             f"input slice [{start}, {start + size}) of K = {k} must align to the pack factor {pf}"
             + (f" and group size {g}" if qw.group_size != -1 else "")
         )
-    scales = qw.scales if qw.group_size == -1 else qw.scales[:, start // g : (start + size) // g]
+    groups = slice(None) if qw.group_size == -1 else slice(start // g, (start + size) // g)
+    scales = qw.scales[:, groups]
+    zeros = None if qw.zeros is None else qw.zeros[:, groups]
+    col_scale = None if qw.col_scale is None else qw.col_scale[start : start + size]
     o = qw.outliers
     rows = rows_from_indptr(o.indptr)
     keep = (o.indices >= start) & (o.indices < start + size)
@@ -50,16 +54,31 @@ def slice_columns(qw: QuantizedWeight, start: int, size: int) -> QuantizedWeight
     indptr = torch.zeros(n + 1, dtype=torch.int32, device=o.indptr.device)
     indptr[1:] = torch.cumsum(counts, 0)
     csr = OutlierCSR(indptr, (o.indices[keep] - start).to(torch.int32), o.values[keep], (n, size))
-    return QuantizedWeight(qw.qweight[:, start // pf : (start + size) // pf], scales, csr, qw.bits, qw.group_size)
+    return QuantizedWeight(qw.qweight[:, start // pf : (start + size) // pf], scales, csr, qw.bits, qw.group_size,
+                           zeros=zeros, col_scale=col_scale)  # fmt: skip
 
 
-def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
-    """Concatenate weights along the output dimension (the shards of a merged layer, in order)."""
+def stack_rows(parts: list[QuantizedWeight], names: list[str] | None = None) -> QuantizedWeight:
+    """Concatenate weights along the output dimension (the shards of a merged layer, in order).
+
+    The shards read one input, so they must share one column scale (and all have zero points, or none);
+    ValueError names the shards (``names``, for the message) otherwise.
+    """
     first = parts[0]
     k = first.shape[1]
-    for p in parts:
+    names = names or [f"shard {i}" for i in range(len(parts))]
+    for p, name in zip(parts, names, strict=True):
         if p.shape[1] != k or p.bits != first.bits or p.group_size != first.group_size:
-            raise ValueError(f"cannot stack a [{p.shape[0]}, {p.shape[1]}] shard onto K = {k}")
+            raise ValueError(f"cannot stack {name}, a [{p.shape[0]}, {p.shape[1]}] shard, onto K = {k}")
+        if (p.zeros is None) != (first.zeros is None):
+            raise ValueError(f"{name} and {names[0]} disagree on zero points: a fused layer needs both or neither")
+        if (p.col_scale is None) != (first.col_scale is None) or (
+            p.col_scale is not None and not torch.equal(p.col_scale, first.col_scale)
+        ):
+            raise ValueError(
+                f"{name}.col_scale differs from {names[0]}.col_scale: the layers vLLM fuses read one input and must "
+                "share one column scale (docs/format.md)"
+            )
     pieces, offset = [first.outliers.indptr[:1]], 0
     for p in parts:  # a handful of shards (q/k/v, gate/up), not rows
         pieces.append(p.outliers.indptr[1:] + offset)
@@ -71,6 +90,6 @@ def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
         torch.cat([p.outliers.values for p in parts]),
         (sum(p.shape[0] for p in parts), k),
     )
-    return QuantizedWeight(
-        torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), csr, first.bits, first.group_size
-    )
+    zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])  # type: ignore[misc]
+    return QuantizedWeight(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), csr,
+                           first.bits, first.group_size, zeros=zeros, col_scale=first.col_scale)  # fmt: skip

@@ -6,13 +6,23 @@ import pytest
 import torch
 
 from easyquant_vllm.format import (
+    TENSOR_SUFFIXES,
     CheckpointError,
     EasyQuantCheckpointConfig,
+    bits_per_weight,
     layer_tensors,
     quantized_weight_from_tensors,
     validate_layer,
 )
-from easyquant_vllm.quant import QuantSpec, dequantize, quantize_weight
+from easyquant_vllm.quant import (
+    QuantSpec,
+    dequantize,
+    pack_zeros,
+    quantize_group,
+    quantize_weight,
+    unpack_codes,
+    unpack_zeros,
+)
 from tests.conftest import heavy_tailed
 
 P = "model.layers.0.mlp.down_proj"
@@ -76,11 +86,67 @@ def test_validate_layer_requires_ascending_columns(layer: dict[str, torch.Tensor
 def test_config_roundtrip_and_errors() -> None:
     cfg = EasyQuantCheckpointConfig(bits=4, group_size=64, modules_to_not_convert=["lm_head"])
     d = cfg.to_dict()
-    assert d["quant_method"] == "easyquant" and d["format_version"] == 1
+    assert d["quant_method"] == "easyquant" and d["format_version"] == 2
     assert EasyQuantCheckpointConfig.from_dict(d) == cfg
-    with pytest.raises(CheckpointError, match="format_version 2 is not supported"):
-        EasyQuantCheckpointConfig.from_dict({**d, "format_version": 2})
+    assert EasyQuantCheckpointConfig.from_dict({**d, "format_version": 1}).format_version == 1  # v1 still loads
+    with pytest.raises(CheckpointError, match="format_version 3 is not supported"):
+        EasyQuantCheckpointConfig.from_dict({**d, "format_version": 3})
+    with pytest.raises(CheckpointError, match="zero_points needs format_version 2, the checkpoint says 1"):
+        EasyQuantCheckpointConfig.from_dict({**d, "format_version": 1, "zero_points": True})
+    with pytest.raises(CheckpointError, match="column_scale must be true or false, got 'yes'"):
+        EasyQuantCheckpointConfig.from_dict({**d, "column_scale": "yes"})
     with pytest.raises(CheckpointError, match="unsupported bits = 3"):
         EasyQuantCheckpointConfig.from_dict({**d, "bits": 3})
     with pytest.raises(CheckpointError, match="unsupported group_size = 100"):
         EasyQuantCheckpointConfig.from_dict({**d, "group_size": 100})
+
+
+def _v2_layer(n: int = 32, k: int = 128, group_size: int = 32):  # type: ignore[no-untyped-def]
+    w = heavy_tailed(n, k, seed=4) * torch.exp(0.5 * torch.randn(k, generator=torch.Generator().manual_seed(1)))
+    return quantize_group([w], QuantSpec(group_size=group_size, zero_points=True, normalize="sinkhorn"))[0], w
+
+
+def test_zero_points_pack_two_per_byte_low_nibble_first() -> None:
+    z = torch.tensor([[1, 2, 3], [15, 0, 7]], dtype=torch.uint8)
+    packed = pack_zeros(z, 4)
+    assert packed.tolist() == [[0x21, 0x03], [0x0F, 0x07]]  # odd group count: the last high nibble is 0
+    assert torch.equal(unpack_zeros(packed, 3, 4), z)
+    assert torch.equal(unpack_zeros(pack_zeros(z, 8), 3, 8), z)
+
+
+def test_v2_layer_roundtrip_and_reconstruction() -> None:
+    qw, w = _v2_layer()
+    assert qw.zeros is not None and qw.col_scale is not None and qw.col_scale.dtype == torch.float16
+    tensors = layer_tensors("P", qw)
+    assert set(tensors) == {f"P.{s}" for s in (*TENSOR_SUFFIXES, "qzeros", "col_scale")}
+    assert tensors["P.qzeros"].shape == (32, 2) and tensors["P.col_scale"].shape == (128,)
+    back = quantized_weight_from_tensors("P", tensors, 4, 32, zero_points=True, column_scale=True)
+    assert torch.equal(back.dequantize(), qw.dequantize())
+    # The semantics of docs/format.md, written out: c[k] * (s * (u - z)) + S.
+    u = unpack_codes(qw.qweight, 4).float()
+    z = qw.zeros.float().repeat_interleave(32, dim=1)
+    s = qw.scales.float().repeat_interleave(32, dim=1)
+    manual = qw.col_scale.float() * (s * (u - z)) + qw.outliers.to_dense()
+    assert torch.equal(qw.dequantize(), manual)
+    assert float((qw.dequantize() - w).norm() / w.norm()) < 0.12
+
+
+def test_v2_layer_validation_names_the_tensor() -> None:
+    qw, _ = _v2_layer()
+    t = layer_tensors("P", qw)
+    with pytest.raises(CheckpointError, match=r"layer P: missing tensor\(s\) \['P.qzeros'\]"):
+        validate_layer("P", {k: v for k, v in t.items() if k != "P.qzeros"}, 4, 32, True, True)
+    with pytest.raises(CheckpointError, match=r"tensor\(s\) \['P.col_scale'\] present, but config.json"):
+        validate_layer("P", t, 4, 32, True, False)
+    with pytest.raises(CheckpointError, match=r"P.qzeros: shape \[32, 3\], expected \[32, 2\]"):
+        validate_layer("P", {**t, "P.qzeros": torch.zeros(32, 3, dtype=torch.uint8)}, 4, 32, True, True)
+    bad = t["P.col_scale"].clone()
+    bad[5] = 0
+    with pytest.raises(CheckpointError, match=r"P\.col_scale: column scales must be > 0"):
+        validate_layer("P", {**t, "P.col_scale": bad}, 4, 32, True, True)
+
+
+def test_bits_per_weight_counts_zero_points_and_column_scale() -> None:
+    base = bits_per_weight(64, 256, 4, 64, nnz=0)
+    assert bits_per_weight(64, 256, 4, 64, 0, zero_points=True) == pytest.approx(base + 4 / 64)
+    assert bits_per_weight(64, 256, 4, 64, 0, column_scale=True) == pytest.approx(base + 16 / 64)

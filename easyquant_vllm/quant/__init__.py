@@ -1,18 +1,32 @@
 """EasyQuant math: pure tensor functions, no vLLM import (outliers, range solvers, packing, Q(W))."""
 
 from .outliers import OutlierCSR, count_nonfinite, rows_from_indptr, select_outliers, tensor_mean_std
-from .packing import SUPPORTED_BITS, check_bits, code_offset, code_range, pack_codes, pack_factor, unpack_codes
+from .packing import (
+    SUPPORTED_BITS,
+    check_bits,
+    code_offset,
+    code_range,
+    pack_codes,
+    pack_factor,
+    pack_zeros,
+    unpack_codes,
+    unpack_zeros,
+    zeros_bytes,
+)
 from .quantize import (
     AUTO_GROUP_SIZES,
     DEFAULT_METHOD,
     METHODS,
+    NORMALIZE,
     SUPPORTED_GROUP_SIZES,
     QuantizedWeight,
     QuantSpec,
     QuantStats,
+    check_float16_range,
     dequantize,
     dequantize_dense,
     effective_group_size,
+    quantize_group,
     quantize_weight,
     resolve_group_size,
 )
@@ -22,6 +36,7 @@ __all__ = [
     "AUTO_GROUP_SIZES",
     "DEFAULT_METHOD",
     "METHODS",
+    "NORMALIZE",
     "SUPPORTED_BITS",
     "SUPPORTED_GROUP_SIZES",
     "AdamParams",
@@ -31,6 +46,7 @@ __all__ = [
     "QuantizedWeight",
     "SearchParams",
     "check_bits",
+    "check_float16_range",
     "code_offset",
     "code_range",
     "count_nonfinite",
@@ -41,7 +57,9 @@ __all__ = [
     "group_loss_and_grad",
     "pack_codes",
     "pack_factor",
+    "pack_zeros",
     "quantize_codes",
+    "quantize_group",
     "quantize_weight",
     "resolve_group_size",
     "rows_from_indptr",
@@ -49,4 +67,6 @@ __all__ = [
     "select_outliers",
     "tensor_mean_std",
     "unpack_codes",
+    "unpack_zeros",
+    "zeros_bytes",
 ]

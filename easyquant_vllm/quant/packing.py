@@ -84,3 +84,30 @@ def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
     # way (4 bytes of temporaries per code, not the 8 of int64): load-time repacks of 70B layers stay small.
     u = (words.to(torch.int32).unsqueeze(-1) >> _shifts(bits, words.device)) & mask  # (N, K/pf, pf)
     return u.reshape(n, kw * pf).to(torch.uint8)
+
+
+def pack_zeros(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-group zero points ``[N, groups]`` (values in ``[0, 2**bits - 1]``) -> ``[N, ceil(groups * bits / 8)]``
+    uint8: 4 bit, group ``g`` in bits ``4*(g % 2)`` of byte ``g // 2`` (low nibble first); 8 bit, one per byte."""
+    check_bits(bits)
+    z = z.to(torch.uint8)
+    if bits == 8:
+        return z.contiguous()
+    n, groups = z.shape
+    if groups % 2:
+        z = torch.cat([z, torch.zeros(n, 1, dtype=torch.uint8, device=z.device)], dim=1)
+    return (z[:, 0::2] | (z[:, 1::2] << 4)).contiguous()
+
+
+def unpack_zeros(packed: torch.Tensor, groups: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_zeros`: ``[N, groups]`` uint8."""
+    check_bits(bits)
+    if bits == 8:
+        return packed[:, :groups]
+    z = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    return z[:, :groups].contiguous()
+
+
+def zeros_bytes(groups: int, bits: int) -> int:
+    """Bytes per row of packed zero points."""
+    return (groups * bits + 7) // 8

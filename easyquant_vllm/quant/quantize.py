@@ -1,31 +1,42 @@
 """Q(W) and its inverse: the one definition of EasyQuant quantize / dequantize for a linear weight.
 
-``W [N, K]`` (out x in) becomes a dense part -- signed codes ``q`` with one float16 step size per
-group of ``G`` consecutive input columns -- plus a sparse part ``S`` holding the outliers in float16:
+``W [N, K]`` (out x in) becomes a dense part -- unsigned codes ``u`` with one float16 step size and one
+zero point per group of ``G`` consecutive input columns, and (format version 2) one float16 scale per
+input column -- plus a sparse part ``S`` holding the outliers in float16, in the original domain:
 
-    W' = dequant(q, s) + S,   dequant(q, s)[n, k] = s[n, k // G] * q[n, k]
+    W' = dense + S,   dense[n, k] = c[k] * (s[n, k // G] * (u[n, k] - z[n, k // G]))
 
-The code at an outlier position is 0, so the sum equals the paper's overwrite (Eq. 4) exactly.
+Symmetric codes have ``z = 2**(bits-1)`` (format version 1) and no column scale has ``c = 1``. The code at an
+outlier position is its group's zero, so the sum equals the paper's overwrite (Eq. 4) exactly.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from .normalize import sinkhorn_column_scale
 from .outliers import OutlierCSR, csr_from_coordinates, rows_from_indptr, select_outliers
 from .packing import check_bits, code_offset, code_range, pack_codes, pack_factor, unpack_codes
 from .solvers import (
     AdamParams,
     SearchParams,
     group_loss,
+    group_loss_asym,
     quantize_codes,
+    quantize_codes_asym,
+    rtn_asym,
     rtn_scales,
     solve_adam,
     solve_search,
+    solve_search_asym,
 )
+
+NORMALIZE = ("none", "sinkhorn")
+"""Column-scale choices: none (format version 1), or Sinkhorn-balanced row/column spreads (version 2)."""
 
 METHODS = ("search", "adam", "rtn")
 """Range optimisers: ``search`` (ours, default), ``adam`` (the paper's), ``rtn`` (none: max-abs)."""
@@ -51,6 +62,15 @@ class QuantSpec:
     method: str = DEFAULT_METHOD
     adam: AdamParams = field(default_factory=AdamParams)
     search: SearchParams = field(default_factory=SearchParams)
+    zero_points: bool = False
+    """Asymmetric codes with an integer zero point per group (format version 2); symmetric otherwise."""
+    normalize: str = "none"
+    """``"sinkhorn"``: a column scale per input channel (format version 2, :mod:`.normalize`)."""
+    sinkhorn_iters: int = 4
+    weighting: str = "none"
+    """With zero points, how the range search weighs each column's squared error (see :func:`quantize_group`):
+    ``"none"`` (in the domain of ``W / c``), ``"col_scale"`` (``c**2``: the original domain), ``"input"`` (the
+    square of the input's norm weight, where the converter knows it) or ``"both"``."""
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -60,6 +80,15 @@ class QuantSpec:
             raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
         if not 0.0 <= self.max_outlier_fraction <= 1.0:
             raise ValueError(f"max_outlier_fraction must be in [0, 1], got {self.max_outlier_fraction}")
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"unknown normalize {self.normalize!r}; choose one of {list(NORMALIZE)}")
+        if self.zero_points and self.method == "adam":
+            raise ValueError("the paper's Adam optimiser is symmetric; zero points need method search or rtn")
+
+    @property
+    def format_version(self) -> int:
+        """1 for the paper's symmetric codes, 2 with zero points or column scales."""
+        return 2 if self.zero_points or self.normalize != "none" else 1
 
 
 @dataclass(frozen=True)
@@ -76,11 +105,13 @@ class QuantizedWeight:
     """One quantized linear weight in the canonical checkpoint layout.
 
     Attributes:
-        qweight: ``[N, K // pack_factor]`` int32 packed codes ``u = q + 2**(bits-1)``.
+        qweight: ``[N, K // pack_factor]`` int32 packed unsigned codes ``u``.
         scales: ``[N, K // G]`` float16 step sizes (``[N, 1]`` per channel).
         outliers: the sparse part, CSR over rows.
         bits, group_size: as in :class:`QuantSpec` (``group_size`` -1 = per channel).
         stats: reconstruction numbers, or None when not asked for.
+        zeros: ``[N, K // G]`` uint8 zero point per group, or None for symmetric codes (``z = 2**(bits-1)``).
+        col_scale: ``[K]`` float16 scale per input column, or None (1).
     """
 
     qweight: torch.Tensor
@@ -89,6 +120,8 @@ class QuantizedWeight:
     bits: int
     group_size: int
     stats: QuantStats | None = None
+    zeros: torch.Tensor | None = None
+    col_scale: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -98,13 +131,21 @@ class QuantizedWeight:
         """The same weight with every tensor on ``device``."""
         o = self.outliers
         csr = OutlierCSR(o.indptr.to(device), o.indices.to(device), o.values.to(device), o.shape)
-        return QuantizedWeight(self.qweight.to(device), self.scales.to(device), csr, self.bits, self.group_size,
-                               self.stats)  # fmt: skip
+        return replace(self, qweight=self.qweight.to(device), scales=self.scales.to(device), outliers=csr,
+                       zeros=None if self.zeros is None else self.zeros.to(device),
+                       col_scale=None if self.col_scale is None else self.col_scale.to(device))  # fmt: skip
+
+    def zero_points(self) -> torch.Tensor:
+        """``[N, K // G]`` uint8 zero points, the symmetric ``2**(bits-1)`` where the weight has none."""
+        if self.zeros is not None:
+            return self.zeros
+        return torch.full(self.scales.shape, code_offset(self.bits), dtype=torch.uint8, device=self.scales.device)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``[N, K]`` reconstruction ``W'`` in ``dtype``."""
         o = self.outliers
-        return dequantize(self.qweight, self.scales, o.indptr, o.indices, o.values, self.bits, self.group_size, dtype)
+        return dequantize(self.qweight, self.scales, o.indptr, o.indices, o.values, self.bits, self.group_size, dtype,
+                          zeros=self.zeros, col_scale=self.col_scale)  # fmt: skip
 
 
 def effective_group_size(k: int, group_size: int) -> int:
@@ -136,19 +177,35 @@ def resolve_group_size(in_dims: list[int] | set[int], group_size: int | str) -> 
     return g
 
 
+FLOAT16_MAX = 65504.0
+
+
 def quantize_weight(
-    w: torch.Tensor, spec: QuantSpec, device: torch.device | str | None = None, with_stats: bool = True
+    w: torch.Tensor,
+    spec: QuantSpec,
+    device: torch.device | str | None = None,
+    with_stats: bool = True,
+    col_scale: torch.Tensor | None = None,
+    col_weight: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Quantize one linear weight: outliers out, range optimised per group, codes packed.
 
     Args:
         w: ``[N, K]`` float16/bfloat16/float32, finite; ``K`` a multiple of the pack factor and of G.
-        spec: bits, group size (resolved), outlier criterion, range optimiser.
+        spec: bits, group size (resolved), outlier criterion, range optimiser, zero points.
         device: where to compute (default: ``w``'s device); results are returned on ``w``'s device.
         with_stats: also compute :class:`QuantStats` (two extra passes).
+        col_scale: ``[K]`` float16 column scale (format version 2, see :func:`quantize_group`): the dense
+            part quantizes ``W / c``; the outliers stay in the original domain.
+        col_weight: ``[K]`` non-negative weight of each column's squared error in the range search (asymmetric
+            codes), e.g. ``c**2`` so that the error counts in the original domain.
 
     Returns:
         The canonical layout (see :class:`QuantizedWeight`); deterministic for a given input and device.
+
+    Raises:
+        ValueError for a bad shape, or a weight beyond float16's range (its outliers and steps are stored
+        in float16, so it cannot be represented: keep such a layer unquantized).
     """
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"expected a 2-D float weight, got shape {tuple(w.shape)} dtype {w.dtype}")
@@ -157,8 +214,10 @@ def quantize_weight(
     g = effective_group_size(k, spec.group_size)
     if k % pf or k % g:
         raise ValueError(f"input dim {k} must be a multiple of {pf} (packing) and of group size {g}")
+    check_float16_range(w)
     out_device = w.device
     device = torch.device(device) if device is not None else w.device
+    c = None if col_scale is None else col_scale.to(device=device, dtype=torch.float32)
 
     rows, cols = select_outliers(w, spec.outlier_threshold, spec.max_outlier_fraction)
     csr = csr_from_coordinates(rows, cols, w[rows, cols], (n, k))
@@ -167,6 +226,7 @@ def quantize_weight(
 
     qweight = torch.empty(n, k // pf, dtype=torch.int32, device=out_device)
     scales = torch.empty(n, k // g, dtype=torch.float16, device=out_device)
+    zeros = torch.empty(n, k // g, dtype=torch.uint8, device=out_device) if spec.zero_points else None
     sq_err = sq_err_rtn = sq_norm = 0.0
     rows_per_block = max(1, _BLOCK_ELEMS // k)
     for r0 in range(0, n, rows_per_block):
@@ -175,27 +235,28 @@ def quantize_weight(
         normal = block.clone()
         sel = (outlier_rows >= r0) & (outlier_rows < r1)
         normal[outlier_rows[sel] - r0, outlier_cols[sel]] = 0.0
+        if c is not None:
+            normal /= c  # the dense part quantizes W / c; its zeros (the outliers) stay 0
         x = normal.view(-1, g)  # one line per group: (rows * K/G, G)
 
-        s = _solve(x, spec)
-        # The checkpoint stores float16 steps; choose the codes for the stored step, and keep the
-        # max-abs step wherever rounding to float16 made ours worse (never worse than RTN).
-        s16 = s.to(torch.float16).float()
-        s_rtn16 = rtn_scales(x, spec.bits).to(torch.float16).float()
-        loss = group_loss(x, s16, spec.bits)
-        loss_rtn = group_loss(x, s_rtn16, spec.bits)
-        use_rtn = loss_rtn < loss
-        s16 = torch.where(use_rtn, s_rtn16, s16)
-        loss = torch.where(use_rtn, loss_rtn, loss)
-
-        q = quantize_codes(x, s16, spec.bits)
-        u = (q + code_offset(spec.bits)).to(torch.uint8).view(r1 - r0, k)
-        qweight[r0:r1] = pack_codes(u, spec.bits).to(out_device)
+        wx = None if col_weight is None else col_weight.to(device=device, dtype=torch.float32).view(1, k // g, g)
+        wx = None if wx is None else wx.expand(r1 - r0, k // g, g).reshape(-1, g)
+        s16, z, loss = _steps_and_zeros(x, spec, wx)
+        u = quantize_codes_asym(x, s16, z, spec.bits) if spec.zero_points else \
+            quantize_codes(x, s16, spec.bits) + code_offset(spec.bits)  # fmt: skip
+        qweight[r0:r1] = pack_codes(u.to(torch.uint8).view(r1 - r0, k), spec.bits).to(out_device)
         scales[r0:r1] = s16.view(r1 - r0, k // g).to(torch.float16).to(out_device)
+        if zeros is not None:
+            zeros[r0:r1] = z.view(r1 - r0, k // g).to(torch.uint8).to(out_device)
 
         if with_stats:
             xb = block.view(-1, g)
-            sq_err += float(loss.sum())
+            if c is None:
+                sq_err += float(loss.sum())
+            else:  # the error in the original domain, where the column scale weighs each column
+                zq = z if spec.zero_points else torch.full_like(s16, code_offset(spec.bits))
+                dense = ((u - zq.unsqueeze(1)) * s16.unsqueeze(1)).view(r1 - r0, k) * c
+                sq_err += float((dense - normal * c).square().sum())
             sq_err_rtn += float(group_loss(xb, rtn_scales(xb, spec.bits).half().float(), spec.bits).sum())
             sq_norm += float(block.square().sum())
 
@@ -206,7 +267,90 @@ def quantize_weight(
             sq_err += float((csr.values.float().to(orig.device) - orig).square().sum())
         norm = math.sqrt(sq_norm) or 1.0
         stats = QuantStats(csr.nnz / (n * k), math.sqrt(sq_err) / norm, math.sqrt(sq_err_rtn) / norm)
-    return QuantizedWeight(qweight, scales, csr, spec.bits, spec.group_size, stats)
+    col16 = None if col_scale is None else col_scale.to(device=out_device, dtype=torch.float16)
+    return QuantizedWeight(qweight, scales, csr, spec.bits, spec.group_size, stats, zeros, col16)
+
+
+def check_float16_range(w: torch.Tensor) -> None:
+    """ValueError (naming the value and its position) if ``w`` holds a magnitude beyond float16's range."""
+    amax = float(w.abs().amax()) if w.numel() else 0.0
+    if amax > FLOAT16_MAX:
+        flat = int(w.abs().argmax())
+        raise ValueError(
+            f"a weight of magnitude {amax:.6g} (at [{flat // w.shape[1]}, {flat % w.shape[1]}]) is beyond float16's "
+            f"range ({FLOAT16_MAX:g}): EasyQuant stores outliers and steps in float16, so this layer cannot be "
+            "represented; leave it unquantized (--skip)"
+        )
+
+
+def _steps_and_zeros(
+    x: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float16-representable steps, zero points (``z`` meaningful with ``spec.zero_points``) and losses, ``[R]``.
+
+    The checkpoint stores float16 steps: the codes are chosen for the stored step, and wherever rounding
+    to float16 made ours worse than round-to-nearest's, RTN's range is kept (never worse than RTN).
+    """
+    if spec.zero_points:
+        if spec.method == "rtn":
+            s, z = rtn_asym(x, spec.bits)
+        else:
+            s, z = solve_search_asym(x, spec.bits, spec.search, weight)
+        s16 = s.to(torch.float16).float()
+        s_rtn, z_rtn = rtn_asym(x, spec.bits)
+        s_rtn16 = s_rtn.to(torch.float16).float()
+        loss = group_loss_asym(x, s16, z, spec.bits, weight, spec.search.power)
+        loss_rtn = group_loss_asym(x, s_rtn16, z_rtn, spec.bits, weight, spec.search.power)
+        use_rtn = loss_rtn < loss
+        return torch.where(use_rtn, s_rtn16, s16), torch.where(use_rtn, z_rtn, z), torch.where(use_rtn, loss_rtn, loss)
+    s16 = _solve(x, spec).to(torch.float16).float()
+    s_rtn16 = rtn_scales(x, spec.bits).to(torch.float16).float()
+    loss = group_loss(x, s16, spec.bits)
+    loss_rtn = group_loss(x, s_rtn16, spec.bits)
+    use_rtn = loss_rtn < loss
+    return torch.where(use_rtn, s_rtn16, s16), torch.zeros_like(s16), torch.where(use_rtn, loss_rtn, loss)
+
+
+def quantize_group(
+    ws: Sequence[torch.Tensor],
+    spec: QuantSpec,
+    device: torch.device | str | None = None,
+    with_stats: bool = True,
+    input_scale: torch.Tensor | None = None,
+) -> list[QuantizedWeight]:
+    """Quantize the weights of layers that read one input (q/k/v, gate/up) together.
+
+    With ``spec.normalize == "sinkhorn"`` they share one column scale, balanced over all their rows (vLLM
+    runs them as one fused GEMM with one input); otherwise each is :func:`quantize_weight` on its own.
+    Outliers are chosen per weight, and removed before the column scale is computed. ``input_scale``
+    (``[K]``, data-free: e.g. the weight of the RMSNorm that feeds these layers) weighs each column's error by
+    its square in the range search, as an activation of that scale would.
+    """
+    col_scale = None
+    if spec.normalize == "sinkhorn":
+        k = ws[0].shape[1]
+        if any(w.dim() != 2 or w.shape[1] != k for w in ws):
+            raise ValueError(f"weights sharing an input need one input dim, got {[tuple(w.shape) for w in ws]}")
+        for w in ws:
+            check_float16_range(w)
+        normals = []
+        for w in ws:
+            r, c = select_outliers(w, spec.outlier_threshold, spec.max_outlier_fraction)
+            x = w.to(device=device or w.device, dtype=torch.float32).clone()
+            x[r.to(x.device), c.to(x.device)] = 0.0
+            normals.append(x)
+        g = effective_group_size(k, spec.group_size)
+        scale = sinkhorn_column_scale(torch.cat(normals), g, spec.sinkhorn_iters)
+        col_scale = scale.clamp(2.0**-14, FLOAT16_MAX).to(torch.float16)  # stored as float16: use that value
+        del normals
+    col_weight = None
+    if spec.zero_points and spec.weighting != "none":
+        col_weight = torch.ones(ws[0].shape[1], dtype=torch.float32)
+        if col_scale is not None and spec.weighting in ("col_scale", "both"):
+            col_weight = col_weight * col_scale.float().square()
+        if input_scale is not None and spec.weighting in ("input", "both"):
+            col_weight = col_weight * input_scale.float().square()
+    return [quantize_weight(w, spec, device, with_stats, col_scale, col_weight) for w in ws]
 
 
 def _solve(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -217,18 +361,29 @@ def _solve(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return rtn_scales(x, spec.bits)
 
 
-def dequantize_dense(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """Dense part only: ``[N, K]`` float32 ``s[n, k // G] * (u[n, k] - 2**(bits-1))``.
+def dequantize_dense(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    zeros: torch.Tensor | None = None,
+    col_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense part only: ``[N, K]`` float32 ``c[k] * (s[n, k // G] * (u[n, k] - z[n, k // G]))``.
 
     Args:
         qweight: ``[N, K // pack_factor]`` int32.
         scales: ``[N, K // G]`` float16 (any float dtype accepted).
+        zeros: ``[N, K // G]`` zero points (any integer dtype), or None for ``z = 2**(bits-1)``.
+        col_scale: ``[K]`` column scale (float16), or None.
     """
     u = unpack_codes(qweight, bits)
     n, k = u.shape
     g = effective_group_size(k, group_size)
-    q = u.to(torch.float32) - code_offset(bits)
-    return (q.view(n, k // g, g) * scales.float().unsqueeze(-1)).view(n, k)
+    z = code_offset(bits) if zeros is None else zeros.to(torch.float32).unsqueeze(-1)
+    q = u.to(torch.float32).view(n, k // g, g) - z  # small integers: exact
+    w = (q * scales.float().unsqueeze(-1)).view(n, k)  # step x code: exact in float32
+    return w if col_scale is None else w * col_scale.float()
 
 
 def dequantize(
@@ -240,13 +395,16 @@ def dequantize(
     bits: int,
     group_size: int,
     dtype: torch.dtype = torch.float32,
+    zeros: torch.Tensor | None = None,
+    col_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The reference reconstruction ``W' = dequant(q, s) + S``, ``[N, K]`` in ``dtype``.
+    """The reference reconstruction ``W' = dense + S`` (docs/format.md), ``[N, K]`` in ``dtype``.
 
-    Arithmetic is float32 (float16 step x integer code, plus the float16 outlier value); the result
-    is rounded to ``dtype`` once at the end. Kernels are tested against this function.
+    Arithmetic is float32 (float16 step x integer code, exact; times the float16 column scale, one
+    rounding; plus the float16 outlier value); the result is rounded to ``dtype`` once at the end. Kernels
+    are tested against this function.
     """
-    w = dequantize_dense(qweight, scales, bits, group_size)
+    w = dequantize_dense(qweight, scales, bits, group_size, zeros, col_scale)
     if outlier_indices.numel():
         rows = rows_from_indptr(outlier_indptr)
         w.index_put_((rows, outlier_indices.long()), outlier_values.float(), accumulate=True)
@@ -257,16 +415,19 @@ __all__ = [
     "AUTO_GROUP_SIZES",
     "DEFAULT_METHOD",
     "METHODS",
+    "NORMALIZE",
     "SUPPORTED_GROUP_SIZES",
     "AdamParams",
     "QuantSpec",
     "QuantStats",
     "QuantizedWeight",
     "SearchParams",
+    "check_float16_range",
     "code_range",
     "dequantize",
     "dequantize_dense",
     "effective_group_size",
+    "quantize_group",
     "quantize_weight",
     "resolve_group_size",
 ]

@@ -81,6 +81,9 @@ class SearchParams:
     grid_min: float = 0.5
     grid_points: int = 11
     lsq_iters: int = 4
+    power: float = 2.0
+    """Exponent of the error in the loss (asymmetric codes only): 2 is least squares; 4 punishes the few large
+    errors that clipping makes more than the many small ones (the least-squares steps then do not apply)."""
 
 
 def solve_adam(x: torch.Tensor, bits: int, params: AdamParams = AdamParams()) -> torch.Tensor:
@@ -115,7 +118,7 @@ def solve_search(x: torch.Tensor, bits: int, params: SearchParams = SearchParams
     best_s = s_rtn
     best_loss = group_loss(x, s_rtn, bits)
     if params.grid_points > 1:
-        for ratio in torch.linspace(params.grid_min, 1.0, params.grid_points)[:-1].tolist():
+        for ratio in torch.linspace(params.grid_min, 1.0, params.grid_points, dtype=torch.float64)[:-1].tolist():
             s = s_rtn * ratio
             loss = group_loss(x, s, bits)
             better = loss < best_loss
@@ -131,3 +134,79 @@ def solve_search(x: torch.Tensor, bits: int, params: SearchParams = SearchParams
         best_loss = torch.where(better, loss, best_loss)
         best_s = torch.where(better, s, best_s)
     return best_s
+
+
+# --- asymmetric codes (format version 2): u in [0, 2**bits - 1], q = u - z with an integer zero z per group ---
+
+
+def quantize_codes_asym(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes ``clamp(round(x / s) + z, 0, 2**bits - 1)`` as float32, ``[R, G]``; ``s``, ``z`` ``[R]``.
+
+    A group with ``s == 0`` gets ``u = z`` everywhere (dequantizes to 0).
+    """
+    top = (1 << bits) - 1
+    s_safe = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(1)
+    u = torch.round(x / s_safe).add_(z.unsqueeze(1)).clamp_(0, top)
+    return torch.where((s > 0).unsqueeze(1), u, z.unsqueeze(1).expand_as(u))
+
+
+def group_loss_asym(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int,
+                    weight: torch.Tensor | None = None, power: float = 2.0) -> torch.Tensor:  # fmt: skip
+    """``[R]`` error of each group at steps ``s`` and zeros ``z`` (both ``[R]``): ``sum |e|**power`` (2: the
+    squared error); with ``weight`` (``[R, G]`` or broadcastable) each element's error counts ``weight`` times."""
+    u = quantize_codes_asym(x, s, z, bits)
+    err = u.sub_(z.unsqueeze(1)).mul_(s.unsqueeze(1)).sub_(x).square_()
+    if power == 4.0:
+        err.square_()
+    elif power != 2.0:
+        err.pow_(power / 2)
+    return (err if weight is None else err.mul_(weight)).sum(1)
+
+
+def rtn_asym(x: torch.Tensor, bits: int, ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max range shrunk by ``ratio`` toward 0: ``s = ratio * (max - min) / (2**bits - 1)``,
+    ``z = clamp(round(-ratio * min / s))``. The range always holds 0 (a zeroed outlier's exact code)."""
+    top = (1 << bits) - 1
+    lo = x.amin(1).clamp_max(0.0) * ratio
+    hi = x.amax(1).clamp_min(0.0) * ratio
+    s = (hi - lo) / top
+    z = torch.where(s > 0, torch.round(-lo / torch.where(s > 0, s, torch.ones_like(s))), torch.zeros_like(s))
+    return s, z.clamp_(0, top)
+
+
+def solve_search_asym(
+    x: torch.Tensor, bits: int, params: SearchParams = SearchParams(), weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our search for asymmetric codes: clipping ratios, then least squares. ``x [R, G]`` -> ``(s, z)`` ``[R]``.
+
+    Step 1 tries the min-max range shrunk by ``grid_points`` ratios in ``[grid_min, 1]`` (RTN at 1) and keeps
+    each group's best by ``sum |e|**power``. Step 2 (only for ``power == 2``) alternates ``lsq_iters`` times:
+    codes for the current ``(s, z)``, the closed-form step for those codes and zero,
+    ``s = sum(w x q) / sum(w q q)`` with ``q = u - z``, and the best of ``z - 1, z, z + 1`` at that step. Every
+    candidate is kept only where it lowers the loss, weighted by ``weight`` (``[R, G]``) where given.
+    """
+    top = (1 << bits) - 1
+    power = params.power
+    best_s, best_z = rtn_asym(x, bits)
+    best_loss = group_loss_asym(x, best_s, best_z, bits, weight, power)
+
+    def consider(s: torch.Tensor, z: torch.Tensor) -> None:
+        nonlocal best_s, best_z, best_loss
+        loss = group_loss_asym(x, s, z, bits, weight, power)
+        better = loss < best_loss
+        best_loss = torch.where(better, loss, best_loss)
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+
+    if params.grid_points > 1:
+        for ratio in torch.linspace(params.grid_min, 1.0, params.grid_points, dtype=torch.float64)[:-1].tolist():
+            consider(*rtn_asym(x, bits, ratio))
+    for _ in range(params.lsq_iters if power == 2.0 else 0):
+        q = quantize_codes_asym(x, best_s, best_z, bits) - best_z.unsqueeze(1)
+        wq = q if weight is None else q * weight
+        den = (wq * q).sum(1)
+        s = torch.where(den > 0, (wq * x).sum(1) / den.clamp_min(1e-30), best_s)
+        z0 = best_z
+        for dz in (0.0, -1.0, 1.0):
+            consider(s, (z0 + dz).clamp(0, top))
+    return best_s, best_z
