@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from easyquant_vllm.format import CheckpointError, validate_checkpoint
-from easyquant_vllm.quant import METHODS, SUPPORTED_BITS
+from easyquant_vllm.quant import METHODS, NORMALIZE, SUPPORTED_BITS
 
 from .convert import (
     DEFAULT_SKIP_PATTERNS,
@@ -23,8 +23,12 @@ from .convert import (
 DESCRIPTION = """\
 Convert a Hugging Face model directory (safetensors) into an EasyQuant checkpoint: data-free
 weight-only quantization. For every linear weight inside the decoder blocks, the few n-sigma
-outliers are kept in float16 (CSR) and the rest is quantized to int4 (or int8) per group with a
-step size optimised to minimise ||W - Q(W)||^2. No calibration data is used.
+outliers are kept in float16 (CSR) and the rest is quantized to int4 (or int8) per group with an
+optimised range. No calibration data is used.
+
+Format version 2 (default) adds a zero point per group and a scale per input column that balances
+the spread of rows and columns (Sinkhorn-style, as SINQ) before quantizing; --format-version 1 is
+the paper's symmetric method. Every default was chosen by perplexity on real models (docs/results.md).
 
 Embeddings, lm_head, norms and biases are copied unchanged. The output is written to a temporary
 directory next to DST and renamed into place only when everything succeeded. Serve it with
@@ -68,17 +72,32 @@ def build_parser() -> argparse.ArgumentParser:
         "of 128/64/32 that divides every quantized input dim (default %(default)s); config.json records the number",
     )  # fmt: skip
     p.add_argument(
+        "--format-version", type=int, choices=(1, 2), default=d.format_version,
+        help="2 (default): zero points + column scales, 0.25 %% outliers; 1: symmetric codes, 1 %% outliers, as "
+        "the paper. The options below override a version's defaults",
+    )  # fmt: skip
+    p.add_argument(
+        "--zero-points", action=argparse.BooleanOptionalAction, default=None,
+        help="asymmetric codes with a zero point per group (version 2; default: on)",
+    )  # fmt: skip
+    p.add_argument(
+        "--normalize", choices=NORMALIZE, default=None,
+        help="column scales before quantizing: sinkhorn (version 2 default) or none",
+    )  # fmt: skip
+    p.add_argument(
         "--outlier-threshold", type=float, default=d.outlier_threshold, metavar="N",
         help="keep |w - mean| >= N * std in float16 (per tensor; default %(default)s, 0 disables)",
     )  # fmt: skip
     p.add_argument(
-        "--max-outlier-fraction", type=float, default=d.max_outlier_fraction, metavar="F",
-        help="cap on the outlier fraction per tensor; the largest deviations win (default %(default)s)",
+        "--max-outlier-fraction", type=float, default=None, metavar="F",
+        help="cap on the outlier fraction per tensor; the largest deviations win (default: 0.0025 for version 2, "
+        "0.01 for version 1)",
     )  # fmt: skip
     p.add_argument(
         "--method", choices=METHODS, default=d.method,
-        help="range optimiser: search (clip-ratio search + alternating least squares; fastest and most "
-        "accurate, default), adam (the paper's: Adam on Eq. 2), rtn (max-abs, no optimisation)",
+        help="range optimiser: search (default; version 2: the clip ratio among 0.9/0.95/1.0 of min-max with the "
+        "least 4th-power error; version 1: clip-ratio search + alternating least squares), adam (the paper's: "
+        "Adam on Eq. 2, symmetric only), rtn (min-max / max-abs, no optimisation)",
     )  # fmt: skip
     p.add_argument(
         "--adam-lr", type=float, default=d.adam_lr, help="with --method adam (paper: 1e-4 LLaMA, 1e-3 BLOOM)"
@@ -118,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     opts = ConvertOptions(
         bits=args.bits,
         group_size=args.group_size,
+        format_version=args.format_version,
+        zero_points=args.zero_points,
+        normalize=args.normalize,
         outlier_threshold=args.outlier_threshold,
         max_outlier_fraction=args.max_outlier_fraction,
         method=args.method,

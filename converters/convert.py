@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from easyquant_vllm.format import (
     CONFIG_FILE,
+    FUSED_SIBLINGS,
     QWEIGHT,
     REPORT_FILE,
     SAFETENSORS_INDEX_FILE,
@@ -29,13 +30,15 @@ from easyquant_vllm.format import (
     layer_tensors,
 )
 from easyquant_vllm.quant import (
+    NORMALIZE,
     AdamParams,
     QuantSpec,
     SearchParams,
     check_bits,
+    check_float16_range,
     count_nonfinite,
     pack_factor,
-    quantize_weight,
+    quantize_group,
     resolve_group_size,
 )
 from easyquant_vllm.safetensors_io import PICKLE_SUFFIXES, ShardedSafetensorsWriter, open_checkpoint
@@ -49,8 +52,20 @@ DEFAULT_SKIP_PATTERNS = (r"norm", r"\.gate\.weight$", r"\.experts\.")
 """Never quantized by default: norms, MoE routers and MoE experts (the vLLM plugin serves dense
 linear layers only)."""
 
-# Linear layers that vLLM loads into one fused module: all of a group or none must be quantized.
-FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+JOINT_COLUMN_SCALE = (("gate_proj", "up_proj"),)
+"""Layers normalised together (one column scale, from their stacked rows; format version 2). gate/up read one
+input and run as one fused GEMM. q/k/v also read one input, but one scale for the three cost 0.5 perplexity on
+SmolLM2 (docs/results.md): each gets its own, and the vLLM loader runs each with its own scaled input."""
+
+VERSION_DEFAULTS: dict[int, dict[str, Any]] = {
+    # The paper's method as version 1 had it: symmetric codes, 1 % outliers, least-squares range search.
+    1: {"zero_points": False, "normalize": "none", "max_outlier_fraction": 0.01,
+        "search": SearchParams()},
+    # Measured best on SmolLM2 and Gemma-3 (docs/results.md): zero points, Sinkhorn column scales, 0.25 %
+    # outliers, and a range chosen by the 4th power of the error among 0.9 / 0.95 / 1.0 of min-max.
+    2: {"zero_points": True, "normalize": "sinkhorn", "max_outlier_fraction": 0.0025,
+        "search": SearchParams(grid_min=0.9, grid_points=3, lsq_iters=0, power=4.0)},
+}  # fmt: skip
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".h5", ".msgpack", *PICKLE_SUFFIXES)
 
@@ -61,12 +76,19 @@ class ConversionError(ValueError):
 
 @dataclass
 class ConvertOptions:
-    """Everything that decides the output; recorded in ``easyquant_report.json``."""
+    """Everything that decides the output; recorded in ``easyquant_report.json``.
+
+    ``format_version`` picks the method's defaults (:data:`VERSION_DEFAULTS`); ``zero_points``,
+    ``normalize`` and ``max_outlier_fraction`` left at None take them.
+    """
 
     bits: int = 4
     group_size: int | str = "auto"
+    format_version: int = 2
+    zero_points: bool | None = None
+    normalize: str | None = None
     outlier_threshold: float = 3.0
-    max_outlier_fraction: float = 0.01
+    max_outlier_fraction: float | None = None
     method: str = "search"
     adam_lr: float = AdamParams.lr
     adam_steps: int = AdamParams.steps
@@ -134,16 +156,35 @@ def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions) -> Plan:
         g = opts.group_size
         bad = [n for k, n in in_dims.items() if isinstance(g, int) and g > 0 and k % g]
         raise ConversionError(f"{e} (e.g. tensor {(bad or list(in_dims.values()))[0]})") from None
-    spec = QuantSpec(
-        bits=opts.bits,
-        group_size=group_size,
-        outlier_threshold=opts.outlier_threshold,
-        max_outlier_fraction=opts.max_outlier_fraction,
-        method=opts.method,
-        adam=AdamParams(lr=opts.adam_lr, steps=opts.adam_steps),
-        search=SearchParams(),
-    )
-    return Plan(names, quantize, not_converted, spec)
+    return Plan(names, quantize, not_converted, resolve_spec(opts, group_size))
+
+
+def resolve_spec(opts: ConvertOptions, group_size: int) -> QuantSpec:
+    """The :class:`QuantSpec` of ``opts``: explicit values, the rest from the format version's defaults."""
+    if opts.format_version not in VERSION_DEFAULTS:
+        raise ConversionError(f"format version {opts.format_version} is not one this converter writes: 1 or 2")
+    d = VERSION_DEFAULTS[opts.format_version]
+    zero_points = d["zero_points"] if opts.zero_points is None else opts.zero_points
+    normalize = d["normalize"] if opts.normalize is None else opts.normalize
+    if opts.format_version == 1 and (zero_points or normalize != "none"):
+        raise ConversionError("zero points and column scales need format version 2 (--format-version 2)")
+    if normalize not in NORMALIZE:
+        raise ConversionError(f"--normalize {normalize}: choose one of {list(NORMALIZE)}")
+    try:
+        return QuantSpec(
+            bits=opts.bits,
+            group_size=group_size,
+            outlier_threshold=opts.outlier_threshold,
+            max_outlier_fraction=d["max_outlier_fraction"] if opts.max_outlier_fraction is None
+            else opts.max_outlier_fraction,
+            method=opts.method,
+            adam=AdamParams(lr=opts.adam_lr, steps=opts.adam_steps),
+            search=d["search"],
+            zero_points=zero_points,
+            normalize=normalize,
+        )  # fmt: skip
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
 def _check_fused_groups(quantized: set[str], kept: set[str]) -> None:
@@ -160,11 +201,32 @@ def _check_fused_groups(quantized: set[str], kept: set[str]) -> None:
 
 
 def method_params(spec: QuantSpec) -> dict[str, Any]:
+    extra = {"normalize": spec.normalize, "sinkhorn_iters": spec.sinkhorn_iters} if spec.normalize != "none" else {}
     if spec.method == "adam":
         return asdict(spec.adam)
     if spec.method == "search":
-        return asdict(spec.search)
-    return {}
+        return {**asdict(spec.search), **extra}
+    return extra
+
+
+def work_items(plan: Plan) -> list[list[str]]:
+    """The quantized tensors in file order, grouped where they share a column scale (:data:`JOINT_COLUMN_SCALE`):
+    each group is quantized (and loaded) together, when its first member comes up."""
+    quantize = set(plan.quantize)
+    items, done = [], set()
+    for name in plan.names:
+        if name not in quantize or name in done:
+            continue
+        group = [name]
+        if plan.spec.normalize != "none":
+            module = _module_of(name)
+            parent, _, leaf = module.rpartition(".")
+            family = next((f for f in JOINT_COLUMN_SCALE if leaf in f), None)
+            if family is not None:
+                group = [f"{parent}.{m}.weight" for m in family if f"{parent}.{m}.weight" in quantize]
+        items.append(group)
+        done.update(group)
+    return items
 
 
 def convert(
@@ -239,50 +301,69 @@ def _write(
 ) -> dict[str, Any]:
     writer = ShardedSafetensorsWriter(out, opts.max_shard_bytes)
     to_quantize = set(plan.quantize)
+    groups = {group[0]: group for group in work_items(plan)}
+    spec = plan.spec
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     for name in tqdm(plan.names, desc="easyquant", unit="tensor", disable=not progress, leave=False):
         if on_tensor is not None:
             on_tensor(name)
-        t = ckpt.get(name)
-        if t.is_floating_point():
-            bad = count_nonfinite(t)
-            if bad:
-                raise ConversionError(f"{name} in {ckpt.file_of(name).name}: {bad} NaN/Inf value(s)")
+        if name in to_quantize and name not in groups:
+            continue  # quantized with its group (a joint column scale), when the group's first member came up
+        members = groups.get(name, [name])
+        tensors = [ckpt.get(m) for m in members]
+        for m, t in zip(members, tensors, strict=True):
+            if t.is_floating_point():
+                bad = count_nonfinite(t)
+                if bad:
+                    raise ConversionError(f"{m} in {ckpt.file_of(m).name}: {bad} NaN/Inf value(s)")
+            if m in to_quantize:
+                try:
+                    check_float16_range(t)
+                except ValueError as e:
+                    raise ConversionError(f"{m} in {ckpt.file_of(m).name}: {e}") from None
         if name not in to_quantize:
-            writer.add(name, t)
+            writer.add(name, tensors[0])
             continue
         t0 = time.perf_counter()
-        qw = quantize_weight(t, plan.spec, device=opts.device)
-        seconds = time.perf_counter() - t0
-        for full, tensor in layer_tensors(_module_of(name), qw).items():
-            writer.add(full, tensor)
-        n, k = t.shape
-        assert qw.stats is not None
-        rows.append({
-            "name": _module_of(name),
-            "shape": [n, k],
-            "outlier_fraction": qw.stats.outlier_fraction,
-            "rel_err_rtn": qw.stats.rel_err_rtn,
-            "rel_err": qw.stats.rel_err,
-            "bits_per_weight": bits_per_weight(n, k, plan.spec.bits, plan.spec.group_size, qw.outliers.nnz),
-            "seconds": seconds,
-        })  # fmt: skip
-        log.debug("%s [%d, %d] %s -> outliers %.3f%%, rel err %.4f (RTN %.4f)", name, n, k, t.dtype,
-                  100 * qw.stats.outlier_fraction, qw.stats.rel_err, qw.stats.rel_err_rtn)  # fmt: skip
-        del t, qw
+        try:
+            qws = quantize_group(tensors, spec, device=opts.device)
+        except ValueError as e:
+            raise ConversionError(f"{name} in {ckpt.file_of(name).name}: {e}") from None
+        seconds = (time.perf_counter() - t0) / len(members)
+        for m, t, qw in zip(members, tensors, qws, strict=True):
+            for full, tensor in layer_tensors(_module_of(m), qw).items():
+                writer.add(full, tensor)
+            n, k = t.shape
+            assert qw.stats is not None
+            rows.append({
+                "name": _module_of(m),
+                "shape": [n, k],
+                "outlier_fraction": qw.stats.outlier_fraction,
+                "rel_err_rtn": qw.stats.rel_err_rtn,
+                "rel_err": qw.stats.rel_err,
+                "bits_per_weight": bits_per_weight(n, k, spec.bits, spec.group_size, qw.outliers.nnz,
+                                                   spec.zero_points, spec.normalize != "none"),
+                "seconds": seconds,
+            })  # fmt: skip
+            log.debug("%s [%d, %d] %s -> outliers %.3f%%, rel err %.4f (RTN %.4f)", m, n, k, t.dtype,
+                      100 * qw.stats.outlier_fraction, qw.stats.rel_err, qw.stats.rel_err_rtn)  # fmt: skip
+        del tensors, qws
         _release_freed_memory()
     writer.close()
     total_seconds = time.perf_counter() - start
 
     qcfg = EasyQuantCheckpointConfig(
-        bits=plan.spec.bits,
-        group_size=plan.spec.group_size,
-        outlier_threshold=plan.spec.outlier_threshold,
-        max_outlier_fraction=plan.spec.max_outlier_fraction,
-        method=plan.spec.method,
-        method_params=method_params(plan.spec),
+        bits=spec.bits,
+        group_size=spec.group_size,
+        outlier_threshold=spec.outlier_threshold,
+        max_outlier_fraction=spec.max_outlier_fraction,
+        method=spec.method,
+        method_params=method_params(spec),
         modules_to_not_convert=plan.not_converted,
+        format_version=spec.format_version,
+        zero_points=spec.zero_points,
+        column_scale=spec.normalize != "none",
     )
     (out / CONFIG_FILE).write_text(json.dumps({**config, "quantization_config": qcfg.to_dict()}, indent=2) + "\n")
     _copy_side_files(src, out)
@@ -392,8 +473,11 @@ def summary_table(report: dict[str, Any]) -> str:
     t = report["totals"]
     qc = report["quantization_config"]
     rate = t["params_per_second"]
+    extras = [name for key, name in (("zero_points", "zero points"), ("column_scale", "column scales")) if qc.get(key)]
     lines.append(
-        f"{qc['bits']}-bit, group {qc['group_size']}, method {qc['method']}, {t['bits_per_weight']:.3f} bits/weight; "
+        f"format v{qc['format_version']}, {qc['bits']}-bit, group {qc['group_size']}"
+        + "".join(f", {e}" for e in extras)
+        + f", method {qc['method']}, {t['bits_per_weight']:.3f} bits/weight; "
         f"quantized in {t['quantize_seconds']:.1f} s ({(rate or 0) / 1e6:.1f} M params/s), "
         f"total {t['total_seconds']:.1f} s"
     )

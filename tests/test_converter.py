@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from converters.cli import main as cli_main
 from converters.cli import validate_main
 from converters.convert import ConversionError, ConvertOptions, convert
-from easyquant_vllm.format import read_quantization_config, validate_checkpoint
+from easyquant_vllm.format import quantized_weight_from_tensors, read_quantization_config, validate_checkpoint
 from easyquant_vllm.safetensors_io import open_checkpoint
 from tests.conftest import heavy_tailed
 
@@ -60,14 +60,13 @@ def test_convert_weights_close_and_passthrough_identical(converted: tuple[Path, 
     for name, w in src.items():
         module = name.removesuffix(".weight")
         if module in errs:
-            parts = [out[f"{module}.{s}"] for s in ("qweight", "scales", "outlier_indptr", "outlier_indices",
-                                                     "outlier_values")]  # fmt: skip
-            from easyquant_vllm.quant import dequantize
-
-            w_hat = dequantize(*parts, bits=qc.bits, group_size=qc.group_size)
+            qw = quantized_weight_from_tensors(module, out, qc.bits, qc.group_size, qc.zero_points, qc.column_scale)
+            w_hat = qw.dequantize()
             rel = float((w_hat - w).norm() / w.norm())
             assert rel == pytest.approx(errs[module]["rel_err"], rel=1e-4)
-            assert rel < 0.6 * errs[module]["rel_err_rtn"] and rel < 0.11
+            # The default range (format version 2) minimises the 4th power of the error, not its square (better
+            # perplexity, docs/results.md): measured 0.64 of RTN's squared-error norm at most here.
+            assert rel < 0.7 * errs[module]["rel_err_rtn"] and rel < 0.12
         else:  # embeddings, lm_head, norms: byte-identical
             assert out[name].dtype == w.dtype and torch.equal(out[name], w), name
     assert not any(n.endswith(".weight") and n.removesuffix(".weight") in errs for n in out)
@@ -284,3 +283,38 @@ def test_reader_nbytes_matches_loaded_tensors(converted: tuple[Path, dict]) -> N
         for name in ckpt.names():
             t = ckpt.get(name)
             assert ckpt.nbytes(name) == t.numel() * t.element_size(), name
+
+
+def test_convert_v2_column_scales_joint_for_gate_up_own_for_qkv(converted: tuple[Path, dict]) -> None:
+    dst, _ = converted
+    qc = read_quantization_config(dst)
+    assert (qc.format_version, qc.zero_points, qc.column_scale) == (2, True, True)
+    out = _all_tensors(dst)
+    p = "model.layers.0"
+    assert torch.equal(out[f"{p}.mlp.gate_proj.col_scale"], out[f"{p}.mlp.up_proj.col_scale"])
+    assert not torch.equal(out[f"{p}.self_attn.q_proj.col_scale"], out[f"{p}.self_attn.k_proj.col_scale"])
+    assert out[f"{p}.self_attn.q_proj.qzeros"].dtype == torch.uint8
+
+
+def test_convert_format_version_1_is_the_symmetric_method(tiny_llama: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "v1"
+    convert(tiny_llama, dst, ConvertOptions(format_version=1), progress=False)
+    qc = read_quantization_config(dst)
+    assert (qc.format_version, qc.zero_points, qc.column_scale, qc.max_outlier_fraction) == (1, False, False, 0.01)
+    assert not any(n.endswith((".qzeros", ".col_scale")) for n in _all_tensors(dst))
+    with pytest.raises(ConversionError, match="zero points and column scales need format version 2"):
+        convert(tiny_llama, tmp_path / "bad", ConvertOptions(format_version=1, zero_points=True), progress=False)
+
+
+def test_convert_refuses_a_weight_beyond_float16_range(tiny_llama: Path, tmp_path: Path) -> None:
+    # Legal in bf16/fp32 checkpoints, but outliers and steps are stored in float16: a clear error, no output.
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    tensors = _all_tensors(src)
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name][3, 7] = 1e5
+    save_file(tensors, str(src / "model.safetensors"))
+    with pytest.raises(ConversionError, match=rf"{name} in model.safetensors: a weight of magnitude 100000 "
+                       r"\(at \[3, 7\]\) is beyond float16's range \(65504\).*--skip"):  # fmt: skip
+        convert(src, tmp_path / "eq", progress=False)
+    assert not (tmp_path / "eq").exists()
