@@ -25,13 +25,14 @@ from vllm.model_executor.layers.linear import LinearMethodBase, QKVParallelLinea
 from vllm.model_executor.utils import set_weight_attrs
 
 from .format import (
+    COL_SCALE,
     OUTLIER_INDICES,
     OUTLIER_INDPTR,
     OUTLIER_VALUES,
     QWEIGHT,
+    QZEROS,
     SCALES,
     TENSOR_DTYPES,
-    TENSOR_SUFFIXES,
     CheckpointError,
     quantized_weight_from_tensors,
     tensor_name,
@@ -68,9 +69,26 @@ class LayerState:
     k_part: int
     col_start: int  # first input column this rank takes (row-parallel layers)
     act_dtype: torch.dtype
+    device_type: str = "cpu"
     pending: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-    kernel: Any = None
-    tensor_names: tuple[str, ...] = ()
+    runs: list[KernelRun] = field(default_factory=list)
+
+    @property
+    def kernel(self) -> Any:
+        """The layer's kernel (the first run's; None before loading)."""
+        return self.runs[0].kernel if self.runs else None
+
+
+@dataclass
+class KernelRun:
+    """One kernel call of a layer: its rows ``[row_start, row_start + rows)`` of the layer's output. A fused
+    layer whose shards carry different column scales runs one call per run of shards that share one."""
+
+    kernel: Any
+    tensor_names: tuple[str, ...]
+    row_start: int
+    rows: int
+    buffer_prefix: str
 
 
 def plan_shards(
@@ -105,6 +123,7 @@ class EasyQuantLinearMethod(LinearMethodBase):
         self.prefix = prefix
         self.bits = config.checkpoint.bits
         self.group_size = config.checkpoint.group_size
+        self.suffixes = config.checkpoint.layer_suffixes()
 
     # Layout contract of the declared parameters (canonical, per rank partition [N_part, K_part]):
     #   qweight          int32   [N_part, K_part / pack_factor]   packed along K
@@ -112,6 +131,8 @@ class EasyQuantLinearMethod(LinearMethodBase):
     #   outlier_indptr   int32   [0] placeholder; the CSR arrays are assembled at load
     #   outlier_indices  int32   [0] placeholder
     #   outlier_values   float16 [0] placeholder
+    #   qzeros           uint8   [0] placeholder (format version 2 with zero_points)
+    #   col_scale        float16 [0] placeholder (format version 2 with column_scale)
     def create_weights(
         self,
         layer: torch.nn.Module,
@@ -150,17 +171,21 @@ class EasyQuantLinearMethod(LinearMethodBase):
             OUTLIER_INDPTR: (0,),
             OUTLIER_INDICES: (0,),
             OUTLIER_VALUES: (0,),
+            QZEROS: (0,),
+            COL_SCALE: (0,),
         }
-        for suffix, shape in shapes.items():
+        for suffix in self.suffixes:
+            shape = shapes[suffix]
             param = Parameter(torch.empty(shape, dtype=TENSOR_DTYPES[suffix]), requires_grad=False)
             set_weight_attrs(param, {"weight_loader": _Loader(state, suffix)})
             layer.register_parameter(suffix, param)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         state: LayerState = layer.easyquant
-        if state.kernel is not None:  # already processed (vLLM may call this more than once)
+        if state.runs:  # already processed (vLLM may call this more than once)
             return
         device = layer.qweight.device
+        state.device_type = device.type
         parts = []
         if _WHOLE in state.pending:
             if len(state.shards) > 1 and state.shards[0].full_rows != state.shards[0].rows:
@@ -172,14 +197,16 @@ class EasyQuantLinearMethod(LinearMethodBase):
             plans = [(whole, state.pending.pop(_WHOLE))]
         else:
             plans = [(plan, state.pending.pop(i, {})) for i, plan in enumerate(state.shards)]
+        ckpt = self.config.checkpoint
         for plan, tensors in plans:
-            missing = [s for s in TENSOR_SUFFIXES if s not in tensors]
+            missing = [s for s in self.suffixes if s not in tensors]
             if missing:
                 raise CheckpointError(
                     f"EasyQuant layer {state.prefix}: checkpoint has no {[tensor_name(plan.name, s) for s in missing]}"
                 )
             named = {tensor_name(plan.name, s): t.to("cpu") for s, t in tensors.items()}
-            qw = quantized_weight_from_tensors(plan.name, named, self.bits, self.group_size)
+            qw = quantized_weight_from_tensors(plan.name, named, self.bits, self.group_size, ckpt.zero_points,
+                                               ckpt.column_scale)  # fmt: skip
             n, k = qw.shape
             if n != plan.full_rows or k != state.k_full:
                 raise CheckpointError(
@@ -191,34 +218,90 @@ class EasyQuantLinearMethod(LinearMethodBase):
             if state.k_part != k:
                 qw = slice_columns(qw, state.col_start, state.k_part)
             parts.append(qw)
-        qw = stack_rows(parts) if len(parts) > 1 else parts[0]  # on the CPU: repacking never costs GPU memory
-
-        spec = LayerSpec(qw.shape[0], qw.shape[1], self.bits, self.group_size, state.act_dtype, device.type)
+        names = [p.name for p, _ in plans]
+        runs = _runs_by_column_scale(parts)
+        total = sum(p.shape[0] for p in parts)
+        spec = self._spec(total, state, parts[0])
         kernel_cls, reasons = choose_kernel(spec, device, where=state.prefix)
-        if kernel_cls.name not in _kernels_announced:
-            _kernels_announced.add(kernel_cls.name)
-            if kernel_cls is FALLBACK and reasons:
-                logger.warning(
-                    "EasyQuant: no int4 kernel for %s (%s); using %s: weights are dequantized once at load "
-                    "(exact, but as much memory as an unquantized model)", spec, "; ".join(reasons), kernel_cls.name
-                )  # fmt: skip
-            else:
-                logger.info("EasyQuant: using kernel %s (e.g. for %s)", kernel_cls.name, state.prefix)
-        kernel = kernel_cls(spec, device)
-        tensors = {name: t.to(device) for name, t in kernel.prepare(qw).items()}
-        if isinstance(kernel, TorchReferenceKernel) and device.type == "cpu":
-            kernel.linear = _vllm_cpu_dense_linear(tensors.pop("weight_dequant"), layer)
-        for suffix in TENSOR_SUFFIXES:  # the canonical parameters are not needed any more
+        self._announce(kernel_cls, reasons, spec, state.prefix)
+        if kernel_cls is FALLBACK and len(runs) > 1:
+            # The dense fallback holds W' itself, column scales included: one GEMM whatever the shards carry.
+            kernel = kernel_cls(spec, device)
+            weight = torch.cat([p.dequantize(state.act_dtype) for p in parts])
+            state.runs = [self._install(layer, kernel, {"weight_dequant": weight}, device, 0, total, "eq_", True)]
+        else:
+            row_start = 0
+            for i, run in enumerate(runs):
+                try:  # on the CPU: repacking never costs GPU memory
+                    run_names = names[sum(len(r) for r in runs[:i]) :][: len(run)]
+                    qw = stack_rows(run, run_names) if len(run) > 1 else run[0]
+                except ValueError as e:
+                    raise CheckpointError(f"EasyQuant layer {state.prefix}: {e}") from None
+                if len(runs) > 1:  # each run is its own GEMM (shapes differ: the kernel may too)
+                    spec = self._spec(qw.shape[0], state, qw)
+                    kernel_cls, reasons = choose_kernel(spec, device, where=state.prefix)
+                    self._announce(kernel_cls, reasons, spec, state.prefix)
+                kernel = kernel_cls(spec, device)
+                prefix = "eq_" if len(runs) == 1 else f"eq{i}_"
+                state.runs.append(self._install(layer, kernel, kernel.prepare(qw), device, row_start, qw.shape[0],
+                                                prefix, len(runs) == 1))  # fmt: skip
+                row_start += qw.shape[0]
+        for suffix in self.suffixes:  # the canonical parameters are not needed any more
             delattr(layer, suffix)
+
+    def _spec(self, rows: int, state: LayerState, qw: Any) -> LayerSpec:
+        return LayerSpec(rows, qw.shape[1], self.bits, self.group_size, state.act_dtype, state.device_type,
+                         zero_points=qw.zeros is not None, column_scale=qw.col_scale is not None)  # fmt: skip
+
+    @staticmethod
+    def _announce(kernel_cls: Any, reasons: list[str], spec: LayerSpec, prefix: str) -> None:
+        if kernel_cls.name in _kernels_announced:
+            return
+        _kernels_announced.add(kernel_cls.name)
+        if kernel_cls is FALLBACK and reasons:
+            logger.warning(
+                "EasyQuant: no int4 kernel for %s (%s); using %s: weights are dequantized once at load "
+                "(exact, but as much memory as an unquantized model)", spec, "; ".join(reasons), kernel_cls.name
+            )  # fmt: skip
+        else:
+            logger.info("EasyQuant: using kernel %s (e.g. for %s)", kernel_cls.name, prefix)
+
+    @staticmethod
+    def _install(layer: torch.nn.Module, kernel: Any, tensors: dict[str, torch.Tensor], device: torch.device,
+                 row_start: int, rows: int, prefix: str, whole: bool) -> KernelRun:  # fmt: skip
+        """Move a kernel's tensors to the layer's device and register them as its buffers (``whole``: the run
+        is the whole layer, so the dense fallback may use vLLM's own GEMM with the layer's bias)."""
+        tensors = {name: t.to(device) for name, t in tensors.items()}
+        if isinstance(kernel, TorchReferenceKernel) and device.type == "cpu" and whole:
+            kernel.linear = _vllm_cpu_dense_linear(tensors.pop("weight_dequant"), layer)
         for name, t in tensors.items():
-            layer.register_buffer(f"eq_{name}", t, persistent=False)
-        state.kernel = kernel
-        state.tensor_names = tuple(tensors)
+            layer.register_buffer(f"{prefix}{name}", t, persistent=False)
+        return KernelRun(kernel, tuple(tensors), row_start, rows, prefix)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         state: LayerState = layer.easyquant
-        tensors = {name: getattr(layer, f"eq_{name}") for name in state.tensor_names}
-        return state.kernel.apply(tensors, x, bias)
+        outs = []
+        for run in state.runs:
+            tensors = {name: getattr(layer, f"{run.buffer_prefix}{name}") for name in run.tensor_names}
+            b = bias if bias is None or len(state.runs) == 1 else bias[run.row_start : run.row_start + run.rows]
+            outs.append(run.kernel.apply(tensors, x, b))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def _runs_by_column_scale(parts: list[Any]) -> list[list[Any]]:
+    """Consecutive shards grouped by their column scale: one GEMM (one scaled input) per group."""
+    runs: list[list[Any]] = []
+    for p in parts:
+        prev = runs[-1][-1] if runs else None
+        same = prev is not None and (
+            (p.col_scale is None and prev.col_scale is None)
+            or (p.col_scale is not None and prev.col_scale is not None and torch.equal(p.col_scale, prev.col_scale))
+        )
+        if same:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs
 
 
 def _vllm_cpu_dense_linear(weight: torch.Tensor, layer: torch.nn.Module) -> Any:
@@ -239,7 +322,7 @@ def _vllm_cpu_dense_linear(weight: torch.Tensor, layer: torch.nn.Module) -> Any:
 
 
 class _Loader:
-    """``weight_loader(param, loaded_weight, shard_id=None)`` for one of a layer's five tensors."""
+    """``weight_loader(param, loaded_weight, shard_id=None)`` for one of a layer's tensors."""
 
     def __init__(self, state: LayerState, suffix: str) -> None:
         self.state = state

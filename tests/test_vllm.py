@@ -39,8 +39,16 @@ def qwen2_eq(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def llama_eq(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Format version 2 (the default): zero points, column scales (q/k/v each its own, gate/up shared)."""
     dst = tmp_path_factory.mktemp("llama") / "eq"
     convert(tiny_llama, dst, progress=False)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def llama_eq_v1(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dst = tmp_path_factory.mktemp("llama-v1") / "eq"
+    convert(tiny_llama, dst, ConvertOptions(format_version=1), progress=False)
     return dst
 
 
@@ -58,6 +66,11 @@ def _check_against_hf(model_dir: Path, quantization: str | None, atol: float, en
 def test_vllm_llama_matches_hf_reference(llama_eq: Path, quantization: str | None) -> None:
     # Merged qkv_proj / gate_up_proj; float32 engine (reference kernel): identical up to fp32 noise.
     _check_against_hf(llama_eq, quantization, atol=1e-4)
+
+
+def test_vllm_format_version_1_still_loads(llama_eq_v1: Path) -> None:
+    assert json.loads((llama_eq_v1 / "config.json").read_text())["quantization_config"]["format_version"] == 1
+    _check_against_hf(llama_eq_v1, "easyquant", atol=1e-4)
 
 
 def test_vllm_eager_mode_matches_hf_reference(llama_eq: Path) -> None:
@@ -164,7 +177,7 @@ def test_vllm_malformed_checkpoint_fails_at_load(llama_eq: Path, tmp_path: Path,
 def test_vllm_unknown_format_version_is_clear(llama_eq: Path, tmp_path: Path) -> None:
     bad = _broken(llama_eq, tmp_path / "v2", lambda t: None)
     cfg = json.loads((bad / "config.json").read_text())
-    cfg["quantization_config"]["format_version"] = 2
+    cfg["quantization_config"]["format_version"] = 3
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(Exception, match="format_version 2 is not supported"):
+    with pytest.raises(Exception, match="format_version 3 is not supported"):
         vllm_generate(bad, PROMPTS[:1])

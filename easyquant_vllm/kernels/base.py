@@ -61,6 +61,8 @@ class LayerSpec:
     group_size: int
     act_dtype: torch.dtype
     device_type: str  # "cpu" or "cuda"
+    zero_points: bool = False  # format version 2: a zero point per group (asymmetric codes)
+    column_scale: bool = False  # format version 2: a scale per input column (multiplies the activations)
 
     @property
     def group(self) -> int:
@@ -102,11 +104,15 @@ class Kernel(ABC):
                 meta: Sequence[int]) -> torch.Tensor:  # fmt: skip
         """``x [M, K]`` -> ``[M, N]`` in ``x.dtype``; ``w`` as :attr:`TENSORS`. Runs inside the op: eager."""
 
+    def apply_tensors(self, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The op's tensor list, from what :meth:`prepare` returned (default: :attr:`TENSORS` in order)."""
+        return [tensors[t] for t in self.TENSORS]
+
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x [..., K]`` -> ``[..., N]``: the traced side, one ``easyquant::linear`` call."""
         from .op import linear
 
-        return linear(x, [tensors[t] for t in self.TENSORS], bias, self.name, self.meta())
+        return linear(x, self.apply_tensors(tensors), bias, self.name, self.meta())
 
     # --- the start-up self-check (kernels/select.py) --------------------------------------------------
 
@@ -114,7 +120,7 @@ class Kernel(ABC):
     def variant(cls, spec: LayerSpec, device: torch.device) -> tuple[object, ...]:
         """What distinguishes this layer's compiled code and layout: layers with the same variant share
         one self-check."""
-        return (spec.act_dtype, spec.bits, spec.group_size == -1)
+        return (spec.act_dtype, spec.bits, spec.group_size == -1, spec.zero_points, spec.column_scale)
 
     @classmethod
     def check_shape(cls, spec: LayerSpec, device: torch.device) -> tuple[int, int]:

@@ -68,7 +68,9 @@ def build_problem() -> str | None:
 
 
 def available_paths(dtype: torch.dtype) -> tuple[str, ...]:
-    """The op's paths this CPU can run for activations of ``dtype`` (needs the built op)."""
+    """The op's paths this CPU can run for activations of ``dtype`` (none where the op cannot be built)."""
+    if build_problem() is not None:
+        return ()
     return tuple(PATHS[p] for p in torch.ops.easyquant.cpu_int4_paths(dtype))
 
 
@@ -142,15 +144,17 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, t
     Returns ``w_q [N/16, K/8 * 16] int32`` (word (b, q, j) = ``qweight[16b + j, q]``: the 16 rows of a block
     side by side, each word unchanged) and ``scales [N/16, K/G * 16] fp16`` (the 16 rows contiguous per group).
     """
-    n, words = qweight.shape
-    w_q = qweight.view(n // _BLOCK_N, _BLOCK_N, words).transpose(1, 2).reshape(n // _BLOCK_N, -1)
-    groups = scales.shape[1]
-    s = scales.view(n // _BLOCK_N, _BLOCK_N, groups).transpose(1, 2).reshape(n // _BLOCK_N, -1)
-    return w_q.contiguous(), s.contiguous()
+    return _blocks(qweight), _blocks(scales)
+
+
+def _blocks(t: torch.Tensor) -> torch.Tensor:
+    """``[N, C]`` -> ``[N/16, C * 16]``: entry (b, c, j) = ``t[16b + j, c]`` (a block's 16 rows side by side)."""
+    n, cols = t.shape
+    return t.view(n // _BLOCK_N, _BLOCK_N, cols).transpose(1, 2).reshape(n // _BLOCK_N, -1).contiguous()
 
 
 class NativeCpuKernel(Kernel):
-    """Our C++ CPU kernel; ``meta = [N, G]`` plus the plan (``[m_max, path, ...]``) after them."""
+    """Our C++ CPU kernel; ``meta = [N, G, has zeros, has column scale]`` plus the plan (``[m_max, path, ...]``)."""
 
     name = "native-int4-cpu"
     TENSORS = ("w_q", "scales", "indptr", "indices", "values")
@@ -176,27 +180,44 @@ class NativeCpuKernel(Kernel):
         self.plan = list(plan) if plan is not None else default_plan(spec.act_dtype, available_paths(spec.act_dtype))
 
     def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        """The op's layout; format version 2 adds ``zeros`` (uint8, blocked like the steps) and ``col_scale``
+        (fp32 ``[K]``) where the weight has them."""
         w_q, scales = repack(qw.qweight, qw.scales)
         o = qw.outliers
-        return {"w_q": w_q, "scales": scales, "indptr": o.indptr.contiguous(), "indices": o.indices.contiguous(),
-                "values": o.values.float().contiguous()}  # fmt: skip
+        tensors = {"w_q": w_q, "scales": scales, "indptr": o.indptr.contiguous(), "indices": o.indices.contiguous(),
+                   "values": o.values.float().contiguous()}  # fmt: skip
+        if qw.zeros is not None:
+            tensors["zeros"] = _blocks(qw.zeros.to(torch.uint8))
+        if qw.col_scale is not None:
+            tensors["col_scale"] = qw.col_scale.float().contiguous()
+        return tensors
 
     def meta(self) -> list[int]:
-        return [self.spec.n, self.spec.group_size, *self.plan]
+        return [self.spec.n, self.spec.group_size, int(self.spec.zero_points), int(self.spec.column_scale), *self.plan]
+
+    def apply_tensors(self, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The op's tensor list: :attr:`TENSORS`, then ``zeros`` and ``col_scale`` where the layer has them."""
+        return [tensors[t] for t in (*self.TENSORS, "zeros", "col_scale") if t in tensors]
 
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # The C++ op is the traced call itself (no Python between the compiled graph and the kernel): it
         # picks the path by M at run time from the plan.
         x2 = x.reshape(-1, self.spec.k)
         t = tensors
-        y = torch.ops.easyquant.cpu_int4_linear(x2, t["w_q"], t["scales"], t["indptr"], t["indices"], t["values"],
-                                                bias, self.spec.group_size, self.plan)  # fmt: skip
+        y = torch.ops.easyquant.cpu_int4_linear(x2, t["w_q"], t["scales"], t.get("zeros"), t.get("col_scale"),
+                                                t["indptr"], t["indices"], t["values"], bias, self.spec.group_size,
+                                                self.plan)  # fmt: skip
         return y.reshape(*x.shape[:-1], self.spec.n)
 
     @classmethod
     def forward(cls, w: Sequence[torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None,
                 meta: Sequence[int]) -> torch.Tensor:  # fmt: skip
-        return torch.ops.easyquant.cpu_int4_linear(x, *w, bias, meta[1], list(meta[2:]))
+        """The same C++ op, for callers that go through ``easyquant::linear`` (``apply`` calls it directly)."""
+        w_q, scales, indptr, indices, values, *rest = w
+        zeros = rest.pop(0) if meta[2] else None
+        col_scale = rest.pop(0) if meta[3] else None
+        return torch.ops.easyquant.cpu_int4_linear(x, w_q, scales, zeros, col_scale, indptr, indices, values, bias,
+                                                   meta[1], list(meta[4:]))  # fmt: skip
 
     @classmethod
     def check_batches(cls, spec: LayerSpec, device: torch.device) -> tuple[int, ...]:
@@ -205,7 +226,7 @@ class NativeCpuKernel(Kernel):
         return (1, 2, 3, 9, 17, 70, 150)
 
 
-def _fake(x, w_q, scales, indptr, indices, values, bias, group_size, plan):  # type: ignore[no-untyped-def]
+def _fake(x, w_q, scales, zeros, col_scale, indptr, indices, values, bias, group_size, plan):  # type: ignore[no-untyped-def]
     return x.new_empty((x.shape[0], indptr.shape[0] - 1))
 
 

@@ -7,6 +7,10 @@ with our own ``unpack_codes``, transposing, and re-packing with our own ``pack_c
 order is the one documented in docs/format.md on both sides. The outliers, about 0.5 % of entries, are
 added afterwards: ``y += x @ S^T``. That keeps the dense kernel unmodified, and it reads each outlier once
 per call, with no masking (the code at an outlier position is 0).
+
+Format version 2: with zero points the codes are vLLM's ``uint4`` and the kernel subtracts a per-group zero,
+packed along N like GPTQ's ``qzeros``; a column scale multiplies the activations before the GEMM (the
+outlier product takes the unscaled ones).
 """
 
 from __future__ import annotations
@@ -85,16 +89,29 @@ class CpuWna16Kernel(Kernel):
             return False, f"cpu-wna16 needs K and N multiples of 32, got K = {spec.k}, N = {spec.n}"
         return True, None
 
+    def meta(self) -> list[int]:
+        return [self.spec.n, self.spec.group_size, int(self.spec.zero_points), int(self.spec.column_scale)]
+
+    def apply_tensors(self, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [tensors[t] for t in (*self.TENSORS, "w_zp", "col_scale") if t in tensors]
+
     def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-        assert code_offset(4) == 8  # uint4b8: the kernel subtracts 8 from every code, as we store them
+        assert code_offset(4) == 8  # uint4b8: without zeros the kernel subtracts 8 from every code, as we store them
         w_q, w_s = repack_for_cpu_wna16(qw.qweight, qw.scales, self.spec.act_dtype)
-        return {"w_q": w_q, "w_s": w_s, **outlier_tensors(qw)}
+        tensors = {"w_q": w_q, "w_s": w_s, **outlier_tensors(qw)}
+        if qw.zeros is not None:  # [K/G, N/8] int32: the zeros of 8 output channels per word, packed along N
+            tensors["w_zp"] = pack_codes(qw.zeros.t().contiguous(), 4)
+        if qw.col_scale is not None:
+            tensors["col_scale"] = qw.col_scale.to(self.spec.act_dtype)
+        return tensors
 
     @classmethod
     def forward(cls, w: Sequence[torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None,
                 meta: Sequence[int]) -> torch.Tensor:  # fmt: skip
-        w_q, w_s, indptr, indices, values = w
+        w_q, w_s, indptr, indices, values, *rest = w
+        zeros = rest.pop(0) if meta[2] else None
+        xs = x * rest.pop(0) if meta[3] else x  # the column scale on the activations; the outliers take x
         count(cls.name, "int4")
-        y = _ops().cpu_gemm_wna16(input=x, q_weight=w_q, scales=w_s, zeros=None, bias=bias, pack_factor=8,
+        y = _ops().cpu_gemm_wna16(input=xs, q_weight=w_q, scales=w_s, zeros=zeros, bias=bias, pack_factor=8,
                                   isa_hint=_isa_hint(x.dtype))  # fmt: skip
         return add_outliers(y, indptr, indices, values, x)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
-from ..quant import QuantSpec, quantize_weight
+from ..quant import QuantSpec, quantize_group
 from .base import Kernel, LayerSpec
 
 ENV_FORCE = "EASYQUANT_KERNEL"
@@ -46,16 +47,21 @@ def self_check(kernel_cls: type[Kernel], spec: LayerSpec, device: torch.device) 
 
 def _run_check(kernel_cls: type[Kernel], spec: LayerSpec, device: torch.device) -> str | None:
     n, k = kernel_cls.check_shape(spec, device)
-    small = LayerSpec(n, k, spec.bits, spec.group_size, spec.act_dtype, spec.device_type)
+    small = replace(spec, n=n, k=k)
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(n, k, generator=gen) * 0.02  # its 3-sigma tail gives ~0.3 % outliers: that path runs too
-    qw = quantize_weight(w, QuantSpec(bits=spec.bits, group_size=spec.group_size), with_stats=False)
+    # Explicit float32: vLLM sets the default dtype to the model's while it loads. The 3-sigma tail gives ~0.3 %
+    # outliers (that path runs too); uneven columns give a column scale work to do.
+    w = torch.randn(n, k, generator=gen, dtype=torch.float32) * 0.02
+    w *= torch.exp(0.5 * torch.randn(k, generator=gen, dtype=torch.float32))
+    check = QuantSpec(bits=spec.bits, group_size=spec.group_size, zero_points=spec.zero_points,
+                      normalize="sinkhorn" if spec.column_scale else "none")  # fmt: skip
+    qw = quantize_group([w], check, with_stats=False)[0]
     ref_w = qw.dequantize(torch.float64)
     try:
         kernel = kernel_cls(small, device)
         tensors = {name: t.to(device) for name, t in kernel.prepare(qw).items()}
         for m in kernel_cls.check_batches(spec, device):
-            x = torch.randn(m, k, generator=gen).to(spec.act_dtype)
+            x = torch.randn(m, k, generator=gen, dtype=torch.float32).to(spec.act_dtype)
             y = kernel.apply(tensors, x.to(device), None)
             if tuple(y.shape) != (m, n) or y.dtype != spec.act_dtype:
                 return f"M = {m}: returned {y.dtype} {list(y.shape)}, expected {spec.act_dtype} {[m, n]}"

@@ -52,26 +52,37 @@ class TorchInt4CpuKernel(Kernel):
         return True, None
 
     def meta(self) -> list[int]:
-        return [self.spec.n, _kernel_group_size(self.spec.k, self.spec.group_size) or 0]  # [N, kernel group]
+        # [N, kernel group, has column scale]
+        return [self.spec.n, _kernel_group_size(self.spec.k, self.spec.group_size) or 0, int(self.spec.column_scale)]
+
+    def apply_tensors(self, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [tensors[t] for t in (*self.TENSORS, "col_scale") if t in tensors]
 
     def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         # Layout it expects: unsigned codes [N, K] int32 -> its own packed uint8 blob; scales and
-        # zeros interleaved as [K/G, N, 2] in the activation dtype (zeros all 0: symmetric codes).
+        # zeros interleaved as [K/G, N, 2] in the activation dtype. The kernel computes (u - 8) * s + zero:
+        # zero = s * (8 - z) gives s * (u - z) (0 for symmetric codes, z = 8).
         group = self.meta()[1]
         u = unpack_codes(qw.qweight, 4).to(torch.int32)
         w_q = torch._convert_weight_to_int4pack_for_cpu(u, _INNER_K_TILES)
-        scales = qw.scales
+        scales = qw.scales.float()
+        zeros = (scales * (8.0 - qw.zero_points().float())) if qw.zeros is not None else torch.zeros_like(scales)
         if scales.shape[1] * group != self.spec.k:  # per channel: the row's step on every group
-            scales = scales.repeat_interleave(self.spec.k // group // scales.shape[1], dim=1)
-        scales = scales.t().to(self.spec.act_dtype)  # [K/G, N]
-        w_sz = torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous()
-        return {"w_q": w_q, "w_sz": w_sz, **outlier_tensors(qw)}
+            repeat = self.spec.k // group // scales.shape[1]
+            scales, zeros = scales.repeat_interleave(repeat, dim=1), zeros.repeat_interleave(repeat, dim=1)
+        dt = self.spec.act_dtype
+        w_sz = torch.stack([scales.t().to(dt), zeros.t().to(dt)], dim=-1).contiguous()  # [K/G, N, 2]
+        tensors = {"w_q": w_q, "w_sz": w_sz, **outlier_tensors(qw)}
+        if qw.col_scale is not None:
+            tensors["col_scale"] = qw.col_scale.to(dt)
+        return tensors
 
     @classmethod
     def forward(cls, w: Sequence[torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None,
                 meta: Sequence[int]) -> torch.Tensor:  # fmt: skip
-        w_q, w_sz, indptr, indices, values = w
+        w_q, w_sz, indptr, indices, values, *col_scale = w
         count(cls.name, "int4")
-        y = torch._weight_int4pack_mm_for_cpu(x, w_q, meta[1], w_sz)
+        xs = x * col_scale[0] if meta[2] else x  # the column scale on the activations; the outliers take x
+        y = torch._weight_int4pack_mm_for_cpu(xs, w_q, meta[1], w_sz)
         y = add_outliers(y, indptr, indices, values, x)
         return y if bias is None else y.add_(bias)

@@ -1,7 +1,11 @@
 // EasyQuant int4 linear for x86 CPUs: the int4 GEMM, the CSR outliers and the bias in one op call.
 //
-//   easyquant::cpu_int4_linear(x [M, K] bf16/fp16, w_q, scales, indptr, indices, values, bias?, G, plan)
-//       -> y [M, N] in x's dtype,   y = x @ W'^T + bias,   W'[n, k] = s[n, k / G] * (u[n, k] - 8) + S[n, k]
+//   easyquant::cpu_int4_linear(x [M, K] bf16/fp16, w_q, scales, zeros?, col_scale?, indptr, indices, values,
+//                               bias?, G, plan) -> y [M, N] in x's dtype,   y = x @ W'^T + bias,
+//   W'[n, k] = c[k] * (s[n, k / G] * (u[n, k] - z[n, k / G])) + S[n, k]   (z = 8 and c = 1 when not given)
+//
+// The column scale multiplies the activations once per call (x * c, in fp32; rounded to bf16 for the bf16
+// paths), and the outliers take the unscaled x: they are in the original domain (docs/format.md).
 //
 // Why our own kernel: vLLM's and PyTorch's int4 CPU GEMMs ran at ~0.5x of the unquantized model in vLLM's
 // compiled mode on AVX512 machines: 3-5x slower than a dense bf16 GEMM at 16 batch rows, and the outliers
@@ -16,14 +20,16 @@
 //   w_q     int32 [N/16, K/8, 16]   dword (b, q, j) = qweight[16b + j, q]: row 16b+j, columns 8q..8q+7,
 //                                   column 8q+i in bits 4i..4i+3 (the checkpoint's word)
 //   scales  fp16  [N/16, K/G, 16]   step of rows 16b..16b+15 for group g, contiguous per block
+//   zeros   uint8 [N/16, K/G, 16]   zero point of rows 16b..16b+15 for group g (format version 2), or none
+//   col_scale fp32 [K]              column scale (format version 2), or none
 //   indptr  int32 [N+1], indices int32 [nnz], values fp32 [nnz]   (the checkpoint's CSR, values widened)
 //
 // Why 16 rows side by side: one 64-byte load puts row j's word in lane j. Shifting it right by 8t leaves the
 // codes of columns (8q + 2t, 8q + 2t + 1) in bits 0-7 of every lane: exactly the (k, k+1) pair that both
 // vdpbf16ps (AVX512-BF16) and the AMX B tile (VNNI: row = k-pair, 16 columns x 2 bf16) want in one dword.
 // Two ternary-logic operations turn the pair into bf16 values 128 + u (see bf16_codes): no shuffles, so
-// the shuffle port stays free for the broadcasts of x. The 128 + 8 offset is removed per group with the
-// group's sum of x (x . (q + 136) - 136 sum(x) = x . q), computed once per call.
+// the shuffle port stays free for the broadcasts of x. The offset is removed per group with the group's sum
+// of x (x . (u + 128) - (128 + z) sum(x) = x . (u - z)), computed once per call.
 //
 // Paths (``plan`` picks one per M, see cpu_native.py; each is compiled for its ISA with a target attribute
 // and only called where the CPU has it):
@@ -51,7 +57,7 @@ namespace {
 
 constexpr int64_t kBlockN = 16;   // output rows per block: one zmm (or two ymm) of fp32 lanes
 constexpr int64_t kChunkK = 256;  // columns per fp32 panel of the kFma path: 16 rows x 256 x 4 B = 16 KB, in L1
-constexpr float kCodeBias = 136.0f;  // bf16 codes hold 128 + u = q + 136
+constexpr float kCodeBase = 128.0f;  // bf16 codes hold 128 + u
 constexpr int64_t kPrefetchWords = 16;  // software prefetch distance in 64-byte lines of codes
 
 enum Path : int64_t { kFma = 0, kBf16Dp = 1, kAmx = 2, kDequant = 3, kNumPaths = 4 };
@@ -63,12 +69,14 @@ struct Problem {
   int64_t m, n, k, g;
   const uint32_t* w;       // [N/16][K/8][16]
   const uint16_t* s;       // [N/16][K/G][16] fp16 bits
+  const uint8_t* z;        // [N/16][K/G][16] zero points, or null (symmetric: 8)
   const int32_t* indptr;   // [N+1]
   const int32_t* indices;  // [nnz]
   const float* values;     // [nnz]
-  const float* xf;         // [M][K] x in fp32
-  const uint16_t* xh;      // [M][K] x's own 16-bit values (bf16 paths read a pair of them as one dword)
-  const float* xsum;       // [M][K/G] sum of x over each group (bf16 paths), or null
+  const float* xf;         // [M][K] x in fp32, unscaled (the outliers)
+  const float* xs;         // [M][K] x * c in fp32 (the fma path; = xf without a column scale)
+  const uint16_t* xh;      // [M][K] 16-bit x * c (bf16 paths read a pair of them as one dword)
+  const float* xsum;       // [M][K/G] sum of xh over each group (bf16 paths), or null
   const float* xt;         // [K][mp] x^T in fp32, mp = M rounded up to 16 (outliers 16 rows at a time), or null
   int64_t mp;
   const uint16_t* xpad;    // [mp][K] x, zero rows past M (AMX A tiles are 16 rows), or null
@@ -102,18 +110,28 @@ __attribute__((target("avx2,fma,f16c"))) inline void store8(at::BFloat16* out, _
 
 // ---- kFma: AVX2 + FMA + F16C ------------------------------------------------------------------------
 
-struct FmaSteps {  // one group's steps for the 16 rows, and -8 x step: fma(u, s, -8 s) = s (u - 8), exactly
+struct FmaSteps {  // one group's steps for the 16 rows, and -z x step: fma(u, s, -z s) = s (u - z), exactly
   __m256 s0, s1, z0, z1;
 };
 
-__attribute__((target("avx2,fma,f16c"))) inline FmaSteps fma_steps(const uint16_t* sg) {
-  const __m256 minus8 = _mm256_set1_ps(-8.0f);
+// zg: the group's 16 zero points, or null for the symmetric 8. (-z s is exact: a 4-bit zero times an fp16
+// step; the FMA then rounds s u - z s once, and s (u - z) is representable: exact.)
+__attribute__((target("avx2,fma,f16c"))) inline FmaSteps fma_steps(const uint16_t* sg, const uint8_t* zg) {
   FmaSteps st;
   st.s0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg)));
   st.s1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + 8)));
-  st.z0 = _mm256_mul_ps(st.s0, minus8);
-  st.z1 = _mm256_mul_ps(st.s1, minus8);
+  __m256 z0 = _mm256_set1_ps(8.0f), z1 = z0;
+  if (zg) {
+    z0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zg))));
+    z1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zg + 8))));
+  }
+  st.z0 = _mm256_mul_ps(st.s0, _mm256_sub_ps(_mm256_setzero_ps(), z0));
+  st.z1 = _mm256_mul_ps(st.s1, _mm256_sub_ps(_mm256_setzero_ps(), z1));
   return st;
+}
+
+inline const uint8_t* zeros_of(const Problem& P, int64_t b, int64_t gi) {
+  return P.z ? P.z + (b * (P.k / P.g) + gi) * kBlockN : nullptr;
 }
 
 // W' of column 8q + i for the 16 rows in fp32 (exact), from their words d0 (rows 0-7) and d1 (rows 8-15).
@@ -137,7 +155,7 @@ __attribute__((target("avx2,fma,f16c"))) void fma_direct(const Problem& P, int64
     for (int i = 0; i < 4; ++i) a[r][i] = _mm256_setzero_ps();
   for (int64_t q = 0; q < words; ++q) {
     _mm_prefetch(reinterpret_cast<const char*>(wb + (q + kPrefetchWords) * kBlockN), _MM_HINT_T0);
-    const FmaSteps st = fma_steps(sb + (q / words_per_group) * kBlockN);
+    const FmaSteps st = fma_steps(sb + (q / words_per_group) * kBlockN, zeros_of(P, b, q / words_per_group));
     const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * kBlockN));
     const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * kBlockN + 8));
     for (int i = 0; i < 8; ++i) {
@@ -145,7 +163,7 @@ __attribute__((target("avx2,fma,f16c"))) void fma_direct(const Problem& P, int64
       fma_column(d0, d1, i, st, w0, w1);
       const int h = 2 * (i & 1);
       for (int r = 0; r < R; ++r) {
-        const __m256 xv = _mm256_broadcast_ss(P.xf + (m0 + r) * P.k + 8 * q + i);
+        const __m256 xv = _mm256_broadcast_ss(P.xs + (m0 + r) * P.k + 8 * q + i);
         a[r][h] = _mm256_fmadd_ps(w0, xv, a[r][h]);
         a[r][h + 1] = _mm256_fmadd_ps(w1, xv, a[r][h + 1]);
       }
@@ -168,7 +186,7 @@ __attribute__((target("avx2,fma,f16c"))) void fma_panel(const Problem& P, int64_
     const int64_t kc = std::min(kChunkK, P.k - k0);
     for (int64_t q = k0 / 8; q < (k0 + kc) / 8; ++q) {  // panel[k - k0][16] = W'[rows, k]
       _mm_prefetch(reinterpret_cast<const char*>(wb + (q + kPrefetchWords) * kBlockN), _MM_HINT_T0);
-      const FmaSteps st = fma_steps(sb + (q / words_per_group) * kBlockN);
+      const FmaSteps st = fma_steps(sb + (q / words_per_group) * kBlockN, zeros_of(P, b, q / words_per_group));
       const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * kBlockN));
       const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * kBlockN + 8));
       for (int i = 0; i < 8; ++i) {
@@ -189,7 +207,7 @@ __attribute__((target("avx2,fma,f16c"))) void fma_panel(const Problem& P, int64_
       for (int64_t kk = 0; kk < kc; ++kk) {
         const __m256 w0 = _mm256_load_ps(panel + kk * kBlockN), w1 = _mm256_load_ps(panel + kk * kBlockN + 8);
         for (int r = 0; r < 4; ++r) {
-          const __m256 xv = _mm256_broadcast_ss(P.xf + (m + r) * P.k + k0 + kk);
+          const __m256 xv = _mm256_broadcast_ss(P.xs + (m + r) * P.k + k0 + kk);
           a[r][0] = _mm256_fmadd_ps(w0, xv, a[r][0]);
           a[r][1] = _mm256_fmadd_ps(w1, xv, a[r][1]);
         }
@@ -202,7 +220,7 @@ __attribute__((target("avx2,fma,f16c"))) void fma_panel(const Problem& P, int64_
     for (; m < P.m; ++m) {
       __m256 a0 = _mm256_loadu_ps(acc + m * kBlockN), a1 = _mm256_loadu_ps(acc + m * kBlockN + 8);
       for (int64_t kk = 0; kk < kc; ++kk) {
-        const __m256 xv = _mm256_broadcast_ss(P.xf + m * P.k + k0 + kk);
+        const __m256 xv = _mm256_broadcast_ss(P.xs + m * P.k + k0 + kk);
         a0 = _mm256_fmadd_ps(_mm256_load_ps(panel + kk * kBlockN), xv, a0);
         a1 = _mm256_fmadd_ps(_mm256_load_ps(panel + kk * kBlockN + 8), xv, a1);
       }
@@ -222,6 +240,13 @@ __attribute__((target("avx2,fma,f16c"))) void fma_panel(const Problem& P, int64_
 __attribute__((target("avx512f"))) inline __m512i bf16_codes(__m512i v) {
   const __m512i lo = _mm512_ternarylogic_epi32(v, _mm512_set1_epi32(0xF), _mm512_set1_epi32(0x43004300), 0xEA);  // (a & b) | c
   return _mm512_ternarylogic_epi32(lo, _mm512_slli_epi32(v, 12), _mm512_set1_epi32(0xF0000), 0xF8);  // a | (b & c)
+}
+
+// 128 + z of the 16 rows (lanes) for one group: the offset of the bf16 codes (z = 8 where there are none).
+__attribute__((target("avx512f"))) inline __m512 code_offsets(const uint8_t* zg) {
+  if (!zg) return _mm512_set1_ps(kCodeBase + 8.0f);
+  const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zg))));
+  return _mm512_add_ps(z, _mm512_set1_ps(kCodeBase));
 }
 
 // R batch rows, U independent partial sums per row (the four pairs of a word spread over them) so that a
@@ -252,11 +277,12 @@ __attribute__((target("avx512f,avx512bw,avx512bf16,f16c"))) void bf16dp_rows(con
       }
     }
     const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + gi * kBlockN)));
+    const __m512 offset = code_offsets(zeros_of(P, b, gi));
     for (int r = 0; r < R; ++r) {
       __m512 sum = part[0][r];
       for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, part[u][r]);
-      const __m512 bias = _mm512_set1_ps(kCodeBias * P.xsum[(m0 + r) * groups + gi]);
-      tot[r] = _mm512_fmadd_ps(s, _mm512_sub_ps(sum, bias), tot[r]);
+      const __m512 corrected = _mm512_fnmadd_ps(offset, _mm512_set1_ps(P.xsum[(m0 + r) * groups + gi]), sum);
+      tot[r] = _mm512_fmadd_ps(s, corrected, tot[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + (m0 + r) * kBlockN, tot[r]);
@@ -361,10 +387,12 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,f16c"))) void amx_slic
         default: _tile_stored(3, ctile, 64); break;
       }
       const int64_t rows = std::min<int64_t>(16, P.m - m0 - 16 * t);
+      const __m512 offset = code_offsets(zeros_of(P, b, gi));
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t m = m0 + 16 * t + r;
         float* out = acc + m * kBlockN;
-        const __m512 c = _mm512_sub_ps(_mm512_load_ps(ctile + r * 16), _mm512_set1_ps(kCodeBias * P.xsum[m * groups + gi]));
+        const __m512 c =
+            _mm512_fnmadd_ps(offset, _mm512_set1_ps(P.xsum[m * groups + gi]), _mm512_load_ps(ctile + r * 16));
         _mm512_storeu_ps(out, _mm512_fmadd_ps(s, c, _mm512_loadu_ps(out)));
       }
     }
@@ -372,14 +400,16 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,f16c"))) void amx_slic
 }
 #undef EQ_AMX_CHUNK
 
-// acc rows m0 .. m0 + rows += step * (C - 136 sum(x)): one group's C tile (in ctile) corrected and scaled.
-__attribute__((target("avx512f,f16c"))) void amx_fixup(const Problem& P, const uint16_t* steps, const float* ctile,
-                                                       int64_t m0, int64_t rows, int64_t gi, float* acc) {
+// acc rows m0 .. m0 + rows += step * (C - (128 + z) sum(x)): one group's C tile (in ctile) corrected, scaled.
+__attribute__((target("avx512f,f16c"))) void amx_fixup(const Problem& P, int64_t b, const uint16_t* steps,
+                                                       const float* ctile, int64_t m0, int64_t rows, int64_t gi,
+                                                       float* acc) {
   const int64_t groups = P.k / P.g;
   const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(steps)));
+  const __m512 offset = code_offsets(zeros_of(P, b, gi));
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t m = m0 + r;
-    const __m512 c = _mm512_sub_ps(_mm512_load_ps(ctile + r * 16), _mm512_set1_ps(kCodeBias * P.xsum[m * groups + gi]));
+    const __m512 c = _mm512_fnmadd_ps(offset, _mm512_set1_ps(P.xsum[m * groups + gi]), _mm512_load_ps(ctile + r * 16));
     _mm512_storeu_ps(acc + m * kBlockN, _mm512_fmadd_ps(s, c, _mm512_loadu_ps(acc + m * kBlockN)));
   }
 }
@@ -403,7 +433,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,f16c"))) void amx_one_
   const int64_t stride = P.k * 2;
   const int64_t rows = std::min<int64_t>(16, P.m - m0);
   alignas(64) float ctile[16 * 16];
-  const auto fixup = [&](int64_t gi) { amx_fixup(P, sb + gi * kBlockN, ctile, m0, rows, gi, acc); };
+  const auto fixup = [&](int64_t gi) { amx_fixup(P, b, sb + gi * kBlockN, ctile, m0, rows, gi, acc); };
   for (int64_t gi = 0; gi < groups; ++gi) {
     const bool even = gi % 2 == 0;
     if (even) _tile_zero(0);
@@ -520,12 +550,13 @@ __attribute__((target("avx2,fma,f16c"))) void store_block(const Problem& P, int6
 
 // ---- kDequant: W' for ATen's GEMM --------------------------------------------------------------------
 
-// w [N][K] = W' in T for blocks b0..b1, exactly the reference: fp32 s * (u - 8) (exact) plus the outlier
-// value where there is one, rounded to T once. A row's word is 8 consecutive columns: 8 lanes, one store.
-// (Vector code lives in target functions, never in a lambda: a lambda is compiled without the target, and
-// passing __m256 by value across that boundary breaks the ABI.)
+// w [N][K] = W' in T for blocks b0..b1, exactly the reference: fp32 c * (s * (u - z)) (the inner product
+// exact) plus the outlier value where there is one, rounded to T once. A row's word is 8 consecutive columns:
+// 8 lanes, one store. (Vector code lives in target functions, never in a lambda: a lambda is compiled without
+// the target, and passing __m256 by value across that boundary breaks the ABI.)
 template <typename T>
-__attribute__((target("avx2,fma,f16c"))) void dequant_blocks(const Problem& P, T* w, int64_t b0, int64_t b1) {
+__attribute__((target("avx2,fma,f16c"))) void dequant_blocks(const Problem& P, const float* c, T* w, int64_t b0,
+                                                             int64_t b1) {
   const int64_t words = P.k / 8, words_per_group = P.g / 8;
   const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
   const __m256i lo_mask = _mm256_set1_epi32(0xF);
@@ -535,16 +566,23 @@ __attribute__((target("avx2,fma,f16c"))) void dequant_blocks(const Problem& P, T
     for (int64_t j = 0; j < kBlockN; ++j) {
       T* row = w + (b * kBlockN + j) * P.k;
       for (int64_t q = 0; q < words; ++q) {
+        const int64_t gi = q / words_per_group;
         const __m256i u = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(wb[q * kBlockN + j])), shifts), lo_mask);
-        const float s = half_to_float(sb[(q / words_per_group) * kBlockN + j]);
-        store8(row + 8 * q, _mm256_fmadd_ps(_mm256_cvtepi32_ps(u), _mm256_set1_ps(s), _mm256_set1_ps(-8.0f * s)));
+        const float s = half_to_float(sb[gi * kBlockN + j]);
+        const float z = P.z ? static_cast<float>(P.z[(b * (P.k / P.g) + gi) * kBlockN + j]) : 8.0f;
+        __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u), _mm256_set1_ps(s), _mm256_set1_ps(-z * s));
+        if (c) v = _mm256_mul_ps(_mm256_loadu_ps(c + 8 * q), v);
+        store8(row + 8 * q, v);
       }
       const int64_t n = b * kBlockN + j;
       for (int32_t e = P.indptr[n]; e < P.indptr[n + 1]; ++e) {  // W' = dense + S, as the reference adds them
         const int64_t col = P.indices[e];
-        const int code = static_cast<int>((wb[(col / 8) * kBlockN + j] >> (4 * (col % 8))) & 0xF) - 8;
-        const float s = half_to_float(sb[(col / P.g) * kBlockN + j]);
-        row[col] = static_cast<T>(s * static_cast<float>(code) + P.values[e]);
+        const int64_t gi = col / P.g;
+        const float code = static_cast<float>((wb[(col / 8) * kBlockN + j] >> (4 * (col % 8))) & 0xF);
+        const float s = half_to_float(sb[gi * kBlockN + j]);
+        const float z = P.z ? static_cast<float>(P.z[(b * (P.k / P.g) + gi) * kBlockN + j]) : 8.0f;
+        const float dense = (c ? c[col] : 1.0f) * (s * (code - z));
+        row[col] = static_cast<T>(dense + P.values[e]);
       }
     }
   }
@@ -563,6 +601,19 @@ T* scratch(std::vector<T>& buffer, int64_t count) {
 template <typename T>
 __attribute__((target("avx2,fma,f16c"))) void widen(const T* x, float* out, int64_t count) {  // count % 8 == 0
   for (int64_t i = 0; i < count; i += 8) _mm256_storeu_ps(out + i, load8(x + i));
+}
+
+// xs [M][K] = x * c in fp32 and, for the bf16 paths, xh = xs rounded to T (what the dot products multiply).
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) void scale_columns(const float* xf, const float* c, int64_t m, int64_t k,
+                                                            float* xs, T* xh) {
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t i = 0; i < k; i += 8) {
+      const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xf + r * k + i), _mm256_loadu_ps(c + i));
+      _mm256_storeu_ps(xs + r * k + i, v);
+      if (xh) store8(xh + r * k + i, v);
+    }
+  }
 }
 
 // out [M][K/G] = the sum of x over each group of G columns (G % 8 == 0).
@@ -664,6 +715,7 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
 }
 
 at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const at::Tensor& scales,
+                           const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& col_scale,
                            const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
                            const c10::optional<at::Tensor>& bias, int64_t group_size, at::IntArrayRef plan) {
   const auto dtype = x_in.scalar_type();
@@ -682,6 +734,14 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.numel() == n * (k / g) && scales.is_contiguous(),
               "easyquant::cpu_int4_linear: scales must be contiguous fp16 with N*K/G = ", n * (k / g), " entries, got ",
               scales.scalar_type(), " ", scales.sizes());
+  if (zeros)
+    TORCH_CHECK(zeros->scalar_type() == at::kByte && zeros->numel() == n * (k / g) && zeros->is_contiguous(),
+                "easyquant::cpu_int4_linear: zeros must be contiguous uint8 with N*K/G = ", n * (k / g),
+                " entries, got ", zeros->scalar_type(), " ", zeros->sizes());
+  if (col_scale)
+    TORCH_CHECK(col_scale->scalar_type() == at::kFloat && col_scale->numel() == k && col_scale->is_contiguous(),
+                "easyquant::cpu_int4_linear: col_scale must be contiguous fp32 [", k, "], got ", col_scale->scalar_type(),
+                " ", col_scale->sizes());
   TORCH_CHECK(indptr.scalar_type() == at::kInt && indices.scalar_type() == at::kInt &&
                   values.scalar_type() == at::kFloat && indices.numel() == values.numel() && indptr.is_contiguous() &&
                   indices.is_contiguous() && values.is_contiguous(),
@@ -695,28 +755,46 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
   g_path_calls[path].fetch_add(1, std::memory_order_relaxed);
 
   const bool bf16 = dtype == at::kBFloat16;
-  thread_local std::vector<float> xf_buffer, xsum_buffer, xt_buffer;
-  thread_local std::vector<uint16_t> xpad_buffer;
+  const bool bf16_path = path == kBf16Dp || path == kAmx;
+  const float* c = col_scale ? col_scale->data_ptr<float>() : nullptr;
+  thread_local std::vector<float> xf_buffer, xs_buffer, xsum_buffer, xt_buffer;
+  thread_local std::vector<uint16_t> xh_buffer, xpad_buffer;
   float* xf = scratch(xf_buffer, m * k);
   if (bf16) widen(x.data_ptr<at::BFloat16>(), xf, m * k);
   else widen(x.data_ptr<at::Half>(), xf, m * k);
+  const float* xs = xf;
+  const uint16_t* xh = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  if (c && path != kDequant) {  // x * c once per call; the outliers keep xf
+    float* scaled = scratch(xs_buffer, m * k);
+    uint16_t* half = bf16_path ? scratch(xh_buffer, m * k) : nullptr;
+    if (bf16) scale_columns(xf, c, m, k, scaled, reinterpret_cast<at::BFloat16*>(half));
+    else scale_columns(xf, c, m, k, scaled, reinterpret_cast<at::Half*>(half));
+    xs = scaled;
+    if (half) xh = half;
+  }
   Problem P{m, n, k, g, reinterpret_cast<const uint32_t*>(w_q.data_ptr<int32_t>()),
-            reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), indptr.data_ptr<int32_t>(),
-            indices.data_ptr<int32_t>(), values.data_ptr<float>(), xf,
-            reinterpret_cast<const uint16_t*>(x.data_ptr()), nullptr, nullptr, 0, nullptr};
+            reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+            zeros ? zeros->data_ptr<uint8_t>() : nullptr, indptr.data_ptr<int32_t>(), indices.data_ptr<int32_t>(),
+            values.data_ptr<float>(), xf, xs, xh, nullptr, nullptr, 0, nullptr};
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   if (path == kDequant) {
     at::Tensor w = at::empty({n, k}, x.options());
     at::parallel_for(0, n / kBlockN, 1, [&](int64_t b0, int64_t b1) {
-      if (bf16) dequant_blocks<at::BFloat16>(P, w.data_ptr<at::BFloat16>(), b0, b1);
-      else dequant_blocks<at::Half>(P, w.data_ptr<at::Half>(), b0, b1);
+      if (bf16) dequant_blocks<at::BFloat16>(P, c, w.data_ptr<at::BFloat16>(), b0, b1);
+      else dequant_blocks<at::Half>(P, c, w.data_ptr<at::Half>(), b0, b1);
     });
     return bias ? at::linear(x, w, b) : at::linear(x, w);
   }
-  if (path == kBf16Dp || path == kAmx) {  // the sum of x over each group: removes the codes' offset of 136
+  if (bf16_path) {  // the sum over each group of what vdpbf16ps / the tiles multiply: removes the codes' offset
     const int64_t groups = k / g;
     float* xsum = scratch(xsum_buffer, m * groups);
-    group_sums(xf, m, k, g, xsum);
+    if (xh == reinterpret_cast<const uint16_t*>(x.data_ptr())) {
+      group_sums(xf, m, k, g, xsum);
+    } else {  // sums of the rounded x * c
+      float* rounded = scratch(xs_buffer, m * k);  // the fp32 copy is not needed by the bf16 paths
+      widen(reinterpret_cast<const at::BFloat16*>(xh), rounded, m * k);
+      group_sums(rounded, m, k, g, xsum);
+    }
     P.xsum = xsum;
   }
   if (m > 2 && has_avx512() && indices.numel()) {  // outliers 16 batch rows at a time: x^T, zero-padded
@@ -728,7 +806,7 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
   if (path == kAmx) {  // whole 16-row slices for the A tiles: zero rows past M
     const int64_t rows = (m + 15) / 16 * 16;
     uint16_t* xpad = scratch(xpad_buffer, rows * k);
-    std::memcpy(xpad, x.data_ptr(), m * k * sizeof(uint16_t));
+    std::memcpy(xpad, xh, m * k * sizeof(uint16_t));
     std::memset(xpad + m * k, 0, (rows - m) * k * sizeof(uint16_t));
     P.xpad = xpad;
   }
@@ -759,8 +837,8 @@ std::vector<int64_t> cpu_int4_path_calls() {
 
 TORCH_LIBRARY_FRAGMENT(easyquant, m) {
   m.def(
-      "cpu_int4_linear(Tensor x, Tensor w_q, Tensor scales, Tensor indptr, Tensor indices, Tensor values, "
-      "Tensor? bias, int group_size, int[] plan) -> Tensor");
+      "cpu_int4_linear(Tensor x, Tensor w_q, Tensor scales, Tensor? zeros, Tensor? col_scale, Tensor indptr, "
+      "Tensor indices, Tensor values, Tensor? bias, int group_size, int[] plan) -> Tensor");
   m.def("cpu_int4_paths(ScalarType dtype) -> int[]", &cpu_int4_paths);  // no tensor argument: catch-all
   m.def("cpu_int4_path_calls() -> int[]", &cpu_int4_path_calls);
 }
