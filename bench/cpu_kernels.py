@@ -26,15 +26,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from easyquant_vllm.format import read_quantization_config, quantized_layers  # noqa: E402
-from easyquant_vllm.kernels import CpuWna16Kernel, LayerSpec, NativeCpuKernel, TorchInt4CpuKernel  # noqa: E402
-from easyquant_vllm.kernels import cpu_native as native  # noqa: E402
-from easyquant_vllm.kernels.cpu_isa import cpu_isa  # noqa: E402
-from easyquant_vllm.quant import QuantizedWeight  # noqa: E402
-from easyquant_vllm.quant.outliers import OutlierCSR  # noqa: E402
-from easyquant_vllm.safetensors_io import open_checkpoint  # noqa: E402
+from easyquant_vllm.format import quantized_layers, read_quantization_config
+from easyquant_vllm.kernels import CpuWna16Kernel, LayerSpec, NativeCpuKernel, TorchInt4CpuKernel
+from easyquant_vllm.kernels import cpu_native as native
+from easyquant_vllm.kernels.cpu_isa import cpu_isa
+from easyquant_vllm.quant import QuantizedWeight
+from easyquant_vllm.quant.outliers import OutlierCSR
+from easyquant_vllm.safetensors_io import open_checkpoint
 
 
 def timed_us(fn, min_time: float = 0.2) -> float:  # type: ignore[no-untyped-def]
@@ -77,8 +77,8 @@ def without_outliers(qw: QuantizedWeight) -> QuantizedWeight:
 
 def layer_table(layers: dict[tuple[int, int], QuantizedWeight], ms: list[int], dtype: torch.dtype) -> list[dict]:
     rows = []
-    tiny = without_outliers(QuantizedWeight(torch.zeros(16, 4, dtype=torch.int32), torch.ones(16, 1, dtype=torch.float16),
-                                            next(iter(layers.values())).outliers, 4, 32))  # a 16 x 32 layer  # fmt: skip
+    codes, steps = torch.zeros(16, 4, dtype=torch.int32), torch.ones(16, 1, dtype=torch.float16)
+    tiny = without_outliers(QuantizedWeight(codes, steps, next(iter(layers.values())).outliers, 4, 32))  # 16 x 32
     print(f"\n# per layer, cache-hot, {dtype}; microseconds per call")
     print("| layer N x K | M | dense | native | int4 | outliers | fixed | native path | tinygemm | wna16 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -97,10 +97,10 @@ def layer_table(layers: dict[tuple[int, int], QuantizedWeight], ms: list[int], d
         for m in ms:
             x = torch.randn(m, k).to(dtype)
             xs = torch.randn(m, 32).to(dtype)
-            r = {"n": n, "k": k, "m": m, "dense_us": timed_us(lambda x=x: dense(x)),
-                 "native_us": timed_us(lambda x=x: nat.apply(t_full, x, None)),
-                 "int4_us": timed_us(lambda x=x: nat.apply(t_bare, x, None)),
-                 "fixed_us": timed_us(lambda xs=xs: small.apply(t_small, xs, None))}  # fmt: skip
+            r = {"n": n, "k": k, "m": m, "dense_us": timed_us(lambda x=x, f=dense: f(x)),
+                 "native_us": timed_us(lambda x=x, k=nat, t=t_full: k.apply(t, x, None)),
+                 "int4_us": timed_us(lambda x=x, k=nat, t=t_bare: k.apply(t, x, None)),
+                 "fixed_us": timed_us(lambda xs=xs, k=small, t=t_small: k.apply(t, xs, None))}  # fmt: skip
             r["outliers_us"] = r["native_us"] - r["int4_us"]
             r["path"] = native.PATHS[native_path(nat.plan, m)]
             for name, (kern, t) in others.items():
@@ -137,7 +137,7 @@ def model_pass(all_layers: list[QuantizedWeight], ms: list[int], dtype: torch.dt
     for m in ms:
         xs = {k: torch.randn(m, k).to(dtype) for k in {k for _, k in dense}}
 
-        def run_dense() -> None:
+        def run_dense(xs: dict[int, torch.Tensor] = xs) -> None:
             for fn, k in dense:
                 fn(xs[k])
 
@@ -146,7 +146,7 @@ def model_pass(all_layers: list[QuantizedWeight], ms: list[int], dtype: torch.dt
             for kern, _, _ in kernels:
                 kern.plan = plan
 
-            def run_native() -> None:
+            def run_native(xs: dict[int, torch.Tensor] = xs) -> None:
                 for kern, t, k in kernels:
                     kern.apply(t, xs[k], None)
 
@@ -167,8 +167,9 @@ def main() -> None:
     problem = native.build_problem()
     if problem:
         sys.exit(f"the native CPU kernel is not available: {problem}")
-    print(f"# CPU {cpu_isa()}, {torch.get_num_threads()} threads; native paths for {args.dtype}: "
-          f"{native.available_paths(dtype)}; default plan {native.plan_text(native.default_plan(dtype, native.available_paths(dtype)))}")  # fmt: skip
+    paths = native.available_paths(dtype)
+    print(f"# CPU {cpu_isa()}, {torch.get_num_threads()} threads; native paths for {args.dtype}: {paths}; "
+          f"default plan {native.plan_text(native.default_plan(dtype, paths))}")  # fmt: skip
     cfg = read_quantization_config(args.model)
     all_layers: list[QuantizedWeight] = []
     by_shape: dict[tuple[int, int], QuantizedWeight] = {}
