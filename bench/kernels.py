@@ -102,9 +102,9 @@ def print_issue_model(g: int, f: float) -> None:
 
     try:
         with tempfile.TemporaryDirectory() as d:
-            gemv = sass.loop_counts(sass.disassemble("eq_gemv.cu", "sm_90", Path(d)), "eq_gemv_int4_f16_",
+            gemv = sass.loop_counts(sass.disassemble("eq_gemv.cu", "sm_90", Path(d)), "eq_gemv_int4_",
                                     GEMV_ROWS_PER_WARP)  # fmt: skip
-            mma = sass.loop_counts(sass.disassemble("eq_mma.cu", "sm_90", Path(d)), "eq_mma_int4_f16_", 1)
+            mma = sass.loop_counts(sass.disassemble("eq_mma.cu", "sm_90", Path(d)), "eq_mma_int4_", 1)
     except (FileNotFoundError, OSError) as e:
         print(f"\n(no SASS model: {e})")
         return
@@ -114,17 +114,22 @@ def print_issue_model(g: int, f: float) -> None:
     deq_mm = 16 / (bits + 32)  # dequant reads the int4 weights and writes W', the GEMM reads W' back
     print(f"\n# SASS issue model, sm_90 (H100 SXM: {model.sms} SMs x {model.schedulers_per_sm} schedulers at "
           f"{model.clock_ghz} GHz, {model.hbm_gbs / 1000:g} TB/s): a kernel keeps up with HBM while its main loop "
-          f"issues <= {model.budget():.0f} warp instructions per 512 weight bytes")  # fmt: skip
-    print(
-        "| kernel | M | instructions / 512 B | predicted % of HBM | predicted speed-up vs fp16 |\n|---|---|---|---|---|"
-    )
-    rows = [(f"GEMV (CUDA cores), tile {name.rsplit('_m', 1)[1]}", f"<= {name.rsplit('_m', 1)[1]}", n)
-            for name, n in sorted(gemv.items(), key=lambda kv: int(kv[0].rsplit("_m", 1)[1]))]  # fmt: skip
-    rows += [(f"tensor cores, {name.rsplit('_t', 1)[1]} x 8 batch rows", f"<= {8 * int(name.rsplit('_t', 1)[1])}", n)
-             for name, n in sorted(mma.items())]  # fmt: skip
-    for kernel, m, n in rows:
+          f"issues <= {model.budget():.0f} warp instructions per 512 weight bytes. Format v2 = zero points + column "
+          "scale (the *_v2 entry points)")  # fmt: skip
+    print("| kernel | format | activations | M | instructions / 512 B | predicted % of HBM | predicted speed-up vs "
+          "fp16 |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    rows = []
+    for name, n in {**gemv, **mma}.items():
+        match = re.fullmatch(r"eq_(gemv|mma)_int4_(f16|bf16)_([mt])(\d+)(_v2)?", name)
+        assert match, name
+        kind, act, _, tile, v2 = match.groups()
+        m = int(tile) if kind == "gemv" else 8 * int(tile)
+        label = f"GEMV (CUDA cores), tile {m}" if kind == "gemv" else f"tensor cores, {tile} x 8 batch rows"
+        rows.append((kind != "gemv", m, bool(v2), act, label, n))
+    for _, m, v2, act, label, n in sorted(rows):
         frac = model.bandwidth_fraction(n)
-        print(f"| {kernel} | {m} | {n:.1f} | {100 * frac:.0f} % | {ideal * frac:.2f}x |")
+        print(f"| {label} | {'v2' if v2 else 'v1'} | {act} | <= {m} | {n:.1f} | {100 * frac:.0f} % | "
+              f"{ideal * frac:.2f}x |")  # fmt: skip
     print(f"| dequantize + cuBLAS | any | (4.5 bytes per weight) | | {deq_mm:.2f}x |")
     print("Speed-ups assume fp16 cuBLAS at the same HBM fraction as a copy (its best case); they are a model,"
           " not a measurement.")  # fmt: skip
@@ -133,8 +138,9 @@ def print_issue_model(g: int, f: float) -> None:
 # --- timings on a GPU ------------------------------------------------------------------------------
 
 
-def synthetic_weight(n: int, k: int, group: int, frac: float, seed: int, device: str = "cuda"):  # type: ignore[no-untyped-def]
-    """A :class:`QuantizedWeight` on ``device`` in the canonical layout, built without quantizing."""
+def synthetic_weight(n: int, k: int, group: int, frac: float, seed: int, device: str = "cuda", v2: bool = False):  # type: ignore[no-untyped-def]
+    """A :class:`QuantizedWeight` on ``device`` in the canonical layout, built without quantizing; with ``v2``
+    format version 2's zero points (0..15) and column scale (0.5..1.5) as well."""
     import torch
 
     from easyquant_vllm.quant import QuantizedWeight
@@ -145,13 +151,25 @@ def synthetic_weight(n: int, k: int, group: int, frac: float, seed: int, device:
     per_row = max(1, round(frac * k))
     cols = torch.rand(n, k, device=device, generator=gen).topk(per_row, dim=1).indices.sort(dim=1).values
     u = torch.randint(0, 16, (n, k), device=device, generator=gen, dtype=torch.int32)
-    u.scatter_(1, cols, 8)  # code 0 under every outlier, as the quantizer writes it
+    g = k if group == -1 else group
+    zeros = torch.randint(0, 16, (n, k // g), device=device, generator=gen, dtype=torch.uint8) if v2 else None
+    # code 0 under every outlier (u = the group's zero), as the quantizer writes it
+    u.scatter_(1, cols, 8 if zeros is None else zeros.gather(1, cols // g).int())
+    col_scale = (0.5 + torch.rand(k, device=device, generator=gen)).half() if v2 else None
     indptr = torch.arange(0, n * per_row + 1, per_row, device=device, dtype=torch.int32)
     values = (torch.randn(n * per_row, device=device, generator=gen) * 0.1).half()
-    g = k if group == -1 else group
     scales = (0.005 + 0.01 * torch.rand(n, k // g, device=device, generator=gen)).half()
     csr = OutlierCSR(indptr, cols.reshape(-1).to(torch.int32), values, (n, k))
-    return QuantizedWeight(pack_codes(u, 4), scales, csr, 4, group)
+    return QuantizedWeight(pack_codes(u, 4), scales, csr, 4, group, zeros=zeros, col_scale=col_scale)
+
+
+def v2_args(qw) -> dict:  # type: ignore[no-untyped-def, type-arg]
+    """The launch functions' keyword arguments for format version 2 (empty for version 1)."""
+    from easyquant_vllm.kernels.cuda_int4 import v2_tensors
+
+    n, k = qw.shape
+    zeros, col_scale = v2_tensors(qw.zeros, qw.col_scale, n, k, k if qw.group_size == -1 else qw.group_size)
+    return {} if zeros is None else {"zeros": zeros, "col_scale": col_scale}
 
 
 def graph_time_us(fns: list, calls: int, reps: int) -> float:  # type: ignore[type-arg]
@@ -212,7 +230,7 @@ def check_against_reference(qw, dtype) -> float:  # type: ignore[no-untyped-def]
     ref = x.double() @ qw.dequantize(torch.float64).T
     from easyquant_vllm.kernels.cuda_int4 import gemv_int4
 
-    y = gemv_int4(x, qw.qweight, qw.scales, o.indptr, o.indices, o.values, qw.group_size)
+    y = gemv_int4(x, qw.qweight, qw.scales, o.indptr, o.indices, o.values, qw.group_size, **v2_args(qw))
     return float((y.double() - ref).abs().mean() / ref.abs().mean())
 
 
@@ -221,6 +239,7 @@ class LayerCopies:
     """One layer shape's weight copies in every layout the paths read, built once per shape."""
 
     canon: list[tuple]  # type: ignore[type-arg]  # (qweight, scales, indptr, indices, values), checkpoint layout
+    zc: list[dict]  # type: ignore[type-arg]  # format version 2's zeros / col_scale per copy (empty dicts for v1)
     mma: list[tuple]  # type: ignore[type-arg]  # the same with qweight in the MMA layout; [] if the shape has none
     preps: list[dict]  # type: ignore[type-arg]  # what the linear method holds: the layout apply() dispatches on
 
@@ -230,7 +249,7 @@ class LayerCopies:
 
         canon = [(q.qweight, q.scales, q.outliers.indptr, q.outliers.indices, q.outliers.values) for q in qws]
         mma = [(to_mma_layout(c[0]), *c[1:]) for c in canon] if mma_compatible(*qws[0].shape) else []
-        return cls(canon, mma, [kern.prepare(q) for q in qws])
+        return cls(canon, [v2_args(q) for q in qws], mma, [kern.prepare(q) for q in qws])
 
 
 def time_paths(xs, w16, layer: LayerCopies, kern, args) -> dict[str, float | None]:  # type: ignore[no-untyped-def]
@@ -240,16 +259,22 @@ def time_paths(xs, w16, layer: LayerCopies, kern, args) -> dict[str, float | Non
     from easyquant_vllm.kernels.cuda_int4 import GEMV_KERNEL_MAX_M, MMA_MAX_M
 
     g, dtype, m = args.group_size, xs.dtype, xs.shape[0]
-    canon, mma, preps = layer.canon, layer.mma, layer.preps
+    canon, mma, preps, zc = layer.canon, layer.mma, layer.preps, layer.zc
 
     def timed(fns):  # type: ignore[no-untyped-def]
         return graph_time_us(fns, args.calls, args.reps)
 
     return {
         "fp16_us": timed([lambda w=w: xs @ w.t() for w in w16]),
-        "gemv_us": timed([lambda c=c: ops.gemv_int4(xs, *c, g) for c in canon]) if m <= GEMV_KERNEL_MAX_M else None,
-        "mma_us": timed([lambda c=c: ops.mma_int4(xs, *c, g) for c in mma]) if mma and m <= MMA_MAX_M else None,
-        "deq_mm_us": timed([lambda c=c: xs @ ops.dequant_int4(*c, g, dtype).t() for c in canon]),
+        "gemv_us": timed([lambda c=c, z=z: ops.gemv_int4(xs, *c, g, **z) for c, z in zip(canon, zc, strict=True)])
+        if m <= GEMV_KERNEL_MAX_M
+        else None,
+        "mma_us": timed([lambda c=c, z=z: ops.mma_int4(xs, *c, g, **z) for c, z in zip(mma, zc, strict=False)])
+        if mma and m <= MMA_MAX_M
+        else None,
+        "deq_mm_us": timed(
+            [lambda c=c, z=z: xs @ ops.dequant_int4(*c, g, dtype, **z).t() for c, z in zip(canon, zc, strict=True)]
+        ),
         "eq_us": timed([lambda p=p: kern.apply(p, xs, None) for p in preps]),
         "eager_us": eager_time_us(lambda: kern.apply(preps[0], xs, None), 50),
     }
@@ -279,9 +304,10 @@ def run_gpu(args: argparse.Namespace) -> list[dict]:  # type: ignore[type-arg]
         bytes_eq = gemv_bytes(n, k, 1, args.group_size, args.outlier_fraction)["weights"]
         copies = max(2, min(64, -(-4 * props.L2_cache_size // int(bytes_eq))))
         copies16 = max(2, min(64, -(-4 * props.L2_cache_size // bytes_fp16)))
-        qws = [synthetic_weight(n, k, args.group_size, args.outlier_fraction, seed=i) for i in range(copies)]
+        v2 = args.format_version == 2
+        qws = [synthetic_weight(n, k, args.group_size, args.outlier_fraction, seed=i, v2=v2) for i in range(copies)]
         err = check_against_reference(qws[0], dtype)
-        spec = LayerSpec(n, k, 4, args.group_size, dtype, "cuda")
+        spec = LayerSpec(n, k, 4, args.group_size, dtype, "cuda", zero_points=v2, column_scale=v2)
         kern = CudaInt4Kernel(spec)
         layer = LayerCopies.build(qws, kern)  # regrouped once per shape, not once per M
         w16 = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies16)]
@@ -306,6 +332,13 @@ def main() -> None:
     p.add_argument("--outlier-fraction", type=float, default=0.005)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
+    p.add_argument(
+        "--format-version",
+        type=int,
+        choices=[1, 2],
+        default=2,
+        help="checkpoint format: 2 (zero points + column scale, the converter's default) or 1",
+    )
     p.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="batch rows to time")
     p.add_argument("--shapes", nargs="*", help="only layers whose name contains one of these")
     p.add_argument("--calls", type=int, default=200, help="calls captured per CUDA graph")

@@ -17,6 +17,7 @@
 #ifdef __CUDACC__
 #ifdef __CUDACC_RTC__
 // NVRTC (how CuPy compiles at run time) has no C++ standard library headers.
+using uint8_t = unsigned char;
 using uint16_t = unsigned short;
 using uint32_t = unsigned int;
 using int32_t = int;

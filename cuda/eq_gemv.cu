@@ -6,6 +6,15 @@
 //   qweight [N, K/8] int32   4-bit codes u = q + 8, column k = nibble k % 8 of word k / 8
 //   scales  [N, K/G] fp16    one step per group of G columns (G = K: per output channel)
 //   indptr  [N+1], indices [nnz] int32, values [nnz] fp16: the outliers of each row (CSR)
+// Format version 2 (the *_v2 entry points) adds, per docs/format.md,
+//   zeros    [N, K/G] uint8   zero point z per group: q = u - z (unpacked from qzeros at load)
+//   colscale [K] fp16         column scale c: W'[n, k] = c[k] * s * q + S[n, k]
+// The zero point enters through the per-row magic bias (eq_int4.cuh: free per weight). The column
+// scale costs one 128-bit load and 8 conversions of c per word, shared by both rows, and then 8 FMULs
+// per batch row (kM = 1: x[m, k] * c[k]) or 16, once per word (kM >= 2: q * c for both rows, which also
+// frees c's 8 registers before the batch loop: x-side scaling took the kM = 4 tile from 80 to 100
+// registers). Either product is exact in fp32 (11 x 11, 8 x 11 or 4 x 11 significant bits), so the dense
+// sum is the format's, unrounded; the outliers take the unscaled x.
 //
 // Why it looks like this (numbers in docs/kernels.md, "the instruction-issue model"):
 //   At M = 1 the GEMV must stream 0.5 byte per weight at HBM speed. An H100 can issue 178 warp
@@ -38,11 +47,13 @@ namespace eq {
 constexpr int kMaxM = 16;        // largest batch one launch takes: acc[][] stays in registers
 constexpr int kRowsPerWarp = 2;  // output rows per warp; grid = ceil(N / (blockDim.x / 32 * 2))
 
-template <typename T, int kM>
+template <typename T, int kM, bool kV2>
 __device__ __forceinline__ void gemv_int4(
     const T* __restrict__ x,             // [M, K] activations, row-major, 16-byte aligned
     const int4* __restrict__ qweight,    // [N, K/32] 128-bit chunks of the [N, K/8] int32 codes
     const __half* __restrict__ scales,   // [N, K/G]
+    const uint8_t* __restrict__ zeros,   // [N, K/G] (kV2; unused, may be null, otherwise)
+    const __half* __restrict__ colscale, // [K] (kV2; unused, may be null, otherwise)
     const int* __restrict__ indptr,      // [N + 1]
     const int* __restrict__ indices,     // [nnz]
     const __half* __restrict__ values,   // [nnz]
@@ -76,35 +87,53 @@ __device__ __forceinline__ void gemv_int4(
   // a full HBM latency per iteration (with K = 4096 a lane only has 4 chunks to do).
   int4 next[R];
   __half next_s[R];
+  uint32_t next_z[R] = {};
   auto fetch = [&](int c) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       next[r] = qweight[static_cast<size_t>(row[r]) * chunks + c];  // LDG.E.128: 32 codes
       next_s[r] = scales[static_cast<size_t>(row[r]) * groups + (c >> group_shift)];
+      if constexpr (kV2) next_z[r] = zeros[static_cast<size_t>(row[r]) * groups + (c >> group_shift)];
     }
   };
   if (active[0] && lane < chunks) fetch(lane);
   for (int c = lane; active[0] && c < chunks; c += kWarp) {
-    uint32_t words[R][4];
+    uint32_t words[R][4], bias[R];
     float s[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       words[r][0] = uint32_t(next[r].x), words[r][1] = uint32_t(next[r].y);
       words[r][2] = uint32_t(next[r].z), words[r][3] = uint32_t(next[r].w);
       s[r] = __half2float(next_s[r]);
+      bias[r] = magic_bias_pair(next_z[r]);  // used by kV2 only (dead code otherwise)
     }
     if (c + kWarp < chunks) fetch(c + kWarp);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       float q[R][8];
 #pragma unroll
-      for (int r = 0; r < R; ++r) dequant_word(words[r][i], q[r]);
+      for (int r = 0; r < R; ++r) dequant_word_as<kV2>(words[r][i], bias[r], q[r]);
       const T* xk = x + c * 32 + i * 8;
+      constexpr bool kScaleX = kV2 && kM == 1;  // where the column scale goes: see the top of the file
+      float cv[8];
+      if constexpr (kV2) {
+        Act<__half>::load8(colscale + c * 32 + i * 8, cv);  // LDG.E.128: 8 column scales
+        if constexpr (!kScaleX) {
+#pragma unroll
+          for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) q[r][j] *= cv[j];
+        }
+      }
 #pragma unroll
       for (int m = 0; m < kM; ++m) {
         if (m <= kM / 2 || m < M) {  // kM / 2 < M: the first half of the tile is never masked
           float xv[8];
           Act<T>::load8(xk + static_cast<size_t>(m) * K, xv);  // LDG.E.128: 8 activations
+          if constexpr (kScaleX) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) xv[j] *= cv[j];  // exact: see the top of the file
+          }
 #pragma unroll
           for (int r = 0; r < R; ++r) {
             float dot = 0.0f;
@@ -147,16 +176,20 @@ __device__ __forceinline__ void gemv_int4(
 }  // namespace eq
 
 // C names, so that CuPy's RawModule finds them without C++ name mangling:
-// eq_gemv_int4_{f16,bf16}_m{1,2,4,8,16}; a launch takes the smallest kM >= M.
+// eq_gemv_int4_{f16,bf16}_m{1,2,4,8,16}[_v2]; a launch takes the smallest kM >= M, and the _v2 entry
+// for layers of format version 2 (zero points and column scale). Both share one signature; format
+// version 1 passes null for zeros and colscale.
 // No __launch_bounds__: capping kM = 16 at 128 registers made it spill, and the cap also let the
 // small tiles grow from 55 to 95 registers (fewer resident warps where they matter most, at M = 1).
-#define EQ_GEMV_ENTRY(SUFFIX, T, KM)                                                                        \
-  extern "C" __global__ void eq_gemv_int4_##SUFFIX##_m##KM(const T* x, const int4* qweight,                  \
-                                                          const __half* scales, const int* indptr,          \
-                                                          const int* indices, const __half* values, T* y,   \
-                                                          int M, int N, int K, int G) {                     \
-    eq::gemv_int4<T, KM>(x, qweight, scales, indptr, indices, values, y, M, N, K, G);                       \
+#define EQ_GEMV_ENTRY_AS(NAME, T, KM, V2)                                                                       \
+  extern "C" __global__ void NAME(const T* x, const int4* qweight, const __half* scales, const uint8_t* zeros,  \
+                                  const __half* colscale, const int* indptr, const int* indices,                \
+                                  const __half* values, T* y, int M, int N, int K, int G) {                     \
+    eq::gemv_int4<T, KM, V2>(x, qweight, scales, zeros, colscale, indptr, indices, values, y, M, N, K, G);      \
   }
+#define EQ_GEMV_ENTRY(SUFFIX, T, KM)                              \
+  EQ_GEMV_ENTRY_AS(eq_gemv_int4_##SUFFIX##_m##KM, T, KM, false) \
+  EQ_GEMV_ENTRY_AS(eq_gemv_int4_##SUFFIX##_m##KM##_v2, T, KM, true)
 #define EQ_GEMV_ENTRIES(SUFFIX, T) \
   EQ_GEMV_ENTRY(SUFFIX, T, 1)      \
   EQ_GEMV_ENTRY(SUFFIX, T, 2)      \

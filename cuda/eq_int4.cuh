@@ -75,6 +75,28 @@ __device__ __forceinline__ void magic_pair_to_codes(uint32_t pair, float& lo, fl
 #endif
 }
 
+// Format version 2 (asymmetric codes, q = u - z with a zero point z per group): the same trick with
+// a per-row bias 1024 + z instead of the constant 1024 + 8. Its fp16 bits are 0x6400 | z (z < 16 sits
+// in the mantissa like u does), so building it is two integer instructions per group and the code
+// conversion itself is still one HSUB2, now with a register operand instead of an immediate: zero
+// points cost nothing per weight. (The alternative, s * (sum u x - z * sum x), needs the activation sums
+// of every group and batch row.)
+__device__ __forceinline__ uint32_t magic_bias_pair(uint32_t z) { return (0x6400u | z) * 0x00010001u; }
+
+__device__ __forceinline__ void magic_pair_to_codes(uint32_t pair, uint32_t bias, float& lo, float& hi) {
+#ifdef __CUDACC__
+  const __half2 h = __hsub2(*reinterpret_cast<const __half2*>(&pair), *reinterpret_cast<const __half2*>(&bias));
+  const float2 f = __half22float2(h);
+  lo = f.x;
+  hi = f.y;
+#else
+  lo = __half2float(__ushort_as_half(static_cast<unsigned short>(pair & 0xFFFFu))) -
+       __half2float(__ushort_as_half(static_cast<unsigned short>(bias & 0xFFFFu)));
+  hi = __half2float(__ushort_as_half(static_cast<unsigned short>(pair >> 16))) -
+       __half2float(__ushort_as_half(static_cast<unsigned short>(bias >> 16)));
+#endif
+}
+
 // The 8 signed codes of one word (column k0 + j is nibble j), in column order, as floats.
 __device__ __forceinline__ void dequant_word(uint32_t w, float (&q)[8]) {
 #pragma unroll
@@ -82,6 +104,22 @@ __device__ __forceinline__ void dequant_word(uint32_t w, float (&q)[8]) {
     const uint32_t pair = and_or(w >> (4 * j), kNibblePairMask, kMagicPair);  // halves: u_j, u_{j+4}
     magic_pair_to_codes(pair, q[j], q[j + 4]);
   }
+}
+
+// The same with a zero point: q = u - z, bias = magic_bias_pair(z).
+__device__ __forceinline__ void dequant_word(uint32_t w, uint32_t bias, float (&q)[8]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t pair = and_or(w >> (4 * j), kNibblePairMask, kMagicPair);
+    magic_pair_to_codes(pair, bias, q[j], q[j + 4]);
+  }
+}
+
+// Codes of one word for a checkpoint without (kV2 = false) or with (true) zero points.
+template <bool kV2>
+__device__ __forceinline__ void dequant_word_as(uint32_t w, uint32_t bias, float (&q)[8]) {
+  if constexpr (kV2) dequant_word(w, bias, q);
+  else dequant_word(w, q);
 }
 
 // Activation / output types as float, rounding to nearest even on the way back.

@@ -23,6 +23,15 @@
 // fp32, and the group step multiplies that partial sum in fp32 at each group (or k-block) end. So W'
 // is never rounded: more exact than the dequantize path, and bf16 needs no bf16 copy of the fp16 step.
 //
+// Format version 2 (the *_v2 entry points; docs/format.md): zero points and a column scale c.
+//   * q = u - z: the magic bias becomes a per-row register, 2^n + z (its bits are the magic's with z
+//     in the mantissa), loaded with the zero at each group start; the A fragment still costs one lop3 +
+//     HSUB2 per register and stays an exact small integer (|q| <= 15). Free per weight.
+//   * c multiplies the B fragment as it is loaded: x * c rounded once to the activation type (one HMUL2
+//     per register for fp16, whose product of two fp16 is correctly rounded; for bf16 the product in
+//     fp32, then one rounding). This is the only rounding v2 adds, the same one the CPU kernels make
+//     ("x * c in the activation dtype", docs/kernels.md); the outliers take the unscaled x.
+//
 // Work split: one block of kMmaWarps warps per 16-row tile; warp w takes k-blocks w, w + 8, ... (split
 // K: enough warps in flight for HBM even when N is small), prefetching its next 128-bit load. Each
 // warp adds its share of the tile's CSR outliers (entries w, w + 8, ... of each row) to its
@@ -51,10 +60,20 @@ struct Mma<__half> {
   static constexpr float kBias = 1032.0f;
   static __device__ __forceinline__ float to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
   static __device__ __forceinline__ uint16_t from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
+  static __device__ __forceinline__ uint32_t bias_pair(uint32_t z) { return (0x6400u | z) * 0x00010001u; }
 #ifdef __CUDACC__
   static __device__ __forceinline__ uint32_t codes(uint32_t pair) {
     const __half2 q = __hsub2(*reinterpret_cast<const __half2*>(&pair), __float2half2_rn(kBias));
     return *reinterpret_cast<const uint32_t*>(&q);
+  }
+  static __device__ __forceinline__ uint32_t codes(uint32_t pair, uint32_t bias) {
+    const __half2 q = __hsub2(*reinterpret_cast<const __half2*>(&pair), *reinterpret_cast<const __half2*>(&bias));
+    return *reinterpret_cast<const uint32_t*>(&q);
+  }
+  // Two activations times two fp16 column scales, rounded once: HMUL2.
+  static __device__ __forceinline__ uint32_t scale(uint32_t x, uint32_t c) {
+    const __half2 p = __hmul2(*reinterpret_cast<const __half2*>(&x), *reinterpret_cast<const __half2*>(&c));
+    return *reinterpret_cast<const uint32_t*>(&p);
   }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     asm volatile(
@@ -74,10 +93,22 @@ struct Mma<__nv_bfloat16> {
   static __device__ __forceinline__ uint16_t from_float(float f) {
     return __bfloat16_as_ushort(__float2bfloat16_rn(f));
   }
+  static __device__ __forceinline__ uint32_t bias_pair(uint32_t z) { return (0x4300u | z) * 0x00010001u; }
 #ifdef __CUDACC__
   static __device__ __forceinline__ uint32_t codes(uint32_t pair) {
     const __nv_bfloat162 q = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&pair), __float2bfloat162_rn(kBias));
     return *reinterpret_cast<const uint32_t*>(&q);
+  }
+  static __device__ __forceinline__ uint32_t codes(uint32_t pair, uint32_t bias) {
+    const __nv_bfloat162 q =
+        __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&pair), *reinterpret_cast<const __nv_bfloat162*>(&bias));
+    return *reinterpret_cast<const uint32_t*>(&q);
+  }
+  // Two bf16 activations times two fp16 column scales: exact in fp32 (8 x 11 bits), one rounding to bf16.
+  static __device__ __forceinline__ uint32_t scale(uint32_t x, uint32_t c) {
+    const float lo = __uint_as_float(x << 16) * __half2float(__ushort_as_half(static_cast<unsigned short>(c & 0xFFFFu)));
+    const float hi = __uint_as_float(x & 0xFFFF0000u) * __half2float(__ushort_as_half(static_cast<unsigned short>(c >> 16)));
+    return Act<__nv_bfloat16>::pack2(lo, hi);
   }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     asm volatile(
@@ -96,6 +127,20 @@ template <typename T>
 inline uint32_t host_codes(uint32_t pair) {
   const float lo = Mma<T>::to_float(uint16_t(pair & 0xFFFFu)) - Mma<T>::kBias;
   const float hi = Mma<T>::to_float(uint16_t(pair >> 16)) - Mma<T>::kBias;
+  return uint32_t(Mma<T>::from_float(lo)) | (uint32_t(Mma<T>::from_float(hi)) << 16);
+}
+
+template <typename T>
+inline uint32_t host_codes(uint32_t pair, uint32_t bias) {
+  const float lo = Mma<T>::to_float(uint16_t(pair & 0xFFFFu)) - Mma<T>::to_float(uint16_t(bias & 0xFFFFu));
+  const float hi = Mma<T>::to_float(uint16_t(pair >> 16)) - Mma<T>::to_float(uint16_t(bias >> 16));
+  return uint32_t(Mma<T>::from_float(lo)) | (uint32_t(Mma<T>::from_float(hi)) << 16);
+}
+
+template <typename T>
+inline uint32_t host_scale(uint32_t x, uint32_t c) {  // the exact product, rounded once to T
+  const float lo = Mma<T>::to_float(uint16_t(x & 0xFFFFu)) * __half2float(__ushort_as_half(uint16_t(c & 0xFFFFu)));
+  const float hi = Mma<T>::to_float(uint16_t(x >> 16)) * __half2float(__ushort_as_half(uint16_t(c >> 16)));
   return uint32_t(Mma<T>::from_float(lo)) | (uint32_t(Mma<T>::from_float(hi)) << 16);
 }
 
@@ -133,6 +178,24 @@ __device__ __forceinline__ uint32_t codes(uint32_t pair) {
 }
 
 template <typename T>
+__device__ __forceinline__ uint32_t codes(uint32_t pair, uint32_t bias) {
+#ifdef __CUDACC__
+  return Mma<T>::codes(pair, bias);
+#else
+  return host_codes<T>(pair, bias);
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t scale(uint32_t x, uint32_t c) {
+#ifdef __CUDACC__
+  return Mma<T>::scale(x, c);
+#else
+  return host_scale<T>(x, c);
+#endif
+}
+
+template <typename T>
 __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #ifdef __CUDACC__
   Mma<T>::mma(d, a, b);
@@ -141,11 +204,13 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const
 #endif
 }
 
-template <typename T, int kT>
+template <typename T, int kT, bool kV2>
 __device__ __forceinline__ void mma_int4(
     const T* __restrict__ x,            // [M, K] activations, 16-byte aligned
     const int4* __restrict__ qweight,   // [N/16][K/64][32] lanes' 128-bit words (MMA layout)
     const __half* __restrict__ scales,  // [N, K/G]
+    const uint8_t* __restrict__ zeros,  // [N, K/G] (kV2 only)
+    const __half* __restrict__ colscale,  // [K] (kV2 only), 8-byte aligned
     const int* __restrict__ indptr, const int* __restrict__ indices, const __half* __restrict__ values,
     T* __restrict__ y,  // [M, N]
     int M, int N, int K, int G) {
@@ -170,6 +235,7 @@ __device__ __forceinline__ void mma_int4(
   const int4* tile = qweight + static_cast<size_t>(blockIdx.x) * kblocks * kWarp + lane;
   int4 next = {0, 0, 0, 0};
   if (warp < kblocks) next = tile[warp * kWarp];  // LDG.E.128
+  uint32_t bias[2] = {0u, 0u};  // kV2: 2^n + z of rows g (A registers 0, 2) and g + 8 (registers 1, 3)
   for (int kb = warp; kb < kblocks; kb += kMmaWarps) {
     const uint32_t words[4] = {uint32_t(next.x), uint32_t(next.y), uint32_t(next.z), uint32_t(next.w)};
     if (kb + kMmaWarps < kblocks) next = tile[(kb + kMmaWarps) * kWarp];  // in flight during this block
@@ -177,13 +243,26 @@ __device__ __forceinline__ void mma_int4(
     for (int s = 0; s < 4; ++s) {
       const int k0 = kb * 64 + 16 * s;
       uint32_t a[4];
+      uint2 c = {0u, 0u};
+      if constexpr (kV2) {
+        if (s % steps_per_scale == 0) {  // a group starts here (steps_per_scale divides the group's steps)
+          const int grp = k0 >> group_shift;
+          bias[0] = Mma<T>::bias_pair(zeros[static_cast<size_t>(r0 + g) * groups + grp]);
+          bias[1] = Mma<T>::bias_pair(zeros[static_cast<size_t>(r0 + g + 8) * groups + grp]);
+        }
 #pragma unroll
-      for (int p = 0; p < 4; ++p) a[p] = codes<T>(and_or(words[s] >> (4 * p), kNibblePairMask, Mma<T>::kMagic));
+        for (int p = 0; p < 4; ++p) a[p] = codes<T>(and_or(words[s] >> (4 * p), kNibblePairMask, Mma<T>::kMagic), bias[p & 1]);
+        c = load64(colscale + k0 + 4 * t);  // the 4 column scales of this lane's B fragment
+      } else {
+#pragma unroll
+        for (int p = 0; p < 4; ++p) a[p] = codes<T>(and_or(words[s] >> (4 * p), kNibblePairMask, Mma<T>::kMagic));
+      }
 #pragma unroll
       for (int j = 0; j < kT; ++j) {
         // B fragment: 4 activations of this lane's batch row (see xrow). Rows past M are zeroed by a
         // select, not skipped by a branch, so the warp reaches mma.sync.aligned converged.
-        const uint2 v = load64(xrow[j] + k0);  // 8-byte aligned: K % 64 == 0, x 16-byte aligned
+        uint2 v = load64(xrow[j] + k0);  // 8-byte aligned: K % 64 == 0, x 16-byte aligned
+        if constexpr (kV2) v = {scale<T>(v.x, c.x), scale<T>(v.y, c.y)};
         const bool live = 2 * j < kT || 8 * j + g < M;  // the first half of the tiles is never masked
         const uint32_t b[2] = {live ? v.x : 0u, live ? v.y : 0u};
         mma<T>(part[j], a, b);
@@ -243,8 +322,9 @@ __device__ __forceinline__ void mma_int4(
 // W' [N, K] from the MMA layout: one warp per 16-row tile, each value s * q rounded once (bit-identical
 // to easyquant_vllm.quant.dequantize), 4 consecutive values per row and step as one 64-bit store; then,
 // after __syncwarp, the tile's outliers over their zeros (the owner warp only: no atomics).
-template <typename T>
+template <typename T, bool kV2>
 __device__ __forceinline__ void dequant_mma(const int4* __restrict__ qweight, const __half* __restrict__ scales,
+                                            const uint8_t* __restrict__ zeros, const __half* __restrict__ colscale,
                                             const int* __restrict__ indptr, const int* __restrict__ indices,
                                             const __half* __restrict__ values, T* __restrict__ w, int N, int K,
                                             int G) {
@@ -264,11 +344,27 @@ __device__ __forceinline__ void dequant_mma(const int4* __restrict__ qweight, co
 #pragma unroll
       for (int h = 0; h < 2; ++h) {  // row g (nibble pairs 0, 2) and row g + 8 (pairs 1, 3)
         const int row = r0 + g + 8 * h;
-        const float step = __half2float(scales[static_cast<size_t>(row) * groups + (col >> group_shift)]);
+        const size_t grp = static_cast<size_t>(row) * groups + (col >> group_shift);
+        const float step = __half2float(scales[grp]);
         float q[4];
-        magic_pair_to_codes(and_or(words[s] >> (4 * h), kNibblePairMask, kMagicPair), q[0], q[1]);
-        magic_pair_to_codes(and_or(words[s] >> (4 * (h + 2)), kNibblePairMask, kMagicPair), q[2], q[3]);
-        const uint2 out = {Act<T>::pack2(step * q[0], step * q[1]), Act<T>::pack2(step * q[2], step * q[3])};
+        if constexpr (kV2) {  // q = u - z, then c * (s * q): the reference's order (s * q exact, one rounding)
+          const uint32_t bias = magic_bias_pair(zeros[grp]);
+          magic_pair_to_codes(and_or(words[s] >> (4 * h), kNibblePairMask, kMagicPair), bias, q[0], q[1]);
+          magic_pair_to_codes(and_or(words[s] >> (4 * (h + 2)), kNibblePairMask, kMagicPair), bias, q[2], q[3]);
+          const uint2 cb = load64(colscale + col);
+          const float cv[4] = {__half2float(__ushort_as_half(static_cast<unsigned short>(cb.x & 0xFFFFu))),
+                               __half2float(__ushort_as_half(static_cast<unsigned short>(cb.x >> 16))),
+                               __half2float(__ushort_as_half(static_cast<unsigned short>(cb.y & 0xFFFFu))),
+                               __half2float(__ushort_as_half(static_cast<unsigned short>(cb.y >> 16)))};
+#pragma unroll
+          for (int i = 0; i < 4; ++i) q[i] = cv[i] * (step * q[i]);
+        } else {
+          magic_pair_to_codes(and_or(words[s] >> (4 * h), kNibblePairMask, kMagicPair), q[0], q[1]);
+          magic_pair_to_codes(and_or(words[s] >> (4 * (h + 2)), kNibblePairMask, kMagicPair), q[2], q[3]);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) q[i] *= step;
+        }
+        const uint2 out = {Act<T>::pack2(q[0], q[1]), Act<T>::pack2(q[2], q[3])};
         store64(w + static_cast<size_t>(row) * K + col, out);  // STG.E.64
       }
     }
@@ -283,15 +379,18 @@ __device__ __forceinline__ void dequant_mma(const int4* __restrict__ qweight, co
 
 }  // namespace eq
 
-// eq_mma_int4_{f16,bf16}_t{1,2,4,8}: kT batch tiles of 8 rows (M <= 8 kT; a launch takes the smallest);
-// grid N / 16 blocks of
-// 8 warps. eq_dequant_mma_int4_{f16,bf16}: grid ceil(N / 64) blocks of 4 warps.
-#define EQ_MMA_ENTRY(SUFFIX, T, KT)                                                                             \
-  extern "C" __global__ void eq_mma_int4_##SUFFIX##_t##KT(const T* x, const int4* qweight, const __half* scales, \
-                                                         const int* indptr, const int* indices,                 \
-                                                         const __half* values, T* y, int M, int N, int K, int G) { \
-    eq::mma_int4<T, KT>(x, qweight, scales, indptr, indices, values, y, M, N, K, G);                            \
+// eq_mma_int4_{f16,bf16}_t{1,2,4,8}[_v2]: kT batch tiles of 8 rows (M <= 8 kT; a launch takes the
+// smallest); grid N / 16 blocks of 8 warps. eq_dequant_mma_int4_{f16,bf16}[_v2]: grid ceil(N / 64) blocks
+// of 4 warps. _v2: format version 2 (zero points and column scale); version 1 passes null for both.
+#define EQ_MMA_ENTRY_AS(NAME, T, KT, V2)                                                                         \
+  extern "C" __global__ void NAME(const T* x, const int4* qweight, const __half* scales, const uint8_t* zeros,   \
+                                  const __half* colscale, const int* indptr, const int* indices,                 \
+                                  const __half* values, T* y, int M, int N, int K, int G) {                      \
+    eq::mma_int4<T, KT, V2>(x, qweight, scales, zeros, colscale, indptr, indices, values, y, M, N, K, G);        \
   }
+#define EQ_MMA_ENTRY(SUFFIX, T, KT)                             \
+  EQ_MMA_ENTRY_AS(eq_mma_int4_##SUFFIX##_t##KT, T, KT, false) \
+  EQ_MMA_ENTRY_AS(eq_mma_int4_##SUFFIX##_t##KT##_v2, T, KT, true)
 EQ_MMA_ENTRY(f16, __half, 1)
 EQ_MMA_ENTRY(f16, __half, 2)
 EQ_MMA_ENTRY(f16, __half, 4)
@@ -301,14 +400,13 @@ EQ_MMA_ENTRY(bf16, __nv_bfloat16, 2)
 EQ_MMA_ENTRY(bf16, __nv_bfloat16, 4)
 EQ_MMA_ENTRY(bf16, __nv_bfloat16, 8)
 
-extern "C" __global__ void eq_dequant_mma_int4_f16(const int4* qweight, const __half* scales, const int* indptr,
-                                                   const int* indices, const __half* values, __half* w, int N,
-                                                   int K, int G) {
-  eq::dequant_mma<__half>(qweight, scales, indptr, indices, values, w, N, K, G);
-}
-
-extern "C" __global__ void eq_dequant_mma_int4_bf16(const int4* qweight, const __half* scales, const int* indptr,
-                                                    const int* indices, const __half* values, __nv_bfloat16* w,
-                                                    int N, int K, int G) {
-  eq::dequant_mma<__nv_bfloat16>(qweight, scales, indptr, indices, values, w, N, K, G);
-}
+#define EQ_DEQUANT_MMA_ENTRY(NAME, T, V2)                                                                       \
+  extern "C" __global__ void NAME(const int4* qweight, const __half* scales, const uint8_t* zeros,              \
+                                  const __half* colscale, const int* indptr, const int* indices,                \
+                                  const __half* values, T* w, int N, int K, int G) {                            \
+    eq::dequant_mma<T, V2>(qweight, scales, zeros, colscale, indptr, indices, values, w, N, K, G);              \
+  }
+EQ_DEQUANT_MMA_ENTRY(eq_dequant_mma_int4_f16, __half, false)
+EQ_DEQUANT_MMA_ENTRY(eq_dequant_mma_int4_bf16, __nv_bfloat16, false)
+EQ_DEQUANT_MMA_ENTRY(eq_dequant_mma_int4_f16_v2, __half, true)
+EQ_DEQUANT_MMA_ENTRY(eq_dequant_mma_int4_bf16_v2, __nv_bfloat16, true)

@@ -16,9 +16,11 @@ from easyquant_vllm.kernels.mma_layout import from_mma_layout
 from easyquant_vllm.quant import dequantize
 
 
-def _w_prime(qweight: torch.Tensor, scales, indptr, indices, values, n: int, k: int, g: int, mma: bool):  # type: ignore[no-untyped-def]
+def _w_prime(qweight: torch.Tensor, scales, zeros, col_scale, indptr, indices, values, n: int, k: int, g: int,  # type: ignore[no-untyped-def]
+             mma: bool):  # fmt: skip
     canonical = from_mma_layout(qweight, n, k) if mma else qweight
-    return dequantize(canonical, scales, indptr, indices, values, 4, -1 if g == k else g, torch.float64)
+    return dequantize(canonical, scales, indptr, indices, values, 4, -1 if g == k else g, torch.float64,
+                      zeros=zeros, col_scale=col_scale)  # fmt: skip
 
 
 class HostLauncher:
@@ -30,13 +32,16 @@ class HostLauncher:
     def launch(self, plan: LaunchPlan) -> None:
         self.launched[plan.name] += 1
         mma = plan.name.startswith(("eq_mma", "eq_dequant_mma"))
+        v2 = plan.name.endswith("_v2")
         if plan.name.startswith(("eq_gemv", "eq_mma_int4")):  # products: (x, qweight, ..., values, y, m, n, k, g)
-            x, qweight, scales, indptr, indices, values, y, m, n, k, g = plan.args
+            x, qweight, scales, zeros, col_scale, indptr, indices, values, y, m, n, k, g = plan.args
             assert tuple(x.shape) == (m, k) and tuple(y.shape) == (m, n)
-            w = _w_prime(qweight, scales, indptr, indices, values, n, k, g, mma)
+            assert (zeros is not None) == (col_scale is not None) == v2, plan.name
+            w = _w_prime(qweight, scales, zeros, col_scale, indptr, indices, values, n, k, g, mma)
             y.copy_((x.double() @ w.T).to(y.dtype))
-        elif plan.name.startswith("eq_dequant"):  # (qweight, scales, indptr, indices, values, w, n, k, g)
-            qweight, scales, indptr, indices, values, w, n, k, g = plan.args
-            w.copy_(_w_prime(qweight, scales, indptr, indices, values, n, k, g, mma).to(w.dtype))
+        elif plan.name.startswith("eq_dequant"):  # (qweight, scales, zeros, colscale, ..., values, w, n, k, g)
+            qweight, scales, zeros, col_scale, indptr, indices, values, w, n, k, g = plan.args
+            assert (zeros is not None) == (col_scale is not None) == v2, plan.name
+            w.copy_(_w_prime(qweight, scales, zeros, col_scale, indptr, indices, values, n, k, g, mma).to(w.dtype))
         else:
             raise AssertionError(f"unknown entry point {plan.name}")

@@ -57,10 +57,17 @@ def host_cuda(monkeypatch: pytest.MonkeyPatch) -> HostLauncher:
 
 
 @pytest.mark.parametrize(("n", "mma"), [(64, True), (40, False)])  # N % 16 decides the layout
-def test_cuda_dispatch_is_decided_at_run_time_under_compile(host_cuda: HostLauncher, n: int, mma: bool) -> None:
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])  # format version 2: zeros + column scale
+def test_cuda_dispatch_is_decided_at_run_time_under_compile(host_cuda: HostLauncher, n: int, mma: bool,
+                                                            v2: bool) -> None:  # fmt: skip
+    from easyquant_vllm.quant import quantize_group
+
     k = 512
-    qw = quantize_weight(heavy_tailed(n, k, seed=n), QuantSpec(group_size=128))
-    kernel = CudaInt4Kernel(LayerSpec(n, k, 4, 128, torch.float16, "cuda"), torch.device("cpu"))
+    spec = QuantSpec(group_size=128, zero_points=v2, normalize="sinkhorn" if v2 else "none")
+    [qw] = quantize_group([heavy_tailed(n, k, seed=n)], spec)
+    assert (qw.zeros is not None) is v2 and (qw.col_scale is not None) is v2
+    layer = LayerSpec(n, k, 4, 128, torch.float16, "cuda", zero_points=v2, column_scale=v2)
+    kernel = CudaInt4Kernel(layer, torch.device("cpu"))
     assert kernel.mma is mma
     tensors = kernel.prepare(qw)
     torch._dynamo.reset()
@@ -79,7 +86,7 @@ def test_cuda_dispatch_is_decided_at_run_time_under_compile(host_cuda: HostLaunc
     names = set(host_cuda.launched)
     expected = {"eq_mma_int4_f16_t1", "eq_mma_int4_f16_t4", "eq_dequant_mma_int4_f16"} if mma else \
         {"eq_gemv_int4_f16_m1", "eq_dequant_int4_f16"}  # fmt: skip
-    assert names == expected
+    assert names == {name + ("_v2" if v2 else "") for name in expected}
 
 
 @pytest.mark.parametrize("kernel_cls", CPU_INT4, ids=lambda k: k.name)

@@ -58,6 +58,14 @@ def test_self_check_passes_and_runs_every_path(cuda_ok: HostLauncher) -> None:
     assert sum(cuda_ok.launched.values()) == 5
 
 
+def test_self_check_of_format_version_2(cuda_ok: HostLauncher) -> None:
+    spec = LayerSpec(64, 512, 4, 128, torch.bfloat16, "cuda", zero_points=True, column_scale=True)
+    kernel, warnings = _select(spec)
+    assert kernel is CudaInt4Kernel and not warnings
+    expected = {*(f"eq_mma_int4_bf16_t{t}_v2" for t in (1, 2, 4, 8)), "eq_dequant_mma_int4_bf16_v2"}
+    assert set(cuda_ok.launched) == expected
+
+
 def test_self_check_of_the_gemv_layout(cuda_ok: HostLauncher) -> None:
     kernel, _ = _select(LayerSpec(40, 512, 4, -1, torch.bfloat16, "cuda"))  # N % 16 != 0: no MMA layout
     assert kernel is CudaInt4Kernel
@@ -78,7 +86,7 @@ class _Wrong(HostLauncher):
 
     def launch(self, plan) -> None:  # type: ignore[no-untyped-def]
         super().launch(plan)
-        out = plan.args[6] if plan.name.startswith(("eq_gemv", "eq_mma_int4")) else plan.args[5]
+        out = plan.args[8] if plan.name.startswith(("eq_gemv", "eq_mma_int4")) else plan.args[7]
         out[:, 0] += 1.0
 
 

@@ -29,13 +29,17 @@ MMA_BATCH_TILES = (1, 2, 4, 8)
 MMA_WARPS = 8
 """= kMmaWarps in cuda/eq_mma.cu: warps per block, all on one 16-row tile, splitting K."""
 
+FORMAT_VARIANTS = ("", "_v2")
+"""Entry-point suffixes: format version 1, and version 2 (zero points and a column scale; docs/format.md)."""
+
 KERNEL_NAMES = {
-    "eq_gemv.cu": tuple(f"eq_gemv_int4_{t}_m{m}" for t in ("f16", "bf16") for m in GEMV_BATCH_TILES),
-    "eq_dequant.cu": ("eq_dequant_int4_f16", "eq_dequant_int4_bf16"),
+    "eq_gemv.cu": tuple(
+        f"eq_gemv_int4_{t}_m{m}{v}" for t in ("f16", "bf16") for m in GEMV_BATCH_TILES for v in FORMAT_VARIANTS
+    ),
+    "eq_dequant.cu": tuple(f"eq_dequant_int4_{t}{v}" for t in ("f16", "bf16") for v in FORMAT_VARIANTS),
     "eq_mma.cu": (
-        *(f"eq_mma_int4_{t}_t{j}" for t in ("f16", "bf16") for j in MMA_BATCH_TILES),
-        "eq_dequant_mma_int4_f16",
-        "eq_dequant_mma_int4_bf16",
+        *(f"eq_mma_int4_{t}_t{j}{v}" for t in ("f16", "bf16") for j in MMA_BATCH_TILES for v in FORMAT_VARIANTS),
+        *(f"eq_dequant_mma_int4_{t}{v}" for t in ("f16", "bf16") for v in FORMAT_VARIANTS),
     ),
 }
 

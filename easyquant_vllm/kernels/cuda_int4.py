@@ -10,6 +10,10 @@ DLPack stream sync, which CUDA-graph capture forbids). Tests swap :data:`launche
 to run the dispatch and the start-up self-check without a GPU. Inputs are checked before launch;
 errors name the tensor and its actual dtype, shape or alignment.
 
+Format version 2 (zero points ``zeros [N, K/G] uint8``, column scale ``col_scale [K] fp16``) runs the
+``*_v2`` entry points of the same kernels; every launch function takes both tensors or neither (a layer
+with only one of them gets the neutral other, ``z = 8`` or ``c = 1``, at load: see :func:`v2_tensors`).
+
 Status: compiled and tested without a GPU (tests/test_cuda_kernels.py); the launch itself and the
 GPU tests (``pytest -m gpu``) have not run yet: no GPU was lent to the tasks that built them
 (docs/kernels.md).
@@ -61,12 +65,15 @@ def _require(ok: bool, message: str) -> None:
 
 
 def check_weight(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
-                 values: torch.Tensor, group_size: int, mma: bool = False) -> tuple[int, int, int]:  # fmt: skip
+                 values: torch.Tensor, group_size: int, mma: bool = False, zeros: torch.Tensor | None = None,
+                 col_scale: torch.Tensor | None = None) -> tuple[int, int, int]:  # fmt: skip
     """Validate the weight tensors; returns ``(N, K, G)``. Placement and alignment are checked last (that
     they are CUDA tensors, the launcher checks).
 
     ``qweight`` is canonical ``[N, K/8]`` int32, or with ``mma=True`` the tensor-core layout
-    ``[N/16, 2K]`` int32 of :mod:`.mma_layout`.
+    ``[N/16, 2K]`` int32 of :mod:`.mma_layout`. Format version 2 adds ``zeros [N, K/G] uint8`` (values
+    0..15) and ``col_scale [K] float16`` (16-byte aligned: the kernels load 8 or 4 scales at once), both
+    or neither.
     """
     if mma:
         _require(qweight.dtype == torch.int32 and qweight.dim() == 2 and qweight.shape[1] % 128 == 0,
@@ -87,12 +94,41 @@ def check_weight(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tens
     _require(indices.dtype == torch.int32 and values.dtype == torch.float16 and indices.shape == values.shape,
              f"outlier_indices/values must be int32/float16 of one length, got {indices.dtype} "
              f"{list(indices.shape)} / {values.dtype} {list(values.shape)}")  # fmt: skip
-    for name, t in (("qweight", qweight), ("scales", scales), ("outlier_indptr", indptr),
-                    ("outlier_indices", indices), ("outlier_values", values)):  # fmt: skip
+    _require(
+        (zeros is None) == (col_scale is None),
+        "zeros and col_scale go together (format version 2); pass z = 8 or c = 1 for the missing one",
+    )
+    named = [("qweight", qweight), ("scales", scales), ("outlier_indptr", indptr), ("outlier_indices", indices),
+             ("outlier_values", values)]  # fmt: skip
+    if zeros is not None and col_scale is not None:
+        _require(zeros.dtype == torch.uint8 and tuple(zeros.shape) == (n, k // g),
+                 f"zeros must be uint8 [{n}, {k // g}], got {zeros.dtype} {list(zeros.shape)}")  # fmt: skip
+        _require(col_scale.dtype == torch.float16 and tuple(col_scale.shape) == (k,),
+                 f"col_scale must be float16 [{k}], got {col_scale.dtype} {list(col_scale.shape)}")  # fmt: skip
+        named += [("zeros", zeros), ("col_scale", col_scale)]
+    for name, t in named:
         _require(t.is_contiguous() and t.device == qweight.device,
                  f"{name} must be contiguous and on {qweight.device}, got {t.device}")  # fmt: skip
     _require(qweight.data_ptr() % 16 == 0, "qweight must be 16-byte aligned (128-bit loads)")
+    _require(col_scale is None or col_scale.data_ptr() % 16 == 0, "col_scale must be 16-byte aligned (128-bit loads)")
     return n, k, g
+
+
+def v2_tensors(zeros: torch.Tensor | None, col_scale: torch.Tensor | None, n: int, k: int,
+               g: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """Both format-version-2 tensors or neither, as the ``*_v2`` kernels take them: the missing one of a
+    layer that has only zero points (or only a column scale) becomes its neutral value (``z = 8``, the
+    symmetric code offset, or ``c = 1``). Copies into fresh, aligned storage."""
+    if zeros is None and col_scale is None:
+        return None, None
+    device = (zeros if zeros is not None else col_scale).device
+    z = torch.full((n, k // g), 8, dtype=torch.uint8, device=device) if zeros is None else zeros.to(torch.uint8)
+    c = torch.ones(k, dtype=torch.float16, device=device) if col_scale is None else col_scale.to(torch.float16)
+    return z.contiguous().clone(), c.contiguous().clone()
+
+
+def _variant(zeros: torch.Tensor | None) -> str:
+    return "" if zeros is None else "_v2"
 
 
 @functools.cache
@@ -127,49 +163,63 @@ class LaunchPlan:
     threads: int = THREADS
 
 
+# Every plan passes the arguments in the order of the entry points' one C signature (cuda/*.cu):
+#   products: x, qweight, scales, zeros, colscale, indptr, indices, values, y, M, N, K, G
+#   dequant:  qweight, scales, zeros, colscale, indptr, indices, values, w, N, K, G
+# with zeros / colscale None (a null pointer) for format version 1.
+
+
 def gemv_plan(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor,
-              indices: torch.Tensor, values: torch.Tensor, y: torch.Tensor, group_size: int) -> LaunchPlan:  # fmt: skip
+              indices: torch.Tensor, values: torch.Tensor, y: torch.Tensor, group_size: int,
+              zeros: torch.Tensor | None = None, col_scale: torch.Tensor | None = None) -> LaunchPlan:  # fmt: skip
     """The GEMV launch for ``x [M, K]`` into ``y [M, N]``: the smallest batch tile >= M."""
     m, k = x.shape
     n = qweight.shape[0]
     tile = next(t for t in GEMV_BATCH_TILES if t >= m)
     g = k if group_size == -1 else group_size
-    return LaunchPlan("eq_gemv.cu", f"eq_gemv_int4_{_SUFFIX[x.dtype]}_m{tile}", -(-n // _ROWS_PER_BLOCK),
-                      (x, qweight, scales, indptr, indices, values, y, m, n, k, g))  # fmt: skip
+    return LaunchPlan("eq_gemv.cu", f"eq_gemv_int4_{_SUFFIX[x.dtype]}_m{tile}{_variant(zeros)}",
+                      -(-n // _ROWS_PER_BLOCK),
+                      (x, qweight, scales, zeros, col_scale, indptr, indices, values, y, m, n, k, g))  # fmt: skip
 
 
 def dequant_plan(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
-                 values: torch.Tensor, w: torch.Tensor, group_size: int) -> LaunchPlan:  # fmt: skip
+                 values: torch.Tensor, w: torch.Tensor, group_size: int, zeros: torch.Tensor | None = None,
+                 col_scale: torch.Tensor | None = None) -> LaunchPlan:  # fmt: skip
     """The dequantize launch writing ``w [N, K]``: one warp per row."""
     n, k = w.shape
     g = k if group_size == -1 else group_size
-    return LaunchPlan("eq_dequant.cu", f"eq_dequant_int4_{_SUFFIX[w.dtype]}", -(-n // (THREADS // 32)),
-                      (qweight, scales, indptr, indices, values, w, n, k, g))  # fmt: skip
+    return LaunchPlan("eq_dequant.cu", f"eq_dequant_int4_{_SUFFIX[w.dtype]}{_variant(zeros)}",
+                      -(-n // (THREADS // 32)),
+                      (qweight, scales, zeros, col_scale, indptr, indices, values, w, n, k, g))  # fmt: skip
 
 
 def mma_plan(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor,
-             indices: torch.Tensor, values: torch.Tensor, y: torch.Tensor, group_size: int) -> LaunchPlan:  # fmt: skip
+             indices: torch.Tensor, values: torch.Tensor, y: torch.Tensor, group_size: int,
+             zeros: torch.Tensor | None = None, col_scale: torch.Tensor | None = None) -> LaunchPlan:  # fmt: skip
     """The tensor-core launch for ``x [M <= 64, K]`` into ``y [M, N]``: one block of 8 warps per 16 rows."""
     m, k = x.shape
     n = y.shape[1]
     tiles = next(t for t in MMA_BATCH_TILES if 8 * t >= m)
     g = k if group_size == -1 else group_size
-    return LaunchPlan("eq_mma.cu", f"eq_mma_int4_{_SUFFIX[x.dtype]}_t{tiles}", n // 16,
-                      (x, qweight, scales, indptr, indices, values, y, m, n, k, g), threads=32 * MMA_WARPS)  # fmt: skip
+    return LaunchPlan("eq_mma.cu", f"eq_mma_int4_{_SUFFIX[x.dtype]}_t{tiles}{_variant(zeros)}", n // 16,
+                      (x, qweight, scales, zeros, col_scale, indptr, indices, values, y, m, n, k, g),
+                      threads=32 * MMA_WARPS)  # fmt: skip
 
 
 def dequant_mma_plan(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
-                     values: torch.Tensor, w: torch.Tensor, group_size: int) -> LaunchPlan:  # fmt: skip
+                     values: torch.Tensor, w: torch.Tensor, group_size: int, zeros: torch.Tensor | None = None,
+                     col_scale: torch.Tensor | None = None) -> LaunchPlan:  # fmt: skip
     """W' ``[N, K]`` from the MMA layout: one warp per 16-row tile."""
     n, k = w.shape
     g = k if group_size == -1 else group_size
-    return LaunchPlan("eq_mma.cu", f"eq_dequant_mma_int4_{_SUFFIX[w.dtype]}", -(-(n // 16) // (THREADS // 32)),
-                      (qweight, scales, indptr, indices, values, w, n, k, g))  # fmt: skip
+    return LaunchPlan("eq_mma.cu", f"eq_dequant_mma_int4_{_SUFFIX[w.dtype]}{_variant(zeros)}",
+                      -(-(n // 16) // (THREADS // 32)),
+                      (qweight, scales, zeros, col_scale, indptr, indices, values, w, n, k, g))  # fmt: skip
 
 
 def kernel_args(plan: LaunchPlan) -> tuple[Any, ...]:
     """The plan's arguments as CuPy passes them by value: tensors as their raw device address (8 bytes,
-    a pointer parameter's ABI), ints as int32.
+    a pointer parameter's ABI), None as a null pointer, ints as int32.
 
     Not DLPack: ``cupy.from_dlpack`` calls ``tensor.__dlpack__(stream=...)``, and torch answers by
     making that stream wait on its current one. Inside CUDA-graph capture that cross-stream sync is
@@ -178,7 +228,8 @@ def kernel_args(plan: LaunchPlan) -> tuple[Any, ...]:
     """
     import numpy as np
 
-    return tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.int32(a) for a in plan.args)
+    return tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.uint64(0) if a is None
+                 else np.int32(a) for a in plan.args)  # fmt: skip
 
 
 class CupyLauncher:
@@ -210,42 +261,48 @@ def _aligned_x(x: torch.Tensor, k: int, max_m: int) -> torch.Tensor:
 
 
 def gemv_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor,
-              indices: torch.Tensor, values: torch.Tensor, group_size: int) -> torch.Tensor:  # fmt: skip
+              indices: torch.Tensor, values: torch.Tensor, group_size: int, zeros: torch.Tensor | None = None,
+              col_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``x [M <= 16, K] fp16/bf16`` -> ``[M, N]``: the fused GEMV of cuda/eq_gemv.cu (canonical layout)."""
-    n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size)
+    n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size, zeros=zeros, col_scale=col_scale)
     x = _aligned_x(x, k, GEMV_KERNEL_MAX_M)
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    launcher.launch(gemv_plan(x, qweight, scales, indptr, indices, values, y, g))
+    launcher.launch(gemv_plan(x, qweight, scales, indptr, indices, values, y, g, zeros, col_scale))
     return y
 
 
 def dequant_int4(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
-                 values: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+                 values: torch.Tensor, group_size: int, dtype: torch.dtype, zeros: torch.Tensor | None = None,
+                 col_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """W' ``[N, K]`` in ``dtype`` (fp16/bf16): cuda/eq_dequant.cu, bit-identical to the reference."""
-    n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size)
+    n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size, zeros=zeros, col_scale=col_scale)
     _require(dtype in _SUFFIX, f"dtype must be float16 or bfloat16, got {dtype}")
     w = torch.empty(n, k, dtype=dtype, device=qweight.device)
-    launcher.launch(dequant_plan(qweight, scales, indptr, indices, values, w, g))
+    launcher.launch(dequant_plan(qweight, scales, indptr, indices, values, w, g, zeros, col_scale))
     return w
 
 
 def mma_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor,
-             indices: torch.Tensor, values: torch.Tensor, group_size: int) -> torch.Tensor:  # fmt: skip
+             indices: torch.Tensor, values: torch.Tensor, group_size: int, zeros: torch.Tensor | None = None,
+             col_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``x [M <= 64, K] fp16/bf16`` -> ``[M, N]`` on tensor cores (cuda/eq_mma.cu); ``qweight`` in the MMA layout."""
-    n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size, mma=True)
+    n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size, mma=True, zeros=zeros,
+                           col_scale=col_scale)  # fmt: skip
     x = _aligned_x(x, k, MMA_MAX_M)
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    launcher.launch(mma_plan(x, qweight, scales, indptr, indices, values, y, g))
+    launcher.launch(mma_plan(x, qweight, scales, indptr, indices, values, y, g, zeros, col_scale))
     return y
 
 
 def dequant_mma_int4(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
-                     values: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+                     values: torch.Tensor, group_size: int, dtype: torch.dtype, zeros: torch.Tensor | None = None,
+                     col_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """W' ``[N, K]`` in ``dtype`` from the MMA layout (cuda/eq_mma.cu), bit-identical to the reference."""
-    n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size, mma=True)
+    n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size, mma=True, zeros=zeros,
+                           col_scale=col_scale)  # fmt: skip
     _require(dtype in _SUFFIX, f"dtype must be float16 or bfloat16, got {dtype}")
     w = torch.empty(n, k, dtype=dtype, device=qweight.device)
-    launcher.launch(dequant_mma_plan(qweight, scales, indptr, indices, values, w, g))
+    launcher.launch(dequant_mma_plan(qweight, scales, indptr, indices, values, w, g, zeros, col_scale))
     return w
 
 
@@ -279,7 +336,8 @@ def cuda_runtime_problem() -> str | None:
 
 class CudaInt4Kernel(Kernel):
     """int4 on CUDA: the MMA layout (tensor cores, M <= 64) where the shape and GPU allow, else the
-    checkpoint's layout (GEMV, M <= 16); dequantize + cuBLAS for larger batches. ``meta = [N, G, mma]``."""
+    checkpoint's layout (GEMV, M <= 16); dequantize + cuBLAS for larger batches. ``meta = [N, G, mma, v2]``;
+    format version 2 layers (``v2 = 1``) add ``zeros`` and ``col_scale`` to the op's tensors."""
 
     name = "cuda-int4"
     TENSORS = ("qweight", "scales", "indptr", "indices", "values")
@@ -303,7 +361,8 @@ class CudaInt4Kernel(Kernel):
 
     @classmethod
     def variant(cls, spec: LayerSpec, device: torch.device) -> tuple[Any, ...]:
-        return (spec.act_dtype, spec.group_size == -1, mma_compatible(spec.n, spec.k) and _has_mma(device))
+        return (spec.act_dtype, spec.group_size == -1, mma_compatible(spec.n, spec.k) and _has_mma(device),
+                spec.zero_points or spec.column_scale)  # fmt: skip
 
     @classmethod
     def check_shape(cls, spec: LayerSpec, device: torch.device) -> tuple[int, int]:
@@ -317,8 +376,16 @@ class CudaInt4Kernel(Kernel):
             return (*(8 * t for t in MMA_BATCH_TILES), MMA_MAX_M + 1)  # every tile, then dequantize + cuBLAS
         return (*GEMV_BATCH_TILES, GEMV_MAX_M + 1)
 
+    @property
+    def v2(self) -> bool:
+        return self.spec.zero_points or self.spec.column_scale
+
     def meta(self) -> list[int]:
-        return [self.spec.n, self.spec.group_size, int(self.mma)]
+        return [self.spec.n, self.spec.group_size, int(self.mma), int(self.v2)]
+
+    def apply_tensors(self, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """:attr:`TENSORS`, then ``zeros`` and ``col_scale`` for a format-version-2 layer."""
+        return [tensors[t] for t in (*self.TENSORS, *(("zeros", "col_scale") if self.v2 else ()))]
 
     def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         """The tensor-core layout where the shape and GPU allow it (N % 16, K % 64, sm_80+), regrouped
@@ -326,25 +393,31 @@ class CudaInt4Kernel(Kernel):
         canonical layout, which the GEMV reads as it is."""
         o = qw.outliers
         qweight = to_mma_layout(qw.qweight) if self.mma else qw.qweight
-        return {"qweight": qweight.contiguous(), "scales": qw.scales.contiguous(), "indptr": o.indptr.contiguous(),
-                "indices": o.indices.contiguous(), "values": o.values.contiguous()}  # fmt: skip
+        tensors = {"qweight": qweight.contiguous(), "scales": qw.scales.contiguous(), "indptr": o.indptr.contiguous(),
+                   "indices": o.indices.contiguous(), "values": o.values.contiguous()}  # fmt: skip
+        if self.v2:
+            n, k, g = self.spec.n, self.spec.k, self.spec.group
+            tensors["zeros"], tensors["col_scale"] = v2_tensors(qw.zeros, qw.col_scale, n, k, g)
+        return tensors
 
     @classmethod
     def forward(cls, w: Sequence[torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None,
                 meta: Sequence[int]) -> torch.Tensor:  # fmt: skip
-        qweight, *rest = w
-        _, group_size, mma = meta
+        qweight, scales, indptr, indices, values, *v2 = w
+        _, group_size, mma, _ = meta
+        csr = (indptr, indices, values)
+        zc = dict(zip(("zeros", "col_scale"), v2, strict=False))  # empty for format version 1
         m = x.shape[0]
         if mma and m <= MMA_MAX_M:
             count(cls.name, "mma")
-            y = mma_int4(x, qweight, *rest, group_size)
+            y = mma_int4(x, qweight, scales, *csr, group_size, **zc)
         elif mma:
             count(cls.name, "dequant")
-            y = x @ dequant_mma_int4(qweight, *rest, group_size, x.dtype).t()
+            y = x @ dequant_mma_int4(qweight, scales, *csr, group_size, x.dtype, **zc).t()
         elif m <= GEMV_MAX_M:
             count(cls.name, "gemv")
-            y = gemv_int4(x, qweight, *rest, group_size)
+            y = gemv_int4(x, qweight, scales, *csr, group_size, **zc)
         else:
             count(cls.name, "dequant")
-            y = x @ dequant_int4(qweight, *rest, group_size, x.dtype).t()
+            y = x @ dequant_int4(qweight, scales, *csr, group_size, x.dtype, **zc).t()
         return y if bias is None else y.add_(bias)
