@@ -27,10 +27,15 @@
 //   * q = u - z: the magic bias becomes a per-row register, 2^n + z (its bits are the magic's with z
 //     in the mantissa), loaded with the zero at each group start; the A fragment still costs one lop3 +
 //     HSUB2 per register and stays an exact small integer (|q| <= 15). Free per weight.
-//   * c multiplies the B fragment as it is loaded: x * c rounded once to the activation type (one HMUL2
-//     per register for fp16, whose product of two fp16 is correctly rounded; for bf16 the product in
-//     fp32, then one rounding). This is the only rounding v2 adds, the same one the CPU kernels make
-//     ("x * c in the activation dtype", docs/kernels.md); the outliers take the unscaled x.
+//   * c multiplies the B fragment as it is loaded: x * c rounded once to the activation type, the only
+//     rounding v2 adds (the CPU kernels make the same one); the outliers take the unscaled x. fp16: one
+//     HMUL2 per register (the product of two fp16 is correctly rounded). bf16: c (fp16, 11 significant
+//     bits) does not fit a bf16, so the loader splits it exactly into c = c_hi + c_lo, two bf16 (8 + 3
+//     bits), stored per 4 columns as [hi x4, lo x4] (one 128-bit load per k-step), and the kernel
+//     computes HFMA2(x, c_hi, HMUL2(x, c_lo)): two instructions per register instead of a round trip
+//     through fp32 (unpack, multiply, repack: 211 instead of 160 instructions per 512 B at M <= 8).
+//     x * c_lo is exact in bf16's range of interest up to its own rounding (2^-9 of a term 2^-8 the
+//     size of x * c), so the result is round(x * c) except within ~2^-17 of a rounding boundary.
 //
 // Work split: one block of kMmaWarps warps per 16-row tile; warp w takes k-blocks w, w + 8, ... (split
 // K: enough warps in flight for HBM even when N is small), prefetching its next 128-bit load. Each
@@ -70,11 +75,6 @@ struct Mma<__half> {
     const __half2 q = __hsub2(*reinterpret_cast<const __half2*>(&pair), *reinterpret_cast<const __half2*>(&bias));
     return *reinterpret_cast<const uint32_t*>(&q);
   }
-  // Two activations times two fp16 column scales, rounded once: HMUL2.
-  static __device__ __forceinline__ uint32_t scale(uint32_t x, uint32_t c) {
-    const __half2 p = __hmul2(*reinterpret_cast<const __half2*>(&x), *reinterpret_cast<const __half2*>(&c));
-    return *reinterpret_cast<const uint32_t*>(&p);
-  }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -104,12 +104,6 @@ struct Mma<__nv_bfloat16> {
         __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&pair), *reinterpret_cast<const __nv_bfloat162*>(&bias));
     return *reinterpret_cast<const uint32_t*>(&q);
   }
-  // Two bf16 activations times two fp16 column scales: exact in fp32 (8 x 11 bits), one rounding to bf16.
-  static __device__ __forceinline__ uint32_t scale(uint32_t x, uint32_t c) {
-    const float lo = __uint_as_float(x << 16) * __half2float(__ushort_as_half(static_cast<unsigned short>(c & 0xFFFFu)));
-    const float hi = __uint_as_float(x & 0xFFFF0000u) * __half2float(__ushort_as_half(static_cast<unsigned short>(c >> 16)));
-    return Act<__nv_bfloat16>::pack2(lo, hi);
-  }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -134,13 +128,6 @@ template <typename T>
 inline uint32_t host_codes(uint32_t pair, uint32_t bias) {
   const float lo = Mma<T>::to_float(uint16_t(pair & 0xFFFFu)) - Mma<T>::to_float(uint16_t(bias & 0xFFFFu));
   const float hi = Mma<T>::to_float(uint16_t(pair >> 16)) - Mma<T>::to_float(uint16_t(bias >> 16));
-  return uint32_t(Mma<T>::from_float(lo)) | (uint32_t(Mma<T>::from_float(hi)) << 16);
-}
-
-template <typename T>
-inline uint32_t host_scale(uint32_t x, uint32_t c) {  // the exact product, rounded once to T
-  const float lo = Mma<T>::to_float(uint16_t(x & 0xFFFFu)) * __half2float(__ushort_as_half(uint16_t(c & 0xFFFFu)));
-  const float hi = Mma<T>::to_float(uint16_t(x >> 16)) * __half2float(__ushort_as_half(uint16_t(c >> 16)));
   return uint32_t(Mma<T>::from_float(lo)) | (uint32_t(Mma<T>::from_float(hi)) << 16);
 }
 
@@ -186,14 +173,84 @@ __device__ __forceinline__ uint32_t codes(uint32_t pair, uint32_t bias) {
 #endif
 }
 
+// The column scales of one lane's B fragment (4 consecutive columns), per activation type: loaded once per
+// k-step, applied to each batch tile's 2 registers, and read as floats by the dequantize kernel.
 template <typename T>
-__device__ __forceinline__ uint32_t scale(uint32_t x, uint32_t c) {
+struct ColScale;
+
+template <>
+struct ColScale<__half> {  // colscale: [K] fp16
+  uint2 c;
+  __device__ __forceinline__ void load(const __half* colscale, int col) { c = load64(colscale + col); }
+  __device__ __forceinline__ float at(int i) const {
+    const uint32_t w = i < 2 ? c.x : c.y;
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(i & 1 ? w >> 16 : w & 0xFFFFu)));
+  }
+  __device__ __forceinline__ uint2 apply(uint2 x) const {  // x * c, rounded once to fp16
 #ifdef __CUDACC__
-  return Mma<T>::scale(x, c);
+    const __half2 lo = __hmul2(*reinterpret_cast<const __half2*>(&x.x), *reinterpret_cast<const __half2*>(&c.x));
+    const __half2 hi = __hmul2(*reinterpret_cast<const __half2*>(&x.y), *reinterpret_cast<const __half2*>(&c.y));
+    return {*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi)};
 #else
-  return host_scale<T>(x, c);
+    uint32_t out[2];
+    const uint32_t xs[2] = {x.x, x.y};
+    for (int r = 0; r < 2; ++r) {
+      const float a = __half2float(__ushort_as_half(uint16_t(xs[r] & 0xFFFFu))) * at(2 * r);
+      const float b = __half2float(__ushort_as_half(uint16_t(xs[r] >> 16))) * at(2 * r + 1);
+      out[r] = Act<__half>::pack2(a, b);  // exact products (11 x 11 bits), one rounding
+    }
+    return {out[0], out[1]};
 #endif
+  }
+};
+
+#ifndef __CUDACC__
+// Round-to-nearest-even of an exact double to bf16 (the host stand-in for one HFMA2.BF16 rounding).
+inline uint16_t host_round_bf16(double v) {
+  if (v == 0.0) return std::signbit(v) ? 0x8000u : 0u;
+  int e;
+  std::frexp(v, &e);                                      // |v| in [2^(e-1), 2^e)
+  const double ulp = std::ldexp(1.0, e - 8);              // bf16: 8 significant bits
+  const double r = std::nearbyint(v / ulp) * ulp;         // exact scaling; nearbyint rounds to even
+  return __bfloat16_as_ushort(__float2bfloat16_rn(static_cast<float>(r)));  // r fits a bf16: exact
 }
+#endif
+
+template <>
+struct ColScale<__nv_bfloat16> {  // colscale: [K/4][hi x4, lo x4] bf16 with c = hi + lo exactly (split_col_scale)
+  uint4 c;  // x: hi of columns 0,1; y: hi 2,3; z: lo 0,1; w: lo 2,3
+  __device__ __forceinline__ void load(const __half* colscale, int col) { c = load128(colscale + 2 * col); }
+  __device__ __forceinline__ float at(int i) const {  // hi + lo in fp32: exact, the stored fp16 c
+    const uint32_t hi = i < 2 ? c.x : c.y, lo = i < 2 ? c.z : c.w;
+    const int sh = i & 1 ? 16 : 0;
+    return __uint_as_float(((hi >> sh) & 0xFFFFu) << 16) + __uint_as_float(((lo >> sh) & 0xFFFFu) << 16);
+  }
+  __device__ __forceinline__ uint2 apply(uint2 x) const {  // HFMA2(x, hi, HMUL2(x, lo))
+#ifdef __CUDACC__
+    const __nv_bfloat162* xs = reinterpret_cast<const __nv_bfloat162*>(&x);
+    const __nv_bfloat162* cs = reinterpret_cast<const __nv_bfloat162*>(&c);
+    const __nv_bfloat162 lo = __hfma2(xs[0], cs[0], __hmul2(xs[0], cs[2]));
+    const __nv_bfloat162 hi = __hfma2(xs[1], cs[1], __hmul2(xs[1], cs[3]));
+    return {*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi)};
+#else
+    uint32_t out[2];
+    const uint32_t xs[2] = {x.x, x.y}, his[2] = {c.x, c.y}, los[2] = {c.z, c.w};
+    for (int r = 0; r < 2; ++r) {
+      uint32_t halves[2];
+      for (int h = 0; h < 2; ++h) {
+        const int sh = 16 * h;
+        const double xv = __uint_as_float(((xs[r] >> sh) & 0xFFFFu) << 16);
+        const double hv = __uint_as_float(((his[r] >> sh) & 0xFFFFu) << 16);
+        const double lv = __uint_as_float(((los[r] >> sh) & 0xFFFFu) << 16);
+        const double t = __uint_as_float(uint32_t(host_round_bf16(xv * lv)) << 16);  // HMUL2: one rounding
+        halves[h] = host_round_bf16(xv * hv + t);  // HFMA2: exact x * hi + t, one rounding (exact in double)
+      }
+      out[r] = halves[0] | (halves[1] << 16);
+    }
+    return {out[0], out[1]};
+#endif
+  }
+};
 
 template <typename T>
 __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
@@ -210,7 +267,7 @@ __device__ __forceinline__ void mma_int4(
     const int4* __restrict__ qweight,   // [N/16][K/64][32] lanes' 128-bit words (MMA layout)
     const __half* __restrict__ scales,  // [N, K/G]
     const uint8_t* __restrict__ zeros,  // [N, K/G] (kV2 only)
-    const __half* __restrict__ colscale,  // [K] (kV2 only), 8-byte aligned
+    const __half* __restrict__ colscale,  // kV2 only: [K] fp16, or for bf16 the [K/4][8] split (ColScale)
     const int* __restrict__ indptr, const int* __restrict__ indices, const __half* __restrict__ values,
     T* __restrict__ y,  // [M, N]
     int M, int N, int K, int G) {
@@ -243,7 +300,7 @@ __device__ __forceinline__ void mma_int4(
     for (int s = 0; s < 4; ++s) {
       const int k0 = kb * 64 + 16 * s;
       uint32_t a[4];
-      uint2 c = {0u, 0u};
+      ColScale<T> c;
       if constexpr (kV2) {
         if (s % steps_per_scale == 0) {  // a group starts here (steps_per_scale divides the group's steps)
           const int grp = k0 >> group_shift;
@@ -252,7 +309,7 @@ __device__ __forceinline__ void mma_int4(
         }
 #pragma unroll
         for (int p = 0; p < 4; ++p) a[p] = codes<T>(and_or(words[s] >> (4 * p), kNibblePairMask, Mma<T>::kMagic), bias[p & 1]);
-        c = load64(colscale + k0 + 4 * t);  // the 4 column scales of this lane's B fragment
+        c.load(colscale, k0 + 4 * t);  // the 4 column scales of this lane's B fragment
       } else {
 #pragma unroll
         for (int p = 0; p < 4; ++p) a[p] = codes<T>(and_or(words[s] >> (4 * p), kNibblePairMask, Mma<T>::kMagic));
@@ -262,7 +319,7 @@ __device__ __forceinline__ void mma_int4(
         // B fragment: 4 activations of this lane's batch row (see xrow). Rows past M are zeroed by a
         // select, not skipped by a branch, so the warp reaches mma.sync.aligned converged.
         uint2 v = load64(xrow[j] + k0);  // 8-byte aligned: K % 64 == 0, x 16-byte aligned
-        if constexpr (kV2) v = {scale<T>(v.x, c.x), scale<T>(v.y, c.y)};
+        if constexpr (kV2) v = c.apply(v);
         const bool live = 2 * j < kT || 8 * j + g < M;  // the first half of the tiles is never masked
         const uint32_t b[2] = {live ? v.x : 0u, live ? v.y : 0u};
         mma<T>(part[j], a, b);
@@ -351,13 +408,10 @@ __device__ __forceinline__ void dequant_mma(const int4* __restrict__ qweight, co
           const uint32_t bias = magic_bias_pair(zeros[grp]);
           magic_pair_to_codes(and_or(words[s] >> (4 * h), kNibblePairMask, kMagicPair), bias, q[0], q[1]);
           magic_pair_to_codes(and_or(words[s] >> (4 * (h + 2)), kNibblePairMask, kMagicPair), bias, q[2], q[3]);
-          const uint2 cb = load64(colscale + col);
-          const float cv[4] = {__half2float(__ushort_as_half(static_cast<unsigned short>(cb.x & 0xFFFFu))),
-                               __half2float(__ushort_as_half(static_cast<unsigned short>(cb.x >> 16))),
-                               __half2float(__ushort_as_half(static_cast<unsigned short>(cb.y & 0xFFFFu))),
-                               __half2float(__ushort_as_half(static_cast<unsigned short>(cb.y >> 16)))};
+          ColScale<T> c;
+          c.load(colscale, col);
 #pragma unroll
-          for (int i = 0; i < 4; ++i) q[i] = cv[i] * (step * q[i]);
+          for (int i = 0; i < 4; ++i) q[i] = c.at(i) * (step * q[i]);
         } else {
           magic_pair_to_codes(and_or(words[s] >> (4 * h), kNibblePairMask, kMagicPair), q[0], q[1]);
           magic_pair_to_codes(and_or(words[s] >> (4 * (h + 2)), kNibblePairMask, kMagicPair), q[2], q[3]);

@@ -19,6 +19,9 @@ from easyquant_vllm.quant import dequantize
 def _w_prime(qweight: torch.Tensor, scales, zeros, col_scale, indptr, indices, values, n: int, k: int, g: int,  # type: ignore[no-untyped-def]
              mma: bool):  # fmt: skip
     canonical = from_mma_layout(qweight, n, k) if mma else qweight
+    if col_scale is not None and col_scale.numel() == 2 * k:  # split_col_scale (tensor cores, bf16): hi + lo
+        halves = col_scale.view(torch.bfloat16).view(k // 4, 2, 4).float()
+        col_scale = (halves[:, 0] + halves[:, 1]).reshape(k).half()
     return dequantize(canonical, scales, indptr, indices, values, 4, -1 if g == k else g, torch.float64,
                       zeros=zeros, col_scale=col_scale)  # fmt: skip
 
@@ -33,6 +36,12 @@ class HostLauncher:
         self.launched[plan.name] += 1
         mma = plan.name.startswith(("eq_mma", "eq_dequant_mma"))
         v2 = plan.name.endswith("_v2")
+        if mma and v2:  # the tensor-core kernels take the bf16 hi/lo split for bf16 activations, and only then
+            act, col_scale = (
+                (plan.args[0], plan.args[4]) if plan.name.startswith("eq_mma") else (plan.args[7], plan.args[3])
+            )
+            k = plan.args[-2]
+            assert col_scale.numel() == (2 * k if act.dtype == torch.bfloat16 else k), plan.name
         if plan.name.startswith(("eq_gemv", "eq_mma_int4")):  # products: (x, qweight, ..., values, y, m, n, k, g)
             x, qweight, scales, zeros, col_scale, indptr, indices, values, y, m, n, k, g = plan.args
             assert tuple(x.shape) == (m, k) and tuple(y.shape) == (m, n)

@@ -126,6 +126,8 @@ def test_vllm_tensor_parallel_2_matches_tp_1(tmp_path: Path, kv_heads: int) -> N
     src = build_tiny_model(tmp_path / "src", num_kv_heads=kv_heads, seed=2)
     model = tmp_path / "eq"
     convert(src, model, progress=False)  # group 128: K = 256 and 512 split in two stay multiples of 128
+    cfg = json.loads((model / "config.json").read_text())["quantization_config"]
+    assert (cfg["format_version"], cfg["zero_points"], cfg["column_scale"]) == (2, True, True)  # the default: v2
     tp1 = _run_tp(model, 1, tmp_path)
     tp2 = _run_tp(model, 2, tmp_path)
     assert tp2["tokens"] == tp1["tokens"]

@@ -66,14 +66,15 @@ def _require(ok: bool, message: str) -> None:
 
 def check_weight(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
                  values: torch.Tensor, group_size: int, mma: bool = False, zeros: torch.Tensor | None = None,
-                 col_scale: torch.Tensor | None = None) -> tuple[int, int, int]:  # fmt: skip
+                 col_scale: torch.Tensor | None = None, split_scale: bool = False) -> tuple[int, int, int]:  # fmt: skip
     """Validate the weight tensors; returns ``(N, K, G)``. Placement and alignment are checked last (that
     they are CUDA tensors, the launcher checks).
 
     ``qweight`` is canonical ``[N, K/8]`` int32, or with ``mma=True`` the tensor-core layout
     ``[N/16, 2K]`` int32 of :mod:`.mma_layout`. Format version 2 adds ``zeros [N, K/G] uint8`` (values
     0..15) and ``col_scale [K] float16`` (16-byte aligned: the kernels load 8 or 4 scales at once), both
-    or neither.
+    or neither; with ``split_scale`` (the tensor-core kernels with bf16 activations) ``col_scale`` is
+    :func:`split_col_scale`'s ``[2K]``.
     """
     if mma:
         _require(qweight.dtype == torch.int32 and qweight.dim() == 2 and qweight.shape[1] % 128 == 0,
@@ -103,8 +104,9 @@ def check_weight(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tens
     if zeros is not None and col_scale is not None:
         _require(zeros.dtype == torch.uint8 and tuple(zeros.shape) == (n, k // g),
                  f"zeros must be uint8 [{n}, {k // g}], got {zeros.dtype} {list(zeros.shape)}")  # fmt: skip
-        _require(col_scale.dtype == torch.float16 and tuple(col_scale.shape) == (k,),
-                 f"col_scale must be float16 [{k}], got {col_scale.dtype} {list(col_scale.shape)}")  # fmt: skip
+        kc, what = (2 * k, "split_col_scale(c)") if split_scale else (k, "float16")
+        _require(col_scale.dtype == torch.float16 and tuple(col_scale.shape) == (kc,),
+                 f"col_scale must be {what} [{kc}], got {col_scale.dtype} {list(col_scale.shape)}")  # fmt: skip
         named += [("zeros", zeros), ("col_scale", col_scale)]
     for name, t in named:
         _require(t.is_contiguous() and t.device == qweight.device,
@@ -125,6 +127,30 @@ def v2_tensors(zeros: torch.Tensor | None, col_scale: torch.Tensor | None, n: in
     z = torch.full((n, k // g), 8, dtype=torch.uint8, device=device) if zeros is None else zeros.to(torch.uint8)
     c = torch.ones(k, dtype=torch.float16, device=device) if col_scale is None else col_scale.to(torch.float16)
     return z.contiguous().clone(), c.contiguous().clone()
+
+
+def split_col_scale(col_scale: torch.Tensor) -> torch.Tensor:
+    """``c [K] float16`` -> ``[2K]``, the column scale as the tensor-core kernels take it with bf16 activations.
+
+    ``c`` has 11 significant bits, a bf16 only 8, so it is split exactly into ``c = hi + lo`` (two bf16: the
+    remainder of rounding to 8 bits has at most 4), stored per 4 columns as ``[hi x 4, lo x 4]`` (what one
+    lane's 128-bit load covers: cuda/eq_mma.cu, ``ColScale``). Returned as a float16-typed view of the bf16
+    bits, the type of the kernel parameter.
+    """
+    c = col_scale.float()
+    hi = c.to(torch.bfloat16)
+    lo = (c - hi.float()).to(torch.bfloat16)
+    _require(c.numel() % 4 == 0 and torch.equal(hi.float() + lo.float(), c),
+             "col_scale is not float16 values (split into two bf16 is inexact)")  # fmt: skip
+    return torch.stack([hi.view(-1, 4), lo.view(-1, 4)], dim=1).reshape(-1).view(torch.float16).contiguous()
+
+
+def _split_for(x_dtype: torch.dtype, col_scale: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """The tensor-core kernels' column scale for activations of ``x_dtype``: bf16 takes the split (done
+    once at load by :meth:`CudaInt4Kernel.prepare`; a plain ``[K]`` scale is split here, per call)."""
+    if col_scale is None or x_dtype != torch.bfloat16 or col_scale.numel() == 2 * k:
+        return col_scale
+    return split_col_scale(col_scale)
 
 
 def _variant(zeros: torch.Tensor | None) -> str:
@@ -286,8 +312,9 @@ def mma_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, indpt
              indices: torch.Tensor, values: torch.Tensor, group_size: int, zeros: torch.Tensor | None = None,
              col_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``x [M <= 64, K] fp16/bf16`` -> ``[M, N]`` on tensor cores (cuda/eq_mma.cu); ``qweight`` in the MMA layout."""
+    col_scale = _split_for(x.dtype, col_scale, qweight.shape[1] // 2)
     n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size, mma=True, zeros=zeros,
-                           col_scale=col_scale)  # fmt: skip
+                           col_scale=col_scale, split_scale=x.dtype == torch.bfloat16)  # fmt: skip
     x = _aligned_x(x, k, MMA_MAX_M)
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     launcher.launch(mma_plan(x, qweight, scales, indptr, indices, values, y, g, zeros, col_scale))
@@ -298,8 +325,9 @@ def dequant_mma_int4(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.
                      values: torch.Tensor, group_size: int, dtype: torch.dtype, zeros: torch.Tensor | None = None,
                      col_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """W' ``[N, K]`` in ``dtype`` from the MMA layout (cuda/eq_mma.cu), bit-identical to the reference."""
+    col_scale = _split_for(dtype, col_scale, qweight.shape[1] // 2)
     n, k, g = check_weight(qweight, scales, indptr, indices, values, group_size, mma=True, zeros=zeros,
-                           col_scale=col_scale)  # fmt: skip
+                           col_scale=col_scale, split_scale=dtype == torch.bfloat16)  # fmt: skip
     _require(dtype in _SUFFIX, f"dtype must be float16 or bfloat16, got {dtype}")
     w = torch.empty(n, k, dtype=dtype, device=qweight.device)
     launcher.launch(dequant_mma_plan(qweight, scales, indptr, indices, values, w, g, zeros, col_scale))
@@ -398,6 +426,8 @@ class CudaInt4Kernel(Kernel):
         if self.v2:
             n, k, g = self.spec.n, self.spec.k, self.spec.group
             tensors["zeros"], tensors["col_scale"] = v2_tensors(qw.zeros, qw.col_scale, n, k, g)
+            if self.mma and self.spec.act_dtype == torch.bfloat16:  # bf16 tensor cores: the exact hi/lo split
+                tensors["col_scale"] = split_col_scale(tensors["col_scale"])
         return tensors
 
     @classmethod

@@ -2,7 +2,8 @@
 //   gemv_driver run IN OUT     IN: int32 header {M, N, K, G, nnz, dtype (0 fp16, 1 bf16), threads per block,
 //                              v2 (0/1: format version 2)} then x [M*K] u16 bits, qweight [N*K/8] i32,
 //                              scales [N*K/G] u16 bits, indptr [N+1] i32, indices [nnz] i32, values [nnz]
-//                              u16 bits, and with v2: zeros [N*K/G] u8, colscale [K] u16 bits.
+//                              u16 bits, and with v2: zeros [N*K/G] u8, colscale [K] u16 bits (for the
+//                              mma modes with bf16: [2K], split_col_scale's hi/lo layout).
 //                              OUT: y [M*N] float32.
 //   gemv_driver dequant IN OUT same IN (x is read and ignored); OUT: W' [N*K] float32 (exact: fp16/bf16 values).
 //   gemv_driver mma IN OUT     cuda/eq_mma.cu's tensor-core kernel; qweight in IN is in the MMA layout.
@@ -209,7 +210,8 @@ int main(int argc, char** argv) {
   V2 v2;
   if (h[7]) {
     v2.zeros = read<uint8_t>(in, static_cast<size_t>(N) * (K / G));
-    v2.colscale = from_bits<__half>(read<uint16_t>(in, K));
+    const bool split = (mode == "mma" || mode == "dequant_mma") && dtype == 1;
+    v2.colscale = from_bits<__half>(read<uint16_t>(in, split ? 2 * static_cast<size_t>(K) : K));
   }
   if (mode == "mma" || mode == "dequant_mma") {  // qweight holds the MMA layout (same number of words)
     const auto r = mode == "mma"
