@@ -3,6 +3,11 @@
     python bench/convert_throughput.py                   # one synthetic Llama-7B block, float16
     python bench/convert_throughput.py --model DIR       # any HF directory instead
 
+Rows: the converter with format version 2 (the default) and 1, RTN, the paper's Adam (version 1, on a
+smaller input), and the data-free peers HQQ (``hqq==0.2.8``) and SINQ (``sinq==0.2.0``, from a ``pip
+download --no-deps`` wheel) quantizing the same 2-D decoder weights in a child process of their own
+(quantization time only: they write nothing).
+
 Each run is ``easyquant-convert`` in a fresh child process that reports its own peak RSS
 (``VmHWM``: unlike ``ru_maxrss`` it is not inherited across fork+exec) and the RSS right after
 imports (Python + torch). Streaming means the peak above that baseline depends on the largest
@@ -62,15 +67,65 @@ def synthetic_block(out: Path, hidden: int = 4096, inter: int = 11008, layers: i
     return out
 
 
-def run(src: Path, dst: Path, method: str, group_size: str) -> dict:
+_PEER = """
+import json, re, sys, time
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {sinq_wheel!r})
+import torch
+from converters.convert import DEFAULT_QUANTIZE_PATTERN
+from easyquant_vllm.safetensors_io import open_checkpoint
+method, src, group = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if method == "hqq":
+    from hqq.core.quantize import Quantizer
+    def quantize(w):
+        Quantizer.quantize(w, nbits=4, group_size=group, optimize=True, axis=1, device="cpu",
+                           compute_dtype=torch.float32)
+else:
+    from sinq.dual_shift import tiled_quant_rectangle
+    def quantize(w):
+        tiled_quant_rectangle(w, [0, 15], group, method="sinq")
+pattern = re.compile(DEFAULT_QUANTIZE_PATTERN)
+params = seconds = 0.0
+with open_checkpoint(src) as ckpt:
+    for name in ckpt.names():
+        if len(ckpt.shape(name)) != 2 or not pattern.search(name) or "norm" in name:
+            continue
+        w = ckpt.get(name).float()
+        t0 = time.perf_counter()
+        quantize(w)
+        seconds += time.perf_counter() - t0
+        params += w.numel()
+print("RESULT " + json.dumps(dict(params=params, quantize_seconds=seconds)))
+"""
+
+
+def run_peer(src: Path, method: str, group_size: str, sinq_wheel: Path) -> dict:
+    code = _PEER.format(root=str(ROOT), sinq_wheel=str(sinq_wheel))
+    out = subprocess.run([sys.executable, "-c", code, method, str(src), group_size], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+
+
+def sinq_wheel(cache: Path) -> Path:
+    wheels = sorted(cache.glob("sinq-0.2.0-*.whl"))
+    if not wheels:
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "sinq==0.2.0", "-d", str(cache)],
+                       check=True)  # fmt: skip
+        wheels = sorted(cache.glob("sinq-0.2.0-*.whl"))
+    return wheels[0]
+
+
+def run(src: Path, dst: Path, method: str, group_size: str, version: int = 2) -> dict:
     cmd = [sys.executable, "-c", _CHILD.format(root=str(ROOT)), str(src), str(dst), "--no-progress",
-           "--method", method, "--group-size", group_size, "--overwrite"]  # fmt: skip
+           "--method", method, "--group-size", group_size, "--overwrite", "--format-version", str(version)]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
     report = json.loads((dst / "easyquant_report.json").read_text())
     result["params"] = report["totals"]["quantized_params"]
     result["quantize_seconds"] = report["totals"]["quantize_seconds"]
     result["rel_err"] = report["totals"]["rel_err"]
+    result["group_size"] = json.loads((dst / "config.json").read_text())["quantization_config"]["group_size"]
     return result
 
 
@@ -87,6 +142,7 @@ def main() -> None:
     p.add_argument("--group-size", default="128")
     p.add_argument("--layers", type=int, default=1, help="synthetic Llama-7B blocks (202 M params each)")
     p.add_argument("--adam-hidden", type=int, default=1024, help="hidden size of the smaller input for adam")
+    p.add_argument("--no-peers", action="store_true", help="skip the HQQ and SINQ rows")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -99,13 +155,28 @@ def main() -> None:
         print("| method | input | params | M params/s (quantize) | wall s | peak RSS MiB | baseline MiB | "
               "(peak - baseline) / largest tensor | rel. error |")  # fmt: skip
         print("|---|---|---|---|---|---|---|---|---|")
-        for method, inp in (("search", src), ("rtn", src), ("adam", small)):
-            r = run(inp, tmp_path / f"out-{method}", method, args.group_size)
+        rates, group = {}, args.group_size
+        for label, method, inp, version in (("EasyQuant v2 (default)", "search", src, 2),
+                                            ("EasyQuant v1", "search", src, 1), ("RTN", "rtn", src, 1),
+                                            ("paper Adam (v1)", "adam", small, 1)):  # fmt: skip
+            r = run(inp, tmp_path / f"out-{method}-{version}", method, args.group_size, version)
             lt = largest if inp == src else largest_tensor_bytes(inp)
             extra = (r["peak_kib"] - r["base_kib"]) * 1024 / lt
-            print(f"| {method} | {'main' if inp == src else 'small'} | {r['params'] / 1e6:.1f} M | "
-                  f"{r['params'] / r['quantize_seconds'] / 1e6:.1f} | {r['wall']:.1f} | {r['peak_kib'] / 1024:.0f} | "
+            rates[label] = r["params"] / r["quantize_seconds"]
+            group = group if label != "EasyQuant v2 (default)" else str(r["group_size"])  # "auto" resolved
+            print(f"| {label} | {'main' if inp == src else 'small'} | {r['params'] / 1e6:.1f} M | "
+                  f"{rates[label] / 1e6:.1f} | {r['wall']:.1f} | {r['peak_kib'] / 1024:.0f} | "
                   f"{r['base_kib'] / 1024:.0f} | {extra:.2f} | {r['rel_err']:.4f} |")  # fmt: skip
+        if not args.no_peers:
+            wheel = sinq_wheel(ROOT / ".cache" / "dl")
+            for peer in ("hqq", "sinq"):
+                r = run_peer(src, peer, group, wheel)
+                rates[peer] = r["params"] / r["quantize_seconds"]
+                print(f"| {peer.upper()} (quantize only) | main | {r['params'] / 1e6:.1f} M | {rates[peer] / 1e6:.1f} "
+                      "| | | | | |")  # fmt: skip
+            v2 = rates["EasyQuant v2 (default)"]
+            print(f"\nEasyQuant v2 quantizes {v2 / rates['hqq']:.1f}x as fast as HQQ and {v2 / rates['sinq']:.1f}x "
+                  "as fast as SINQ on the same tensors.")  # fmt: skip
 
 
 if __name__ == "__main__":

