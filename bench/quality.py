@@ -19,7 +19,7 @@ Rows, every one quantizing the same fp32 weights of all linear layers in the dec
 * RTN, HQQ (``hqq==0.2.8``, asymmetric, optimize=True) and SINQ (``sinq==0.2.0``, fetched with
   ``pip download --no-deps``; its pure-torch ``tiled_quant_rectangle``) at every group size the model allows;
 * EasyQuant format version 1 (the paper's method) and version 2 (the converter's default), computed exactly as
-  the converter does (``resolve_spec`` + ``work_items`` grouping), version 2 at every group size, and
+  the converter does (``resolve_spec`` + ``column_scale_groups``), version 2 at every group size, and
   ablations of version 2 (no zero points, no column scale, other outlier caps).
 Bits per weight: EasyQuant from the bytes of the tensors the checkpoint stores for each layer
 (``format.layer_tensors``: codes, steps, packed zero points, column scale, outlier CSR); HQQ 4 + 32/G (fp16
@@ -58,8 +58,8 @@ sys.path.insert(0, str(ROOT))
 
 from converters.convert import (  # noqa: E402
     DEFAULT_QUANTIZE_PATTERN,
-    JOINT_COLUMN_SCALE,
     ConvertOptions,
+    column_scale_groups,
     convert,
     resolve_spec,
 )
@@ -212,19 +212,7 @@ def stored_bits(qw: QuantizedWeight) -> int:
 
 def eq_groups(names: list[str], spec: QuantSpec) -> list[list[str]]:
     """The layers quantized together, as the converter groups them (``converters.convert.work_items``)."""
-    out, done = [], set()
-    for name in names:
-        if name in done:
-            continue
-        group = [name]
-        if spec.normalize != "none":
-            parent, leaf = name.rsplit(".", 2)[:2]
-            family = next((f for f in JOINT_COLUMN_SCALE if leaf in f), None)
-            if family is not None:
-                group = [f"{parent}.{m}.weight" for m in family if f"{parent}.{m}.weight" in names]
-        out.append(group)
-        done.update(group)
-    return out
+    return column_scale_groups(names, spec.normalize)
 
 
 def apply_row(params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor], row: Row) -> dict[str, float]:

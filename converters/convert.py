@@ -213,17 +213,24 @@ def work_items(plan: Plan) -> list[list[str]]:
     """The quantized tensors in file order, grouped where they share a column scale (:data:`JOINT_COLUMN_SCALE`):
     each group is quantized (and loaded) together, when its first member comes up."""
     quantize = set(plan.quantize)
+    return column_scale_groups([n for n in plan.names if n in quantize], plan.spec.normalize)
+
+
+def column_scale_groups(names: list[str], normalize: str) -> list[list[str]]:
+    """``names`` (weights to quantize, in order) grouped as the converter quantizes them: with a column scale
+    (``normalize != "none"``) the members of a :data:`JOINT_COLUMN_SCALE` family present in ``names`` form one
+    group, at the position of the first; every other weight is a group of its own."""
+    present = set(names)
     items, done = [], set()
-    for name in plan.names:
-        if name not in quantize or name in done:
+    for name in names:
+        if name in done:
             continue
         group = [name]
-        if plan.spec.normalize != "none":
-            module = _module_of(name)
-            parent, _, leaf = module.rpartition(".")
+        if normalize != "none":
+            parent, _, leaf = _module_of(name).rpartition(".")
             family = next((f for f in JOINT_COLUMN_SCALE if leaf in f), None)
             if family is not None:
-                group = [f"{parent}.{m}.weight" for m in family if f"{parent}.{m}.weight" in quantize]
+                group = [f"{parent}.{m}.weight" for m in family if f"{parent}.{m}.weight" in present]
         items.append(group)
         done.update(group)
     return items
