@@ -28,6 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.quality import pip_fetch  # noqa: E402
 
 _CHILD = """
 import json, sys, time
@@ -106,16 +107,6 @@ def run_peer(src: Path, method: str, group_size: str, sinq_wheel: Path) -> dict:
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
 
 
-def sinq_wheel(cache: Path) -> Path:
-    wheels = sorted(cache.glob("sinq-0.2.0-*.whl"))
-    if not wheels:
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "sinq==0.2.0", "-d", str(cache)],
-                       check=True)  # fmt: skip
-        wheels = sorted(cache.glob("sinq-0.2.0-*.whl"))
-    return wheels[0]
-
-
 def run(src: Path, dst: Path, method: str, group_size: str, version: int = 2) -> dict:
     cmd = [sys.executable, "-c", _CHILD.format(root=str(ROOT)), str(src), str(dst), "--no-progress",
            "--method", method, "--group-size", group_size, "--overwrite", "--format-version", str(version)]  # fmt: skip
@@ -168,7 +159,7 @@ def main() -> None:
                   f"{rates[label] / 1e6:.1f} | {r['wall']:.1f} | {r['peak_kib'] / 1024:.0f} | "
                   f"{r['base_kib'] / 1024:.0f} | {extra:.2f} | {r['rel_err']:.4f} |")  # fmt: skip
         if not args.no_peers:
-            wheel = sinq_wheel(ROOT / ".cache" / "dl")
+            wheel = pip_fetch("sinq==0.2.0", "sinq-0.2.0-*.whl", ROOT / ".cache" / "dl")
             for peer in ("hqq", "sinq"):
                 r = run_peer(src, peer, group, wheel)
                 rates[peer] = r["params"] / r["quantize_seconds"]

