@@ -166,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}")
         print(f"left as they are (2-D): {report['not_converted']}")
         return 0
-    print(summary_table(report))
+    # DST is committed: from here on nothing may turn success into a failure.
+    try:
+        print(summary_table(report))
+    except Exception as e:
+        print(f"easyquant-convert: warning: could not print the summary ({type(e).__name__}: {e})", file=sys.stderr)
     print(f"wrote {args.dst} (report: {args.dst / 'easyquant_report.json'})")
     return 0
 

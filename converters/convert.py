@@ -6,7 +6,7 @@ import ctypes
 import ctypes.util
 import json
 import logging
-import os
+import math
 import re
 import shutil
 import time
@@ -28,6 +28,7 @@ from easyquant_vllm.format import (
     EasyQuantCheckpointConfig,
     bits_per_weight,
     layer_tensors,
+    validate_checkpoint,
 )
 from easyquant_vllm.quant import (
     NORMALIZE,
@@ -41,7 +42,9 @@ from easyquant_vllm.quant import (
     quantize_group,
     resolve_group_size,
 )
-from easyquant_vllm.safetensors_io import PICKLE_SUFFIXES, ShardedSafetensorsWriter, open_checkpoint
+from easyquant_vllm.safetensors_io import PICKLE_SUFFIXES, ShardedSafetensorsWriter, open_checkpoint, resolve_inside
+
+from .output_dir import DestinationError, check_destination, commit, staging_directory
 
 log = logging.getLogger("easyquant.convert")
 
@@ -246,8 +249,10 @@ def convert(
 ) -> dict[str, Any]:
     """Convert ``src`` (HF directory, safetensors) into the EasyQuant checkpoint ``dst``.
 
-    Streams tensor by tensor; writes into a temporary sibling of ``dst`` renamed into place only on
-    success, so a failure or interrupt leaves nothing at ``dst``. ``on_tensor`` is called with each
+    Streams tensor by tensor into a private temporary directory next to ``dst``; the output is validated
+    (as ``easyquant-validate`` does), flushed to disk and renamed into place only on success, so a failure or
+    interrupt leaves nothing at ``dst``. ``dst`` must not be, contain or lie inside ``src``; ``overwrite``
+    replaces only an EasyQuant checkpoint (:mod:`.output_dir`). ``on_tensor`` is called with each
     tensor name before it is processed (tests use it to interrupt). Returns the report dict (also
     written to ``dst/easyquant_report.json``); with ``dry_run`` only the plan is returned.
     """
@@ -259,20 +264,27 @@ def convert(
     if not config_path.is_file():
         raise ConversionError(f"{config_path}: missing; a Hugging Face model directory needs its config.json")
     try:
+        resolve_inside(src, CONFIG_FILE, "config")
         config = json.loads(config_path.read_text())
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
     except json.JSONDecodeError as e:
         raise ConversionError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{config_path}: not a JSON object")
     if "quantization_config" in config:
-        method = config["quantization_config"].get("quant_method", "?")
+        qc = config["quantization_config"]
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
         raise ConversionError(f"{config_path}: model is already quantized (quant_method={method!r})")
-    if dst.exists() and not opts.overwrite:
-        raise ConversionError(f"{dst}: already exists (pass --overwrite to replace it)")
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise ConversionError(f"{dst}: must not be the source directory or inside it")
+    try:
+        check_destination(src, dst, opts.overwrite)
+    except DestinationError as e:
+        raise ConversionError(str(e)) from None
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConversionError(f"--device {opts.device}: CUDA is not available on this machine")
 
     try:
+        side = side_files(src)
         with open_checkpoint(src) as ckpt:
             plan = plan_conversion(src, ckpt, opts)
             if dry_run:
@@ -281,17 +293,11 @@ def convert(
                     "not_converted": plan.not_converted,
                     "group_size": plan.spec.group_size,
                 }
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.parent / f".{dst.name}.easyquant-tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            try:
-                report = _write(src, tmp, ckpt, plan, opts, config, progress, on_tensor)
-                _commit(tmp, dst)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-    except CheckpointError as e:
+            with staging_directory(dst) as tmp:
+                report = _write(src, tmp, ckpt, plan, opts, config, side, progress, on_tensor)
+                _validate_output(tmp)
+                commit(src, tmp, dst, opts.overwrite)
+    except (CheckpointError, DestinationError) as e:
         raise ConversionError(str(e)) from None
     return report
 
@@ -303,6 +309,7 @@ def _write(
     plan: Plan,
     opts: ConvertOptions,
     config: dict[str, Any],
+    side: list[Path],
     progress: bool,
     on_tensor: Callable[[str], None] | None,
 ) -> dict[str, Any]:
@@ -373,7 +380,8 @@ def _write(
         column_scale=spec.normalize != "none",
     )
     (out / CONFIG_FILE).write_text(json.dumps({**config, "quantization_config": qcfg.to_dict()}, indent=2) + "\n")
-    _copy_side_files(src, out)
+    for p in side:
+        shutil.copyfile(p, out / p.name)
     report = _report(src, plan, opts, qcfg, rows, total_seconds)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -401,12 +409,27 @@ def _load_libc() -> Any:
 _LIBC = _load_libc()
 
 
-def _copy_side_files(src: Path, out: Path) -> None:
-    """Tokenizer, generation config, license, README...: every plain file that is not weights."""
+def side_files(src: Path) -> list[Path]:
+    """Tokenizer, generation config, license, README...: every plain file of ``src`` that is not weights, to be
+    copied into the output. A symbolic link among them must resolve inside ``src`` (or, for a Hugging Face cache
+    snapshot, into its repository's blobs): a link to a private key beside a model would be published with it."""
     skip = {CONFIG_FILE, REPORT_FILE, SAFETENSORS_INDEX_FILE}
+    files = []
     for p in sorted(src.iterdir()):
-        if p.is_file() and not p.name.startswith(".") and p.name not in skip and p.suffix not in WEIGHT_SUFFIXES:
-            shutil.copyfile(p, out / p.name)
+        if p.name.startswith(".") or p.name in skip or p.suffix in WEIGHT_SUFFIXES or not p.is_file():
+            continue
+        resolve_inside(src, p.name, "side file")
+        files.append(p)
+    return files
+
+
+def _validate_output(out: Path) -> None:
+    """The finished output, checked with the code of ``easyquant-validate`` before it is committed."""
+    try:
+        validate_checkpoint(out)
+    except CheckpointError as e:
+        raise ConversionError(f"internal error: the converted checkpoint failed validation, nothing was written: "
+                              f"{e}") from None  # fmt: skip
 
 
 def _report(
@@ -439,34 +462,23 @@ def _report(
     }
 
 
-def _commit(tmp: Path, dst: Path) -> None:
-    """Move the finished output into place; an existing ``dst`` (``--overwrite``) goes only after."""
-    if dst.exists() or dst.is_symlink():
-        old = dst.parent / f".{dst.name}.easyquant-old-{os.getpid()}"
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-    else:
-        os.replace(tmp, dst)
-
-
 def _params(row: dict[str, Any]) -> int:
     return row["shape"][0] * row["shape"][1]
 
 
 def _weighted_mean(rows: list[dict[str, Any]], key: str) -> float:
-    """Mean of ``key`` over report rows, weighted by each tensor's parameter count."""
-    return sum(r[key] * _params(r) for r in rows) / sum(_params(r) for r in rows)
+    """Mean of ``key`` over report rows, weighted by each tensor's parameter count (NaN for no parameters)."""
+    params = sum(_params(r) for r in rows)
+    return sum(r[key] * _params(r) for r in rows) / params if params else math.nan
 
 
 def _summary_row(label: str, rows: list[dict[str, Any]]) -> str:
     rtn, eq = _weighted_mean(rows, "rel_err_rtn"), _weighted_mean(rows, "rel_err")
     params = sum(_params(r) for r in rows)
+    # All-zero (or constant) tensors: both errors are 0 and there is no gain to state.
+    gain = f"{100 * (1 - eq / rtn):>7.1f}%" if rtn > 0 else f"{'-':>8}"
     return (f"{label:<14}{len(rows):>6}{params:>12,}{100 * _weighted_mean(rows, 'outlier_fraction'):>9.3f}%"
-            f"{rtn:>10.4f}{eq:>10.4f}{100 * (1 - eq / rtn):>7.1f}%")  # fmt: skip
+            f"{rtn:>10.4f}{eq:>10.4f}{gain}")  # fmt: skip
 
 
 def summary_table(report: dict[str, Any]) -> str:

@@ -37,11 +37,41 @@ _DTYPE_CODES: dict[torch.dtype, str] = {
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 
 
+def _allowed_roots(model_dir: Path) -> list[Path]:
+    """Where a checkpoint's files may really live: inside its directory, or, for a Hugging Face cache snapshot
+    (``.../models--org--name/snapshots/<rev>/``, whose files are links to ``../../blobs/<hash>``), in that
+    repository's ``blobs``."""
+    root = model_dir.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots":
+        roots.append(root.parent.parent / "blobs")
+    return roots
+
+
+def resolve_inside(model_dir: str | Path, name: str, what: str = "file") -> Path:
+    """``model_dir / name``, after checking that ``name`` is a plain relative path and that the file, symbolic
+    links followed, lies inside ``model_dir`` (see :func:`_allowed_roots`). Raises CheckpointError naming it."""
+    model_dir = Path(model_dir)
+    rel = Path(name)
+    if not name or rel.is_absolute() or ".." in rel.parts:
+        raise CheckpointError(f"{model_dir}: {what} {name!r} is not a path inside the model directory")
+    path = model_dir / rel
+    real = path.resolve()
+    if not any(real == r or r in real.parents for r in _allowed_roots(model_dir)):
+        raise CheckpointError(
+            f"{path}: {what} resolves to {real}, outside the model directory; refusing to read it (copy the file "
+            "into the directory if it belongs to the model)"
+        )
+    return path
+
+
 def resolve_weight_files(model_dir: str | Path) -> dict[str, Path]:
     """Map every tensor name of a checkpoint directory to the safetensors file that holds it.
 
     Uses ``model.safetensors.index.json`` when present (and checks that every shard it names
-    exists), else every ``*.safetensors`` file in the directory. Refuses pickle checkpoints.
+    exists), else every ``*.safetensors`` file in the directory. Refuses pickle checkpoints, and any weight file
+    that is not inside the directory (an index entry such as ``../x.safetensors`` or an absolute path, or a
+    symbolic link that leads out).
 
     Raises:
         CheckpointError naming the file and the problem.
@@ -53,7 +83,11 @@ def resolve_weight_files(model_dir: str | Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
         files = sorted(set(weight_map.values()))
+        for f in files:
+            resolve_inside(model_dir, f, f"weight file named by {SAFETENSORS_INDEX_FILE}")
         missing = [f for f in files if not (model_dir / f).is_file()]
         if missing:
             raise CheckpointError(f"{index}: names shard(s) that do not exist: {missing}")
@@ -66,6 +100,8 @@ def resolve_weight_files(model_dir: str | Path) -> dict[str, Path]:
                     raise CheckpointError(f"{model_dir / f}: index lists tensor(s) not in this shard: {wrong[:5]}")
         return mapping
     files = sorted(model_dir.glob("*.safetensors"))
+    for f in files:
+        resolve_inside(model_dir, f.name, "weight file")
     if not files:
         pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:

@@ -136,20 +136,6 @@ def test_convert_interrupt_leaves_nothing(tiny_llama: Path, tmp_path: Path) -> N
     assert _siblings(dst) == []  # neither DST nor the temporary directory
 
 
-def test_convert_overwrite_replaces_only_on_success(tiny_llama: Path, tmp_path: Path) -> None:
-    dst = tmp_path / "eq"
-    dst.mkdir()
-    (dst / "old.txt").write_text("old")
-    with pytest.raises(ConversionError, match="already exists"):
-        convert(tiny_llama, dst, progress=False)
-    with pytest.raises(ConversionError):  # a failing overwrite keeps the old directory
-        convert(tiny_llama, dst, ConvertOptions(overwrite=True, bits=3), progress=False)
-    assert (dst / "old.txt").exists()
-    convert(tiny_llama, dst, ConvertOptions(overwrite=True), progress=False)
-    assert not (dst / "old.txt").exists() and validate_checkpoint(dst)["layers"] == 14
-    assert _siblings(dst) == ["eq"]
-
-
 # --- bad inputs: each gives its one-line error and writes nothing ------------------------------
 
 
