@@ -187,7 +187,7 @@ def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, ablations: bool) 
 
 
 def rtn_spec(group: int) -> QuantSpec:
-    return QuantSpec(group_size=group, method="rtn", outlier_threshold=0)
+    return QuantSpec.for_version(1, group_size=group, method="rtn", outlier_threshold=0)
 
 
 def hqq_dequant(w: torch.Tensor, group: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ Writes ``docs/results/quality.json`` and the plots ``docs/results/ppl_vs_bits.pn
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -128,7 +129,7 @@ def greedy(model: Any, tok: Any, n: int = 12) -> str:
 
 
 def methods(include_adam: bool, include_hqq: bool) -> list[Method]:
-    q = QuantSpec
+    q = functools.partial(QuantSpec.for_version, 1)  # format 1: the paper's method
     rows = [
         Method("fp32 (Q4_1 dequantized)", "fp32"),
         Method("RTN g64", "easyquant", q(group_size=64, method="rtn", outlier_threshold=0)),
@@ -150,12 +151,18 @@ def methods(include_adam: bool, include_hqq: bool) -> list[Method]:
 
 
 def sweeps() -> list[Method]:
+    q = functools.partial(QuantSpec.for_version, 1)
     rows = [
-        Method(f"threshold n={n}", "easyquant", QuantSpec(group_size=64, outlier_threshold=n), tags={"n": n})
+        Method(f"threshold n={n}", "easyquant", q(group_size=64, outlier_threshold=n), tags={"n": n})
         for n in (2.0, 2.5, 4.0, 6.0)
     ]  # fmt: skip  (n = 3 is the default row)
     rows += [
-        Method(f"cap {100 * c:g} %", "easyquant", QuantSpec(group_size=64, max_outlier_fraction=c), tags={"cap": c})
+        Method(
+            f"cap {100 * c:g} %",
+            "easyquant",
+            QuantSpec.for_version(1, group_size=64, max_outlier_fraction=c),
+            tags={"cap": c},
+        )
         for c in (0.001, 0.0025, 0.005)
     ]  # fmt: skip  (1 % is the default row)
     return rows

@@ -29,7 +29,7 @@ ROWS = {
     "outliers + RTN": dict(method="rtn"),
     "outliers + Adam (paper, LLaMA: lr 1e-4, 500 steps)": dict(method="adam", adam=AdamParams(lr=1e-4, steps=500)),
     "outliers + Adam (paper, BLOOM: lr 1e-3, 100 steps)": dict(method="adam", adam=AdamParams(lr=1e-3, steps=100)),
-    "outliers + search (ours, default)": dict(method="search"),
+    "outliers + search (ours, format 1 default)": dict(method="search"),
 }
 
 
@@ -68,7 +68,7 @@ def main() -> None:
     results = []
     rtn_err_sq = 0.0
     for label, kw in ROWS.items():
-        spec = QuantSpec(group_size=g, **kw)
+        spec = QuantSpec.for_version(1, group_size=g, **kw)
         err_sq, seconds = 0.0, 0.0
         for t in tensors.values():
             t0 = time.perf_counter()

@@ -31,10 +31,11 @@ from easyquant_vllm.format import (
     validate_checkpoint,
 )
 from easyquant_vllm.quant import (
+    DEFAULT_FORMAT_VERSION,
+    FORMAT_DEFAULTS,
     NORMALIZE,
     AdamParams,
     QuantSpec,
-    SearchParams,
     check_bits,
     check_float16_range,
     count_nonfinite,
@@ -60,16 +61,6 @@ JOINT_COLUMN_SCALE = (("gate_proj", "up_proj"),)
 input and run as one fused GEMM. q/k/v also read one input, but one scale for the three cost 0.5 perplexity on
 SmolLM2 (docs/results.md): each gets its own, and the vLLM loader runs each with its own scaled input."""
 
-VERSION_DEFAULTS: dict[int, dict[str, Any]] = {
-    # The paper's method as version 1 had it: symmetric codes, 1 % outliers, least-squares range search.
-    1: {"zero_points": False, "normalize": "none", "max_outlier_fraction": 0.01,
-        "search": SearchParams()},
-    # Measured best on SmolLM2 and Gemma-3 (docs/results.md): zero points, Sinkhorn column scales, 0.25 %
-    # outliers, and a range chosen by the 4th power of the error among 0.9 / 0.95 / 1.0 of min-max.
-    2: {"zero_points": True, "normalize": "sinkhorn", "max_outlier_fraction": 0.0025,
-        "search": SearchParams(grid_min=0.9, grid_points=3, lsq_iters=0, power=4.0)},
-}  # fmt: skip
-
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".h5", ".msgpack", *PICKLE_SUFFIXES)
 
 
@@ -81,13 +72,13 @@ class ConversionError(ValueError):
 class ConvertOptions:
     """Everything that decides the output; recorded in ``easyquant_report.json``.
 
-    ``format_version`` picks the method's defaults (:data:`VERSION_DEFAULTS`); ``zero_points``,
+    ``format_version`` picks the method's defaults (:meth:`QuantSpec.for_version`); ``zero_points``,
     ``normalize`` and ``max_outlier_fraction`` left at None take them.
     """
 
     bits: int = 4
     group_size: int | str = "auto"
-    format_version: int = 2
+    format_version: int = DEFAULT_FORMAT_VERSION
     zero_points: bool | None = None
     normalize: str | None = None
     outlier_threshold: float = 3.0
@@ -163,31 +154,28 @@ def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions) -> Plan:
 
 
 def resolve_spec(opts: ConvertOptions, group_size: int) -> QuantSpec:
-    """The :class:`QuantSpec` of ``opts``: explicit values, the rest from the format version's defaults."""
-    if opts.format_version not in VERSION_DEFAULTS:
-        raise ConversionError(f"format version {opts.format_version} is not one this converter writes: 1 or 2")
-    d = VERSION_DEFAULTS[opts.format_version]
-    zero_points = d["zero_points"] if opts.zero_points is None else opts.zero_points
-    normalize = d["normalize"] if opts.normalize is None else opts.normalize
-    if opts.format_version == 1 and (zero_points or normalize != "none"):
-        raise ConversionError("zero points and column scales need format version 2 (--format-version 2)")
-    if normalize not in NORMALIZE:
-        raise ConversionError(f"--normalize {normalize}: choose one of {list(NORMALIZE)}")
+    """The :class:`QuantSpec` of ``opts``: explicit values, the rest from the format version's defaults
+    (:meth:`QuantSpec.for_version`, the one definition of them)."""
+    if opts.format_version not in FORMAT_DEFAULTS:
+        raise ConversionError(
+            f"format version {opts.format_version} is not one this converter writes: {sorted(FORMAT_DEFAULTS)}"
+        )
+    if opts.normalize is not None and opts.normalize not in NORMALIZE:
+        raise ConversionError(f"--normalize {opts.normalize}: choose one of {list(NORMALIZE)}")
+    explicit = {"zero_points": opts.zero_points, "normalize": opts.normalize,
+                "max_outlier_fraction": opts.max_outlier_fraction}  # fmt: skip
     try:
-        return QuantSpec(
+        return QuantSpec.for_version(
+            opts.format_version,
             bits=opts.bits,
             group_size=group_size,
             outlier_threshold=opts.outlier_threshold,
-            max_outlier_fraction=d["max_outlier_fraction"] if opts.max_outlier_fraction is None
-            else opts.max_outlier_fraction,
             method=opts.method,
             adam=AdamParams(lr=opts.adam_lr, steps=opts.adam_steps),
-            search=d["search"],
-            zero_points=zero_points,
-            normalize=normalize,
-        )  # fmt: skip
+            **{key: value for key, value in explicit.items() if value is not None},
+        )
     except ValueError as e:
-        raise ConversionError(str(e)) from None
+        raise ConversionError(f"{e} (--format-version {opts.format_version})") from None
 
 
 def _check_fused_groups(quantized: set[str], kept: set[str]) -> None:
@@ -201,15 +189,6 @@ def _check_fused_groups(quantized: set[str], kept: set[str]) -> None:
                         f"{module} would be quantized but {split} not: vLLM fuses {list(group)} into one layer, "
                         "so skip all of them or none"
                     )
-
-
-def method_params(spec: QuantSpec) -> dict[str, Any]:
-    extra = {"normalize": spec.normalize, "sinkhorn_iters": spec.sinkhorn_iters} if spec.normalize != "none" else {}
-    if spec.method == "adam":
-        return asdict(spec.adam)
-    if spec.method == "search":
-        return {**asdict(spec.search), **extra}
-    return extra
 
 
 def work_items(plan: Plan) -> list[list[str]]:
@@ -367,18 +346,7 @@ def _write(
     writer.close()
     total_seconds = time.perf_counter() - start
 
-    qcfg = EasyQuantCheckpointConfig(
-        bits=spec.bits,
-        group_size=spec.group_size,
-        outlier_threshold=spec.outlier_threshold,
-        max_outlier_fraction=spec.max_outlier_fraction,
-        method=spec.method,
-        method_params=method_params(spec),
-        modules_to_not_convert=plan.not_converted,
-        format_version=spec.format_version,
-        zero_points=spec.zero_points,
-        column_scale=spec.normalize != "none",
-    )
+    qcfg = EasyQuantCheckpointConfig.from_spec(spec, plan.not_converted)
     (out / CONFIG_FILE).write_text(json.dumps({**config, "quantization_config": qcfg.to_dict()}, indent=2) + "\n")
     for p in side:
         shutil.copyfile(p, out / p.name)

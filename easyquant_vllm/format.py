@@ -28,10 +28,12 @@ from typing import Any
 import torch
 
 from .quant import (
+    DEFAULT_FORMAT_VERSION,
     SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,
     OutlierCSR,
     QuantizedWeight,
+    QuantSpec,
     effective_group_size,
     pack_factor,
     pack_zeros,
@@ -40,7 +42,7 @@ from .quant import (
 )
 
 QUANT_METHOD = "easyquant"
-FORMAT_VERSION = 2
+FORMAT_VERSION = DEFAULT_FORMAT_VERSION
 SUPPORTED_FORMAT_VERSIONS = (1, 2)
 
 CONFIG_FILE = "config.json"
@@ -77,70 +79,81 @@ class CheckpointError(ValueError):
     """A checkpoint does not match the schema; the message names the file or tensor and the problem."""
 
 
+_DEFAULT_SPEC = QuantSpec()  # the default format version's method (quant/quantize.py, FORMAT_DEFAULTS)
+
+
 @dataclass(frozen=True)
 class EasyQuantCheckpointConfig:
-    """The ``quantization_config`` block of ``config.json``.
+    """The ``quantization_config`` block of ``config.json``; the defaults are the default format version's.
 
     ``group_size`` is resolved (never "auto"): 32, 64, 128, or -1 for one range per output channel.
     ``zero_points`` / ``column_scale`` (version 2): every quantized layer has ``P.qzeros`` / ``P.col_scale``.
-    ``method`` and ``method_params`` record how the ranges were optimised (informative only: the
-    tensors alone define the weights). ``modules_to_not_convert`` lists the module names (prefixes
-    without ``.weight``) of linear layers inside the decoder blocks that were left unquantized.
+    ``outlier_threshold``, ``max_outlier_fraction``, ``method`` and ``method_params`` record how the checkpoint
+    was made (informative only: the tensors alone define the weights). ``modules_to_not_convert`` lists the
+    module names (prefixes without ``.weight``) of linear layers inside the decoder blocks left unquantized.
     """
 
-    bits: int = 4
-    group_size: int = 128
-    outlier_threshold: float = 3.0
-    max_outlier_fraction: float = 0.01
-    method: str = "search"
-    method_params: dict[str, Any] = field(default_factory=dict)
+    bits: int = _DEFAULT_SPEC.bits
+    group_size: int = _DEFAULT_SPEC.group_size
+    outlier_threshold: float = _DEFAULT_SPEC.outlier_threshold
+    max_outlier_fraction: float = _DEFAULT_SPEC.max_outlier_fraction
+    method: str = _DEFAULT_SPEC.method
+    method_params: dict[str, Any] = field(default_factory=lambda: method_params(_DEFAULT_SPEC))
     modules_to_not_convert: list[str] = field(default_factory=list)
-    format_version: int = FORMAT_VERSION
-    zero_points: bool = False
-    column_scale: bool = False
+    format_version: int = _DEFAULT_SPEC.format_version
+    zero_points: bool = _DEFAULT_SPEC.zero_points
+    column_scale: bool = _DEFAULT_SPEC.normalize != "none"
+
+    @classmethod
+    def from_spec(cls, spec: QuantSpec, modules_to_not_convert: list[str] | None = None) -> EasyQuantCheckpointConfig:
+        """The config block of a checkpoint quantized with ``spec`` (what the converter writes)."""
+        return cls(
+            bits=spec.bits,
+            group_size=spec.group_size,
+            outlier_threshold=spec.outlier_threshold,
+            max_outlier_fraction=spec.max_outlier_fraction,
+            method=spec.method,
+            method_params=method_params(spec),
+            modules_to_not_convert=list(modules_to_not_convert or []),
+            format_version=spec.format_version,
+            zero_points=spec.zero_points,
+            column_scale=spec.normalize != "none",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, **asdict(self)}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> EasyQuantCheckpointConfig:
-        """Parse and validate; unknown keys are ignored (forward compatible), bad values raise."""
-        where = "quantization_config"
+    def from_dict(cls, d: Mapping[str, Any], source: str | Path = CONFIG_FILE) -> EasyQuantCheckpointConfig:
+        """Parse and validate; unknown keys are ignored (forward compatible). Types are strict: a bool is not an
+        int and ``4.0`` is not ``4``. Every bad value raises :class:`CheckpointError` naming ``source`` (the
+        file) and the key."""
+        if not isinstance(d, Mapping):
+            raise CheckpointError(f"{source}: quantization_config must be a JSON object, got {type(d).__name__}")
+        fields = _ConfigFields(d, source)
         if d.get("quant_method", QUANT_METHOD) != QUANT_METHOD:
-            raise CheckpointError(f"{where}: quant_method is {d.get('quant_method')!r}, expected {QUANT_METHOD!r}")
-        version = d.get("format_version")
-        if version not in SUPPORTED_FORMAT_VERSIONS:
-            raise CheckpointError(
-                f"{where}: format_version {version!r} is not supported by this easyquant-vllm "
-                f"(supported: {list(SUPPORTED_FORMAT_VERSIONS)}); upgrade the package or re-convert"
-            )
-        bits = d.get("bits")
-        if bits not in SUPPORTED_BITS:
-            raise CheckpointError(f"{where}: unsupported bits = {bits!r}; supported: {list(SUPPORTED_BITS)}")
-        group_size = d.get("group_size")
-        if group_size not in SUPPORTED_GROUP_SIZES:
-            raise CheckpointError(
-                f"{where}: unsupported group_size = {group_size!r}; supported: {list(SUPPORTED_GROUP_SIZES)}"
-            )
-        skip = d.get("modules_to_not_convert") or []
-        if not isinstance(skip, list) or not all(isinstance(m, str) for m in skip):
-            raise CheckpointError(f"{where}: modules_to_not_convert must be a list of strings, got {skip!r}")
-        flags = {}
-        for key in ("zero_points", "column_scale"):
-            value = d.get(key, False)
-            if not isinstance(value, bool):
-                raise CheckpointError(f"{where}: {key} must be true or false, got {value!r}")
+            raise CheckpointError(fields.at("quant_method", f"is {d.get('quant_method')!r}, expected {QUANT_METHOD!r}"))
+        unsupported = "is not supported by this easyquant-vllm; upgrade the package or re-convert"
+        version = fields.integer("format_version", SUPPORTED_FORMAT_VERSIONS, unsupported)
+        defaults = QuantSpec.for_version(version)
+        flags = {key: fields.boolean(key) for key in ("zero_points", "column_scale")}
+        for key, value in flags.items():
             if value and version < 2:
-                raise CheckpointError(f"{where}: {key} needs format_version 2, the checkpoint says {version}")
-            flags[key] = value
+                raise CheckpointError(fields.at(key, f"needs format_version 2, the checkpoint says {version}"))
+        params = d.get("method_params")
+        if params is not None and not isinstance(params, dict):
+            raise CheckpointError(fields.at("method_params", f"must be a JSON object, got {params!r}"))
+        skip = d.get("modules_to_not_convert")
+        if skip is not None and (not isinstance(skip, list) or not all(isinstance(m, str) for m in skip)):
+            raise CheckpointError(fields.at("modules_to_not_convert", f"must be a list of strings, got {skip!r}"))
         return cls(
-            bits=bits,
-            group_size=group_size,
-            outlier_threshold=float(d.get("outlier_threshold", 3.0)),
-            max_outlier_fraction=float(d.get("max_outlier_fraction", 0.01)),
-            method=str(d.get("method", "search")),
-            method_params=dict(d.get("method_params") or {}),
-            modules_to_not_convert=list(skip),
+            bits=fields.integer("bits", SUPPORTED_BITS),
+            group_size=fields.integer("group_size", SUPPORTED_GROUP_SIZES),
+            outlier_threshold=fields.number("outlier_threshold", defaults.outlier_threshold, 0.0, math.inf),
+            max_outlier_fraction=fields.number("max_outlier_fraction", defaults.max_outlier_fraction, 0.0, 1.0),
+            method=fields.string("method", defaults.method),
+            method_params=dict(params or {}),
+            modules_to_not_convert=list(skip or []),
             format_version=version,
             **flags,
         )
@@ -148,6 +161,53 @@ class EasyQuantCheckpointConfig:
     def layer_suffixes(self) -> tuple[str, ...]:
         """The tensors every quantized layer of this checkpoint has."""
         return layer_suffixes(self.zero_points, self.column_scale)
+
+
+class _ConfigFields:
+    """Strictly typed reads of ``quantization_config`` keys; errors name the file and the key."""
+
+    def __init__(self, d: Mapping[str, Any], source: str | Path) -> None:
+        self.d, self.source = d, source
+
+    def at(self, key: str, problem: str) -> str:
+        return f"{self.source}: quantization_config.{key} {problem}"
+
+    def integer(self, key: str, allowed: tuple[int, ...], unsupported: str = "is not supported") -> int:
+        value = self.d.get(key)
+        if type(value) is not int:  # bool is a subclass of int, and 4.0 == 4: both refused
+            got = f"{value!r} ({type(value).__name__})" if value is not None else "nothing (missing)"
+            raise CheckpointError(self.at(key, f"must be an integer, one of {list(allowed)}; got {got}"))
+        if value not in allowed:
+            raise CheckpointError(self.at(key, f"= {value} {unsupported} (supported: {list(allowed)})"))
+        return value
+
+    def number(self, key: str, default: float, lo: float, hi: float) -> float:
+        value = self.d.get(key, default)
+        if type(value) not in (int, float) or not lo <= value <= hi:
+            raise CheckpointError(self.at(key, f"must be a number in [{lo:g}, {hi:g}], got {value!r}"))
+        return float(value)
+
+    def boolean(self, key: str) -> bool:
+        value = self.d.get(key, False)
+        if not isinstance(value, bool):
+            raise CheckpointError(self.at(key, f"must be true or false, got {value!r}"))
+        return value
+
+    def string(self, key: str, default: str) -> str:
+        value = self.d.get(key, default)
+        if not isinstance(value, str):
+            raise CheckpointError(self.at(key, f"must be a string, got {value!r}"))
+        return value
+
+
+def method_params(spec: QuantSpec) -> dict[str, Any]:
+    """What ``config.json`` records of the range optimiser's parameters (informative)."""
+    extra = {"normalize": spec.normalize, "sinkhorn_iters": spec.sinkhorn_iters} if spec.normalize != "none" else {}
+    if spec.method == "adam":
+        return asdict(spec.adam)
+    if spec.method == "search":
+        return {**asdict(spec.search), **extra}
+    return extra
 
 
 def layer_suffixes(zero_points: bool = False, column_scale: bool = False) -> tuple[str, ...]:
@@ -244,6 +304,11 @@ def validate_layer(
             )
     n = t[QWEIGHT].shape[0]
     k = t[QWEIGHT].shape[1] * pack_factor(bits)
+    if n == 0 or k == 0:
+        raise CheckpointError(
+            f"{tensor_name(prefix, QWEIGHT)}: shape {list(t[QWEIGHT].shape)} holds an empty [{n}, {k}] weight; a "
+            "quantized layer needs at least one output row and one input column"
+        )
     if group_size != -1 and k % group_size:
         raise CheckpointError(
             f"{tensor_name(prefix, QWEIGHT)}: input dim K = {k} is not a multiple of group_size {group_size}"
@@ -306,7 +371,7 @@ def read_quantization_config(model_dir: str | Path) -> EasyQuantCheckpointConfig
     qc = config.get("quantization_config")
     if not isinstance(qc, dict):
         raise CheckpointError(f"{path}: no quantization_config: not an EasyQuant checkpoint")
-    return EasyQuantCheckpointConfig.from_dict(qc)
+    return EasyQuantCheckpointConfig.from_dict(qc, path)
 
 
 def bits_per_weight(n: int, k: int, bits: int, group_size: int, nnz: int, zero_points: bool = False,

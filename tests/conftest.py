@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from converters.tiny_model import build_tiny_model
+from easyquant_vllm.kernels import LayerSpec
+from easyquant_vllm.quant import QuantizedWeight, QuantSpec, quantize_group
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +39,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+FORMAT_VERSIONS = (1, 2)
+"""Every format version the kernels serve: unit tests of a kernel run each (``@pytest.mark.parametrize``)."""
+
+
+def quantized(w: torch.Tensor, version: int, group_size: int, **overrides: object) -> QuantizedWeight:
+    """``w`` quantized with format ``version``'s defaults (its column scale included, as the converter makes it)."""
+    return quantize_group([w], QuantSpec.for_version(version, group_size=group_size, **overrides))[0]
+
+
+def layer_spec(qw: QuantizedWeight, dtype: torch.dtype, device_type: str = "cpu") -> LayerSpec:
+    """The :class:`LayerSpec` a kernel is given for ``qw`` (its format-version-2 tensors announced)."""
+    n, k = qw.shape
+    return LayerSpec(n, k, qw.bits, qw.group_size, dtype, device_type, zero_points=qw.zeros is not None,
+                     column_scale=qw.col_scale is not None)  # fmt: skip

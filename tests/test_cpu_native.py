@@ -15,7 +15,7 @@ from easyquant_vllm.kernels import LayerSpec, NativeCpuKernel, choose_kernel, di
 from easyquant_vllm.kernels import cpu_native as native
 from easyquant_vllm.quant import QuantizedWeight, QuantSpec, quantize_weight
 from easyquant_vllm.quant.outliers import OutlierCSR
-from tests.conftest import heavy_tailed
+from tests.conftest import FORMAT_VERSIONS, heavy_tailed, layer_spec, quantized
 
 NEEDS = {"fma": "AVX2 + FMA", "dequant": "AVX2 + FMA", "bf16dp": "AVX512-BF16 and bf16 activations",
          "amx": "AMX-BF16 and bf16 activations"}  # fmt: skip
@@ -31,8 +31,7 @@ def _built() -> None:
 def _kernel(qw: QuantizedWeight, dtype: torch.dtype, path: str) -> NativeCpuKernel:
     if path not in native.available_paths(dtype):
         pytest.skip(f"path {path} needs {NEEDS[path]}; this CPU has {native.available_paths(dtype)} for {dtype}")
-    n, k = qw.shape
-    return NativeCpuKernel(LayerSpec(n, k, 4, qw.group_size, dtype, "cpu"), plan=native.parse_plan(path, native.PATHS))
+    return NativeCpuKernel(layer_spec(qw, dtype), plan=native.parse_plan(path, native.PATHS))
 
 
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -41,7 +40,7 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _heavy_row_weight(n: int = 32, k: int = 256) -> QuantizedWeight:
     """A weight whose row 5 holds 200 outliers (a quarter of the columns) and whose other rows hold none."""
-    qw = quantize_weight(heavy_tailed(n, k, seed=9), QuantSpec(group_size=64, outlier_threshold=0.0))
+    qw = quantize_weight(heavy_tailed(n, k, seed=9), QuantSpec.for_version(1, group_size=64, outlier_threshold=0.0))
     cols = torch.arange(0, k, 1 + (k - 1) // 200)[:200].to(torch.int32)
     indptr = torch.zeros(n + 1, dtype=torch.int32)
     indptr[6:] = cols.numel()
@@ -56,10 +55,12 @@ SHAPES = [(1536, 576, 64), (64, 128, 32), (576, 1536, 128), (96, 256, -1), (48, 
 
 
 @pytest.mark.parametrize("path", native.PATHS)
+@pytest.mark.parametrize("version", FORMAT_VERSIONS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("n", "k", "group_size"), SHAPES)
-def test_native_path_matches_reference(path: str, dtype: torch.dtype, n: int, k: int, group_size: int) -> None:
-    qw = quantize_weight(heavy_tailed(n, k, seed=n + k), QuantSpec(group_size=group_size))
+def test_native_path_matches_reference(path: str, version: int, dtype: torch.dtype, n: int, k: int,
+                                       group_size: int) -> None:  # fmt: skip
+    qw = quantized(heavy_tailed(n, k, seed=n + k), version, group_size)
     assert qw.outliers.nnz > 0
     kernel = _kernel(qw, dtype, path)
     tensors = kernel.prepare(qw)
@@ -91,11 +92,12 @@ def test_native_path_heavy_outlier_row_and_no_outliers(path: str) -> None:
     assert _rel(y, x.double() @ bare.dequantize(torch.float64).T) < 6e-3
 
 
+@pytest.mark.parametrize("version", FORMAT_VERSIONS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_dequant_path_is_the_reference_weight_and_gemm(dtype: torch.dtype) -> None:
+def test_dequant_path_is_the_reference_weight_and_gemm(version: int, dtype: torch.dtype) -> None:
     # W' in x's dtype, outliers included, bit-identical to the reference dequantize: the output then equals
     # ATen's own GEMM on that weight exactly.
-    qw = quantize_weight(heavy_tailed(96, 512, seed=4), QuantSpec(group_size=128))
+    qw = quantized(heavy_tailed(96, 512, seed=4), version, 128)
     kernel = _kernel(qw, dtype, "dequant")
     x, bias = torch.randn(40, 512).to(dtype), torch.randn(96).to(dtype)
     y = kernel.apply(kernel.prepare(qw), x, bias)
@@ -103,7 +105,7 @@ def test_dequant_path_is_the_reference_weight_and_gemm(dtype: torch.dtype) -> No
 
 
 def test_repack_keeps_each_word_and_groups_steps_per_block() -> None:
-    qw = quantize_weight(heavy_tailed(48, 256, seed=1), QuantSpec(group_size=64))
+    qw = quantize_weight(heavy_tailed(48, 256, seed=1), QuantSpec.for_version(1, group_size=64))
     w_q, scales = native.repack(qw.qweight, qw.scales)
     assert w_q.dtype == torch.int32 and w_q.shape == (3, 32 * 16)
     assert scales.dtype == torch.float16 and scales.shape == (3, 4 * 16)
@@ -112,12 +114,12 @@ def test_repack_keeps_each_word_and_groups_steps_per_block() -> None:
         assert scales[b, (q // 8) * 16 + j] == qw.scales[16 * b + j, q // 8]
 
 
-def test_plan_picks_the_path_by_m_at_run_time_under_compile() -> None:
+@pytest.mark.parametrize("version", FORMAT_VERSIONS)
+def test_plan_picks_the_path_by_m_at_run_time_under_compile(version: int) -> None:
     paths = native.available_paths(torch.bfloat16)
     small, large = ("bf16dp", "amx") if "amx" in paths else ("fma", "dequant")
-    qw = quantize_weight(heavy_tailed(64, 256, seed=2), QuantSpec(group_size=64))
-    kernel = NativeCpuKernel(LayerSpec(64, 256, 4, 64, torch.bfloat16, "cpu"),
-                             plan=native.parse_plan(f"{small}:4,{large}", paths))  # fmt: skip
+    qw = quantized(heavy_tailed(64, 256, seed=2), version, 64)
+    kernel = NativeCpuKernel(layer_spec(qw, torch.bfloat16), plan=native.parse_plan(f"{small}:4,{large}", paths))
     tensors = kernel.prepare(qw)
     torch._dynamo.reset()
     compiled = torch.compile(lambda a: kernel.apply(tensors, a, None), dynamic=True, fullgraph=True)
@@ -143,7 +145,7 @@ def test_plan_text_round_trips_and_bad_plans_are_named(monkeypatch: pytest.Monke
 
 
 def test_op_names_a_path_the_cpu_lacks_and_bad_tensors() -> None:
-    qw = quantize_weight(heavy_tailed(32, 64, seed=3), QuantSpec(group_size=32))
+    qw = quantize_weight(heavy_tailed(32, 64, seed=3), QuantSpec.for_version(1, group_size=32))
     kernel = NativeCpuKernel(LayerSpec(32, 64, 4, 32, torch.float16, "cpu"), plan=[1 << 30, 1])  # bf16dp for fp16
     t = kernel.prepare(qw)
     with pytest.raises(RuntimeError, match="path 1 is not available on this CPU for Half"):

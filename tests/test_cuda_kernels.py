@@ -118,7 +118,7 @@ def _check_product(driver: Path, tmp: Path, m, n, k, group_size, dtype, outliers
             "many": {"outlier_threshold": 1.0, "max_outlier_fraction": 0.2}}[outliers]  # fmt: skip
     w = heavy_tailed(n, k, seed=m * 1000 + n)
     w[n // 2] = 0.0  # a row with no outliers at all (and all-zero steps)
-    qw = _quantize(w, QuantSpec(group_size=group_size, **spec), v2)
+    qw = _quantize(w, QuantSpec.for_version(1, group_size=group_size, **spec), v2)
     counts = qw.outliers.indptr[1:] - qw.outliers.indptr[:-1]
     assert int(counts[n // 2]) == 0
     if outliers == "many":
@@ -236,7 +236,9 @@ def _check_dequant(driver: Path, tmp: Path, n: int, k: int, group_size: int, dty
                    v2: str = "") -> None:  # fmt: skip
     w = heavy_tailed(n, k, seed=n)
     w[1] = 0.0
-    qw = _quantize(w, QuantSpec(group_size=group_size, outlier_threshold=2.0, max_outlier_fraction=0.05), v2)
+    qw = _quantize(
+        w, QuantSpec.for_version(1, group_size=group_size, outlier_threshold=2.0, max_outlier_fraction=0.05), v2
+    )
     x = torch.zeros(1, k, dtype=dtype)  # unused by the dequant kernels; carries the dtype
     w_kernel = run_emulated(driver, tmp, x, qw, mode=mode)
     assert torch.equal(w_kernel, qw.dequantize(dtype).float())  # one rounding of s*q (+ outlier): exact
@@ -260,7 +262,7 @@ def test_emulated_mma_follows_the_ptx_fragment_layout(driver: Path) -> None:
 def test_kernels_emulated_have_no_data_races(tmp_path: Path) -> None:
     tsan = _build(tmp_path / "gemv_tsan", "-O1", "-g", "-fsanitize=thread")
     for n, mode in ((12, "run"), (32, "mma")):  # the mma kernel: shared-memory reduction across 8 warps
-        qw = quantize_weight(heavy_tailed(n, 256, seed=5), QuantSpec(group_size=64))
+        qw = quantize_weight(heavy_tailed(n, 256, seed=5), QuantSpec.for_version(1, group_size=64))
         x = torch.randn(3, 256).half()
         y = run_emulated(tsan, tmp_path, x, qw, threads=64, mode=mode)
         assert float((y.double() - _reference(x, qw)).abs().mean() / _reference(x, qw).abs().mean()) < 1e-3

@@ -24,7 +24,7 @@ def _parts(n: int = 40, k: int = 256, group_size: int = 64, v2: bool = False):  
     if v2:
         [qw] = quantize_group([w], QuantSpec(group_size=group_size, zero_points=True, normalize="sinkhorn"))
     else:
-        qw = quantize_weight(w, QuantSpec(group_size=group_size))
+        qw = quantize_weight(w, QuantSpec.for_version(1, group_size=group_size))
     o = qw.outliers
     return qw, [qw.qweight, qw.scales, o.indptr, o.indices, o.values, group_size]
 

@@ -30,7 +30,7 @@ P = "model.layers.0.mlp.down_proj"
 
 @pytest.fixture
 def layer() -> dict[str, torch.Tensor]:
-    return layer_tensors(P, quantize_weight(heavy_tailed(16, 128, seed=1), QuantSpec(group_size=64)))
+    return layer_tensors(P, quantize_weight(heavy_tailed(16, 128, seed=1), QuantSpec.for_version(1, group_size=64)))
 
 
 def test_layer_tensors_roundtrip(layer: dict[str, torch.Tensor]) -> None:
@@ -88,17 +88,81 @@ def test_config_roundtrip_and_errors() -> None:
     d = cfg.to_dict()
     assert d["quant_method"] == "easyquant" and d["format_version"] == 2
     assert EasyQuantCheckpointConfig.from_dict(d) == cfg
-    assert EasyQuantCheckpointConfig.from_dict({**d, "format_version": 1}).format_version == 1  # v1 still loads
-    with pytest.raises(CheckpointError, match="format_version 3 is not supported"):
+    v1 = {**d, "format_version": 1, "zero_points": False, "column_scale": False}
+    assert EasyQuantCheckpointConfig.from_dict(v1).format_version == 1  # v1 still loads
+    with pytest.raises(CheckpointError, match=r"format_version = 3 is not supported"):
         EasyQuantCheckpointConfig.from_dict({**d, "format_version": 3})
     with pytest.raises(CheckpointError, match="zero_points needs format_version 2, the checkpoint says 1"):
-        EasyQuantCheckpointConfig.from_dict({**d, "format_version": 1, "zero_points": True})
+        EasyQuantCheckpointConfig.from_dict({**v1, "zero_points": True})
     with pytest.raises(CheckpointError, match="column_scale must be true or false, got 'yes'"):
         EasyQuantCheckpointConfig.from_dict({**d, "column_scale": "yes"})
-    with pytest.raises(CheckpointError, match="unsupported bits = 3"):
+    with pytest.raises(CheckpointError, match=r"bits = 3 is not supported \(supported: \[4, 8\]\)"):
         EasyQuantCheckpointConfig.from_dict({**d, "bits": 3})
-    with pytest.raises(CheckpointError, match="unsupported group_size = 100"):
+    with pytest.raises(CheckpointError, match="group_size = 100 is not supported"):
         EasyQuantCheckpointConfig.from_dict({**d, "group_size": 100})
+
+
+def test_config_defaults_are_the_default_format_versions() -> None:
+    # One definition per version (QuantSpec.for_version): the config's defaults, QuantSpec() and the converter's
+    # options agree with it.
+    from converters.convert import ConvertOptions, resolve_spec
+    from easyquant_vllm.quant import DEFAULT_FORMAT_VERSION, FORMAT_DEFAULTS
+
+    for version in FORMAT_DEFAULTS:
+        spec = QuantSpec.for_version(version, group_size=64)
+        assert resolve_spec(ConvertOptions(format_version=version), 64) == spec
+        cfg = EasyQuantCheckpointConfig.from_spec(spec)
+        assert (cfg.format_version, cfg.zero_points, cfg.column_scale) == (version, version == 2, version == 2)
+        assert cfg.max_outlier_fraction == FORMAT_DEFAULTS[version]["max_outlier_fraction"]
+        assert EasyQuantCheckpointConfig.from_dict(cfg.to_dict()) == cfg
+    default = QuantSpec.for_version(DEFAULT_FORMAT_VERSION)
+    assert QuantSpec() == default and ConvertOptions().format_version == DEFAULT_FORMAT_VERSION
+    assert EasyQuantCheckpointConfig() == EasyQuantCheckpointConfig.from_spec(default)
+    with pytest.raises(ValueError, match="zero points and column scales need format version 2, not 1"):
+        QuantSpec.for_version(1, zero_points=True)
+
+
+# Each malformed field of quantization_config: a CheckpointError naming the file and the key (was: accepted, then a
+# bare TypeError, or accepted silently).
+BAD_FIELDS = [
+    ("bits", 4.0, r"quantization_config\.bits must be an integer, one of \[4, 8\]; got 4\.0 \(float\)"),
+    ("group_size", 64.0, r"quantization_config\.group_size must be an integer.*got 64\.0 \(float\)"),
+    ("format_version", True, r"quantization_config\.format_version must be an integer.*got True \(bool\)"),
+    ("format_version", None, r"quantization_config\.format_version must be an integer.*got nothing \(missing\)"),
+    ("bits", "4", r"quantization_config\.bits must be an integer.*got '4' \(str\)"),
+    ("outlier_threshold", "3", r"quantization_config\.outlier_threshold must be a number in \[0, inf\], got '3'"),
+    ("outlier_threshold", True, r"quantization_config\.outlier_threshold must be a number"),
+    ("max_outlier_fraction", 2.0, r"quantization_config\.max_outlier_fraction must be a number in \[0, 1\]"),
+    ("method_params", [1, 2], r"quantization_config\.method_params must be a JSON object, got \[1, 2\]"),
+    ("method", 3, r"quantization_config\.method must be a string, got 3"),
+    ("modules_to_not_convert", "lm_head", r"quantization_config\.modules_to_not_convert must be a list of strings"),
+    ("zero_points", 1, r"quantization_config\.zero_points must be true or false, got 1"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), BAD_FIELDS, ids=[f"{k}={v!r}" for k, v, _ in BAD_FIELDS])
+def test_config_field_of_wrong_type_names_key_and_file(key: str, value: object, message: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from easyquant_vllm.format import read_quantization_config
+
+    qc = {**EasyQuantCheckpointConfig().to_dict(), key: value}
+    if value is None:
+        del qc[key]
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": qc}))
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'config.json'}: " + message):
+        read_quantization_config(tmp_path)
+    with pytest.raises(CheckpointError, match="^config.json: " + message):
+        EasyQuantCheckpointConfig.from_dict(qc)
+
+
+def test_validate_layer_refuses_an_empty_layer() -> None:
+    empty = {f"{P}.qweight": torch.zeros(0, 16, dtype=torch.int32), f"{P}.scales": torch.zeros(0, 2).half(),
+             f"{P}.outlier_indptr": torch.zeros(1, dtype=torch.int32),
+             f"{P}.outlier_indices": torch.zeros(0, dtype=torch.int32), f"{P}.outlier_values": torch.zeros(0).half(),
+             f"{P}.qzeros": torch.zeros(0, 1, dtype=torch.uint8), f"{P}.col_scale": torch.ones(128).half()}  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"qweight: shape \[0, 16\] holds an empty \[0, 128\] weight"):
+        quantized_weight_from_tensors(P, empty, 4, 64, zero_points=True, column_scale=True)
 
 
 def _v2_layer(n: int = 32, k: int = 128, group_size: int = 32):  # type: ignore[no-untyped-def]

@@ -15,7 +15,7 @@ from easyquant_vllm.kernels import (
     choose_kernel,
 )
 from easyquant_vllm.quant import QuantSpec, quantize_weight, unpack_codes
-from tests.conftest import heavy_tailed
+from tests.conftest import FORMAT_VERSIONS, heavy_tailed, layer_spec, quantized
 
 # (N, K, group_size): SmolLM2-like K = 576, odd row counts for the reference, per channel.
 SHAPES = [(1536, 576, 64), (64, 128, 32), (576, 1536, 128), (96, 256, -1)]
@@ -28,7 +28,7 @@ def _reference(qw, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: 
 
 def _run(kernel_cls, qw, dtype: torch.dtype, m: int, bias: bool):  # type: ignore[no-untyped-def]
     n, k = qw.shape
-    spec = LayerSpec(n, k, qw.bits, qw.group_size, dtype, "cpu")
+    spec = layer_spec(qw, dtype)
     ok, why = kernel_cls.can_implement(spec)
     if not ok:
         pytest.skip(f"{kernel_cls.name}: {why}")
@@ -42,20 +42,23 @@ def _run(kernel_cls, qw, dtype: torch.dtype, m: int, bias: bool):  # type: ignor
     return y, _reference(qw, x, b)
 
 
+@pytest.mark.parametrize("version", FORMAT_VERSIONS)
 @pytest.mark.parametrize(("n", "k", "group_size"), SHAPES)
 @pytest.mark.parametrize("m", [1, 7])
-def test_reference_kernel_exact_fp32(n: int, k: int, group_size: int, m: int) -> None:
-    qw = quantize_weight(heavy_tailed(n, k, seed=n), QuantSpec(group_size=group_size))
+def test_reference_kernel_exact_fp32(version: int, n: int, k: int, group_size: int, m: int) -> None:
+    qw = quantized(heavy_tailed(n, k, seed=n), version, group_size)
     y, ref = _run(TorchReferenceKernel, qw, torch.float32, m, bias=True)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kernel_cls", [NativeCpuKernel, TorchInt4CpuKernel, CpuWna16Kernel], ids=lambda k: k.name)
+@pytest.mark.parametrize("version", FORMAT_VERSIONS)
 @pytest.mark.parametrize(("n", "k", "group_size"), SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 5, 33])
-def test_cpu_int4_kernel_matches_reference(kernel_cls, n: int, k: int, group_size: int, dtype, m: int) -> None:  # type: ignore[no-untyped-def]
-    qw = quantize_weight(heavy_tailed(n, k, seed=n), QuantSpec(group_size=group_size))
+def test_cpu_int4_kernel_matches_reference(kernel_cls, version: int, n: int, k: int, group_size: int, dtype,
+                                           m: int) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
+    qw = quantized(heavy_tailed(n, k, seed=n), version, group_size)
     assert qw.outliers.nnz > 0  # the outlier product is exercised
     y, ref = _run(kernel_cls, qw, dtype, m, bias=(m == 5))
     rel = float((y.double() - ref).norm() / ref.norm())
@@ -66,7 +69,7 @@ def test_cpu_int4_kernel_matches_reference(kernel_cls, n: int, k: int, group_siz
 
 def test_torch_int4_outliers_are_added() -> None:
     # Same weight with and without its outliers: the difference must be exactly x @ S^T.
-    qw = quantize_weight(heavy_tailed(64, 128, seed=3), QuantSpec(group_size=32))
+    qw = quantize_weight(heavy_tailed(64, 128, seed=3), QuantSpec.for_version(1, group_size=32))
     spec = LayerSpec(64, 128, 4, 32, torch.float16, "cpu")
     if not TorchInt4CpuKernel.can_implement(spec)[0]:
         pytest.skip("torch-int4-cpu unavailable")
@@ -87,7 +90,7 @@ def test_cpu_wna16_repack_matches_vllm_packing() -> None:
 
     from easyquant_vllm.kernels.cpu_wna16 import repack_for_cpu_wna16
 
-    qw = quantize_weight(heavy_tailed(64, 96, seed=2), QuantSpec(group_size=32))
+    qw = quantize_weight(heavy_tailed(64, 96, seed=2), QuantSpec.for_version(1, group_size=32))
     w_q, w_s = repack_for_cpu_wna16(qw.qweight, qw.scales, torch.bfloat16)
     # vLLM's own chain for GPTQ weights (cpu.py): codes [K, N] -> packed along N -> 16-channel blocks.
     u_kn = unpack_codes(qw.qweight, 4).t().contiguous().to(torch.int32)

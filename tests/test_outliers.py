@@ -42,7 +42,7 @@ def test_select_outliers_disabled() -> None:
 
 def test_outlier_codes_dequantize_to_zero_and_sparse_restores_values() -> None:
     w = heavy_tailed(48, 256, seed=5, dtype=torch.float16)
-    qw = quantize_weight(w, QuantSpec(group_size=64))
+    qw = quantize_weight(w, QuantSpec.for_version(1, group_size=64))
     o = qw.outliers
     assert o.nnz > 0
     rows, cols = select_outliers(w, 3.0, 0.01)

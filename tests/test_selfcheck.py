@@ -18,6 +18,7 @@ from easyquant_vllm.kernels import (
     cuda_int4,
     select,
 )
+from tests.conftest import FORMAT_VERSIONS
 from tests.cuda_standin import HostLauncher
 
 CUDA_SPEC = LayerSpec(64, 512, 4, 128, torch.float16, "cuda")
@@ -134,8 +135,11 @@ def test_old_driver_is_refused_before_any_compile(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize("kernel_cls", CPU_INT4, ids=lambda k: k.name)
-def test_cpu_kernels_pass_their_self_check_here(kernel_cls) -> None:  # type: ignore[no-untyped-def]
-    for spec in (LayerSpec(1536, 576, 4, 64, torch.bfloat16, "cpu"), LayerSpec(96, 256, 4, -1, torch.float16, "cpu")):
+@pytest.mark.parametrize("version", FORMAT_VERSIONS)
+def test_cpu_kernels_pass_their_self_check_here(kernel_cls, version: int) -> None:  # type: ignore[no-untyped-def]
+    v2 = {"zero_points": version == 2, "column_scale": version == 2}
+    for spec in (LayerSpec(1536, 576, 4, 64, torch.bfloat16, "cpu", **v2),
+                 LayerSpec(96, 256, 4, -1, torch.float16, "cpu", **v2)):  # fmt: skip
         ok, why = kernel_cls.can_implement(spec)
         if not ok:
             pytest.skip(f"{kernel_cls.name} cannot run here: {why}")

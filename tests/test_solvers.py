@@ -58,7 +58,7 @@ def test_solver_never_worse_than_rtn_on_any_group(solver: str) -> None:
 def test_quantize_weight_never_worse_than_rtn_per_group(method: str, group_size: int) -> None:
     # Through the full path (float16 steps stored): per group, loss <= RTN's on the same normals.
     w = heavy_tailed(16, 256, seed=3)
-    spec = QuantSpec(group_size=group_size, method=method, adam=AdamParams(steps=30, lr=1e-3))
+    spec = QuantSpec.for_version(1, group_size=group_size, method=method, adam=AdamParams(steps=30, lr=1e-3))
     qw = quantize_weight(w, spec)
     g = 256 if group_size == -1 else group_size
     normal = w - qw.outliers.to_dense()
@@ -76,12 +76,12 @@ def test_easyquant_beats_rtn_on_planted_outliers() -> None:
     idx = torch.randperm(w.numel(), generator=g)[: int(0.003 * w.numel())]
     sign = torch.where(torch.rand(idx.numel(), generator=g) < 0.5, -1.0, 1.0)
     w.view(-1)[idx] = sign * 0.02 * (8 + 12 * torch.rand(idx.numel(), generator=g))
-    stats = quantize_weight(w, QuantSpec(group_size=128)).stats
+    stats = quantize_weight(w, QuantSpec.for_version(1, group_size=128)).stats
     assert stats is not None
     # Measured: plain RTN 0.275, RTN with outliers isolated 0.091, paper Adam 0.083, EasyQuant
     # default 0.079 (-71 % vs RTN). Require the error to drop to under 40 % of RTN's.
     assert stats.rel_err < 0.4 * stats.rel_err_rtn
-    rtn_isolated = quantize_weight(w, QuantSpec(group_size=128, method="rtn")).stats
+    rtn_isolated = quantize_weight(w, QuantSpec.for_version(1, group_size=128, method="rtn")).stats
     assert rtn_isolated is not None and stats.rel_err < rtn_isolated.rel_err  # the range search adds on top
 
 

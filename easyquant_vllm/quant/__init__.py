@@ -15,7 +15,9 @@ from .packing import (
 )
 from .quantize import (
     AUTO_GROUP_SIZES,
+    DEFAULT_FORMAT_VERSION,
     DEFAULT_METHOD,
+    FORMAT_DEFAULTS,
     METHODS,
     NORMALIZE,
     SUPPORTED_GROUP_SIZES,
@@ -34,7 +36,9 @@ from .solvers import AdamParams, SearchParams, group_loss, group_loss_and_grad, 
 
 __all__ = [
     "AUTO_GROUP_SIZES",
+    "DEFAULT_FORMAT_VERSION",
     "DEFAULT_METHOD",
+    "FORMAT_DEFAULTS",
     "METHODS",
     "NORMALIZE",
     "SUPPORTED_BITS",

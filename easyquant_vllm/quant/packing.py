@@ -104,7 +104,7 @@ def unpack_zeros(packed: torch.Tensor, groups: int, bits: int) -> torch.Tensor:
     check_bits(bits)
     if bits == 8:
         return packed[:, :groups]
-    z = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    z = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], 2 * packed.shape[1])
     return z[:, :groups].contiguous()
 
 
