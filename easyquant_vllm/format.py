@@ -359,6 +359,13 @@ def validate_layer(
         raise CheckpointError(f"{tensor_name(prefix, COL_SCALE)}: column scales must be > 0")
 
 
+def validate_weight(prefix: str, qw: QuantizedWeight) -> None:
+    """:func:`validate_layer` on a weight in memory (e.g. a layer's final stacked and sliced CSR, before a kernel
+    repacks it): the same schema, the same errors, naming ``prefix``."""
+    validate_layer(prefix, layer_tensors(prefix, qw), qw.bits, qw.group_size, qw.zeros is not None,
+                   qw.col_scale is not None)  # fmt: skip
+
+
 def read_quantization_config(model_dir: str | Path) -> EasyQuantCheckpointConfig:
     """Parse ``config.json``'s ``quantization_config`` of an EasyQuant checkpoint directory."""
     path = Path(model_dir) / CONFIG_FILE

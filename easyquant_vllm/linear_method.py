@@ -36,6 +36,7 @@ from .format import (
     CheckpointError,
     quantized_weight_from_tensors,
     tensor_name,
+    validate_weight,
 )
 from .kernels import FALLBACK, LayerSpec, TorchReferenceKernel, choose_kernel
 from .quant import effective_group_size, pack_factor
@@ -217,6 +218,8 @@ class EasyQuantLinearMethod(LinearMethodBase):
                 qw = slice_rows(qw, plan.row_start, plan.rows)
             if state.k_part != k:
                 qw = slice_columns(qw, state.col_start, state.k_part)
+            if (plan.rows, state.k_part) != (n, k):  # defence in depth: the kernels trust the CSR they are handed
+                validate_weight(f"{plan.name} (this rank's slice)", qw)
             parts.append(qw)
         names = [p.name for p, _ in plans]
         runs = _runs_by_column_scale(parts)
@@ -235,6 +238,8 @@ class EasyQuantLinearMethod(LinearMethodBase):
                 try:  # on the CPU: repacking never costs GPU memory
                     run_names = names[sum(len(r) for r in runs[:i]) :][: len(run)]
                     qw = stack_rows(run, run_names) if len(run) > 1 else run[0]
+                    if len(run) > 1:  # defence in depth: the kernels trust the CSR they are handed
+                        validate_weight(f"{state.prefix} (stacked {', '.join(run_names)})", qw)
                 except ValueError as e:
                     raise CheckpointError(f"EasyQuant layer {state.prefix}: {e}") from None
                 if len(runs) > 1:  # each run is its own GEMM (shapes differ: the kernel may too)

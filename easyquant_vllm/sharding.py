@@ -14,6 +14,8 @@ import torch
 from .quant import OutlierCSR, QuantizedWeight, effective_group_size, pack_factor
 from .quant.outliers import rows_from_indptr
 
+INT32_MAX = 2**31 - 1
+
 
 def slice_rows(qw: QuantizedWeight, start: int, size: int) -> QuantizedWeight:
     """Output rows ``[start, start + size)`` of ``qw`` (a column-parallel slice)."""
@@ -79,10 +81,16 @@ def stack_rows(parts: list[QuantizedWeight], names: list[str] | None = None) -> 
                 f"{name}.col_scale differs from {names[0]}.col_scale: the layers vLLM fuses read one input and must "
                 "share one column scale (docs/format.md)"
             )
-    pieces, offset = [first.outliers.indptr[:1]], 0
+    # int64 offsets: the shards' nnz add up, and a fused layer's total may not fit the int32 of the format.
+    pieces, offset = [first.outliers.indptr[:1].long()], 0
     for p in parts:  # a handful of shards (q/k/v, gate/up), not rows
-        pieces.append(p.outliers.indptr[1:] + offset)
+        pieces.append(p.outliers.indptr[1:].long() + offset)
         offset += p.outliers.nnz
+    if offset > INT32_MAX:
+        raise ValueError(
+            f"{' + '.join(names)} hold {offset:,} outliers together, more than the 2**31 - 1 that int32 CSR row "
+            "pointers can address; leave some of these layers unquantized (--skip) or lower --max-outlier-fraction"
+        )
     indptr = torch.cat(pieces)
     csr = OutlierCSR(
         indptr.to(torch.int32),

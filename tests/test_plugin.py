@@ -36,7 +36,7 @@ def test_from_config_validates() -> None:
     assert cfg.checkpoint.group_size == 64 and cfg.get_name() == "easyquant"
     with pytest.raises(ValueError, match="format_version = 7 is not supported"):
         EasyQuantConfig.from_config({**good, "format_version": 7})
-    with pytest.raises(ValueError, match="config.json: quantization_config.group_size = 48 is not supported"):
+    with pytest.raises(ValueError, match=r"config\.json: quantization_config\.group_size = 48 is not supported"):
         EasyQuantConfig.from_config({**good, "group_size": 48})
     with pytest.raises(ValueError, match="not an EasyQuant checkpoint"):
         EasyQuantConfig()

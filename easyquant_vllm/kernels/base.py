@@ -161,6 +161,25 @@ def outlier_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     return {"indptr": o.indptr.contiguous(), "indices": o.indices.contiguous(), "values": o.values.contiguous()}
 
 
+def check_csr_ends(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n: int, where: str) -> None:
+    """The O(1) CSR invariants a kernel relies on before it indexes with the arrays: ``indptr`` is int32 ``[N + 1]``
+    from 0 to nnz, ``indices``/``values`` are 1-D of one length (< 2**31). ValueError naming ``where`` otherwise.
+
+    The O(nnz) ones (every index in ``[0, K)``, ascending rows) are checked once per layer at load
+    (:func:`easyquant_vllm.format.validate_weight`). ``indptr``'s values are read only where it lives on the CPU:
+    on a GPU that read would synchronize the stream (and is not allowed inside CUDA-graph capture).
+    """
+    nnz = indices.numel()
+    if indptr.dtype != torch.int32 or indptr.dim() != 1 or indptr.numel() != n + 1:
+        raise ValueError(f"{where}: outlier indptr must be int32 [{n + 1}], got {indptr.dtype} {list(indptr.shape)}")
+    if indices.dim() != 1 or values.dim() != 1 or values.numel() != nnz or nnz >= 2**31:
+        raise ValueError(f"{where}: outlier indices/values must be 1-D of one length < 2**31, got "
+                         f"{list(indices.shape)} / {list(values.shape)}")  # fmt: skip
+    if indptr.device.type == "cpu" and (int(indptr[0]) != 0 or int(indptr[-1]) != nnz):
+        raise ValueError(f"{where}: outlier indptr must run from 0 to nnz = {nnz}, got {int(indptr[0])} .. "
+                         f"{int(indptr[-1])}")  # fmt: skip
+
+
 def add_outliers(y: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
                  x: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """``y [M, N] += x [M, K] @ S^T`` with ``S`` the CSR outliers, computed in float32, rounded into y once.
@@ -168,6 +187,7 @@ def add_outliers(y: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, v
     Runs inside the op, so a torch sparse matrix may be built here: it never reaches the traced graph.
     No masking: the dense code at an outlier position is 0.
     """
+    check_csr_ends(indptr, indices, values, y.shape[1], "add_outliers")
     if not indices.numel():
         return y
     with warnings.catch_warnings():  # "sparse CSR support is in beta": true, and not the user's concern

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..quant import QuantizedWeight
-from .base import Kernel, LayerSpec, count
+from .base import Kernel, LayerSpec, check_csr_ends, count
 from .cuda_build import (
     CUDA_DIR,
     GEMV_BATCH_TILES,
@@ -85,8 +85,9 @@ def check_weight(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tens
         _require(qweight.dtype == torch.int32 and qweight.dim() == 2,
                  f"qweight must be int32 [N, K/8], got {qweight.dtype} {list(qweight.shape)}")  # fmt: skip
         n, k = qweight.shape[0], qweight.shape[1] * 8
+    _require(group_size == -1 or group_size > 0, f"group_size must be > 0 or -1 (per channel), got {group_size}")
     g = k if group_size == -1 else group_size
-    _require(k % 32 == 0 and _group_ok(k, g),
+    _require(n > 0 and k > 0 and k % 32 == 0 and _group_ok(k, g),
              f"needs K % 32 == 0 and a group size, multiple of 32, dividing K; got K = {k}, G = {g}")  # fmt: skip
     _require(scales.dtype == torch.float16 and tuple(scales.shape) == (n, k // g),
              f"scales must be float16 [{n}, {k // g}], got {scales.dtype} {list(scales.shape)}")  # fmt: skip
@@ -95,6 +96,7 @@ def check_weight(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tens
     _require(indices.dtype == torch.int32 and values.dtype == torch.float16 and indices.shape == values.shape,
              f"outlier_indices/values must be int32/float16 of one length, got {indices.dtype} "
              f"{list(indices.shape)} / {values.dtype} {list(values.shape)}")  # fmt: skip
+    check_csr_ends(indptr, indices, values, n, "easyquant CUDA kernel")  # indptr's values: where it is on the host
     _require(
         (zeros is None) == (col_scale is None),
         "zeros and col_scale go together (format version 2); pass z = 8 or c = 1 for the missing one",
@@ -420,6 +422,7 @@ class CudaInt4Kernel(Kernel):
         once here from the checkpoint's (on the CPU, in row blocks: see :func:`to_mma_layout`); else the
         canonical layout, which the GEMV reads as it is."""
         o = qw.outliers
+        check_csr_ends(o.indptr.cpu(), o.indices, o.values, qw.shape[0], f"{self.name} prepare")
         qweight = to_mma_layout(qw.qweight) if self.mma else qw.qweight
         tensors = {"qweight": qweight.contiguous(), "scales": qw.scales.contiguous(), "indptr": o.indptr.contiguous(),
                    "indices": o.indices.contiguous(), "values": o.values.contiguous()}  # fmt: skip

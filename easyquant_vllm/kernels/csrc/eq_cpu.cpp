@@ -723,9 +723,16 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
               dtype);
   TORCH_CHECK(x_in.dim() == 2, "easyquant::cpu_int4_linear: x must be [M, K], got ", x_in.sizes());
   const at::Tensor x = x_in.contiguous();
+  // The O(1) invariants every pointer below relies on are checked here, whatever the caller validated: a
+  // malformed tensor must be an error, never a wild read. (The O(nnz) ones, every column index in [0, K) and
+  // non-decreasing row pointers, are the loader's: format.validate_layer runs on each layer's final CSR.)
+  TORCH_CHECK(indptr.dim() == 1 && indptr.size(0) >= 2, "easyquant::cpu_int4_linear: indptr must be [N + 1] with ",
+              "N >= 1, got ", indptr.sizes());
   const int64_t m = x.size(0), k = x.size(1), n = indptr.size(0) - 1;
+  TORCH_CHECK(group_size == -1 || group_size > 0, "easyquant::cpu_int4_linear: group_size must be > 0 or -1 (per ",
+              "channel), got ", group_size);
   const int64_t g = group_size == -1 ? k : group_size;
-  TORCH_CHECK(n % kBlockN == 0 && k % 32 == 0 && g % 32 == 0 && k % g == 0,
+  TORCH_CHECK(k > 0 && n % kBlockN == 0 && k % 32 == 0 && g % 32 == 0 && k % g == 0,
               "easyquant::cpu_int4_linear: needs N % 16 == 0, K % 32 == 0 and a group size, multiple of 32, dividing K;"
               " got N = ", n, ", K = ", k, ", G = ", g);
   TORCH_CHECK(w_q.scalar_type() == at::kInt && w_q.numel() == n * k / 8 && w_q.is_contiguous(),
@@ -746,6 +753,13 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
                   values.scalar_type() == at::kFloat && indices.numel() == values.numel() && indptr.is_contiguous() &&
                   indices.is_contiguous() && values.is_contiguous(),
               "easyquant::cpu_int4_linear: outliers must be contiguous int32 indptr/indices and fp32 values of one length");
+  TORCH_CHECK(indices.dim() == 1 && values.dim() == 1 && indices.numel() <= INT32_MAX,
+              "easyquant::cpu_int4_linear: indices/values must be 1-D with at most 2^31 - 1 entries");
+  {
+    const int32_t* ip = indptr.data_ptr<int32_t>();
+    TORCH_CHECK(ip[0] == 0 && ip[n] == indices.numel(), "easyquant::cpu_int4_linear: indptr must start at 0 and end ",
+                "at nnz = ", indices.numel(), ", got indptr[0] = ", ip[0], ", indptr[N] = ", ip[n]);
+  }
   if (bias)
     TORCH_CHECK(bias->scalar_type() == dtype && bias->numel() == n, "easyquant::cpu_int4_linear: bias must be ", dtype,
                 " [", n, "]");
