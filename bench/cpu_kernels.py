@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from bench.cpu_isa import cpu_isa
 from easyquant_vllm.format import quantized_layers, read_quantization_config
 from easyquant_vllm.kernels import CpuWna16Kernel, LayerSpec, NativeCpuKernel, TorchInt4CpuKernel
 from easyquant_vllm.kernels import cpu_native as native
-from easyquant_vllm.kernels.cpu_isa import cpu_isa
 from easyquant_vllm.quant import QuantizedWeight
 from easyquant_vllm.quant.outliers import OutlierCSR
 from easyquant_vllm.safetensors_io import open_checkpoint

@@ -8,7 +8,7 @@ Without a GPU it prints, for Llama-7B/70B linear shapes and M = 1..64, the bytes
 32-bit index each), row pointers, activations in and out, against an fp16 GEMV's bytes. Decode is
 memory-bound, so the ratio is the ideal speed-up (16 / bits per weight for the weights alone). It then
 compiles every kernel with NVRTC, exactly as at run time, and prints registers and spills per
-architecture, and the SASS issue model (easyquant_vllm/kernels/sass.py): instructions per 512 weight
+architecture, and the SASS issue model (bench/sass.py): instructions per 512 weight
 bytes of each main loop against what an H100 can issue at HBM speed.
 
 With a GPU it also times, on synthetic weights in the canonical layout (random codes, 0.5 % CSR
@@ -71,7 +71,7 @@ def print_bytes_table(g: int, f: float) -> None:
 
 def print_compile_stats() -> None:
     try:
-        from easyquant_vllm.kernels.cuda_build import ARCHS, KERNEL_NAMES, nvrtc_compile
+        from bench.nvrtc import ARCHS, KERNEL_NAMES, nvrtc_compile
     except ImportError as e:
         print(f"\n(no compile stats: {e})")
         return
@@ -97,7 +97,7 @@ def print_issue_model(g: int, f: float) -> None:
     """The SASS issue model (docs/kernels.md): predicted bandwidth fraction and speed-up per kernel and tile."""
     import tempfile
 
-    from easyquant_vllm.kernels import sass
+    from bench import sass
     from easyquant_vllm.kernels.cuda_build import GEMV_ROWS_PER_WARP
 
     try:

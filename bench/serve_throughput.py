@@ -108,7 +108,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
-    from easyquant_vllm.kernels.cpu_isa import cpu_isa
+    from bench.cpu_isa import cpu_isa
 
     isa = cpu_isa() + (f", emulating {args.emulate} ({EMULATE[args.emulate]})" if args.emulate else "")
     print(f"# decode tokens/s, vLLM CPU, {args.mode} mode, CPU {isa}, {args.tokens} new tokens per "

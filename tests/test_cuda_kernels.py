@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from easyquant_vllm.kernels import sass
+from bench import sass
+from bench.nvrtc import ARCHS, KERNEL_NAMES
 from easyquant_vllm.kernels.cuda_build import (
-    ARCHS,
+    CUDA_DIR,
     GEMV_BATCH_TILES,
     GEMV_ROWS_PER_WARP,
-    KERNEL_NAMES,
     MMA_BATCH_TILES,
     MMA_WARPS,
 )
@@ -274,7 +274,7 @@ def test_kernels_emulated_have_no_data_races(tmp_path: Path) -> None:
 def test_kernels_compile_without_spills(arch: str, source: str, tmp_path: Path) -> None:
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not available")
-    cuda = str(ROOT / "cuda" / source)
+    cuda = str(CUDA_DIR / source)
     cmd = ["nvcc", f"-arch={arch}", "-std=c++17", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), cuda]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -295,16 +295,15 @@ def test_kernels_compile_without_spills(arch: str, source: str, tmp_path: Path) 
 def _nvrtc():  # type: ignore[no-untyped-def]
     pytest.importorskip("cupy", reason="cupy-cuda13x not installed (scripts/setup.sh installs it)")
     pytest.importorskip("nvidia.cu13", reason="nvidia-cuda-runtime headers not installed")
-    from easyquant_vllm.kernels import cuda_build
+    from bench import nvrtc
 
-    return cuda_build
+    return nvrtc
 
 
 @pytest.mark.parametrize("source", sorted(KERNELS))
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kernels_compile_with_nvrtc_as_at_run_time(arch: str, source: str) -> None:
-    cuda_build = _nvrtc()
-    result = cuda_build.nvrtc_compile(source, arch)
+    result = _nvrtc().nvrtc_compile(source, arch)
     assert result.cubin[:4] == b"\x7fELF"
     stats = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", result.log)
     assert stats == [("0", "0", "0")] * len(KERNELS[source])
@@ -319,7 +318,7 @@ def test_compile_checks_use_the_options_cupy_adds_at_run_time() -> None:
     _nvrtc()
     from cupy.cuda import compiler
 
-    from easyquant_vllm.kernels.cuda_build import CUPY_APPENDED_OPTIONS, nvrtc_options
+    from bench.nvrtc import CUPY_APPENDED_OPTIONS, nvrtc_options
 
     fn = ast.parse(inspect.getsource(compiler._compile_with_cache_cuda)).body[0]
     appended = [opt.value for node in fn.body if isinstance(node, ast.AugAssign) and getattr(node.target, "id", "")
@@ -377,11 +376,11 @@ def test_mma_main_loop_fits_the_h100_issue_budget_up_to_m16(tmp_path: Path) -> N
 
 
 def test_python_constants_match_the_kernel_source() -> None:
-    source = (ROOT / "cuda" / "eq_gemv.cu").read_text()
+    source = (CUDA_DIR / "eq_gemv.cu").read_text()
     assert int(re.search(r"constexpr int kRowsPerWarp = (\d+);", source).group(1)) == GEMV_ROWS_PER_WARP
     assert int(re.search(r"constexpr int kMaxM = (\d+);", source).group(1)) == GEMV_BATCH_TILES[-1]
     for m in GEMV_BATCH_TILES:
         assert f"EQ_GEMV_ENTRY(SUFFIX, T, {m})" in source
-    mma = (ROOT / "cuda" / "eq_mma.cu").read_text()
+    mma = (CUDA_DIR / "eq_mma.cu").read_text()
     assert int(re.search(r"constexpr int kMmaWarps = (\d+);", mma).group(1)) == MMA_WARPS
     assert int(re.search(r"constexpr int kMmaMaxTiles = (\d+);", mma).group(1)) == MMA_BATCH_TILES[-1]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from easyquant_vllm.kernels import CudaInt4Kernel, LayerSpec, choose_kernel, cuda_int4
+from easyquant_vllm.kernels.cuda_build import CUDA_DIR
 from easyquant_vllm.kernels.cuda_int4 import check_weight
 from easyquant_vllm.quant import QuantSpec, quantize_weight
 from tests.conftest import heavy_tailed
@@ -225,7 +226,7 @@ def _entry_signatures() -> dict[str, list[str]]:
         pytest.skip("g++ not available")
     sigs = {}
     for source in ("eq_gemv.cu", "eq_dequant.cu", "eq_mma.cu"):
-        cmd = ["g++", "-std=c++20", "-E", "-P", "-x", "c++", "-I", str(ROOT / "cuda"), str(ROOT / "cuda" / source)]
+        cmd = ["g++", "-std=c++20", "-E", "-P", "-x", "c++", "-I", str(CUDA_DIR), str(CUDA_DIR / source)]
         text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         for name, params in re.findall(r'extern "C"\s+void\s+(eq_\w+)\s*\(([^)]*)\)', " ".join(text.split())):
             sigs[name] = [p.rsplit(" ", 1)[0].strip() for p in params.split(",")]

@@ -10,9 +10,9 @@
 //   gemv_driver dequant_mma IN OUT   W' from the MMA layout, as dequant.
 //   gemv_driver mma_unit       prints D = A B of one emulated mma.sync.m16n8k16 (see mma_unit).
 //   gemv_driver magic          prints the dequantized code of every nibble value 0..15, one per line.
-#include "../../cuda/eq_dequant.cu"
-#include "../../cuda/eq_gemv.cu"
-#include "../../cuda/eq_mma.cu"
+#include "../../easyquant_vllm/kernels/cuda/eq_dequant.cu"
+#include "../../easyquant_vllm/kernels/cuda/eq_gemv.cu"
+#include "../../easyquant_vllm/kernels/cuda/eq_mma.cu"
 
 #include <cstdio>
 #include <fstream>

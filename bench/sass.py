@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cuda_build import CUDA_DIR
+from easyquant_vllm.kernels.cuda_build import CUDA_DIR
 
 _SECTION = re.compile(r"^\s*\.section\s+\.text\.(\w+),", re.M)
 _INSTR = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", re.M)
