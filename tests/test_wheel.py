@@ -65,8 +65,15 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy of what the sdist would hold: setuptools writes build/ and *.egg-info into the source tree.
+    src = out / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("easyquant_vllm", "converters"):
+        shutil.copytree(ROOT / name, src / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                           str(out), str(ROOT)], capture_output=True, text=True, timeout=600)  # fmt: skip
+                           str(out), str(src)], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     (whl,) = out.glob("easyquant_vllm-*.whl")
     return whl
