@@ -27,11 +27,14 @@ outliers are kept in float16 (CSR) and the rest is quantized to int4 (or int8) p
 optimised range. No calibration data is used.
 
 Format version 2 (default) adds a zero point per group and a scale per input column that balances
-the spread of rows and columns (Sinkhorn-style, as SINQ) before quantizing; --format-version 1 is
-the paper's symmetric method. Every default was chosen by perplexity on real models (docs/results.md).
+the spread of rows and columns (Sinkhorn-style, as SINQ) before quantizing, and keeps at most 0.25 %
+outliers; --format-version 1 is the paper's symmetric method (1 % outliers). Every default was
+chosen by perplexity on real models (docs/results.md).
 
-Embeddings, lm_head, norms and biases are copied unchanged. The output is written to a temporary
-directory next to DST and renamed into place only when everything succeeded. Serve it with
+Embeddings, lm_head, norms and biases are copied unchanged. The output is written to a private
+temporary directory next to DST, validated, flushed to disk and renamed into place only when everything
+succeeded. DST must not be, contain or lie inside SRC; --overwrite replaces only an EasyQuant checkpoint.
+Serve it with
   vllm serve DST --quantization easyquant
 """
 
@@ -120,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-shard-size", type=float, default=d.max_shard_bytes / 1024**3, metavar="GIB",
         help="output shard size cap in GiB (default %(default)s)",
     )  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only after success)")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace DST if it is an EasyQuant checkpoint (only after success; anything else is refused)",
+    )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="check the input and print the plan; write nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     p.add_argument("-v", "--verbose", action="store_true", help="one log line per tensor")

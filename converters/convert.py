@@ -58,8 +58,9 @@ linear layers only)."""
 
 JOINT_COLUMN_SCALE = (("gate_proj", "up_proj"),)
 """Layers normalised together (one column scale, from their stacked rows; format version 2). gate/up read one
-input and run as one fused GEMM. q/k/v also read one input, but one scale for the three cost 0.5 perplexity on
-SmolLM2 (docs/results.md): each gets its own, and the vLLM loader runs each with its own scaled input."""
+input and run as one fused GEMM. q/k/v also read one input, but one scale for the three measured worse on SmolLM2
+(docs/results.md, "Shared c for q/k/v"): each gets its own, and the vLLM loader runs each with its own scaled
+input."""
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".h5", ".msgpack", *PICKLE_SUFFIXES)
 

@@ -8,7 +8,7 @@ copied into a fresh model of the same class and saved as config + safetensors + 
 Caveat for every number measured on it: the published weights are Q4_1 (asymmetric, group 32), so
 "fp32" here means those weights dequantized, not the original bf16 checkpoint.
 
-    python -m converters.smollm2 OUT_DIR        # or: easyquant-smollm2 OUT_DIR
+    python -m converters.smollm2 OUT_DIR
 """
 
 from __future__ import annotations

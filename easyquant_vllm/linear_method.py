@@ -1,13 +1,14 @@
-"""vLLM ``LinearMethod`` for EasyQuant: declare the five tensors, load shards, slice for TP, run a kernel.
+"""vLLM ``LinearMethod`` for EasyQuant: declare a layer's tensors, load shards, slice for TP, run a kernel.
 
 Loading in three steps:
 
-1. ``create_weights`` declares ``qweight``, ``scales`` and the three CSR tensors of the layer partition, so
+1. ``create_weights`` declares ``qweight``, ``scales``, the three CSR tensors and (format version 2, the
+   default) ``qzeros`` and ``col_scale`` of the layer partition, so
    that every checkpoint tensor name has a parameter to land in. Each carries our own ``weight_loader``.
 2. The loader receives whole checkpoint tensors, one per (shard, tensor): ``q``/``k``/``v`` of a QKV layer,
    ``0``/``1`` of gate/up, or the whole layer. The shard id arrives as a third argument or as
    ``loaded_weight.shard_id``. The loader only collects them: the CSR arrays' lengths are data, and the
-   five tensors of a shard must be validated together.
+   tensors of a shard must be validated together.
 3. ``process_weights_after_loading`` validates each shard against the schema (the errors name the
    checkpoint tensor), takes this rank's slice, stacks the shards, and hands the result to the chosen
    kernel, which repacks it once. The canonical parameters are then dropped.

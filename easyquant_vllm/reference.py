@@ -11,8 +11,9 @@ from .safetensors_io import open_checkpoint
 
 
 def dequantized_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, with each quantized layer's five tensors replaced by
-    ``P.weight = W'`` (``[N, K]`` in ``dtype``, see :func:`easyquant_vllm.quant.dequantize`).
+    """Every tensor of the checkpoint, with each quantized layer's tensors (five, plus ``qzeros`` and
+    ``col_scale`` in format version 2) replaced by ``P.weight = W'`` (``[N, K]`` in ``dtype``, see
+    :func:`easyquant_vllm.quant.dequantize`).
 
     Load it into the source model's class (``model.load_state_dict(sd, strict=False)``, tied
     weights aside) to get the reference that vLLM's outputs are compared against.

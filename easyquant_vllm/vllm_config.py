@@ -23,7 +23,8 @@ NOT_AN_EASYQUANT_CHECKPOINT = (
 
 @register_quantization_config(QUANT_METHOD)
 class EasyQuantConfig(QuantizationConfig):
-    """EasyQuant: int4/int8 symmetric group codes + float16 CSR outliers (docs/format.md)."""
+    """EasyQuant: int4/int8 group codes (format version 2, the default: zero points and column scales; version
+    1: symmetric) + float16 CSR outliers (docs/format.md)."""
 
     def __init__(self, checkpoint: EasyQuantCheckpointConfig | None = None) -> None:
         super().__init__()

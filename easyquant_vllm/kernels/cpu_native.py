@@ -12,7 +12,7 @@ compiled graph calls directly, and the op picks a path by the batch size M:
 =========  =================================  =============================================================
 path       needs                              what
 =========  =================================  =============================================================
-fma        AVX2 + FMA                         exact fp32 ``s * (u - 8)`` times fp32 x; also fp16 activations
+fma        AVX2 + FMA                         exact fp32 ``s * (u - z)`` times fp32 ``x * c``; fp16 too
 bf16dp     AVX512-BF16, bf16 activations      exact bf16 codes, ``vdpbf16ps`` per group, step applied in fp32
 amx        AMX-BF16, bf16 activations         the same codes as AMX B tiles, up to 64 batch rows per pass
 dequant    AVX2                               W'^T in x's dtype (bit-identical to the reference), ATen GEMM

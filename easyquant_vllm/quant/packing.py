@@ -1,8 +1,10 @@
 """Integer codes <-> packed int32 words: the one definition of the checkpoint's bit layout.
 
-Codes are stored unsigned, ``u = q + 2**(bits-1)`` (vLLM's ``uint4b8`` / ``uint8b128``), packed
-along the input dimension K, little end first: for 4 bit, column ``k`` is nibble ``k % 8`` (bits
-``4*(k%8) .. 4*(k%8)+3``) of word ``k // 8``; for 8 bit, byte ``k % 4`` of word ``k // 4``.
+Codes are stored unsigned, ``u`` in ``[0, 2**bits - 1]``: ``u = q + z`` with the group's zero point ``z``
+(format version 2, the default, :func:`pack_zeros`), or ``z = 2**(bits-1)`` (format version 1's symmetric
+codes, vLLM's ``uint4b8`` / ``uint8b128``). They are packed along the input dimension K, little end first: for
+4 bit, column ``k`` is nibble ``k % 8`` (bits ``4*(k%8) .. 4*(k%8)+3``) of word ``k // 8``; for 8 bit, byte
+``k % 4`` of word ``k // 4``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""Range (step size) optimisers for symmetric group quantization: RTN, the paper's Adam, and ours.
+"""Range optimisers for group quantization, all groups at once: symmetric (format version 1: RTN, the paper's
+Adam, our search) and with zero points (format version 2, the default: min-max RTN and our search).
 
 Every function works on a batch of groups at once: ``x`` is ``[R, G]`` float32, one group of G
 consecutive weights of one output row per line (``G = K`` for per-channel ranges), with the outliers
 already set to 0 (a zero weight gets code 0 and adds nothing to the error, so the loss below is the
-loss over the normal values only, as in the paper). Each returns the step sizes ``s`` as ``[R]``
-float32; the quantizer is ``Q[x] = s * clamp(round(x / s), q_min, q_max)`` (EasyQuant Eq. 1).
+loss over the normal values only, as in the paper). The symmetric solvers return the step sizes ``s`` as
+``[R]`` float32, for ``Q[x] = s * clamp(round(x / s), q_min, q_max)`` (EasyQuant Eq. 1); the asymmetric ones
+return ``(s, z)``, for ``Q[x] = s * (clamp(round(x / s) + z, 0, 2**bits - 1) - z)``.
 """
 
 from __future__ import annotations
