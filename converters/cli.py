@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -133,8 +135,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+class _Interrupts:
+    """SIGINT and SIGTERM (``kill``) as KeyboardInterrupt, which cleans up, until DST is committed; from then on
+    they are ignored: the conversion is done, and its exit status must say so."""
+
+    def __init__(self) -> None:
+        self.committed = False
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> _Interrupts:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():  # main() may be called again in this process (tests)
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+    def commit(self) -> None:
+        self.committed = True
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if not self.committed:
+            raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,10 +180,15 @@ def main(argv: list[str] | None = None) -> int:
         max_shard_bytes=int(args.max_shard_size * 1024**3),
         overwrite=args.overwrite,
     )
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` cleans up like Ctrl-C
+    with _Interrupts() as interrupts:
+        return _run(args, opts, interrupts)
+
+
+def _run(args: argparse.Namespace, opts: ConvertOptions, interrupts: _Interrupts) -> int:
     try:
-        report = convert(args.src, args.dst, opts, progress=not args.no_progress, dry_run=args.dry_run)
-    except (ConversionError, ValueError) as e:
+        report = convert(args.src, args.dst, opts, progress=not args.no_progress, dry_run=args.dry_run,
+                         on_commit=interrupts.commit)  # fmt: skip
+    except (ConversionError, ValueError, OSError) as e:
         print(f"easyquant-convert: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -172,13 +200,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}")
         print(f"left as they are (2-D): {report['not_converted']}")
         return 0
-    # DST is committed: from here on nothing may turn success into a failure.
+    # DST is committed: from here on nothing may turn success into a failure (a closed pipe included).
     try:
         print(summary_table(report))
-    except Exception as e:
-        print(f"easyquant-convert: warning: could not print the summary ({type(e).__name__}: {e})", file=sys.stderr)
-    print(f"wrote {args.dst} (report: {args.dst / 'easyquant_report.json'})")
+        print(f"wrote {args.dst} (report: {args.dst / 'easyquant_report.json'})")
+        sys.stdout.flush()
+    except BaseException as e:
+        with contextlib.suppress(BaseException):
+            print(f"easyquant-convert: wrote {args.dst}; could not print the summary ({type(e).__name__}: {e})",
+                  file=sys.stderr)  # fmt: skip
+        _quiet_stdout()
     return 0
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so that the interpreter's final flush cannot fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def validate_main(argv: list[str] | None = None) -> int:

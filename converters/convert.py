@@ -45,7 +45,7 @@ from easyquant_vllm.quant import (
 )
 from easyquant_vllm.safetensors_io import PICKLE_SUFFIXES, ShardedSafetensorsWriter, open_checkpoint, resolve_inside
 
-from .output_dir import DestinationError, check_destination, commit, staging_directory
+from .output_dir import DestinationError, absolute, check_destination, commit, staging_directory
 
 log = logging.getLogger("easyquant.convert")
 
@@ -226,6 +226,7 @@ def convert(
     progress: bool = True,
     dry_run: bool = False,
     on_tensor: Callable[[str], None] | None = None,
+    on_commit: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Convert ``src`` (HF directory, safetensors) into the EasyQuant checkpoint ``dst``.
 
@@ -233,11 +234,12 @@ def convert(
     (as ``easyquant-validate`` does), flushed to disk and renamed into place only on success, so a failure or
     interrupt leaves nothing at ``dst``. ``dst`` must not be, contain or lie inside ``src``; ``overwrite``
     replaces only an EasyQuant checkpoint (:mod:`.output_dir`). ``on_tensor`` is called with each
-    tensor name before it is processed (tests use it to interrupt). Returns the report dict (also
+    tensor name before it is processed (tests use it to interrupt), ``on_commit`` once ``dst`` holds the result
+    (the CLI stops treating an interrupt as a failure from there). Returns the report dict (also
     written to ``dst/easyquant_report.json``); with ``dry_run`` only the plan is returned.
     """
     opts = opts or ConvertOptions()
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src), absolute(dst)
     if not src.is_dir():
         raise ConversionError(f"{src}: not a directory")
     config_path = src / CONFIG_FILE
@@ -273,10 +275,10 @@ def convert(
                     "not_converted": plan.not_converted,
                     "group_size": plan.spec.group_size,
                 }
-            with staging_directory(dst) as tmp:
-                report = _write(src, tmp, ckpt, plan, opts, config, side, progress, on_tensor)
-                _validate_output(tmp)
-                commit(src, tmp, dst, opts.overwrite)
+            with staging_directory(dst) as staging:
+                report = _write(src, staging.tmp, ckpt, plan, opts, config, side, progress, on_tensor)
+                _validate_output(staging.tmp)
+                commit(src, staging, opts.overwrite, on_commit)
     except (CheckpointError, DestinationError) as e:
         raise ConversionError(str(e)) from None
     return report
@@ -289,7 +291,7 @@ def _write(
     plan: Plan,
     opts: ConvertOptions,
     config: dict[str, Any],
-    side: list[Path],
+    side: list[tuple[str, Path]],
     progress: bool,
     on_tensor: Callable[[str], None] | None,
 ) -> dict[str, Any]:
@@ -349,8 +351,8 @@ def _write(
 
     qcfg = EasyQuantCheckpointConfig.from_spec(spec, plan.not_converted)
     (out / CONFIG_FILE).write_text(json.dumps({**config, "quantization_config": qcfg.to_dict()}, indent=2) + "\n")
-    for p in side:
-        shutil.copyfile(p, out / p.name)
+    for name, real in side:  # from the path checked up front, not through the link again
+        shutil.copyfile(real, out / name)
     report = _report(src, plan, opts, qcfg, rows, total_seconds)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -378,17 +380,17 @@ def _load_libc() -> Any:
 _LIBC = _load_libc()
 
 
-def side_files(src: Path) -> list[Path]:
+def side_files(src: Path) -> list[tuple[str, Path]]:
     """Tokenizer, generation config, license, README...: every plain file of ``src`` that is not weights, to be
-    copied into the output. A symbolic link among them must resolve inside ``src`` (or, for a Hugging Face cache
-    snapshot, into its repository's blobs): a link to a private key beside a model would be published with it."""
+    copied into the output, as ``(name, the file it resolves to)``. A symbolic link among them must resolve inside
+    ``src`` (or, for a Hugging Face cache snapshot, into its repository's blobs): a link to a private key beside a
+    model would be published with it."""
     skip = {CONFIG_FILE, REPORT_FILE, SAFETENSORS_INDEX_FILE}
     files = []
     for p in sorted(src.iterdir()):
         if p.name.startswith(".") or p.name in skip or p.suffix in WEIGHT_SUFFIXES or not p.is_file():
             continue
-        resolve_inside(src, p.name, "side file")
-        files.append(p)
+        files.append((p.name, resolve_inside(src, p.name, "side file").resolve()))
     return files
 
 

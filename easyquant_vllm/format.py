@@ -120,6 +120,10 @@ class EasyQuantCheckpointConfig:
             column_scale=spec.normalize != "none",
         )
 
+    def __post_init__(self) -> None:
+        if (self.zero_points or self.column_scale) and self.format_version < 2:
+            raise ValueError("zero_points and column_scale need format_version 2")
+
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, **asdict(self)}
 
@@ -183,8 +187,12 @@ class _ConfigFields:
 
     def number(self, key: str, default: float, lo: float, hi: float) -> float:
         value = self.d.get(key, default)
-        if type(value) not in (int, float) or not lo <= value <= hi:
-            raise CheckpointError(self.at(key, f"must be a number in [{lo:g}, {hi:g}], got {value!r}"))
+        try:  # a JSON integer may be too large for a float
+            ok = type(value) in (int, float) and math.isfinite(float(value)) and lo <= float(value) <= hi
+        except OverflowError:
+            ok = False
+        if not ok:
+            raise CheckpointError(self.at(key, f"must be a finite number in [{lo:g}, {hi:g}], got {value!r:.60}"))
         return float(value)
 
     def boolean(self, key: str) -> bool:
@@ -373,8 +381,10 @@ def read_quantization_config(model_dir: str | Path) -> EasyQuantCheckpointConfig
         config = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # not a file, not UTF-8, not JSON, nested too deep
+        raise CheckpointError(f"{path}: not a readable JSON file ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
     qc = config.get("quantization_config")
     if not isinstance(qc, dict):
         raise CheckpointError(f"{path}: no quantization_config: not an EasyQuant checkpoint")

@@ -43,7 +43,7 @@ def _allowed_roots(model_dir: Path) -> list[Path]:
     repository's ``blobs``."""
     root = model_dir.resolve()
     roots = [root]
-    if root.parent.name == "snapshots":
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith(("models--", "datasets--", "spaces--")):
         roots.append(root.parent.parent / "blobs")
     return roots
 
@@ -53,11 +53,16 @@ def resolve_inside(model_dir: str | Path, name: str, what: str = "file") -> Path
     links followed, lies inside ``model_dir`` (see :func:`_allowed_roots`). Raises CheckpointError naming it."""
     model_dir = Path(model_dir)
     rel = Path(name)
-    if not name or rel.is_absolute() or ".." in rel.parts:
+    if not name or "\0" in name or rel.is_absolute() or ".." in rel.parts:
         raise CheckpointError(f"{model_dir}: {what} {name!r} is not a path inside the model directory")
     path = model_dir / rel
-    real = path.resolve()
-    if not any(real == r or r in real.parents for r in _allowed_roots(model_dir)):
+    try:
+        real = path.resolve()
+        roots = _allowed_roots(model_dir)
+    except (OSError, RuntimeError, ValueError) as e:  # a symbolic link loop, ...
+        raise CheckpointError(f"{path}: {what} cannot be resolved ({e})") from None
+    blobs = roots[1:]
+    if not (real == roots[0] or roots[0] in real.parents or any(real.parent == b for b in blobs)):
         raise CheckpointError(
             f"{path}: {what} resolves to {real}, outside the model directory; refusing to read it (copy the file "
             "into the directory if it belongs to the model)"
@@ -81,7 +86,7 @@ def resolve_weight_files(model_dir: str | Path) -> dict[str, Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(f"{index}: weight_map must map tensor names to file names")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -228,25 +229,25 @@ def test_convert_fsyncs_files_and_directories_before_the_rename(
     import converters.output_dir as od
 
     synced: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_rename = os.fsync, od._rename_noreplace
 
     def fsync(fd: int) -> None:
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
-    def replace(a, b):  # type: ignore[no-untyped-def]
-        synced.append(f"rename {Path(a).name} -> {Path(b).name}")
-        real_replace(a, b)
+    def rename(a: Path, b: Path) -> None:
+        synced.append(f"rename {a.name} -> {b.name}")
+        real_rename(a, b)
 
-    monkeypatch.setattr(od.os, "fsync", fsync)  # od.os is the os module: the writer's renames are seen too
-    monkeypatch.setattr(od.os, "replace", replace)
+    monkeypatch.setattr(od.os, "fsync", fsync)
+    monkeypatch.setattr(od, "_rename_noreplace", rename)
     dst = tmp_path / "eq"
     convert(tiny_llama, dst, progress=False)
-    rename = synced.index(next(s for s in synced if s.startswith("rename .eq.easyquant-tmp-")))
-    before = {Path(s).name for s in synced[:rename]}
+    rename_at = synced.index(next(s for s in synced if s.startswith("rename .eq.easyquant-tmp-")))
+    before = {Path(s).name for s in synced[:rename_at]}
     assert {"model.safetensors", "config.json", "easyquant_report.json", "tokenizer.json"} <= before
     assert any(n.startswith(".eq.easyquant-tmp-") for n in before)  # the directory itself
-    assert synced[rename].endswith("-> eq") and synced[rename + 1] == str(tmp_path)  # then its parent
+    assert synced[rename_at].endswith("-> eq") and synced[rename_at + 1] == str(tmp_path)  # then its parent
 
 
 def test_convert_nothing_after_the_commit_changes_the_exit_status(
@@ -273,3 +274,176 @@ def test_convert_nothing_after_the_commit_changes_the_exit_status(
     monkeypatch.setattr(od.shutil, "rmtree", rmtree)
     assert cli_main([str(tiny_llama), str(dst), "--no-progress", "--overwrite"]) == 0
     assert validate_checkpoint(dst)["layers"] == 14
+
+
+# --- the outside review's findings (each reproduced on the first version of this code) --------------------------
+
+
+def test_convert_a_directory_appearing_at_dst_during_the_commit_is_refused_not_deleted(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import converters.output_dir as od
+
+    dst = tmp_path / "eq"
+    real = od.fsync_tree
+
+    def someone_writes_dst(root: Path) -> None:  # while the output is flushed, a user creates DST
+        real(root)
+        dst.mkdir()
+        (dst / "thesis.tex").write_text("mine")
+
+    monkeypatch.setattr(od, "fsync_tree", someone_writes_dst)
+    with pytest.raises(ConversionError, match="already exists"):
+        convert(tiny_llama, dst, progress=False)
+    assert _tree(dst) == {"thesis.tex": b"mine"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eq"]
+
+
+def test_convert_overwrite_refuses_a_checkpoint_swapped_for_other_data_during_the_commit(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import converters.output_dir as od
+
+    dst = tmp_path / "eq"
+    convert(tiny_llama, dst, ConvertOptions(format_version=1), progress=False)
+    real_check = od.check_destination
+
+    def swap_after_check(src, d, overwrite):  # type: ignore[no-untyped-def]
+        checked = real_check(src, d, overwrite)
+        shutil.rmtree(dst)  # between the check and the rename, DST becomes someone else's directory
+        dst.mkdir()
+        (dst / "config.json").write_text("{}")
+        (dst / "work.txt").write_text("mine")
+        return checked
+
+    monkeypatch.setattr(od, "check_destination", swap_after_check)
+    with pytest.raises(ConversionError, match="changed while the conversion ran; nothing was replaced"):
+        convert(tiny_llama, dst, ConvertOptions(overwrite=True), progress=False)
+    assert _tree(dst) == {"config.json": b"{}", "work.txt": b"mine"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eq"]
+
+
+def test_convert_output_has_the_umask_permissions_not_private_ones(tiny_llama: Path, tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        convert(tiny_llama, tmp_path / "eq", progress=False)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "eq").stat().st_mode & 0o777 == 0o755  # a server running as another user can read it
+
+
+def test_convert_interrupt_during_the_commit_is_deferred_until_it_is_complete(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    import converters.output_dir as od
+
+    dst = tmp_path / "eq"
+    convert(tiny_llama, dst, ConvertOptions(format_version=1), progress=False)
+    real_exchange = od._exchange
+
+    def interrupted(tmp, d, checked):  # type: ignore[no-untyped-def]
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C between the renames
+        return real_exchange(tmp, d, checked)
+
+    monkeypatch.setattr(od, "_exchange", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # delivered after the commit and its cleanup, not in between
+        convert(tiny_llama, dst, ConvertOptions(overwrite=True), progress=False)
+    assert json.loads((dst / "config.json").read_text())["quantization_config"]["format_version"] == 2
+    assert validate_checkpoint(dst)["layers"] == 14
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eq"]  # the old checkpoint is gone, nothing stranded
+
+
+def test_cli_interrupt_or_broken_pipe_after_the_commit_exits_0(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import signal
+
+    import converters.cli as cli
+
+    def ctrl_c_while_printing(report):  # type: ignore[no-untyped-def]
+        os.kill(os.getpid(), signal.SIGINT)
+        return "summary"
+
+    monkeypatch.setattr(cli, "summary_table", ctrl_c_while_printing)
+    assert cli_main([str(tiny_llama), str(tmp_path / "a"), "--no-progress"]) == 0
+    assert "interrupted" not in capsys.readouterr().err
+
+    class ClosedPipe:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self) -> int:
+            raise ValueError("no file")
+
+    monkeypatch.setattr(cli, "summary_table", lambda report: "summary")
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert cli_main([str(tiny_llama), str(tmp_path / "b"), "--no-progress"]) == 0
+    monkeypatch.undo()
+    assert validate_checkpoint(tmp_path / "b")["layers"] == 14
+
+
+@pytest.mark.parametrize("bad", ["dot", "loop"])
+def test_convert_odd_destinations_are_clear_errors(bad: str, tiny_llama: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    if bad == "dot":  # `easyquant-convert model .` inside an existing checkpoint: the staging must not go inside it
+        dst = tmp_path / "ckpt"
+        convert(tiny_llama, dst, progress=False)
+        before = _tree(dst)
+        monkeypatch.chdir(dst)
+        convert(tiny_llama, ".", ConvertOptions(overwrite=True), progress=False)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+        assert not any(p.name.startswith(".") for p in dst.iterdir()) and _tree(dst).keys() == before.keys()
+    else:
+        loop = tmp_path / "loop"
+        loop.symlink_to(loop)
+        with pytest.raises(ConversionError, match="loop"):
+            convert(tiny_llama, loop, progress=False)
+
+
+def test_hf_cache_exemption_needs_a_real_hub_layout(tiny_llama: Path, tmp_path: Path) -> None:
+    # Any directory named snapshots/ with a sibling blobs/ is not a hub cache: its links stay refused.
+    fake = tmp_path / "w8"
+    (fake / "blobs").mkdir(parents=True)
+    (fake / "blobs" / "id_rsa").write_text("PRIVATE")
+    snap = fake / "snapshots" / "m"
+    shutil.copytree(tiny_llama, snap)
+    (snap / "notes.txt").symlink_to(Path("../../blobs/id_rsa"))
+    with pytest.raises(ConversionError, match="outside the model directory"):
+        convert(snap, tmp_path / "out", progress=False)
+
+
+def test_reader_hostile_index_and_config_are_checkpoint_errors(tiny_llama: Path, tmp_path: Path) -> None:
+    from easyquant_vllm.format import CheckpointError, read_quantization_config
+    from easyquant_vllm.safetensors_io import resolve_weight_files
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_llama, d)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "x\u0000.safetensors"}}))
+    with pytest.raises(CheckpointError, match="is not a path inside the model directory"):
+        resolve_weight_files(d)
+    (d / "model.safetensors.index.json").write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(CheckpointError, match="not a valid safetensors index"):
+        resolve_weight_files(d)
+    for content in (b"[1, 2]", b"\xff\xfe", b'{"a": ' + b"1" * 5000 + b"}"):
+        (d / "config.json").write_bytes(content)
+        with pytest.raises(CheckpointError, match=r"config\.json: not a"):
+            read_quantization_config(d)
+
+
+def test_convert_parents_it_created_are_removed_on_failure(tiny_llama: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    def interrupt(name: str) -> None:  # fails once the staging directory and its parents exist
+        assert (tmp_path / "b" / "c").is_dir()
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_llama, "a/../b/c/out", progress=False, on_tensor=interrupt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    convert(tiny_llama, "new/../out", progress=False)  # `..` is resolved first: no stray "new" is created
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

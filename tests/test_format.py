@@ -130,9 +130,15 @@ BAD_FIELDS = [
     ("format_version", True, r"quantization_config\.format_version must be an integer.*got True \(bool\)"),
     ("format_version", None, r"quantization_config\.format_version must be an integer.*got nothing \(missing\)"),
     ("bits", "4", r"quantization_config\.bits must be an integer.*got '4' \(str\)"),
-    ("outlier_threshold", "3", r"quantization_config\.outlier_threshold must be a number in \[0, inf\], got '3'"),
-    ("outlier_threshold", True, r"quantization_config\.outlier_threshold must be a number"),
-    ("max_outlier_fraction", 2.0, r"quantization_config\.max_outlier_fraction must be a number in \[0, 1\]"),
+    (
+        "outlier_threshold",
+        "3",
+        r"quantization_config\.outlier_threshold must be a finite number "
+        r"in \[0, inf\], got '3'",
+    ),
+    ("outlier_threshold", True, r"quantization_config\.outlier_threshold must be a finite number"),
+    ("outlier_threshold", 10**400, r"quantization_config\.outlier_threshold must be a finite"),  # float() overflows
+    ("max_outlier_fraction", 2.0, r"quantization_config\.max_outlier_fraction must be a finite number in \[0, 1\]"),
     ("method_params", [1, 2], r"quantization_config\.method_params must be a JSON object, got \[1, 2\]"),
     ("method", 3, r"quantization_config\.method must be a string, got 3"),
     ("modules_to_not_convert", "lm_head", r"quantization_config\.modules_to_not_convert must be a list of strings"),
@@ -140,7 +146,7 @@ BAD_FIELDS = [
 ]
 
 
-@pytest.mark.parametrize(("key", "value", "message"), BAD_FIELDS, ids=[f"{k}={v!r}" for k, v, _ in BAD_FIELDS])
+@pytest.mark.parametrize(("key", "value", "message"), BAD_FIELDS, ids=[f"{k}={v!r:.12}" for k, v, _ in BAD_FIELDS])
 def test_config_field_of_wrong_type_names_key_and_file(key: str, value: object, message: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
 
