@@ -52,11 +52,14 @@ log = logging.getLogger("easyquant.convert")
 DEFAULT_QUANTIZE_PATTERN = r"\.(layers|h|blocks)\.\d+\..+\.weight$"
 """2-D weights inside decoder blocks: the attention and MLP projections of Llama/Qwen/Mistral/OPT/..."""
 
-DEFAULT_SKIP_PATTERNS = (r"norm", r"\.gate\.weight$", r"\.experts\.")
-"""Never quantized by default: norms, MoE routers and MoE experts (the vLLM plugin serves dense
-linear layers only)."""
+DEFAULT_SKIP_PATTERNS = (r"norm", r"\.gate\.weight$", r"\.shared_expert_gate\.weight$")
+"""Never quantized: norms, MoE routers (``mlp.gate``, ``block_sparse_moe.gate``: their logits choose the experts)
+and Qwen2-MoE's shared-expert gate (docs/format.md). Routed and shared experts are quantized."""
 
-JOINT_COLUMN_SCALE = (("gate_proj", "up_proj"),)
+EXPERTS = re.compile(r"^(?P<layer>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>[^.]+)$")
+"""A routed expert's projection (module name): ``<layer>.experts.<e>.<proj>``; ``layer`` names the MoE layer."""
+
+JOINT_COLUMN_SCALE = (("gate_proj", "up_proj"), ("w1", "w3"))
 """Layers normalised together (one column scale, from their stacked rows; format version 2). gate/up read one
 input and run as one fused GEMM. q/k/v also read one input, but one scale for the three measured worse on SmolLM2
 (docs/results.md, "Shared c for q/k/v"): each gets its own, and the vLLM loader runs each with its own scaled
@@ -134,6 +137,7 @@ def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions) -> Plan:
     if not quantize:
         raise ConversionError(f"{src}: no tensor matches the quantize pattern {opts.quantize_pattern!r}")
     _check_fused_groups(set(map(_module_of, quantize)), set(not_converted))
+    _check_expert_layers(set(map(_module_of, quantize)), set(not_converted))
 
     pf = pack_factor(opts.bits)
     in_dims: dict[int, str] = {}
@@ -190,6 +194,30 @@ def _check_fused_groups(quantized: set[str], kept: set[str]) -> None:
                         f"{module} would be quantized but {split} not: vLLM fuses {list(group)} into one layer, "
                         "so skip all of them or none"
                     )
+
+
+def _check_expert_layers(quantized: set[str], kept: set[str]) -> None:
+    """A MoE layer runs one method for all its experts: every expert projection of a layer quantized, or none."""
+    layers: dict[str, tuple[list[str], list[str]]] = {}
+    for modules, index in ((quantized, 0), (kept, 1)):
+        for module in modules:
+            m = EXPERTS.match(module)
+            if m:
+                layers.setdefault(m["layer"], ([], []))[index].append(module)
+    for layer, (q, k) in sorted(layers.items()):
+        if q and k:
+            raise ConversionError(
+                f"{layer}: {len(q)} expert projections would be quantized and {len(k)} not (e.g. {sorted(k)[0]}); "
+                "a MoE layer runs one method for all its experts, so skip all of them or none (e.g. --skip "
+                f"'{re.escape(layer)}\\.')"
+            )
+
+
+def module_kind(name: str) -> str:
+    """The report's and summary's kind of a quantized module: its last name (``q_proj``, ``down_proj``), with
+    routed experts a kind of their own (``experts.down_proj``, Mixtral ``experts.w2``)."""
+    m = EXPERTS.match(name)
+    return f"experts.{m['proj']}" if m else name.rsplit(".", 1)[-1]
 
 
 def work_items(plan: Plan) -> list[list[str]]:
@@ -448,16 +476,17 @@ def _summary_row(label: str, rows: list[dict[str, Any]]) -> str:
     params = sum(_params(r) for r in rows)
     # All-zero (or constant) tensors: both errors are 0 and there is no gain to state.
     gain = f"{100 * (1 - eq / rtn):>7.1f}%" if rtn > 0 else f"{'-':>8}"
-    return (f"{label:<14}{len(rows):>6}{params:>12,}{100 * _weighted_mean(rows, 'outlier_fraction'):>9.3f}%"
+    return (f"{label:<18}{len(rows):>6}{params:>12,}{100 * _weighted_mean(rows, 'outlier_fraction'):>9.3f}%"
             f"{rtn:>10.4f}{eq:>10.4f}{gain}")  # fmt: skip
 
 
 def summary_table(report: dict[str, Any]) -> str:
-    """Per module kind (q_proj, down_proj, ...): count, params, outliers, RTN vs EasyQuant error."""
+    """Per module kind (q_proj, down_proj, experts.down_proj, ...): count, params, outliers, RTN vs EasyQuant
+    error."""
     kinds: dict[str, list[dict[str, Any]]] = {}
     for r in report["tensors"]:
-        kinds.setdefault(r["name"].rsplit(".", 1)[-1], []).append(r)
-    lines = [f"{'module':<14}{'count':>6}{'params':>12}{'outliers':>10}{'RTN err':>10}{'EQ err':>10}{'gain':>8}"]
+        kinds.setdefault(module_kind(r["name"]), []).append(r)
+    lines = [f"{'module':<18}{'count':>6}{'params':>12}{'outliers':>10}{'RTN err':>10}{'EQ err':>10}{'gain':>8}"]
     lines += [_summary_row(kind, rs) for kind, rs in sorted(kinds.items())]
     lines.append(_summary_row("total", report["tensors"]))
     t = report["totals"]

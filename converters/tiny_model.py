@@ -1,4 +1,5 @@
-"""Build small random Hugging Face models locally (Llama or Qwen2), with a locally trained tokenizer.
+"""Build small random Hugging Face models locally (Llama, Qwen2, and the mixtures of experts Mixtral, Qwen2-MoE,
+Qwen3-MoE), with a locally trained tokenizer.
 
 No download ever: the tokenizer is a byte-level BPE trained on a few paragraphs embedded below, and
 the weights are random but shaped like trained ones (heavy-tailed, so there are real 3-sigma
@@ -25,6 +26,18 @@ animals. Music, science, history and art are subjects taught in schools around t
 """
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+}
+"""``--arch`` -> transformers' config and model class names."""
+
+ROUTERS = (".mlp.gate.weight", ".block_sparse_moe.gate.weight")
+"""Parameter names of MoE routers (transformers 5 calls Mixtral's block ``mlp`` internally)."""
 
 
 def train_tokenizer(vocab_size: int) -> object:
@@ -71,22 +84,41 @@ def build_tiny_model(
     max_shard_size: str | None = None,
     lm_head_std: float = 0.02,
     dtype: torch.dtype = torch.float32,
+    num_experts: int = 8,
+    experts_per_token: int = 2,
+    moe_intermediate_size: int = 128,
+    router_std: float = 0.02,
 ) -> Path:
-    """Write a random ``arch`` ("llama" or "qwen2": Qwen2 has q/k/v biases) model to ``out_dir``.
+    """Write a random ``arch`` model to ``out_dir``: "llama", "qwen2" (q/k/v biases), or a mixture of experts,
+    "mixtral" (``w1``/``w2``/``w3`` experts), "qwen2_moe" (with a shared expert and its sigmoid gate) or
+    "qwen3_moe" (q/k norms).
+
+    MoE models have ``num_experts`` routed experts per layer, ``experts_per_token`` chosen per token, of
+    intermediate size ``moe_intermediate_size`` (Mixtral: ``intermediate_size``).
 
     Returns the directory, which holds config.json, model.safetensors (sharded with an index if
     ``max_shard_size`` is given, e.g. "300KB"), tokenizer files and generation_config.json.
     ``lm_head_std``: the default gives nearly flat next-token distributions (logits ~0.3 apart); ~0.3
-    makes them decisive like a trained model's, for tests that must not hinge on near-ties. ``dtype``: how
+    makes them decisive like a trained model's, for tests that must not hinge on near-ties; ``router_std`` does
+    the same for a MoE router's choices (near-tied experts flip under bf16 rounding). ``dtype``: how
     the weights are saved (bf16 halves the disk of a larger model built for benchmarks).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
-    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
-    if arch not in classes:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(classes)}")
-    config_cls, model_cls = classes[arch]
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
+    config_name, model_name = ARCHS[arch]
+    config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
     tokenizer = train_tokenizer(vocab_size)
+    moe = {
+        "mixtral": {"num_local_experts": num_experts, "num_experts_per_tok": experts_per_token},
+        "qwen2_moe": {"num_experts": num_experts, "num_experts_per_tok": experts_per_token,
+                      "moe_intermediate_size": moe_intermediate_size,
+                      "shared_expert_intermediate_size": intermediate_size, "norm_topk_prob": False},
+        "qwen3_moe": {"num_experts": num_experts, "num_experts_per_tok": experts_per_token,
+                      "moe_intermediate_size": moe_intermediate_size, "norm_topk_prob": True,
+                      "head_dim": hidden_size // num_heads},
+    }.get(arch, {})  # fmt: skip
     config = config_cls(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -102,13 +134,19 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype=str(dtype).removeprefix("torch."),
+        **moe,
     )
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
+            if p.dim() == 3:  # transformers 5 holds a layer's experts stacked, [E, N, K]; saved per expert
+                for expert in p:
+                    _heavy_tailed_(expert, gen)
+            elif name.endswith(ROUTERS):
+                p.normal_(0.0, router_std, generator=gen)
+            elif p.dim() == 2 and "embed" not in name and "lm_head" not in name:
                 _heavy_tailed_(p, gen)
             elif "lm_head" in name:
                 p.normal_(0.0, lm_head_std, generator=gen)
@@ -130,13 +168,16 @@ def build_tiny_model(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="easyquant-tiny-model", description=__doc__)
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    p.add_argument("--arch", default="llama", choices=sorted(ARCHS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--layers", type=int, default=2, help="decoder blocks")
     p.add_argument("--heads", type=int, default=8, help="attention heads (head dim = hidden size / heads)")
     p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate-size", type=int, default=512)
+    p.add_argument("--intermediate-size", type=int, default=512, help="dense MLP (Mixtral: each expert)")
+    p.add_argument("--experts", type=int, default=8, help="routed experts per MoE layer")
+    p.add_argument("--experts-per-token", type=int, default=2)
+    p.add_argument("--moe-intermediate-size", type=int, default=128, help="each expert's (Qwen2/3-MoE)")
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
@@ -155,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
             num_kv_heads=args.kv_heads,
             intermediate_size=args.intermediate_size,
             dtype=getattr(torch, args.dtype),
+            num_experts=args.experts,
+            experts_per_token=args.experts_per_token,
+            moe_intermediate_size=args.moe_intermediate_size,
         )
     )
     return 0

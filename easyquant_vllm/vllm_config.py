@@ -6,14 +6,20 @@ Imported (and thereby registered under the name "easyquant") by :func:`easyquant
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any
 
 import torch
+from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
 from .format import QUANT_METHOD, CheckpointError, EasyQuantCheckpointConfig
+
+ROUTERS = (".gate", ".shared_expert_gate")
+"""Module-name endings of MoE routers and shared-expert gates: kept in full precision (docs/format.md)."""
 
 NOT_AN_EASYQUANT_CHECKPOINT = (
     "--quantization easyquant: this model's config.json has no quantization_config, so it is not an "
@@ -73,8 +79,12 @@ class EasyQuantConfig(QuantizationConfig):
         return [f"{parent}.{s}" if parent else s for s in shards]
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, RoutedExperts):
+            return self._moe_method(layer, prefix)
         if not isinstance(layer, LinearBase):
             return None  # embeddings and lm_head stay unquantized
+        if prefix.endswith(ROUTERS):  # never quantized (docs/format.md), whatever the skip list says
+            return UnquantizedLinearMethod()
         names = self.checkpoint_names(prefix)
         skipped = [n in self.modules_to_not_convert for n in names]
         if all(skipped):
@@ -87,3 +97,67 @@ class EasyQuantConfig(QuantizationConfig):
         from .linear_method import EasyQuantLinearMethod
 
         return EasyQuantLinearMethod(self, prefix)
+
+    def _moe_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        """The routed experts' method: ours, or None (vLLM's unquantized one) where the checkpoint left every expert
+        of this layer unquantized; a layer with only some experts quantized is an error."""
+        skipped = sorted(m for m in self.modules_to_not_convert if m.startswith(prefix + "."))
+        if skipped:
+            expected = 3 * layer.global_num_experts
+            if len(skipped) < expected:
+                raise ValueError(
+                    f"EasyQuant checkpoint: MoE layer {prefix} has {len(skipped)} of its {expected} expert projections "
+                    f"unquantized (e.g. {skipped[0]}); a MoE layer runs one method for all experts"
+                )
+            return None
+        _check_expert_count(prefix, layer.global_num_experts)
+        from .moe_method import EasyQuantMoEMethod
+
+        return EasyQuantMoEMethod(self, prefix, layer)
+
+
+def _check_expert_count(prefix: str, experts: int) -> None:
+    """The checkpoint must not hold experts beyond the config's count: vLLM's loader maps only experts
+    ``0 .. E-1`` and silently drops the rest, so a wrong count would serve a different model without a word.
+    Read from the safetensors headers of the model being loaded (a local directory; nothing else is checked)."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    vllm_config = get_current_vllm_config_or_none()
+    model = getattr(getattr(vllm_config, "model_config", None), "model", None)
+    if not model or not Path(model).is_dir():
+        return
+    found = _expert_tensors(str(model), prefix)
+    beyond = sorted((e, name) for e, name in found if e >= experts)
+    if beyond:
+        raise ValueError(
+            f"EasyQuant checkpoint: {beyond[0][1]}: the checkpoint holds expert {beyond[0][0]}, but config.json "
+            f"announces {experts} experts for {prefix}"
+        )
+    missing = sorted(set(range(experts)) - {e for e, _ in found}) if found else []
+    if missing:
+        raise ValueError(
+            f"EasyQuant checkpoint: no tensor {prefix}.{missing[0]}.*: config.json announces {experts} experts for "
+            f"{prefix}, the checkpoint holds {experts - len(missing)}"
+        )
+
+
+@functools.cache
+def _checkpoint_names(model_dir: str) -> tuple[str, ...]:
+    from .safetensors_io import resolve_weight_files
+
+    try:
+        return tuple(resolve_weight_files(model_dir))
+    except CheckpointError:
+        return ()  # the loader reports a broken checkpoint itself
+
+
+def _expert_tensors(model_dir: str, prefix: str) -> list[tuple[int, str]]:
+    """``(expert id, tensor name)`` of every tensor named ``<prefix>.<e>.*`` in the checkpoint."""
+    head = prefix + "."
+    out = []
+    for name in _checkpoint_names(model_dir):
+        if name.startswith(head):
+            e, _, rest = name[len(head) :].partition(".")
+            if e.isdigit() and rest:
+                out.append((int(e), name))
+    return out

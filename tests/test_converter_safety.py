@@ -438,6 +438,7 @@ def test_reader_hostile_index_and_config_are_checkpoint_errors(tiny_llama: Path,
 def test_convert_parents_it_created_are_removed_on_failure(tiny_llama: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.chdir(tmp_path)
+
     def interrupt(name: str) -> None:  # fails once the staging directory and its parents exist
         assert (tmp_path / "b" / "c").is_dir()
         raise KeyboardInterrupt

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,3 +103,136 @@ def hf_sequence_logprobs(model_dir: Path, state_dict: dict[str, torch.Tensor] | 
                          sequence: list[int]) -> list[float]:  # fmt: skip
     """The float32 HF model's logprob of each token of ``sequence`` after its first."""
     return hf_logprobs(model_dir, state_dict, sequence[:1], sequence[1:])[1]
+
+
+def reference_model_dir(checkpoint: Path, out: Path) -> Path:
+    """The checkpoint's reference model W' as a plain HF directory (config without quantization_config, the
+    dequantized weights, its tokenizer), for models whose HF classes hold weights under other names than the
+    checkpoint (transformers 5 stacks MoE experts into one [E, N, K] parameter and converts at load)."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from easyquant_vllm.reference import dequantized_state_dict
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config.pop("quantization_config")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    weights = {k: v.contiguous() for k, v in dequantized_state_dict(checkpoint).items()}
+    save_file(weights, str(out / "model.safetensors"))
+    for p in checkpoint.iterdir():
+        if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", "easyquant_report.json"):
+            shutil.copy(p, out / p.name)
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post_json(url: str, body: dict) -> dict:  # type: ignore[type-arg]
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read())
+
+
+def _session_pids(sid: int) -> list[str]:
+    import subprocess
+
+    return subprocess.run(["ps", "-o", "pid=", "-s", str(sid)], capture_output=True, text=True).stdout.split()
+
+
+@contextlib.contextmanager
+def vllm_server(model: Path, log_path: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """``vllm serve MODEL ARGS`` as users run it (the CLI, API server + engine core processes, vLLM's default
+    mode), on a free local port; yields its base URL once healthy. Stopped with SIGTERM like a user would, and
+    the test fails if any of its processes outlives that (they are killed then)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    vllm_cli = Path(sys.executable).parent / "vllm"
+    run_env = {**os.environ, **ENGINE_ENV, **(env or {})}
+    run_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the server runs as usual: API server + engine core
+    log = open(log_path, "w")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen([str(vllm_cli), "serve", str(model), "--max-model-len", "256", "--host", "127.0.0.1",
+                             "--port", str(port), *args], stdout=log, stderr=subprocess.STDOUT, env=run_env,
+                            start_new_session=True)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600  # 2 shared cores: start-up is ~20-60 s, can be much more
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "vllm serve did not become healthy"
+            time.sleep(1)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)  # stopped by its PID; engine core and workers follow it
+        proc.wait(timeout=120)
+        deadline = time.monotonic() + 60
+        while (left := _session_pids(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if left:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    assert left == [], f"vllm serve left processes running: {left}"
+
+
+def served_prompt_logprobs(base: str, model: Path, sequences: list[list[int]]) -> list[list[float]]:
+    """Teacher-forced through the OpenAI API of a running server: the logprob of each token of each sequence after
+    its first (``echo`` with ``logprobs``)."""
+    out = []
+    for s in sequences:
+        resp = post_json(f"{base}/v1/completions", {"model": str(model), "prompt": s, "max_tokens": 1,
+                                                    "temperature": 0, "echo": True, "logprobs": 0})  # fmt: skip
+        lps = resp["choices"][0]["logprobs"]["token_logprobs"]
+        out.append([float(v) for v in lps[1 : len(s)]])
+    return out
+
+
+_PROMPT_LOGPROBS_SCRIPT = """
+import json, sys
+from vllm import LLM, SamplingParams
+model, dtype, tp, sequences = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+llm = LLM(model=model, dtype=dtype, max_model_len=256, max_num_seqs=4, tensor_parallel_size=tp, seed=0)
+outs = llm.generate([{"prompt_token_ids": s} for s in sequences],
+                    SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False)
+print("RESULT " + json.dumps([[step[t].logprob for step, t in zip(o.prompt_logprobs[1:], s[1:])]
+                              for o, s in zip(outs, sequences)]))
+"""
+
+
+def vllm_prompt_logprobs_parallel(model_dir: Path, sequences: list[list[int]], tensor_parallel_size: int,
+                                  dtype: str = "bfloat16") -> list[list[float]]:  # fmt: skip
+    """:func:`vllm_prompt_logprobs` with vLLM's own tensor parallelism: worker processes, one core each."""
+    import json
+    import subprocess
+    import sys
+
+    binding = "|".join(str(i) for i in range(tensor_parallel_size))
+    env = {**os.environ, **ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": binding}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # TP needs worker processes
+    r = subprocess.run([sys.executable, "-c", _PROMPT_LOGPROBS_SCRIPT, str(model_dir), dtype,
+                        str(tensor_parallel_size), json.dumps(sequences)], capture_output=True, text=True, env=env,
+                       timeout=900)  # fmt: skip
+    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, (r.stdout + r.stderr)[-4000:]
+    return json.loads(lines[-1][7:])

@@ -38,6 +38,8 @@ from .base import Kernel, LayerSpec, cpu_int4_unsupported
 logger = logging.getLogger("vllm.easyquant")
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "eq_cpu.cpp"
+SOURCES = (SOURCE, SOURCE.with_name("eq_cpu_moe.cpp"))
+"""The op library: the linear op (eq_cpu.cpp) and the MoE op that runs it per expert (eq_cpu_moe.cpp)."""
 PATHS = ("fma", "bf16dp", "amx", "dequant")
 """Path ids of the C++ op, in order (``Path`` in eq_cpu.cpp)."""
 
@@ -54,7 +56,7 @@ def build_problem() -> str | None:
 
         # -fopenmp: at::parallel_for is OpenMP code inlined from ATen's headers. The library links
         # libgomp.so.1, which resolves to the copy torch already loaded: one thread pool, not two.
-        load(name="easyquant_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+        load(name="easyquant_cpu", sources=[str(p) for p in SOURCES], extra_cflags=["-O3", "-fopenmp"],
              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=bool(os.environ.get(ENV_VERBOSE)))  # fmt: skip
     except Exception as e:  # no compiler, no ninja, a compile error: the other CPU kernels take over
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -233,9 +235,14 @@ def _fake(x, w_q, scales, zeros, col_scale, indptr, indices, values, bias, group
 _registered_fake = False
 
 
+def _moe_fake(x, topk_ids, topk_weights, *weights_and_meta):  # type: ignore[no-untyped-def]
+    return x.new_empty(x.shape)
+
+
 def register_fake() -> None:
-    """The op's shape function for torch.compile (once the library that defines the op is loaded)."""
+    """The ops' shape functions for torch.compile (once the library that defines the ops is loaded)."""
     global _registered_fake
     if not _registered_fake:
         torch.library.register_fake("easyquant::cpu_int4_linear", _fake)
+        torch.library.register_fake("easyquant::cpu_int4_moe", _moe_fake)
         _registered_fake = True

@@ -14,6 +14,14 @@ Schema::
 ``kernel`` the kernel's name; ``meta`` its static ints, ``meta[0] = N``. Returns ``[..., N]`` in x's
 dtype. The op is stateless: no layer registry, nothing that a cached compiled graph could point at
 after the engine that traced it is gone.
+
+A mixture-of-experts layer is one call of its twin (kernels/moe.py; the native CPU kernel has a C++ op of its
+own, ``easyquant::cpu_int4_moe``)::
+
+    easyquant::moe(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor[] weights, str kernel, int[] meta)
+        -> Tensor
+
+``x [M, H]``, the router's ``topk_ids``/``topk_weights [M, k]``; returns ``[M, H]`` in x's dtype.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from collections.abc import Sequence
 import torch
 
 _SCHEMA = "linear(Tensor x, Tensor[] weights, Tensor? bias, str kernel, int[] meta) -> Tensor"
+_MOE_SCHEMA = "moe(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor[] weights, str kernel, int[] meta) -> Tensor"
 _lib = torch.library.Library("easyquant", "FRAGMENT")  # module-level: the op lives as long as the library
 
 
@@ -49,6 +58,26 @@ def _linear_fake(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tenso
     return x.new_empty((*x.shape[:-1], meta[0]))
 
 
+@functools.cache
+def _moe_kernels() -> dict[str, type]:
+    from .moe import MOE_KERNELS
+
+    return {k.name: k for k in MOE_KERNELS}
+
+
+def _moe_impl(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: list[torch.Tensor],
+              kernel: str, meta: list[int]) -> torch.Tensor:  # fmt: skip
+    cls = _moe_kernels().get(kernel)
+    if cls is None or not hasattr(cls, "forward"):
+        raise ValueError(f"easyquant::moe: unknown kernel {kernel!r}; known: {sorted(_moe_kernels())}")
+    return cls.forward(weights, x, topk_ids, topk_weights, meta)
+
+
+def _moe_fake(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: list[torch.Tensor],
+              kernel: str, meta: list[int]) -> torch.Tensor:  # fmt: skip
+    return x.new_empty(x.shape)
+
+
 # Registered with torch.library's low-level API (define + impl), not @custom_op: the latter adds tens
 # of microseconds of Python per call, which at batch 1 is a visible share of a small layer
 # (vLLM's direct_register_custom_op does the same for its own ops).
@@ -56,9 +85,19 @@ _lib.define(_SCHEMA)
 for _key in ("CPU", "CUDA"):
     _lib.impl("linear", _linear_impl, _key)
 torch.library.register_fake("easyquant::linear", _linear_fake, lib=_lib)
+_lib.define(_MOE_SCHEMA)
+for _key in ("CPU", "CUDA"):
+    _lib.impl("moe", _moe_impl, _key)
+torch.library.register_fake("easyquant::moe", _moe_fake, lib=_lib)
 
 
 def linear(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: torch.Tensor | None, kernel: str,
            meta: Sequence[int]) -> torch.Tensor:  # fmt: skip
     """Call ``easyquant::linear`` (see the module docstring)."""
     return torch.ops.easyquant.linear(x, list(weights), bias, kernel, list(meta))
+
+
+def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: Sequence[torch.Tensor],
+        kernel: str, meta: Sequence[int]) -> torch.Tensor:  # fmt: skip
+    """Call ``easyquant::moe`` (see the module docstring)."""
+    return torch.ops.easyquant.moe(x, topk_ids, topk_weights, list(weights), kernel, list(meta))

@@ -40,6 +40,8 @@
 //            tiles of x (up to four at once); per group the C tiles are stored, corrected and scaled in fp32.
 //   kDequant W' [N, K] in x's dtype (bit-identical to the reference dequantize, outliers included), then
 //            ATen's GEMM (oneDNN; AMX where present): for prefill-sized M, where the GEMM dominates.
+#include "eq_cpu.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -714,6 +716,10 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
   if (path == kAmx) amx_release();
 }
 
+}  // namespace
+
+namespace easyquant {
+
 at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const at::Tensor& scales,
                            const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& col_scale,
                            const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
@@ -833,6 +839,10 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
   return y;
 }
 
+}  // namespace easyquant
+
+namespace {
+
 // Which paths this CPU can run for a dtype, as path ids (for the Python side's plan and the tests).
 std::vector<int64_t> cpu_int4_paths(c10::ScalarType dtype) {
   std::vector<int64_t> out;
@@ -857,4 +867,4 @@ TORCH_LIBRARY_FRAGMENT(easyquant, m) {
   m.def("cpu_int4_path_calls() -> int[]", &cpu_int4_path_calls);
 }
 
-TORCH_LIBRARY_IMPL(easyquant, CPU, m) { m.impl("cpu_int4_linear", &cpu_int4_linear); }
+TORCH_LIBRARY_IMPL(easyquant, CPU, m) { m.impl("cpu_int4_linear", &easyquant::cpu_int4_linear); }

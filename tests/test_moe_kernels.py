@@ -1,0 +1,156 @@
+"""The MoE kernels (kernels/moe.py) against the float64 reference, both format versions; the converter's experts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from converters.convert import ConversionError, ConvertOptions, convert, module_kind
+from converters.tiny_model import build_tiny_model
+from easyquant_vllm.kernels import select
+from easyquant_vllm.kernels.moe import (
+    MoeSpec,
+    NativeCpuMoeKernel,
+    TorchReferenceMoeKernel,
+    choose_moe_kernel,
+    moe_dense,
+)
+from easyquant_vllm.quant import QuantSpec, quantize_group
+from easyquant_vllm.sharding import stack_rows
+from tests.conftest import FORMAT_VERSIONS, heavy_tailed, quantized
+
+E, H, INTER = 6, 256, 128  # experts, hidden, intermediate
+
+
+def _experts(version: int, group: int = 64) -> list:  # type: ignore[type-arg]
+    """``(w13, w2)`` per expert; gate and up quantized together (one column scale in version 2, as the converter)."""
+    spec = QuantSpec.for_version(version, group_size=group)
+    out = []
+    for e in range(E):
+        gate, up = quantize_group([heavy_tailed(INTER, H, seed=10 * e + 1), heavy_tailed(INTER, H, seed=10 * e + 2)],
+                                  spec)  # fmt: skip
+        out.append((stack_rows([gate, up]), quantized(heavy_tailed(H, INTER, seed=10 * e + 3), version, group)))
+    return out
+
+
+def _reference(experts, x, ids, w):  # type: ignore[no-untyped-def]
+    w13 = torch.stack([a.dequantize(torch.float64) for a, _ in experts])
+    w2 = torch.stack([b.dequantize(torch.float64) for _, b in experts])
+    return moe_dense(x.double(), ids, w.double(), w13, w2)
+
+
+def _routing(m: int, k: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(m)])
+    return ids, torch.softmax(torch.randn(m, k, generator=g), -1)
+
+
+@pytest.mark.parametrize("version", FORMAT_VERSIONS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_moe_matches_reference(version: int, dtype: torch.dtype) -> None:
+    experts = _experts(version)
+    spec = MoeSpec(E, H, INTER, 4, 64, dtype, "cpu", version == 2, version == 2)
+    ok, why = NativeCpuMoeKernel.can_implement(spec)
+    if not ok:
+        pytest.skip(why)
+    kernel = NativeCpuMoeKernel(spec)
+    tensors = kernel.prepare(experts)
+    for m in (1, 2, 5, 17, 70):  # one expert with a token, most idle, every expert busy, the large-M paths
+        x = torch.randn(m, H, generator=torch.Generator().manual_seed(m)).to(dtype)
+        ids, w = _routing(m, seed=m)
+        y = kernel.apply(tensors, x, ids, w)
+        assert y.dtype == dtype and y.shape == (m, H)
+        ref = _reference(experts, x, ids, w)
+        rel = float((y.double() - ref).norm() / ref.norm())
+        assert rel < (1e-2 if dtype == torch.bfloat16 else 2e-3), (m, rel)
+
+
+def test_reference_moe_kernel_exact_in_float32() -> None:
+    experts = _experts(2)
+    kernel = TorchReferenceMoeKernel(MoeSpec(E, H, INTER, 4, 64, torch.float32, "cpu", True, True))
+    x = torch.randn(9, H)
+    ids, w = _routing(9, k=3)
+    y = kernel.apply(kernel.prepare(experts), x, ids, w)
+    torch.testing.assert_close(y.double(), _reference(experts, x, ids, w), rtol=1e-5, atol=1e-6)
+
+
+def test_native_moe_under_compile_fullgraph() -> None:
+    # vLLM traces apply() on CPU with fullgraph and no guards: the routing must stay inside the op.
+    spec = MoeSpec(E, H, INTER, 4, 64, torch.bfloat16, "cpu", True, True)
+    if not NativeCpuMoeKernel.can_implement(spec)[0]:
+        pytest.skip("native kernel unavailable")
+    experts = _experts(2)
+    kernel = NativeCpuMoeKernel(spec)
+    tensors = kernel.prepare(experts)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, i, w: kernel.apply(tensors, x, i, w), fullgraph=True, dynamic=True)
+    for m in (3, 11):
+        x = torch.randn(m, H).bfloat16()
+        ids, w = _routing(m, seed=m + 1)
+        ref = _reference(experts, x, ids, w)
+        assert float((fn(x, ids, w).double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_native_moe_refuses_an_expert_id_out_of_range() -> None:
+    spec = MoeSpec(E, H, INTER, 4, 64, torch.bfloat16, "cpu", True, True)
+    if not NativeCpuMoeKernel.can_implement(spec)[0]:
+        pytest.skip("native kernel unavailable")
+    kernel = NativeCpuMoeKernel(spec)
+    tensors = kernel.prepare(_experts(2))
+    with pytest.raises(RuntimeError, match=r"topk_ids holds expert 6 \(token 0\); this layer has 6 experts"):
+        kernel.apply(tensors, torch.randn(1, H).bfloat16(), torch.tensor([[6, 0]]), torch.ones(1, 2) / 2)
+    bad = {**tensors, "w13_offsets": tensors["w13_offsets"].flip(0).contiguous()}
+    with pytest.raises(RuntimeError, match="w13 offsets must run from 0 to nnz"):
+        kernel.apply(bad, torch.randn(1, H).bfloat16(), torch.tensor([[1, 0]]), torch.ones(1, 2) / 2)
+
+
+@pytest.mark.parametrize("version", FORMAT_VERSIONS)
+def test_moe_kernel_choice_self_check_and_force(version: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(select, "_checked", {})
+    v2 = version == 2
+    bf16 = MoeSpec(8, 256, 128, 4, 128, torch.bfloat16, "cpu", v2, v2)
+    kernel, _ = choose_moe_kernel(bf16, torch.device("cpu"))
+    assert kernel is (NativeCpuMoeKernel if NativeCpuMoeKernel.can_implement(bf16)[0] else TorchReferenceMoeKernel)
+    fp32 = MoeSpec(8, 256, 128, 4, 128, torch.float32, "cpu", v2, v2)
+    kernel, reasons = choose_moe_kernel(fp32, torch.device("cpu"))
+    assert kernel is TorchReferenceMoeKernel and any("float32" in r for r in reasons)
+    monkeypatch.setenv(select.ENV_FORCE, "torch-reference")
+    assert choose_moe_kernel(bf16, torch.device("cpu"))[0] is TorchReferenceMoeKernel
+    monkeypatch.setenv(select.ENV_FORCE, "cpu-wna16")  # a dense-only kernel
+    with pytest.raises(ValueError, match=r"EASYQUANT_KERNEL=cpu-wna16: no such EasyQuant kernel"):
+        choose_moe_kernel(bf16, torch.device("cpu"))
+
+
+# --- the converter's experts ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("moe") / "mixtral", arch="mixtral", num_experts=4,
+                            intermediate_size=128)  # fmt: skip
+
+
+def test_converter_experts_share_gate_up_column_scale_and_are_their_own_kind(tiny_moe: Path, tmp_path: Path) -> None:
+    from easyquant_vllm.safetensors_io import open_checkpoint
+
+    report = convert(tiny_moe, tmp_path / "eq", progress=False)
+    kinds = {module_kind(r["name"]) for r in report["tensors"]}
+    assert {"experts.w1", "experts.w2", "experts.w3", "q_proj"} <= kinds
+    with open_checkpoint(tmp_path / "eq") as ckpt:
+        p = "model.layers.1.block_sparse_moe.experts.3"
+        assert torch.equal(ckpt.get(f"{p}.w1.col_scale"), ckpt.get(f"{p}.w3.col_scale"))
+        assert not torch.equal(ckpt.get(f"{p}.w1.col_scale"), ckpt.get(f"{p}.w2.col_scale")[: H // 2])
+        names = set(ckpt.names())
+    assert "model.layers.0.block_sparse_moe.gate.weight" in names  # the router stays as it was
+
+
+def test_converter_refuses_quantizing_only_some_experts_of_a_layer(tiny_moe: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConversionError, match=r"block_sparse_moe\.experts: 9 expert projections would be quantized "
+                       r"and 3 not .*skip all of them or none"):  # fmt: skip
+        convert(tiny_moe, tmp_path / "x", ConvertOptions(skip=[r"experts\.2\."]), progress=False)
+    report = convert(tiny_moe, tmp_path / "y", ConvertOptions(skip=[r"layers\.0\.block_sparse_moe\.experts\."]),
+                     progress=False)  # fmt: skip
+    assert not any("layers.0.block_sparse_moe.experts" in r["name"] for r in report["tensors"])
+    assert any("layers.1.block_sparse_moe.experts" in r["name"] for r in report["tensors"])
