@@ -8,7 +8,9 @@ default compiled mode (torch.compile) unless ``--mode eager`` (vLLM's ``enforce_
 It generates ``--tokens`` tokens per sequence after a 16-token prompt (ignore_eos), after one warm-up
 request of the same batch, and reports output tokens/s. The unquantized and the EasyQuant run of one row
 follow each other, so their ratio is the number to read: timings on shared cores swing between runs. The
-EasyQuant rows name the kernel(s) the plugin picked; the header names the CPU's ISA.
+EasyQuant rows name the kernel(s) the plugin picked (``moe:`` for MoE layers); the header names the CPU's ISA.
+Each row also gives the bytes of the parameters and buffers the engine holds for the model (what the weights
+cost), and each process's resident memory after its run (weights, KV cache, vLLM, torch.compile).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ n = sum(len(o.outputs[0].token_ids) for o in out)
 kernel = None
 try:
     from easyquant_vllm.linear_method import _kernels_announced
-    kernel = ",".join(sorted(_kernels_announced)) or None
+    from easyquant_vllm.moe_method import _announced as moe_kernels
+    kernel = ",".join(sorted(_kernels_announced | {f"moe:{k}" for k in moe_kernels})) or None
     if kernel == "native-int4-cpu":
         import torch
         from easyquant_vllm.kernels import cpu_native
@@ -54,7 +57,16 @@ try:
         kernel += " (" + cpu_native.plan_text(plan) + ")"
 except Exception:
     pass
-print("RESULT " + json.dumps({"tokens": n, "seconds": dt, "kernel": kernel}))
+def weight_bytes(model):  # what the engine holds for the model: parameters and buffers (our packed weights)
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+wbytes = llm.apply_model(weight_bytes)[0]
+rss = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+print("RESULT " + json.dumps({"tokens": n, "seconds": dt, "kernel": kernel, "weight_bytes": wbytes, "rss": rss}))
 """
 
 
@@ -113,8 +125,11 @@ def main() -> None:
     isa = cpu_isa() + (f", emulating {args.emulate} ({EMULATE[args.emulate]})" if args.emulate else "")
     print(f"# decode tokens/s, vLLM CPU, {args.mode} mode, CPU {isa}, {args.tokens} new tokens per "
           f"sequence, {torch.get_num_threads()} threads, median of {args.repeats} alternating runs")  # fmt: skip
-    print("| mode | dtype | batch | unquantized tok/s | EasyQuant tok/s | EasyQuant / unquantized | EasyQuant kernel |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| mode | dtype | batch | unquantized tok/s | EasyQuant tok/s | EasyQuant / unquantized | weights held "
+        "(unquantized / EasyQuant) | RSS after the run | EasyQuant kernel |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for dtype in args.dtype:
         for batch in args.batch:
@@ -125,11 +140,16 @@ def main() -> None:
             b = statistics.median(r["tokens"] / r["seconds"] for r in base_runs)
             e = statistics.median(r["tokens"] / r["seconds"] for r in eq_runs)
             eq = eq_runs[-1]
+            base = base_runs[-1]
             rows.append({"mode": args.mode, "isa": isa, "dtype": dtype, "batch": batch, "unquantized_tok_s": b,
-                         "easyquant_tok_s": e, "ratio": e / b, "kernel": eq["kernel"]})  # fmt: skip
-            print(
-                f"| {args.mode} | {dtype} | {batch} | {b:.1f} | {e:.1f} | {e / b:.2f}x | {eq['kernel']} |", flush=True
-            )
+                         "easyquant_tok_s": e, "ratio": e / b, "kernel": eq["kernel"],
+                         "unquantized_weight_bytes": base["weight_bytes"], "easyquant_weight_bytes": eq["weight_bytes"],
+                         "unquantized_rss": base["rss"], "easyquant_rss": eq["rss"]})  # fmt: skip
+            gib = 1024**3
+            print(f"| {args.mode} | {dtype} | {batch} | {b:.1f} | {e:.1f} | {e / b:.2f}x | "
+                  f"{base['weight_bytes'] / gib:.2f} / {eq['weight_bytes'] / gib:.2f} GiB "
+                  f"({eq['weight_bytes'] / base['weight_bytes']:.2f}x) | "
+                  f"{base['rss'] / gib:.2f} / {eq['rss'] / gib:.2f} GiB | {eq['kernel']} |", flush=True)  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -476,7 +476,7 @@ def _summary_row(label: str, rows: list[dict[str, Any]]) -> str:
     params = sum(_params(r) for r in rows)
     # All-zero (or constant) tensors: both errors are 0 and there is no gain to state.
     gain = f"{100 * (1 - eq / rtn):>7.1f}%" if rtn > 0 else f"{'-':>8}"
-    return (f"{label:<18}{len(rows):>6}{params:>12,}{100 * _weighted_mean(rows, 'outlier_fraction'):>9.3f}%"
+    return (f"{label:<18}{len(rows):>6}{params:>14,}{100 * _weighted_mean(rows, 'outlier_fraction'):>9.3f}%"
             f"{rtn:>10.4f}{eq:>10.4f}{gain}")  # fmt: skip
 
 
@@ -486,7 +486,7 @@ def summary_table(report: dict[str, Any]) -> str:
     kinds: dict[str, list[dict[str, Any]]] = {}
     for r in report["tensors"]:
         kinds.setdefault(module_kind(r["name"]), []).append(r)
-    lines = [f"{'module':<18}{'count':>6}{'params':>12}{'outliers':>10}{'RTN err':>10}{'EQ err':>10}{'gain':>8}"]
+    lines = [f"{'module':<18}{'count':>6}{'params':>14}{'outliers':>10}{'RTN err':>10}{'EQ err':>10}{'gain':>8}"]
     lines += [_summary_row(kind, rs) for kind, rs in sorted(kinds.items())]
     lines.append(_summary_row("total", report["tensors"]))
     t = report["totals"]
