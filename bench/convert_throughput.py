@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,10 @@ from bench.quality import pip_fetch  # noqa: E402
 _CHILD = """
 import json, sys, time
 sys.path.insert(0, {root!r})
-import torch  # noqa: F401  the constant part of the footprint
+import os
+import torch  # the constant part of the footprint
+if os.environ.get("EQ_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["EQ_BENCH_THREADS"]))
 from converters.cli import main
 def status(key):
     for line in open("/proc/self/status"):
@@ -107,10 +111,11 @@ def run_peer(src: Path, method: str, group_size: str, sinq_wheel: Path) -> dict:
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
 
 
-def run(src: Path, dst: Path, method: str, group_size: str, version: int = 2) -> dict:
+def run(src: Path, dst: Path, method: str, group_size: str, version: int = 2, threads: int | None = None) -> dict:
+    env = {**os.environ, **({"EQ_BENCH_THREADS": str(threads)} if threads else {})}
     cmd = [sys.executable, "-c", _CHILD.format(root=str(ROOT)), str(src), str(dst), "--no-progress",
            "--method", method, "--group-size", group_size, "--overwrite", "--format-version", str(version)]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
     report = json.loads((dst / "easyquant_report.json").read_text())
     result["params"] = report["totals"]["quantized_params"]
@@ -134,7 +139,11 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=1, help="synthetic Llama-7B blocks (202 M params each)")
     p.add_argument("--adam-hidden", type=int, default=1024, help="hidden size of the smaller input for adam")
     p.add_argument("--no-peers", action="store_true", help="skip the HQQ and SINQ rows")
+    p.add_argument("--threads", type=int, nargs="+",
+                   help="only the default (v2) row, once per torch thread count: the converter's scaling")  # fmt: skip
     args = p.parse_args()
+    if args.threads:
+        return scaling(args)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         src = args.model or synthetic_block(tmp_path / "src", layers=args.layers)
@@ -168,6 +177,23 @@ def main() -> None:
             v2 = rates["EasyQuant v2 (default)"]
             print(f"\nEasyQuant v2 quantizes {v2 / rates['hqq']:.1f}x as fast as HQQ and {v2 / rates['sinq']:.1f}x "
                   "as fast as SINQ on the same tensors.")  # fmt: skip
+
+
+def scaling(args: argparse.Namespace) -> None:
+    """The default conversion of ``--model`` at each ``--threads`` count: time, params/s, peak RSS over baseline."""
+    src = args.model or synthetic_block(Path(tempfile.mkdtemp()) / "src", layers=args.layers)
+    largest = largest_tensor_bytes(src)
+    print(f"# {src}: largest tensor {largest / 2**20:.0f} MiB; torch {torch.__version__}")
+    print("| torch threads | params | quantize s | M params/s | wall s (incl. reading, writing, validating) | "
+          "peak RSS over baseline MiB | / largest tensor |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory(dir=src.parent) as tmp:
+        for n in args.threads:
+            r = run(src, Path(tmp) / f"out-{n}", "search", args.group_size, 2, threads=n)
+            extra = (r["peak_kib"] - r["base_kib"]) * 1024
+            print(f"| {n} | {r['params'] / 1e6:.0f} M | {r['quantize_seconds']:.1f} | "
+                  f"{r['params'] / r['quantize_seconds'] / 1e6:.1f} | {r['wall']:.1f} | {extra / 2**20:.0f} | "
+                  f"{extra / largest:.2f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

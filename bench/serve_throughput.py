@@ -115,6 +115,8 @@ def main() -> None:
         default=1,
         help="runs per row, unquantized and EasyQuant alternating; the medians are reported",
     )
+    p.add_argument("--llama-cpp", type=Path, metavar="GGUF",
+                   help="also time llama.cpp (bench/llama_cpp.py) on this GGUF, same threads, and compare")  # fmt: skip
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -150,6 +152,20 @@ def main() -> None:
                   f"{base['weight_bytes'] / gib:.2f} / {eq['weight_bytes'] / gib:.2f} GiB "
                   f"({eq['weight_bytes'] / base['weight_bytes']:.2f}x) | "
                   f"{base['rss'] / gib:.2f} / {eq['rss'] / gib:.2f} GiB | {eq['kernel']} |", flush=True)  # fmt: skip
+    if args.llama_cpp:
+        from bench.llama_cpp import decode_rates
+
+        threads = torch.get_num_threads()
+        rates = decode_rates(args.llama_cpp, threads, args.batch, args.tokens)
+        print(f"\n# llama.cpp ({args.llama_cpp.name}, {threads} threads, same run) beside vLLM's rows above")
+        print("| dtype | batch | vLLM unquantized | vLLM EasyQuant | llama.cpp | EasyQuant / llama.cpp |")
+        print("|---|---|---|---|---|---|")
+        for row in rows:
+            lc = rates.get(row["batch"])
+            row["llama_cpp_tok_s"] = lc
+            ratio = f"{row['easyquant_tok_s'] / lc:.2f}x" if lc else "-"
+            print(f"| {row['dtype']} | {row['batch']} | {row['unquantized_tok_s']:.1f} | {row['easyquant_tok_s']:.1f} "
+                  f"| {lc or float('nan'):.1f} | {ratio} |")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
