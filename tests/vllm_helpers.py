@@ -21,6 +21,15 @@ ENGINE_ENV = {
 }
 
 
+def release_engine() -> None:
+    """Tear down what an in-process engine left behind: its model-parallel groups too, or the next engine in
+    this process reuses them (a MoE model after a dense one finds no expert-parallel group)."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    gc.collect()
+    cleanup_dist_env_and_memory()
+
+
 def require_vllm() -> None:
     pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup.sh installs the CPU build)")
 
@@ -42,9 +51,10 @@ def vllm_generate(
     os.environ.update(ENGINE_ENV)
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(model_dir), dtype=dtype, enforce_eager=enforce_eager, max_model_len=256, max_num_seqs=8,
-              quantization=quantization, seed=0, **engine_kwargs)  # fmt: skip
-    try:
+    llm = None
+    try:  # a constructor that raises (a bad checkpoint) must not leave its process groups behind either
+        llm = LLM(model=str(model_dir), dtype=dtype, enforce_eager=enforce_eager, max_model_len=256,
+                  max_num_seqs=8, quantization=quantization, seed=0, **engine_kwargs)  # fmt: skip
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0, ignore_eos=True)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         result = []
@@ -55,7 +65,7 @@ def vllm_generate(
         return result
     finally:
         del llm
-        gc.collect()
+        release_engine()
 
 
 def hf_logprobs(model_dir: Path, state_dict: dict[str, torch.Tensor] | None, prompt: list[int],
@@ -87,16 +97,17 @@ def vllm_prompt_logprobs(model_dir: Path, sequences: list[list[int]], dtype: str
     os.environ.update(ENGINE_ENV)
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(model_dir), dtype=dtype, enforce_eager=enforce_eager, max_model_len=256, max_num_seqs=8,
-              seed=0, **engine_kwargs)  # fmt: skip
+    llm = None
     try:
+        llm = LLM(model=str(model_dir), dtype=dtype, enforce_eager=enforce_eager, max_model_len=256,
+                  max_num_seqs=8, seed=0, **engine_kwargs)  # fmt: skip
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         outs = llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False)
         return [[step[tok].logprob for step, tok in zip(o.prompt_logprobs[1:], s[1:], strict=True)]
                 for o, s in zip(outs, sequences, strict=True)]  # fmt: skip
     finally:
         del llm
-        gc.collect()
+        release_engine()
 
 
 def hf_sequence_logprobs(model_dir: Path, state_dict: dict[str, torch.Tensor] | None,
