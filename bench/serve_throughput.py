@@ -57,12 +57,16 @@ try:
         kernel += " (" + cpu_native.plan_text(plan) + ")"
 except Exception:
     pass
-def weight_bytes(model):  # what the engine holds for the model: parameters and buffers (our packed weights)
+def weight_bytes(model):  # what the engine holds for the model: parameters and buffers (our packed weights) ...
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
+    for mod in model.modules():  # ... and the dense weights vLLM's CPU GEMM prepacked (oneDNN/SGL handles) and
+        w = getattr(mod, "weight", None)  # removed from the module: the packed copy holds as many bytes
+        if hasattr(mod, "cpu_linear") and w is not None and w.numel() == 0 and hasattr(mod, "input_size_per_partition"):
+            total += mod.input_size_per_partition * mod.output_size_per_partition * w.element_size()
     return total
 wbytes = llm.apply_model(weight_bytes)[0]
 rss = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
@@ -89,6 +93,50 @@ def run(model: Path, dtype: str, batch: int, tokens: int, mode: str, emulate: st
     if r.returncode or not lines:
         raise RuntimeError(f"{model} {dtype} batch {batch} failed:\n{(r.stdout + r.stderr)[-3000:]}")
     return json.loads(lines[-1][7:])
+
+
+def _tensor_bytes(model: Path, act_bytes: int) -> dict[str, float]:
+    """Bytes of every tensor in a safetensors directory, from the shard headers (nothing is loaded); floating
+    tensors of an unquantized model counted in the activation dtype, which is what its engine holds."""
+    quantized = "quantization_config" in json.loads((model / "config.json").read_text())
+    width = {"F32": 4, "F16": 2, "BF16": 2}
+    out = {}
+    for shard in sorted(model.glob("*.safetensors")):
+        with open(shard, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            n = v["data_offsets"][1] - v["data_offsets"][0]
+            out[k] = n if quantized or v["dtype"] not in width else n / width[v["dtype"]] * act_bytes
+    return out
+
+
+def bytes_per_step(model: Path, act_bytes: int = 2) -> dict[str, float]:
+    """What one decode step must read, in bytes: the decoder's linear weights (norms, biases and embedding rows
+    are negligible), the lm_head (the embedding matrix when tied, held in the activation dtype: neither engine
+    quantizes it) and the KV cache per token of context. Weights are read once per step, whatever the batch;
+    the KV cache once per sequence."""
+    cfg = json.loads((model / "config.json").read_text())
+    skip = ("embed_tokens", "lm_head", "norm")
+    linears = sum(n for k, n in _tensor_bytes(model, act_bytes).items()
+                  if not any(s in k for s in skip) and not k.endswith(".bias"))  # fmt: skip
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    kv = 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", heads) * head_dim * act_bytes
+    return {"linears": linears, "lm_head": cfg["vocab_size"] * cfg["hidden_size"] * act_bytes,
+            "kv_per_context_token": kv}  # fmt: skip
+
+
+def print_bytes_table(model: Path, quantized: Path) -> None:
+    mib = 1024**2
+    print("\n# bytes one decode step reads (bf16 activations; weights once per step, KV cache per sequence)")
+    print("| engine | decoder linears | lm_head (tied embedding) | KV cache per 1k tokens of context |")
+    print("|---|---|---|---|")
+    for label, m in (("unquantized", model), ("EasyQuant", quantized)):
+        b = bytes_per_step(m)
+        print(f"| {label} | {b['linears'] / mib:.0f} MiB | {b['lm_head'] / mib:.0f} MiB | "
+              f"{1000 * b['kv_per_context_token'] / mib:.1f} MiB |")  # fmt: skip
 
 
 def main() -> None:
@@ -166,6 +214,7 @@ def main() -> None:
             ratio = f"{row['easyquant_tok_s'] / lc:.2f}x" if lc else "-"
             print(f"| {row['dtype']} | {row['batch']} | {row['unquantized_tok_s']:.1f} | {row['easyquant_tok_s']:.1f} "
                   f"| {lc or float('nan'):.1f} | {ratio} |")  # fmt: skip
+    print_bytes_table(args.model, args.quantized)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

