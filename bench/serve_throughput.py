@@ -96,20 +96,15 @@ def run(model: Path, dtype: str, batch: int, tokens: int, mode: str, emulate: st
 
 
 def _tensor_bytes(model: Path, act_bytes: int) -> dict[str, float]:
-    """Bytes of every tensor in a safetensors directory, from the shard headers (nothing is loaded); floating
+    """Bytes of every tensor of a checkpoint, from its headers (``open_checkpoint``: nothing is loaded); floating
     tensors of an unquantized model counted in the activation dtype, which is what its engine holds."""
+    from easyquant_vllm.safetensors_io import open_checkpoint
+
     quantized = "quantization_config" in json.loads((model / "config.json").read_text())
     width = {"F32": 4, "F16": 2, "BF16": 2}
-    out = {}
-    for shard in sorted(model.glob("*.safetensors")):
-        with open(shard, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        for k, v in header.items():
-            if k == "__metadata__":
-                continue
-            n = v["data_offsets"][1] - v["data_offsets"][0]
-            out[k] = n if quantized or v["dtype"] not in width else n / width[v["dtype"]] * act_bytes
-    return out
+    with open_checkpoint(model) as reader:
+        return {n: reader.nbytes(n) if quantized or (code := reader.dtype_code(n)) not in width
+                else reader.nbytes(n) / width[code] * act_bytes for n in reader.names()}  # fmt: skip
 
 
 def bytes_per_step(model: Path, act_bytes: int = 2) -> dict[str, float]:
