@@ -13,7 +13,7 @@ import pytest
 
 from converters.convert import convert
 from converters.tiny_model import build_tiny_model
-from tests.vllm_helpers import ENGINE_ENV, post_json, require_vllm, vllm_generate, vllm_server
+from tests.vllm_helpers import ENGINE_ENV, EXIT_AFTER_RESULT, post_json, require_vllm, vllm_generate, vllm_server
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,8 @@ def test_vllm_serve_completion_matches_offline(tmp_path: Path) -> None:
     assert resp["choices"][0]["token_ids"] == offline
 
 
-_TP_SCRIPT = """
+_TP_SCRIPT = (
+    """
 import json, os, sys
 from vllm import LLM, SamplingParams
 llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=256, max_num_seqs=4,
@@ -49,14 +50,9 @@ out = llm.generate([{"prompt_token_ids": json.loads(sys.argv[3])}],
 c = out[0].outputs[0]
 print("RESULT " + json.dumps({"tokens": list(c.token_ids),
       "logprobs": [s[t].logprob for s, t in zip(c.logprobs, c.token_ids)]}))
-# Shut the engine and its workers down, then leave without the interpreter's exit: a worker-pool thread's C++
-# destructor at exit can abort ("terminate called without an active exception") after a correct result.
-sys.stdout.flush()
-del llm
-import gc
-gc.collect()
-os._exit(0)
 """
+    + EXIT_AFTER_RESULT
+)
 
 
 def _run_tp(model: Path, tp: int, tmp_path: Path) -> dict:

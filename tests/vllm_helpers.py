@@ -219,15 +219,7 @@ def served_prompt_logprobs(base: str, model: Path, sequences: list[list[int]]) -
     return out
 
 
-_PROMPT_LOGPROBS_SCRIPT = """
-import json, os, sys
-from vllm import LLM, SamplingParams
-model, dtype, tp, sequences = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
-llm = LLM(model=model, dtype=dtype, max_model_len=256, max_num_seqs=4, tensor_parallel_size=tp, seed=0)
-outs = llm.generate([{"prompt_token_ids": s} for s in sequences],
-                    SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False)
-print("RESULT " + json.dumps([[step[t].logprob for step, t in zip(o.prompt_logprobs[1:], s[1:])]
-                              for o, s in zip(outs, sequences)]))
+EXIT_AFTER_RESULT = """
 # Shut the engine and its workers down, then leave without the interpreter's exit: a worker-pool thread's C++
 # destructor at exit can abort ("terminate called without an active exception") after a correct result.
 sys.stdout.flush()
@@ -236,6 +228,21 @@ import gc
 gc.collect()
 os._exit(0)
 """
+"""Tail of an engine child script that has printed its RESULT line (needs ``os``, ``sys`` and ``llm``)."""
+
+_PROMPT_LOGPROBS_SCRIPT = (
+    """
+import json, os, sys
+from vllm import LLM, SamplingParams
+model, dtype, tp, sequences = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+llm = LLM(model=model, dtype=dtype, max_model_len=256, max_num_seqs=4, tensor_parallel_size=tp, seed=0)
+outs = llm.generate([{"prompt_token_ids": s} for s in sequences],
+                    SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False)
+print("RESULT " + json.dumps([[step[t].logprob for step, t in zip(o.prompt_logprobs[1:], s[1:])]
+                              for o, s in zip(outs, sequences)]))
+"""
+    + EXIT_AFTER_RESULT
+)
 
 
 def vllm_prompt_logprobs_parallel(model_dir: Path, sequences: list[list[int]], tensor_parallel_size: int,
