@@ -50,6 +50,7 @@ AUTO_GROUP_SIZES = (128, 64, 32)
 # Elements per block of rows quantized together: keeps temporaries (~10 float32 copies of a block)
 # at a few tens of MB whatever the tensor size, and the block cache-friendly.
 _BLOCK_ELEMS = 1 << 20
+_SINKHORN_ELEMS = 1 << 22  # float32 entries per column-scale chunk (16 MiB; the balancing holds ~4 such)
 
 
 FORMAT_DEFAULTS: dict[int, dict[str, Any]] = {
@@ -308,7 +309,10 @@ def quantize_weight(
 
 def check_float16_range(w: torch.Tensor) -> None:
     """ValueError (naming the value and its position) if ``w`` holds a magnitude beyond float16's range."""
-    amax = float(w.abs().amax()) if w.numel() else 0.0
+    if w.numel() == 0:
+        return
+    flat_w = w.reshape(-1)  # in blocks: no full-size copy of a large weight
+    amax = max(float(flat_w[i : i + _BLOCK_ELEMS].abs().amax()) for i in range(0, flat_w.numel(), _BLOCK_ELEMS))
     if amax > FLOAT16_MAX:
         flat = int(w.abs().argmax())
         raise ValueError(
@@ -368,16 +372,27 @@ def quantize_group(
             raise ValueError(f"weights sharing an input need one input dim, got {[tuple(w.shape) for w in ws]}")
         for w in ws:
             check_float16_range(w)
-        normals = []
-        for w in ws:
-            r, c = select_outliers(w, spec.outlier_threshold, spec.max_outlier_fraction)
-            x = w.to(device=device or w.device, dtype=torch.float32).clone()
-            x[r.to(x.device), c.to(x.device)] = 0.0
-            normals.append(x)
         g = effective_group_size(k, spec.group_size)
-        scale = sinkhorn_column_scale(torch.cat(normals), g, spec.sinkhorn_iters)
+        outliers = [select_outliers(w, spec.outlier_threshold, spec.max_outlier_fraction) for w in ws]
+        # Each tile of G columns is balanced on its own (normalize.py), so the float32 copy the balancing needs
+        # is made a few tiles at a time: bounded memory for a large matrix (a 150k-row vocabulary is 0.9 GB in
+        # float32), and one chunk, as before, for every layer below _SINKHORN_ELEMS.
+        rows = sum(w.shape[0] for w in ws)
+        tiles_per_chunk = max(1, _SINKHORN_ELEMS // (rows * g))
+        scale = torch.empty(k, dtype=torch.float32)
+        for c0 in range(0, k, tiles_per_chunk * g):
+            c1 = min(k, c0 + tiles_per_chunk * g)
+            normals = []
+            for w, (r, c) in zip(ws, outliers, strict=True):
+                x = w[:, c0:c1].to(device=device or w.device, dtype=torch.float32, copy=True)  # never w itself
+                inside = (c >= c0) & (c < c1)
+                x[r[inside].to(x.device), (c[inside] - c0).to(x.device)] = 0.0
+                normals.append(x)
+            x = normals[0] if len(normals) == 1 else torch.cat(normals)
+            del normals
+            scale[c0:c1] = sinkhorn_column_scale(x, g, spec.sinkhorn_iters).cpu()
+            del x
         col_scale = scale.clamp(2.0**-14, FLOAT16_MAX).to(torch.float16)  # stored as float16: use that value
-        del normals
     col_weight = None
     if spec.zero_points and spec.weighting != "none":
         col_weight = torch.ones(ws[0].shape[1], dtype=torch.float32)
