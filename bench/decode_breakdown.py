@@ -6,9 +6,10 @@ Each model runs in a fresh process (in-process engine, vLLM's default compiled m
 decodes ``--tokens`` tokens at batch 1 under ``torch.profiler`` (CPU activities, input shapes). The ops that ran
 are put in buckets by name and shape:
 
-* **linears:** ``easyquant::linear`` (our op), or the dense GEMMs of the unquantized model (vLLM's oneDNN /
-  ATen ``linear``/``mm``/``addmm``) except the lm_head;
-* **lm_head:** the GEMM whose output is the vocabulary (``--vocab``; tied to the embeddings here);
+* **linears:** ``easyquant::linear`` / ``easyquant::cpu_int4_linear`` (our ops), or the dense GEMMs of the
+  unquantized model (vLLM's oneDNN / ATen ``linear``/``mm``/``addmm``), except the lm_head;
+* **lm_head:** the GEMM whose output is the vocabulary (``--vocab``; tied to the embeddings here), dense or ours
+  (a checkpoint converted with ``--lm-head``);
 * **attention:** vLLM's CPU attention ops (paged attention, KV-cache writes, rotary embedding);
 * **other ops:** every other op the profiler saw (norms, activations, sampling, copies);
 * **framework:** wall time of the decode loop minus all op time above (scheduling, Python, compiled-graph
@@ -48,8 +49,9 @@ for e in prof.key_averages(group_by_input_shape=True):
 print("RESULT " + json.dumps({"wall_s": wall, "tokens": len(out[0].outputs[0].token_ids), "events": events}))
 """
 
-LINEAR = ("easyquant::linear", "onednn_mm", "aten::mm", "aten::addmm", "aten::linear", "aten::matmul",
-          "mkldnn", "cpu_gemm", "sgl", "int4_scaled_mm", "_C::", "aten::bmm")  # fmt: skip
+LINEAR = ("easyquant::linear", "easyquant::cpu_int4_linear", "onednn_mm", "aten::mm", "aten::addmm",
+          "aten::linear", "aten::matmul", "mkldnn", "cpu_gemm", "sgl", "int4_scaled_mm", "_C::",
+          "aten::bmm")  # fmt: skip
 ATTENTION = ("attention", "paged", "reshape_and_cache", "rotary", "cpu_attn", "flash", "kv_cache", "sdpa")
 SKIP = ("ProfilerStep", "[memory]")
 
@@ -61,7 +63,8 @@ def bucket(name: str, shapes: str, vocab: int) -> str:
     if any(a in low for a in ATTENTION):
         return "attention"
     if any(k.lower() in low for k in LINEAR):
-        return "lm_head" if str(vocab) in shapes else "linears"
+        # The lm_head: its output (dense GEMM) or its CSR row pointers, [vocab + 1] (our op), have the vocabulary.
+        return "lm_head" if str(vocab) in shapes or str(vocab + 1) in shapes else "linears"
     return "other ops"
 
 

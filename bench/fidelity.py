@@ -21,7 +21,9 @@ model's; ``RMS dp`` = the RMS of ``p_q(t) - p_base(t)`` for the token ``t`` that
 Rows: RTN, HQQ, SINQ and NF4 (bitsandbytes' codebook, absmax per block of 64, simulated in torch) at the group
 sizes each model allows (Qwen2.5-Coder: 64 and 128, its float32 forward is slow on 2 cores), EasyQuant format 1
 (the paper) and format 2 at every group size, exactly as the converter computes them; ``--sweep`` adds format-2
-variants (outlier cap, range search) for choosing defaults on ``--split dev``. EasyQuant rows use each layer's
+variants (outlier cap, range search) for choosing defaults on ``--split dev``; "+ int4 lm_head" is the default with
+the output projection quantized too (``easyquant-convert --lm-head``), its bits counted over the vocabulary matrix
+as well. EasyQuant rows use each layer's
 reference W'. Bits per weight as ``bench/quality.py`` counts them (EasyQuant: the bytes the checkpoint stores).
 ``--vllm-check`` scores the default EasyQuant checkpoint's chat sequences through vLLM (compiled, float32,
 prompt logprobs top-20) and reports how far they are from the same W' in HF.
@@ -182,6 +184,8 @@ def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, sweep: bool) -> l
     rows.append(Row(f"EasyQuant v1 g{g} (paper)", "eq", g, eq_spec(1, g), tags={"v1": True}))
     rows += [Row(f"EasyQuant v2 g{gs}" + (" (default)" if gs == g else ""), "eq", gs, eq_spec(2, gs),
                  tags={"v2": True, "default": gs == g}) for gs in groups]  # fmt: skip
+    # easyquant-convert --lm-head: the output projection (tied: the one embedding matrix) quantized too.
+    rows.append(Row(f"EasyQuant v2 g{g} + int4 lm_head", "eq", g, eq_spec(2, g), tags={"lm_head": True}))
     if sweep:
         rows += [Row(f"v2 g{g} outlier cap {100 * c:g} %", "eq", g, eq_spec(2, g, max_outlier_fraction=c),
                      tags={"sweep": f"cap {c}"}) for c in (0.0, 0.001, 0.005)]  # fmt: skip
@@ -220,6 +224,8 @@ def run_model(info: ModelInfo, args: argparse.Namespace, have_hqq: bool, have_si
     params = dict(model.named_parameters())
     originals = {n: p.detach().clone() for n, p in params.items()
                  if p.dim() == 2 and pattern.search(n) and "norm" not in n}  # fmt: skip
+    head = model.get_output_embeddings().weight  # tied models: the embedding matrix itself
+    vocab = {n: p.detach().clone() for n, p in params.items() if p is head}
     scored = sum((len(w) - 1) - (len(w) - 1) // 2 for w in wins)
     answer_tokens = sum(len(a) for _, a in chat)
     print(f"# {info.title}: {len(wins)} windows ({scored} scored tokens), {len(chat)} chat prompts ({answer_tokens} "
@@ -227,8 +233,12 @@ def run_model(info: ModelInfo, args: argparse.Namespace, have_hqq: bool, have_si
           f"{torch.get_num_threads()} threads, {platform.machine()}", flush=True)  # fmt: skip
     rows = []
     for row in rows_for(info, have_hqq, have_sinq, args.sweep):
+        if args.rows and not re.search(args.rows, row.label):
+            continue
         t0 = time.perf_counter()
-        meta = apply_row(params, originals, row)
+        for name, w in vocab.items():  # the vocabulary matrix is quantized only in the lm_head row
+            params[name].data.copy_(w)
+        meta = apply_row(params, {**originals, **vocab} if row.tags.get("lm_head") else originals, row)
         stats = score(model, corpus)
         rows.append({"label": row.label, "kind": row.kind, "group": row.group, **meta, **stats, **row.tags,
                      "row_seconds": time.perf_counter() - t0})  # fmt: skip
@@ -237,7 +247,7 @@ def run_model(info: ModelInfo, args: argparse.Namespace, have_hqq: bool, have_si
               f"{t['kld_p99']:.3f}) same-top {100 * t['same_top']:.1f} % | chat KLD {c['kld_mean']:.4f} same-top "
               f"{100 * c['same_top']:.1f} % first-8 {100 * c['first8_unchanged']:.0f} % | "
               f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
-    for name, w in originals.items():  # the unquantized model again, for the vLLM check's reference
+    for name, w in {**originals, **vocab}.items():  # the unquantized model again, for the vLLM check's reference
         params[name].data.copy_(w)
     vllm = vllm_check(info, src, corpus, args.cache) if args.vllm_check else None
     return {
@@ -354,6 +364,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=64, help="chat prompts per model")
     p.add_argument("--answer-tokens", type=int, default=32)
     p.add_argument("--sweep", action="store_true", help="format-2 variants, for choosing defaults (use --split dev)")
+    p.add_argument("--rows", metavar="REGEX", help="only the rows whose label matches (e.g. 'default|lm_head')")
     p.add_argument("--vllm-check", action="store_true", help="score the default checkpoint through vLLM too")
     p.add_argument("--cache", type=Path, default=ROOT / ".cache")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "fidelity.json")

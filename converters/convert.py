@@ -92,6 +92,7 @@ class ConvertOptions:
     adam_steps: int = AdamParams.steps
     quantize_pattern: str = DEFAULT_QUANTIZE_PATTERN
     skip: list[str] = field(default_factory=list)
+    lm_head: bool = False
     device: str = "cpu"
     max_shard_bytes: int = 2 * 1024**3
     overwrite: bool = False
@@ -105,14 +106,34 @@ class Plan:
     quantize: list[str]
     not_converted: list[str]  # module prefixes of 2-D weights left in their original dtype
     spec: QuantSpec
+    lm_head: str | None = None  # the output projection's tensor, when it is quantized (``--lm-head``)
 
 
 def _module_of(name: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
-def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions) -> Plan:
-    """Choose the tensors to quantize and resolve the group size; raise ConversionError on bad input."""
+def output_projection(names: list[str], config: dict[str, Any]) -> str:
+    """The tensor behind the output logits: ``lm_head.weight``, or in a model with tied embeddings (Hugging Face's
+    default) the one ``embed_tokens.weight`` that serves both ends. ConversionError where neither is clear."""
+    heads = [n for n in names if n == "lm_head.weight" or n.endswith(".lm_head.weight")]
+    if len(heads) == 1:
+        return heads[0]
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    tied = text.get("tie_word_embeddings", config.get("tie_word_embeddings", True))
+    embeds = [n for n in names if n.endswith("embed_tokens.weight")]
+    if not heads and tied and len(embeds) == 1:
+        return embeds[0]
+    found = heads or embeds
+    raise ConversionError(
+        f"--lm-head: cannot tell which tensor is the output projection (lm_head.weight: {len(heads)} found; "
+        f"tie_word_embeddings: {tied}; embed_tokens.weight: {found or 'none'}); convert without --lm-head"
+    )
+
+
+def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions, config: dict[str, Any] | None = None) -> Plan:
+    """Choose the tensors to quantize and resolve the group size; raise ConversionError on bad input.
+    ``config`` (the model's config.json) tells ``--lm-head`` whether the embeddings are tied."""
     try:
         check_bits(opts.bits)
     except ValueError as e:
@@ -126,11 +147,12 @@ def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions) -> Plan:
     already = [n for n in names if n.endswith("." + QWEIGHT)]
     if already:
         raise ConversionError(f"{src}: already quantized (tensor {already[0]}); convert the original model")
+    head = output_projection(names, config or {}) if opts.lm_head else None
     quantize, not_converted = [], []
     for name in names:
         if len(ckpt.shape(name)) != 2 or ckpt.dtype_code(name) not in ("F16", "BF16", "F32"):
             continue
-        if include.search(name) and not any(p.search(name) for p in skips):
+        if name == head or (include.search(name) and not any(p.search(name) for p in skips)):
             quantize.append(name)
         else:
             not_converted.append(_module_of(name))
@@ -155,7 +177,7 @@ def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions) -> Plan:
         g = opts.group_size
         bad = [n for k, n in in_dims.items() if isinstance(g, int) and g > 0 and k % g]
         raise ConversionError(f"{e} (e.g. tensor {(bad or list(in_dims.values()))[0]})") from None
-    return Plan(names, quantize, not_converted, resolve_spec(opts, group_size))
+    return Plan(names, quantize, not_converted, resolve_spec(opts, group_size), head)
 
 
 def resolve_spec(opts: ConvertOptions, group_size: int) -> QuantSpec:
@@ -267,6 +289,7 @@ def convert(
     written to ``dst/easyquant_report.json``); with ``dry_run`` only the plan is returned.
     """
     opts = opts or ConvertOptions()
+    _fixed_mmap_threshold()
     src, dst = Path(src), absolute(dst)
     if not src.is_dir():
         raise ConversionError(f"{src}: not a directory")
@@ -296,7 +319,7 @@ def convert(
     try:
         side = side_files(src)
         with open_checkpoint(src) as ckpt:
-            plan = plan_conversion(src, ckpt, opts)
+            plan = plan_conversion(src, ckpt, opts, config)
             if dry_run:
                 return {
                     "quantize": plan.quantize,
@@ -377,7 +400,7 @@ def _write(
     writer.close()
     total_seconds = time.perf_counter() - start
 
-    qcfg = EasyQuantCheckpointConfig.from_spec(spec, plan.not_converted)
+    qcfg = EasyQuantCheckpointConfig.from_spec(spec, plan.not_converted, lm_head=plan.lm_head is not None)
     (out / CONFIG_FILE).write_text(json.dumps({**config, "quantization_config": qcfg.to_dict()}, indent=2) + "\n")
     for name, real in side:  # from the path checked up front, not through the link again
         shutil.copyfile(real, out / name)
@@ -406,6 +429,22 @@ def _load_libc() -> Any:
 
 
 _LIBC = _load_libc()
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+_MMAP_THRESHOLD_BYTES = 8 << 20
+
+
+def _fixed_mmap_threshold() -> None:
+    """Serve every allocation of 8 MiB or more from its own mapping, returned to the OS when freed.
+
+    glibc raises its mmap threshold (up to 32 MiB) each time a mapped block is freed, so after the first one the
+    quantizer's block temporaries (the outlier scan's 16 MiB) come from the heap; the small tensors that outlive
+    each block (outlier candidates, codes) then pin the heap, and it grows with the tensor. Measured on a
+    [151936, 1536] bf16 embedding (``--lm-head``), peak RSS over the tensor for its quantization: 0.77-0.89 GB with
+    the dynamic threshold, 0.24-0.34 GB at 8 MiB (and 7.2 -> 8.0 s), 0.19 GB at 1 MiB but 3x slower (a page
+    fault per fresh mapping). No-op without glibc.
+    """
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
 
 
 def side_files(src: Path) -> list[tuple[str, Path]]:

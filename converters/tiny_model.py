@@ -88,6 +88,7 @@ def build_tiny_model(
     experts_per_token: int = 2,
     moe_intermediate_size: int = 128,
     router_std: float = 0.02,
+    tie_word_embeddings: bool = False,
 ) -> Path:
     """Write a random ``arch`` model to ``out_dir``: "llama", "qwen2" (q/k/v biases), or a mixture of experts,
     "mixtral" (``w1``/``w2``/``w3`` experts), "qwen2_moe" (with a shared expert and its sigmoid gate) or
@@ -100,7 +101,8 @@ def build_tiny_model(
     ``max_shard_size`` is given, e.g. "300KB"), tokenizer files and generation_config.json.
     ``lm_head_std``: the default gives nearly flat next-token distributions (logits ~0.3 apart); ~0.3
     makes them decisive like a trained model's, for tests that must not hinge on near-ties; ``router_std`` does
-    the same for a MoE router's choices (near-tied experts flip under bf16 rounding). ``dtype``: how
+    the same for a MoE router's choices (near-tied experts flip under bf16 rounding); with
+    ``tie_word_embeddings`` the one embedding matrix takes ``lm_head_std``. ``dtype``: how
     the weights are saved (bf16 halves the disk of a larger model built for benchmarks).
     """
     import transformers
@@ -129,7 +131,7 @@ def build_tiny_model(
         max_position_embeddings=512,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -148,7 +150,7 @@ def build_tiny_model(
                 p.normal_(0.0, router_std, generator=gen)
             elif p.dim() == 2 and "embed" not in name and "lm_head" not in name:
                 _heavy_tailed_(p, gen)
-            elif "lm_head" in name:
+            elif "lm_head" in name or (tie_word_embeddings and "embed_tokens" in name):
                 p.normal_(0.0, lm_head_std, generator=gen)
             elif p.dim() == 2 or name.endswith("bias"):
                 p.normal_(0.0, 0.02, generator=gen)

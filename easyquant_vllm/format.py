@@ -91,6 +91,9 @@ class EasyQuantCheckpointConfig:
     ``outlier_threshold``, ``max_outlier_fraction``, ``method`` and ``method_params`` record how the checkpoint
     was made (informative only: the tensors alone define the weights). ``modules_to_not_convert`` lists the
     module names (prefixes without ``.weight``) of linear layers inside the decoder blocks left unquantized.
+    ``lm_head``: the output projection is quantized too, with the same bits and group size. In a model with tied
+    embeddings that is the one embedding matrix (``model.embed_tokens``), which then also serves the input lookups
+    (docs/format.md, "Quantized lm_head").
     """
 
     bits: int = _DEFAULT_SPEC.bits
@@ -103,9 +106,11 @@ class EasyQuantCheckpointConfig:
     format_version: int = _DEFAULT_SPEC.format_version
     zero_points: bool = _DEFAULT_SPEC.zero_points
     column_scale: bool = _DEFAULT_SPEC.normalize != "none"
+    lm_head: bool = False
 
     @classmethod
-    def from_spec(cls, spec: QuantSpec, modules_to_not_convert: list[str] | None = None) -> EasyQuantCheckpointConfig:
+    def from_spec(cls, spec: QuantSpec, modules_to_not_convert: list[str] | None = None,
+                  lm_head: bool = False) -> EasyQuantCheckpointConfig:  # fmt: skip
         """The config block of a checkpoint quantized with ``spec`` (what the converter writes)."""
         return cls(
             bits=spec.bits,
@@ -118,6 +123,7 @@ class EasyQuantCheckpointConfig:
             format_version=spec.format_version,
             zero_points=spec.zero_points,
             column_scale=spec.normalize != "none",
+            lm_head=lm_head,
         )
 
     def __post_init__(self) -> None:
@@ -159,6 +165,7 @@ class EasyQuantCheckpointConfig:
             method_params=dict(params or {}),
             modules_to_not_convert=list(skip or []),
             format_version=version,
+            lm_head=fields.boolean("lm_head"),
             **flags,
         )
 

@@ -222,7 +222,13 @@ class EasyQuantLinearMethod(LinearMethodBase):
             if (plan.rows, state.k_part) != (n, k):  # defence in depth: the kernels trust the CSR they are handed
                 validate_weight(f"{plan.name} (this rank's slice)", qw)
             parts.append(qw)
-        names = [p.name for p, _ in plans]
+        self.install(layer, parts, [p.name for p, _ in plans])
+
+    def install(self, layer: torch.nn.Module, parts: list[Any], names: list[str]) -> None:
+        """Choose the kernel for this rank's shards ``parts`` (validated, sliced; ``names`` for messages), let it
+        repack them and register its tensors as the layer's buffers; drop the canonical parameters."""
+        state: LayerState = layer.easyquant
+        device = layer.qweight.device
         runs = _runs_by_column_scale(parts)
         total = sum(p.shape[0] for p in parts)
         spec = self._spec(total, state, parts[0])

@@ -101,3 +101,44 @@ def stack_rows(parts: list[QuantizedWeight], names: list[str] | None = None) -> 
     zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])  # type: ignore[misc]
     return QuantizedWeight(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), csr,
                            first.bits, first.group_size, zeros=zeros, col_scale=first.col_scale)  # fmt: skip
+
+
+def pad_rows(qw: QuantizedWeight, rows: int) -> QuantizedWeight:
+    """``qw`` followed by zero rows up to ``rows`` (vLLM pads a vocabulary shard to a multiple of 64 rows).
+
+    A padding row has step 0 and no outliers, so its ``W'`` row is exactly zero whatever its codes and zero point.
+    """
+    n, k = qw.shape
+    extra = rows - n
+    if extra < 0:
+        raise ValueError(f"cannot pad {n} rows to {rows}")
+    if extra == 0:
+        return qw
+    o = qw.outliers
+
+    def grow(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, t.new_zeros((extra, *t.shape[1:]))])
+
+    indptr = torch.cat([o.indptr, o.indptr[-1:].expand(extra)])
+    csr = OutlierCSR(indptr, o.indices, o.values, (rows, k))
+    zeros = None if qw.zeros is None else grow(qw.zeros)
+    return QuantizedWeight(grow(qw.qweight), grow(qw.scales), csr, qw.bits, qw.group_size, zeros=zeros,
+                           col_scale=qw.col_scale)  # fmt: skip
+
+
+def take_rows(qw: QuantizedWeight, ids: torch.Tensor) -> QuantizedWeight:
+    """Rows ``ids`` (any order, repeats allowed; ``[T]`` integer) of ``qw``, as a ``[T, K]`` weight: an embedding
+    lookup in the quantized domain. The CSR outliers of each taken row come along, re-based."""
+    o = qw.outliers
+    ids = ids.reshape(-1).long()
+    starts = o.indptr.long()[ids]
+    counts = o.indptr.long()[ids + 1] - starts
+    indptr = torch.zeros(ids.numel() + 1, dtype=torch.long, device=ids.device)
+    indptr[1:] = torch.cumsum(counts, 0)
+    nnz = int(indptr[-1])
+    # Position j of the result comes from starts[row] + (j - indptr[row]) in the source arrays.
+    flat = torch.repeat_interleave(starts - indptr[:-1], counts, output_size=nnz) + torch.arange(nnz, device=ids.device)
+    csr = OutlierCSR(indptr.to(torch.int32), o.indices[flat], o.values[flat], (ids.numel(), qw.shape[1]))
+    zeros = None if qw.zeros is None else qw.zeros[ids]
+    return QuantizedWeight(qw.qweight[ids], qw.scales[ids], csr, qw.bits, qw.group_size, zeros=zeros,
+                           col_scale=qw.col_scale)  # fmt: skip

@@ -15,6 +15,7 @@ from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
 from .format import QUANT_METHOD, CheckpointError, EasyQuantCheckpointConfig
 
@@ -81,8 +82,10 @@ class EasyQuantConfig(QuantizationConfig):
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if isinstance(layer, RoutedExperts):
             return self._moe_method(layer, prefix)
+        if isinstance(layer, VocabParallelEmbedding):
+            return self._vocab_method(layer, prefix)
         if not isinstance(layer, LinearBase):
-            return None  # embeddings and lm_head stay unquantized
+            return None
         if prefix.endswith(ROUTERS):  # never quantized (docs/format.md), whatever the skip list says
             return UnquantizedLinearMethod()
         names = self.checkpoint_names(prefix)
@@ -97,6 +100,17 @@ class EasyQuantConfig(QuantizationConfig):
         from .linear_method import EasyQuantLinearMethod
 
         return EasyQuantLinearMethod(self, prefix)
+
+    def _vocab_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        """The lm_head's method, and the input embedding's where the embeddings are tied (the one matrix is then
+        quantized); None (unquantized) unless the checkpoint says ``lm_head: true``."""
+        if not self.checkpoint.lm_head:
+            return None
+        from .vocab_method import EasyQuantVocabMethod
+
+        if isinstance(layer, ParallelLMHead):
+            return EasyQuantVocabMethod(self, prefix, lookup=False)
+        return EasyQuantVocabMethod(self, prefix, lookup=True) if _tied_embeddings() else None
 
     def _moe_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         """The routed experts' method: ours, or None (vLLM's unquantized one) where the checkpoint left every expert
@@ -114,6 +128,15 @@ class EasyQuantConfig(QuantizationConfig):
         from .moe_method import EasyQuantMoEMethod
 
         return EasyQuantMoEMethod(self, prefix, layer)
+
+
+def _tied_embeddings() -> bool:
+    """Whether the model being built ties its lm_head to the input embedding (Hugging Face's default: True)."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    model_config = getattr(get_current_vllm_config_or_none(), "model_config", None)
+    hf = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
+    return bool(getattr(hf, "tie_word_embeddings", True))
 
 
 def _check_expert_count(prefix: str, experts: int) -> None:

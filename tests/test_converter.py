@@ -304,3 +304,34 @@ def test_convert_refuses_a_weight_beyond_float16_range(tiny_llama: Path, tmp_pat
                        r"\(at \[3, 7\]\) is beyond float16's range \(65504\).*--skip"):  # fmt: skip
         convert(src, tmp_path / "eq", progress=False)
     assert not (tmp_path / "eq").exists()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_convert_lm_head_quantizes_the_output_projection(tied: bool, tmp_path: Path) -> None:
+    from converters.tiny_model import build_tiny_model
+    from easyquant_vllm.reference import dequantized_state_dict
+
+    src = build_tiny_model(tmp_path / "src", tie_word_embeddings=tied, vocab_size=500)
+    report = convert(src, tmp_path / "eq", ConvertOptions(lm_head=True), progress=False)
+    head = "model.embed_tokens" if tied else "lm_head"  # tied: the one matrix serves both ends
+    qc = read_quantization_config(tmp_path / "eq")
+    assert qc.lm_head and head not in qc.modules_to_not_convert
+    names = set(_all_tensors(tmp_path / "eq"))
+    assert f"{head}.qweight" in names and f"{head}.weight" not in names
+    assert ("model.embed_tokens.weight" in names) != tied and not any(n.startswith("lm_head") for n in names if tied)
+    assert validate_checkpoint(tmp_path / "eq")["layers"] == 15
+    assert any(r["name"] == head for r in report["tensors"])
+    original = _all_tensors(src)[f"{head}.weight"]
+    w = dequantized_state_dict(tmp_path / "eq")[f"{head}.weight"]
+    assert w.shape == (500, 256) and float((w - original).norm() / original.norm()) < 0.15
+
+
+def test_convert_lm_head_off_by_default_and_ambiguity_is_clear(tiny_llama: Path, tmp_path: Path) -> None:
+    from converters.convert import output_projection
+
+    convert(tiny_llama, tmp_path / "eq", progress=False)
+    assert not read_quantization_config(tmp_path / "eq").lm_head
+    assert output_projection(["model.embed_tokens.weight", "lm_head.weight"], {}) == "lm_head.weight"
+    assert output_projection(["model.embed_tokens.weight"], {}) == "model.embed_tokens.weight"  # HF default: tied
+    with pytest.raises(ConversionError, match="--lm-head: cannot tell which tensor is the output projection"):
+        output_projection(["model.embed_tokens.weight"], {"tie_word_embeddings": False})

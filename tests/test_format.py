@@ -100,6 +100,10 @@ def test_config_roundtrip_and_errors() -> None:
         EasyQuantCheckpointConfig.from_dict({**d, "bits": 3})
     with pytest.raises(CheckpointError, match="group_size = 100 is not supported"):
         EasyQuantCheckpointConfig.from_dict({**d, "group_size": 100})
+    assert not EasyQuantCheckpointConfig.from_dict(d).lm_head  # absent: the output projection stays unquantized
+    assert EasyQuantCheckpointConfig.from_dict({**d, "lm_head": True}).lm_head
+    with pytest.raises(CheckpointError, match="lm_head must be true or false, got 1"):
+        EasyQuantCheckpointConfig.from_dict({**d, "lm_head": 1})
 
 
 def test_config_defaults_are_the_default_format_versions() -> None:

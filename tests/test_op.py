@@ -22,7 +22,7 @@ from easyquant_vllm.kernels import (
     reset_dispatch_counts,
 )
 from easyquant_vllm.quant import QuantSpec, quantize_weight
-from tests.conftest import heavy_tailed
+from tests.conftest import heavy_tailed, quantized
 from tests.cuda_standin import HostLauncher
 
 CPU_INT4 = [k for k in KERNELS if k not in (CudaInt4Kernel, TorchReferenceKernel)]
@@ -40,6 +40,22 @@ def test_linear_op_fake_gives_the_output_shape() -> None:
         w = [mode.from_tensor(torch.empty(40, 32, dtype=torch.int32))]
         y = torch.ops.easyquant.linear(x, w, None, "cuda-int4", [40, 64, 0])
     assert y.shape == (2, 3, 40) and y.dtype == torch.bfloat16
+
+
+def test_embedding_op_looks_up_w_prime_rows_under_compile() -> None:
+    # Which rows (and so how many outliers) is data: the op must trace as one node with a fixed output shape.
+    qw = quantized(heavy_tailed(64, 128, seed=6), 2, 64)
+    o = qw.outliers
+    weights = [qw.qweight, qw.scales, o.indptr, o.indices, o.values, qw.zeros, qw.col_scale]
+    meta = [qw.bits, qw.group_size, 128, 1, 1]
+
+    def lookup(ids: torch.Tensor) -> torch.Tensor:
+        return torch.ops.easyquant.embedding(ids, weights, meta, torch.bfloat16) * 2
+
+    compiled = torch.compile(lookup, fullgraph=True, dynamic=True)
+    for ids in (torch.tensor([3, 0, 63]), torch.tensor([[5, 5], [9, 1]])):
+        ref = qw.dequantize(torch.bfloat16)[ids] * 2
+        assert torch.equal(compiled(ids), ref)
 
 
 def test_linear_op_names_an_unknown_kernel() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from easyquant_vllm.quant import QuantSpec, quantize_weight
-from easyquant_vllm.sharding import slice_columns, slice_rows, stack_rows
+from easyquant_vllm.sharding import pad_rows, slice_columns, slice_rows, stack_rows, take_rows
 from tests.conftest import heavy_tailed
 
 
@@ -46,3 +46,27 @@ def test_column_slice_must_align() -> None:
     qw = quantize_weight(heavy_tailed(8, 128, seed=3), QuantSpec.for_version(1, group_size=64))
     with pytest.raises(ValueError, match="align"):
         slice_columns(qw, 32, 64)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_take_rows_is_an_embedding_lookup_of_w_prime(version: int) -> None:
+    w = heavy_tailed(96, 128, seed=4)
+    w[7, 3], w[7, 100], w[50, 0] = 0.9, -0.8, 1.2  # rows with outliers, taken twice and out of order
+    qw = quantize_weight(w, QuantSpec.for_version(version, group_size=64))
+    assert qw.outliers.nnz > 0
+    ids = torch.tensor([50, 7, 0, 7, 95, 50])
+    got = take_rows(qw, ids)
+    assert torch.equal(got.dequantize(), qw.dequantize()[ids])
+    assert got.outliers.nnz == sum(int(qw.outliers.indptr[i + 1] - qw.outliers.indptr[i]) for i in ids.tolist())
+    assert take_rows(qw, ids[:0]).dequantize().shape == (0, 128)
+
+
+def test_pad_rows_appends_exact_zero_rows() -> None:
+    qw = quantize_weight(heavy_tailed(40, 64, seed=5), QuantSpec(group_size=32))
+    padded = pad_rows(qw, 48)
+    d = padded.dequantize()
+    assert d.shape == (48, 64) and torch.equal(d[:40], qw.dequantize()) and not d[40:].any()
+    assert int(padded.outliers.indptr[-1]) == qw.outliers.nnz and padded.outliers.indptr.numel() == 49
+    assert pad_rows(qw, 40) is qw
+    with pytest.raises(ValueError, match="cannot pad 40 rows to 32"):
+        pad_rows(qw, 32)

@@ -119,6 +119,46 @@ def test_vllm_bf16_int4_kernel_close_to_reference(decisive_eq: tuple[Path, Path]
     assert quant_effect > 1.0, f"quantization changes logprobs by only {quant_effect:.3f}: the bound is too loose"
 
 
+@pytest.fixture(scope="module")
+def tied_lm_head_eq(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny Qwen2 with tied embeddings, converted with ``lm_head=True``: the one vocabulary matrix is quantized
+    and serves both the input lookups and the logits. (Source dir, its conversion.)"""
+    root = tmp_path_factory.mktemp("tied-lm-head")
+    src = build_tiny_model(root / "src", arch="qwen2", seed=3, tie_word_embeddings=True)
+    convert(src, root / "eq", ConvertOptions(group_size=64, lm_head=True), progress=False)
+    return src, root / "eq"
+
+
+def test_vllm_quantized_tied_lm_head_matches_hf_reference(tied_lm_head_eq: tuple[Path, Path]) -> None:
+    # float32 engine, compiled: lookups through easyquant::embedding, logits through the lm_head's kernel.
+    src, eq = tied_lm_head_eq
+    gens = vllm_generate(eq, PROMPTS, quantization="easyquant")
+    sd = dequantized_state_dict(eq)
+    unquantized_vocab = {**sd, "model.embed_tokens.weight": load_file(str(src / "model.safetensors"))[
+        "model.embed_tokens.weight"]}  # fmt: skip
+    for prompt, gen in zip(PROMPTS, gens, strict=True):
+        hf_tokens, hf_lp = hf_logprobs(eq, sd, prompt, gen.token_ids)
+        assert gen.token_ids == hf_tokens
+        diff = max(abs(a - b) for a, b in zip(gen.logprobs, hf_lp, strict=True))
+        assert diff <= 1e-4, f"max |dlogprob| {diff:.2e}"
+        # The served vocabulary matrix is the quantized one: the reference with the original one is far off.
+        _, other = hf_logprobs(eq, unquantized_vocab, prompt, gen.token_ids)
+        assert max(abs(a - b) for a, b in zip(gen.logprobs, other, strict=True)) > 1e-2
+
+
+def test_vllm_bf16_quantized_tied_lm_head_close_to_reference(tmp_path: Path) -> None:
+    # bf16: the int4 CPU kernel runs the lm_head (the machine's best path), teacher-forced as in the kernel test.
+    src = build_tiny_model(tmp_path / "src", arch="qwen2", seed=3, tie_word_embeddings=True, lm_head_std=0.3)
+    eq = tmp_path / "eq"
+    convert(src, eq, ConvertOptions(group_size=64, lm_head=True), progress=False)
+    sd = dequantized_state_dict(eq)
+    sequences = [p + hf_logprobs(eq, sd, p, [0] * 8)[0] for p in PROMPTS]
+    ref = [hf_sequence_logprobs(eq, sd, s) for s in sequences]
+    got = vllm_prompt_logprobs(eq, sequences, dtype="bfloat16")
+    diff = max(abs(a - b) for r, g in zip(ref, got, strict=True) for a, b in zip(r, g, strict=True))
+    assert diff < 0.3, f"bf16 max |dlogprob| {diff:.3f} against the fp32 reference"
+
+
 def test_vllm_quantization_flag_on_unquantized_model_is_clear(tiny_llama: Path) -> None:
     with pytest.raises(Exception, match=r"not an EasyQuant checkpoint\. Convert it first"):
         vllm_generate(tiny_llama, PROMPTS[:1], quantization="easyquant")

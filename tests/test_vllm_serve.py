@@ -11,9 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from converters.convert import convert
+from converters.convert import ConvertOptions, convert
 from converters.tiny_model import build_tiny_model
-from tests.vllm_helpers import ENGINE_ENV, EXIT_AFTER_RESULT, post_json, require_vllm, vllm_generate, vllm_server
+from easyquant_vllm.reference import dequantized_state_dict
+from tests.vllm_helpers import (
+    ENGINE_ENV,
+    EXIT_AFTER_RESULT,
+    hf_logprobs,
+    post_json,
+    require_vllm,
+    vllm_generate,
+    vllm_server,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -65,14 +74,20 @@ def _run_tp(model: Path, tp: int, tmp_path: Path) -> dict:
     return json.loads(lines[-1][7:])
 
 
-@pytest.mark.parametrize("kv_heads", [2, 1])  # 1 KV head: replicated on both ranks
-def test_vllm_tensor_parallel_2_matches_tp_1(tmp_path: Path, kv_heads: int) -> None:
-    src = build_tiny_model(tmp_path / "src", num_kv_heads=kv_heads, seed=2)
+@pytest.mark.parametrize("kv_heads, tied", [(2, False), (1, True)])  # 1 KV head: replicated on both ranks
+def test_vllm_tensor_parallel_2_matches_tp_1(tmp_path: Path, kv_heads: int, tied: bool) -> None:
+    # With a quantized lm_head (--lm-head): the vocabulary rows are split over the ranks. Untied: vocabulary 500,
+    # so vLLM pads each rank's block (rank 1: 244 rows + 12 zero rows); tied: the input lookups are split too.
+    src = build_tiny_model(tmp_path / "src", num_kv_heads=kv_heads, seed=2, tie_word_embeddings=tied,
+                           vocab_size=512 if tied else 500)  # fmt: skip
     model = tmp_path / "eq"
-    convert(src, model, progress=False)  # group 128: K = 256 and 512 split in two stay multiples of 128
+    convert(src, model, ConvertOptions(lm_head=True), progress=False)  # group 128: K = 256, 512 split in two
     cfg = json.loads((model / "config.json").read_text())["quantization_config"]
     assert (cfg["format_version"], cfg["zero_points"], cfg["column_scale"]) == (2, True, True)  # the default: v2
     tp1 = _run_tp(model, 1, tmp_path)
+    hf_tokens, hf_lp = hf_logprobs(model, dequantized_state_dict(model), PROMPT, tp1["tokens"])
+    assert tp1["tokens"] == hf_tokens
+    assert max(abs(a - b) for a, b in zip(tp1["logprobs"], hf_lp, strict=True)) < 1e-4
     tp2 = _run_tp(model, 2, tmp_path)
     assert tp2["tokens"] == tp1["tokens"]
     assert max(abs(a - b) for a, b in zip(tp1["logprobs"], tp2["logprobs"], strict=True)) < 1e-4

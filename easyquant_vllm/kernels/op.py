@@ -22,6 +22,15 @@ own, ``easyquant::cpu_int4_moe``)::
         -> Tensor
 
 ``x [M, H]``, the router's ``topk_ids``/``topk_weights [M, k]``; returns ``[M, H]`` in x's dtype.
+
+A quantized input embedding (a tied, quantized lm_head: docs/format.md) looks its rows up with a third op::
+
+    easyquant::embedding(Tensor ids, Tensor[] weights, int[] meta, ScalarType dtype) -> Tensor
+
+``ids`` any shape of row indices; ``weights`` the canonical ``qweight, scales, indptr, indices, values`` and, where
+the checkpoint has them, ``zeros`` (unpacked, ``[N, K/G]`` uint8) and ``col_scale``; ``meta = [bits, group_size,
+K, has_zeros, has_col_scale]``. Returns ``[*ids.shape, K]`` ``W'`` rows in ``dtype``. Which rows, and so how many
+outliers come along, is data: hence an op.
 """
 
 from __future__ import annotations
@@ -78,6 +87,29 @@ def _moe_fake(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     return x.new_empty(x.shape)
 
 
+_EMBEDDING_SCHEMA = "embedding(Tensor ids, Tensor[] weights, int[] meta, ScalarType dtype) -> Tensor"
+
+
+def _embedding_impl(ids: torch.Tensor, weights: list[torch.Tensor], meta: list[int],
+                    dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    from ..quant import OutlierCSR, QuantizedWeight
+    from ..sharding import take_rows
+
+    bits, group_size, k, has_zeros, has_col = meta
+    qweight, scales, indptr, indices, values = weights[:5]
+    rest = iter(weights[5:])
+    zeros = next(rest) if has_zeros else None
+    col_scale = next(rest) if has_col else None
+    qw = QuantizedWeight(qweight, scales, OutlierCSR(indptr, indices, values, (qweight.shape[0], k)), bits,
+                         group_size, zeros=zeros, col_scale=col_scale)  # fmt: skip
+    return take_rows(qw, ids).dequantize(dtype).reshape(*ids.shape, k)
+
+
+def _embedding_fake(ids: torch.Tensor, weights: list[torch.Tensor], meta: list[int],
+                    dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    return weights[0].new_empty((*ids.shape, meta[2]), dtype=dtype)
+
+
 # Registered with torch.library's low-level API (define + impl), not @custom_op: the latter adds tens
 # of microseconds of Python per call, which at batch 1 is a visible share of a small layer
 # (vLLM's direct_register_custom_op does the same for its own ops).
@@ -89,6 +121,10 @@ _lib.define(_MOE_SCHEMA)
 for _key in ("CPU", "CUDA"):
     _lib.impl("moe", _moe_impl, _key)
 torch.library.register_fake("easyquant::moe", _moe_fake, lib=_lib)
+_lib.define(_EMBEDDING_SCHEMA)
+for _key in ("CPU", "CUDA"):
+    _lib.impl("embedding", _embedding_impl, _key)
+torch.library.register_fake("easyquant::embedding", _embedding_fake, lib=_lib)
 
 
 def linear(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: torch.Tensor | None, kernel: str,
@@ -101,3 +137,10 @@ def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, wei
         kernel: str, meta: Sequence[int]) -> torch.Tensor:  # fmt: skip
     """Call ``easyquant::moe`` (see the module docstring)."""
     return torch.ops.easyquant.moe(x, topk_ids, topk_weights, list(weights), kernel, list(meta))
+
+
+def embedding(
+    ids: torch.Tensor, weights: Sequence[torch.Tensor], meta: Sequence[int], dtype: torch.dtype
+) -> torch.Tensor:
+    """Call ``easyquant::embedding`` (see the module docstring)."""
+    return torch.ops.easyquant.embedding(ids, list(weights), list(meta), dtype)

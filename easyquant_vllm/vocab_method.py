@@ -1,0 +1,141 @@
+"""vLLM method for a quantized vocabulary matrix (``lm_head: true``): the logits GEMM, and the input lookups when
+the embeddings are tied.
+
+The lm_head is read in full for every generated token: on Qwen2.5-1.5B (vocabulary 151,936, hidden 1536) it is
+445 MiB in bf16, 40 % of what a batch-1 decode step of the int4 model reads (docs/serving.md). Quantized, it runs on
+the same kernels as the linear layers. With tied embeddings the one matrix also serves the input lookups; those
+read a few rows per token, so they use the canonical layout (kept beside the kernel's repacked copy) through the
+``easyquant::embedding`` op rather than a second format.
+
+vLLM's layers (``vocab_parallel_embedding.py``): ``VocabParallelEmbedding`` (the input embedding) calls
+``quant_method.embedding``, ``ParallelLMHead`` is read by the logits processor through ``quant_method.apply``, and
+a tied model ties the head to the embedding through ``quant_method.tie_weights``. Both shard the vocabulary rows
+over tensor-parallel ranks, each rank's block padded to a multiple of 64 rows; padding rows are exact zeros.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .format import QWEIGHT, CheckpointError, quantized_weight_from_tensors, tensor_name, validate_weight
+from .kernels.op import embedding as embedding_op
+from .linear_method import EasyQuantLinearMethod, LayerState, ShardPlan
+from .sharding import pad_rows, slice_rows
+
+if TYPE_CHECKING:
+    from .vllm_config import EasyQuantConfig
+
+_LOOKUP = "lookup_"  # buffer prefix of the canonical rows the input lookups read
+
+
+@dataclass
+class _TiedHead:
+    """Stand-in state of a tied lm_head until loading: the embedding layer whose quantized matrix it shares (held
+    outside ``nn.Module`` attributes, so that the embedding is not registered twice)."""
+
+    embedding: torch.nn.Module
+
+
+class EasyQuantVocabMethod(EasyQuantLinearMethod):
+    """An input embedding or lm_head whose ``[vocab, hidden]`` matrix is quantized (docs/format.md)."""
+
+    def __init__(self, config: EasyQuantConfig, prefix: str, lookup: bool) -> None:
+        super().__init__(config, prefix)
+        self.lookup = lookup  # an input embedding: keep the canonical rows for embedding()
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        super().create_weights(layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                               params_dtype, **extra_weight_attrs)  # fmt: skip
+        idx = layer.shard_indices
+        if idx.added_vocab_end_index > idx.added_vocab_start_index:
+            raise ValueError(
+                f"EasyQuant layer {self.prefix}: added vocabulary rows (LoRA extra vocab) are not supported with a "
+                "quantized lm_head; convert without --lm-head"
+            )
+        # This rank's rows: the checkpoint's [org_start, org_end), then zero padding up to the partition size.
+        org_rows = idx.org_vocab_end_index - idx.org_vocab_start_index
+        state: LayerState = layer.easyquant
+        state.shards = [ShardPlan(self.prefix, org_rows, layer.org_vocab_size, idx.org_vocab_start_index)]
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        state = layer.easyquant
+        if isinstance(state, _TiedHead):
+            self._share(layer, state.embedding)
+            return
+        if state.runs:
+            return
+        plan = state.shards[0]
+        tensors = state.pending.pop(0, {})
+        missing = [tensor_name(plan.name, s) for s in self.suffixes if s not in tensors]
+        if missing:
+            raise CheckpointError(f"EasyQuant layer {state.prefix}: checkpoint has no {missing}")
+        ckpt = self.config.checkpoint
+        named = {tensor_name(plan.name, s): t.to("cpu") for s, t in tensors.items()}
+        qw = quantized_weight_from_tensors(plan.name, named, self.bits, self.group_size, ckpt.zero_points,
+                                           ckpt.column_scale)  # fmt: skip
+        n, k = qw.shape
+        if n != plan.full_rows or k != state.k_full:
+            raise CheckpointError(
+                f"{tensor_name(plan.name, QWEIGHT)}: holds a [{n}, {k}] vocabulary matrix, but the model expects "
+                f"[{plan.full_rows}, {state.k_full}] (config.json's vocab_size / hidden_size and weights disagree?)"
+            )
+        part = pad_rows(slice_rows(qw, plan.row_start, plan.rows), layer.num_embeddings_per_partition)
+        if part.shape[0] != n:
+            validate_weight(f"{plan.name} (this rank's rows)", part)
+        state.device_type = layer.qweight.device.type
+        if self.lookup:
+            self._register_lookup(layer, part)
+        self.install(layer, [part], [plan.name])
+
+    def _register_lookup(self, layer: torch.nn.Module, qw: Any) -> None:
+        o = qw.outliers
+        device = layer.qweight.device
+        tensors = [qw.qweight, qw.scales, o.indptr, o.indices, o.values]
+        tensors += [t for t in (qw.zeros, qw.col_scale) if t is not None]
+        layer.lookup_names = []
+        for i, t in enumerate(tensors):
+            layer.register_buffer(f"{_LOOKUP}{i}", t.contiguous().to(device), persistent=False)
+            layer.lookup_names.append(f"{_LOOKUP}{i}")
+        layer.lookup_meta = [self.bits, self.group_size, qw.shape[1], int(qw.zeros is not None),
+                             int(qw.col_scale is not None)]  # fmt: skip
+
+    def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
+        """``W'`` rows of ``input_`` (``[T]`` ids into this rank's rows) in the model's dtype, ``[T, hidden]``."""
+        weights = [getattr(layer, name) for name in layer.lookup_names]
+        return embedding_op(input_, weights, layer.lookup_meta, layer.easyquant.act_dtype)
+
+    def tie_weights(self, layer: torch.nn.Module, embed_tokens: torch.nn.Module) -> torch.nn.Module:
+        """A tied lm_head runs the embedding's quantized matrix: its own parameters are never loaded (the
+        checkpoint has none) and are dropped; loading shares the embedding's kernel tensors with it."""
+        if not isinstance(getattr(embed_tokens, "quant_method", None), EasyQuantVocabMethod):
+            raise ValueError(
+                f"EasyQuant checkpoint: lm_head is quantized and tied to the input embedding, but this model's vLLM "
+                f"implementation does not quantize its embedding ({type(embed_tokens).__name__} with "
+                f"{type(getattr(embed_tokens, 'quant_method', None)).__name__}); convert without --lm-head"
+            )
+        for suffix in self.suffixes:
+            delattr(layer, suffix)
+        layer.easyquant = _TiedHead(embed_tokens)
+        return layer
+
+    @staticmethod
+    def _share(layer: torch.nn.Module, embed: torch.nn.Module) -> None:
+        embed.quant_method.process_weights_after_loading(embed)  # idempotent; loading order is vLLM's
+        state: LayerState = embed.easyquant
+        for run in state.runs:
+            for name in run.tensor_names:
+                layer.register_buffer(f"{run.buffer_prefix}{name}", getattr(embed, f"{run.buffer_prefix}{name}"),
+                                      persistent=False)  # fmt: skip
+        layer.easyquant = state
