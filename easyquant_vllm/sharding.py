@@ -124,21 +124,3 @@ def pad_rows(qw: QuantizedWeight, rows: int) -> QuantizedWeight:
     zeros = None if qw.zeros is None else grow(qw.zeros)
     return QuantizedWeight(grow(qw.qweight), grow(qw.scales), csr, qw.bits, qw.group_size, zeros=zeros,
                            col_scale=qw.col_scale)  # fmt: skip
-
-
-def take_rows(qw: QuantizedWeight, ids: torch.Tensor) -> QuantizedWeight:
-    """Rows ``ids`` (any order, repeats allowed; ``[T]`` integer) of ``qw``, as a ``[T, K]`` weight: an embedding
-    lookup in the quantized domain. The CSR outliers of each taken row come along, re-based."""
-    o = qw.outliers
-    ids = ids.reshape(-1).long()
-    starts = o.indptr.long()[ids]
-    counts = o.indptr.long()[ids + 1] - starts
-    indptr = torch.zeros(ids.numel() + 1, dtype=torch.long, device=ids.device)
-    indptr[1:] = torch.cumsum(counts, 0)
-    nnz = int(indptr[-1])
-    # Position j of the result comes from starts[row] + (j - indptr[row]) in the source arrays.
-    flat = torch.repeat_interleave(starts - indptr[:-1], counts, output_size=nnz) + torch.arange(nnz, device=ids.device)
-    csr = OutlierCSR(indptr.to(torch.int32), o.indices[flat], o.values[flat], (ids.numel(), qw.shape[1]))
-    zeros = None if qw.zeros is None else qw.zeros[ids]
-    return QuantizedWeight(qw.qweight[ids], qw.scales[ids], csr, qw.bits, qw.group_size, zeros=zeros,
-                           col_scale=qw.col_scale)  # fmt: skip

@@ -21,7 +21,7 @@ from easyquant_vllm.kernels import (
     dispatch_counts,
     reset_dispatch_counts,
 )
-from easyquant_vllm.quant import QuantSpec, quantize_weight
+from easyquant_vllm.quant import QuantSpec, max_row_nnz, quantize_weight
 from tests.conftest import heavy_tailed, quantized
 from tests.cuda_standin import HostLauncher
 
@@ -47,7 +47,7 @@ def test_embedding_op_looks_up_w_prime_rows_under_compile() -> None:
     qw = quantized(heavy_tailed(64, 128, seed=6), 2, 64)
     o = qw.outliers
     weights = [qw.qweight, qw.scales, o.indptr, o.indices, o.values, qw.zeros, qw.col_scale]
-    meta = [qw.bits, qw.group_size, 128, 1, 1]
+    meta = [qw.bits, qw.group_size, 128, 1, 1, max_row_nnz(o.indptr)]
 
     def lookup(ids: torch.Tensor) -> torch.Tensor:
         return torch.ops.easyquant.embedding(ids, weights, meta, torch.bfloat16) * 2

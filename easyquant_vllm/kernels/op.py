@@ -29,8 +29,8 @@ A quantized input embedding (a tied, quantized lm_head: docs/format.md) looks it
 
 ``ids`` any shape of row indices; ``weights`` the canonical ``qweight, scales, indptr, indices, values`` and, where
 the checkpoint has them, ``zeros`` (unpacked, ``[N, K/G]`` uint8) and ``col_scale``; ``meta = [bits, group_size,
-K, has_zeros, has_col_scale]``. Returns ``[*ids.shape, K]`` ``W'`` rows in ``dtype``. Which rows, and so how many
-outliers come along, is data: hence an op.
+K, has_zeros, has_col_scale, width]`` (``width``: the most outliers of any row). Returns ``[*ids.shape, K]`` ``W'``
+rows in ``dtype`` (``quant.dequantize_rows``: fixed shapes, no host sync, so CUDA graphs can hold it too).
 """
 
 from __future__ import annotations
@@ -92,17 +92,16 @@ _EMBEDDING_SCHEMA = "embedding(Tensor ids, Tensor[] weights, int[] meta, ScalarT
 
 def _embedding_impl(ids: torch.Tensor, weights: list[torch.Tensor], meta: list[int],
                     dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-    from ..quant import OutlierCSR, QuantizedWeight
-    from ..sharding import take_rows
+    from ..quant import OutlierCSR, QuantizedWeight, dequantize_rows
 
-    bits, group_size, k, has_zeros, has_col = meta
+    bits, group_size, k, has_zeros, has_col, width = meta
     qweight, scales, indptr, indices, values = weights[:5]
     rest = iter(weights[5:])
     zeros = next(rest) if has_zeros else None
     col_scale = next(rest) if has_col else None
     qw = QuantizedWeight(qweight, scales, OutlierCSR(indptr, indices, values, (qweight.shape[0], k)), bits,
                          group_size, zeros=zeros, col_scale=col_scale)  # fmt: skip
-    return take_rows(qw, ids).dequantize(dtype).reshape(*ids.shape, k)
+    return dequantize_rows(qw, ids, width, dtype)
 
 
 def _embedding_fake(ids: torch.Tensor, weights: list[torch.Tensor], meta: list[int],

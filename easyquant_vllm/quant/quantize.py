@@ -461,6 +461,35 @@ def dequantize(
     return w.to(dtype)
 
 
+def max_row_nnz(indptr: torch.Tensor) -> int:
+    """The most outliers any row holds (``indptr [N + 1]``): the width :func:`dequantize_rows` gathers."""
+    return int((indptr[1:] - indptr[:-1]).max()) if indptr.numel() > 1 else 0
+
+
+def dequantize_rows(
+    qw: QuantizedWeight, ids: torch.Tensor, width: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Rows ``ids`` (any shape, any order) of ``W'``: ``[*ids.shape, K]`` in ``dtype``, equal to
+    ``qw.dequantize()[ids]``: an embedding lookup in the quantized domain.
+
+    Every shape here is fixed by ``ids`` and ``width`` (:func:`max_row_nnz`, computed once at load): each row
+    gathers ``width`` outlier slots from its CSR range, the ones past its end masked to an exact 0 added at
+    column 0. No host sync, no data-dependent size, so it runs inside a CUDA graph and a compiled graph alike.
+    """
+    flat = ids.reshape(-1).long()
+    zeros = None if qw.zeros is None else qw.zeros[flat]
+    w = dequantize_dense(qw.qweight[flat], qw.scales[flat], qw.bits, qw.group_size, zeros, qw.col_scale)
+    o = qw.outliers
+    if width > 0 and o.indices.numel():
+        start = o.indptr[flat].long()
+        pos = start[:, None] + torch.arange(width, device=flat.device)
+        valid = pos < o.indptr[flat + 1].long()[:, None]
+        pos = pos.clamp_(max=o.indices.numel() - 1)
+        cols = torch.where(valid, o.indices[pos].long(), 0)
+        w.scatter_add_(1, cols, torch.where(valid, o.values[pos].float(), 0.0))  # a row's columns are distinct
+    return w.to(dtype).reshape(*ids.shape, w.shape[1])
+
+
 __all__ = [
     "AUTO_GROUP_SIZES",
     "DEFAULT_FORMAT_VERSION",
@@ -478,7 +507,9 @@ __all__ = [
     "code_range",
     "dequantize",
     "dequantize_dense",
+    "dequantize_rows",
     "effective_group_size",
+    "max_row_nnz",
     "quantize_group",
     "quantize_weight",
     "resolve_group_size",
