@@ -131,6 +131,18 @@ def output_projection(names: list[str], config: dict[str, Any]) -> str:
     )
 
 
+def untied(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``tie_word_embeddings: false`` wherever the key lives (top level, ``text_config``).
+
+    A source whose config says tied (or says nothing: Hugging Face's default) but which ships its own
+    ``lm_head.weight`` is untied by vLLM, which looks for that tensor. Once ``--lm-head`` has quantized it into
+    ``lm_head.qweight`` vLLM no longer sees it, so the output config says what the checkpoint holds."""
+    out = {**config, "tie_word_embeddings": False}
+    if isinstance(config.get("text_config"), dict):
+        out["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
+    return out
+
+
 def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions, config: dict[str, Any] | None = None) -> Plan:
     """Choose the tensors to quantize and resolve the group size; raise ConversionError on bad input.
     ``config`` (the model's config.json) tells ``--lm-head`` whether the embeddings are tied."""
@@ -320,6 +332,8 @@ def convert(
         side = side_files(src)
         with open_checkpoint(src) as ckpt:
             plan = plan_conversion(src, ckpt, opts, config)
+            if plan.lm_head is not None and "embed_tokens" not in plan.lm_head:
+                config = untied(config)
             if dry_run:
                 return {
                     "quantize": plan.quantize,

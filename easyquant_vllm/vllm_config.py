@@ -108,9 +108,17 @@ class EasyQuantConfig(QuantizationConfig):
             return None
         from .vocab_method import EasyQuantVocabMethod
 
+        tied = _tied_embeddings()
+        # Only the matrix the checkpoint quantized: not a model's extra heads or embeddings (MTP heads, Gemma-3n's
+        # per-layer embeddings) built with the same quant config. Unknown names (no local directory): trust the model.
+        names = _model_checkpoint_names()
+        if not prefix:  # vLLM's Llama builds its input embedding without a prefix: name it from the checkpoint
+            found = [n.removesuffix(".qweight") for n in names if n.endswith("embed_tokens.qweight")]
+            prefix = found[0] if len(found) == 1 else prefix
+        quantized = not names or not prefix or f"{prefix}.qweight" in names
         if isinstance(layer, ParallelLMHead):
-            return EasyQuantVocabMethod(self, prefix, lookup=False)
-        return EasyQuantVocabMethod(self, prefix, lookup=True) if _tied_embeddings() else None
+            return EasyQuantVocabMethod(self, prefix, lookup=False) if tied or quantized else None
+        return EasyQuantVocabMethod(self, prefix, lookup=True) if tied and quantized else None
 
     def _moe_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         """The routed experts' method: ours, or None (vLLM's unquantized one) where the checkpoint left every expert
@@ -137,6 +145,14 @@ def _tied_embeddings() -> bool:
     model_config = getattr(get_current_vllm_config_or_none(), "model_config", None)
     hf = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
     return bool(getattr(hf, "tie_word_embeddings", True))
+
+
+def _model_checkpoint_names() -> tuple[str, ...]:
+    """Tensor names of the model being loaded (a local directory), from its safetensors headers; () if unknown."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    model = getattr(getattr(get_current_vllm_config_or_none(), "model_config", None), "model", None)
+    return _checkpoint_names(str(model)) if model and Path(model).is_dir() else ()
 
 
 def _check_expert_count(prefix: str, experts: int) -> None:

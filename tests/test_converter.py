@@ -335,3 +335,18 @@ def test_convert_lm_head_off_by_default_and_ambiguity_is_clear(tiny_llama: Path,
     assert output_projection(["model.embed_tokens.weight"], {}) == "model.embed_tokens.weight"  # HF default: tied
     with pytest.raises(ConversionError, match="--lm-head: cannot tell which tensor is the output projection"):
         output_projection(["model.embed_tokens.weight"], {"tie_word_embeddings": False})
+
+
+def test_convert_lm_head_unties_a_config_that_says_tied(tmp_path: Path) -> None:
+    # A source with its own lm_head.weight but no tie_word_embeddings key (HF default: tied) is untied by vLLM,
+    # which sees that tensor; once quantized to lm_head.qweight it would not, so the output config says untied.
+    from converters.tiny_model import build_tiny_model
+
+    src = build_tiny_model(tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["tie_word_embeddings"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    convert(src, tmp_path / "eq", ConvertOptions(lm_head=True), progress=False)
+    assert json.loads((tmp_path / "eq" / "config.json").read_text())["tie_word_embeddings"] is False
+    convert(src, tmp_path / "plain", progress=False)  # without --lm-head the config is the source's
+    assert "tie_word_embeddings" not in json.loads((tmp_path / "plain" / "config.json").read_text())
