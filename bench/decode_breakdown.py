@@ -1,9 +1,10 @@
-"""Where a decode step's time goes: torch's profiler over batch-1 decode in real vLLM (compiled mode), per model.
+"""Where a decode step's time goes: torch's profiler over decode (batch 1 unless ``--batch``) in real vLLM (compiled
+mode), per model.
 
     python bench/decode_breakdown.py .cache/Qwen2.5-Coder-1.5B-Instruct .cache/Qwen2.5-Coder-1.5B-Instruct-eq
 
 Each model runs in a fresh process (in-process engine, vLLM's default compiled mode, bf16), warms up, then
-decodes ``--tokens`` tokens at batch 1 under ``torch.profiler`` (CPU activities, input shapes). The ops that ran
+decodes ``--tokens`` tokens under ``torch.profiler`` (CPU activities, input shapes). The ops that ran
 are put in buckets by name and shape:
 
 * **linears:** ``easyquant::linear`` / ``easyquant::cpu_int4_linear`` (our ops), or the dense GEMMs of the
@@ -15,7 +16,8 @@ are put in buckets by name and shape:
 * **framework:** wall time of the decode loop minus all op time above (scheduling, Python, compiled-graph
   dispatch, detokenisation).
 
-Op times are self CPU time of the top-level ops, so nothing is counted twice. Times are per generated token.
+Op times are self CPU time of the top-level ops, so nothing is counted twice. Times are per decode step (one token
+per sequence; ``--batch`` sequences decoded together).
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ _CHILD = r"""
 import json, sys, time
 import torch
 from vllm import LLM, SamplingParams
-model, tokens, vocab = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-llm = LLM(model=model, dtype="bfloat16", max_model_len=512, max_num_seqs=1, seed=0)
-prompt = [{"prompt_token_ids": [1 + 7 * j % 1000 for j in range(16)]}]
+model, tokens, vocab, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = LLM(model=model, dtype="bfloat16", max_model_len=512, max_num_seqs=batch, seed=0)
+prompt = [{"prompt_token_ids": [1 + (7 * i + j) % 1000 for j in range(16)]} for i in range(batch)]
 llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), use_tqdm=False)
 params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -46,7 +48,7 @@ for e in prof.key_averages(group_by_input_shape=True):
     if e.self_cpu_time_total > 0:
         events.append({"name": e.key, "shapes": str(e.input_shapes), "self_us": e.self_cpu_time_total,
                        "calls": e.count})
-print("RESULT " + json.dumps({"wall_s": wall, "tokens": len(out[0].outputs[0].token_ids), "events": events}))
+print("RESULT " + json.dumps({"wall_s": wall, "tokens": len(out[0].outputs[0].token_ids), "events": events}))  # steps
 """
 
 LINEAR = ("easyquant::linear", "easyquant::cpu_int4_linear", "onednn_mm", "aten::mm", "aten::addmm",
@@ -68,11 +70,11 @@ def bucket(name: str, shapes: str, vocab: int) -> str:
     return "other ops"
 
 
-def profile(model: Path, tokens: int, vocab: int) -> dict:
+def profile(model: Path, tokens: int, vocab: int, batch: int = 1) -> dict:
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
            "VLLM_CACHE_ROOT": os.path.join(tempfile.gettempdir(), "easyquant-bench-cache-native")}  # fmt: skip
-    r = subprocess.run([sys.executable, "-c", _CHILD, str(model), str(tokens), str(vocab)], capture_output=True,
-                       text=True, env=env)  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(model), str(tokens), str(vocab), str(batch)],
+                       capture_output=True, text=True, env=env)  # fmt: skip
     lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     if r.returncode or not lines:
         raise SystemExit(f"{model} failed:\n{(r.stdout + r.stderr)[-3000:]}")
@@ -99,15 +101,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", type=Path, nargs="+")
     p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (times are per step)")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the model's config.json)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     results = {}
     for m in args.models:
         vocab = args.vocab or json.loads((m / "config.json").read_text())["vocab_size"]
-        results[str(m)] = profile(m, args.tokens, vocab)
+        results[str(m)] = profile(m, args.tokens, vocab, args.batch)
     keys = ["linears", "lm_head", "attention", "other ops", "framework"]
-    print(f"# batch-1 decode, vLLM compiled, bf16, ms per token ({args.tokens} tokens under torch.profiler)")
+    print(f"# batch-{args.batch} decode, vLLM compiled, bf16, ms per step ({args.tokens} steps under torch.profiler)")
     print("| model | " + " | ".join(keys) + " | total |")
     print("|---|" + "---|" * (len(keys) + 1))
     for m, r in results.items():

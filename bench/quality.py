@@ -197,6 +197,8 @@ def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, ablations: bool) 
     rows.append(Row(f"EasyQuant v1 g{g} (paper)", "eq", g, eq_spec(1, g), tags={"v1": True}))
     rows += [Row(f"EasyQuant v2 g{gs}" + (" (default)" if gs == g else ""), "eq", gs, eq_spec(2, gs),
                  tags={"v2": True, "default": gs == g}) for gs in info.groups]  # fmt: skip
+    # easyquant-convert --lm-head: the output projection (tied: the one embedding matrix) quantized too.
+    rows.append(Row(f"EasyQuant v2 g{g} + int4 lm_head", "eq", g, eq_spec(2, g), tags={"lm_head": True}))
     if ablations:
         rows += [
             Row(f"v2 g{g} without zero points", "eq", g, eq_spec(2, g, zero_points=False), tags={"ablation": True}),
@@ -380,7 +382,7 @@ def print_tables(results: dict[str, Any]) -> None:
         print("| method | ppl | RTN gap closed | bits/weight | outliers | quant. time | greedy sample |")
         print("|---|---|---|---|---|---|---|")
         for r in res["rows"]:
-            gap = "-" if r["kind"] == "fp32" else f"{100 * r['gap_closed']:.0f} %"
+            gap = "-" if r["kind"] == "fp32" or r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f} %"
             print(f"| {r['label']} | {r['ppl']:.2f} | {gap} | {r['bits_per_weight']:.3f} | "
                   f"{100 * r['outlier_fraction']:.2f} % | {r['seconds']:.1f} s | {r['sample'][:50]} |")  # fmt: skip
         if res.get("vllm"):
@@ -478,23 +480,31 @@ def run_model(info: ModelInfo, args: argparse.Namespace, have_hqq: bool, have_si
     params = dict(model.named_parameters())
     originals = {n: p.detach().clone() for n, p in params.items()
                  if p.dim() == 2 and pattern.search(n) and "norm" not in n}  # fmt: skip
+    head = model.get_output_embeddings().weight  # tied models: the embedding matrix itself
+    vocab = {n: p.detach().clone() for n, p in params.items() if p is head}
     scored = sum(len(w) - 1 - info.bos for w in wins)
     print(f"# {info.title}: {len(originals)} quantized layers, {len(wins)} windows, {scored} scored tokens "
           f"({args.split}), torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}",
           flush=True)  # fmt: skip
     rows = []
     for row in rows_for(info, have_hqq, have_sinq, not args.no_ablations):
-        info_row = apply_row(params, originals, row)
+        if args.rows and not re.search(args.rows, row.label):
+            continue
+        for name, w in vocab.items():  # the vocabulary matrix is quantized only in the lm_head row
+            params[name].data.copy_(w)
+        info_row = apply_row(params, {**originals, **vocab} if row.tags.get("lm_head") else originals, row)
         ppl = perplexity(model, wins, info.bos)
         sample = greedy(model, tok)
         rows.append({"label": row.label, "kind": row.kind, "group": row.group, "ppl": ppl, "sample": sample,
                      **info_row, **row.tags})  # fmt: skip
         print(f"  {row.label}: ppl {ppl:.3f}, {info_row['bits_per_weight']:.3f} bits, {info_row['seconds']:.1f} s "
               f"| {sample}", flush=True)  # fmt: skip
-    fp32 = next(r["ppl"] for r in rows if r["kind"] == "fp32")
-    rtn = next(r["ppl"] for r in rows if r["kind"] == "rtn")
+    fp32 = next((r["ppl"] for r in rows if r["kind"] == "fp32"), None)
+    rtn = next((r["ppl"] for r in rows if r["kind"] == "rtn"), None)
     for r in rows:
-        r["gap_closed"] = (rtn - r["ppl"]) / (rtn - fp32)
+        r["gap_closed"] = (rtn - r["ppl"]) / (rtn - fp32) if fp32 is not None and rtn is not None else None
+    for name, w in vocab.items():
+        params[name].data.copy_(w)
     vllm = None if args.no_vllm else vllm_rows(info, src, wins, args.cache, model, params)
     return {"tokens": scored, "rows": rows, "vllm": vllm}
 
@@ -508,9 +518,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM prompt-logprob rows")
     p.add_argument("--no-ablations", action="store_true", help="skip the version-2 ablations and cap sweep")
+    p.add_argument("--rows", metavar="REGEX", help="only the rows whose label matches (e.g. 'fp32|default|lm_head')")
+    p.add_argument("--json", type=Path, help="write the results here (default: OUT/quality_v2.json)")
     p.add_argument("--plot-only", action="store_true", help="redraw plots and tables from quality_v2.json")
     args = p.parse_args()
-    path = args.out / "quality_v2.json"
+    path = args.json or args.out / "quality_v2.json"
     if args.plot_only:
         results = json.loads(path.read_text())
         print_tables(results)
@@ -524,7 +536,8 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2) + "\n")  # after each model: a partial run keeps its rows
     print_tables(results)
-    plot(results, args.out)
+    if not args.rows:  # the plots need every row
+        plot(results, args.out)
 
 
 if __name__ == "__main__":

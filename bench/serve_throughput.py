@@ -1,13 +1,14 @@
 """Decode throughput of real vLLM (CPU build): EasyQuant vs the unquantized model, side by side.
 
-    python bench/serve_throughput.py --model SRC_DIR --quantized DST_DIR [--batch 1 16] [--tokens 64]
-                                     [--mode compiled|eager] [--dtype bfloat16 float32]
+    python bench/serve_throughput.py --model SRC_DIR --quantized DST_DIR [DST_DIR2 ...] [--batch 1 16]
+                                     [--tokens 64] [--mode compiled|eager] [--dtype bfloat16 float32]
 
 Each (checkpoint, dtype, batch) runs in a fresh child process with an in-process engine, in vLLM's
 default compiled mode (torch.compile) unless ``--mode eager`` (vLLM's ``enforce_eager``, a debugging mode).
 It generates ``--tokens`` tokens per sequence after a 16-token prompt (ignore_eos), after one warm-up
-request of the same batch, and reports output tokens/s. The unquantized and the EasyQuant run of one row
-follow each other, so their ratio is the number to read: timings on shared cores swing between runs. The
+request of the same batch, and reports output tokens/s. The unquantized and the EasyQuant runs of one row
+(one per ``--quantized`` checkpoint, e.g. the default and a ``--lm-head`` conversion) follow each other, so their
+ratio is the number to read: timings on shared cores swing between runs. The
 EasyQuant rows name the kernel(s) the plugin picked (``moe:`` for MoE layers); the header names the CPU's ISA.
 Each row also gives the bytes of the parameters and buffers the engine holds for the model (what the weights
 cost), and each process's resident memory after its run (weights, KV cache, vLLM, torch.compile).
@@ -97,47 +98,51 @@ def run(model: Path, dtype: str, batch: int, tokens: int, mode: str, emulate: st
 
 def _tensor_bytes(model: Path, act_bytes: int) -> dict[str, float]:
     """Bytes of every tensor of a checkpoint, from its headers (``open_checkpoint``: nothing is loaded); floating
-    tensors of an unquantized model counted in the activation dtype, which is what its engine holds."""
+    tensors counted in the activation dtype, which is what an engine holds them in (a checkpoint converted from a
+    float32 source keeps its embedding in float32 on disk; the quantized layers' float16 tensors are 2 bytes
+    either way in a bf16 engine)."""
     from easyquant_vllm.safetensors_io import open_checkpoint
 
-    quantized = "quantization_config" in json.loads((model / "config.json").read_text())
     width = {"F32": 4, "F16": 2, "BF16": 2}
     with open_checkpoint(model) as reader:
-        return {n: reader.nbytes(n) if quantized or (code := reader.dtype_code(n)) not in width
-                else reader.nbytes(n) / width[code] * act_bytes for n in reader.names()}  # fmt: skip
+        return {n: reader.nbytes(n) / width[code] * act_bytes if (code := reader.dtype_code(n)) in width
+                else reader.nbytes(n) for n in reader.names()}  # fmt: skip
 
 
 def bytes_per_step(model: Path, act_bytes: int = 2) -> dict[str, float]:
     """What one decode step must read, in bytes: the decoder's linear weights (norms, biases and embedding rows
-    are negligible), the lm_head (the embedding matrix when tied, held in the activation dtype: neither engine
-    quantizes it) and the KV cache per token of context. Weights are read once per step, whatever the batch;
-    the KV cache once per sequence."""
+    are negligible), the lm_head (the embedding matrix when tied; quantized where the checkpoint says
+    ``lm_head: true``, else held in the activation dtype) and the KV cache per token of context. Weights are read
+    once per step, whatever the batch; the KV cache once per sequence."""
     cfg = json.loads((model / "config.json").read_text())
+    sizes = _tensor_bytes(model, act_bytes)
     skip = ("embed_tokens", "lm_head", "norm")
-    linears = sum(n for k, n in _tensor_bytes(model, act_bytes).items()
-                  if not any(s in k for s in skip) and not k.endswith(".bias"))  # fmt: skip
+    linears = sum(n for k, n in sizes.items() if not any(s in k for s in skip) and not k.endswith(".bias"))
+    head = sum(n for k, n in sizes.items() if k.startswith("lm_head."))
+    head = head or sum(n for k, n in sizes.items() if "embed_tokens." in k)  # tied: the embedding matrix
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     kv = 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", heads) * head_dim * act_bytes
-    return {"linears": linears, "lm_head": cfg["vocab_size"] * cfg["hidden_size"] * act_bytes,
-            "kv_per_context_token": kv}  # fmt: skip
+    return {"linears": linears, "lm_head": head, "kv_per_context_token": kv}
 
 
-def print_bytes_table(model: Path, quantized: Path) -> None:
+def print_bytes_table(model: Path, quantized: list[Path]) -> None:
     mib = 1024**2
     print("\n# bytes one decode step reads (bf16 activations; weights once per step, KV cache per sequence)")
-    print("| engine | decoder linears | lm_head (tied embedding) | KV cache per 1k tokens of context |")
-    print("|---|---|---|---|")
-    for label, m in (("unquantized", model), ("EasyQuant", quantized)):
+    print("| engine | decoder linears | lm_head (tied embedding) | total weights | KV cache per 1k tokens of context |")
+    print("|---|---|---|---|---|")
+    for label, m in (("unquantized", model), *((q.name, q) for q in quantized)):
         b = bytes_per_step(m)
-        print(f"| {label} | {b['linears'] / mib:.0f} MiB | {b['lm_head'] / mib:.0f} MiB | "
+        total = (b["linears"] + b["lm_head"]) / mib
+        print(f"| {label} | {b['linears'] / mib:.0f} MiB | {b['lm_head'] / mib:.0f} MiB | {total:.0f} MiB | "
               f"{1000 * b['kv_per_context_token'] / mib:.1f} MiB |")  # fmt: skip
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="unquantized HF directory")
-    p.add_argument("--quantized", type=Path, required=True, help="its EasyQuant conversion")
+    p.add_argument("--quantized", type=Path, nargs="+", required=True,
+                   help="its EasyQuant conversion(s), e.g. the default and one made with --lm-head")  # fmt: skip
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--dtype", nargs="+", default=["bfloat16"])
     p.add_argument("--tokens", type=int, default=64)
@@ -170,45 +175,60 @@ def main() -> None:
     isa = cpu_isa() + (f", emulating {args.emulate} ({EMULATE[args.emulate]})" if args.emulate else "")
     print(f"# decode tokens/s, vLLM CPU, {args.mode} mode, CPU {isa}, {args.tokens} new tokens per "
           f"sequence, {torch.get_num_threads()} threads, median of {args.repeats} alternating runs")  # fmt: skip
+    names = [q.name for q in args.quantized]
     print(
-        "| mode | dtype | batch | unquantized tok/s | EasyQuant tok/s | EasyQuant / unquantized | weights held "
-        "(unquantized / EasyQuant) | RSS after the run | EasyQuant kernel |"
+        "| mode | dtype | batch | unquantized tok/s | "
+        + " | ".join(f"{n} tok/s (x unquantized)" for n in names)
+        + " | weights held (unquantized / "
+        + " / ".join(names)
+        + ") | RSS after the run | EasyQuant kernel |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|" + "---|" * len(names) + "---|---|---|")
     rows = []
+    gib = 1024**3
     for dtype in args.dtype:
         for batch in args.batch:
-            base_runs, eq_runs = [], []
-            for _ in range(args.repeats):  # alternate, so that a slow spell of the shared cores hits both
+            base_runs: list[dict] = []
+            eq_runs: list[list[dict]] = [[] for _ in args.quantized]
+            for _ in range(args.repeats):  # alternate, so that a slow spell of the shared cores hits all
                 base_runs.append(run(args.model, dtype, batch, args.tokens, args.mode, args.emulate))
-                eq_runs.append(run(args.quantized, dtype, batch, args.tokens, args.mode, args.emulate))
+                for runs, q in zip(eq_runs, args.quantized, strict=True):
+                    runs.append(run(q, dtype, batch, args.tokens, args.mode, args.emulate))
             b = statistics.median(r["tokens"] / r["seconds"] for r in base_runs)
-            e = statistics.median(r["tokens"] / r["seconds"] for r in eq_runs)
-            eq = eq_runs[-1]
             base = base_runs[-1]
+            eqs = []
+            for q, runs in zip(args.quantized, eq_runs, strict=True):
+                e = statistics.median(r["tokens"] / r["seconds"] for r in runs)
+                eqs.append({"checkpoint": q.name, "tok_s": e, "ratio": e / b, "kernel": runs[-1]["kernel"],
+                            "weight_bytes": runs[-1]["weight_bytes"], "rss": runs[-1]["rss"]})  # fmt: skip
             rows.append({"mode": args.mode, "isa": isa, "dtype": dtype, "batch": batch, "unquantized_tok_s": b,
-                         "easyquant_tok_s": e, "ratio": e / b, "kernel": eq["kernel"],
-                         "unquantized_weight_bytes": base["weight_bytes"], "easyquant_weight_bytes": eq["weight_bytes"],
-                         "unquantized_rss": base["rss"], "easyquant_rss": eq["rss"]})  # fmt: skip
-            gib = 1024**3
-            print(f"| {args.mode} | {dtype} | {batch} | {b:.1f} | {e:.1f} | {e / b:.2f}x | "
-                  f"{base['weight_bytes'] / gib:.2f} / {eq['weight_bytes'] / gib:.2f} GiB "
-                  f"({eq['weight_bytes'] / base['weight_bytes']:.2f}x) | "
-                  f"{base['rss'] / gib:.2f} / {eq['rss'] / gib:.2f} GiB | {eq['kernel']} |", flush=True)  # fmt: skip
+                         "unquantized_weight_bytes": base["weight_bytes"], "unquantized_rss": base["rss"],
+                         "easyquant": eqs})  # fmt: skip
+            weights = " / ".join(f"{x['weight_bytes'] / gib:.2f}" for x in eqs)
+            ratios = ", ".join(f"{x['weight_bytes'] / base['weight_bytes']:.2f}x" for x in eqs)
+            rss = " / ".join(f"{x['rss'] / gib:.2f}" for x in eqs)
+            print(f"| {args.mode} | {dtype} | {batch} | {b:.1f} | "
+                  + " | ".join(f"{x['tok_s']:.1f} ({x['ratio']:.2f}x)" for x in eqs)
+                  + f" | {base['weight_bytes'] / gib:.2f} / {weights} GiB ({ratios}) | "
+                  f"{base['rss'] / gib:.2f} / {rss} GiB | {eqs[0]['kernel']} |", flush=True)  # fmt: skip
     if args.llama_cpp:
         from bench.llama_cpp import decode_rates
 
         threads = torch.get_num_threads()
         rates = decode_rates(args.llama_cpp, threads, args.batch, args.tokens)
         print(f"\n# llama.cpp ({args.llama_cpp.name}, {threads} threads, same run) beside vLLM's rows above")
-        print("| dtype | batch | vLLM unquantized | vLLM EasyQuant | llama.cpp | EasyQuant / llama.cpp |")
-        print("|---|---|---|---|---|---|")
+        print(
+            "| dtype | batch | vLLM unquantized | llama.cpp | " + " | ".join(f"{n} (x llama.cpp)" for n in names) + " |"
+        )
+        print("|---|---|---|---|" + "---|" * len(names))
         for row in rows:
             lc = rates.get(row["batch"])
             row["llama_cpp_tok_s"] = lc
-            ratio = f"{row['easyquant_tok_s'] / lc:.2f}x" if lc else "-"
-            print(f"| {row['dtype']} | {row['batch']} | {row['unquantized_tok_s']:.1f} | {row['easyquant_tok_s']:.1f} "
-                  f"| {lc or float('nan'):.1f} | {ratio} |")  # fmt: skip
+            cells = [
+                f"{x['tok_s']:.1f} ({x['tok_s'] / lc:.2f}x)" if lc else f"{x['tok_s']:.1f}" for x in row["easyquant"]
+            ]
+            print(f"| {row['dtype']} | {row['batch']} | {row['unquantized_tok_s']:.1f} | {lc or float('nan'):.1f} | "
+                  + " | ".join(cells) + " |")  # fmt: skip
     print_bytes_table(args.model, args.quantized)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -33,7 +33,8 @@ the spread of rows and columns (Sinkhorn-style, as SINQ) before quantizing, and 
 outliers; --format-version 1 is the paper's symmetric method (1 % outliers). Every default was
 chosen by perplexity on real models (docs/results.md).
 
-Embeddings, lm_head, norms and biases are copied unchanged. The output is written to a private
+Embeddings, lm_head, norms and biases are copied unchanged; --lm-head quantizes the output projection
+too (with tied embeddings, the one embedding matrix). The output is written to a private
 temporary directory next to DST, validated, flushed to disk and renamed into place only when everything
 succeeded. DST must not be, contain or lie inside SRC; --overwrite replaces only an EasyQuant checkpoint.
 Serve it with
@@ -45,6 +46,7 @@ examples:
   easyquant-convert ./Llama-3-8B ./Llama-3-8B-easyquant
   easyquant-convert ./model ./out --group-size -1            # per output channel, as in the paper
   easyquant-convert ./model ./out --skip 'layers\\.0\\.'       # leave the first block in fp16
+  easyquant-convert ./model ./out --lm-head                  # int4 lm_head: less to read per token
 exit status: 0 success, 1 bad input (message names the file/tensor), 130 interrupted.
 """
 
