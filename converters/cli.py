@@ -79,9 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         "of 128/64/32 that divides every quantized input dim (default %(default)s); config.json records the number",
     )  # fmt: skip
     p.add_argument(
-        "--format-version", type=int, choices=(1, 2), default=d.format_version,
-        help="2 (default): zero points + column scales, 0.25 %% outliers; 1: symmetric codes, 1 %% outliers, as "
-        "the paper. The options below override a version's defaults",
+        "--format-version", type=int, choices=(1, 2, 3), default=d.format_version,
+        help="3: compact steps (8-bit multiples of a per-row unit, zeros in sixteenths of a code), groups of 32, "
+        "0.1 %% outliers, column scales; 2: zero points + column scales with float16 steps, 0.25 %% outliers; 1: "
+        "symmetric codes, 1 %% outliers, as the paper (default %(default)s). The options below override a "
+        "version's defaults",
     )  # fmt: skip
     p.add_argument(
         "--zero-points", action=argparse.BooleanOptionalAction, default=None,

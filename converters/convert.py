@@ -184,7 +184,7 @@ def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions, config: dict[str
             )
         in_dims.setdefault(k, name)
     try:
-        group_size = resolve_group_size(set(in_dims), opts.group_size)
+        group_size = resolve_group_size(set(in_dims), opts.group_size, opts.format_version)
     except ValueError as e:
         g = opts.group_size
         bad = [n for k, n in in_dims.items() if isinstance(g, int) and g > 0 and k % g]
@@ -404,7 +404,7 @@ def _write(
                 "rel_err_rtn": qw.stats.rel_err_rtn,
                 "rel_err": qw.stats.rel_err,
                 "bits_per_weight": bits_per_weight(n, k, spec.bits, spec.group_size, qw.outliers.nnz,
-                                                   spec.zero_points, spec.normalize != "none"),
+                                                   spec.zero_points, spec.normalize != "none", spec.format_version),
                 "seconds": seconds,
             })  # fmt: skip
             log.debug("%s [%d, %d] %s -> outliers %.3f%%, rel err %.4f (RTN %.4f)", m, n, k, t.dtype,

@@ -1,4 +1,4 @@
-"""The EasyQuant checkpoint schema (format versions 1 and 2): names, dtypes, shapes, config keys, validator.
+"""The EasyQuant checkpoint schema (format versions 1, 2 and 3): names, dtypes, shapes, config keys, validator.
 
 This module is the single owner of the on-disk format; ``docs/format.md`` describes the same thing
 in prose. Per quantized linear with prefix ``P`` and weight ``[N = out, K = in]``:
@@ -12,8 +12,12 @@ tensor                 dtype    shape                      meaning
 ``P.outlier_indices``  int32    ``[nnz]``                  column of each outlier, ascending in a row
 ``P.outlier_values``   float16  ``[nnz]``                  original weight value of each outlier
 ``P.qzeros``           uint8    ``[N, ceil(K/G*bits/8)]``  v2 with ``zero_points``: zero per group, packed
-``P.col_scale``        float16  ``[K]``                    v2 with ``column_scale``: scale per input column
+``P.col_scale``        float16  ``[K]``                    v2/v3 with ``column_scale``: scale per input column
 =====================  =======  =========================  ==============================================
+
+Version 3 (compact steps): ``P.scales`` is uint8 ``[N, K/G]`` (each group's step as a multiple of its row's
+unit), ``P.qzeros`` uint8 ``[N, K/G]`` (one byte per group: the zero in sixteenths of a 4-bit code), and
+``P.row_steps`` float16 ``[N]`` holds each row's unit; the outlier values are what the dense part misses there.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from .quant import (
 
 QUANT_METHOD = "easyquant"
 FORMAT_VERSION = DEFAULT_FORMAT_VERSION
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
 
 CONFIG_FILE = "config.json"
 REPORT_FILE = "easyquant_report.json"
@@ -56,9 +60,10 @@ OUTLIER_INDICES = "outlier_indices"
 OUTLIER_VALUES = "outlier_values"
 QZEROS = "qzeros"
 COL_SCALE = "col_scale"
+ROW_STEPS = "row_steps"
 TENSOR_SUFFIXES = (QWEIGHT, SCALES, OUTLIER_INDPTR, OUTLIER_INDICES, OUTLIER_VALUES)
-"""Every quantized layer has these five; version 2 may add :data:`OPTIONAL_SUFFIXES` (see :func:`layer_suffixes`)."""
-OPTIONAL_SUFFIXES = (QZEROS, COL_SCALE)
+"""Every quantized layer has these five; versions 2 and 3 add :data:`OPTIONAL_SUFFIXES` (see :func:`layer_suffixes`)."""
+OPTIONAL_SUFFIXES = (QZEROS, COL_SCALE, ROW_STEPS)
 ALL_SUFFIXES = TENSOR_SUFFIXES + OPTIONAL_SUFFIXES
 
 TENSOR_DTYPES: dict[str, torch.dtype] = {
@@ -69,7 +74,15 @@ TENSOR_DTYPES: dict[str, torch.dtype] = {
     OUTLIER_VALUES: torch.float16,
     QZEROS: torch.uint8,
     COL_SCALE: torch.float16,
+    ROW_STEPS: torch.float16,
 }
+"""Versions 1 and 2; :func:`tensor_dtype` gives any version's."""
+
+
+def tensor_dtype(suffix: str, version: int) -> torch.dtype:
+    """The dtype of tensor ``suffix`` in format ``version`` (version 3 stores its group steps in uint8)."""
+    return torch.uint8 if version == 3 and suffix == SCALES else TENSOR_DTYPES[suffix]
+
 
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Linear layers vLLM loads into one fused module (one input). Their column scales may differ (docs/format.md)."""
@@ -129,6 +142,8 @@ class EasyQuantCheckpointConfig:
     def __post_init__(self) -> None:
         if (self.zero_points or self.column_scale) and self.format_version < 2:
             raise ValueError("zero_points and column_scale need format_version 2")
+        if self.format_version == 3 and not self.zero_points:
+            raise ValueError("format_version 3 stores a zero point per group: zero_points must be true")
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, **asdict(self)}
@@ -150,6 +165,8 @@ class EasyQuantCheckpointConfig:
         for key, value in flags.items():
             if value and version < 2:
                 raise CheckpointError(fields.at(key, f"needs format_version 2, the checkpoint says {version}"))
+        if version == 3 and not flags["zero_points"]:
+            raise CheckpointError(fields.at("zero_points", "must be true with format_version 3 (zero per group)"))
         params = d.get("method_params")
         if params is not None and not isinstance(params, dict):
             raise CheckpointError(fields.at("method_params", f"must be a JSON object, got {params!r}"))
@@ -171,7 +188,7 @@ class EasyQuantCheckpointConfig:
 
     def layer_suffixes(self) -> tuple[str, ...]:
         """The tensors every quantized layer of this checkpoint has."""
-        return layer_suffixes(self.zero_points, self.column_scale)
+        return layer_suffixes(self.zero_points, self.column_scale, self.format_version)
 
 
 class _ConfigFields:
@@ -225,9 +242,13 @@ def method_params(spec: QuantSpec) -> dict[str, Any]:
     return extra
 
 
-def layer_suffixes(zero_points: bool = False, column_scale: bool = False) -> tuple[str, ...]:
-    """The five tensors of every quantized layer, plus ``qzeros`` / ``col_scale`` where the config has them."""
-    return TENSOR_SUFFIXES + ((QZEROS,) if zero_points else ()) + ((COL_SCALE,) if column_scale else ())
+def layer_suffixes(
+    zero_points: bool = False, column_scale: bool = False, version: int | None = None
+) -> tuple[str, ...]:
+    """The five tensors of every quantized layer, plus ``qzeros`` / ``col_scale`` where the config has them and
+    ``row_steps`` in format version 3."""
+    extra = ((QZEROS,) if zero_points else ()) + ((COL_SCALE,) if column_scale else ())
+    return TENSOR_SUFFIXES + extra + ((ROW_STEPS,) if version == 3 else ())
 
 
 def tensor_name(prefix: str, suffix: str) -> str:
@@ -235,15 +256,16 @@ def tensor_name(prefix: str, suffix: str) -> str:
     return f"{prefix}.{suffix}"
 
 
-def dense_shapes(n: int, k: int, bits: int, group_size: int) -> dict[str, tuple[int, ...]]:
+def dense_shapes(n: int, k: int, bits: int, group_size: int, version: int | None = None) -> dict[str, tuple[int, ...]]:
     """Shapes of the fixed-size tensors of an ``[N, K]`` weight (the CSR arrays' nnz is data)."""
     groups = k // effective_group_size(k, group_size)
     return {
         QWEIGHT: (n, k // pack_factor(bits)),
         SCALES: (n, groups),
         OUTLIER_INDPTR: (n + 1,),
-        QZEROS: (n, zeros_bytes(groups, bits)),
+        QZEROS: (n, groups) if version == 3 else (n, zeros_bytes(groups, bits)),
         COL_SCALE: (k,),
+        ROW_STEPS: (n,),
     }
 
 
@@ -253,10 +275,12 @@ def layer_tensors(prefix: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     o = qw.outliers
     parts = {QWEIGHT: qw.qweight, SCALES: qw.scales, OUTLIER_INDPTR: o.indptr, OUTLIER_INDICES: o.indices,
              OUTLIER_VALUES: o.values}  # fmt: skip
-    if qw.zeros is not None:
-        parts[QZEROS] = pack_zeros(qw.zeros, qw.bits)
+    if qw.zeros is not None:  # version 3: one byte per group as it is
+        parts[QZEROS] = qw.zeros if qw.row_steps is not None else pack_zeros(qw.zeros, qw.bits)
     if qw.col_scale is not None:
         parts[COL_SCALE] = qw.col_scale
+    if qw.row_steps is not None:
+        parts[ROW_STEPS] = qw.row_steps
     return {tensor_name(prefix, s): t.contiguous() for s, t in parts.items()}
 
 
@@ -267,15 +291,19 @@ def quantized_weight_from_tensors(
     group_size: int,
     zero_points: bool = False,
     column_scale: bool = False,
+    version: int | None = None,
 ) -> QuantizedWeight:
     """Validate the tensors of ``prefix`` and wrap them (inverse of :func:`layer_tensors`)."""
-    validate_layer(prefix, tensors, bits, group_size, zero_points, column_scale)
-    t = {s: tensors[tensor_name(prefix, s)] for s in layer_suffixes(zero_points, column_scale)}
+    validate_layer(prefix, tensors, bits, group_size, zero_points, column_scale, version)
+    t = {s: tensors[tensor_name(prefix, s)] for s in layer_suffixes(zero_points, column_scale, version)}
     n = t[QWEIGHT].shape[0]
     k = t[QWEIGHT].shape[1] * pack_factor(bits)
     csr = OutlierCSR(t[OUTLIER_INDPTR], t[OUTLIER_INDICES], t[OUTLIER_VALUES], (n, k))
-    zeros = unpack_zeros(t[QZEROS], t[SCALES].shape[1], bits) if zero_points else None
-    return QuantizedWeight(t[QWEIGHT], t[SCALES], csr, bits, group_size, zeros=zeros, col_scale=t.get(COL_SCALE))
+    zeros = None
+    if zero_points:
+        zeros = t[QZEROS] if version == 3 else unpack_zeros(t[QZEROS], t[SCALES].shape[1], bits)
+    return QuantizedWeight(t[QWEIGHT], t[SCALES], csr, bits, group_size, zeros=zeros, col_scale=t.get(COL_SCALE),
+                           row_steps=t.get(ROW_STEPS))  # fmt: skip
 
 
 def validate_layer(
@@ -285,6 +313,7 @@ def validate_layer(
     group_size: int,
     zero_points: bool = False,
     column_scale: bool = False,
+    version: int | None = None,
 ) -> None:
     """Check one layer's tensors against the schema; raise :class:`CheckpointError` naming the tensor.
 
@@ -292,9 +321,11 @@ def validate_layer(
     of the group size, that ``indptr`` starts at 0, never decreases and ends at nnz, that every column
     index is in ``[0, K)`` and strictly ascending within its row, that scales and outlier values are finite,
     and (version 2) that the column scale is finite and positive and no tensor is there that the config
-    does not announce.
+    does not announce; version 3 (``version=3``) also that the row steps are finite and not negative.
     """
-    expected = layer_suffixes(zero_points, column_scale)
+    if version == 3 and not zero_points:
+        raise CheckpointError(f"layer {prefix}: format version 3 has a zero point per group (zero_points)")
+    expected = layer_suffixes(zero_points, column_scale, version)
     missing = [tensor_name(prefix, s) for s in expected if tensor_name(prefix, s) not in tensors]
     if missing:
         raise CheckpointError(f"layer {prefix}: missing tensor(s) {missing}")
@@ -304,13 +335,15 @@ def validate_layer(
     if extra:
         raise CheckpointError(
             f"layer {prefix}: tensor(s) {extra} present, but config.json's quantization_config does not announce "
-            "them (zero_points / column_scale, format_version 2)"
+            "them (zero_points / column_scale, format_version 2; row_steps, format_version 3)"
         )
     t = {s: tensors[tensor_name(prefix, s)] for s in expected}
     for s in expected:
-        if t[s].dtype != TENSOR_DTYPES[s]:
-            raise CheckpointError(f"{tensor_name(prefix, s)}: dtype {t[s].dtype}, expected {TENSOR_DTYPES[s]}")
-    ranks = {QWEIGHT: 2, SCALES: 2, OUTLIER_INDPTR: 1, OUTLIER_INDICES: 1, OUTLIER_VALUES: 1, QZEROS: 2, COL_SCALE: 1}
+        want = tensor_dtype(s, version or 1)
+        if t[s].dtype != want:
+            raise CheckpointError(f"{tensor_name(prefix, s)}: dtype {t[s].dtype}, expected {want}")
+    ranks = {QWEIGHT: 2, SCALES: 2, OUTLIER_INDPTR: 1, OUTLIER_INDICES: 1, OUTLIER_VALUES: 1, QZEROS: 2, COL_SCALE: 1,
+             ROW_STEPS: 1}  # fmt: skip
     for s in expected:
         rank = ranks[s]
         if t[s].dim() != rank:
@@ -328,7 +361,7 @@ def validate_layer(
         raise CheckpointError(
             f"{tensor_name(prefix, QWEIGHT)}: input dim K = {k} is not a multiple of group_size {group_size}"
         )
-    for s, shape in dense_shapes(n, k, bits, group_size).items():
+    for s, shape in dense_shapes(n, k, bits, group_size, version).items():
         if s in t and tuple(t[s].shape) != shape:
             raise CheckpointError(
                 f"{tensor_name(prefix, s)}: shape {list(t[s].shape)}, expected {list(shape)} (N={n}, K={k})"
@@ -365,11 +398,12 @@ def validate_layer(
             raise CheckpointError(
                 f"{tensor_name(prefix, OUTLIER_INDICES)}: entry {j} not strictly ascending within its row"
             )
-    for s in (SCALES, OUTLIER_VALUES, COL_SCALE):
+    for s in (SCALES, OUTLIER_VALUES, COL_SCALE, ROW_STEPS):
         if s in t and not bool(torch.isfinite(t[s]).all()):
             raise CheckpointError(f"{tensor_name(prefix, s)}: contains NaN or Inf")
-    if bool((t[SCALES] < 0).any()):
-        raise CheckpointError(f"{tensor_name(prefix, SCALES)}: negative step size")
+    for s in (SCALES, ROW_STEPS):
+        if s in t and bool((t[s] < 0).any()):
+            raise CheckpointError(f"{tensor_name(prefix, s)}: negative step size")
     if COL_SCALE in t and bool((t[COL_SCALE] <= 0).any()):
         raise CheckpointError(f"{tensor_name(prefix, COL_SCALE)}: column scales must be > 0")
 
@@ -378,7 +412,7 @@ def validate_weight(prefix: str, qw: QuantizedWeight) -> None:
     """:func:`validate_layer` on a weight in memory (e.g. a layer's final stacked and sliced CSR, before a kernel
     repacks it): the same schema, the same errors, naming ``prefix``."""
     validate_layer(prefix, layer_tensors(prefix, qw), qw.bits, qw.group_size, qw.zeros is not None,
-                   qw.col_scale is not None)  # fmt: skip
+                   qw.col_scale is not None, qw.format_version)  # fmt: skip
 
 
 def read_quantization_config(model_dir: str | Path) -> EasyQuantCheckpointConfig:
@@ -399,13 +433,18 @@ def read_quantization_config(model_dir: str | Path) -> EasyQuantCheckpointConfig
 
 
 def bits_per_weight(n: int, k: int, bits: int, group_size: int, nnz: int, zero_points: bool = False,
-                    column_scale: bool = False) -> float:  # fmt: skip
+                    column_scale: bool = False, version: int | None = None) -> float:  # fmt: skip
     """Storage cost per weight, from the bytes written: codes + float16 steps + outliers (16-bit value,
-    32-bit index) + indptr, plus the packed zero points and the float16 column scale where present."""
+    32-bit index) + indptr, plus the packed zero points and the float16 column scale where present; version 3:
+    8-bit steps and zeros per group and a float16 unit per row."""
     g = effective_group_size(k, group_size)
-    total = n * k * bits + n * (k // g) * 16 + nnz * (16 + 32) + (n + 1) * 32
-    if zero_points:
-        total += n * zeros_bytes(k // g, bits) * 8
+    total = n * k * bits + nnz * (16 + 32) + (n + 1) * 32
+    if version == 3:
+        total += n * (k // g) * 16 + n * 16
+    else:
+        total += n * (k // g) * 16
+        if zero_points:
+            total += n * zeros_bytes(k // g, bits) * 8
     if column_scale:
         total += k * 16
     return total / (n * k)
@@ -428,7 +467,7 @@ def quantized_layers(ckpt: Any, cfg: EasyQuantCheckpointConfig) -> Iterator[tupl
         tensors = {tensor_name(prefix, s): ckpt.get(tensor_name(prefix, s))
                    for s in ALL_SUFFIXES if tensor_name(prefix, s) in names}  # fmt: skip
         yield prefix, quantized_weight_from_tensors(prefix, tensors, cfg.bits, cfg.group_size, cfg.zero_points,
-                                                    cfg.column_scale)  # fmt: skip
+                                                    cfg.column_scale, cfg.format_version)  # fmt: skip
 
 
 def validate_checkpoint(model_dir: str | Path) -> dict[str, Any]:
@@ -455,7 +494,7 @@ def validate_checkpoint(model_dir: str | Path) -> dict[str, Any]:
             params += n * k
             outliers += qw.outliers.nnz
             bits_total += bits_per_weight(n, k, cfg.bits, cfg.group_size, qw.outliers.nnz, cfg.zero_points,
-                                          cfg.column_scale) * n * k  # fmt: skip
+                                          cfg.column_scale, cfg.format_version) * n * k  # fmt: skip
 
     if layers == 0:
         raise CheckpointError(f"{model_dir}: config.json says easyquant but no tensor ends in .{QWEIGHT}")

@@ -32,10 +32,11 @@ from .format import (
     OUTLIER_VALUES,
     QWEIGHT,
     QZEROS,
+    ROW_STEPS,
     SCALES,
-    TENSOR_DTYPES,
     CheckpointError,
     quantized_weight_from_tensors,
+    tensor_dtype,
     tensor_name,
     validate_weight,
 )
@@ -133,8 +134,9 @@ class EasyQuantLinearMethod(LinearMethodBase):
     #   outlier_indptr   int32   [0] placeholder; the CSR arrays are assembled at load
     #   outlier_indices  int32   [0] placeholder
     #   outlier_values   float16 [0] placeholder
-    #   qzeros           uint8   [0] placeholder (format version 2 with zero_points)
-    #   col_scale        float16 [0] placeholder (format version 2 with column_scale)
+    #   qzeros           uint8   [0] placeholder (format version 2 with zero_points; version 3)
+    #   col_scale        float16 [0] placeholder (format versions 2 and 3 with column_scale)
+    #   row_steps        float16 [0] placeholder (format version 3; its scales are then uint8 step multipliers)
     def create_weights(
         self,
         layer: torch.nn.Module,
@@ -175,10 +177,12 @@ class EasyQuantLinearMethod(LinearMethodBase):
             OUTLIER_VALUES: (0,),
             QZEROS: (0,),
             COL_SCALE: (0,),
+            ROW_STEPS: (0,),
         }
+        version = self.config.checkpoint.format_version
         for suffix in self.suffixes:
             shape = shapes[suffix]
-            param = Parameter(torch.empty(shape, dtype=TENSOR_DTYPES[suffix]), requires_grad=False)
+            param = Parameter(torch.empty(shape, dtype=tensor_dtype(suffix, version)), requires_grad=False)
             set_weight_attrs(param, {"weight_loader": _Loader(state, suffix)})
             layer.register_parameter(suffix, param)
 
@@ -208,7 +212,7 @@ class EasyQuantLinearMethod(LinearMethodBase):
                 )
             named = {tensor_name(plan.name, s): t.to("cpu") for s, t in tensors.items()}
             qw = quantized_weight_from_tensors(plan.name, named, self.bits, self.group_size, ckpt.zero_points,
-                                               ckpt.column_scale)  # fmt: skip
+                                               ckpt.column_scale, ckpt.format_version)  # fmt: skip
             n, k = qw.shape
             if n != plan.full_rows or k != state.k_full:
                 raise CheckpointError(
@@ -263,7 +267,8 @@ class EasyQuantLinearMethod(LinearMethodBase):
 
     def _spec(self, rows: int, state: LayerState, qw: Any) -> LayerSpec:
         return LayerSpec(rows, qw.shape[1], self.bits, self.group_size, state.act_dtype, state.device_type,
-                         zero_points=qw.zeros is not None, column_scale=qw.col_scale is not None)  # fmt: skip
+                         zero_points=qw.zeros is not None, column_scale=qw.col_scale is not None,
+                         compact_steps=qw.row_steps is not None)  # fmt: skip
 
     @staticmethod
     def _announce(kernel_cls: Any, reasons: list[str], spec: LayerSpec, prefix: str) -> None:

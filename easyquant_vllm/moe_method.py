@@ -30,9 +30,9 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from .format import (
     QWEIGHT,
-    TENSOR_DTYPES,
     CheckpointError,
     quantized_weight_from_tensors,
+    tensor_dtype,
     tensor_name,
     validate_weight,
 )
@@ -147,7 +147,8 @@ class EasyQuantMoEMethod(FusedMoEMethodBase):
         layer.easyquant = state
         for stem in ("w13", "w2"):
             for suffix in self.suffixes:
-                param = Parameter(torch.empty(0, dtype=TENSOR_DTYPES[suffix]), requires_grad=False)
+                param = Parameter(torch.empty(0, dtype=tensor_dtype(suffix, self.config.checkpoint.format_version)),
+                                  requires_grad=False)  # fmt: skip
                 set_weight_attrs(param, {"weight_loader": _ExpertLoader(state, suffix)})
                 layer.register_parameter(f"{stem}_{suffix}", param)
 
@@ -171,7 +172,7 @@ class EasyQuantMoEMethod(FusedMoEMethodBase):
                     )
                 named = {tensor_name(name, s): t.to("cpu") for s, t in tensors.items()}
                 qw = quantized_weight_from_tensors(name, named, self.bits, self.group_size, ckpt.zero_points,
-                                                   ckpt.column_scale)  # fmt: skip
+                                                   ckpt.column_scale, ckpt.format_version)  # fmt: skip
                 expected = (state.hidden, state.intermediate) if shard == "w2" else (state.intermediate, state.hidden)
                 if qw.shape != expected:
                     raise CheckpointError(
@@ -204,7 +205,7 @@ class EasyQuantMoEMethod(FusedMoEMethodBase):
         w13 = experts[0][0]
         spec = MoeSpec(state.experts, state.hidden, state.intermediate_part, self.bits, self.group_size,
                        state.act_dtype, device.type, zero_points=w13.zeros is not None,
-                       column_scale=w13.col_scale is not None)  # fmt: skip
+                       column_scale=w13.col_scale is not None, compact_steps=w13.row_steps is not None)  # fmt: skip
         kernel_cls, reasons = choose_moe_kernel(spec, device, where=state.prefix)
         if kernel_cls.name not in _announced:
             _announced.add(kernel_cls.name)

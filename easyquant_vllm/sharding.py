@@ -26,8 +26,9 @@ def slice_rows(qw: QuantizedWeight, start: int, size: int) -> QuantizedWeight:
     lo, hi = int(o.indptr[start]), int(o.indptr[start + size])
     csr = OutlierCSR(o.indptr[start : start + size + 1] - lo, o.indices[lo:hi], o.values[lo:hi], (size, k))
     zeros = None if qw.zeros is None else qw.zeros[start : start + size]
+    row_steps = None if qw.row_steps is None else qw.row_steps[start : start + size]
     return QuantizedWeight(qw.qweight[start : start + size], qw.scales[start : start + size], csr, qw.bits,
-                           qw.group_size, zeros=zeros, col_scale=qw.col_scale)  # fmt: skip
+                           qw.group_size, zeros=zeros, col_scale=qw.col_scale, row_steps=row_steps)  # fmt: skip
 
 
 def slice_columns(qw: QuantizedWeight, start: int, size: int) -> QuantizedWeight:
@@ -35,7 +36,8 @@ def slice_columns(qw: QuantizedWeight, start: int, size: int) -> QuantizedWeight
 
     ``start`` and ``size`` must be multiples of the pack factor and, with groups, of the group size;
     per-channel step sizes and zero points (group_size -1) are kept whole: every rank uses the row's one
-    step. The column scale is sliced with the columns.
+    step. The column scale is sliced with the columns; version 3's row units are kept whole (each row keeps its
+    unit, and its groups in the slice their multipliers).
     """
     n, k = qw.shape
     pf = pack_factor(qw.bits)
@@ -57,7 +59,7 @@ def slice_columns(qw: QuantizedWeight, start: int, size: int) -> QuantizedWeight
     indptr[1:] = torch.cumsum(counts, 0)
     csr = OutlierCSR(indptr, (o.indices[keep] - start).to(torch.int32), o.values[keep], (n, size))
     return QuantizedWeight(qw.qweight[:, start // pf : (start + size) // pf], scales, csr, qw.bits, qw.group_size,
-                           zeros=zeros, col_scale=col_scale)  # fmt: skip
+                           zeros=zeros, col_scale=col_scale, row_steps=qw.row_steps)  # fmt: skip
 
 
 def stack_rows(parts: list[QuantizedWeight], names: list[str] | None = None) -> QuantizedWeight:
@@ -74,6 +76,9 @@ def stack_rows(parts: list[QuantizedWeight], names: list[str] | None = None) -> 
             raise ValueError(f"cannot stack {name}, a [{p.shape[0]}, {p.shape[1]}] shard, onto K = {k}")
         if (p.zeros is None) != (first.zeros is None):
             raise ValueError(f"{name} and {names[0]} disagree on zero points: a fused layer needs both or neither")
+        if p.format_version != first.format_version:
+            raise ValueError(f"{name} (format {p.format_version}) and {names[0]} (format {first.format_version}) "
+                             "differ: a fused layer's shards share one format")  # fmt: skip
         if (p.col_scale is None) != (first.col_scale is None) or (
             p.col_scale is not None and not torch.equal(p.col_scale, first.col_scale)
         ):
@@ -99,14 +104,17 @@ def stack_rows(parts: list[QuantizedWeight], names: list[str] | None = None) -> 
         (sum(p.shape[0] for p in parts), k),
     )
     zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])  # type: ignore[misc]
+    row_steps = None if first.row_steps is None else torch.cat([p.row_steps for p in parts])  # type: ignore[misc]
     return QuantizedWeight(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), csr,
-                           first.bits, first.group_size, zeros=zeros, col_scale=first.col_scale)  # fmt: skip
+                           first.bits, first.group_size, zeros=zeros, col_scale=first.col_scale,
+                           row_steps=row_steps)  # fmt: skip
 
 
 def pad_rows(qw: QuantizedWeight, rows: int) -> QuantizedWeight:
     """``qw`` followed by zero rows up to ``rows`` (vLLM pads a vocabulary shard to a multiple of 64 rows).
 
-    A padding row has step 0 and no outliers, so its ``W'`` row is exactly zero whatever its codes and zero point.
+    A padding row has step 0 (version 3: unit 0 and multipliers 0) and no outliers, so its ``W'`` row is exactly zero
+    whatever its codes and zero point.
     """
     n, k = qw.shape
     extra = rows - n
@@ -122,5 +130,6 @@ def pad_rows(qw: QuantizedWeight, rows: int) -> QuantizedWeight:
     indptr = torch.cat([o.indptr, o.indptr[-1:].expand(extra)])
     csr = OutlierCSR(indptr, o.indices, o.values, (rows, k))
     zeros = None if qw.zeros is None else grow(qw.zeros)
+    row_steps = None if qw.row_steps is None else grow(qw.row_steps)
     return QuantizedWeight(grow(qw.qweight), grow(qw.scales), csr, qw.bits, qw.group_size, zeros=zeros,
-                           col_scale=qw.col_scale)  # fmt: skip
+                           col_scale=qw.col_scale, row_steps=row_steps)  # fmt: skip

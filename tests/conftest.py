@@ -54,4 +54,4 @@ def layer_spec(qw: QuantizedWeight, dtype: torch.dtype, device_type: str = "cpu"
     """The :class:`LayerSpec` a kernel is given for ``qw`` (its format-version-2 tensors announced)."""
     n, k = qw.shape
     return LayerSpec(n, k, qw.bits, qw.group_size, dtype, device_type, zero_points=qw.zeros is not None,
-                     column_scale=qw.col_scale is not None)  # fmt: skip
+                     column_scale=qw.col_scale is not None, compact_steps=qw.row_steps is not None)  # fmt: skip

@@ -15,7 +15,12 @@ from safetensors.torch import save_file
 from converters.cli import main as cli_main
 from converters.cli import validate_main
 from converters.convert import ConversionError, ConvertOptions, convert
-from easyquant_vllm.format import quantized_weight_from_tensors, read_quantization_config, validate_checkpoint
+from easyquant_vllm.format import (
+    quantized_layers,
+    quantized_weight_from_tensors,
+    read_quantization_config,
+    validate_checkpoint,
+)
 from easyquant_vllm.safetensors_io import open_checkpoint
 from tests.conftest import heavy_tailed
 
@@ -290,6 +295,26 @@ def test_convert_format_version_1_is_the_symmetric_method(tiny_llama: Path, tmp_
     assert not any(n.endswith((".qzeros", ".col_scale")) for n in _all_tensors(dst))
     with pytest.raises(ConversionError, match="zero points and column scales need format version 2"):
         convert(tiny_llama, tmp_path / "bad", ConvertOptions(format_version=1, zero_points=True), progress=False)
+
+
+def test_convert_format_version_3_compact_steps(tiny_llama: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "v3"
+    report = convert(tiny_llama, dst, ConvertOptions(format_version=3), progress=False)
+    qc = read_quantization_config(dst)
+    assert (qc.format_version, qc.zero_points, qc.column_scale, qc.group_size) == (3, True, True, 32)  # auto: 32
+    summary = validate_checkpoint(dst)
+    assert summary["bits_per_weight"] == pytest.approx(report["totals"]["bits_per_weight"])
+    out = _all_tensors(dst)
+    p = "model.layers.0.self_attn.q_proj"
+    assert out[f"{p}.scales"].dtype == torch.uint8 and out[f"{p}.row_steps"].dtype == torch.float16
+    assert out[f"{p}.qzeros"].shape == out[f"{p}.scales"].shape  # one byte per group
+    src = _all_tensors(tiny_llama)
+    with open_checkpoint(dst) as ckpt:
+        for module, qw in quantized_layers(ckpt, qc):
+            w = src[f"{module}.weight"].float()
+            assert float((qw.dequantize() - w).norm() / w.norm()) < 0.1, module
+    with pytest.raises(ConversionError, match="compact steps .* need zero_points"):
+        convert(tiny_llama, tmp_path / "bad", ConvertOptions(format_version=3, zero_points=False), progress=False)
 
 
 def test_convert_refuses_a_weight_beyond_float16_range(tiny_llama: Path, tmp_path: Path) -> None:

@@ -63,6 +63,7 @@ class LayerSpec:
     device_type: str  # "cpu" or "cuda"
     zero_points: bool = False  # format version 2: a zero point per group (asymmetric codes)
     column_scale: bool = False  # format version 2: a scale per input column (multiplies the activations)
+    compact_steps: bool = False  # format version 3: uint8 steps x a per-row unit, zeros in sixteenths of a code
 
     @property
     def group(self) -> int:
@@ -120,7 +121,8 @@ class Kernel(ABC):
     def variant(cls, spec: LayerSpec, device: torch.device) -> tuple[object, ...]:
         """What distinguishes this layer's compiled code and layout: layers with the same variant share
         one self-check."""
-        return (spec.act_dtype, spec.bits, spec.group_size == -1, spec.zero_points, spec.column_scale)
+        return (spec.act_dtype, spec.bits, spec.group_size == -1, spec.zero_points, spec.column_scale,
+                spec.compact_steps)  # fmt: skip
 
     @classmethod
     def check_shape(cls, spec: LayerSpec, device: torch.device) -> tuple[int, int]:

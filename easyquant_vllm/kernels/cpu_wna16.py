@@ -81,6 +81,8 @@ class CpuWna16Kernel(Kernel):
         why = cpu_int4_unsupported(cls.name, spec)
         if why:
             return False, why
+        if spec.compact_steps:
+            return False, "cpu-wna16 takes integer zero points: format version 3's fractional zeros do not map to it"
         if _ops() is None:
             return False, "vLLM's CPU ops (vllm._custom_ops.cpu_gemm_wna16) are not available"
         if spec.group_size != -1 and spec.group_size % 2:

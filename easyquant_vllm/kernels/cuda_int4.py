@@ -378,6 +378,9 @@ class CudaInt4Kernel(Kernel):
             return False, "cuda-int4 runs on CUDA devices only"
         if spec.bits != 4 or spec.act_dtype not in _SUFFIX:
             return False, f"cuda-int4 needs 4-bit codes and fp16/bf16 activations, got {spec.bits} / {spec.act_dtype}"
+        if spec.compact_steps:
+            return False, ("cuda-int4 serves format versions 1 and 2; format version 3 (compact steps, fractional "
+                           "zeros) has no CUDA kernel yet")  # fmt: skip
         if spec.k % 32 or not _group_ok(spec.k, spec.group):
             return False, (f"cuda-int4 needs K % 32 == 0 and a power-of-two group size >= 32 (or per channel), "
                            f"got K = {spec.k}, G = {spec.group}")  # fmt: skip

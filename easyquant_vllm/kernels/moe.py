@@ -46,14 +46,15 @@ class MoeSpec:
     device_type: str
     zero_points: bool = False
     column_scale: bool = False
+    compact_steps: bool = False
 
     def w13(self) -> LayerSpec:
         return LayerSpec(2 * self.intermediate, self.hidden, self.bits, self.group_size, self.act_dtype,
-                         self.device_type, self.zero_points, self.column_scale)  # fmt: skip
+                         self.device_type, self.zero_points, self.column_scale, self.compact_steps)  # fmt: skip
 
     def w2(self) -> LayerSpec:
         return LayerSpec(self.hidden, self.intermediate, self.bits, self.group_size, self.act_dtype,
-                         self.device_type, self.zero_points, self.column_scale)  # fmt: skip
+                         self.device_type, self.zero_points, self.column_scale, self.compact_steps)  # fmt: skip
 
 
 def moe_dense(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
@@ -110,7 +111,8 @@ class MoeKernel(ABC):
 
     @classmethod
     def variant(cls, spec: MoeSpec, device: torch.device) -> tuple[object, ...]:
-        return ("moe", spec.act_dtype, spec.bits, spec.group_size == -1, spec.zero_points, spec.column_scale)
+        return ("moe", spec.act_dtype, spec.bits, spec.group_size == -1, spec.zero_points, spec.column_scale,
+                spec.compact_steps)  # fmt: skip
 
     @classmethod
     def run_self_check(cls, spec: MoeSpec, device: torch.device) -> str | None:
@@ -120,10 +122,11 @@ class MoeKernel(ABC):
         g = spec.group_size
         hidden, inter = (128, 64) if g == -1 else (max(64, 2 * g), max(64, g))
         small = MoeSpec(4, hidden, inter, spec.bits, g, spec.act_dtype, spec.device_type, spec.zero_points,
-                        spec.column_scale)  # fmt: skip
+                        spec.column_scale, spec.compact_steps)  # fmt: skip
         gen = torch.Generator().manual_seed(0)
         q = QuantSpec(bits=spec.bits, group_size=g, zero_points=spec.zero_points,
-                      normalize="sinkhorn" if spec.column_scale else "none")  # fmt: skip
+                      normalize="sinkhorn" if spec.column_scale else "none", compact_steps=spec.compact_steps,
+                      max_outlier_fraction=0.0025)  # fmt: skip
 
         def weight(n: int, k: int) -> torch.Tensor:  # explicit float32: vLLM loads with its dtype as the default
             w = torch.randn(n, k, generator=gen, dtype=torch.float32) * 0.05

@@ -60,7 +60,8 @@ def _run_check(kernel_cls: type[Kernel], spec: LayerSpec, device: torch.device) 
     w = torch.randn(n, k, generator=gen, dtype=torch.float32) * 0.02
     w *= torch.exp(0.5 * torch.randn(k, generator=gen, dtype=torch.float32))
     check = QuantSpec(bits=spec.bits, group_size=spec.group_size, zero_points=spec.zero_points,
-                      normalize="sinkhorn" if spec.column_scale else "none")  # fmt: skip
+                      normalize="sinkhorn" if spec.column_scale else "none",
+                      compact_steps=spec.compact_steps, max_outlier_fraction=0.0025)  # fmt: skip
     qw = quantize_group([w], check, with_stats=False)[0]
     ref_w = qw.dequantize(torch.float64)
     try:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..quant import QuantizedWeight, unpack_codes
+from ..quant import QuantizedWeight, unpack_codes, zero_unit
 from .base import Kernel, LayerSpec, add_outliers, count, cpu_int4_unsupported, outlier_tensors
 
 _GROUP_SIZES = (32, 64, 128, 256)  # what the kernel's group loop is instantiated for
@@ -61,12 +61,17 @@ class TorchInt4CpuKernel(Kernel):
     def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         # Layout it expects: unsigned codes [N, K] int32 -> its own packed uint8 blob; scales and
         # zeros interleaved as [K/G, N, 2] in the activation dtype. The kernel computes (u - 8) * s + zero:
-        # zero = s * (8 - z) gives s * (u - z) (0 for symmetric codes, z = 8).
+        # zero = s * (8 - z) gives s * (u - z) (0 for symmetric codes, z = 8; format version 3: s = unit * a and a
+        # fractional z, both rounded to the activation dtype here, as this kernel's steps always are).
         group = self.meta()[1]
         u = unpack_codes(qw.qweight, 4).to(torch.int32)
         w_q = torch._convert_weight_to_int4pack_for_cpu(u, _INNER_K_TILES)
-        scales = qw.scales.float()
-        zeros = (scales * (8.0 - qw.zero_points().float())) if qw.zeros is not None else torch.zeros_like(scales)
+        if qw.row_steps is not None:
+            scales = qw.row_steps.float().unsqueeze(1) * qw.scales.float()
+            zeros = scales * (8.0 - qw.zeros.float() * zero_unit(4))  # type: ignore[union-attr]
+        else:
+            scales = qw.scales.float()
+            zeros = (scales * (8.0 - qw.zero_points().float())) if qw.zeros is not None else torch.zeros_like(scales)
         if scales.shape[1] * group != self.spec.k:  # per channel: the row's step on every group
             repeat = self.spec.k // group // scales.shape[1]
             scales, zeros = scales.repeat_interleave(repeat, dim=1), zeros.repeat_interleave(repeat, dim=1)

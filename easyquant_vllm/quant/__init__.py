@@ -15,6 +15,7 @@ from .packing import (
 )
 from .quantize import (
     AUTO_GROUP_SIZES,
+    AUTO_GROUP_SIZES_COMPACT,
     DEFAULT_FORMAT_VERSION,
     DEFAULT_METHOD,
     FORMAT_DEFAULTS,
@@ -34,10 +35,19 @@ from .quantize import (
     quantize_weight,
     resolve_group_size,
 )
-from .solvers import AdamParams, SearchParams, group_loss, group_loss_and_grad, quantize_codes, rtn_scales
+from .solvers import (
+    AdamParams,
+    SearchParams,
+    group_loss,
+    group_loss_and_grad,
+    quantize_codes,
+    rtn_scales,
+    zero_unit,
+)
 
 __all__ = [
     "AUTO_GROUP_SIZES",
+    "AUTO_GROUP_SIZES_COMPACT",
     "DEFAULT_FORMAT_VERSION",
     "DEFAULT_METHOD",
     "FORMAT_DEFAULTS",
@@ -76,5 +86,6 @@ __all__ = [
     "tensor_mean_std",
     "unpack_codes",
     "unpack_zeros",
+    "zero_unit",
     "zeros_bytes",
 ]

@@ -25,6 +25,8 @@ from .packing import check_bits, code_offset, code_range, pack_codes, pack_facto
 from .solvers import (
     AdamParams,
     SearchParams,
+    affine_codes,
+    affine_loss,
     group_loss,
     group_loss_asym,
     quantize_codes,
@@ -32,8 +34,10 @@ from .solvers import (
     rtn_asym,
     rtn_scales,
     solve_adam,
+    solve_affine,
     solve_search,
     solve_search_asym,
+    zero_unit,
 )
 
 NORMALIZE = ("none", "sinkhorn")
@@ -45,7 +49,11 @@ METHODS = ("search", "adam", "rtn")
 DEFAULT_METHOD = "search"
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 AUTO_GROUP_SIZES = (128, 64, 32)
-"""Candidates for ``group_size="auto"``, best first: the largest that divides every input dim wins."""
+"""Candidates for ``group_size="auto"`` (format versions 1 and 2), best first: the largest that divides every input
+dim wins."""
+AUTO_GROUP_SIZES_COMPACT = (32, 64, 128)
+"""The same for format version 3, whose 16 bits per group make small groups affordable: the smallest that
+divides every input dim wins."""
 
 # Elements per block of rows quantized together: keeps temporaries (~10 float32 copies of a block)
 # at a few tens of MB whatever the tensor size, and the block cache-friendly.
@@ -61,6 +69,10 @@ FORMAT_DEFAULTS: dict[int, dict[str, Any]] = {
     # outliers, and a range chosen by the 4th power of the error among 0.9 / 0.95 / 1.0 of min-max.
     2: {"zero_points": True, "normalize": "sinkhorn", "max_outlier_fraction": 0.0025,
         "search": SearchParams(grid_min=0.9, grid_points=3, lsq_iters=0, power=4.0)},
+    # Compact steps (8-bit multiples of a per-row unit) and zeros in sixteenths of a code: groups of 32 for about
+    # the bits of version 2's groups of 64 (docs/results.md). Outliers and column scales as version 2.
+    3: {"zero_points": True, "normalize": "sinkhorn", "max_outlier_fraction": 0.001, "compact_steps": True,
+        "search": SearchParams(grid_min=0.9, grid_points=2, lsq_iters=2, power=2.0)},
 }  # fmt: skip
 """The one definition of each format version's method defaults: :meth:`QuantSpec.for_version` reads it, and
 the converter, the checkpoint config and the tests go through that."""
@@ -89,6 +101,10 @@ class QuantSpec:
     """``"sinkhorn"``: a column scale per input channel (format version 2, :mod:`.normalize`); it is computed by
     :func:`quantize_group` (:func:`quantize_weight` takes it as an argument)."""
     sinkhorn_iters: int = 4
+    compact_steps: bool = _DEFAULTS.get("compact_steps", False)
+    """Format version 3: each group's step is an 8-bit multiple of a per-row float16 unit and its zero point a
+    number of sixteenths of a code (8 bits), so that small groups (32 columns) cost 16 bits each; needs
+    ``zero_points``. The range is fitted with a real zero (:func:`.solvers.solve_affine`)."""
     weighting: str = "none"
     """With zero points, how the range search weighs each column's squared error (see :func:`quantize_group`):
     ``"none"`` (in the domain of ``W / c``), ``"col_scale"`` (``c**2``: the original domain), ``"input"`` (the
@@ -105,7 +121,10 @@ class QuantSpec:
             raise ValueError(f"format version {version} has no method defaults; versions: {sorted(FORMAT_DEFAULTS)}")
         spec = cls(**{**FORMAT_DEFAULTS[version], **overrides})
         if spec.format_version > version:
-            raise ValueError(f"zero points and column scales need format version 2, not {version}")
+            raise ValueError(f"zero points and column scales need format version 2, compact steps version 3; "
+                             f"not {version}")  # fmt: skip
+        if version == 3 and not spec.compact_steps:
+            raise ValueError("format version 3 stores compact steps: compact_steps cannot be turned off")
         return spec
 
     def __post_init__(self) -> None:
@@ -120,10 +139,14 @@ class QuantSpec:
             raise ValueError(f"unknown normalize {self.normalize!r}; choose one of {list(NORMALIZE)}")
         if self.zero_points and self.method == "adam":
             raise ValueError("the paper's Adam optimiser is symmetric; zero points need method search or rtn")
+        if self.compact_steps and not self.zero_points:
+            raise ValueError("compact steps (format version 3) store a zero point per group: they need zero_points")
 
     @property
     def format_version(self) -> int:
-        """1 for the paper's symmetric codes, 2 with zero points or column scales."""
+        """1 for the paper's symmetric codes, 2 with zero points or column scales, 3 with compact steps."""
+        if self.compact_steps:
+            return 3
         return 2 if self.zero_points or self.normalize != "none" else 1
 
 
@@ -142,12 +165,15 @@ class QuantizedWeight:
 
     Attributes:
         qweight: ``[N, K // pack_factor]`` int32 packed unsigned codes ``u``.
-        scales: ``[N, K // G]`` float16 step sizes (``[N, 1]`` per channel).
+        scales: ``[N, K // G]`` float16 step sizes (``[N, 1]`` per channel); format version 3 (``row_steps`` set):
+            uint8 multipliers ``a`` of the row's unit, the step being ``row_steps[n] * a``.
         outliers: the sparse part, CSR over rows.
         bits, group_size: as in :class:`QuantSpec` (``group_size`` -1 = per channel).
         stats: reconstruction numbers, or None when not asked for.
-        zeros: ``[N, K // G]`` uint8 zero point per group, or None for symmetric codes (``z = 2**(bits-1)``).
+        zeros: ``[N, K // G]`` uint8 zero point per group, or None for symmetric codes (``z = 2**(bits-1)``);
+            format version 3: in sixteenths of a code (``z = zeros / 16``).
         col_scale: ``[K]`` float16 scale per input column, or None (1).
+        row_steps: ``[N]`` float16 step unit of each output row (format version 3), or None.
     """
 
     qweight: torch.Tensor
@@ -158,10 +184,18 @@ class QuantizedWeight:
     stats: QuantStats | None = None
     zeros: torch.Tensor | None = None
     col_scale: torch.Tensor | None = None
+    row_steps: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.outliers.shape
+
+    @property
+    def format_version(self) -> int:
+        """3 with compact steps, 2 with zero points or a column scale, else 1."""
+        if self.row_steps is not None:
+            return 3
+        return 2 if self.zeros is not None or self.col_scale is not None else 1
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
         """The same weight with every tensor on ``device``."""
@@ -169,7 +203,8 @@ class QuantizedWeight:
         csr = OutlierCSR(o.indptr.to(device), o.indices.to(device), o.values.to(device), o.shape)
         return replace(self, qweight=self.qweight.to(device), scales=self.scales.to(device), outliers=csr,
                        zeros=None if self.zeros is None else self.zeros.to(device),
-                       col_scale=None if self.col_scale is None else self.col_scale.to(device))  # fmt: skip
+                       col_scale=None if self.col_scale is None else self.col_scale.to(device),
+                       row_steps=None if self.row_steps is None else self.row_steps.to(device))  # fmt: skip
 
     def zero_points(self) -> torch.Tensor:
         """``[N, K // G]`` uint8 zero points, the symmetric ``2**(bits-1)`` where the weight has none."""
@@ -181,7 +216,7 @@ class QuantizedWeight:
         """``[N, K]`` reconstruction ``W'`` in ``dtype``."""
         o = self.outliers
         return dequantize(self.qweight, self.scales, o.indptr, o.indices, o.values, self.bits, self.group_size, dtype,
-                          zeros=self.zeros, col_scale=self.col_scale)  # fmt: skip
+                          zeros=self.zeros, col_scale=self.col_scale, row_steps=self.row_steps)  # fmt: skip
 
 
 def effective_group_size(k: int, group_size: int) -> int:
@@ -189,18 +224,22 @@ def effective_group_size(k: int, group_size: int) -> int:
     return k if group_size == -1 else group_size
 
 
-def resolve_group_size(in_dims: list[int] | set[int], group_size: int | str) -> int:
-    """Resolve ``"auto"`` to the largest of 128/64/32 dividing every input dim; check an explicit size.
+def resolve_group_size(
+    in_dims: list[int] | set[int], group_size: int | str, version: int = DEFAULT_FORMAT_VERSION
+) -> int:
+    """Resolve ``"auto"`` for format ``version`` (the first of :data:`AUTO_GROUP_SIZES`, or of
+    :data:`AUTO_GROUP_SIZES_COMPACT` for version 3, dividing every input dim); check an explicit size.
 
     Raises ValueError naming the offending input dims and the sizes that would work.
     """
     dims = sorted(set(in_dims))
     if group_size == "auto":
-        for g in AUTO_GROUP_SIZES:
+        candidates = AUTO_GROUP_SIZES_COMPACT if version == 3 else AUTO_GROUP_SIZES
+        for g in candidates:
             if all(d % g == 0 for d in dims):
                 return g
         raise ValueError(
-            f"group_size auto: none of {list(AUTO_GROUP_SIZES)} divides every input dimension {dims}; "
+            f"group_size auto: none of {list(candidates)} divides every input dimension {dims}; "
             "use --group-size -1 (per output channel)"
         )
     g = int(group_size)
@@ -256,6 +295,8 @@ def quantize_weight(
     c = None if col_scale is None else col_scale.to(device=device, dtype=torch.float32)
 
     rows, cols = select_outliers(w, spec.outlier_threshold, spec.max_outlier_fraction)
+    if spec.compact_steps:
+        return _quantize_compact(w, spec, device, with_stats, c, rows, cols)
     csr = csr_from_coordinates(rows, cols, w[rows, cols], (n, k))
     outlier_rows = rows.to(device)
     outlier_cols = cols.to(device)
@@ -305,6 +346,102 @@ def quantize_weight(
         stats = QuantStats(csr.nnz / (n * k), math.sqrt(sq_err) / norm, math.sqrt(sq_err_rtn) / norm)
     col16 = None if col_scale is None else col_scale.to(device=out_device, dtype=torch.float16)
     return QuantizedWeight(qweight, scales, csr, spec.bits, spec.group_size, stats, zeros, col16)
+
+
+def _quantize_compact(
+    w: torch.Tensor,
+    spec: QuantSpec,
+    device: torch.device,
+    with_stats: bool,
+    c: torch.Tensor | None,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+) -> QuantizedWeight:
+    """Format version 3 (``spec.compact_steps``): see :func:`quantize_weight` for the arguments.
+
+    Per group, :func:`.solvers.solve_affine` fits a step and a real zero to ``W / c`` over the non-outlier
+    entries. Per row, the steps become 8-bit multiples ``a`` of the row's float16 unit ``d = max(s) / 255``, and the
+    zero of each group (re-centred for its stored step) 8 bits of sixteenths of a code; the codes are chosen for
+    the stored step and zero. The outliers keep what the dense part misses at their positions: the sparse value is
+    ``W - dense`` there (rounded to float16), so ``W' = W`` up to that rounding, as in the other versions.
+    """
+    n, k = w.shape
+    out_device = w.device
+    g = effective_group_size(k, spec.group_size)
+    groups, top = k // g, (1 << spec.bits) - 1
+    unit = zero_unit(spec.bits)
+    ratios = tuple(torch.linspace(1.0, spec.search.grid_min, spec.search.grid_points, dtype=torch.float64).tolist())
+    if spec.method == "rtn":
+        ratios, lsq_iters = (1.0,), 0
+    else:
+        lsq_iters = spec.search.lsq_iters
+    outlier_rows, outlier_cols = rows.to(device), cols.to(device)
+    qweight = torch.empty(n, k // pack_factor(spec.bits), dtype=torch.int32, device=out_device)
+    mult = torch.empty(n, groups, dtype=torch.uint8, device=out_device)
+    zeros = torch.empty(n, groups, dtype=torch.uint8, device=out_device)
+    row_steps = torch.empty(n, dtype=torch.float16, device=out_device)
+    residual = torch.empty(rows.numel(), dtype=torch.float32, device=out_device)
+    sq_err = sq_err_rtn = sq_norm = 0.0
+    rows_per_block = max(1, _BLOCK_ELEMS // k)
+    for r0 in range(0, n, rows_per_block):
+        r1 = min(n, r0 + rows_per_block)
+        block = w[r0:r1].to(device=device, dtype=torch.float32)
+        x = block if c is None else block / c
+        sel = (outlier_rows >= r0) & (outlier_rows < r1)
+        mask = None
+        if bool(sel.any()):
+            mask = torch.ones_like(x)
+            mask[outlier_rows[sel] - r0, outlier_cols[sel]] = 0.0
+        xg = x.reshape(-1, g)
+        mg = None if mask is None else mask.view(-1, g)
+        s, z = solve_affine(xg, spec.bits, mg, ratios, lsq_iters)
+        # Per row: the unit d (float16) and each group's multiplier a; a row of zeros keeps d = 0.
+        s_rows = s.view(r1 - r0, groups)
+        d = (s_rows.amax(1) / 255).to(torch.float16).float()
+        d_safe = torch.where(d > 0, d, torch.ones_like(d)).unsqueeze(1)
+        a = torch.where(d.unsqueeze(1) > 0, torch.round(s_rows / d_safe).clamp(0, 255), torch.zeros_like(s_rows))
+        s_q = (d.unsqueeze(1) * a).reshape(-1)  # exact in float32
+        # The zero for the stored step: keep the fitted offset s * z, in units of the zero's 8 bits.
+        s_q_safe = torch.where(s_q > 0, s_q, torch.ones_like(s_q))
+        zq = torch.where(s_q > 0, torch.round(s * z / s_q_safe / unit), torch.round(z / unit)).clamp_(0, 255)
+        best_loss = affine_loss(xg, s_q, zq * unit, spec.bits, mg)
+        for dz in (-1.0, 1.0):  # the neighbouring zeros: rounding a and zq separately can miss the better pair
+            cand = (zq + dz).clamp(0, 255)
+            loss = affine_loss(xg, s_q, cand * unit, spec.bits, mg)
+            better = loss < best_loss
+            zq = torch.where(better, cand, zq)
+            best_loss = torch.where(better, loss, best_loss)
+        u = affine_codes(xg, s_q, zq * unit, spec.bits)
+        if mask is not None:  # at an outlier: the code nearest the zero (the sparse part holds the rest)
+            u = torch.where(mg > 0, u, torch.round(zq * unit).clamp(0, top).unsqueeze(1).expand_as(u))
+        dense = (u - (zq * unit).unsqueeze(1)).mul_(s_q.unsqueeze(1)).view(r1 - r0, k)  # as dequantize_dense
+        if c is not None:
+            dense = dense * c
+        qweight[r0:r1] = pack_codes(u.to(torch.uint8).view(r1 - r0, k), spec.bits).to(out_device)
+        mult[r0:r1] = a.to(torch.uint8).to(out_device)
+        zeros[r0:r1] = zq.view(r1 - r0, groups).to(torch.uint8).to(out_device)
+        row_steps[r0:r1] = d.to(torch.float16).to(out_device)
+        if bool(sel.any()):
+            pos = torch.nonzero(sel).squeeze(1)
+            rr, cc = outlier_rows[sel] - r0, outlier_cols[sel]
+            residual[pos.to(out_device)] = (block[rr, cc] - dense[rr, cc]).to(out_device)
+        if with_stats:
+            err = dense - block
+            if mask is not None:
+                err = err * mask
+            sq_err += float(err.square().sum())
+            xb = block.view(-1, g)
+            sq_err_rtn += float(group_loss(xb, rtn_scales(xb, spec.bits).half().float(), spec.bits).sum())
+            sq_norm += float(block.square().sum())
+    csr = csr_from_coordinates(rows, cols, residual, (n, k))
+    stats = None
+    if with_stats:
+        if csr.nnz:  # the residuals' float16 rounding
+            sq_err += float((csr.values.float() - residual).square().sum())
+        norm = math.sqrt(sq_norm) or 1.0
+        stats = QuantStats(csr.nnz / (n * k), math.sqrt(sq_err) / norm, math.sqrt(sq_err_rtn) / norm)
+    col16 = None if c is None else c.to(device=out_device, dtype=torch.float16)
+    return QuantizedWeight(qweight, mult, csr, spec.bits, spec.group_size, stats, zeros, col16, row_steps)
 
 
 def check_float16_range(w: torch.Tensor) -> None:
@@ -418,21 +555,34 @@ def dequantize_dense(
     group_size: int,
     zeros: torch.Tensor | None = None,
     col_scale: torch.Tensor | None = None,
+    row_steps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense part only: ``[N, K]`` float32 ``c[k] * (s[n, k // G] * (u[n, k] - z[n, k // G]))``.
 
     Args:
         qweight: ``[N, K // pack_factor]`` int32.
-        scales: ``[N, K // G]`` float16 (any float dtype accepted).
-        zeros: ``[N, K // G]`` zero points (any integer dtype), or None for ``z = 2**(bits-1)``.
+        scales: ``[N, K // G]`` float16 (any float dtype accepted); with ``row_steps``, uint8 multipliers ``a``.
+        zeros: ``[N, K // G]`` zero points (any integer dtype), or None for ``z = 2**(bits-1)``; with
+            ``row_steps``, in units of :func:`.solvers.zero_unit` (sixteenths of a 4-bit code).
         col_scale: ``[K]`` column scale (float16), or None.
+        row_steps: ``[N]`` float16 step unit per row (format version 3): ``s = row_steps[n] * a``.
+
+    Format version 3's step ``d * a`` (an 11-bit float16 mantissa times an 8-bit integer) and ``u - zq / 16`` are
+    exact in float32, so their product is rounded once, as version 2's is not rounded at all.
     """
     u = unpack_codes(qweight, bits)
     n, k = u.shape
     g = effective_group_size(k, group_size)
-    z = code_offset(bits) if zeros is None else zeros.to(torch.float32).unsqueeze(-1)
-    q = u.to(torch.float32).view(n, k // g, g) - z  # small integers: exact
-    w = (q * scales.float().unsqueeze(-1)).view(n, k)  # step x code: exact in float32
+    if row_steps is not None:
+        if zeros is None:
+            raise ValueError("compact steps (row_steps) come with zero points")
+        steps = row_steps.float().unsqueeze(1) * scales.float()  # exact: float16 x uint8
+        z = (zeros.to(torch.float32) * zero_unit(bits)).unsqueeze(-1)  # exact: sixteenths of a code (4 bit)
+    else:
+        steps = scales.float()
+        z = code_offset(bits) if zeros is None else zeros.to(torch.float32).unsqueeze(-1)
+    q = u.to(torch.float32).view(n, k // g, g) - z  # small integers (v3: sixteenths): exact
+    w = (q * steps.unsqueeze(-1)).view(n, k)  # step x code: exact in float32 (v3: one rounding)
     return w if col_scale is None else w * col_scale.float()
 
 
@@ -447,6 +597,7 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
     zeros: torch.Tensor | None = None,
     col_scale: torch.Tensor | None = None,
+    row_steps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The reference reconstruction ``W' = dense + S`` (docs/format.md), ``[N, K]`` in ``dtype``.
 
@@ -454,7 +605,7 @@ def dequantize(
     rounding; plus the float16 outlier value); the result is rounded to ``dtype`` once at the end. Kernels
     are tested against this function.
     """
-    w = dequantize_dense(qweight, scales, bits, group_size, zeros, col_scale)
+    w = dequantize_dense(qweight, scales, bits, group_size, zeros, col_scale, row_steps)
     if outlier_indices.numel():
         rows = rows_from_indptr(outlier_indptr)
         w.index_put_((rows, outlier_indices.long()), outlier_values.float(), accumulate=True)
@@ -478,7 +629,8 @@ def dequantize_rows(
     """
     flat = ids.reshape(-1).long()
     zeros = None if qw.zeros is None else qw.zeros[flat]
-    w = dequantize_dense(qw.qweight[flat], qw.scales[flat], qw.bits, qw.group_size, zeros, qw.col_scale)
+    row_steps = None if qw.row_steps is None else qw.row_steps[flat]
+    w = dequantize_dense(qw.qweight[flat], qw.scales[flat], qw.bits, qw.group_size, zeros, qw.col_scale, row_steps)
     o = qw.outliers
     if width > 0 and o.indices.numel():
         start = o.indptr[flat].long()
@@ -492,6 +644,7 @@ def dequantize_rows(
 
 __all__ = [
     "AUTO_GROUP_SIZES",
+    "AUTO_GROUP_SIZES_COMPACT",
     "DEFAULT_FORMAT_VERSION",
     "DEFAULT_METHOD",
     "FORMAT_DEFAULTS",

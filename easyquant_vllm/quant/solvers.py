@@ -212,3 +212,96 @@ def solve_search_asym(
         for dz in (0.0, -1.0, 1.0):
             consider(s, (z0 + dz).clamp(0, top))
     return best_s, best_z
+
+
+# --- format version 3: a fractional zero per group, steps and zeros in 8 bits each (see quantize.py) ---
+
+
+def zero_unit(bits: int) -> float:
+    """Version 3 stores a group's zero point in 8 bits spanning the code range: ``z = zq * zero_unit(bits)`` with
+    ``zq`` in ``[0, 255]``, i.e. sixteenths of a code for 4-bit codes (whole codes for 8-bit ones)."""
+    return 2.0 ** (bits - 8)
+
+
+def affine_codes(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes ``clamp(round(x / s + z), 0, 2**bits - 1)`` as float32, ``[R, G]``, for ``x ≈ s * (u - z)``
+    with a real (not necessarily integer) zero ``z``; ``s``, ``z`` are ``[R]``. A group with ``s == 0`` gets the
+    code nearest to its zero (the dense part is then exactly 0 there: ``s = 0``)."""
+    top = (1 << bits) - 1
+    s_safe = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(1)
+    u = torch.round(x / s_safe + z.unsqueeze(1)).clamp_(0, top)
+    return torch.where((s > 0).unsqueeze(1), u, torch.round(z).clamp(0, top).unsqueeze(1).expand_as(u))
+
+
+def affine_loss(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int,
+                mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``[R]`` squared error ``sum mask * (s * (u - z) - x)**2`` of each group (``mask [R, G]``: 1 where an element
+    counts, 0 at an outlier, which the sparse part stores exactly)."""
+    u = affine_codes(x, s, z, bits)
+    err = u.sub_(z.unsqueeze(1)).mul_(s.unsqueeze(1)).sub_(x).square_()
+    return (err if mask is None else err.mul_(mask)).sum(1)
+
+
+def solve_affine(
+    x: torch.Tensor, bits: int, mask: torch.Tensor | None = None, ratios: tuple[float, ...] = (1.0, 0.9),
+    lsq_iters: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Step ``s`` and real zero ``z`` per group (``[R]`` each) minimising the squared error of ``s * (u - z)``.
+
+    Starts from the min-max range over the counted elements (it always holds 0, so that ``z`` stays in
+    ``[0, 2**bits - 1]``), shrunk toward its centre by each of ``ratios``; from each start, ``lsq_iters`` rounds of
+    codes for the current ``(s, z)`` and the least-squares ``(s, s * z)`` for those codes (a 2 x 2 system per
+    group: the fit is exact where the group already lies on a grid of 16 levels, as in a 4-bit GGUF), and the
+    integer-zero min-max range of :func:`rtn_asym`. Each candidate is kept where it lowers the error, so the result
+    is never worse than version 2's RTN. ``x [R, G]`` float32; ``mask`` as in :func:`affine_loss`.
+    """
+    top = (1 << bits) - 1
+    if mask is None:
+        lo, hi = x.amin(1), x.amax(1)
+        w = None
+    else:
+        big = torch.finfo(torch.float32).max
+        lo = torch.where(mask > 0, x, big).amin(1)
+        hi = torch.where(mask > 0, x, -big).amax(1)
+        empty = ~(mask > 0).any(1)
+        lo = torch.where(empty, 0.0, lo)
+        hi = torch.where(empty, 0.0, hi)
+        w = mask
+    lo, hi = lo.clamp_max(0.0), hi.clamp_min(0.0)
+    n_w = torch.full_like(lo, x.shape[1]) if w is None else w.sum(1)
+    sum_x = x.sum(1) if w is None else (x * w).sum(1)
+    best_s = best_z = best_loss = None
+    for ratio in ratios:
+        centre, half = (lo + hi) / 2, (hi - lo) / 2 * ratio
+        s = 2 * half / top
+        z = torch.where(s > 0, (half - centre) / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+        for it in range(lsq_iters + 1):
+            loss = affine_loss(x, s, z, bits, w)
+            if best_loss is None:
+                best_s, best_z, best_loss = s, z, loss
+            else:
+                better = loss < best_loss
+                best_s = torch.where(better, s, best_s)
+                best_z = torch.where(better, z, best_z)
+                best_loss = torch.where(better, loss, best_loss)
+            if it == lsq_iters:
+                break
+            # least squares of x ≈ s * u + b over the counted elements, for the codes of (s, z); b = -s * z
+            u = affine_codes(x, s, z, bits)
+            uw = u if w is None else u * w
+            su, suu, sux = uw.sum(1), (uw * u).sum(1), (uw * x).sum(1)
+            det = n_w * suu - su * su
+            ok = det > 1e-12 * n_w * n_w
+            det_safe = torch.where(ok, det, torch.ones_like(det))
+            s_new = (n_w * sux - su * sum_x) / det_safe
+            b_new = (sum_x - s_new * su) / n_w.clamp_min(1.0)
+            ok &= s_new > 0
+            z_new = (-b_new / torch.where(ok, s_new, torch.ones_like(s_new))).clamp(0.0, float(top))
+            s = torch.where(ok, s_new, s)
+            z = torch.where(ok, z_new, z)
+    assert best_s is not None and best_z is not None and best_loss is not None
+    # Version 2's integer-zero min-max range, which a real zero can only improve on: kept where it is better.
+    s_int, z_int = rtn_asym(x if w is None else x * w, bits)  # the outliers out of the range
+    loss = affine_loss(x, s_int, z_int, bits, w)
+    better = loss < best_loss
+    return torch.where(better, s_int, best_s), torch.where(better, z_int, best_z)

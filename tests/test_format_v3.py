@@ -1,0 +1,144 @@
+"""Format version 3 (compact steps): the quantizer, the schema, tensor-parallel slices and the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from easyquant_vllm.format import (
+    TENSOR_SUFFIXES,
+    CheckpointError,
+    EasyQuantCheckpointConfig,
+    bits_per_weight,
+    layer_tensors,
+    quantized_weight_from_tensors,
+    validate_layer,
+)
+from easyquant_vllm.quant import QuantSpec, dequantize_rows, max_row_nnz, quantize_group, unpack_codes
+from easyquant_vllm.quant.solvers import affine_loss, rtn_asym, solve_affine
+from easyquant_vllm.sharding import pad_rows, slice_columns, slice_rows, stack_rows
+from tests.conftest import heavy_tailed
+
+
+def _v3(w: torch.Tensor, group_size: int = 32, **overrides: object):  # type: ignore[no-untyped-def]
+    return quantize_group([w], QuantSpec.for_version(3, group_size=group_size, **overrides))[0]
+
+
+def gguf_like(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """``[n, k]`` weights on a 16-level grid per block of 32, as a Q4_1 GGUF dequantizes: ``d * q + m`` with a
+    float16 step ``d`` and offset ``m`` per block (the published SmolLM2 weights are of this kind)."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = n * k // 32
+    d = (0.002 + 0.01 * torch.rand(blocks, 1, generator=g)).half().float()
+    m = (-d * (4 + 8 * torch.rand(blocks, 1, generator=g))).half().float()
+    q = torch.randint(0, 16, (blocks, 32), generator=g).float()
+    q[:, 0], q[:, 1] = 0, 15  # every block spans its grid, as a min-max quantizer leaves it
+    return (d * q + m).reshape(n, k)
+
+
+def test_v3_reconstruction_is_the_documented_formula() -> None:
+    w = heavy_tailed(32, 128, seed=1)
+    w[3, 5] = 0.9  # an outlier
+    qw = _v3(w)
+    assert qw.format_version == 3 and qw.scales.dtype == torch.uint8 and qw.row_steps is not None
+    assert qw.outliers.nnz > 0
+    u = unpack_codes(qw.qweight, 4).float()
+    s = (qw.row_steps.float()[:, None] * qw.scales.float()).repeat_interleave(32, dim=1)
+    z = (qw.zeros.float() / 16).repeat_interleave(32, dim=1)
+    manual = qw.col_scale.float() * (s * (u - z)) + qw.outliers.to_dense()
+    assert torch.equal(qw.dequantize(), manual)
+    # The outlier's value is what the dense part misses: W' equals W there up to its float16 rounding.
+    assert abs(float(qw.dequantize()[3, 5]) - 0.9) < 1e-3
+    assert float((qw.dequantize() - w).norm() / w.norm()) < 0.08
+
+
+def test_v3_recovers_a_gguf_grid_of_blocks_of_32() -> None:
+    w = gguf_like(64, 256, seed=2)
+    qw = _v3(w, normalize="none", max_outlier_fraction=0.0)
+    v2 = quantize_group([w], QuantSpec.for_version(2, group_size=32, normalize="none", max_outlier_fraction=0.0))[0]
+    err3 = float((qw.dequantize() - w).norm() / w.norm())
+    err2 = float((v2.dequantize() - w).norm() / w.norm())
+    assert err3 < 0.1 * err2, (
+        err3,
+        err2,
+    )  # the fractional zero and fitted step find the grid; v2's integer zero cannot
+
+
+def test_solve_affine_fits_a_grid_exactly_and_never_loses_to_min_max() -> None:
+    g = torch.Generator().manual_seed(3)
+    s = 0.01 + 0.05 * torch.rand(200, generator=g)
+    z = 2 + 10 * torch.rand(200, generator=g)
+    u = torch.randint(0, 16, (200, 32), generator=g).float()
+    u[:, 0], u[:, 1] = 0, 15
+    x = s[:, None] * (u - z[:, None])
+    s_fit, z_fit = solve_affine(x, 4)
+    torch.testing.assert_close(s_fit, s, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(z_fit, z, rtol=1e-4, atol=1e-4)
+    y = heavy_tailed(300, 32, seed=4)
+    s_mm, z_mm = rtn_asym(y, 4)
+    s_a, z_a = solve_affine(y, 4)
+    assert bool((affine_loss(y, s_a, z_a, 4) <= affine_loss(y, s_mm, z_mm.float(), 4) * (1 + 1e-6)).all())
+
+
+def test_v3_layer_roundtrip_and_validation_names_the_tensor() -> None:
+    qw = _v3(heavy_tailed(32, 128, seed=5))
+    t = layer_tensors("P", qw)
+    assert set(t) == {f"P.{s}" for s in (*TENSOR_SUFFIXES, "qzeros", "col_scale", "row_steps")}
+    assert t["P.qzeros"].shape == (32, 4) and t["P.scales"].dtype == torch.uint8 and t["P.row_steps"].shape == (32,)
+    back = quantized_weight_from_tensors("P", t, 4, 32, True, True, 3)
+    assert torch.equal(back.dequantize(), qw.dequantize())
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\) \['P.row_steps'\]"):
+        validate_layer("P", {k: v for k, v in t.items() if k != "P.row_steps"}, 4, 32, True, True, 3)
+    with pytest.raises(CheckpointError, match=r"P.scales: dtype torch.float16, expected torch.uint8"):
+        validate_layer("P", {**t, "P.scales": t["P.scales"].half()}, 4, 32, True, True, 3)
+    bad = t["P.row_steps"].clone()
+    bad[2] = float("nan")
+    with pytest.raises(CheckpointError, match=r"P.row_steps: contains NaN or Inf"):
+        validate_layer("P", {**t, "P.row_steps": bad}, 4, 32, True, True, 3)
+    with pytest.raises(CheckpointError, match=r"tensor\(s\) \['P.row_steps'\] present"):
+        validate_layer("P", t, 4, 32, True, True, 2)
+    with pytest.raises(CheckpointError, match="zero_points must be true with format_version 3"):
+        EasyQuantCheckpointConfig.from_dict({"quant_method": "easyquant", "format_version": 3, "bits": 4,
+                                             "group_size": 32})  # fmt: skip
+
+
+def test_v3_bits_per_weight() -> None:
+    # codes + 16 bits per group + a float16 unit per row + row pointers, + the column scale
+    assert bits_per_weight(64, 256, 4, 32, 0, True, False, 3) == pytest.approx(
+        4 + 16 / 32 + 16 / 256 + 32 * 65 / (64 * 256)
+    )
+    assert bits_per_weight(64, 256, 4, 32, 0, True, True, 3) - bits_per_weight(64, 256, 4, 32, 0, True, False, 3) == (
+        pytest.approx(16 / 64)
+    )
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_v3_tensor_parallel_slices_recombine(tp: int) -> None:
+    qw = _v3(heavy_tailed(128, 256, seed=6))
+    rows = 128 // tp
+    parts = [slice_rows(qw, r * rows, rows) for r in range(tp)]
+    assert torch.equal(stack_rows(parts).dequantize(), qw.dequantize())
+    x = torch.randn(3, 256, dtype=torch.float64)
+    cols = 256 // tp
+    partial = sum(x[:, r * cols : (r + 1) * cols] @ slice_columns(qw, r * cols, cols).dequantize(torch.float64).T
+                  for r in range(tp))  # fmt: skip
+    torch.testing.assert_close(partial, x @ qw.dequantize(torch.float64).T)
+
+
+def test_v3_padding_rows_and_embedding_lookup() -> None:
+    w = heavy_tailed(40, 64, seed=7)
+    w[7, 3] = 0.9
+    qw = _v3(w)
+    padded = pad_rows(qw, 48)
+    d = padded.dequantize()
+    assert torch.equal(d[:40], qw.dequantize()) and not d[40:].any()
+    ids = torch.tensor([[7, 0], [39, 7]])
+    assert torch.equal(dequantize_rows(qw, ids, max_row_nnz(qw.outliers.indptr)), qw.dequantize()[ids])
+
+
+def test_v3_stack_refuses_mixed_formats() -> None:
+    a = _v3(heavy_tailed(16, 64, seed=8))
+    b = quantize_group([heavy_tailed(16, 64, seed=9)], QuantSpec.for_version(2, group_size=32, normalize="none"))[0]
+    a = type(a)(a.qweight, a.scales, a.outliers, 4, 32, zeros=a.zeros, row_steps=a.row_steps)  # no column scale
+    with pytest.raises(ValueError, match="share one format"):
+        stack_rows([a, b], ["a", "b"])
