@@ -313,7 +313,7 @@ def test_convert_format_version_3_compact_steps(tiny_llama: Path, tmp_path: Path
         for module, qw in quantized_layers(ckpt, qc):
             w = src[f"{module}.weight"].float()
             assert float((qw.dequantize() - w).norm() / w.norm()) < 0.1, module
-    with pytest.raises(ConversionError, match="compact steps .* need zero_points"):
+    with pytest.raises(ConversionError, match=r"compact steps .* need zero_points"):
         convert(tiny_llama, tmp_path / "bad", ConvertOptions(format_version=3, zero_points=False), progress=False)
 
 

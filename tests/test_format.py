@@ -123,7 +123,7 @@ def test_config_defaults_are_the_default_format_versions() -> None:
     default = QuantSpec.for_version(DEFAULT_FORMAT_VERSION)
     assert QuantSpec() == default and ConvertOptions().format_version == DEFAULT_FORMAT_VERSION
     assert EasyQuantCheckpointConfig() == EasyQuantCheckpointConfig.from_spec(default)
-    with pytest.raises(ValueError, match="zero points and column scales need format version 2.*not 1"):
+    with pytest.raises(ValueError, match=r"zero points and column scales need format version 2.*not 1"):
         QuantSpec.for_version(1, zero_points=True)
 
 
