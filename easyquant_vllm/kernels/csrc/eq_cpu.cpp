@@ -329,39 +329,48 @@ __attribute__((target("avx2"))) inline __m256i broadcast_pair(const uint32_t* p)
   return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(p)));
 }
 
+// (lo, hi) += one batch row's x pair at p times the code pairs of rows 0-7 (c0) and 8-15 (c1).
+__attribute__((target("avx2"))) inline void madd_pairs(__m256i c0, __m256i c1, const uint32_t* p, __m256i& lo,
+                                                       __m256i& hi) {
+  const __m256i xv = broadcast_pair(p);
+  lo = _mm256_add_epi32(lo, _mm256_madd_epi16(c0, xv));
+  hi = _mm256_add_epi32(hi, _mm256_madd_epi16(c1, xv));
+  in_register(lo);
+  in_register(hi);
+}
+
 // R batch rows (m0 .. m0 + R - 1) against sub-block xi of block b: int32 sums in registers (2R ymm: R = 4 is
 // 8 of AVX2's 16, with the two code words, two code pairs, the mask and a broadcast), the fp32 totals in acc
 // [M][16]. Each code pair is decoded once and used by the R rows. The vpaddd chain has a 1-cycle latency, so
-// one accumulator pair per row keeps vpmaddwd busy even at M = 1. prefetch: this pass is the first over the
-// sub-block's codes (later row tiles find them in L1).
+// one accumulator pair per row keeps vpmaddwd busy even at M = 1. The sums are named variables, not an array:
+// an array stayed in memory where GCC did not inline this function (a load and a store per vpaddd, 2x slower
+// at R = 2). prefetch: this pass is the first over the sub-block's codes (later row tiles find them in L1).
 template <int R>
 __attribute__((target("avx2,fma,f16c"))) void i16_rows(const Problem& P, int64_t b, int64_t xi, int64_t m0,
                                                        const I16Steps& st, bool prefetch, float* acc) {
+  static_assert(R >= 1 && R <= 4, "i16_rows: 1 to 4 batch rows");
   const int64_t pairs = P.k / 2, subblocks = P.k / P.xg, words = P.xg / 8;
   const uint32_t* wb = P.w + (b * (P.k / 8) + xi * words) * kBlockN;  // the sub-block's first line
   const uint32_t* xr = P.xq + m0 * pairs + xi * P.xg / 2;               // its x pairs in batch row m0
   const __m256i mask = _mm256_set1_epi32(0x000F000F);
-  __m256i a[R][2];
-  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_setzero_si256();
+  __m256i lo0 = _mm256_setzero_si256(), hi0 = lo0, lo1 = lo0, hi1 = lo0, lo2 = lo0, hi2 = lo0, lo3 = lo0, hi3 = lo0;
   for (int64_t q = 0; q < words; ++q, wb += kBlockN, xr += 4) {
     if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchWords * kBlockN), _MM_HINT_T0);
     const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
     const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 8));
     for (int t = 0; t < 4; ++t) {
       const __m256i c0 = code_pairs(d0, t, mask), c1 = code_pairs(d1, t, mask);
-      for (int r = 0; r < R; ++r) {
-        const __m256i xv = broadcast_pair(xr + r * pairs + t);
-        a[r][0] = _mm256_add_epi32(a[r][0], _mm256_madd_epi16(c0, xv));
-        a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(c1, xv));
-        in_register(a[r][0]);
-        in_register(a[r][1]);
-      }
+      madd_pairs(c0, c1, xr + t, lo0, hi0);
+      if constexpr (R > 1) madd_pairs(c0, c1, xr + pairs + t, lo1, hi1);
+      if constexpr (R > 2) madd_pairs(c0, c1, xr + 2 * pairs + t, lo2, hi2);
+      if constexpr (R > 3) madd_pairs(c0, c1, xr + 3 * pairs + t, lo3, hi3);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    const int64_t i = (m0 + r) * subblocks + xi;
-    i16_epilogue(a[r][0], a[r][1], st, P.xsigma[i], P.xqsum[i], acc + (m0 + r) * kBlockN);
-  }
+  const auto row = [&](int r) { return (m0 + r) * subblocks + xi; };  // index of (row m0 + r, sub-block xi)
+  i16_epilogue(lo0, hi0, st, P.xsigma[row(0)], P.xqsum[row(0)], acc + m0 * kBlockN);
+  if constexpr (R > 1) i16_epilogue(lo1, hi1, st, P.xsigma[row(1)], P.xqsum[row(1)], acc + (m0 + 1) * kBlockN);
+  if constexpr (R > 2) i16_epilogue(lo2, hi2, st, P.xsigma[row(2)], P.xqsum[row(2)], acc + (m0 + 2) * kBlockN);
+  if constexpr (R > 3) i16_epilogue(lo3, hi3, st, P.xsigma[row(3)], P.xqsum[row(3)], acc + (m0 + 3) * kBlockN);
 }
 
 // The block: sub-block by sub-block (its 1 KB of codes stays in L1 while every row tile of 1-4 batch rows
