@@ -97,9 +97,9 @@ def default_plan(dtype: torch.dtype, paths: Sequence[str]) -> list[int]:
     The bounds are crossovers measured on SmolLM2's shapes (docs/serving.md, ``bench/cpu_kernels.py``): with
     AMX, vdpbf16ps for 1-2 rows, the AMX tiles to 96 rows, then dequantize + oneDNN's GEMM (AMX); with
     AVX512-BF16 only, vdpbf16ps to 128 rows. With AVX2 only (or fp16 activations, which the bf16 paths do not
-    take), the i16 path for every M: on Qwen2.5-1.5B's and a MoE expert's shapes it ran 1.3-3x faster than the
-    fma path at every M from 1 to 256, and the dense GEMM that dequant hands over to (no native bf16/fp16
-    there) was 5-8x slower than i16 (docs/serving.md, "The i16 path on AVX2").
+    take), the i16 path for every M: on Qwen2.5-1.5B's and a MoE expert's shapes it ran 1.5-3.2x faster than
+    the fma path at M = 1-64 (1.3x at 128 and 256), and the dense GEMM that dequant hands over to (no native
+    bf16 there) was 4.5-11x slower than i16 (docs/serving.md, "The i16 path on AVX2").
     """
     override = os.environ.get(ENV_PLAN)
     if override:
