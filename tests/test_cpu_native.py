@@ -1,6 +1,6 @@
 """Our C++ CPU kernel (easyquant_vllm/kernels/csrc/eq_cpu.cpp): every path this CPU has, against the reference.
 
-Each path runs where the CPU has its instructions (AVX2 for ``fma`` and ``dequant``, AVX512-BF16 for
+Each path runs where the CPU has its instructions (AVX2 for ``fma``, ``i16`` and ``dequant``, AVX512-BF16 for
 ``bf16dp``, AMX for ``amx``); the others skip and say which instructions are missing. The plan that picks a
 path by M is exercised under torch.compile with the dispatch counter.
 """
@@ -17,8 +17,8 @@ from easyquant_vllm.quant import QuantizedWeight, QuantSpec, quantize_weight
 from easyquant_vllm.quant.outliers import OutlierCSR
 from tests.conftest import FORMAT_VERSIONS, heavy_tailed, layer_spec, quantized
 
-NEEDS = {"fma": "AVX2 + FMA", "dequant": "AVX2 + FMA", "bf16dp": "AVX512-BF16 and bf16 activations",
-         "amx": "AMX-BF16 and bf16 activations"}  # fmt: skip
+NEEDS = {"fma": "AVX2 + FMA", "i16": "AVX2 + FMA", "dequant": "AVX2 + FMA",
+         "bf16dp": "AVX512-BF16 and bf16 activations", "amx": "AMX-BF16 and bf16 activations"}  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,7 +51,9 @@ def _heavy_row_weight(n: int = 32, k: int = 256) -> QuantizedWeight:
     return QuantizedWeight(u, qw.scales, OutlierCSR(indptr, cols, values, (n, k)), 4, 64)
 
 
-SHAPES = [(1536, 576, 64), (64, 128, 32), (576, 1536, 128), (96, 256, -1), (48, 4096, 128)]  # (N, K, group size)
+# (N, K, group size). (32, 8960, -1): per channel over a K whose int32 sums would overflow in one piece (the i16
+# path's sub-blocks of x).
+SHAPES = [(1536, 576, 64), (64, 128, 32), (576, 1536, 128), (96, 256, -1), (48, 4096, 128), (32, 8960, -1)]
 
 
 @pytest.mark.parametrize("path", native.PATHS)
@@ -66,7 +68,7 @@ def test_native_path_matches_reference(path: str, version: int, dtype: torch.dty
     tensors = kernel.prepare(qw)
     ref_w = qw.dequantize(torch.float64)
     g = torch.Generator().manual_seed(k)
-    for m in (1, 2, 3, 5, 8, 9, 16, 17, 33, 64, 65, 100):  # every row tile, full and partial
+    for m in (1, 2, 3, 4, 5, 8, 9, 16, 17, 33, 64, 65, 70, 100):  # every row tile, full and partial
         x = torch.randn(m, k, generator=g).to(dtype)
         bias = torch.randn(n, generator=g).to(dtype) if m % 2 else None
         y = kernel.apply(tensors, x, bias)
@@ -92,6 +94,36 @@ def test_native_path_heavy_outlier_row_and_no_outliers(path: str) -> None:
     assert _rel(y, x.double() @ bare.dequantize(torch.float64).T) < 6e-3
 
 
+@pytest.mark.parametrize("path", native.PATHS)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_native_path_largest_sums_do_not_overflow(path: str, sign: float) -> None:
+    # Every code 15 with zero point 0 and |x| = 1 everywhere: each product is as large as the codes allow and
+    # all have one sign. The i16 path's x is then 32767 in every column, and one int32 sum over K = 8960
+    # columns would reach 15 * 32767 * 8960 = 4.4e9 > 2^31: its sums must stop at sub-blocks.
+    n, k = 32, 8960
+    steps = torch.full((n, 1), 2.0**-10, dtype=torch.float16)
+    empty = OutlierCSR(torch.zeros(n + 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
+                       torch.zeros(0, dtype=torch.float16), (n, k))  # fmt: skip
+    qw = QuantizedWeight(torch.full((n, k // 8), -1, dtype=torch.int32), steps, empty, 4, -1,
+                         zeros=torch.zeros(n, 1, dtype=torch.uint8))  # fmt: skip
+    kernel = _kernel(qw, torch.bfloat16, path)
+    y = kernel.apply(kernel.prepare(qw), torch.full((3, k), sign).bfloat16(), None)
+    ref = torch.full((3, n), sign * 15 * 2.0**-10 * k, dtype=torch.float64)  # 131.25; a wrapped int32 sum is far off
+    assert _rel(y, ref) < 6e-3
+
+
+@pytest.mark.parametrize("path", native.PATHS)
+def test_native_path_non_finite_x_gives_non_finite_rows(path: str) -> None:
+    # A NaN or inf in x must not come out as a finite number (the i16 path scales x per sub-block: its step
+    # would be NaN/inf-derived), and must stay in its own batch row.
+    qw = quantized(heavy_tailed(64, 256, seed=8), 2, 64)
+    kernel = _kernel(qw, torch.bfloat16, path)
+    x = torch.randn(4, 256).bfloat16()
+    x[1, 7], x[2, 200] = float("nan"), float("inf")
+    y = kernel.apply(kernel.prepare(qw), x, None)
+    assert not y[1:3].isfinite().any() and y[[0, 3]].isfinite().all()
+
+
 @pytest.mark.parametrize("version", FORMAT_VERSIONS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dequant_path_is_the_reference_weight_and_gemm(version: int, dtype: torch.dtype) -> None:
@@ -102,6 +134,13 @@ def test_dequant_path_is_the_reference_weight_and_gemm(version: int, dtype: torc
     x, bias = torch.randn(40, 512).to(dtype), torch.randn(96).to(dtype)
     y = kernel.apply(kernel.prepare(qw), x, bias)
     assert torch.equal(y, F.linear(x, qw.dequantize(dtype), bias))
+
+
+def test_self_check_batches_cover_every_i16_row_tile() -> None:
+    # The i16 path runs batch rows 4 at a time, then a tile of the 1-3 rows left: the start-up self-check must
+    # run each of the four tiles.
+    batches = NativeCpuKernel.check_batches(LayerSpec(64, 256, 4, 64, torch.bfloat16, "cpu"), torch.device("cpu"))
+    assert {4 for m in batches if m >= 4} | {m % 4 for m in batches if m % 4} == {1, 2, 3, 4}
 
 
 def test_repack_keeps_each_word_and_groups_steps_per_block() -> None:
@@ -117,7 +156,7 @@ def test_repack_keeps_each_word_and_groups_steps_per_block() -> None:
 @pytest.mark.parametrize("version", FORMAT_VERSIONS)
 def test_plan_picks_the_path_by_m_at_run_time_under_compile(version: int) -> None:
     paths = native.available_paths(torch.bfloat16)
-    small, large = ("bf16dp", "amx") if "amx" in paths else ("fma", "dequant")
+    small, large = ("bf16dp", "amx") if "amx" in paths else ("i16", "dequant")
     qw = quantized(heavy_tailed(64, 256, seed=2), version, 64)
     kernel = NativeCpuKernel(layer_spec(qw, torch.bfloat16), plan=native.parse_plan(f"{small}:4,{large}", paths))
     tensors = kernel.prepare(qw)
@@ -140,8 +179,18 @@ def test_plan_text_round_trips_and_bad_plans_are_named(monkeypatch: pytest.Monke
         native.parse_plan("fma,dequant", native.PATHS)
     with pytest.raises(ValueError, match="path 'amx' is not available on this CPU"):
         native.parse_plan("amx", ("fma", "dequant"))
+    assert native.parse_plan("i16:16,fma", native.PATHS) == [16, 4, 1 << 30, 0]
     monkeypatch.setenv(native.ENV_PLAN, "fma")
     assert native.default_plan(torch.bfloat16, native.PATHS) == [1 << 30, 0]
+
+
+def test_default_plan_per_isa(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A function of the paths the CPU has, not of this machine: every ISA's plan is checked everywhere.
+    monkeypatch.delenv(native.ENV_PLAN, raising=False)
+    assert native.plan_text(native.default_plan(torch.bfloat16, native.PATHS)) == "bf16dp:2,amx:96,dequant"
+    avx512 = ("fma", "bf16dp", "dequant", "i16")
+    assert native.plan_text(native.default_plan(torch.bfloat16, avx512)) == "bf16dp:128,dequant"
+    assert native.plan_text(native.default_plan(torch.float16, ("fma", "dequant", "i16"))) == "i16"
 
 
 def test_op_names_a_path_the_cpu_lacks_and_bad_tensors() -> None:

@@ -9,7 +9,8 @@ import torch
 
 from converters.convert import ConversionError, ConvertOptions, convert, module_kind
 from converters.tiny_model import build_tiny_model
-from easyquant_vllm.kernels import select
+from easyquant_vllm.kernels import cpu_native as native
+from easyquant_vllm.kernels import dispatch_counts, reset_dispatch_counts, select
 from easyquant_vllm.kernels.moe import (
     MoeSpec,
     NativeCpuMoeKernel,
@@ -47,20 +48,28 @@ def _routing(m: int, k: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     return ids, torch.softmax(torch.randn(m, k, generator=g), -1)
 
 
+@pytest.mark.parametrize("path", [None, "i16"], ids=["plan", "i16"])  # the CPU's default plan, or one path forced
 @pytest.mark.parametrize("version", FORMAT_VERSIONS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_native_moe_matches_reference(version: int, dtype: torch.dtype) -> None:
+def test_native_moe_matches_reference(version: int, dtype: torch.dtype, path: str | None) -> None:
     experts = _experts(version)
     spec = MoeSpec(E, H, INTER, 4, 64, dtype, "cpu", version == 2, version == 2)
     ok, why = NativeCpuMoeKernel.can_implement(spec)
     if not ok:
         pytest.skip(why)
     kernel = NativeCpuMoeKernel(spec)
+    if path is not None:
+        if path not in native.available_paths(dtype):
+            pytest.skip(f"path {path} is not available on this CPU for {dtype}")
+        kernel.plan = native.parse_plan(path, native.PATHS)
     tensors = kernel.prepare(experts)
     for m in (1, 2, 5, 17, 70):  # one expert with a token, most idle, every expert busy, the large-M paths
         x = torch.randn(m, H, generator=torch.Generator().manual_seed(m)).to(dtype)
         ids, w = _routing(m, seed=m)
+        reset_dispatch_counts()
         y = kernel.apply(tensors, x, ids, w)
+        if path is not None:  # every expert's linears took the forced path
+            assert set(dispatch_counts()) == {f"native-int4-cpu:{path}"}, m
         assert y.dtype == dtype and y.shape == (m, H)
         ref = _reference(experts, x, ids, w)
         rel = float((y.double() - ref).norm() / ref.norm())

@@ -12,7 +12,9 @@ compiled graph calls directly, and the op picks a path by the batch size M:
 =========  =================================  =============================================================
 path       needs                              what
 =========  =================================  =============================================================
-fma        AVX2 + FMA                         exact fp32 ``s * (u - z)`` times fp32 ``x * c``; fp16 too
+fma        AVX2 + FMA                         exact fp32 ``s * (u - z)`` times fp32 ``x * c``
+i16        AVX2 + FMA                         integer codes times ``x * c`` in 16-bit fixed point per 128
+                                              columns (``vpmaddwd``), scaled per group in fp32
 bf16dp     AVX512-BF16, bf16 activations      exact bf16 codes, ``vdpbf16ps`` per group, step applied in fp32
 amx        AMX-BF16, bf16 activations         the same codes as AMX B tiles, up to 64 batch rows per pass
 dequant    AVX2                               W'^T in x's dtype (bit-identical to the reference), ATen GEMM
@@ -40,8 +42,8 @@ logger = logging.getLogger("vllm.easyquant")
 SOURCE = Path(__file__).resolve().parent / "csrc" / "eq_cpu.cpp"
 SOURCES = (SOURCE, SOURCE.with_name("eq_cpu_moe.cpp"))
 """The op library: the linear op (eq_cpu.cpp) and the MoE op that runs it per expert (eq_cpu_moe.cpp)."""
-PATHS = ("fma", "bf16dp", "amx", "dequant")
-"""Path ids of the C++ op, in order (``Path`` in eq_cpu.cpp)."""
+PATHS = ("fma", "bf16dp", "amx", "dequant", "i16")
+"""Path ids of the C++ op, in order (``Path`` in eq_cpu.cpp; a new path takes the next id)."""
 
 _BLOCK_N = 16
 ENV_VERBOSE = "EASYQUANT_VERBOSE_BUILD"
@@ -94,8 +96,10 @@ def default_plan(dtype: torch.dtype, paths: Sequence[str]) -> list[int]:
 
     The bounds are crossovers measured on SmolLM2's shapes (docs/serving.md, ``bench/cpu_kernels.py``): with
     AMX, vdpbf16ps for 1-2 rows, the AMX tiles to 96 rows, then dequantize + oneDNN's GEMM (AMX); with
-    AVX512-BF16 only, vdpbf16ps to 128 rows; with AVX2 (or fp16 activations), the FMA path for every M: there
-    the dense bf16 GEMM it would hand over to is slower than the FMA path even at 64 rows.
+    AVX512-BF16 only, vdpbf16ps to 128 rows. With AVX2 only (or fp16 activations, which the bf16 paths do not
+    take), the i16 path for every M: on Qwen2.5-1.5B's and a MoE expert's shapes it ran 1.5-3.2x faster than
+    the fma path at M = 1-64 (1.3x at 128 and 256), and the dense GEMM that dequant hands over to (no native
+    bf16 there) was 4.5-11x slower than i16 (docs/serving.md, "The i16 path on AVX2").
     """
     override = os.environ.get(ENV_PLAN)
     if override:
@@ -105,7 +109,7 @@ def default_plan(dtype: torch.dtype, paths: Sequence[str]) -> list[int]:
     elif "bf16dp" in paths:
         steps = [("bf16dp", 128), ("dequant", 0)]
     else:
-        steps = [("fma", 0)]
+        steps = [("i16", 0)]
     return _flatten(steps)
 
 
@@ -224,7 +228,8 @@ class NativeCpuKernel(Kernel):
     @classmethod
     def check_batches(cls, spec: LayerSpec, device: torch.device) -> tuple[int, ...]:
         # Every path of the plans above and their row tiles: 1-2 rows, 3-8, one and several 16-row slices,
-        # beyond 64 rows, beyond the last bound.
+        # beyond 64 rows, beyond the last bound. The i16 path's tiles of 1, 2, 3 and 4 rows: M = 1, 2, 3, and 9
+        # (4 + 4 + 1); 70 = 17 x 4 + 2 crosses many tiles.
         return (1, 2, 3, 9, 17, 70, 150)
 
 

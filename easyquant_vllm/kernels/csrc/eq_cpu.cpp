@@ -34,7 +34,11 @@
 // Paths (``plan`` picks one per M, see cpu_native.py; each is compiled for its ISA with a target attribute
 // and only called where the CPU has it):
 //   kFma     AVX2 + FMA: codes -> fp32 s*(u-8) (exact: an 11-bit step times a 4-bit code), FMA with fp32 x.
-//            Any x86-64 CPU of the last decade; the only path for fp16 activations.
+//            Any x86-64 CPU of the last decade.
+//   kI16     AVX2: x * c rounded to 16-bit fixed point per batch row and sub-block of at most 128 columns
+//            (|error| <= max|x * c| / 65534 per element, the max taken over the sub-block), the codes left
+//            as integers: vpmaddwd multiplies code pairs with x pairs (16 MACs per instruction, 8 for an
+//            FMA) into int32 sums per sub-block, scaled once per sub-block in fp32. W' stays exact. fp16 too.
 //   kBf16Dp  AVX512-BF16: bf16 codes, vdpbf16ps per group, the group sum corrected and scaled in fp32.
 //   kAmx     AMX-BF16: a block's codes written once as 1 KB B tiles in L1, tdpbf16ps against 16-row A
 //            tiles of x (up to four at once); per group the C tiles are stored, corrected and scaled in fp32.
@@ -62,7 +66,8 @@ constexpr int64_t kChunkK = 256;  // columns per fp32 panel of the kFma path: 16
 constexpr float kCodeBase = 128.0f;  // bf16 codes hold 128 + u
 constexpr int64_t kPrefetchWords = 16;  // software prefetch distance in 64-byte lines of codes
 
-enum Path : int64_t { kFma = 0, kBf16Dp = 1, kAmx = 2, kDequant = 3, kNumPaths = 4 };
+// The ids are the plan's ints (cpu_native.PATHS): a new path takes the next id, the others keep theirs.
+enum Path : int64_t { kFma = 0, kBf16Dp = 1, kAmx = 2, kDequant = 3, kI16 = 4, kNumPaths = 5 };
 
 std::atomic<int64_t> g_path_calls[kNumPaths];  // how often each path ran (the tests' dispatch counter)
 
@@ -82,6 +87,10 @@ struct Problem {
   const float* xt;         // [K][mp] x^T in fp32, mp = M rounded up to 16 (outliers 16 rows at a time), or null
   int64_t mp;
   const uint16_t* xpad;    // [mp][K] x, zero rows past M (AMX A tiles are 16 rows), or null
+  int64_t xg;              // columns per x sub-block of the i16 path (divides G), else 0
+  const uint32_t* xq;      // [M][K/2] int16 pairs of x * c, i16 layout (quantize_x_i16), or null
+  const float* xsigma;     // [M][K/xg] step of xq per sub-block (x * c ~ sigma * xq)
+  const float* xqsum;      // [M][K/xg] sum of xq over the sub-block (exact: |sum| <= 128 * 32767 < 2^24)
 };
 
 inline float half_to_float(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
@@ -228,6 +237,158 @@ __attribute__((target("avx2,fma,f16c"))) void fma_panel(const Problem& P, int64_
       }
       _mm256_storeu_ps(acc + m * kBlockN, a0);
       _mm256_storeu_ps(acc + m * kBlockN + 8, a1);
+    }
+  }
+}
+
+// ---- kI16: AVX2 integer dot products (vpmaddwd) --------------------------------------------------------
+
+// Why integers: the fma path spends four instructions on each column of 8 rows' codes (shift, and, int ->
+// fp32, FMA with the step) before the FMAs with x, each of them 8 MACs: on AVX2 it is bound by instructions,
+// not memory. Here a shift and an and turn 8 rows' words into two columns of codes, as int16 pairs, and one
+// vpmaddwd multiplies them with two int16 values of x: 16 MACs, no conversion. The price is x in 16-bit
+// fixed point (below).
+//
+// Code pairs: (word >> 4t) & 0x000F000F holds u[8q + t] in bits 0-3 and u[8q + 4 + t] in bits 16-19 of each
+// lane, t = 0..3: the int16 pair (u[8q + t], u[8q + 4 + t]). x is laid out to match (quantize_x_i16): one
+// dword per pair, (xq[8q + t], xq[8q + 4 + t]), so a single broadcast serves the 8 rows of a ymm, and
+// vpmaddwd gives u[8q + t] xq[8q + t] + u[8q + 4 + t] xq[8q + 4 + t] per row (codes 0..15 are non-negative
+// int16, as the signed multiply wants).
+//
+// Overflow: a product pair is at most 2 * 15 * 32767 = 983,010 in magnitude, and the int32 sums run over one
+// sub-block of x, at most 128 columns (64 pairs): at most 6.3e7, far below 2^31. Per channel (G = K) the
+// sub-block is the largest of 128, 96, 64, 32 dividing K: quantizing x per 128 columns rather than per K
+// also keeps a large activation in one place from coarsening x everywhere else (and int32 sums over K >
+// 4368 columns could overflow).
+//
+// Per sub-block and 16-row block, the int32 sums become fp32 once (i16_epilogue):
+//   y += sigma * (scale * acc - offset * sum(xq)),   scale = s, offset = s * z   (format versions 1 and 2)
+// since x * c ~ sigma * xq and W'[n, k] / c[k] = s (u - z). Another metadata encoding (say, scales and float
+// offsets decoded from compact per-group bytes) changes only how i16_steps fills the two vectors.
+
+constexpr int64_t kI16MaxSubblock = 128;  // columns of x per int16 step and per int32 sum (overflow, above)
+constexpr float kI16Max = 32767.0f;       // xq in [-32767, 32767]: -32768 never occurs, so |xq| fits int16
+
+// Columns per x sub-block for a group size G (G % 32 == 0): G itself up to 128, else the largest of 128, 96,
+// 64, 32 that divides G, so that every sub-block lies within one group (one step per row).
+inline int64_t i16_subblock(int64_t g) {
+  for (int64_t c : {kI16MaxSubblock, int64_t{96}, int64_t{64}, int64_t{32}})
+    if (g % c == 0) return c;
+  return g;  // unreachable for G % 32 == 0 (checked by the op)
+}
+
+struct I16Steps {  // one group's per-row "scale" and "offset" of the 16 rows (rows 0-7, rows 8-15)
+  __m256 scale0, scale1, offset0, offset1;
+};
+
+// Format versions 1 and 2: scale = s, offset = s * z (z = 8 without zero points). s * z is exact (an fp16
+// step times a 4-bit integer).
+__attribute__((target("avx2,fma,f16c"))) inline I16Steps i16_steps(const uint16_t* sg, const uint8_t* zg) {
+  I16Steps st;
+  st.scale0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg)));
+  st.scale1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + 8)));
+  __m256 z0 = _mm256_set1_ps(8.0f), z1 = z0;
+  if (zg) {
+    z0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zg))));
+    z1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zg + 8))));
+  }
+  st.offset0 = _mm256_mul_ps(st.scale0, z0);
+  st.offset1 = _mm256_mul_ps(st.scale1, z1);
+  return st;
+}
+
+// tot[0..15] += sigma * (scale * acc - offset * qsum): one batch row's int32 sums of one sub-block (a0: rows
+// 0-7, a1: rows 8-15) into its fp32 totals. acc converts to fp32 with a relative error <= 2^-24 (|acc| may
+// exceed 2^24); qsum is exact.
+__attribute__((target("avx2,fma"))) inline void i16_epilogue(__m256i a0, __m256i a1, const I16Steps& st, float sigma,
+                                                             float qsum, float* tot) {
+  const __m256 sg = _mm256_set1_ps(sigma), qs = _mm256_set1_ps(qsum);
+  const __m256 t0 = _mm256_fmsub_ps(_mm256_cvtepi32_ps(a0), st.scale0, _mm256_mul_ps(st.offset0, qs));
+  const __m256 t1 = _mm256_fmsub_ps(_mm256_cvtepi32_ps(a1), st.scale1, _mm256_mul_ps(st.offset1, qs));
+  _mm256_storeu_ps(tot, _mm256_fmadd_ps(sg, t0, _mm256_loadu_ps(tot)));
+  _mm256_storeu_ps(tot + 8, _mm256_fmadd_ps(sg, t1, _mm256_loadu_ps(tot + 8)));
+}
+
+// The int16 code pairs (u[8q + t], u[8q + 4 + t]) of 8 rows' words d. For t = 3 a 16-bit shift alone leaves
+// nibble 3 (bits 12-15) and nibble 7 (bits 28-31) at the bottom of their halves: no mask needed.
+__attribute__((target("avx2"))) inline __m256i code_pairs(__m256i d, int t, __m256i mask) {
+  if (t == 0) return _mm256_and_si256(d, mask);
+  if (t == 3) return _mm256_srli_epi16(d, 12);
+  return _mm256_and_si256(_mm256_srli_epi32(d, 4 * t), mask);
+}
+
+// An empty asm that takes v in a ymm register and gives it back: the compiler must have the value there, as
+// written. Integer adds are associative, and without this GCC 12 rewrites a word's chains of vpaddd into
+// trees over all its vpmaddwd results: at R = 4, 32 of them in flight for 16 registers, so it spilled the
+// accumulators and products to the stack (measured 1.15-1.2x slower at M = 2-64).
+__attribute__((target("avx2"))) inline void in_register(__m256i& v) { asm("" : "+x"(v)); }
+
+// One x pair (a dword) in all 8 lanes. vbroadcastss from memory is a pure load on Intel and AMD alike
+// (vpbroadcastd m32 is a load plus a shuffle-unit uop on some AMD cores); the bits are the same.
+__attribute__((target("avx2"))) inline __m256i broadcast_pair(const uint32_t* p) {
+  return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(p)));
+}
+
+// (lo, hi) += one batch row's x pair at p times the code pairs of rows 0-7 (c0) and 8-15 (c1).
+__attribute__((target("avx2"))) inline void madd_pairs(__m256i c0, __m256i c1, const uint32_t* p, __m256i& lo,
+                                                       __m256i& hi) {
+  const __m256i xv = broadcast_pair(p);
+  lo = _mm256_add_epi32(lo, _mm256_madd_epi16(c0, xv));
+  hi = _mm256_add_epi32(hi, _mm256_madd_epi16(c1, xv));
+  in_register(lo);
+  in_register(hi);
+}
+
+// R batch rows (m0 .. m0 + R - 1) against sub-block xi of block b: int32 sums in registers (2R ymm: R = 4 is
+// 8 of AVX2's 16, with the two code words, two code pairs, the mask and a broadcast), the fp32 totals in acc
+// [M][16]. Each code pair is decoded once and used by the R rows. The vpaddd chain has a 1-cycle latency, so
+// one accumulator pair per row keeps vpmaddwd busy even at M = 1. The sums are named variables, not an array:
+// an array stayed in memory where GCC did not inline this function (a load and a store per vpaddd, 2x slower
+// at R = 2). prefetch: this pass is the first over the sub-block's codes (later row tiles find them in L1).
+template <int R>
+__attribute__((target("avx2,fma,f16c"))) void i16_rows(const Problem& P, int64_t b, int64_t xi, int64_t m0,
+                                                       const I16Steps& st, bool prefetch, float* acc) {
+  static_assert(R >= 1 && R <= 4, "i16_rows: 1 to 4 batch rows");
+  const int64_t pairs = P.k / 2, subblocks = P.k / P.xg, words = P.xg / 8;
+  const uint32_t* wb = P.w + (b * (P.k / 8) + xi * words) * kBlockN;  // the sub-block's first line
+  const uint32_t* xr = P.xq + m0 * pairs + xi * P.xg / 2;               // its x pairs in batch row m0
+  const __m256i mask = _mm256_set1_epi32(0x000F000F);
+  __m256i lo0 = _mm256_setzero_si256(), hi0 = lo0, lo1 = lo0, hi1 = lo0, lo2 = lo0, hi2 = lo0, lo3 = lo0, hi3 = lo0;
+  for (int64_t q = 0; q < words; ++q, wb += kBlockN, xr += 4) {
+    if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchWords * kBlockN), _MM_HINT_T0);
+    const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
+    const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 8));
+    for (int t = 0; t < 4; ++t) {
+      const __m256i c0 = code_pairs(d0, t, mask), c1 = code_pairs(d1, t, mask);
+      madd_pairs(c0, c1, xr + t, lo0, hi0);
+      if constexpr (R > 1) madd_pairs(c0, c1, xr + pairs + t, lo1, hi1);
+      if constexpr (R > 2) madd_pairs(c0, c1, xr + 2 * pairs + t, lo2, hi2);
+      if constexpr (R > 3) madd_pairs(c0, c1, xr + 3 * pairs + t, lo3, hi3);
+    }
+  }
+  const auto row = [&](int r) { return (m0 + r) * subblocks + xi; };  // index of (row m0 + r, sub-block xi)
+  i16_epilogue(lo0, hi0, st, P.xsigma[row(0)], P.xqsum[row(0)], acc + m0 * kBlockN);
+  if constexpr (R > 1) i16_epilogue(lo1, hi1, st, P.xsigma[row(1)], P.xqsum[row(1)], acc + (m0 + 1) * kBlockN);
+  if constexpr (R > 2) i16_epilogue(lo2, hi2, st, P.xsigma[row(2)], P.xqsum[row(2)], acc + (m0 + 2) * kBlockN);
+  if constexpr (R > 3) i16_epilogue(lo3, hi3, st, P.xsigma[row(3)], P.xqsum[row(3)], acc + (m0 + 3) * kBlockN);
+}
+
+// The block: sub-block by sub-block (its 1 KB of codes stays in L1 while every row tile of 1-4 batch rows
+// passes over it), the fp32 totals in acc [M][16].
+__attribute__((target("avx2,fma,f16c"))) void i16_block(const Problem& P, int64_t b, float* acc) {
+  std::fill(acc, acc + P.m * kBlockN, 0.0f);
+  const int64_t subblocks = P.k / P.xg, per_group = P.g / P.xg;
+  const uint16_t* sb = P.s + b * (P.k / P.g) * kBlockN;
+  for (int64_t xi = 0; xi < subblocks; ++xi) {
+    const int64_t gi = xi / per_group;
+    const I16Steps st = i16_steps(sb + gi * kBlockN, zeros_of(P, b, gi));
+    int64_t m0 = 0;
+    for (; m0 + 4 <= P.m; m0 += 4) i16_rows<4>(P, b, xi, m0, st, m0 == 0, acc);
+    switch (P.m - m0) {
+      case 3: i16_rows<3>(P, b, xi, m0, st, m0 == 0, acc); break;
+      case 2: i16_rows<2>(P, b, xi, m0, st, m0 == 0, acc); break;
+      case 1: i16_rows<1>(P, b, xi, m0, st, m0 == 0, acc); break;
+      default: break;
     }
   }
 }
@@ -629,6 +790,50 @@ __attribute__((target("avx2,fma"))) void group_sums(const float* xf, int64_t m, 
   }
 }
 
+// The i16 path's x for batch rows r0 .. r1 - 1, from xs [M][K] (x * c in fp32), per sub-block of xg columns:
+//   sigma = max |xs| / 32767,  xq = round(xs / sigma) (to nearest even, as cvtps2dq),  qsum = sum of xq,
+// xq [M][K/2] as the pair dwords i16_rows broadcasts: dword (m, 4q + t) = xq[m, 8q + t] | xq[m, 8q + 4 + t] << 16.
+// |xs - sigma xq| <= sigma / 2 = max / 65534. xs * (32767 / max) <= 32767 * (1 + 2^-23) rounds to at most
+// 32767: no clamp needed. A sub-block of zeros gets sigma = 0 (and xq = 0); one holding an inf or a NaN gets
+// sigma = NaN, so that the row's outputs are NaN, as the other paths give, instead of silently finite.
+__attribute__((target("avx2,fma"))) void quantize_x_i16(const float* xs, int64_t k, int64_t xg, int64_t r0, int64_t r1,
+                                                        uint32_t* xq, float* sigma, float* qsum) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 inf = _mm256_set1_ps(__builtin_inff());
+  const __m128i low16 = _mm_set1_epi32(0xFFFF);
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t c0 = 0; c0 < k; c0 += xg) {
+      const float* v = xs + r * k + c0;
+      __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+      for (int64_t c = 0; c < xg; c += 8) {
+        const __m256 a = _mm256_and_ps(_mm256_loadu_ps(v + c), abs_mask);
+        vmax = _mm256_max_ps(vmax, a);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // |x| >= inf, or NaN
+      }
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      const float mx = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+      const int64_t i = r * (k / xg) + c0 / xg;
+      const __m256 scale = _mm256_set1_ps(mx > 0.0f ? kI16Max / mx : 0.0f);
+      __m256i sum = _mm256_setzero_si256();
+      for (int64_t c = 0; c < xg; c += 8) {
+        // 8 int32 in [-32767, 32767]
+        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + c), scale));
+        sum = _mm256_add_epi32(sum, q);
+        // dword t = q[t] (low half) | q[4 + t] << 16: the low 16 bits of q[t] are its two's complement int16.
+        const __m128i pairs = _mm_or_si128(_mm_and_si128(_mm256_castsi256_si128(q), low16),
+                                           _mm_slli_epi32(_mm256_extracti128_si256(q, 1), 16));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + (r * k + c0 + c) / 2), pairs);
+      }
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+      sigma[i] = _mm256_movemask_ps(bad) ? __builtin_nanf("") : mx / kI16Max;
+      qsum[i] = static_cast<float>(_mm_cvtsi128_si32(s4));
+    }
+  }
+}
+
 // xt [K][mp] = x^T with zero rows past M, 16 x 16 tiles transposed in registers (K % 16 == 0).
 __attribute__((target("avx512f"))) void transpose_x(const float* xf, int64_t m, int64_t k, int64_t mp, float* xt) {
   for (int64_t r0 = 0; r0 < mp; r0 += 16) {
@@ -655,6 +860,7 @@ bool path_supported(int64_t path, at::ScalarType dtype) {
     case kBf16Dp: return avx512bf16 && dtype == at::kBFloat16;
     case kAmx: return avx512bf16 && amx && dtype == at::kBFloat16 && request_amx();
     case kDequant: return avx2;
+    case kI16: return avx2;
     default: return false;
   }
 }
@@ -704,6 +910,8 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
       if (P.m == 1) fma_direct<1>(P, b, 0, acc.data());
       else if (P.m == 2) fma_direct<2>(P, b, 0, acc.data());
       else fma_panel(P, b, acc.data(), panel32);
+    } else if (path == kI16) {
+      i16_block(P, b, acc.data());
     } else if (path == kBf16Dp) {
       bf16dp_block(P, b, acc.data());
     } else {
@@ -779,6 +987,8 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
   const float* c = col_scale ? col_scale->data_ptr<float>() : nullptr;
   thread_local std::vector<float> xf_buffer, xs_buffer, xsum_buffer, xt_buffer;
   thread_local std::vector<uint16_t> xh_buffer, xpad_buffer;
+  thread_local std::vector<uint32_t> xq_buffer;
+  thread_local std::vector<float> xsigma_buffer, xqsum_buffer;
   float* xf = scratch(xf_buffer, m * k);
   if (bf16) widen(x.data_ptr<at::BFloat16>(), xf, m * k);
   else widen(x.data_ptr<at::Half>(), xf, m * k);
@@ -795,7 +1005,7 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
   Problem P{m, n, k, g, reinterpret_cast<const uint32_t*>(w_q.data_ptr<int32_t>()),
             reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
             zeros ? zeros->data_ptr<uint8_t>() : nullptr, indptr.data_ptr<int32_t>(), indices.data_ptr<int32_t>(),
-            values.data_ptr<float>(), xf, xs, xh, nullptr, nullptr, 0, nullptr};
+            values.data_ptr<float>(), xf, xs, xh, nullptr, nullptr, 0, nullptr, 0, nullptr, nullptr, nullptr};
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   if (path == kDequant) {
     at::Tensor w = at::empty({n, k}, x.options());
@@ -816,6 +1026,18 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
       group_sums(rounded, m, k, g, xsum);
     }
     P.xsum = xsum;
+  }
+  if (path == kI16) {  // x * c in 16-bit fixed point, rows split over the threads (M x K values, read twice)
+    P.xg = i16_subblock(g);
+    uint32_t* xq = scratch(xq_buffer, m * k / 2);
+    float* xsigma = scratch(xsigma_buffer, m * (k / P.xg));
+    float* xqsum = scratch(xqsum_buffer, m * (k / P.xg));
+    at::parallel_for(0, m, std::max<int64_t>(1, 32768 / k), [&](int64_t r0, int64_t r1) {
+      quantize_x_i16(xs, k, P.xg, r0, r1, xq, xsigma, xqsum);
+    });
+    P.xq = xq;
+    P.xsigma = xsigma;
+    P.xqsum = xqsum;
   }
   if (m > 2 && has_avx512() && indices.numel()) {  // outliers 16 batch rows at a time: x^T, zero-padded
     P.mp = (m + 15) / 16 * 16;
