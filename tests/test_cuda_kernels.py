@@ -376,11 +376,12 @@ def test_mma_main_loop_fits_the_h100_issue_budget_up_to_m16(tmp_path: Path) -> N
 
 
 def test_python_constants_match_the_kernel_source() -> None:
+    core = (CUDA_DIR / "eq_gemv.cuh").read_text()  # the GEMV's core, shared by eq_gemv.cu and eq_moe.cu
+    assert int(re.search(r"constexpr int kRowsPerWarp = (\d+);", core).group(1)) == GEMV_ROWS_PER_WARP
+    assert int(re.search(r"constexpr int kMaxM = (\d+);", core).group(1)) == GEMV_BATCH_TILES[-1]
     source = (CUDA_DIR / "eq_gemv.cu").read_text()
-    assert int(re.search(r"constexpr int kRowsPerWarp = (\d+);", source).group(1)) == GEMV_ROWS_PER_WARP
-    assert int(re.search(r"constexpr int kMaxM = (\d+);", source).group(1)) == GEMV_BATCH_TILES[-1]
     for m in GEMV_BATCH_TILES:
         assert f"EQ_GEMV_ENTRY(SUFFIX, T, {m})" in source
-    mma = (CUDA_DIR / "eq_mma.cu").read_text()
+    mma = (CUDA_DIR / "eq_mma.cuh").read_text()
     assert int(re.search(r"constexpr int kMmaWarps = (\d+);", mma).group(1)) == MMA_WARPS
     assert int(re.search(r"constexpr int kMmaMaxTiles = (\d+);", mma).group(1)) == MMA_BATCH_TILES[-1]
