@@ -52,7 +52,7 @@ __device__ __forceinline__ void gemv_int4(const T* __restrict__ x, const int4* _
                                           const int* __restrict__ indices, const __half* __restrict__ values,
                                           T* __restrict__ y, int M, int N, int K, int G) {
   const int n0 = (blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp) * kRowsPerWarp;
-  gemv_int4_rows<T, kM, kV2>(x, qweight, scales, zeros, colscale, indptr, indices, values, M, N, K, G, n0,
+  gemv_int4_rows<T, kM, kV2>(x, qweight, scales, zeros, colscale, indptr, indices, values, M, N, K, G, n0, 0, 0, 0,
                              [=](int m, int n, float v) { y[static_cast<size_t>(m) * N + n] = Act<T>::store(v); });
 }
 

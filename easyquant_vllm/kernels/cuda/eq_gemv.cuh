@@ -22,17 +22,22 @@ __device__ __forceinline__ void gemv_int4_rows(
     const __half* __restrict__ values,   // [nnz]
     int M, int N, int K, int G,
     int n0,         // the warp's first row: it owns rows n0 .. n0 + kRowsPerWarp - 1 (those < N)
+    int w_row0,     // weights, steps, zero points and CSR rows are read at row w_row0 + n (a stacked expert: e N)
+    int c_col0,     // column scales are read at c_col0 + k (a stacked expert: e K)
+    int x_row0,     // activation rows are read at x_row0 + m (a tile of sorted rows: its first)
     Store store) {  // store(m, n, v): the caller's epilogue for y[m, n] = v (fp32, m < M, n < N), one lane each
   constexpr int R = kRowsPerWarp;
   const int lane = threadIdx.x % kWarp;
   // No early return: every thread reaches the shuffles below (the host emulation needs it).
   bool active[R];
-  int row[R];  // an inactive second row re-reads row n0 (in bounds, never written): no branch in the loop
+  int row[R];  // rows read; an inactive second row re-reads row n0 (in bounds, never written): no branch in the loop
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     active[r] = n0 + r < N;
-    row[r] = active[r] ? n0 + r : n0;
+    row[r] = w_row0 + (active[r] ? n0 + r : n0);
   }
+  x += static_cast<size_t>(x_row0) * K;
+  if constexpr (kV2) colscale += c_col0;
   float acc[R][kM];
 #pragma unroll
   for (int r = 0; r < R; ++r)

@@ -58,7 +58,7 @@ __device__ __forceinline__ void mma_int4(const T* __restrict__ x, const int4* __
                                          const __half* __restrict__ colscale, const int* __restrict__ indptr,
                                          const int* __restrict__ indices, const __half* __restrict__ values,
                                          T* __restrict__ y, int M, int N, int K, int G) {
-  mma_int4_tile<T, kT, kV2>(x, qweight, scales, zeros, colscale, indptr, indices, values, M, K, G, blockIdx.x,
+  mma_int4_tile<T, kT, kV2>(x, qweight, scales, zeros, colscale, indptr, indices, values, M, K, G, blockIdx.x, 0, 0, 0,
                             [=](int m, int n, float v) { y[static_cast<size_t>(m) * N + n] = Act<T>::store(v); });
 }
 

@@ -21,12 +21,16 @@ __device__ __forceinline__ void mma_int4_tile(
     const int* __restrict__ indptr, const int* __restrict__ indices, const __half* __restrict__ values,
     int M, int K, int G,
     unsigned tile,  // which 16-row tile of W: rows 16 tile .. 16 tile + 15
+    int w_row0,     // weights, steps, zero points and CSR rows are read at row w_row0 + n (a stacked expert: e N)
+    int c_col0,     // column scales are read at column c_col0 + k (a stacked expert: e K)
+    int x_row0,     // activation rows are read at x_row0 + m (a tile of sorted rows: its first)
     Store store) {  // store(m, n, v): the caller's epilogue for y[m, n] = v (fp32, m < M), called by warp 0
   // Shared memory holds the warps' partial sums until warp 0 has stored them: a caller that runs a second tile
   // in the same block must __syncthreads() in between.
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int g = lane >> 2, t = lane & 3;
-  const int r0 = tile * 16;
+  const int r0 = tile * 16;      // the tile's first row, as the store numbers it
+  const int rw0 = w_row0 + r0;  // ... and as the weights do
   const int kblocks = K / 64;
   const int groups = K / G;
   const int group_shift = G == K ? 31 : __ffs(G) - 1;  // group of column k = k >> group_shift
@@ -41,8 +45,9 @@ __device__ __forceinline__ void mma_int4_tile(
   // smallest kT with 8 kT >= M, so M > 4 kT for kT > 1 and only the upper half of the tiles can be short).
   const T* xrow[kT];
 #pragma unroll
-  for (int j = 0; j < kT; ++j) xrow[j] = x + static_cast<size_t>(8 * j + g < M ? 8 * j + g : M - 1) * K + 4 * t;
-  const int4* words_of = qweight + static_cast<size_t>(tile) * kblocks * kWarp + lane;
+  for (int j = 0; j < kT; ++j)
+    xrow[j] = x + static_cast<size_t>(x_row0 + (8 * j + g < M ? 8 * j + g : M - 1)) * K + 4 * t;
+  const int4* words_of = qweight + (static_cast<size_t>(w_row0 / 16) + tile) * kblocks * kWarp + lane;
   int4 next = {0, 0, 0, 0};
   if (warp < kblocks) next = words_of[warp * kWarp];  // LDG.E.128
   uint32_t bias[2] = {0u, 0u};  // kV2: 2^n + z of rows g (A registers 0, 2) and g + 8 (registers 1, 3)
@@ -57,12 +62,12 @@ __device__ __forceinline__ void mma_int4_tile(
       if constexpr (kV2) {
         if (s % steps_per_scale == 0) {  // a group starts here (steps_per_scale divides the group's steps)
           const int grp = k0 >> group_shift;
-          bias[0] = Mma<T>::bias_pair(zeros[static_cast<size_t>(r0 + g) * groups + grp]);
-          bias[1] = Mma<T>::bias_pair(zeros[static_cast<size_t>(r0 + g + 8) * groups + grp]);
+          bias[0] = Mma<T>::bias_pair(zeros[static_cast<size_t>(rw0 + g) * groups + grp]);
+          bias[1] = Mma<T>::bias_pair(zeros[static_cast<size_t>(rw0 + g + 8) * groups + grp]);
         }
 #pragma unroll
         for (int p = 0; p < 4; ++p) a[p] = codes<T>(and_or(words[s] >> (4 * p), kNibblePairMask, Mma<T>::kMagic), bias[p & 1]);
-        c.load(colscale, k0 + 4 * t);  // the 4 column scales of this lane's B fragment
+        c.load(colscale, c_col0 + k0 + 4 * t);  // the 4 column scales of this lane's B fragment
       } else {
 #pragma unroll
         for (int p = 0; p < 4; ++p) a[p] = codes<T>(and_or(words[s] >> (4 * p), kNibblePairMask, Mma<T>::kMagic));
@@ -79,8 +84,8 @@ __device__ __forceinline__ void mma_int4_tile(
       }
       if ((s + 1) % steps_per_scale == 0) {
         const int grp = k0 >> group_shift;
-        const float s_lo = __half2float(scales[static_cast<size_t>(r0 + g) * groups + grp]);
-        const float s_hi = __half2float(scales[static_cast<size_t>(r0 + g + 8) * groups + grp]);
+        const float s_lo = __half2float(scales[static_cast<size_t>(rw0 + g) * groups + grp]);
+        const float s_hi = __half2float(scales[static_cast<size_t>(rw0 + g + 8) * groups + grp]);
 #pragma unroll
         for (int j = 0; j < kT; ++j) {
           acc[j][0] = fmaf(s_lo, part[j][0], acc[j][0]), acc[j][1] = fmaf(s_lo, part[j][1], acc[j][1]);
@@ -94,7 +99,7 @@ __device__ __forceinline__ void mma_int4_tile(
   // This warp's share of the outliers of rows r0 + g (c0, c1) and r0 + g + 8 (c2, c3).
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int row = r0 + g + 8 * h;
+    const int row = rw0 + g + 8 * h;
     for (int e = indptr[row] + warp; e < indptr[row + 1]; e += kMmaWarps) {
       const float v = __half2float(values[e]);
       const int col = indices[e];
@@ -103,7 +108,8 @@ __device__ __forceinline__ void mma_int4_tile(
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int m = 8 * j + 2 * t + i;
-          if (m < M) acc[j][2 * h + i] = fmaf(v, Act<T>::load(x[static_cast<size_t>(m) * K + col]), acc[j][2 * h + i]);
+          if (m < M)
+            acc[j][2 * h + i] = fmaf(v, Act<T>::load(x[static_cast<size_t>(x_row0 + m) * K + col]), acc[j][2 * h + i]);
         }
     }
   }
