@@ -434,6 +434,16 @@ def test_cuda_moe_kernel_is_chosen_after_its_self_check(gpu: EmulatedLauncher) -
     assert sum(gpu.launched.values()) == launched
 
 
+def test_easyquant_kernel_forces_the_cuda_moe_kernel(gpu: EmulatedLauncher, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = MoeSpec(8, 256, 128, 4, 128, torch.float16, "cuda", True, True)
+    monkeypatch.setitem(select._checked, ("cuda-int4", "cpu", *CudaInt4MoeKernel.variant(spec, HOST)), None)
+    monkeypatch.setenv(select.ENV_FORCE, "cuda-int4")  # its self-check passed (above): forced, it is chosen
+    assert choose_moe_kernel(spec, HOST) == (CudaInt4MoeKernel, [])
+    cpu = MoeSpec(8, 256, 128, 4, 128, torch.float16, "cpu", True, True)
+    with pytest.raises(ValueError, match=r"EASYQUANT_KERNEL=cuda-int4 cannot run .*: cuda-int4 runs on CUDA devices"):
+        choose_moe_kernel(cpu, HOST)
+
+
 def test_cuda_moe_kernel_failing_its_check_falls_back_and_force_is_an_error(
     gpu: EmulatedLauncher, monkeypatch: pytest.MonkeyPatch
 ) -> None:

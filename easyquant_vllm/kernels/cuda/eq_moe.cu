@@ -24,11 +24,12 @@
 // tiles[class][i] = {e, s0, rows}, num_tiles[class] of them.
 //
 // Launch shape. Grids cannot depend on the routing (a CUDA graph replays the captured grid), so every
-// launch is sized from M, topk, E and the device: block b works on row block rb = b % row_blocks of the
-// weights (16 rows for the tensor cores, 8 for the GEMV's 4 warps x 2 rows) and on tiles
-// t = b / row_blocks, + tile_blocks, ... < num_tiles[class] (grid-stride; tile_blocks = gridDim.x / row_blocks).
-// A class that received no tiles costs one read of num_tiles per block. Rows of different tiles never meet:
-// every output element has one owner block, so there are no atomics outside the routing.
+// launch is sized from M, topk and E: a static bound on the class's tiles (cuda_moe.tile_bounds) times the
+// blocks of one tile. Block b works on row block rb = b % row_blocks of the weights (16 rows for the tensor
+// cores, 8 for the GEMV's 4 warps x 2 rows) of tile t = b / row_blocks; a block with t >= num_tiles[class] reads
+// that one int and returns, before any barrier. (A grid-stride loop over tiles would spare those blocks but
+// kept 20-30 more registers live on sm_80.) Every output element has one owner block, so there are no atomics
+// outside the routing.
 //
 // Layouts, stacked over the E experts (expert e's slice is exactly what the dense kernel reads):
 //   qweight   [E, N/16, K/64, 32] int4 words, the MMA layout of mma_layout.py (tensor cores), or
@@ -151,7 +152,8 @@ __device__ __forceinline__ void moe_gemm(
     const int* __restrict__ y_rows,      // [P] or null (see PairStore)
     const float* __restrict__ y_scale,   // [P] or null
     float* __restrict__ y,               // [P, N] fp32
-    int max_tiles, int N, int K, int G) {
+    int max_tiles,                       // tiles the grid covers: the class's static bound (cuda_moe.tile_bounds)
+    int N, int K, int G) {               // one expert's [N, K] and its group size (G == K: per channel)
   const int rows_per_block = kMma ? 16 : blockDim.x / kWarp * kRowsPerWarp;
   const unsigned row_blocks = (N + rows_per_block - 1) / rows_per_block;
   const unsigned rb = blockIdx.x % row_blocks;
