@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (docs/kernels.md): environment, GPU tests, kernel timings.
+# One call on a lent GPU machine (docs/kernels.md): environment, GPU tests (dense and MoE), kernel timings
+# (dense layers, then the MoE layer).
 #   bash bench/gpu_session.sh [bench/kernels.py arguments...]
 # Logs and the JSON rows go to $OUT (the device tool's result folder) or ./gpu-out.
 set -uo pipefail
@@ -12,5 +13,5 @@ PY=${PYTHON:-python3}
   $PY -c "import torch, cupy; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| cupy', cupy.__version__)"
   nvcc --version | tail -2
 } 2>&1 | tee "$OUT/env.txt"
-$PY -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_ops.py 2>&1 | tee "$OUT/pytest_gpu.txt"
+$PY -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_ops.py tests/test_cuda_moe.py 2>&1 | tee "$OUT/pytest_gpu.txt"
 $PY bench/kernels.py --json "$OUT/kernels.json" "$@" 2>&1 | tee "$OUT/kernels.txt"

@@ -24,6 +24,11 @@ layer's weights are touched once per token), and timed with CUDA events over gra
 numbers are device time without Python launch overhead, as vLLM runs decode under CUDA graphs.
 Achieved bandwidth counts the bytes above; "% peak" is against a device-to-device copy measured
 in the same run (bytes read + written), not the datasheet.
+
+Then the mixture-of-experts layer (``CudaInt4MoeKernel``, cuda/eq_moe.cu) on two expert shapes at each M: device
+time of one layer call (routing, both projections, SiLU-gate, weighted sum) under a CUDA graph, cycling through
+enough random routings that the experts a call touches are not in L2, and the bandwidth over the bytes of the
+experts touched (``--no-moe`` skips it).
 """
 
 from __future__ import annotations
@@ -75,9 +80,9 @@ def print_compile_stats() -> None:
     except ImportError as e:
         print(f"\n(no compile stats: {e})")
         return
-    print("\n| kernel source | arch | registers (fp16 entries: GEMV tiles 1 / 2 / 4 / 8 / 16; "
-          "tensor-core tiles 8 / 16 / 32 / 64 rows, dequantize) | spills / stack |"
-          "\n|---|---|---|---|")  # fmt: skip
+    print("\n| kernel source | arch | registers of the fp16 entries in bench/nvrtc.py's order (each tile format v1, "
+          "then v2: GEMV tiles 1 / 2 / 4 / 8 / 16; tensor-core tiles 8 / 16 / 32 / 64 rows, dequantize; MoE: route, "
+          "tensor-core tiles, GEMV tiles, SiLU-gate, sum) | spills / stack |\n|---|---|---|---|")  # fmt: skip
     for source in KERNEL_NAMES:
         for arch in ARCHS:
             try:
@@ -93,6 +98,26 @@ def print_compile_stats() -> None:
             print(f"| {source} | {arch} | {' / '.join(shown)} | {'none' if clean else spills} |")
 
 
+MOE_SHAPES = {  # (experts, hidden, intermediate per rank, experts per token)
+    "Mixtral-8x7B experts": (8, 4096, 14336, 2),
+    "Qwen3-30B-A3B experts": (128, 2048, 768, 8),
+}
+
+
+def print_moe_loops(dense: dict[str, float], moe: dict[str, float]) -> None:
+    """The MoE products' main loops next to the dense kernels' (the same cores, per expert tile)."""
+    print("\n# MoE products (cuda/eq_moe.cu) vs the dense kernels: main-loop warp instructions per 512 weight bytes, "
+          "sm_90, fp16\n| tile | dense v1 | MoE v1 | dense v2 | MoE v2 |\n|---|---|---|---|---|")  # fmt: skip
+    for name in sorted(dense, key=lambda n: (n.startswith("eq_mma"), int(re.sub(r"\D", "", n.split("_")[-1])))):
+        if "_f16_" not in name or name.endswith("_v2"):
+            continue
+        m = moe.get(name.replace("eq_", "eq_moe_"))
+        v2 = moe.get(name.replace("eq_", "eq_moe_") + "_v2")
+        if m is not None and v2 is not None:
+            label = name.split("_f16_")[1]
+            print(f"| {label} | {dense[name]:.1f} | {m:.1f} | {dense[name + '_v2']:.1f} | {v2:.1f} |")
+
+
 def print_issue_model(g: int, f: float) -> None:
     """The SASS issue model (docs/kernels.md): predicted bandwidth fraction and speed-up per kernel and tile."""
     import tempfile
@@ -105,6 +130,9 @@ def print_issue_model(g: int, f: float) -> None:
             gemv = sass.loop_counts(sass.disassemble("eq_gemv.cu", "sm_90", Path(d)), "eq_gemv_int4_",
                                     GEMV_ROWS_PER_WARP)  # fmt: skip
             mma = sass.loop_counts(sass.disassemble("eq_mma.cu", "sm_90", Path(d)), "eq_mma_int4_", 1)
+            moe_text = sass.disassemble("eq_moe.cu", "sm_90", Path(d))
+            moe = {**sass.loop_counts(moe_text, "eq_moe_gemv_int4_", GEMV_ROWS_PER_WARP),
+                   **sass.loop_counts(moe_text, "eq_moe_mma_int4_", 1)}  # fmt: skip
     except (FileNotFoundError, OSError) as e:
         print(f"\n(no SASS model: {e})")
         return
@@ -133,6 +161,7 @@ def print_issue_model(g: int, f: float) -> None:
     print(f"| dequantize + cuBLAS | any | (4.5 bytes per weight) | | {deq_mm:.2f}x |")
     print("Speed-ups assume fp16 cuBLAS at the same HBM fraction as a copy (its best case); they are a model,"
           " not a measurement.")  # fmt: skip
+    print_moe_loops({**gemv, **mma}, moe)
 
 
 # --- timings on a GPU ------------------------------------------------------------------------------
@@ -327,6 +356,60 @@ def run_gpu(args: argparse.Namespace) -> list[dict]:  # type: ignore[type-arg]
     return [{"device": props.name, "peak_copy_gbs": peak, **r} for r in rows]
 
 
+def time_moe_shape(name: str, shape: tuple[int, int, int, int], args: argparse.Namespace, peak: float) -> list[dict]:  # type: ignore[type-arg]
+    """One expert shape at every M of ``args.m`` (see the module docstring); prints a table row per M."""
+    import torch
+
+    from easyquant_vllm.kernels.moe import CudaInt4MoeKernel, MoeSpec
+
+    e, hidden, inter, topk = shape
+    dtype, v2, g, frac = getattr(torch, args.dtype), args.format_version == 2, args.group_size, args.outlier_fraction
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    experts = [(synthetic_weight(2 * inter, hidden, g, frac, seed=2 * x, v2=v2),
+                synthetic_weight(hidden, inter, g, frac, seed=2 * x + 1, v2=v2)) for x in range(e)]  # fmt: skip
+    kern = CudaInt4MoeKernel(MoeSpec(e, hidden, inter, 4, g, dtype, "cuda", v2, v2), torch.device("cuda"))
+    tensors = kern.prepare(experts)  # on the GPU: the synthetic experts live there
+    del experts
+    per_expert = gemv_bytes(2 * inter, hidden, 1, g, frac)["weights"] + gemv_bytes(hidden, inter, 1, g, frac)["weights"]
+    rows = []
+    for m in args.m:
+        x = torch.randn(m, hidden, device="cuda", dtype=dtype)
+        w = torch.softmax(torch.randn(m, topk, device="cuda"), -1)
+        n_routings = max(2, min(64, -(-4 * l2 // int(min(e, m * topk) * per_expert))))
+        routings = [torch.stack([torch.randperm(e)[:topk] for _ in range(m)]).to("cuda", torch.int32)
+                    for _ in range(n_routings)]  # fmt: skip
+        touched = statistics.mean(int(r.unique().numel()) for r in routings)
+
+        def call(r: torch.Tensor, x: torch.Tensor = x, w: torch.Tensor = w) -> torch.Tensor:
+            return kern.apply(tensors, x, r, w)
+
+        t = graph_time_us([lambda r=r: call(r) for r in routings], args.calls, args.reps)
+        gbs = touched * per_expert / (t * 1e-6) / 1e9
+        eager = eager_time_us(lambda r=routings[0]: call(r), 20)
+        print(f"| {name} | {m} | {topk} | {touched:.1f} | {t:.1f} | {gbs:.0f} | {100 * gbs / peak:.0f} % | "
+              f"{eager:.1f} |", flush=True)  # fmt: skip
+        rows.append({"kind": "moe", "layer": name, "experts": e, "hidden": hidden, "inter": inter, "topk": topk,
+                     "m": m, "us": t, "experts_touched": touched, "gbs": gbs, "pct_peak": 100 * gbs / peak,
+                     "eager_us": eager})  # fmt: skip
+    return rows
+
+
+def run_moe_gpu(args: argparse.Namespace, peak: float) -> list[dict]:  # type: ignore[type-arg]
+    """Device time of one MoE layer call per shape and M (see the module docstring)."""
+    import torch
+
+    print(f"\n# MoE layer (cuda/eq_moe.cu), {args.dtype}, g{args.group_size}, format v{args.format_version}: "
+          "device us per call under a CUDA graph, routings cycled past L2; GB/s over the experts touched")  # fmt: skip
+    hdr = "| experts | M | topk | experts touched (mean) | us | GB/s | % peak | eager us |"
+    print(hdr + "\n|" + "---|" * (hdr.count("|") - 1))
+    rows = []
+    for name, shape in MOE_SHAPES.items():
+        if not args.shapes or any(s in name for s in args.shapes):
+            rows += time_moe_shape(name, shape, args, peak)
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--outlier-fraction", type=float, default=0.005)
@@ -345,6 +428,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=10, help="graph replays; the median is reported")
     p.add_argument("--json", type=Path, help="write the GPU rows here")
     p.add_argument("--no-compile-stats", action="store_true")
+    p.add_argument("--no-moe", action="store_true", help="skip the mixture-of-experts timings")
     args = p.parse_args()
     print_bytes_table(args.group_size, args.outlier_fraction)
     if not args.no_compile_stats:
@@ -360,6 +444,8 @@ def main() -> None:
         print("\nNo CUDA GPU here: timings need one (bash bench/gpu_session.sh on a GPU machine; docs/kernels.md).")
         return
     rows = run_gpu(args)
+    if not args.no_moe:
+        rows += run_moe_gpu(args, rows[0]["peak_copy_gbs"] if rows else peak_copy_gbs())
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -29,6 +29,12 @@ KERNEL_NAMES = {
         *(f"eq_mma_int4_{t}_t{j}{v}" for t in ("f16", "bf16") for j in MMA_BATCH_TILES for v in FORMAT_VARIANTS),
         *(f"eq_dequant_mma_int4_{t}{v}" for t in ("f16", "bf16") for v in FORMAT_VARIANTS),
     ),
+    "eq_moe.cu": (
+        "eq_moe_route",
+        *(f"eq_moe_mma_int4_{t}_t{j}{v}" for t in ("f16", "bf16") for j in MMA_BATCH_TILES for v in FORMAT_VARIANTS),
+        *(f"eq_moe_gemv_int4_{t}_m{m}{v}" for t in ("f16", "bf16") for m in GEMV_BATCH_TILES for v in FORMAT_VARIANTS),
+        *(f"eq_moe_{step}_{t}" for step in ("silu_mul", "sum") for t in ("f16", "bf16")),
+    ),
 }
 """Every entry point each source must export (what the launch plans of kernels/cuda_int4.py name)."""
 

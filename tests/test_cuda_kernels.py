@@ -38,9 +38,13 @@ KERNELS = {source: sorted(names) for source, names in KERNEL_NAMES.items()}
 # SASS model (docs/kernels.md): <= 168.
 # Format version 2 (*_v2) holds a bias per row and 8 column scales besides: its small tiles measured
 # 56-102 registers (the GEMV's kM = 4 tile on sm_80; the tensor-core tiles stay at 56-72), so they get 104.
+# The MoE kernels (eq_moe.cu) run the same cores per expert tile: their tensor-core tiles meet the same budgets; their
+# GEMV tiles up to 4 rows measured 56-94 registers on sm_86/89/90 and up to 128 on sm_80 (v2, 4 rows: the expert and
+# tile offsets stay live across the loop). That path only serves layers without the tensor-core layout.
 REGISTER_BUDGET = 168
 SMALL_TILE_REGISTER_BUDGET = 80
 SMALL_TILE_REGISTER_BUDGET_V2 = 104
+MOE_GEMV_SMALL_TILE_REGISTER_BUDGET = 128
 
 
 def _build(out: Path, *flags: str) -> Path:
@@ -269,16 +273,45 @@ def test_kernels_emulated_have_no_data_races(tmp_path: Path) -> None:
     # run_emulated asserts exit status 0; TSan exits 66 on a report (halt_on_error is not needed)
 
 
+class _Nvcc:
+    """``nvcc -cubin -Xptxas -v`` once per (source, architecture) for the whole module: the compile checks and the
+    SASS checks read the same cubin (eq_moe.cu alone takes ~20 s per architecture)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.done: dict[tuple[str, str], tuple[str, Path]] = {}
+
+    def compile(self, source: str, arch: str) -> tuple[str, Path]:
+        """The ptxas log (registers, spills) and the cubin."""
+        if shutil.which("nvcc") is None:
+            pytest.skip("nvcc not available")
+        if (source, arch) not in self.done:
+            cubin = self.workdir / f"{Path(source).stem}.{arch}.cubin"
+            cmd = ["nvcc", f"-arch={arch}", "-std=c++17", "-cubin", "-Xptxas", "-v", "-o", str(cubin),
+                   str(CUDA_DIR / source)]  # fmt: skip
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+            self.done[source, arch] = (r.stdout + r.stderr, cubin)
+        return self.done[source, arch]
+
+    def sass(self, source: str, arch: str) -> str:
+        """The cubin's SASS (nvdisasm; see bench/sass.py for why nvcc's cubin rather than NVRTC's)."""
+        nvdisasm = sass.nvdisasm_path()
+        if nvdisasm is None:
+            pytest.skip("needs nvdisasm (pip install nvidia-cuda-nvdisasm)")
+        cubin = self.compile(source, arch)[1]
+        return subprocess.run([str(nvdisasm), str(cubin)], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def nvcc(tmp_path_factory: pytest.TempPathFactory) -> _Nvcc:
+    return _Nvcc(tmp_path_factory.mktemp("nvcc"))
+
+
 @pytest.mark.parametrize("source", sorted(KERNELS))
 @pytest.mark.parametrize("arch", ARCHS)
-def test_kernels_compile_without_spills(arch: str, source: str, tmp_path: Path) -> None:
-    if shutil.which("nvcc") is None:
-        pytest.skip("nvcc not available")
-    cuda = str(CUDA_DIR / source)
-    cmd = ["nvcc", f"-arch={arch}", "-std=c++17", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), cuda]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    log = r.stdout + r.stderr
+def test_kernels_compile_without_spills(arch: str, source: str, nvcc: _Nvcc) -> None:
+    log = nvcc.compile(source, arch)[0]
     kernels = re.findall(r"Compiling entry function '(\w+)'", log)
     assert sorted(kernels) == KERNELS[source]
     stats = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
@@ -288,8 +321,10 @@ def test_kernels_compile_without_spills(arch: str, source: str, tmp_path: Path) 
     assert max(registers.values()) <= REGISTER_BUDGET, registers
     small = {name: r for name, r in registers.items()
              if not name.removesuffix("_v2").endswith(("_m8", "_m16", "_t4", "_t8"))}  # fmt: skip
+    moe_gemv = {name: small.pop(name) for name in list(small) if name.startswith("eq_moe_gemv_")}
     assert max(r for name, r in small.items() if not name.endswith("_v2")) <= SMALL_TILE_REGISTER_BUDGET, small
     assert max(small.values()) <= SMALL_TILE_REGISTER_BUDGET_V2, small
+    assert max(moe_gemv.values(), default=0) <= MOE_GEMV_SMALL_TILE_REGISTER_BUDGET, moe_gemv
 
 
 def _nvrtc():  # type: ignore[no-untyped-def]
@@ -327,30 +362,23 @@ def test_compile_checks_use_the_options_cupy_adds_at_run_time() -> None:
     assert set(CUPY_APPENDED_OPTIONS) <= set(nvrtc_options("sm_90"))
 
 
-def _disassemble(source: str, arch: str, tmp_path: Path) -> str:
-    try:
-        return sass.disassemble(source, arch, tmp_path)
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-
-
 @pytest.mark.parametrize("source", sorted(KERNELS))
-def test_weight_loads_are_128_bit_and_no_local_memory(source: str, tmp_path: Path) -> None:
+def test_weight_loads_are_128_bit_and_no_local_memory(source: str, nvcc: _Nvcc) -> None:
     for arch in ("sm_80", "sm_90"):
-        text = _disassemble(source, arch, tmp_path)
+        text = nvcc.sass(source, arch)
         assert re.search(r"\bLDG\.E\.128\b", text), f"{source} {arch}: the weight chunks are not loaded 128 bits wide"
         assert not re.search(r"\b(LDL|STL)\b", text), f"{source} {arch}: uses local memory"
         if source == "eq_dequant.cu":  # W' goes out 8 values per store
             assert len(re.findall(r"\bSTG\.E\.128\b", text)) >= 4 * 2, f"{arch}: W' is not stored 128 bits wide"
-        if source == "eq_mma.cu":  # the products run on tensor cores, fp32 accumulation, both types
+        if source in ("eq_mma.cu", "eq_moe.cu"):  # the products run on tensor cores, fp32 accumulation, both types
             assert re.search(r"\bHMMA\.16816\.F32\s", text) and re.search(r"\bHMMA\.16816\.F32\.BF16\b", text), arch
 
 
-def test_gemv_main_loop_fits_the_h100_issue_budget_at_m1(tmp_path: Path) -> None:
+def test_gemv_main_loop_fits_the_h100_issue_budget_at_m1(nvcc: _Nvcc) -> None:
     # The GEMV is only worth having if at M = 1 it streams weights at HBM speed: its main loop must
     # issue fewer warp instructions per 512 weight bytes than an H100 can issue in the time HBM
     # delivers them (docs/kernels.md). 10 % headroom: measured 144 against a budget of 178.
-    counts = sass.loop_counts(_disassemble("eq_gemv.cu", "sm_90", tmp_path), "eq_gemv_int4_", GEMV_ROWS_PER_WARP)
+    counts = sass.loop_counts(nvcc.sass("eq_gemv.cu", "sm_90"), "eq_gemv_int4_", GEMV_ROWS_PER_WARP)
     assert sorted(counts) == sorted(KERNEL_NAMES["eq_gemv.cu"])
     budget = sass.IssueModel().budget()
     for dtype in ("f16", "bf16"):
@@ -360,11 +388,11 @@ def test_gemv_main_loop_fits_the_h100_issue_budget_at_m1(tmp_path: Path) -> None
         assert all(a < b < 2 * a for a, b in itertools.pairwise(tiles)), tiles
 
 
-def test_mma_main_loop_fits_the_h100_issue_budget_up_to_m16(tmp_path: Path) -> None:
+def test_mma_main_loop_fits_the_h100_issue_budget_up_to_m16(nvcc: _Nvcc) -> None:
     # One loop iteration streams one 512-byte k-block of a 16-row tile. The batch tiles M <= 8 and
     # M <= 16 must stay under the H100 budget, i.e. run at HBM speed (measured 118 and 149 of 178);
     # each further 8 batch rows must cost far less than another pass over the weights would.
-    counts = sass.loop_counts(_disassemble("eq_mma.cu", "sm_90", tmp_path), "eq_mma_int4_", 1)
+    counts = sass.loop_counts(nvcc.sass("eq_mma.cu", "sm_90"), "eq_mma_int4_", 1)
     budget = sass.IssueModel().budget()
     for dtype in ("f16", "bf16"):
         tiles = [counts[f"eq_mma_int4_{dtype}_t{j}"] for j in MMA_BATCH_TILES]
@@ -375,12 +403,34 @@ def test_mma_main_loop_fits_the_h100_issue_budget_up_to_m16(tmp_path: Path) -> N
         assert counts[f"eq_mma_int4_{dtype}_t1_v2"] <= budget, counts
 
 
+def test_moe_main_loops_are_the_dense_kernels_loops(nvcc: _Nvcc) -> None:
+    # eq_moe.cu runs the dense kernels' cores per expert tile, indexing the stacked experts from the tile's expert and
+    # first row: its main loops must cost what the dense ones cost (measured: tensor cores -1..+7 instructions per
+    # 512 B, GEMV -93..+47 on the 16-row tile), and the decode tiles (8 rows on tensor cores, 1 row on the GEMV)
+    # at most a few instructions more; the 8-row tensor-core tile stays under the H100's issue budget.
+    gemv = nvcc.sass("eq_gemv.cu", "sm_90")
+    dense = {**sass.loop_counts(nvcc.sass("eq_mma.cu", "sm_90"), "eq_mma_int4_", 1),
+             **sass.loop_counts(gemv, "eq_gemv_int4_", GEMV_ROWS_PER_WARP)}  # fmt: skip
+    text = nvcc.sass("eq_moe.cu", "sm_90")
+    moe = {**sass.loop_counts(text, "eq_moe_mma_int4_", 1),
+           **sass.loop_counts(text, "eq_moe_gemv_int4_", GEMV_ROWS_PER_WARP)}  # fmt: skip
+    assert len(moe) == len(dense) == 2 * 2 * (len(MMA_BATCH_TILES) + len(GEMV_BATCH_TILES))
+    budget = sass.IssueModel().budget()
+    for name, n in moe.items():
+        ref = dense[name.replace("eq_moe_", "eq_")]
+        decode = name.removesuffix("_v2").endswith(("_t1", "_t2", "_m1"))
+        assert n <= (ref + 6 if decode else 1.1 * ref), (name, n, ref)
+        if name.removesuffix("_v2").endswith("_t1"):
+            assert n <= budget, (name, n, budget)
+
+
 def test_python_constants_match_the_kernel_source() -> None:
+    core = (CUDA_DIR / "eq_gemv.cuh").read_text()  # the GEMV's core, shared by eq_gemv.cu and eq_moe.cu
+    assert int(re.search(r"constexpr int kRowsPerWarp = (\d+);", core).group(1)) == GEMV_ROWS_PER_WARP
+    assert int(re.search(r"constexpr int kMaxM = (\d+);", core).group(1)) == GEMV_BATCH_TILES[-1]
     source = (CUDA_DIR / "eq_gemv.cu").read_text()
-    assert int(re.search(r"constexpr int kRowsPerWarp = (\d+);", source).group(1)) == GEMV_ROWS_PER_WARP
-    assert int(re.search(r"constexpr int kMaxM = (\d+);", source).group(1)) == GEMV_BATCH_TILES[-1]
     for m in GEMV_BATCH_TILES:
         assert f"EQ_GEMV_ENTRY(SUFFIX, T, {m})" in source
-    mma = (CUDA_DIR / "eq_mma.cu").read_text()
+    mma = (CUDA_DIR / "eq_mma.cuh").read_text()
     assert int(re.search(r"constexpr int kMmaWarps = (\d+);", mma).group(1)) == MMA_WARPS
     assert int(re.search(r"constexpr int kMmaMaxTiles = (\d+);", mma).group(1)) == MMA_BATCH_TILES[-1]

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from easyquant_vllm.kernels import CudaInt4Kernel, LayerSpec, choose_kernel, cuda_int4
-from easyquant_vllm.kernels.cuda_build import CUDA_DIR
 from easyquant_vllm.kernels.cuda_int4 import check_weight
 from easyquant_vllm.quant import QuantSpec, quantize_weight
 from tests.conftest import heavy_tailed
@@ -217,20 +216,13 @@ def test_bench_synthetic_weights_are_valid_checkpoint_layers(monkeypatch: pytest
 
 
 def _entry_signatures() -> dict[str, list[str]]:
-    """Entry name -> C parameter types, from the kernels' source as the host preprocessor expands it."""
-    import re
-    import shutil
-    import subprocess
+    """Entry name -> C parameter types of the dense kernels, as the host preprocessor expands their sources."""
+    from tests.cuda_emulation import entry_signatures
 
-    if shutil.which("g++") is None:
-        pytest.skip("g++ not available")
-    sigs = {}
-    for source in ("eq_gemv.cu", "eq_dequant.cu", "eq_mma.cu"):
-        cmd = ["g++", "-std=c++20", "-E", "-P", "-x", "c++", "-I", str(CUDA_DIR), str(CUDA_DIR / source)]
-        text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        for name, params in re.findall(r'extern "C"\s+void\s+(eq_\w+)\s*\(([^)]*)\)', " ".join(text.split())):
-            sigs[name] = [p.rsplit(" ", 1)[0].strip() for p in params.split(",")]
-    return sigs
+    try:
+        return entry_signatures("eq_gemv.cu", "eq_dequant.cu", "eq_mma.cu")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
 
 
 _C_TYPES = {torch.float16: "__half*", torch.bfloat16: "__nv_bfloat16*", torch.int32: ("int*", "int4*"),

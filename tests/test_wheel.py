@@ -36,7 +36,7 @@ try:  # NVRTC, exactly as CuPy compiles at run time (its base options; CuPy adds
     from cupy.cuda import nvrtc
 
     compiled = {}
-    for source in ("eq_gemv.cu", "eq_dequant.cu", "eq_mma.cu"):
+    for source in ("eq_gemv.cu", "eq_dequant.cu", "eq_mma.cu", "eq_moe.cu"):
         prog = nvrtc.createProgram((cuda_build.CUDA_DIR / source).read_text(), source, [], [])
         try:
             nvrtc.compileProgram(prog, [*cuda_build.nvrtc_base_options(), "-ftz=true", "-arch=sm_80"])
@@ -82,7 +82,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_wheel_ships_every_kernel_source_and_no_analysis_tools(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
-    for source in ("eq_gemv.cu", "eq_dequant.cu", "eq_mma.cu", "eq_int4.cuh", "cuda_host.h"):
+    for source in ("eq_gemv.cu", "eq_dequant.cu", "eq_mma.cu", "eq_moe.cu", "eq_int4.cuh", "eq_gemv.cuh", "eq_mma.cuh",
+                   "cuda_host.h"):  # fmt: skip
         assert f"easyquant_vllm/kernels/cuda/{source}" in names, source
     assert "easyquant_vllm/kernels/csrc/eq_cpu.cpp" in names
     assert not [n for n in names if n.endswith(("sass.py", "cpu_isa.py", "nvrtc.py"))]  # bench/, not runtime
@@ -107,7 +108,8 @@ def test_installed_wheel_finds_and_compiles_its_kernels(wheel: Path, tmp_path: P
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["package"].startswith(str(target)) and not out["repo_importable"]
     assert Path(out["cuda_dir"]).is_relative_to(target) and Path(out["cpp"]).is_relative_to(target)
-    assert {"eq_gemv.cu", "eq_dequant.cu", "eq_mma.cu", "eq_int4.cuh", "cuda_host.h"} <= set(out["cuda_sources"])
+    assert {"eq_gemv.cu", "eq_dequant.cu", "eq_mma.cu", "eq_moe.cu", "eq_int4.cuh", "eq_gemv.cuh", "eq_mma.cuh",
+            "cuda_host.h"} <= set(out["cuda_sources"])  # fmt: skip
     if isinstance(out["nvrtc"], dict):  # NVRTC present (scripts/setup.sh installs it): every source compiles
         assert all(isinstance(size, int) and size > 0 for size in out["nvrtc"].values()), out["nvrtc"]
     if shutil.which("c++"):  # a C++ compiler present: the op builds from the installed source and is right

@@ -24,8 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import QuantizedWeight, QuantSpec, quantize_group
+from . import cuda_int4, cuda_moe
 from .base import LayerSpec
 from .cpu_native import NativeCpuKernel
+from .cuda_int4 import CudaInt4Kernel
+from .mma_layout import mma_compatible
 from .select import ENV_FORCE, check_tolerance, select_kernel
 
 Experts = Sequence[tuple[QuantizedWeight, QuantizedWeight]]
@@ -115,12 +118,22 @@ class MoeKernel(ABC):
                 spec.compact_steps)  # fmt: skip
 
     @classmethod
-    def run_self_check(cls, spec: MoeSpec, device: torch.device) -> str | None:
-        """A small MoE of ``spec``'s variant through this kernel against :func:`moe_dense` in float64, for batches
-        that give its experts none, a few and many tokens (top-2 of 4 experts). None, or the failure's cause
-        (see :mod:`.select`)."""
+    def check_shape(cls, spec: MoeSpec, device: torch.device) -> tuple[int, int]:
+        """``(H, I)`` of the self-check's small layer: the same group size (and layout) as ``spec``."""
         g = spec.group_size
-        hidden, inter = (128, 64) if g == -1 else (max(64, 2 * g), max(64, g))
+        return (128, 64) if g == -1 else (max(64, 2 * g), max(64, g))
+
+    @classmethod
+    def check_batches(cls, spec: MoeSpec, device: torch.device) -> tuple[int, ...]:
+        """Batch sizes the self-check runs (top-2 of 4 experts): experts with none, a few and many tokens."""
+        return (1, 6, 40)
+
+    @classmethod
+    def run_self_check(cls, spec: MoeSpec, device: torch.device) -> str | None:
+        """A small MoE of ``spec``'s variant through this kernel against :func:`moe_dense` in float64, for the batches
+        of :meth:`check_batches`. None, or the failure's cause (see :mod:`.select`)."""
+        g = spec.group_size
+        hidden, inter = cls.check_shape(spec, device)
         small = MoeSpec(4, hidden, inter, spec.bits, g, spec.act_dtype, spec.device_type, spec.zero_points,
                         spec.column_scale, spec.compact_steps)  # fmt: skip
         gen = torch.Generator().manual_seed(0)
@@ -143,7 +156,7 @@ class MoeKernel(ABC):
         try:
             kernel = cls(small, device)
             tensors = {name: t.to(device) for name, t in kernel.prepare(experts).items()}
-            for m in (1, 6, 40):
+            for m in cls.check_batches(spec, device):
                 x = torch.randn(m, hidden, generator=gen, dtype=torch.float32).to(spec.act_dtype)
                 ids = torch.stack([torch.randperm(small.experts, generator=gen)[:2] for _ in range(m)])
                 weights = torch.softmax(torch.randn(m, 2, generator=gen), -1)
@@ -158,6 +171,98 @@ class MoeKernel(ABC):
             first_line = (str(e).strip().splitlines() or [""])[0]
             return f"{type(e).__name__}: {first_line}"
         return None
+
+
+class CudaInt4MoeKernel(MoeKernel):
+    """Every expert on the CUDA int4 kernels (cuda/eq_moe.cu through :mod:`.cuda_moe`): routing, products and the
+    weighted sum on the device, one ``easyquant::moe`` call. Each projection takes the dense kernel's layout choice:
+    the tensor-core layout (regrouped here, per expert) where ``N % 16``, ``K % 64`` and the GPU allow, else the
+    checkpoint's layout and the CUDA-core GEMV. ``meta = [E, H, I, G, mma_w13, mma_w2, v2]``."""
+
+    name = CudaInt4Kernel.name
+
+    @classmethod
+    def can_implement(cls, spec: MoeSpec) -> tuple[bool, str | None]:
+        if spec.device_type != "cuda":
+            return False, f"{cls.name} runs on CUDA devices only"
+        if spec.experts > cuda_moe.MAX_EXPERTS:
+            return False, f"{cls.name} routes at most {cuda_moe.MAX_EXPERTS} experts per layer, got {spec.experts}"
+        for proj, linear in (("w13", spec.w13()), ("w2", spec.w2())):
+            ok, why = CudaInt4Kernel.can_implement(linear)
+            if not ok:
+                return False, f"{proj}: {why}"
+        return True, None
+
+    def __init__(self, spec: MoeSpec, device: torch.device | None = None) -> None:
+        super().__init__(spec, device)
+        device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
+        self.mma = self._layouts(spec, device)
+
+    @staticmethod
+    def _layouts(spec: MoeSpec, device: torch.device) -> dict[str, bool]:
+        """Per projection: the tensor-core layout (True) or the checkpoint's (False), as :class:`CudaInt4Kernel`."""
+        sm80 = cuda_int4._has_mma(device)
+        return {"w13": sm80 and mma_compatible(2 * spec.intermediate, spec.hidden),
+                "w2": sm80 and mma_compatible(spec.hidden, spec.intermediate)}  # fmt: skip
+
+    @property
+    def v2(self) -> bool:
+        return self.spec.zero_points or self.spec.column_scale
+
+    @classmethod
+    def variant(cls, spec: MoeSpec, device: torch.device) -> tuple[object, ...]:
+        mma = cls._layouts(spec, device)
+        return ("moe", spec.act_dtype, spec.group_size == -1, mma["w13"], mma["w2"], spec.zero_points or
+                spec.column_scale)  # fmt: skip
+
+    @classmethod
+    def check_shape(cls, spec: MoeSpec, device: torch.device) -> tuple[int, int]:
+        """Like the default, but with each projection's layout: a K that is not a multiple of 64 (possible with
+        group size 32 or per channel) becomes 96 in the small layer, so its GEMV path is the one checked."""
+        g = spec.group_size
+        if g >= 64:  # H and I are multiples of G: both tensor-core compatible
+            return super().check_shape(spec, device)
+        return (128 if spec.hidden % 64 == 0 else 96), (64 if spec.intermediate % 64 == 0 else 96)
+
+    @classmethod
+    def check_batches(cls, spec: MoeSpec, device: torch.device) -> tuple[int, ...]:
+        # Top-2 of 4 experts: ~P/4 rows per expert reach each tile class (tensor cores: 8, 16, 32, 64 rows; GEMV: 1
+        # to 16 rows and the repeated 16-row tile).
+        return (1, 6, 24, 40, 100)
+
+    def meta(self) -> list[int]:
+        s = self.spec
+        return [s.experts, s.hidden, s.intermediate, s.group_size, int(self.mma["w13"]), int(self.mma["w2"]),
+                int(self.v2)]  # fmt: skip
+
+    def prepare(self, experts: Experts) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        bf16 = self.spec.act_dtype == torch.bfloat16
+        for i, proj in enumerate(("w13", "w2")):
+            mma = self.mma[proj]
+            stacked = cuda_moe.stack_projection([pair[i] for pair in experts], mma, self.v2, split=mma and bf16)
+            out.update({f"{proj}_{key}": t for key, t in stacked.items()})
+        return out
+
+    def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, topk_ids: torch.Tensor,
+              topk_weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        from .op import moe
+
+        keys = ("qweight", "scales", "indptr", "indices", "values", *(("zeros", "col_scale") if self.v2 else ()))
+        weights = [tensors[f"{proj}_{key}"] for proj in ("w13", "w2") for key in keys]
+        return moe(x, topk_ids, topk_weights, weights, self.name, self.meta())
+
+    @classmethod
+    def forward(cls, w: Sequence[torch.Tensor], x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                meta: Sequence[int]) -> torch.Tensor:  # fmt: skip
+        """Inside ``easyquant::moe``: :func:`.cuda_moe.moe_forward` (launches on torch's current stream)."""
+        experts, _, inter, group_size, mma_up, mma_down, v2 = meta
+        half = 7 if v2 else 5  # qweight, scales, indptr, indices, values (, zeros, col_scale) per projection
+        if len(w) != 2 * half:
+            raise ValueError(f"easyquant::moe ({cls.name}): expected {2 * half} weight tensors, got {len(w)}")
+        up, down = cuda_moe.Projection(*w[:half]), cuda_moe.Projection(*w[half:])
+        return cuda_moe.moe_forward(x, topk_ids, topk_weights, up, down, experts, inter, group_size, bool(mma_up),
+                                    bool(mma_down))  # fmt: skip
 
 
 class NativeCpuMoeKernel(MoeKernel):
@@ -230,7 +335,7 @@ class TorchReferenceMoeKernel(MoeKernel):
         return moe_dense(x, topk_ids, topk_weights, w[0], w[1])
 
 
-MOE_KERNELS: tuple[type[MoeKernel], ...] = (NativeCpuMoeKernel, TorchReferenceMoeKernel)
+MOE_KERNELS: tuple[type[MoeKernel], ...] = (CudaInt4MoeKernel, NativeCpuMoeKernel, TorchReferenceMoeKernel)
 """Preference order, as :data:`easyquant_vllm.kernels.KERNELS`; the last is the reference (never self-checked)."""
 
 
@@ -241,5 +346,5 @@ def choose_moe_kernel(spec: MoeSpec, device: torch.device, where: str = "a MoE l
     return select_kernel(spec, device, MOE_KERNELS, where)  # type: ignore[arg-type]
 
 
-__all__ = ["ENV_FORCE", "MOE_KERNELS", "MoeKernel", "MoeSpec", "NativeCpuMoeKernel", "TorchReferenceMoeKernel",
-           "choose_moe_kernel", "concat_csr", "moe_dense"]  # fmt: skip
+__all__ = ["ENV_FORCE", "MOE_KERNELS", "CudaInt4MoeKernel", "MoeKernel", "MoeSpec", "NativeCpuMoeKernel",
+           "TorchReferenceMoeKernel", "choose_moe_kernel", "concat_csr", "moe_dense"]  # fmt: skip

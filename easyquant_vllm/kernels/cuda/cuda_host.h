@@ -2,8 +2,8 @@
 // without a GPU (our CI has none). Under nvcc/NVRTC (__CUDACC__) it only pulls in the CUDA half types.
 //
 // Model of execution on the host:
-//   * blocks run one after another; the threads of a block are real OS threads (one per CUDA thread),
-//     so data races between them are real and ThreadSanitizer sees them;
+//   * blocks run one after another; the threads of a block are real OS threads (one per CUDA thread,
+//     reused by the next block), so data races between them are real and ThreadSanitizer sees them;
 //   * __syncthreads() is a std::barrier over the block;
 //   * __shared__ is a function-static: with one block at a time, that is per-block shared memory;
 //   * warp-level operations (shuffles, __syncwarp, the mma.sync emulation of eq_mma.cu) go through
@@ -11,6 +11,7 @@
 //     warp (the kernels never return early: see the `active` flags), and different warps of a block
 //     may take different paths (eq_mma.cu's warps loop over different numbers of k-blocks);
 //   * threadIdx / blockIdx are thread_local; blockDim / gridDim are set per launch.
+//   * atomicAdd on int is a relaxed atomic fetch-add (GCC builtin, which ThreadSanitizer understands).
 // Inline PTX stays behind small wrappers in the kernels with an exact host version beside it.
 #pragma once
 
@@ -122,33 +123,39 @@ inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) {
   return r;
 }
 
-// Launch a 1-D grid of 1-D blocks: emu_launch(grid, block, kernel, args...).
+// Integer atomics (eq_moe.cu's routing counts in shared memory): a relaxed fetch-add, all CUDA's atomicAdd promises.
+inline int atomicAdd(int* address, int value) { return __atomic_fetch_add(address, value, __ATOMIC_RELAXED); }
+
+// Launch a 1-D grid of 1-D blocks: emu_launch(grid, block, kernel, args...). The block's threads are started once
+// and run the blocks one after another, meeting at the block barrier after each (so a block's shared memory and
+// scratch are free before the next one starts): a launch costs block.x thread starts, not grid.x * block.x.
 template <typename Kernel, typename... Args>
 void emu_launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
   emu::grid_dim = grid;
   emu::block_dim = block;
   emu::shuffle_scratch.assign(block.x, 0.0f);
   emu::mma_scratch.assign(block.x * 6, 0u);
-  for (unsigned b = 0; b < grid.x; ++b) {
-    std::barrier<> barrier(block.x);
-    emu::block_barrier = &barrier;
-    std::vector<std::unique_ptr<std::barrier<>>> warps;  // blocks are whole warps here
-    emu::warp_barriers.clear();
-    for (unsigned w = 0; w < block.x / 32; ++w) {
-      warps.push_back(std::make_unique<std::barrier<>>(32));
-      emu::warp_barriers.push_back(warps.back().get());
-    }
-    std::vector<std::thread> threads;
-    threads.reserve(block.x);
-    for (unsigned t = 0; t < block.x; ++t) {
-      threads.emplace_back([=] {
-        emu::thread_idx = dim3(t);
+  std::barrier<> barrier(block.x);
+  emu::block_barrier = &barrier;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;  // blocks are whole warps here
+  emu::warp_barriers.clear();
+  for (unsigned w = 0; w < block.x / 32; ++w) {
+    warps.push_back(std::make_unique<std::barrier<>>(32));
+    emu::warp_barriers.push_back(warps.back().get());
+  }
+  std::vector<std::thread> threads;
+  threads.reserve(block.x);
+  for (unsigned t = 0; t < block.x; ++t) {
+    threads.emplace_back([=, &barrier] {
+      emu::thread_idx = dim3(t);
+      for (unsigned b = 0; b < grid.x; ++b) {
         emu::block_idx = dim3(b);
         kernel(args...);
-      });
-    }
-    for (auto& th : threads) th.join();
+        barrier.arrive_and_wait();  // the whole block is done (kernels return per block, uniformly)
+      }
+    });
   }
+  for (auto& th : threads) th.join();
 }
 
 #endif  // __CUDACC__

@@ -1,4 +1,5 @@
-// eq_int4.cuh - what every EasyQuant kernel shares: int4 code -> float conversion and the 16-bit types.
+// eq_int4.cuh - what every EasyQuant kernel shares: int4 code -> float conversion, the 16-bit types, and the
+// tensor-core fragment helpers (mma.sync and its host emulation, the column scale of a B fragment).
 #pragma once
 #include "cuda_host.h"  // also provides the fixed-width integer types (NVRTC has no <cstdint>)
 
@@ -162,5 +163,216 @@ struct Act<__nv_bfloat16> {
     }
   }
 };
+
+// --- Tensor-core fragments (eq_mma.cu, eq_moe.cu): mma.sync.m16n8k16 with the codes as the A operand ---------
+// The fragment layout and why the codes enter as exact integers are described at the top of eq_mma.cu.
+
+// Per operand type: the magic pair (two 16-bit 2^n with room for a nibble in the mantissa), the
+// bias 2^n + 8 that turns 2^n + u into q = u - 8 exactly, and the mma instruction.
+template <typename T>
+struct Mma;
+
+template <>
+struct Mma<__half> {
+  static constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024.0, twice
+  static constexpr float kBias = 1032.0f;
+  static __device__ __forceinline__ float to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+  static __device__ __forceinline__ uint16_t from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
+  static __device__ __forceinline__ uint32_t bias_pair(uint32_t z) { return magic_bias_pair(z); }
+#ifdef __CUDACC__
+  static __device__ __forceinline__ uint32_t codes(uint32_t pair) {
+    const __half2 q = __hsub2(*reinterpret_cast<const __half2*>(&pair), __float2half2_rn(kBias));
+    return *reinterpret_cast<const uint32_t*>(&q);
+  }
+  static __device__ __forceinline__ uint32_t codes(uint32_t pair, uint32_t bias) {
+    const __half2 q = __hsub2(*reinterpret_cast<const __half2*>(&pair), *reinterpret_cast<const __half2*>(&bias));
+    return *reinterpret_cast<const uint32_t*>(&q);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+};
+
+template <>
+struct Mma<__nv_bfloat16> {
+  static constexpr uint32_t kMagic = 0x43004300u;  // bf16 128.0, twice: 7 mantissa bits hold u < 16
+  static constexpr float kBias = 136.0f;
+  static __device__ __forceinline__ float to_float(uint16_t bits) { return __uint_as_float(uint32_t(bits) << 16); }
+  static __device__ __forceinline__ uint16_t from_float(float f) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+  }
+  static __device__ __forceinline__ uint32_t bias_pair(uint32_t z) { return (0x4300u | z) * 0x00010001u; }
+#ifdef __CUDACC__
+  static __device__ __forceinline__ uint32_t codes(uint32_t pair) {
+    const __nv_bfloat162 q = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&pair), __float2bfloat162_rn(kBias));
+    return *reinterpret_cast<const uint32_t*>(&q);
+  }
+  static __device__ __forceinline__ uint32_t codes(uint32_t pair, uint32_t bias) {
+    const __nv_bfloat162 q =
+        __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&pair), *reinterpret_cast<const __nv_bfloat162*>(&bias));
+    return *reinterpret_cast<const uint32_t*>(&q);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+};
+
+#ifndef __CUDACC__
+// Host versions, exact: the codes are small integers; the mma gathers the warp's fragments through
+// scratch (like the shuffles of cuda_host.h) and sums the 16 exact products per output in fp32.
+template <typename T>
+inline uint32_t host_codes(uint32_t pair) {
+  const float lo = Mma<T>::to_float(uint16_t(pair & 0xFFFFu)) - Mma<T>::kBias;
+  const float hi = Mma<T>::to_float(uint16_t(pair >> 16)) - Mma<T>::kBias;
+  return uint32_t(Mma<T>::from_float(lo)) | (uint32_t(Mma<T>::from_float(hi)) << 16);
+}
+
+template <typename T>
+inline uint32_t host_codes(uint32_t pair, uint32_t bias) {
+  const float lo = Mma<T>::to_float(uint16_t(pair & 0xFFFFu)) - Mma<T>::to_float(uint16_t(bias & 0xFFFFu));
+  const float hi = Mma<T>::to_float(uint16_t(pair >> 16)) - Mma<T>::to_float(uint16_t(bias >> 16));
+  return uint32_t(Mma<T>::from_float(lo)) | (uint32_t(Mma<T>::from_float(hi)) << 16);
+}
+
+template <typename T>
+inline void host_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const unsigned tid = threadIdx.x, lane = tid % 32;
+  uint32_t* warp = &emu::mma_scratch[(tid - lane) * 6];
+  for (int i = 0; i < 4; ++i) warp[lane * 6 + i] = a[i];
+  warp[lane * 6 + 4] = b[0];
+  warp[lane * 6 + 5] = b[1];
+  __syncwarp();
+  auto half_of = [](uint32_t reg, int c) { return Mma<T>::to_float(uint16_t(c & 1 ? reg >> 16 : reg & 0xFFFFu)); };
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+    float sum = d[i];
+    for (int c = 0; c < 16; ++c) {
+      const int a_lane = (row % 8) * 4 + (c % 8) / 2, a_reg = (row >= 8 ? 1 : 0) + (c >= 8 ? 2 : 0);
+      const int b_lane = col * 4 + (c % 8) / 2, b_reg = c >= 8 ? 1 : 0;
+      sum += half_of(warp[a_lane * 6 + a_reg], c) * half_of(warp[b_lane * 6 + 4 + b_reg], c);
+    }
+    d[i] = sum;
+  }
+  __syncwarp();  // nobody overwrites the scratch before the whole warp has read it
+}
+#endif
+
+template <typename T>
+__device__ __forceinline__ uint32_t codes(uint32_t pair) {
+#ifdef __CUDACC__
+  return Mma<T>::codes(pair);
+#else
+  return host_codes<T>(pair);
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t codes(uint32_t pair, uint32_t bias) {
+#ifdef __CUDACC__
+  return Mma<T>::codes(pair, bias);
+#else
+  return host_codes<T>(pair, bias);
+#endif
+}
+
+// The column scales of one lane's B fragment (4 consecutive columns), per activation type: loaded once per
+// k-step, applied to each batch tile's 2 registers, and read as floats by the dequantize kernel.
+template <typename T>
+struct ColScale;
+
+template <>
+struct ColScale<__half> {  // colscale: [K] fp16
+  uint2 c;
+  __device__ __forceinline__ void load(const __half* colscale, int col) { c = load64(colscale + col); }
+  __device__ __forceinline__ float at(int i) const {
+    const uint32_t w = i < 2 ? c.x : c.y;
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(i & 1 ? w >> 16 : w & 0xFFFFu)));
+  }
+  __device__ __forceinline__ uint2 apply(uint2 x) const {  // x * c, rounded once to fp16
+#ifdef __CUDACC__
+    const __half2 lo = __hmul2(*reinterpret_cast<const __half2*>(&x.x), *reinterpret_cast<const __half2*>(&c.x));
+    const __half2 hi = __hmul2(*reinterpret_cast<const __half2*>(&x.y), *reinterpret_cast<const __half2*>(&c.y));
+    return {*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi)};
+#else
+    uint32_t out[2];
+    const uint32_t xs[2] = {x.x, x.y};
+    for (int r = 0; r < 2; ++r) {
+      const float a = __half2float(__ushort_as_half(uint16_t(xs[r] & 0xFFFFu))) * at(2 * r);
+      const float b = __half2float(__ushort_as_half(uint16_t(xs[r] >> 16))) * at(2 * r + 1);
+      out[r] = Act<__half>::pack2(a, b);  // exact products (11 x 11 bits), one rounding
+    }
+    return {out[0], out[1]};
+#endif
+  }
+};
+
+#ifndef __CUDACC__
+// Round-to-nearest-even of an exact double to bf16 (the host stand-in for one HFMA2.BF16 rounding).
+inline uint16_t host_round_bf16(double v) {
+  if (v == 0.0) return std::signbit(v) ? 0x8000u : 0u;
+  int e;
+  std::frexp(v, &e);                                      // |v| in [2^(e-1), 2^e)
+  const double ulp = std::ldexp(1.0, e - 8);              // bf16: 8 significant bits
+  const double r = std::nearbyint(v / ulp) * ulp;         // exact scaling; nearbyint rounds to even
+  return __bfloat16_as_ushort(__float2bfloat16_rn(static_cast<float>(r)));  // r fits a bf16: exact
+}
+#endif
+
+template <>
+struct ColScale<__nv_bfloat16> {  // colscale: [K/4][hi x4, lo x4] bf16 with c = hi + lo exactly (split_col_scale)
+  uint4 c;  // x: hi of columns 0,1; y: hi 2,3; z: lo 0,1; w: lo 2,3
+  __device__ __forceinline__ void load(const __half* colscale, int col) { c = load128(colscale + 2 * col); }
+  __device__ __forceinline__ float at(int i) const {  // hi + lo in fp32: exact, the stored fp16 c
+    const uint32_t hi = i < 2 ? c.x : c.y, lo = i < 2 ? c.z : c.w;
+    const int sh = i & 1 ? 16 : 0;
+    return __uint_as_float(((hi >> sh) & 0xFFFFu) << 16) + __uint_as_float(((lo >> sh) & 0xFFFFu) << 16);
+  }
+  __device__ __forceinline__ uint2 apply(uint2 x) const {  // HFMA2(x, hi, HMUL2(x, lo))
+#ifdef __CUDACC__
+    const __nv_bfloat162* xs = reinterpret_cast<const __nv_bfloat162*>(&x);
+    const __nv_bfloat162* cs = reinterpret_cast<const __nv_bfloat162*>(&c);
+    const __nv_bfloat162 lo = __hfma2(xs[0], cs[0], __hmul2(xs[0], cs[2]));
+    const __nv_bfloat162 hi = __hfma2(xs[1], cs[1], __hmul2(xs[1], cs[3]));
+    return {*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi)};
+#else
+    uint32_t out[2];
+    const uint32_t xs[2] = {x.x, x.y}, his[2] = {c.x, c.y}, los[2] = {c.z, c.w};
+    for (int r = 0; r < 2; ++r) {
+      uint32_t halves[2];
+      for (int h = 0; h < 2; ++h) {
+        const int sh = 16 * h;
+        const double xv = __uint_as_float(((xs[r] >> sh) & 0xFFFFu) << 16);
+        const double hv = __uint_as_float(((his[r] >> sh) & 0xFFFFu) << 16);
+        const double lv = __uint_as_float(((los[r] >> sh) & 0xFFFFu) << 16);
+        const double t = __uint_as_float(uint32_t(host_round_bf16(xv * lv)) << 16);  // HMUL2: one rounding
+        halves[h] = host_round_bf16(xv * hv + t);  // HFMA2: exact x * hi + t, one rounding (exact in double)
+      }
+      out[r] = halves[0] | (halves[1] << 16);
+    }
+    return {out[0], out[1]};
+#endif
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifdef __CUDACC__
+  Mma<T>::mma(d, a, b);
+#else
+  host_mma<T>(d, a, b);
+#endif
+}
+
 
 }  // namespace eq
