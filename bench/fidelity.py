@@ -59,12 +59,15 @@ from bench.quality import (  # noqa: E402
     Row,
     apply_row,
     build_model,
+    default_group,
+    eq_rows,
     eq_spec,
     load_text,
     peers_available,
     windows,
 )
 from converters.convert import DEFAULT_QUANTIZE_PATTERN, ConvertOptions, convert  # noqa: E402
+from easyquant_vllm.quant import DEFAULT_FORMAT_VERSION  # noqa: E402
 
 TEMPLATES = ("What is {t}?", "Who or what is {t}?", "Why is {t} notable?", "Tell me about {t}.")
 
@@ -182,11 +185,23 @@ def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, sweep: bool) -> l
         rows += [Row(f"SINQ g{gs}", "sinq", gs, tags={"peer": "sinq", "sinq": True}) for gs in groups]
     rows.append(Row("NF4 block 64", "nf4", 64, tags={"peer": "nf4"}))
     rows.append(Row(f"EasyQuant v1 g{g} (paper)", "eq", g, eq_spec(1, g), tags={"v1": True}))
-    rows += [Row(f"EasyQuant v2 g{gs}" + (" (default)" if gs == g else ""), "eq", gs, eq_spec(2, gs),
-                 tags={"v2": True, "default": gs == g}) for gs in groups]  # fmt: skip
+    rows += eq_rows(info, 2, groups) + eq_rows(info, 3, info.v3_groups)
     # easyquant-convert --lm-head: the output projection (tied: the one embedding matrix) quantized too.
-    rows.append(Row(f"EasyQuant v2 g{g} + int4 lm_head", "eq", g, eq_spec(2, g), tags={"lm_head": True}))
+    dv, dg = DEFAULT_FORMAT_VERSION, default_group(info)
+    rows.append(Row(f"EasyQuant v{dv} g{dg} + int4 lm_head", "eq", dg, eq_spec(dv, dg), tags={"lm_head": True}))
     if sweep:
+        g3 = default_group(info, 3)
+        rows += [
+            Row(f"v3 g{g3} column scale on every layer", "eq", g3, eq_spec(3, g3, normalize="sinkhorn"),
+                tags={"sweep": "v3 sinkhorn"}),
+            Row(f"v3 g{g3} no column scale", "eq", g3, eq_spec(3, g3, normalize="none"), tags={"sweep": "v3 none"}),
+            Row(f"v3 g{g3} every outlier candidate kept", "eq", g3, eq_spec(3, g3, outlier_min_gain=0.0),
+                tags={"sweep": "v3 gain 0"}),
+            Row(f"v3 g{g3} outliers only where worth 64x", "eq", g3, eq_spec(3, g3, outlier_min_gain=64.0),
+                tags={"sweep": "v3 gain 64"}),
+            Row(f"v3 g{g3} no outliers", "eq", g3, eq_spec(3, g3, max_outlier_fraction=0.0),
+                tags={"sweep": "v3 cap 0"}),
+        ]  # fmt: skip
         rows += [Row(f"v2 g{g} outlier cap {100 * c:g} %", "eq", g, eq_spec(2, g, max_outlier_fraction=c),
                      tags={"sweep": f"cap {c}"}) for c in (0.0, 0.001, 0.005)]  # fmt: skip
         from easyquant_vllm.quant import SearchParams

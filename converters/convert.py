@@ -404,7 +404,7 @@ def _write(
                 "rel_err_rtn": qw.stats.rel_err_rtn,
                 "rel_err": qw.stats.rel_err,
                 "bits_per_weight": bits_per_weight(n, k, spec.bits, spec.group_size, qw.outliers.nnz,
-                                                   spec.zero_points, spec.normalize != "none", spec.format_version),
+                                                   spec.zero_points, qw.col_scale is not None, spec.format_version),
                 "seconds": seconds,
             })  # fmt: skip
             log.debug("%s [%d, %d] %s -> outliers %.3f%%, rel err %.4f (RTN %.4f)", m, n, k, t.dtype,

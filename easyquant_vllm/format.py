@@ -190,6 +190,14 @@ class EasyQuantCheckpointConfig:
         """The tensors every quantized layer of this checkpoint has."""
         return layer_suffixes(self.zero_points, self.column_scale, self.format_version)
 
+    def optional_suffixes(self) -> tuple[str, ...]:
+        """The tensors a quantized layer of this checkpoint may have (version 3: its column scale and outliers)."""
+        return optional_suffixes(self.column_scale, self.format_version)
+
+    def all_suffixes(self) -> tuple[str, ...]:
+        """Every tensor a quantized layer of this checkpoint can have: what a loader declares."""
+        return self.layer_suffixes() + self.optional_suffixes()
+
 
 class _ConfigFields:
     """Strictly typed reads of ``quantization_config`` keys; errors name the file and the key."""
@@ -242,13 +250,27 @@ def method_params(spec: QuantSpec) -> dict[str, Any]:
     return extra
 
 
+CSR_SUFFIXES = (OUTLIER_INDPTR, OUTLIER_INDICES, OUTLIER_VALUES)
+
+
 def layer_suffixes(
     zero_points: bool = False, column_scale: bool = False, version: int | None = None
 ) -> tuple[str, ...]:
-    """The five tensors of every quantized layer, plus ``qzeros`` / ``col_scale`` where the config has them and
-    ``row_steps`` in format version 3."""
+    """The tensors every quantized layer has: the five, plus ``qzeros`` / ``col_scale`` where the config has them.
+    Format version 3: ``qweight``, ``scales``, ``qzeros`` and ``row_steps``; its column scale and its outliers
+    are per layer (:func:`optional_suffixes`)."""
+    if version == 3:
+        return (QWEIGHT, SCALES, QZEROS, ROW_STEPS)
     extra = ((QZEROS,) if zero_points else ()) + ((COL_SCALE,) if column_scale else ())
-    return TENSOR_SUFFIXES + extra + ((ROW_STEPS,) if version == 3 else ())
+    return TENSOR_SUFFIXES + extra
+
+
+def optional_suffixes(column_scale: bool = False, version: int | None = None) -> tuple[str, ...]:
+    """Tensors a layer may have or not (format version 3): the three CSR arrays together (none: no outliers) and,
+    where the config announces column scales, ``col_scale`` (none: ``c = 1``)."""
+    if version != 3:
+        return ()
+    return CSR_SUFFIXES + ((COL_SCALE,) if column_scale else ())
 
 
 def tensor_name(prefix: str, suffix: str) -> str:
@@ -271,10 +293,12 @@ def dense_shapes(n: int, k: int, bits: int, group_size: int, version: int | None
 
 def layer_tensors(prefix: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one quantized linear (five, plus the version-2 ones it has), keyed by full
-    name, in file order."""
+    name, in file order. A version-3 layer without outliers stores no CSR arrays."""
     o = qw.outliers
     parts = {QWEIGHT: qw.qweight, SCALES: qw.scales, OUTLIER_INDPTR: o.indptr, OUTLIER_INDICES: o.indices,
              OUTLIER_VALUES: o.values}  # fmt: skip
+    if qw.row_steps is not None and o.nnz == 0:
+        parts = {QWEIGHT: qw.qweight, SCALES: qw.scales}
     if qw.zeros is not None:  # version 3: one byte per group as it is
         parts[QZEROS] = qw.zeros if qw.row_steps is not None else pack_zeros(qw.zeros, qw.bits)
     if qw.col_scale is not None:
@@ -295,10 +319,15 @@ def quantized_weight_from_tensors(
 ) -> QuantizedWeight:
     """Validate the tensors of ``prefix`` and wrap them (inverse of :func:`layer_tensors`)."""
     validate_layer(prefix, tensors, bits, group_size, zero_points, column_scale, version)
-    t = {s: tensors[tensor_name(prefix, s)] for s in layer_suffixes(zero_points, column_scale, version)}
+    suffixes = layer_suffixes(zero_points, column_scale, version) + optional_suffixes(column_scale, version)
+    t = {s: tensors[tensor_name(prefix, s)] for s in suffixes if tensor_name(prefix, s) in tensors}
     n = t[QWEIGHT].shape[0]
     k = t[QWEIGHT].shape[1] * pack_factor(bits)
-    csr = OutlierCSR(t[OUTLIER_INDPTR], t[OUTLIER_INDICES], t[OUTLIER_VALUES], (n, k))
+    if OUTLIER_INDPTR in t:
+        csr = OutlierCSR(t[OUTLIER_INDPTR], t[OUTLIER_INDICES], t[OUTLIER_VALUES], (n, k))
+    else:  # version 3 without outliers
+        empty = t[QWEIGHT].new_zeros(0)
+        csr = OutlierCSR(t[QWEIGHT].new_zeros(n + 1), empty, empty.to(torch.float16), (n, k))
     zeros = None
     if zero_points:
         zeros = t[QZEROS] if version == 3 else unpack_zeros(t[QZEROS], t[SCALES].shape[1], bits)
@@ -325,12 +354,22 @@ def validate_layer(
     """
     if version == 3 and not zero_points:
         raise CheckpointError(f"layer {prefix}: format version 3 has a zero point per group (zero_points)")
-    expected = layer_suffixes(zero_points, column_scale, version)
-    missing = [tensor_name(prefix, s) for s in expected if tensor_name(prefix, s) not in tensors]
+    required = layer_suffixes(zero_points, column_scale, version)
+    optional = optional_suffixes(column_scale, version)
+    missing = [tensor_name(prefix, s) for s in required if tensor_name(prefix, s) not in tensors]
     if missing:
         raise CheckpointError(f"layer {prefix}: missing tensor(s) {missing}")
+    csr_present = [tensor_name(prefix, s) for s in CSR_SUFFIXES if tensor_name(prefix, s) in tensors]
+    if version == 3 and 0 < len(csr_present) < len(CSR_SUFFIXES):
+        raise CheckpointError(
+            f"layer {prefix}: has {csr_present} but not all three outlier tensors (a version-3 layer stores all of "
+            f"{list(CSR_SUFFIXES)} or none)"
+        )
+    expected = required + tuple(s for s in optional if tensor_name(prefix, s) in tensors)
     extra = [
-        tensor_name(prefix, s) for s in OPTIONAL_SUFFIXES if s not in expected and tensor_name(prefix, s) in tensors
+        tensor_name(prefix, s)
+        for s in OPTIONAL_SUFFIXES
+        if s not in expected and s not in optional and tensor_name(prefix, s) in tensors
     ]
     if extra:
         raise CheckpointError(
@@ -344,6 +383,11 @@ def validate_layer(
             raise CheckpointError(f"{tensor_name(prefix, s)}: dtype {t[s].dtype}, expected {want}")
     ranks = {QWEIGHT: 2, SCALES: 2, OUTLIER_INDPTR: 1, OUTLIER_INDICES: 1, OUTLIER_VALUES: 1, QZEROS: 2, COL_SCALE: 1,
              ROW_STEPS: 1}  # fmt: skip
+    if OUTLIER_INDPTR not in t:  # a version-3 layer without outliers: an empty CSR, checked like any other
+        empty_csr = {OUTLIER_INDPTR: torch.zeros(t[QWEIGHT].shape[0] + 1, dtype=torch.int32),
+                     OUTLIER_INDICES: torch.zeros(0, dtype=torch.int32),
+                     OUTLIER_VALUES: torch.zeros(0, dtype=torch.float16)}  # fmt: skip
+        t = {**t, **empty_csr}
     for s in expected:
         rank = ranks[s]
         if t[s].dim() != rank:
@@ -438,7 +482,7 @@ def bits_per_weight(n: int, k: int, bits: int, group_size: int, nnz: int, zero_p
     32-bit index) + indptr, plus the packed zero points and the float16 column scale where present; version 3:
     8-bit steps and zeros per group and a float16 unit per row."""
     g = effective_group_size(k, group_size)
-    total = n * k * bits + nnz * (16 + 32) + (n + 1) * 32
+    total = n * k * bits + nnz * (16 + 32) + (n + 1) * 32 * (nnz > 0 or version != 3)  # v3: no CSR when empty
     if version == 3:
         total += n * (k // g) * 16 + n * 16
     else:
@@ -494,7 +538,7 @@ def validate_checkpoint(model_dir: str | Path) -> dict[str, Any]:
             params += n * k
             outliers += qw.outliers.nnz
             bits_total += bits_per_weight(n, k, cfg.bits, cfg.group_size, qw.outliers.nnz, cfg.zero_points,
-                                          cfg.column_scale, cfg.format_version) * n * k  # fmt: skip
+                                          qw.col_scale is not None, cfg.format_version) * n * k  # fmt: skip
 
     if layers == 0:
         raise CheckpointError(f"{model_dir}: config.json says easyquant but no tensor ends in .{QWEIGHT}")

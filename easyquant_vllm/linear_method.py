@@ -126,7 +126,8 @@ class EasyQuantLinearMethod(LinearMethodBase):
         self.prefix = prefix
         self.bits = config.checkpoint.bits
         self.group_size = config.checkpoint.group_size
-        self.suffixes = config.checkpoint.layer_suffixes()
+        self.suffixes = config.checkpoint.all_suffixes()  # declared (version 3: some are per layer)
+        self.required = config.checkpoint.layer_suffixes()
 
     # Layout contract of the declared parameters (canonical, per rank partition [N_part, K_part]):
     #   qweight          int32   [N_part, K_part / pack_factor]   packed along K
@@ -205,7 +206,7 @@ class EasyQuantLinearMethod(LinearMethodBase):
             plans = [(plan, state.pending.pop(i, {})) for i, plan in enumerate(state.shards)]
         ckpt = self.config.checkpoint
         for plan, tensors in plans:
-            missing = [s for s in self.suffixes if s not in tensors]
+            missing = [s for s in self.required if s not in tensors]
             if missing:
                 raise CheckpointError(
                     f"EasyQuant layer {state.prefix}: checkpoint has no {[tensor_name(plan.name, s) for s in missing]}"

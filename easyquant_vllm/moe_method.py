@@ -101,7 +101,8 @@ class EasyQuantMoEMethod(FusedMoEMethodBase):
         self.prefix = prefix
         self.bits = config.checkpoint.bits
         self.group_size = config.checkpoint.group_size
-        self.suffixes = config.checkpoint.layer_suffixes()
+        self.suffixes = config.checkpoint.all_suffixes()  # declared (version 3: some are per layer)
+        self.required = config.checkpoint.layer_suffixes()
         problems = unsupported_options(layer, layer.moe_config)
         if problems:
             raise ValueError(f"EasyQuant MoE layer {prefix}: not supported: " + "; ".join(problems))
@@ -164,7 +165,7 @@ class EasyQuantMoEMethod(FusedMoEMethodBase):
             for shard in _SHARDS:
                 name = state.module(shard, e)
                 tensors = state.pending.pop((shard, e), {})
-                missing = [tensor_name(name, s) for s in self.suffixes if s not in tensors]
+                missing = [tensor_name(name, s) for s in self.required if s not in tensors]
                 if missing:
                     raise CheckpointError(
                         f"EasyQuant MoE layer {state.prefix}: checkpoint has no {missing} (config.json announces "

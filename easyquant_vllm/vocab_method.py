@@ -79,7 +79,7 @@ class EasyQuantVocabMethod(EasyQuantLinearMethod):
             return
         plan = state.shards[0]
         tensors = state.pending.pop(0, {})
-        missing = [tensor_name(plan.name, s) for s in self.suffixes if s not in tensors]
+        missing = [tensor_name(plan.name, s) for s in self.required if s not in tensors]
         if missing:
             raise CheckpointError(f"EasyQuant layer {state.prefix}: checkpoint has no {missing}")
         ckpt = self.config.checkpoint

@@ -39,7 +39,7 @@ def gguf_like(n: int, k: int, seed: int = 0) -> torch.Tensor:
 def test_v3_reconstruction_is_the_documented_formula() -> None:
     w = heavy_tailed(32, 128, seed=1)
     w[3, 5] = 0.9  # an outlier
-    qw = _v3(w)
+    qw = _v3(w, normalize="sinkhorn")
     assert qw.format_version == 3 and qw.scales.dtype == torch.uint8 and qw.row_steps is not None
     assert qw.outliers.nnz > 0
     u = unpack_codes(qw.qweight, 4).float()
@@ -71,17 +71,20 @@ def test_solve_affine_fits_a_grid_exactly_and_never_loses_to_min_max() -> None:
     u = torch.randint(0, 16, (200, 32), generator=g).float()
     u[:, 0], u[:, 1] = 0, 15
     x = s[:, None] * (u - z[:, None])
-    s_fit, z_fit = solve_affine(x, 4)
+    s_fit, z_fit, _ = solve_affine(x, 4)
     torch.testing.assert_close(s_fit, s, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(z_fit, z, rtol=1e-4, atol=1e-4)
     y = heavy_tailed(300, 32, seed=4)
     s_mm, z_mm = rtn_asym(y, 4)
-    s_a, z_a = solve_affine(y, 4)
+    s_a, z_a, _ = solve_affine(y, 4)
     assert bool((affine_loss(y, s_a, z_a, 4) <= affine_loss(y, s_mm, z_mm.float(), 4) * (1 + 1e-6)).all())
 
 
 def test_v3_layer_roundtrip_and_validation_names_the_tensor() -> None:
-    qw = _v3(heavy_tailed(32, 128, seed=5))
+    w = heavy_tailed(32, 128, seed=5)
+    w[1, 2] = 0.8
+    qw = _v3(w, normalize="sinkhorn")
+    assert qw.outliers.nnz > 0
     t = layer_tensors("P", qw)
     assert set(t) == {f"P.{s}" for s in (*TENSOR_SUFFIXES, "qzeros", "col_scale", "row_steps")}
     assert t["P.qzeros"].shape == (32, 4) and t["P.scales"].dtype == torch.uint8 and t["P.row_steps"].shape == (32,)
@@ -103,9 +106,11 @@ def test_v3_layer_roundtrip_and_validation_names_the_tensor() -> None:
 
 
 def test_v3_bits_per_weight() -> None:
-    # codes + 16 bits per group + a float16 unit per row + row pointers, + the column scale
-    assert bits_per_weight(64, 256, 4, 32, 0, True, False, 3) == pytest.approx(
-        4 + 16 / 32 + 16 / 256 + 32 * 65 / (64 * 256)
+    # codes + 16 bits per group + a float16 unit per row (+ row pointers and 48 bits per outlier where there are
+    # outliers; a layer without stores no CSR), + the column scale
+    assert bits_per_weight(64, 256, 4, 32, 0, True, False, 3) == pytest.approx(4 + 16 / 32 + 16 / 256)
+    assert bits_per_weight(64, 256, 4, 32, 2, True, False, 3) == pytest.approx(
+        4 + 16 / 32 + 16 / 256 + (32 * 65 + 2 * 48) / (64 * 256)
     )
     assert bits_per_weight(64, 256, 4, 32, 0, True, True, 3) - bits_per_weight(64, 256, 4, 32, 0, True, False, 3) == (
         pytest.approx(16 / 64)
@@ -142,3 +147,25 @@ def test_v3_stack_refuses_mixed_formats() -> None:
     a = type(a)(a.qweight, a.scales, a.outliers, 4, 32, zeros=a.zeros, row_steps=a.row_steps)  # no column scale
     with pytest.raises(ValueError, match="share one format"):
         stack_rows([a, b], ["a", "b"])
+
+
+def test_v3_auto_column_scale_and_outliers_keep_only_what_helps() -> None:
+    # On a 16-level grid per block of 32 (a GGUF's), a column scale would move the weights off the grid and no
+    # candidate outlier removes any error: auto keeps no column scale, no outliers, and stores no CSR.
+    grid = gguf_like(64, 256, seed=10)
+    qw = _v3(grid)
+    assert qw.col_scale is None and qw.outliers.nnz == 0
+    assert float((qw.dequantize() - grid).norm() / grid.norm()) < 0.01
+    t = layer_tensors("P", qw)
+    assert set(t) == {"P.qweight", "P.scales", "P.qzeros", "P.row_steps"}
+    back = quantized_weight_from_tensors("P", t, 4, 32, True, True, 3)
+    assert torch.equal(back.dequantize(), qw.dequantize()) and back.outliers.nnz == 0
+    with pytest.raises(CheckpointError, match="not all three outlier tensors"):
+        validate_layer("P", {**t, "P.outlier_indptr": torch.zeros(65, dtype=torch.int32)}, 4, 32, True, True, 3)
+    # Weights whose columns differ in spread, with a planted large weight: the column scale and the outlier stay.
+    w = heavy_tailed(64, 256, seed=11) * torch.exp(torch.randn(256, generator=torch.Generator().manual_seed(1)))
+    w[5, 9] = 3.0
+    qw = _v3(w)
+    assert qw.col_scale is not None and qw.outliers.nnz >= 1
+    plain = _v3(w, normalize="none")
+    assert float((qw.dequantize() - w).norm()) < float((plain.dequantize() - w).norm())

@@ -225,12 +225,12 @@ def zero_unit(bits: int) -> float:
 
 def affine_codes(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned codes ``clamp(round(x / s + z), 0, 2**bits - 1)`` as float32, ``[R, G]``, for ``x ≈ s * (u - z)``
-    with a real (not necessarily integer) zero ``z``; ``s``, ``z`` are ``[R]``. A group with ``s == 0`` gets the
-    code nearest to its zero (the dense part is then exactly 0 there: ``s = 0``)."""
+    with a real (not necessarily integer) zero ``z``; ``s``, ``z`` are ``[R]``. A group with ``s == 0`` (its
+    counted entries all 0) gets the code nearest to its zero wherever ``x`` is 0 (its dense part is 0 whatever the
+    codes: ``s = 0``)."""
     top = (1 << bits) - 1
-    s_safe = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(1)
-    u = torch.round(x / s_safe + z.unsqueeze(1)).clamp_(0, top)
-    return torch.where((s > 0).unsqueeze(1), u, torch.round(z).clamp(0, top).unsqueeze(1).expand_as(u))
+    inv = torch.where(s > 0, s, torch.ones_like(s)).reciprocal_().unsqueeze(1)
+    return torch.addcmul(z.unsqueeze(1), x, inv).round_().clamp_(0, top)
 
 
 def affine_loss(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int,
@@ -245,7 +245,7 @@ def affine_loss(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int,
 def solve_affine(
     x: torch.Tensor, bits: int, mask: torch.Tensor | None = None, ratios: tuple[float, ...] = (1.0, 0.9),
     lsq_iters: int = 2,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Step ``s`` and real zero ``z`` per group (``[R]`` each) minimising the squared error of ``s * (u - z)``.
 
     Starts from the min-max range over the counted elements (it always holds 0, so that ``z`` stays in
@@ -253,7 +253,8 @@ def solve_affine(
     codes for the current ``(s, z)`` and the least-squares ``(s, s * z)`` for those codes (a 2 x 2 system per
     group: the fit is exact where the group already lies on a grid of 16 levels, as in a 4-bit GGUF), and the
     integer-zero min-max range of :func:`rtn_asym`. Each candidate is kept where it lowers the error, so the result
-    is never worse than version 2's RTN. ``x [R, G]`` float32; ``mask`` as in :func:`affine_loss`.
+    is never worse than version 2's RTN. ``x [R, G]`` float32; ``mask`` as in :func:`affine_loss`. Returns
+    ``(s, z, loss)``, the loss as :func:`affine_loss`.
     """
     top = (1 << bits) - 1
     if mask is None:
@@ -271,12 +272,15 @@ def solve_affine(
     n_w = torch.full_like(lo, x.shape[1]) if w is None else w.sum(1)
     sum_x = x.sum(1) if w is None else (x * w).sum(1)
     best_s = best_z = best_loss = None
+    s_ones = torch.ones_like(lo)
     for ratio in ratios:
         centre, half = (lo + hi) / 2, (hi - lo) / 2 * ratio
         s = 2 * half / top
-        z = torch.where(s > 0, (half - centre) / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+        z = torch.where(s > 0, (half - centre) / torch.where(s > 0, s, s_ones), torch.zeros_like(s))
         for it in range(lsq_iters + 1):
-            loss = affine_loss(x, s, z, bits, w)
+            u = affine_codes(x, s, z, bits)  # once per round: for the loss and for the least-squares step
+            err = (u - z.unsqueeze(1)).mul_(s.unsqueeze(1)).sub_(x).square_()
+            loss = (err if w is None else err.mul_(w)).sum(1)
             if best_loss is None:
                 best_s, best_z, best_loss = s, z, loss
             else:
@@ -286,17 +290,15 @@ def solve_affine(
                 best_loss = torch.where(better, loss, best_loss)
             if it == lsq_iters:
                 break
-            # least squares of x ≈ s * u + b over the counted elements, for the codes of (s, z); b = -s * z
-            u = affine_codes(x, s, z, bits)
-            uw = u if w is None else u * w
-            su, suu, sux = uw.sum(1), (uw * u).sum(1), (uw * x).sum(1)
+            # least squares of x ≈ s * u + b over the counted elements, for these codes; b = -s * z
+            uw = u if w is None else u.mul_(w)
+            su, suu, sux = uw.sum(1), (uw * u).sum(1) if w is None else (uw * uw).sum(1), (uw * x).sum(1)
             det = n_w * suu - su * su
             ok = det > 1e-12 * n_w * n_w
-            det_safe = torch.where(ok, det, torch.ones_like(det))
-            s_new = (n_w * sux - su * sum_x) / det_safe
+            s_new = (n_w * sux - su * sum_x) / torch.where(ok, det, s_ones)
             b_new = (sum_x - s_new * su) / n_w.clamp_min(1.0)
             ok &= s_new > 0
-            z_new = (-b_new / torch.where(ok, s_new, torch.ones_like(s_new))).clamp(0.0, float(top))
+            z_new = (-b_new / torch.where(ok, s_new, s_ones)).clamp(0.0, float(top))
             s = torch.where(ok, s_new, s)
             z = torch.where(ok, z_new, z)
     assert best_s is not None and best_z is not None and best_loss is not None
@@ -304,4 +306,4 @@ def solve_affine(
     s_int, z_int = rtn_asym(x if w is None else x * w, bits)  # the outliers out of the range
     loss = affine_loss(x, s_int, z_int, bits, w)
     better = loss < best_loss
-    return torch.where(better, s_int, best_s), torch.where(better, z_int, best_z)
+    return torch.where(better, s_int, best_s), torch.where(better, z_int, best_z), torch.where(better, loss, best_loss)
