@@ -83,6 +83,9 @@ std::atomic<int64_t> g_path_calls[kNumPaths];  // how often each path ran (the t
 // Everything a path needs, as raw pointers (set up once per call by cpu_int4_linear).
 struct Problem {
   int64_t m, n, k, g;
+  int64_t groups;          // K / G, computed once: the paths' vector stores may alias P (the intrinsics store
+                           // through may_alias types), so the compiler reloads P after them and K / G written in a
+                           // loop is a 64-bit division per group
   const uint32_t* w;       // [N/16][K/8][16]
   const uint16_t* s;       // [N/16][K/G][16] fp16 bits of the steps (format versions 1 and 2), or null
   const uint8_t* a;        // [N/16][K/G][16] step multipliers (format version 3), or null
@@ -99,6 +102,7 @@ struct Problem {
   int64_t mp;
   const uint16_t* xpad;    // [mp][K] x, zero rows past M (AMX A tiles are 16 rows), or null
   int64_t xg;              // columns per x sub-block of the i16 path (divides G), else 0
+  int64_t xblocks;         // K / xg (computed once, as groups)
   const uint32_t* xq;      // [M][K/2] int16 pairs of x * c, i16 layout (quantize_x_i16), or null
   const float* xsigma;     // [M][K/xg] step of xq per sub-block (x * c ~ sigma * xq)
   const float* xqsum;      // [M][K/xg] sum of xq over the sub-block (exact: |sum| <= 128 * 32767 < 2^24)
@@ -142,7 +146,7 @@ __attribute__((target("avx2,fma,f16c"))) inline void store8(at::BFloat16* out, _
 constexpr float kZeroUnit = 1.0f / 16.0f;  // format version 3: zero points in sixteenths of a 4-bit code
 
 // Index of group gi's first entry (row 16b) in the blocked [N/16][K/G][16] metadata.
-inline int64_t group_entry(const Problem& P, int64_t b, int64_t gi) { return (b * (P.k / P.g) + gi) * kBlockN; }
+inline int64_t group_entry(const Problem& P, int64_t b, int64_t gi) { return (b * P.groups + gi) * kBlockN; }
 
 // s and z of one row (16b + j) as the scalar code (dequant) reads them.
 inline float row_step(const Problem& P, int64_t b, int64_t gi, int64_t j) {
@@ -242,7 +246,7 @@ __attribute__((target("avx2,fma,f16c"))) void fma_direct(const Problem& P, int64
   __m256 a[R][4];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < 4; ++i) a[r][i] = _mm256_setzero_ps();
-  for (int64_t gi = 0; gi < P.k / P.g; ++gi) {
+  for (int64_t gi = 0; gi < P.groups; ++gi) {
     const FmaSteps st = fma_steps<kFrac>(group_steps8(P, units, b, gi));
     for (int64_t q = gi * words_per_group; q < (gi + 1) * words_per_group; ++q) {
       _mm_prefetch(reinterpret_cast<const char*>(wb + (q + kPrefetchWords) * kBlockN), _MM_HINT_T0);
@@ -275,11 +279,15 @@ __attribute__((target("avx2,fma,f16c"))) void fma_panel(const Problem& P, int64_
   const Units8 units = units8(P, b);
   std::fill(acc, acc + P.m * kBlockN, 0.0f);
   FmaSteps st{};
+  int64_t next_group = 0, gi = 0;  // the word where group gi starts (no division per word: see Problem::groups)
   for (int64_t k0 = 0; k0 < P.k; k0 += kChunkK) {
     const int64_t kc = std::min(kChunkK, P.k - k0);
     for (int64_t q = k0 / 8; q < (k0 + kc) / 8; ++q) {  // panel[k - k0][16] = W'[rows, k]
       _mm_prefetch(reinterpret_cast<const char*>(wb + (q + kPrefetchWords) * kBlockN), _MM_HINT_T0);
-      if (q % words_per_group == 0) st = fma_steps<kFrac>(group_steps8(P, units, b, q / words_per_group));
+      if (q == next_group) {
+        st = fma_steps<kFrac>(group_steps8(P, units, b, gi++));
+        next_group += words_per_group;
+      }
       const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * kBlockN));
       const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * kBlockN + 8));
       for (int i = 0; i < 8; ++i) {
@@ -421,7 +429,7 @@ template <int R>
 __attribute__((target("avx2,fma,f16c"))) void i16_rows(const Problem& P, int64_t b, int64_t xi, int64_t m0,
                                                        const I16Steps& st, bool prefetch, float* acc) {
   static_assert(R >= 1 && R <= 4, "i16_rows: 1 to 4 batch rows");
-  const int64_t pairs = P.k / 2, subblocks = P.k / P.xg, words = P.xg / 8;
+  const int64_t pairs = P.k / 2, subblocks = P.xblocks, words = P.xg / 8;
   const uint32_t* wb = P.w + (b * (P.k / 8) + xi * words) * kBlockN;  // the sub-block's first line
   const uint32_t* xr = P.xq + m0 * pairs + xi * P.xg / 2;               // its x pairs in batch row m0
   const __m256i mask = _mm256_set1_epi32(0x000F000F);
@@ -446,21 +454,23 @@ __attribute__((target("avx2,fma,f16c"))) void i16_rows(const Problem& P, int64_t
 }
 
 // The block: sub-block by sub-block (its 1 KB of codes stays in L1 while every row tile of 1-4 batch rows
-// passes over it), the fp32 totals in acc [M][16].
+// passes over it), the fp32 totals in acc [M][16]. Group by group, the steps decoded once per group, with no
+// division per sub-block (at G = 32, format version 3's usual size, each group is one sub-block).
 __attribute__((target("avx2,fma,f16c"))) void i16_block(const Problem& P, int64_t b, float* acc) {
   std::fill(acc, acc + P.m * kBlockN, 0.0f);
-  const int64_t subblocks = P.k / P.xg, per_group = P.g / P.xg;
+  const int64_t per_group = P.g / P.xg;
   const Units8 units = units8(P, b);
-  I16Steps st{};
-  for (int64_t xi = 0; xi < subblocks; ++xi) {
-    if (xi % per_group == 0) st = i16_steps(group_steps8(P, units, b, xi / per_group));
-    int64_t m0 = 0;
-    for (; m0 + 4 <= P.m; m0 += 4) i16_rows<4>(P, b, xi, m0, st, m0 == 0, acc);
-    switch (P.m - m0) {
-      case 3: i16_rows<3>(P, b, xi, m0, st, m0 == 0, acc); break;
-      case 2: i16_rows<2>(P, b, xi, m0, st, m0 == 0, acc); break;
-      case 1: i16_rows<1>(P, b, xi, m0, st, m0 == 0, acc); break;
-      default: break;
+  for (int64_t gi = 0, xi = 0; gi < P.groups; ++gi) {
+    const I16Steps st = i16_steps(group_steps8(P, units, b, gi));
+    for (const int64_t end = xi + per_group; xi < end; ++xi) {
+      int64_t m0 = 0;
+      for (; m0 + 4 <= P.m; m0 += 4) i16_rows<4>(P, b, xi, m0, st, m0 == 0, acc);
+      switch (P.m - m0) {
+        case 3: i16_rows<3>(P, b, xi, m0, st, m0 == 0, acc); break;
+        case 2: i16_rows<2>(P, b, xi, m0, st, m0 == 0, acc); break;
+        case 1: i16_rows<1>(P, b, xi, m0, st, m0 == 0, acc); break;
+        default: break;
+      }
     }
   }
 }
@@ -510,7 +520,7 @@ __attribute__((target("avx512f,f16c"))) inline Steps16 group_steps16(const Probl
 template <int R, int U>
 __attribute__((target("avx512f,avx512bw,avx512bf16,f16c"))) void bf16dp_rows(const Problem& P, int64_t b, int64_t m0,
                                                                             float* acc) {
-  const int64_t words = P.k / 8, words_per_group = P.g / 8, pairs = P.k / 2, groups = P.k / P.g;
+  const int64_t words = P.k / 8, words_per_group = P.g / 8, pairs = P.k / 2, groups = P.groups;
   const uint32_t* wb = P.w + b * words * kBlockN;
   const __m512 units = units16(P, b);
   const uint32_t* x32 = reinterpret_cast<const uint32_t*>(P.xh);  // x[m][2p], x[m][2p+1] as one dword
@@ -619,7 +629,7 @@ template <int T>
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,f16c"))) void amx_slices(const Problem& P, int64_t b,
                                                                                  int64_t m0, const uint16_t* panel,
                                                                                  float* acc) {
-  const int64_t groups = P.k / P.g, chunks_per_group = P.g / 32;
+  const int64_t groups = P.groups, chunks_per_group = P.g / 32;
   const __m512 units = units16(P, b);
   const int64_t stride = P.k * 2;  // bytes between batch rows of x
   alignas(64) float ctile[16 * 16];
@@ -657,7 +667,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,f16c"))) void amx_slic
 // units: the block's units16 (both functions are AVX512 targets: the vector argument keeps one ABI).
 __attribute__((target("avx512f,f16c"))) void amx_fixup(const Problem& P, int64_t b, __m512 units, const float* ctile,
                                                        int64_t m0, int64_t rows, int64_t gi, float* acc) {
-  const int64_t groups = P.k / P.g;
+  const int64_t groups = P.groups;
   const Steps16 st = group_steps16(P, units, b, gi);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t m = m0 + r;
@@ -681,7 +691,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,f16c"))) void amx_one_
                                                                                     int64_t m0,
                                                                                     const uint16_t* panel,
                                                                                     float* acc) {
-  const int64_t groups = P.k / P.g, chunks_per_group = P.g / 32;
+  const int64_t groups = P.groups, chunks_per_group = P.g / 32;
   const __m512 units = units16(P, b);
   const int64_t stride = P.k * 2;
   const int64_t rows = std::min<int64_t>(16, P.m - m0);
@@ -817,7 +827,7 @@ __attribute__((target("avx2,fma,f16c"))) void dequant_blocks(const Problem& P, c
     const uint32_t* wb = P.w + b * words * kBlockN;
     for (int64_t j = 0; j < kBlockN; ++j) {
       T* row = w + (b * kBlockN + j) * P.k;
-      for (int64_t gi = 0; gi < P.k / P.g; ++gi) {
+      for (int64_t gi = 0; gi < P.groups; ++gi) {
         const __m256 s = _mm256_set1_ps(row_step(P, b, gi, j)), z = _mm256_set1_ps(row_zero(P, b, gi, j));
         for (int64_t q = gi * words_per_group; q < (gi + 1) * words_per_group; ++q) {
           const __m256i u = _mm256_and_si256(
@@ -977,7 +987,7 @@ inline void prefetch_range(const void* p, int64_t bytes) {
 // The next block's group metadata (steps or multipliers, zero points, units) and outliers, fetched while this
 // block computes. (Its codes are prefetched by the paths themselves, a fixed distance ahead of the loads.)
 void prefetch_block_extras(const Problem& P, int64_t b) {
-  const int64_t entries = (P.k / P.g) * kBlockN, first = b * entries;  // the block's metadata per tensor
+  const int64_t entries = P.groups * kBlockN, first = b * entries;  // the block's metadata per tensor
   if (P.s) prefetch_range(P.s + first, entries * sizeof(uint16_t));
   if (P.a) prefetch_range(P.a + first, entries);
   if (P.z) prefetch_range(P.z + first, entries);
@@ -1121,6 +1131,7 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
   P.n = n;
   P.k = k;
   P.g = g;
+  P.groups = k / g;
   P.w = reinterpret_cast<const uint32_t*>(w_q.data_ptr<int32_t>());
   if (row_steps) {
     P.a = scales.data_ptr<uint8_t>();
@@ -1158,6 +1169,7 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
   }
   if (path == kI16) {  // x * c in 16-bit fixed point, rows split over the threads (M x K values, read twice)
     P.xg = i16_subblock(g);
+    P.xblocks = k / P.xg;
     uint32_t* xq = scratch(xq_buffer, m * k / 2);
     float* xsigma = scratch(xsigma_buffer, m * (k / P.xg));
     float* xqsum = scratch(xqsum_buffer, m * (k / P.xg));
