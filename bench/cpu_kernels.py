@@ -1,7 +1,8 @@
 """CPU kernels layer by layer: EasyQuant's int4 paths against the dense GEMM vLLM gives an unquantized layer.
 
     python bench/cpu_kernels.py --model DST_DIR [--m 1 16] [--json out.json]
-    python bench/cpu_kernels.py --shapes 2048x1536 1536x8960 [--group 128] [--copies 2] [--m 1 16] [--threads 1]
+    python bench/cpu_kernels.py --shapes 2048x1536 1536x8960 [--group 128] [--format-version 2] [--copies 2]
+                                [--m 1 16] [--threads 1]
 
 For every distinct linear shape of the converted model (SmolLM2: fused qkv 960x576, o 576x576, fused
 gate_up 3072x576, down 576x1536) and each batch size M, microseconds per call, side by side in one run:
@@ -17,8 +18,9 @@ through every quantized layer of the model in order, so each layer's weights com
 forward pass; dense against native, per path of the plan. Shared cores swing: compare columns of one run.
 
 ``--shapes N x K ...`` measures random weights of those shapes instead of a checkpoint (heavy-tailed, as
-``easyquant-tiny-model`` makes them; quantized with format version 2's defaults: zero points, column scale,
-0.25 % outliers, ``--group``): per shape and M, the dense GEMM against each native path this CPU has, run in
+``easyquant-tiny-model`` makes them; quantized with ``--format-version``'s defaults, 2 unless given: zero points,
+column scale, 0.25 % outliers (3: compact steps, 0.1 %), ``--group``): per shape and M, the dense GEMM against
+each native path this CPU has, run in
 turns (the fastest of 5 interleaved rounds each: on shared cores, the least disturbed), then the pass through
 the shapes repeated ``--copies`` times (choose enough copies that the int4 weights exceed the last-level
 cache: the line above the tables gives their size). With ``--threads 1`` the clock is the thread's CPU time.
@@ -207,7 +209,7 @@ def path_table(layers: dict[tuple[int, int], QuantizedWeight], ms: list[int], dt
     rows = []
     for (n, k), qw in layers.items():
         spec = LayerSpec(n, k, 4, qw.group_size, dtype, "cpu", zero_points=qw.zeros is not None,
-                         column_scale=qw.col_scale is not None)  # fmt: skip
+                         column_scale=qw.col_scale is not None, compact_steps=qw.row_steps is not None)  # fmt: skip
         kernels = {p: NativeCpuKernel(spec, plan=native.parse_plan(p, native.PATHS)) for p in paths}
         tensors = kernels[paths[0]].prepare(qw)  # one layout for every path
         dense = dense_linear(qw.dequantize(dtype))
@@ -224,11 +226,11 @@ def path_table(layers: dict[tuple[int, int], QuantizedWeight], ms: list[int], dt
     return rows
 
 
-def shape_layers(shapes: list[str], group: int, copies: int) -> tuple[dict[tuple[int, int], QuantizedWeight],
-                                                                        list[QuantizedWeight]]:  # fmt: skip
-    """Random format-version-2 weights of the ``NxK`` shapes; and the list of them repeated ``copies`` times (each
-    copy prepared into memory of its own by the kernels: a pass reads copies x the bytes)."""
-    spec = QuantSpec.for_version(2, group_size=group)
+def shape_layers(shapes: list[str], group: int, copies: int, version: int = 2) -> tuple[
+        dict[tuple[int, int], QuantizedWeight], list[QuantizedWeight]]:  # fmt: skip
+    """Random weights of the ``NxK`` shapes in format ``version``; and the list of them repeated ``copies`` times
+    (each copy prepared into memory of its own by the kernels: a pass reads copies x the bytes)."""
+    spec = QuantSpec.for_version(version, group_size=group)
     by_shape = {}
     for i, text in enumerate(shapes):
         n, _, k = text.lower().partition("x")
@@ -239,6 +241,12 @@ def shape_layers(shapes: list[str], group: int, copies: int) -> tuple[dict[tuple
     return by_shape, list(by_shape.values()) * copies
 
 
+def dense_bytes(qw: QuantizedWeight) -> int:
+    """Bytes of the dense part a call reads: codes, steps (or multipliers), zero points, row units."""
+    parts = (qw.qweight, qw.scales, qw.zeros, qw.row_steps)
+    return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
@@ -246,6 +254,8 @@ def main() -> None:
     source.add_argument("--shapes", nargs="+", metavar="NxK", help="random weights of these shapes instead")
     p.add_argument("--group", type=int, default=128, help="--shapes: group size (-1: per channel)")
     p.add_argument("--copies", type=int, default=2, help="--shapes: copies of the shapes in the pass")
+    p.add_argument("--format-version", type=int, choices=[1, 2, 3], default=2,
+                   help="--shapes: quantize with this format version's defaults")  # fmt: skip
     p.add_argument("--m", type=int, nargs="+", default=[1, 16], help="batch rows")
     p.add_argument(
         "--threads",
@@ -266,9 +276,10 @@ def main() -> None:
     print(f"# CPU {cpu_isa()}, {torch.get_num_threads()} threads; native paths for {args.dtype}: {paths}; "
           f"default plan {native.plan_text(native.default_plan(dtype, paths))}")  # fmt: skip
     if args.shapes:
-        by_shape, pass_layers = shape_layers(args.shapes, args.group, args.copies)
-        mib = sum(qw.qweight.numel() * 4 + qw.scales.numel() * 2 for qw in pass_layers) / 2**20
-        print(f"# {len(pass_layers)} layers in the pass: {mib:.0f} MiB of codes and steps, "
+        by_shape, pass_layers = shape_layers(args.shapes, args.group, args.copies, args.format_version)
+        mib = sum(dense_bytes(qw) for qw in pass_layers) / 2**20
+        print(f"# format version {args.format_version}, group {args.group}; {len(pass_layers)} layers in the pass: "
+              f"{mib:.0f} MiB of codes and group metadata, "
               f"{sum(qw.qweight.numel() * 16 for qw in pass_layers) / 2**20:.0f} MiB in bf16")  # fmt: skip
         # One thread runs every call inline: its CPU time is the call's time on a core of its own.
         clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter

@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-FORMAT_VERSIONS = (1, 2)
+FORMAT_VERSIONS = (1, 2, 3)
 """Every format version the kernels serve: unit tests of a kernel run each (``@pytest.mark.parametrize``)."""
 
 
@@ -51,7 +51,7 @@ def quantized(w: torch.Tensor, version: int, group_size: int, **overrides: objec
 
 
 def layer_spec(qw: QuantizedWeight, dtype: torch.dtype, device_type: str = "cpu") -> LayerSpec:
-    """The :class:`LayerSpec` a kernel is given for ``qw`` (its format-version-2 tensors announced)."""
+    """The :class:`LayerSpec` a kernel is given for ``qw`` (the tensors of its format version announced)."""
     n, k = qw.shape
     return LayerSpec(n, k, qw.bits, qw.group_size, dtype, device_type, zero_points=qw.zeros is not None,
                      column_scale=qw.col_scale is not None, compact_steps=qw.row_steps is not None)  # fmt: skip

@@ -1,11 +1,16 @@
 """Our C++ CPU kernel (easyquant_vllm/kernels/csrc/eq_cpu.cpp): every path this CPU has, against the reference.
 
 Each path runs where the CPU has its instructions (AVX2 for ``fma``, ``i16`` and ``dequant``, AVX512-BF16 for
-``bf16dp``, AMX for ``amx``); the others skip and say which instructions are missing. The plan that picks a
-path by M is exercised under torch.compile with the dispatch counter.
+``bf16dp``, AMX for ``amx``); the others skip and say which instructions are missing. Every format version runs
+(:data:`FORMAT_VERSIONS`), and version 3's extreme metadata (zero units and multipliers, zero points 0 and 255)
+on its own. No assertion depends on the path or the rounding a machine gets: approximate paths are held to a
+relative error, and the exact ones (``fma``; ``bf16dp``/``amx`` without a column scale; ``dequant``) to the
+reference's bits. The plan that picks a path by M is exercised under torch.compile with the dispatch counter.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -134,6 +139,78 @@ def test_dequant_path_is_the_reference_weight_and_gemm(version: int, dtype: torc
     x, bias = torch.randn(40, 512).to(dtype), torch.randn(96).to(dtype)
     y = kernel.apply(kernel.prepare(qw), x, bias)
     assert torch.equal(y, F.linear(x, qw.dequantize(dtype), bias))
+
+
+def _v3_extremes(n: int, k: int, group_size: int) -> QuantizedWeight:
+    """A format-version-3 weight with the extremes its metadata allows: row 3 with unit d = 0 and row 5's first
+    group with multiplier a = 0 (both exact zeros), row 6 with a = 255 everywhere, zero points zq = 0 (row 7) and
+    zq = 255 (row 9: z = 15.9375, below every code), and the quantizer's outliers (residuals in version 3)."""
+    qw = quantized(heavy_tailed(n, k, seed=11), 3, group_size)
+    assert qw.row_steps is not None and qw.zeros is not None and qw.outliers.nnz > 0
+    row_steps, mult, zeros = qw.row_steps.clone(), qw.scales.clone(), qw.zeros.clone()
+    row_steps[3] = 0
+    mult[5, 0], mult[6] = 0, 255
+    zeros[7], zeros[9] = 0, 255
+    return replace(qw, scales=mult, zeros=zeros, row_steps=row_steps)
+
+
+@pytest.mark.parametrize("path", native.PATHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+def test_native_path_v3_extremes_match_reference(path: str, dtype: torch.dtype, group_size: int) -> None:
+    qw = _v3_extremes(64, 256, group_size)
+    kernel = _kernel(qw, dtype, path)
+    tensors = kernel.prepare(qw)
+    ref_w = qw.dequantize(torch.float64)
+    indptr = qw.outliers.indptr
+    assert int(ref_w[3].count_nonzero()) <= int(indptr[4] - indptr[3])  # d = 0: only the row's outliers remain
+    g = torch.Generator().manual_seed(group_size)
+    for m in (1, 2, 3, 4, 5, 9, 16, 17, 70):
+        x = torch.randn(m, 256, generator=g).to(dtype)
+        bias = torch.randn(64, generator=g).to(dtype) if m % 2 else None
+        y = kernel.apply(tensors, x, bias)
+        ref = x.double() @ ref_w.T + (bias.double() if bias is not None else 0)
+        assert _rel(y, ref) < (6e-3 if dtype == torch.bfloat16 else 1e-3), (path, m)
+    if path == "dequant":  # W' in x's dtype, bit for bit
+        x = torch.randn(40, 256, generator=g).to(dtype)
+        assert torch.equal(kernel.apply(tensors, x, None), F.linear(x, qw.dequantize(dtype)))
+
+
+@pytest.mark.parametrize("path", ["fma", "bf16dp", "amx"])
+@pytest.mark.parametrize("version", FORMAT_VERSIONS)
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_exact_paths_reproduce_w_prime_bit_for_bit(path: str, version: int, group_size: int) -> None:
+    # x = the identity (M = K rows): row m of y is column m of W', rounded to bf16 once, so an exact path gives the
+    # reference's bits. fma: W' / c built in fp32 (version 3: (u - z) * s, one rounding, as the reference), times
+    # x * c (fp32: the reference's rounding of c), plus the outlier. bf16dp and amx multiply bf16 codes 128 + u
+    # exactly and correct by 128 + z exactly; they round x * c to bf16, so they are exact without a column scale.
+    n, k = 48, 256
+    no_column_scale = {} if path == "fma" else {"normalize": "none"}
+    qw = quantized(heavy_tailed(n, k, seed=k + n), version, group_size, **no_column_scale)
+    assert qw.outliers.nnz > 0 and (path == "fma" or qw.col_scale is None)
+    kernel = _kernel(qw, torch.bfloat16, path)
+    y = kernel.apply(kernel.prepare(qw), torch.eye(k, dtype=torch.bfloat16), None)
+    assert torch.equal(y, qw.dequantize(torch.bfloat16).T)
+
+
+@pytest.mark.parametrize("version", FORMAT_VERSIONS)
+def test_linear_op_forward_is_the_direct_call(version: int) -> None:
+    # easyquant::linear runs forward() with apply_tensors() and meta(): the same op call as apply(), bit for bit.
+    qw = quantized(heavy_tailed(64, 256, seed=12), version, 32)
+    kernel = NativeCpuKernel(layer_spec(qw, torch.bfloat16))
+    tensors = kernel.prepare(qw)
+    x, bias = torch.randn(5, 256).bfloat16(), torch.randn(64).bfloat16()
+    y = torch.ops.easyquant.linear(x, kernel.apply_tensors(tensors), bias, kernel.name, kernel.meta())
+    assert torch.equal(y, kernel.apply(tensors, x, bias))
+
+
+def test_can_implement_format_version_3() -> None:
+    v3 = LayerSpec(64, 256, 4, 32, torch.bfloat16, "cpu", zero_points=True, column_scale=True, compact_steps=True)
+    assert NativeCpuKernel.can_implement(v3) == (True, None)
+    ok, why = NativeCpuKernel.can_implement(replace(v3, zero_points=False))
+    assert not ok and "format version 3 (compact steps) layers have zero points" in (why or "")
+    ok, why = NativeCpuKernel.can_implement(replace(v3, bits=8))
+    assert not ok and "4-bit codes only, got bits = 8" in (why or "")
 
 
 def test_self_check_batches_cover_every_i16_row_tile() -> None:

@@ -32,7 +32,21 @@ NATIVE_CASES = {
     "2-D indices": ("args['indices'] = args['indices'].view(1, -1)", "indices/values must be 1-D"),
     "values too short": ("args['values'] = args['values'][:-1]", "of one length"),
     "scales wrong size": ("args['scales'] = args['scales'][:1]", "scales must be contiguous fp16"),
-}
+    # Format version 3 (args.update(v3): the same layer's version-3 tensors, row_steps included).
+    "v3 valid": ("args.update(v3)", "no error"),
+    "uint8 scales without row_steps": ("args.update(v3, row_steps=None)",
+                                       "uint8 step multipliers need row_steps: format version 3"),
+    "fp16 scales with row_steps": ("args['row_steps'] = v3['row_steps']",
+                                   "with row_steps (format version 3), scales must be contiguous uint8"),
+    "row_steps fp16": ("args.update(v3, row_steps=v3['row_steps'].half())",
+                       "row_steps must be contiguous fp32 [N = 32], got Half"),
+    "row_steps too short": ("args.update(v3, row_steps=v3['row_steps'][:16])",
+                            "row_steps must be contiguous fp32 [N = 32], got Float [16]"),
+    "row_steps without zeros": ("args.update(v3, zeros=None)", "row_steps (format version 3) needs zeros"),
+    "v3 zeros wrong size": ("args.update(v3, zeros=v3['zeros'][:1])", "zeros must be contiguous uint8 with N*K/G = 64"),
+    "v3 multipliers wrong size": ("args.update(v3, scales=v3['scales'][:, :16])",
+                                  "scales must be contiguous uint8 step multipliers with N*K/G = 64"),
+}  # fmt: skip
 
 _NATIVE_SCRIPT = """
 import json, sys, torch
@@ -43,11 +57,15 @@ qw = quantized(heavy_tailed(32, 64, seed=3), 1, 32, outlier_threshold=1.0, max_o
 kernel = NativeCpuKernel(LayerSpec(32, 64, 4, 32, torch.bfloat16, "cpu"), plan=[1 << 30, 0])
 assert native.build_problem() is None
 t = kernel.prepare(qw)
+qw3 = quantized(heavy_tailed(32, 64, seed=3), 3, 32, outlier_threshold=1.0, max_outlier_fraction=0.1)
+t3 = NativeCpuKernel(LayerSpec(32, 64, 4, 32, torch.bfloat16, "cpu", True, True, True)).prepare(qw3)
 results = {}
 for name, (edit, _) in json.loads(sys.argv[1]).items():
     args = dict(x=torch.randn(3, 64).bfloat16(), w_q=t["w_q"], scales=t["scales"], zeros=None, col_scale=None,
                 indptr=t["indptr"].clone(), indices=t["indices"], values=t["values"], bias=None, group_size=32,
-                plan=[1 << 30, 0])
+                plan=[1 << 30, 0], row_steps=None)
+    v3 = {key: t3[key] for key in ("w_q", "scales", "zeros", "col_scale", "indices", "values", "row_steps")}
+    v3["indptr"] = t3["indptr"].clone()
     exec(edit)
     try:
         torch.ops.easyquant.cpu_int4_linear(*args.values())

@@ -1,4 +1,4 @@
-"""The MoE kernels (kernels/moe.py) against the float64 reference, both format versions; the converter's experts."""
+"""The MoE kernels (kernels/moe.py) against the float64 reference, every format version; the converter's experts."""
 
 from __future__ import annotations
 
@@ -36,6 +36,13 @@ def _experts(version: int, group: int = 64) -> list:  # type: ignore[type-arg]
     return out
 
 
+def _spec(version: int, dtype: torch.dtype, experts: int = E, hidden: int = H, inter: int = INTER,
+          group: int = 64) -> MoeSpec:  # fmt: skip
+    """The layer's spec with the tensors of format ``version`` announced (zero points and column scales from 2 on)."""
+    return MoeSpec(experts, hidden, inter, 4, group, dtype, "cpu", zero_points=version >= 2, column_scale=version >= 2,
+                   compact_steps=version == 3)  # fmt: skip
+
+
 def _reference(experts, x, ids, w):  # type: ignore[no-untyped-def]
     w13 = torch.stack([a.dequantize(torch.float64) for a, _ in experts])
     w2 = torch.stack([b.dequantize(torch.float64) for _, b in experts])
@@ -53,7 +60,7 @@ def _routing(m: int, k: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_native_moe_matches_reference(version: int, dtype: torch.dtype, path: str | None) -> None:
     experts = _experts(version)
-    spec = MoeSpec(E, H, INTER, 4, 64, dtype, "cpu", version == 2, version == 2)
+    spec = _spec(version, dtype)
     ok, why = NativeCpuMoeKernel.can_implement(spec)
     if not ok:
         pytest.skip(why)
@@ -85,12 +92,39 @@ def test_reference_moe_kernel_exact_in_float32() -> None:
     torch.testing.assert_close(y.double(), _reference(experts, x, ids, w), rtol=1e-5, atol=1e-6)
 
 
-def test_native_moe_under_compile_fullgraph() -> None:
+@pytest.mark.parametrize("path", native.PATHS)
+@pytest.mark.parametrize("group", [32, -1])
+def test_native_moe_v3_every_path(path: str, group: int) -> None:
+    # Format version 3's experts (units, multipliers and sixteenth zeros stacked per expert) through each path
+    # this CPU has, at the group sizes version 3 favours (32) and per channel.
+    spec = _spec(3, torch.bfloat16, group=group)
+    ok, why = NativeCpuMoeKernel.can_implement(spec)
+    if not ok:
+        pytest.skip(why)
+    if path not in native.available_paths(torch.bfloat16):
+        pytest.skip(f"path {path} is not available on this CPU for bf16")
+    experts = _experts(3, group)
+    kernel = NativeCpuMoeKernel(spec)
+    kernel.plan = native.parse_plan(path, native.PATHS)
+    tensors = kernel.prepare(experts)
+    assert tensors["w13_row_steps"].shape == (E, 2 * INTER) and tensors["w2_scales"].dtype == torch.uint8
+    for m in (1, 5, 40):
+        x = torch.randn(m, H, generator=torch.Generator().manual_seed(m)).bfloat16()
+        ids, w = _routing(m, seed=m)
+        reset_dispatch_counts()
+        y = kernel.apply(tensors, x, ids, w)
+        assert set(dispatch_counts()) == {f"native-int4-cpu:{path}"}, m
+        ref = _reference(experts, x, ids, w)
+        assert float((y.double() - ref).norm() / ref.norm()) < 1e-2, m
+
+
+@pytest.mark.parametrize("version", FORMAT_VERSIONS)
+def test_native_moe_under_compile_fullgraph(version: int) -> None:
     # vLLM traces apply() on CPU with fullgraph and no guards: the routing must stay inside the op.
-    spec = MoeSpec(E, H, INTER, 4, 64, torch.bfloat16, "cpu", True, True)
+    spec = _spec(version, torch.bfloat16)
     if not NativeCpuMoeKernel.can_implement(spec)[0]:
         pytest.skip("native kernel unavailable")
-    experts = _experts(2)
+    experts = _experts(version)
     kernel = NativeCpuMoeKernel(spec)
     tensors = kernel.prepare(experts)
     torch._dynamo.reset()
@@ -102,27 +136,32 @@ def test_native_moe_under_compile_fullgraph() -> None:
         assert float((fn(x, ids, w).double() - ref).norm() / ref.norm()) < 1e-2
 
 
-def test_native_moe_refuses_an_expert_id_out_of_range() -> None:
-    spec = MoeSpec(E, H, INTER, 4, 64, torch.bfloat16, "cpu", True, True)
+def test_native_moe_refuses_an_expert_id_out_of_range_and_bad_stacks() -> None:
+    spec = _spec(3, torch.bfloat16)
     if not NativeCpuMoeKernel.can_implement(spec)[0]:
         pytest.skip("native kernel unavailable")
     kernel = NativeCpuMoeKernel(spec)
-    tensors = kernel.prepare(_experts(2))
+    tensors = kernel.prepare(_experts(3))
     with pytest.raises(RuntimeError, match=r"topk_ids holds expert 6 \(token 0\); this layer has 6 experts"):
         kernel.apply(tensors, torch.randn(1, H).bfloat16(), torch.tensor([[6, 0]]), torch.ones(1, 2) / 2)
     bad = {**tensors, "w13_offsets": tensors["w13_offsets"].flip(0).contiguous()}
     with pytest.raises(RuntimeError, match="w13 offsets must run from 0 to nnz"):
+        kernel.apply(bad, torch.randn(1, H).bfloat16(), torch.tensor([[1, 0]]), torch.ones(1, 2) / 2)
+    bad = {**tensors, "w2_row_steps": tensors["w2_row_steps"].flatten()}
+    with pytest.raises(RuntimeError, match=r"w2 row_steps must be \[E = 6, N\], got \[1536\]"):
+        kernel.apply(bad, torch.randn(1, H).bfloat16(), torch.tensor([[1, 0]]), torch.ones(1, 2) / 2)
+    bad = {key: t for key, t in tensors.items() if key != "w13_row_steps"}  # uint8 multipliers, no units
+    with pytest.raises(RuntimeError, match="uint8 step multipliers need row_steps: format version 3"):
         kernel.apply(bad, torch.randn(1, H).bfloat16(), torch.tensor([[1, 0]]), torch.ones(1, 2) / 2)
 
 
 @pytest.mark.parametrize("version", FORMAT_VERSIONS)
 def test_moe_kernel_choice_self_check_and_force(version: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(select, "_checked", {})
-    v2 = version == 2
-    bf16 = MoeSpec(8, 256, 128, 4, 128, torch.bfloat16, "cpu", v2, v2)
+    bf16 = _spec(version, torch.bfloat16, experts=8, hidden=256, inter=128, group=128)
     kernel, _ = choose_moe_kernel(bf16, torch.device("cpu"))
     assert kernel is (NativeCpuMoeKernel if NativeCpuMoeKernel.can_implement(bf16)[0] else TorchReferenceMoeKernel)
-    fp32 = MoeSpec(8, 256, 128, 4, 128, torch.float32, "cpu", v2, v2)
+    fp32 = _spec(version, torch.float32, experts=8, hidden=256, inter=128, group=128)
     kernel, reasons = choose_moe_kernel(fp32, torch.device("cpu"))
     assert kernel is TorchReferenceMoeKernel and any("float32" in r for r in reasons)
     monkeypatch.setenv(select.ENV_FORCE, "torch-reference")

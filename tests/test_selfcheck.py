@@ -137,9 +137,9 @@ def test_old_driver_is_refused_before_any_compile(monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize("kernel_cls", CPU_INT4, ids=lambda k: k.name)
 @pytest.mark.parametrize("version", FORMAT_VERSIONS)
 def test_cpu_kernels_pass_their_self_check_here(kernel_cls, version: int) -> None:  # type: ignore[no-untyped-def]
-    v2 = {"zero_points": version == 2, "column_scale": version == 2}
-    for spec in (LayerSpec(1536, 576, 4, 64, torch.bfloat16, "cpu", **v2),
-                 LayerSpec(96, 256, 4, -1, torch.float16, "cpu", **v2)):  # fmt: skip
+    tensors = {"zero_points": version >= 2, "column_scale": version >= 2, "compact_steps": version == 3}
+    for spec in (LayerSpec(1536, 576, 4, 64, torch.bfloat16, "cpu", **tensors),
+                 LayerSpec(96, 256, 4, -1, torch.float16, "cpu", **tensors)):  # fmt: skip
         ok, why = kernel_cls.can_implement(spec)
         if not ok:
             pytest.skip(f"{kernel_cls.name} cannot run here: {why}")

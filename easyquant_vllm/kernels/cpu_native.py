@@ -21,7 +21,9 @@ dequant    AVX2                               W'^T in x's dtype (bit-identical t
 =========  =================================  =============================================================
 
 The plan (which path for which M) is fixed per ISA and dtype from measurements (docs/serving.md); it is
-passed to the op as ints, so the compiled graph holds no branch on M.
+passed to the op as ints, so the compiled graph holds no branch on M. Every path serves format versions 1, 2
+and 3 (for version 3 the op takes the rows' units, ``row_steps``, and decodes each group's step and fractional
+zero point in its per-group epilogue).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ PATHS = ("fma", "bf16dp", "amx", "dequant", "i16")
 """Path ids of the C++ op, in order (``Path`` in eq_cpu.cpp; a new path takes the next id)."""
 
 _BLOCK_N = 16
+OPTIONAL_TENSORS = ("zeros", "col_scale", "row_steps")
+"""The op's optional weight tensors, in the order :meth:`NativeCpuKernel.apply_tensors` appends them: format
+version 2's zero points and column scale, format version 3's row units."""
 ENV_VERBOSE = "EASYQUANT_VERBOSE_BUILD"
 """Set to show the compiler's output when the C++ op is built."""
 
@@ -145,10 +150,12 @@ def plan_text(plan: Sequence[int]) -> str:
 
 
 def repack(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Canonical ``qweight [N, K/8] int32``, ``scales [N, K/G] fp16`` -> the op's layout.
+    """Canonical ``qweight [N, K/8] int32``, ``scales [N, K/G]`` (fp16 steps; uint8 multipliers in format version
+    3) -> the op's layout.
 
     Returns ``w_q [N/16, K/8 * 16] int32`` (word (b, q, j) = ``qweight[16b + j, q]``: the 16 rows of a block
-    side by side, each word unchanged) and ``scales [N/16, K/G * 16] fp16`` (the 16 rows contiguous per group).
+    side by side, each word unchanged) and ``scales [N/16, K/G * 16]`` in their dtype (the 16 rows contiguous
+    per group).
     """
     return _blocks(qweight), _blocks(scales)
 
@@ -160,7 +167,8 @@ def _blocks(t: torch.Tensor) -> torch.Tensor:
 
 
 class NativeCpuKernel(Kernel):
-    """Our C++ CPU kernel; ``meta = [N, G, has zeros, has column scale]`` plus the plan (``[m_max, path, ...]``)."""
+    """Our C++ CPU kernel; ``meta = [N, G, has zeros, has column scale, compact steps]`` plus the plan
+    (``[m_max, path, ...]``)."""
 
     name = "native-int4-cpu"
     TENSORS = ("w_q", "scales", "indptr", "indices", "values")
@@ -170,6 +178,8 @@ class NativeCpuKernel(Kernel):
         why = cpu_int4_unsupported(cls.name, spec)
         if why:
             return False, why
+        if spec.compact_steps and not spec.zero_points:
+            return False, f"{cls.name}: format version 3 (compact steps) layers have zero points; this spec has none"
         if spec.n % 16 or spec.k % 32 or spec.group % 32 or spec.k % spec.group:
             return False, (f"{cls.name} needs N % 16 == 0, K % 32 == 0 and a group size, multiple of 32, dividing K; "
                            f"got N = {spec.n}, K = {spec.k}, G = {spec.group}")  # fmt: skip
@@ -187,7 +197,9 @@ class NativeCpuKernel(Kernel):
 
     def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         """The op's layout; format version 2 adds ``zeros`` (uint8, blocked like the steps) and ``col_scale``
-        (fp32 ``[K]``) where the weight has them."""
+        (fp32 ``[K]``) where the weight has them. Format version 3: ``scales`` are the uint8 multipliers and
+        ``zeros`` the sixteenths of a code (both blocked), plus ``row_steps`` (the rows' units, fp32 ``[N]``:
+        widened once here, so that the op multiplies without converting)."""
         w_q, scales = repack(qw.qweight, qw.scales)
         o = qw.outliers
         tensors = {"w_q": w_q, "scales": scales, "indptr": o.indptr.contiguous(), "indices": o.indices.contiguous(),
@@ -196,14 +208,18 @@ class NativeCpuKernel(Kernel):
             tensors["zeros"] = _blocks(qw.zeros.to(torch.uint8))
         if qw.col_scale is not None:
             tensors["col_scale"] = qw.col_scale.float().contiguous()
+        if qw.row_steps is not None:
+            tensors["row_steps"] = qw.row_steps.float().contiguous()
         return tensors
 
     def meta(self) -> list[int]:
-        return [self.spec.n, self.spec.group_size, int(self.spec.zero_points), int(self.spec.column_scale), *self.plan]
+        s = self.spec
+        return [s.n, s.group_size, int(s.zero_points), int(s.column_scale), int(s.compact_steps), *self.plan]
 
     def apply_tensors(self, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """The op's tensor list: :attr:`TENSORS`, then ``zeros`` and ``col_scale`` where the layer has them."""
-        return [tensors[t] for t in (*self.TENSORS, "zeros", "col_scale") if t in tensors]
+        """The op's tensor list: :attr:`TENSORS`, then ``zeros``, ``col_scale`` and ``row_steps`` where the layer
+        has them."""
+        return [tensors[t] for t in (*self.TENSORS, *OPTIONAL_TENSORS) if t in tensors]
 
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # The C++ op is the traced call itself (no Python between the compiled graph and the kernel): it
@@ -212,7 +228,7 @@ class NativeCpuKernel(Kernel):
         t = tensors
         y = torch.ops.easyquant.cpu_int4_linear(x2, t["w_q"], t["scales"], t.get("zeros"), t.get("col_scale"),
                                                 t["indptr"], t["indices"], t["values"], bias, self.spec.group_size,
-                                                self.plan)  # fmt: skip
+                                                self.plan, t.get("row_steps"))  # fmt: skip
         return y.reshape(*x.shape[:-1], self.spec.n)
 
     @classmethod
@@ -222,8 +238,9 @@ class NativeCpuKernel(Kernel):
         w_q, scales, indptr, indices, values, *rest = w
         zeros = rest.pop(0) if meta[2] else None
         col_scale = rest.pop(0) if meta[3] else None
+        row_steps = rest.pop(0) if meta[4] else None
         return torch.ops.easyquant.cpu_int4_linear(x, w_q, scales, zeros, col_scale, indptr, indices, values, bias,
-                                                   meta[1], list(meta[4:]))  # fmt: skip
+                                                   meta[1], list(meta[5:]), row_steps)  # fmt: skip
 
     @classmethod
     def check_batches(cls, spec: LayerSpec, device: torch.device) -> tuple[int, ...]:
@@ -233,7 +250,8 @@ class NativeCpuKernel(Kernel):
         return (1, 2, 3, 9, 17, 70, 150)
 
 
-def _fake(x, w_q, scales, zeros, col_scale, indptr, indices, values, bias, group_size, plan):  # type: ignore[no-untyped-def]
+def _fake(x, w_q, scales, zeros, col_scale, indptr, indices, values, bias,  # type: ignore[no-untyped-def]
+          group_size, plan, row_steps=None):  # fmt: skip
     return x.new_empty((x.shape[0], indptr.shape[0] - 1))
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..quant import QuantizedWeight, QuantSpec, quantize_group
 from . import cuda_int4, cuda_moe
 from .base import LayerSpec
-from .cpu_native import NativeCpuKernel
+from .cpu_native import OPTIONAL_TENSORS, NativeCpuKernel
 from .cuda_int4 import CudaInt4Kernel
 from .mma_layout import mma_compatible
 from .select import ENV_FORCE, check_tolerance, select_kernel
@@ -267,7 +267,8 @@ class CudaInt4MoeKernel(MoeKernel):
 
 class NativeCpuMoeKernel(MoeKernel):
     """Every expert on the native CPU kernel (``csrc/eq_cpu_moe.cpp``): each projection stacked over experts in
-    :class:`NativeCpuKernel`'s layout; only the experts that received tokens are read."""
+    :class:`NativeCpuKernel`'s layout (format version 3: the multipliers, sixteenth zeros and row units too); only
+    the experts that received tokens are read."""
 
     name = NativeCpuKernel.name
 
@@ -288,8 +289,8 @@ class NativeCpuMoeKernel(MoeKernel):
         out: dict[str, torch.Tensor] = {}
         for i, proj in enumerate(("w13", "w2")):
             weights = [pair[i] for pair in experts]
-            per_expert = [self.linears[proj].prepare(w) for w in weights]  # w_q, scales, zeros?, col_scale?
-            for key in ("w_q", "scales", "zeros", "col_scale"):
+            per_expert = [self.linears[proj].prepare(w) for w in weights]  # w_q, scales, zeros?, col_scale?, ...
+            for key in ("w_q", "scales", *OPTIONAL_TENSORS):
                 if key in per_expert[0]:
                     out[f"{proj}_{key}"] = torch.stack([t[key] for t in per_expert]).contiguous()
             for key, t in concat_csr(weights, torch.float32).items():
@@ -303,7 +304,8 @@ class NativeCpuMoeKernel(MoeKernel):
         for proj in ("w13", "w2"):
             args += [t[f"{proj}_w_q"], t[f"{proj}_scales"], t.get(f"{proj}_zeros"), t.get(f"{proj}_col_scale"),
                      t[f"{proj}_indptr"], t[f"{proj}_indices"], t[f"{proj}_values"], t[f"{proj}_offsets"]]  # fmt: skip
-        return torch.ops.easyquant.cpu_int4_moe(x, topk_ids, topk_weights, *args, self.spec.group_size, self.plan)
+        return torch.ops.easyquant.cpu_int4_moe(x, topk_ids, topk_weights, *args, self.spec.group_size, self.plan,
+                                                t.get("w13_row_steps"), t.get("w2_row_steps"))  # fmt: skip
 
 
 class TorchReferenceMoeKernel(MoeKernel):

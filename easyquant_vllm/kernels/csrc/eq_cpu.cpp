@@ -1,8 +1,14 @@
 // EasyQuant int4 linear for x86 CPUs: the int4 GEMM, the CSR outliers and the bias in one op call.
 //
 //   easyquant::cpu_int4_linear(x [M, K] bf16/fp16, w_q, scales, zeros?, col_scale?, indptr, indices, values,
-//                               bias?, G, plan) -> y [M, N] in x's dtype,   y = x @ W'^T + bias,
+//                               bias?, G, plan, row_steps?) -> y [M, N] in x's dtype,   y = x @ W'^T + bias,
 //   W'[n, k] = c[k] * (s[n, k / G] * (u[n, k] - z[n, k / G])) + S[n, k]   (z = 8 and c = 1 when not given)
+//
+// with the step s and zero point z of each group as the checkpoint's format version stores them
+// (docs/format.md):
+//   versions 1 and 2: s = scales (fp16), z = zeros (uint8, an integer code) or 8
+//   version 3 (row_steps given): s = d[n] * a (the row's unit times the group's uint8 multiplier in scales: exact
+//                                in fp32), z = zq / 16 (zeros in sixteenths of a code: exact, a real zero point)
 //
 // The column scale multiplies the activations once per call (x * c, in fp32; rounded to bf16 for the bf16
 // paths), and the outliers take the unscaled x: they are in the original domain (docs/format.md).
@@ -10,8 +16,8 @@
 // Why our own kernel: vLLM's and PyTorch's int4 CPU GEMMs ran at ~0.5x of the unquantized model in vLLM's
 // compiled mode on AVX512 machines: 3-5x slower than a dense bf16 GEMM at 16 batch rows, and the outliers
 // went through a general sparse product (MKL CSR, ~3 ns per outlier plus a float copy of x) in separate
-// ops. Here every path reads the codes once per 16 output rows, keeps them exact (integer codes; the fp16
-// step applied in fp32, so W' is never rounded except where the reference rounds it), and adds each row's
+// ops. Here every path reads the codes once per 16 output rows, keeps them exact (integer codes; the step
+// applied in fp32, so W' is never rounded except where the reference rounds it), and adds each row's
 // outliers while that row's outputs are still in a small fp32 buffer.
 //
 // Weight layout (built at load by easyquant_vllm/kernels/cpu_native.py: a transpose of the checkpoint's
@@ -19,9 +25,12 @@
 //
 //   w_q     int32 [N/16, K/8, 16]   dword (b, q, j) = qweight[16b + j, q]: row 16b+j, columns 8q..8q+7,
 //                                   column 8q+i in bits 4i..4i+3 (the checkpoint's word)
-//   scales  fp16  [N/16, K/G, 16]   step of rows 16b..16b+15 for group g, contiguous per block
-//   zeros   uint8 [N/16, K/G, 16]   zero point of rows 16b..16b+15 for group g (format version 2), or none
-//   col_scale fp32 [K]              column scale (format version 2), or none
+//   scales  fp16  [N/16, K/G, 16]   step of rows 16b..16b+15 for group g, contiguous per block; format version 3:
+//           uint8                   the steps' multipliers a, in the same layout
+//   zeros   uint8 [N/16, K/G, 16]   zero point of rows 16b..16b+15 for group g (format version 2: a code; 3: in
+//                                   sixteenths of a code), or none
+//   row_steps fp32 [N]              step unit d of each row (format version 3), or none
+//   col_scale fp32 [K]              column scale (format versions 2 and 3), or none
 //   indptr  int32 [N+1], indices int32 [nnz], values fp32 [nnz]   (the checkpoint's CSR, values widened)
 //
 // Why 16 rows side by side: one 64-byte load puts row j's word in lane j. Shifting it right by 8t leaves the
@@ -33,8 +42,8 @@
 //
 // Paths (``plan`` picks one per M, see cpu_native.py; each is compiled for its ISA with a target attribute
 // and only called where the CPU has it):
-//   kFma     AVX2 + FMA: codes -> fp32 s*(u-8) (exact: an 11-bit step times a 4-bit code), FMA with fp32 x.
-//            Any x86-64 CPU of the last decade.
+//   kFma     AVX2 + FMA: codes -> fp32 s*(u-z) (exact in versions 1 and 2: an 11-bit step times a 4-bit code;
+//            rounded once in version 3, as the reference), FMA with fp32 x. Any x86-64 CPU of the last decade.
 //   kI16     AVX2: x * c rounded to 16-bit fixed point per batch row and sub-block of at most 128 columns
 //            (|error| <= max|x * c| / 65534 per element, the max taken over the sub-block), the codes left
 //            as integers: vpmaddwd multiplies code pairs with x pairs (16 MACs per instruction, 8 for an
@@ -74,9 +83,14 @@ std::atomic<int64_t> g_path_calls[kNumPaths];  // how often each path ran (the t
 // Everything a path needs, as raw pointers (set up once per call by cpu_int4_linear).
 struct Problem {
   int64_t m, n, k, g;
+  int64_t groups;          // K / G, computed once: the paths' vector stores may alias P (the intrinsics store
+                           // through may_alias types), so the compiler reloads P after them and K / G written in a
+                           // loop is a 64-bit division per group
   const uint32_t* w;       // [N/16][K/8][16]
-  const uint16_t* s;       // [N/16][K/G][16] fp16 bits
-  const uint8_t* z;        // [N/16][K/G][16] zero points, or null (symmetric: 8)
+  const uint16_t* s;       // [N/16][K/G][16] fp16 bits of the steps (format versions 1 and 2), or null
+  const uint8_t* a;        // [N/16][K/G][16] step multipliers (format version 3), or null
+  const float* d;          // [N] step unit of each row (format version 3), or null
+  const uint8_t* z;        // [N/16][K/G][16] zero points (version 3: sixteenths of a code), or null (symmetric: 8)
   const int32_t* indptr;   // [N+1]
   const int32_t* indices;  // [nnz]
   const float* values;     // [nnz]
@@ -88,6 +102,7 @@ struct Problem {
   int64_t mp;
   const uint16_t* xpad;    // [mp][K] x, zero rows past M (AMX A tiles are 16 rows), or null
   int64_t xg;              // columns per x sub-block of the i16 path (divides G), else 0
+  int64_t xblocks;         // K / xg (computed once, as groups)
   const uint32_t* xq;      // [M][K/2] int16 pairs of x * c, i16 layout (quantize_x_i16), or null
   const float* xsigma;     // [M][K/xg] step of xq per sub-block (x * c ~ sigma * xq)
   const float* xqsum;      // [M][K/xg] sum of xq over the sub-block (exact: |sum| <= 128 * 32767 < 2^24)
@@ -119,64 +134,133 @@ __attribute__((target("avx2,fma,f16c"))) inline void store8(at::BFloat16* out, _
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(packed));
 }
 
-// ---- kFma: AVX2 + FMA + F16C ------------------------------------------------------------------------
+// ---- group metadata: each group's step and zero point for the 16 rows of a block ------------------------
+//
+// One helper per ISA decodes a group's 16 steps s and zero points z, whatever the format version stores:
+//   versions 1 and 2: s = the fp16 step;  z = the uint8 zero point (a code), or 8 without zero points
+//   version 3:        s = d * a, the row's unit times the group's uint8 multiplier (an 11-bit mantissa times an
+//                     8-bit integer: exact in fp32);  z = zq / 16 (exact: sixteenths of a code)
+// The units d of a block's 16 rows are loaded once per block (units8, units16). So every path's hot loop is
+// the same for all versions; only its per-group epilogue reads (s, z), through these helpers.
 
-struct FmaSteps {  // one group's steps for the 16 rows, and -z x step: fma(u, s, -z s) = s (u - z), exactly
+constexpr float kZeroUnit = 1.0f / 16.0f;  // format version 3: zero points in sixteenths of a 4-bit code
+
+// Index of group gi's first entry (row 16b) in the blocked [N/16][K/G][16] metadata.
+inline int64_t group_entry(const Problem& P, int64_t b, int64_t gi) { return (b * P.groups + gi) * kBlockN; }
+
+// s and z of one row (16b + j) as the scalar code (dequant) reads them.
+inline float row_step(const Problem& P, int64_t b, int64_t gi, int64_t j) {
+  const int64_t e = group_entry(P, b, gi) + j;
+  return P.a ? P.d[b * kBlockN + j] * static_cast<float>(P.a[e]) : half_to_float(P.s[e]);
+}
+
+inline float row_zero(const Problem& P, int64_t b, int64_t gi, int64_t j) {
+  if (!P.z) return 8.0f;
+  const float z = static_cast<float>(P.z[group_entry(P, b, gi) + j]);
+  return P.a ? z * kZeroUnit : z;
+}
+
+struct Units8 {  // the step units d of a block's rows 0-7 and 8-15 (format version 3; zero otherwise)
+  __m256 d0, d1;
+};
+
+__attribute__((target("avx2,fma,f16c"))) inline Units8 units8(const Problem& P, int64_t b) {
+  if (!P.d) return {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  return {_mm256_loadu_ps(P.d + b * kBlockN), _mm256_loadu_ps(P.d + b * kBlockN + 8)};
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline __m256 bytes8(const uint8_t* p) {  // 8 uint8 -> fp32
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+struct Steps8 {  // one group's s and z for the 16 rows (rows 0-7, rows 8-15)
   __m256 s0, s1, z0, z1;
 };
 
-// zg: the group's 16 zero points, or null for the symmetric 8. (-z s is exact: a 4-bit zero times an fp16
-// step; the FMA then rounds s u - z s once, and s (u - z) is representable: exact.)
-__attribute__((target("avx2,fma,f16c"))) inline FmaSteps fma_steps(const uint16_t* sg, const uint8_t* zg) {
-  FmaSteps st;
-  st.s0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg)));
-  st.s1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + 8)));
-  __m256 z0 = _mm256_set1_ps(8.0f), z1 = z0;
-  if (zg) {
-    z0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zg))));
-    z1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zg + 8))));
+__attribute__((target("avx2,fma,f16c"))) inline Steps8 group_steps8(const Problem& P, const Units8& units, int64_t b,
+                                                                    int64_t gi) {
+  const int64_t e = group_entry(P, b, gi);
+  Steps8 st;
+  if (P.a) {
+    st.s0 = _mm256_mul_ps(units.d0, bytes8(P.a + e));
+    st.s1 = _mm256_mul_ps(units.d1, bytes8(P.a + e + 8));
+  } else {
+    st.s0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(P.s + e)));
+    st.s1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(P.s + e + 8)));
   }
-  st.z0 = _mm256_mul_ps(st.s0, _mm256_sub_ps(_mm256_setzero_ps(), z0));
-  st.z1 = _mm256_mul_ps(st.s1, _mm256_sub_ps(_mm256_setzero_ps(), z1));
+  if (!P.z) {
+    st.z0 = st.z1 = _mm256_set1_ps(8.0f);
+  } else if (P.a) {
+    st.z0 = _mm256_mul_ps(bytes8(P.z + e), _mm256_set1_ps(kZeroUnit));
+    st.z1 = _mm256_mul_ps(bytes8(P.z + e + 8), _mm256_set1_ps(kZeroUnit));
+  } else {
+    st.z0 = bytes8(P.z + e);
+    st.z1 = bytes8(P.z + e + 8);
+  }
   return st;
 }
 
-inline const uint8_t* zeros_of(const Problem& P, int64_t b, int64_t gi) {
-  return P.z ? P.z + (b * (P.k / P.g) + gi) * kBlockN : nullptr;
+// ---- kFma: AVX2 + FMA + F16C ------------------------------------------------------------------------
+
+// W' / c of one group's 16 rows in fp32, in one of two ways (kFrac: format version 3's fractional zeros):
+//   integer z: fma(u, s, c) with c = -z s. -z s is exact (a 4-bit zero times an fp16 step), the FMA
+//              rounds s u - z s once, and s (u - z) is representable: exact, one instruction per 8 weights.
+//   kFrac:     (u - z) * s with c = z. u - z is exact (sixteenths below 16 in magnitude: 8 significant bits), the
+//              product with the 19-bit step is rounded once: exactly the reference's W' (s z would not be exact,
+//              so the FMA form would round differently).
+struct FmaSteps {
+  __m256 s0, s1, c0, c1;
+};
+
+template <bool kFrac>
+__attribute__((target("avx2,fma,f16c"))) inline FmaSteps fma_steps(const Steps8& g) {
+  if constexpr (kFrac) return {g.s0, g.s1, g.z0, g.z1};
+  const __m256 zero = _mm256_setzero_ps();
+  return {g.s0, g.s1, _mm256_mul_ps(g.s0, _mm256_sub_ps(zero, g.z0)), _mm256_mul_ps(g.s1, _mm256_sub_ps(zero, g.z1))};
 }
 
-// W' of column 8q + i for the 16 rows in fp32 (exact), from their words d0 (rows 0-7) and d1 (rows 8-15).
+// W' / c of column 8q + i for the 16 rows in fp32, from their words d0 (rows 0-7) and d1 (rows 8-15).
+template <bool kFrac>
 __attribute__((target("avx2,fma,f16c"))) inline void fma_column(__m256i d0, __m256i d1, int i, const FmaSteps& st,
                                                                 __m256& w0, __m256& w1) {
   const __m256i lo_mask = _mm256_set1_epi32(0xF);
   const __m256i shift = _mm256_set1_epi32(4 * i);
-  w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(d0, shift), lo_mask)), st.s0, st.z0);
-  w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(d1, shift), lo_mask)), st.s1, st.z1);
+  const __m256 u0 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(d0, shift), lo_mask));
+  const __m256 u1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(d1, shift), lo_mask));
+  if constexpr (kFrac) {
+    w0 = _mm256_mul_ps(_mm256_sub_ps(u0, st.c0), st.s0);
+    w1 = _mm256_mul_ps(_mm256_sub_ps(u1, st.c1), st.s1);
+  } else {
+    w0 = _mm256_fmadd_ps(u0, st.s0, st.c0);
+    w1 = _mm256_fmadd_ps(u1, st.s1, st.c1);
+  }
 }
 
 // One or two batch rows straight from the codes. Two accumulator pairs per row (even and odd columns), so
 // that the FMA latency stays hidden at M = 1.
-template <int R>
+template <int R, bool kFrac>
 __attribute__((target("avx2,fma,f16c"))) void fma_direct(const Problem& P, int64_t b, int64_t m0, float* acc) {
   const int64_t words = P.k / 8, words_per_group = P.g / 8;
   const uint32_t* wb = P.w + b * words * kBlockN;
-  const uint16_t* sb = P.s + b * (P.k / P.g) * kBlockN;
+  const Units8 units = units8(P, b);
   __m256 a[R][4];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < 4; ++i) a[r][i] = _mm256_setzero_ps();
-  for (int64_t q = 0; q < words; ++q) {
-    _mm_prefetch(reinterpret_cast<const char*>(wb + (q + kPrefetchWords) * kBlockN), _MM_HINT_T0);
-    const FmaSteps st = fma_steps(sb + (q / words_per_group) * kBlockN, zeros_of(P, b, q / words_per_group));
-    const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * kBlockN));
-    const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * kBlockN + 8));
-    for (int i = 0; i < 8; ++i) {
-      __m256 w0, w1;
-      fma_column(d0, d1, i, st, w0, w1);
-      const int h = 2 * (i & 1);
-      for (int r = 0; r < R; ++r) {
-        const __m256 xv = _mm256_broadcast_ss(P.xs + (m0 + r) * P.k + 8 * q + i);
-        a[r][h] = _mm256_fmadd_ps(w0, xv, a[r][h]);
-        a[r][h + 1] = _mm256_fmadd_ps(w1, xv, a[r][h + 1]);
+  for (int64_t gi = 0; gi < P.groups; ++gi) {
+    const FmaSteps st = fma_steps<kFrac>(group_steps8(P, units, b, gi));
+    for (int64_t q = gi * words_per_group; q < (gi + 1) * words_per_group; ++q) {
+      _mm_prefetch(reinterpret_cast<const char*>(wb + (q + kPrefetchWords) * kBlockN), _MM_HINT_T0);
+      const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * kBlockN));
+      const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * kBlockN + 8));
+      for (int i = 0; i < 8; ++i) {
+        __m256 w0, w1;
+        fma_column<kFrac>(d0, d1, i, st, w0, w1);
+        const int h = 2 * (i & 1);
+        for (int r = 0; r < R; ++r) {
+          const __m256 xv = _mm256_broadcast_ss(P.xs + (m0 + r) * P.k + 8 * q + i);
+          a[r][h] = _mm256_fmadd_ps(w0, xv, a[r][h]);
+          a[r][h + 1] = _mm256_fmadd_ps(w1, xv, a[r][h + 1]);
+        }
       }
     }
   }
@@ -188,21 +272,27 @@ __attribute__((target("avx2,fma,f16c"))) void fma_direct(const Problem& P, int64
 
 // More rows: W' of a 256-column chunk is written once to an fp32 panel in L1 (16 KB), then every batch
 // row streams over it (4 rows at a time: 8 accumulators, two panel loads and eight FMAs per column).
+template <bool kFrac>
 __attribute__((target("avx2,fma,f16c"))) void fma_panel(const Problem& P, int64_t b, float* acc, float* panel) {
   const int64_t words_per_group = P.g / 8;
   const uint32_t* wb = P.w + b * (P.k / 8) * kBlockN;
-  const uint16_t* sb = P.s + b * (P.k / P.g) * kBlockN;
+  const Units8 units = units8(P, b);
   std::fill(acc, acc + P.m * kBlockN, 0.0f);
+  FmaSteps st{};
+  int64_t next_group = 0, gi = 0;  // the word where group gi starts (no division per word: see Problem::groups)
   for (int64_t k0 = 0; k0 < P.k; k0 += kChunkK) {
     const int64_t kc = std::min(kChunkK, P.k - k0);
     for (int64_t q = k0 / 8; q < (k0 + kc) / 8; ++q) {  // panel[k - k0][16] = W'[rows, k]
       _mm_prefetch(reinterpret_cast<const char*>(wb + (q + kPrefetchWords) * kBlockN), _MM_HINT_T0);
-      const FmaSteps st = fma_steps(sb + (q / words_per_group) * kBlockN, zeros_of(P, b, q / words_per_group));
+      if (q == next_group) {
+        st = fma_steps<kFrac>(group_steps8(P, units, b, gi++));
+        next_group += words_per_group;
+      }
       const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * kBlockN));
       const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * kBlockN + 8));
       for (int i = 0; i < 8; ++i) {
         __m256 w0, w1;
-        fma_column(d0, d1, i, st, w0, w1);
+        fma_column<kFrac>(d0, d1, i, st, w0, w1);
         float* out = panel + (8 * q + i - k0) * kBlockN;
         _mm256_store_ps(out, w0);
         _mm256_store_ps(out + 8, w1);
@@ -262,9 +352,9 @@ __attribute__((target("avx2,fma,f16c"))) void fma_panel(const Problem& P, int64_
 // 4368 columns could overflow).
 //
 // Per sub-block and 16-row block, the int32 sums become fp32 once (i16_epilogue):
-//   y += sigma * (scale * acc - offset * sum(xq)),   scale = s, offset = s * z   (format versions 1 and 2)
-// since x * c ~ sigma * xq and W'[n, k] / c[k] = s (u - z). Another metadata encoding (say, scales and float
-// offsets decoded from compact per-group bytes) changes only how i16_steps fills the two vectors.
+//   y += sigma * (scale * acc - offset * sum(xq)),   scale = s, offset = s * z
+// since x * c ~ sigma * xq and W'[n, k] / c[k] = s (u - z). The codes stay integers whatever z is: format
+// version 3's fractional zero only enters the fp32 offset (i16_steps).
 
 constexpr int64_t kI16MaxSubblock = 128;  // columns of x per int16 step and per int32 sum (overflow, above)
 constexpr float kI16Max = 32767.0f;       // xq in [-32767, 32767]: -32768 never occurs, so |xq| fits int16
@@ -281,20 +371,10 @@ struct I16Steps {  // one group's per-row "scale" and "offset" of the 16 rows (r
   __m256 scale0, scale1, offset0, offset1;
 };
 
-// Format versions 1 and 2: scale = s, offset = s * z (z = 8 without zero points). s * z is exact (an fp16
-// step times a 4-bit integer).
-__attribute__((target("avx2,fma,f16c"))) inline I16Steps i16_steps(const uint16_t* sg, const uint8_t* zg) {
-  I16Steps st;
-  st.scale0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg)));
-  st.scale1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + 8)));
-  __m256 z0 = _mm256_set1_ps(8.0f), z1 = z0;
-  if (zg) {
-    z0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zg))));
-    z1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zg + 8))));
-  }
-  st.offset0 = _mm256_mul_ps(st.scale0, z0);
-  st.offset1 = _mm256_mul_ps(st.scale1, z1);
-  return st;
+// scale = s, offset = s * z: exact in format versions 1 and 2 (an fp16 step times a 4-bit integer), rounded once
+// in version 3 (the correction is fp32 either way).
+__attribute__((target("avx2,fma,f16c"))) inline I16Steps i16_steps(const Steps8& g) {
+  return {g.s0, g.s1, _mm256_mul_ps(g.s0, g.z0), _mm256_mul_ps(g.s1, g.z1)};
 }
 
 // tot[0..15] += sigma * (scale * acc - offset * qsum): one batch row's int32 sums of one sub-block (a0: rows
@@ -349,7 +429,7 @@ template <int R>
 __attribute__((target("avx2,fma,f16c"))) void i16_rows(const Problem& P, int64_t b, int64_t xi, int64_t m0,
                                                        const I16Steps& st, bool prefetch, float* acc) {
   static_assert(R >= 1 && R <= 4, "i16_rows: 1 to 4 batch rows");
-  const int64_t pairs = P.k / 2, subblocks = P.k / P.xg, words = P.xg / 8;
+  const int64_t pairs = P.k / 2, subblocks = P.xblocks, words = P.xg / 8;
   const uint32_t* wb = P.w + (b * (P.k / 8) + xi * words) * kBlockN;  // the sub-block's first line
   const uint32_t* xr = P.xq + m0 * pairs + xi * P.xg / 2;               // its x pairs in batch row m0
   const __m256i mask = _mm256_set1_epi32(0x000F000F);
@@ -374,21 +454,23 @@ __attribute__((target("avx2,fma,f16c"))) void i16_rows(const Problem& P, int64_t
 }
 
 // The block: sub-block by sub-block (its 1 KB of codes stays in L1 while every row tile of 1-4 batch rows
-// passes over it), the fp32 totals in acc [M][16].
+// passes over it), the fp32 totals in acc [M][16]. Group by group, the steps decoded once per group, with no
+// division per sub-block (at G = 32, format version 3's usual size, each group is one sub-block).
 __attribute__((target("avx2,fma,f16c"))) void i16_block(const Problem& P, int64_t b, float* acc) {
   std::fill(acc, acc + P.m * kBlockN, 0.0f);
-  const int64_t subblocks = P.k / P.xg, per_group = P.g / P.xg;
-  const uint16_t* sb = P.s + b * (P.k / P.g) * kBlockN;
-  for (int64_t xi = 0; xi < subblocks; ++xi) {
-    const int64_t gi = xi / per_group;
-    const I16Steps st = i16_steps(sb + gi * kBlockN, zeros_of(P, b, gi));
-    int64_t m0 = 0;
-    for (; m0 + 4 <= P.m; m0 += 4) i16_rows<4>(P, b, xi, m0, st, m0 == 0, acc);
-    switch (P.m - m0) {
-      case 3: i16_rows<3>(P, b, xi, m0, st, m0 == 0, acc); break;
-      case 2: i16_rows<2>(P, b, xi, m0, st, m0 == 0, acc); break;
-      case 1: i16_rows<1>(P, b, xi, m0, st, m0 == 0, acc); break;
-      default: break;
+  const int64_t per_group = P.g / P.xg;
+  const Units8 units = units8(P, b);
+  for (int64_t gi = 0, xi = 0; gi < P.groups; ++gi) {
+    const I16Steps st = i16_steps(group_steps8(P, units, b, gi));
+    for (const int64_t end = xi + per_group; xi < end; ++xi) {
+      int64_t m0 = 0;
+      for (; m0 + 4 <= P.m; m0 += 4) i16_rows<4>(P, b, xi, m0, st, m0 == 0, acc);
+      switch (P.m - m0) {
+        case 3: i16_rows<3>(P, b, xi, m0, st, m0 == 0, acc); break;
+        case 2: i16_rows<2>(P, b, xi, m0, st, m0 == 0, acc); break;
+        case 1: i16_rows<1>(P, b, xi, m0, st, m0 == 0, acc); break;
+        default: break;
+      }
     }
   }
 }
@@ -405,22 +487,42 @@ __attribute__((target("avx512f"))) inline __m512i bf16_codes(__m512i v) {
   return _mm512_ternarylogic_epi32(lo, _mm512_slli_epi32(v, 12), _mm512_set1_epi32(0xF0000), 0xF8);  // a | (b & c)
 }
 
-// 128 + z of the 16 rows (lanes) for one group: the offset of the bf16 codes (z = 8 where there are none).
-__attribute__((target("avx512f"))) inline __m512 code_offsets(const uint8_t* zg) {
-  if (!zg) return _mm512_set1_ps(kCodeBase + 8.0f);
-  const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zg))));
-  return _mm512_add_ps(z, _mm512_set1_ps(kCodeBase));
+// The step units d of a block's 16 rows (lanes; format version 3, zero otherwise): loaded once per block.
+__attribute__((target("avx512f"))) inline __m512 units16(const Problem& P, int64_t b) {
+  return P.d ? _mm512_loadu_ps(P.d + b * kBlockN) : _mm512_setzero_ps();
+}
+
+__attribute__((target("avx512f"))) inline __m512 bytes16(const uint8_t* p) {  // 16 uint8 -> fp32
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+struct Steps16 {  // one group's step s and code offset 128 + z for the 16 rows (lanes): the bf16 paths' epilogue
+  __m512 s, offset;
+};
+
+// As group_steps8 (see there), with the offset of the bf16 codes folded in: 128 + z is exact in fp32 (z = 8
+// without zero points; version 3's zq / 16 + 128 has at most 12 significant bits).
+__attribute__((target("avx512f,f16c"))) inline Steps16 group_steps16(const Problem& P, __m512 units, int64_t b,
+                                                                     int64_t gi) {
+  const int64_t e = group_entry(P, b, gi);
+  Steps16 st;
+  st.s = P.a ? _mm512_mul_ps(units, bytes16(P.a + e))
+             : _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(P.s + e)));
+  if (!P.z) st.offset = _mm512_set1_ps(kCodeBase + 8.0f);
+  else if (P.a) st.offset = _mm512_fmadd_ps(bytes16(P.z + e), _mm512_set1_ps(kZeroUnit), _mm512_set1_ps(kCodeBase));
+  else st.offset = _mm512_add_ps(bytes16(P.z + e), _mm512_set1_ps(kCodeBase));
+  return st;
 }
 
 // R batch rows, U independent partial sums per row (the four pairs of a word spread over them) so that a
 // single row still has U dot-product chains in flight. Per group: partial sums added, corrected by the
-// group's sum of x, scaled by the fp16 step.
+// group's sum of x, scaled by the step.
 template <int R, int U>
 __attribute__((target("avx512f,avx512bw,avx512bf16,f16c"))) void bf16dp_rows(const Problem& P, int64_t b, int64_t m0,
                                                                             float* acc) {
-  const int64_t words = P.k / 8, words_per_group = P.g / 8, pairs = P.k / 2, groups = P.k / P.g;
+  const int64_t words = P.k / 8, words_per_group = P.g / 8, pairs = P.k / 2, groups = P.groups;
   const uint32_t* wb = P.w + b * words * kBlockN;
-  const uint16_t* sb = P.s + b * groups * kBlockN;
+  const __m512 units = units16(P, b);
   const uint32_t* x32 = reinterpret_cast<const uint32_t*>(P.xh);  // x[m][2p], x[m][2p+1] as one dword
   __m512 tot[R];
   for (int r = 0; r < R; ++r) tot[r] = _mm512_setzero_ps();
@@ -439,13 +541,12 @@ __attribute__((target("avx512f,avx512bw,avx512bf16,f16c"))) void bf16dp_rows(con
         }
       }
     }
-    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + gi * kBlockN)));
-    const __m512 offset = code_offsets(zeros_of(P, b, gi));
+    const Steps16 st = group_steps16(P, units, b, gi);
     for (int r = 0; r < R; ++r) {
       __m512 sum = part[0][r];
       for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, part[u][r]);
-      const __m512 corrected = _mm512_fnmadd_ps(offset, _mm512_set1_ps(P.xsum[(m0 + r) * groups + gi]), sum);
-      tot[r] = _mm512_fmadd_ps(s, corrected, tot[r]);
+      const __m512 corrected = _mm512_fnmadd_ps(st.offset, _mm512_set1_ps(P.xsum[(m0 + r) * groups + gi]), sum);
+      tot[r] = _mm512_fmadd_ps(st.s, corrected, tot[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + (m0 + r) * kBlockN, tot[r]);
@@ -528,8 +629,8 @@ template <int T>
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,f16c"))) void amx_slices(const Problem& P, int64_t b,
                                                                                  int64_t m0, const uint16_t* panel,
                                                                                  float* acc) {
-  const int64_t groups = P.k / P.g, chunks_per_group = P.g / 32;
-  const uint16_t* sb = P.s + b * groups * kBlockN;
+  const int64_t groups = P.groups, chunks_per_group = P.g / 32;
+  const __m512 units = units16(P, b);
   const int64_t stride = P.k * 2;  // bytes between batch rows of x
   alignas(64) float ctile[16 * 16];
   for (int64_t gi = 0; gi < groups; ++gi) {
@@ -541,7 +642,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,f16c"))) void amx_slic
       if (c % 2 == 0) EQ_AMX_CHUNK(5, 4);
       else EQ_AMX_CHUNK(6, 7);
     }
-    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + gi * kBlockN)));
+    const Steps16 st = group_steps16(P, units, b, gi);
     for (int t = 0; t < T; ++t) {
       switch (t) {
         case 0: _tile_stored(0, ctile, 64); break;
@@ -550,13 +651,12 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,f16c"))) void amx_slic
         default: _tile_stored(3, ctile, 64); break;
       }
       const int64_t rows = std::min<int64_t>(16, P.m - m0 - 16 * t);
-      const __m512 offset = code_offsets(zeros_of(P, b, gi));
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t m = m0 + 16 * t + r;
         float* out = acc + m * kBlockN;
         const __m512 c =
-            _mm512_fnmadd_ps(offset, _mm512_set1_ps(P.xsum[m * groups + gi]), _mm512_load_ps(ctile + r * 16));
-        _mm512_storeu_ps(out, _mm512_fmadd_ps(s, c, _mm512_loadu_ps(out)));
+            _mm512_fnmadd_ps(st.offset, _mm512_set1_ps(P.xsum[m * groups + gi]), _mm512_load_ps(ctile + r * 16));
+        _mm512_storeu_ps(out, _mm512_fmadd_ps(st.s, c, _mm512_loadu_ps(out)));
       }
     }
   }
@@ -564,16 +664,16 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,f16c"))) void amx_slic
 #undef EQ_AMX_CHUNK
 
 // acc rows m0 .. m0 + rows += step * (C - (128 + z) sum(x)): one group's C tile (in ctile) corrected, scaled.
-__attribute__((target("avx512f,f16c"))) void amx_fixup(const Problem& P, int64_t b, const uint16_t* steps,
-                                                       const float* ctile, int64_t m0, int64_t rows, int64_t gi,
-                                                       float* acc) {
-  const int64_t groups = P.k / P.g;
-  const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(steps)));
-  const __m512 offset = code_offsets(zeros_of(P, b, gi));
+// units: the block's units16 (both functions are AVX512 targets: the vector argument keeps one ABI).
+__attribute__((target("avx512f,f16c"))) void amx_fixup(const Problem& P, int64_t b, __m512 units, const float* ctile,
+                                                       int64_t m0, int64_t rows, int64_t gi, float* acc) {
+  const int64_t groups = P.groups;
+  const Steps16 st = group_steps16(P, units, b, gi);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t m = m0 + r;
-    const __m512 c = _mm512_fnmadd_ps(offset, _mm512_set1_ps(P.xsum[m * groups + gi]), _mm512_load_ps(ctile + r * 16));
-    _mm512_storeu_ps(acc + m * kBlockN, _mm512_fmadd_ps(s, c, _mm512_loadu_ps(acc + m * kBlockN)));
+    const __m512 c =
+        _mm512_fnmadd_ps(st.offset, _mm512_set1_ps(P.xsum[m * groups + gi]), _mm512_load_ps(ctile + r * 16));
+    _mm512_storeu_ps(acc + m * kBlockN, _mm512_fmadd_ps(st.s, c, _mm512_loadu_ps(acc + m * kBlockN)));
   }
 }
 
@@ -591,12 +691,11 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,f16c"))) void amx_one_
                                                                                     int64_t m0,
                                                                                     const uint16_t* panel,
                                                                                     float* acc) {
-  const int64_t groups = P.k / P.g, chunks_per_group = P.g / 32;
-  const uint16_t* sb = P.s + b * groups * kBlockN;
+  const int64_t groups = P.groups, chunks_per_group = P.g / 32;
+  const __m512 units = units16(P, b);
   const int64_t stride = P.k * 2;
   const int64_t rows = std::min<int64_t>(16, P.m - m0);
   alignas(64) float ctile[16 * 16];
-  const auto fixup = [&](int64_t gi) { amx_fixup(P, b, sb + gi * kBlockN, ctile, m0, rows, gi, acc); };
   for (int64_t gi = 0; gi < groups; ++gi) {
     const bool even = gi % 2 == 0;
     if (even) _tile_zero(0);
@@ -613,12 +712,12 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,f16c"))) void amx_one_
     if (gi > 0) {  // the previous group, while this one's products run
       if (even) _tile_stored(1, ctile, 64);
       else _tile_stored(0, ctile, 64);
-      fixup(gi - 1);
+      amx_fixup(P, b, units, ctile, m0, rows, gi - 1, acc);
     }
   }
   if ((groups - 1) % 2 == 0) _tile_stored(0, ctile, 64);
   else _tile_stored(1, ctile, 64);
-  fixup(groups - 1);
+  amx_fixup(P, b, units, ctile, m0, rows, groups - 1, acc);
 }
 #undef EQ_AMX_ONE
 
@@ -713,10 +812,11 @@ __attribute__((target("avx2,fma,f16c"))) void store_block(const Problem& P, int6
 
 // ---- kDequant: W' for ATen's GEMM --------------------------------------------------------------------
 
-// w [N][K] = W' in T for blocks b0..b1, exactly the reference: fp32 c * (s * (u - z)) (the inner product
-// exact) plus the outlier value where there is one, rounded to T once. A row's word is 8 consecutive columns:
-// 8 lanes, one store. (Vector code lives in target functions, never in a lambda: a lambda is compiled without
-// the target, and passing __m256 by value across that boundary breaks the ABI.)
+// w [N][K] = W' in T for blocks b0..b1, exactly the reference: fp32 c * ((u - z) * s) (versions 1 and 2: the
+// product exact; version 3: u - z exact, the product rounded once) plus the outlier value where there is one,
+// rounded to T once. A row's word is 8 consecutive columns: 8 lanes, one store. (Vector code lives in target
+// functions, never in a lambda: a lambda is compiled without the target, and passing __m256 by value across
+// that boundary breaks the ABI.)
 template <typename T>
 __attribute__((target("avx2,fma,f16c"))) void dequant_blocks(const Problem& P, const float* c, T* w, int64_t b0,
                                                              int64_t b1) {
@@ -725,26 +825,24 @@ __attribute__((target("avx2,fma,f16c"))) void dequant_blocks(const Problem& P, c
   const __m256i lo_mask = _mm256_set1_epi32(0xF);
   for (int64_t b = b0; b < b1; ++b) {
     const uint32_t* wb = P.w + b * words * kBlockN;
-    const uint16_t* sb = P.s + b * (P.k / P.g) * kBlockN;
     for (int64_t j = 0; j < kBlockN; ++j) {
       T* row = w + (b * kBlockN + j) * P.k;
-      for (int64_t q = 0; q < words; ++q) {
-        const int64_t gi = q / words_per_group;
-        const __m256i u = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(wb[q * kBlockN + j])), shifts), lo_mask);
-        const float s = half_to_float(sb[gi * kBlockN + j]);
-        const float z = P.z ? static_cast<float>(P.z[(b * (P.k / P.g) + gi) * kBlockN + j]) : 8.0f;
-        __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u), _mm256_set1_ps(s), _mm256_set1_ps(-z * s));
-        if (c) v = _mm256_mul_ps(_mm256_loadu_ps(c + 8 * q), v);
-        store8(row + 8 * q, v);
+      for (int64_t gi = 0; gi < P.groups; ++gi) {
+        const __m256 s = _mm256_set1_ps(row_step(P, b, gi, j)), z = _mm256_set1_ps(row_zero(P, b, gi, j));
+        for (int64_t q = gi * words_per_group; q < (gi + 1) * words_per_group; ++q) {
+          const __m256i u = _mm256_and_si256(
+              _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(wb[q * kBlockN + j])), shifts), lo_mask);
+          __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(u), z), s);
+          if (c) v = _mm256_mul_ps(v, _mm256_loadu_ps(c + 8 * q));
+          store8(row + 8 * q, v);
+        }
       }
       const int64_t n = b * kBlockN + j;
       for (int32_t e = P.indptr[n]; e < P.indptr[n + 1]; ++e) {  // W' = dense + S, as the reference adds them
         const int64_t col = P.indices[e];
         const int64_t gi = col / P.g;
         const float code = static_cast<float>((wb[(col / 8) * kBlockN + j] >> (4 * (col % 8))) & 0xF);
-        const float s = half_to_float(sb[gi * kBlockN + j]);
-        const float z = P.z ? static_cast<float>(P.z[(b * (P.k / P.g) + gi) * kBlockN + j]) : 8.0f;
-        const float dense = (c ? c[col] : 1.0f) * (s * (code - z));
+        const float dense = ((code - row_zero(P, b, gi, j)) * row_step(P, b, gi, j)) * (c ? c[col] : 1.0f);
         row[col] = static_cast<T>(dense + P.values[e]);
       }
     }
@@ -878,16 +976,25 @@ int64_t choose_path(at::IntArrayRef plan, int64_t m) {
   return plan[plan.size() - 1];
 }
 
-// The next block's steps and outliers, fetched while this block computes. (Its codes are prefetched by the
-// paths themselves, a fixed distance ahead of the loads.)
+// Every 64-byte line of [p, p + bytes) into L1 (the first and last lines included, whatever p's alignment).
+inline void prefetch_range(const void* p, int64_t bytes) {
+  if (bytes <= 0) return;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + bytes;
+  for (uintptr_t line = first; line < end; line += 64) _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
+}
+
+// The next block's group metadata (steps or multipliers, zero points, units) and outliers, fetched while this
+// block computes. (Its codes are prefetched by the paths themselves, a fixed distance ahead of the loads.)
 void prefetch_block_extras(const Problem& P, int64_t b) {
-  const char* s = reinterpret_cast<const char*>(P.s + b * (P.k / P.g) * kBlockN);
-  for (int64_t off = 0; off < (P.k / P.g) * kBlockN * 2; off += 64) _mm_prefetch(s + off, _MM_HINT_T0);
+  const int64_t entries = P.groups * kBlockN, first = b * entries;  // the block's metadata per tensor
+  if (P.s) prefetch_range(P.s + first, entries * sizeof(uint16_t));
+  if (P.a) prefetch_range(P.a + first, entries);
+  if (P.z) prefetch_range(P.z + first, entries);
+  if (P.d) prefetch_range(P.d + b * kBlockN, kBlockN * sizeof(float));
   const int64_t e0 = P.indptr[b * kBlockN], e1 = P.indptr[(b + 1) * kBlockN];
-  for (int64_t e = e0; e < e1; e += 16) {
-    _mm_prefetch(reinterpret_cast<const char*>(P.indices + e), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(P.values + e), _MM_HINT_T0);
-  }
+  prefetch_range(P.indices + e0, (e1 - e0) * sizeof(int32_t));
+  prefetch_range(P.values + e0, (e1 - e0) * sizeof(float));
 }
 
 template <typename T>
@@ -906,10 +1013,14 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
   }
   for (int64_t b = b0; b < b1; ++b) {
     if (b + 1 < b1) prefetch_block_extras(P, b + 1);
-    if (path == kFma) {
-      if (P.m == 1) fma_direct<1>(P, b, 0, acc.data());
-      else if (P.m == 2) fma_direct<2>(P, b, 0, acc.data());
-      else fma_panel(P, b, acc.data(), panel32);
+    if (path == kFma && P.a) {  // format version 3: fractional zeros (fma_steps)
+      if (P.m == 1) fma_direct<1, true>(P, b, 0, acc.data());
+      else if (P.m == 2) fma_direct<2, true>(P, b, 0, acc.data());
+      else fma_panel<true>(P, b, acc.data(), panel32);
+    } else if (path == kFma) {
+      if (P.m == 1) fma_direct<1, false>(P, b, 0, acc.data());
+      else if (P.m == 2) fma_direct<2, false>(P, b, 0, acc.data());
+      else fma_panel<false>(P, b, acc.data(), panel32);
     } else if (path == kI16) {
       i16_block(P, b, acc.data());
     } else if (path == kBf16Dp) {
@@ -931,7 +1042,8 @@ namespace easyquant {
 at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const at::Tensor& scales,
                            const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& col_scale,
                            const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
-                           const c10::optional<at::Tensor>& bias, int64_t group_size, at::IntArrayRef plan) {
+                           const c10::optional<at::Tensor>& bias, int64_t group_size, at::IntArrayRef plan,
+                           const c10::optional<at::Tensor>& row_steps) {
   const auto dtype = x_in.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "easyquant::cpu_int4_linear: x must be bf16 or fp16, got ",
               dtype);
@@ -952,9 +1064,21 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
   TORCH_CHECK(w_q.scalar_type() == at::kInt && w_q.numel() == n * k / 8 && w_q.is_contiguous(),
               "easyquant::cpu_int4_linear: w_q must be contiguous int32 with N*K/8 = ", n * k / 8, " words, got ",
               w_q.scalar_type(), " ", w_q.sizes());
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.numel() == n * (k / g) && scales.is_contiguous(),
-              "easyquant::cpu_int4_linear: scales must be contiguous fp16 with N*K/G = ", n * (k / g), " entries, got ",
-              scales.scalar_type(), " ", scales.sizes());
+  if (row_steps) {  // format version 3: uint8 multipliers of the rows' units, zero points in sixteenths
+    TORCH_CHECK(row_steps->scalar_type() == at::kFloat && row_steps->numel() == n && row_steps->is_contiguous(),
+                "easyquant::cpu_int4_linear: row_steps must be contiguous fp32 [N = ", n, "], got ",
+                row_steps->scalar_type(), " ", row_steps->sizes());
+    TORCH_CHECK(scales.scalar_type() == at::kByte && scales.numel() == n * (k / g) && scales.is_contiguous(),
+                "easyquant::cpu_int4_linear: with row_steps (format version 3), scales must be contiguous uint8 step ",
+                "multipliers with N*K/G = ", n * (k / g), " entries, got ", scales.scalar_type(), " ", scales.sizes());
+    TORCH_CHECK(zeros.has_value(), "easyquant::cpu_int4_linear: row_steps (format version 3) needs zeros (uint8, ",
+                "sixteenths of a code)");
+  } else {
+    TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.numel() == n * (k / g) && scales.is_contiguous(),
+                "easyquant::cpu_int4_linear: scales must be contiguous fp16 with N*K/G = ", n * (k / g),
+                " entries (uint8 step multipliers need row_steps: format version 3), got ", scales.scalar_type(), " ",
+                scales.sizes());
+  }
   if (zeros)
     TORCH_CHECK(zeros->scalar_type() == at::kByte && zeros->numel() == n * (k / g) && zeros->is_contiguous(),
                 "easyquant::cpu_int4_linear: zeros must be contiguous uint8 with N*K/G = ", n * (k / g),
@@ -1002,10 +1126,26 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
     xs = scaled;
     if (half) xh = half;
   }
-  Problem P{m, n, k, g, reinterpret_cast<const uint32_t*>(w_q.data_ptr<int32_t>()),
-            reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
-            zeros ? zeros->data_ptr<uint8_t>() : nullptr, indptr.data_ptr<int32_t>(), indices.data_ptr<int32_t>(),
-            values.data_ptr<float>(), xf, xs, xh, nullptr, nullptr, 0, nullptr, 0, nullptr, nullptr, nullptr};
+  Problem P{};  // the pointers a path does not use stay null
+  P.m = m;
+  P.n = n;
+  P.k = k;
+  P.g = g;
+  P.groups = k / g;
+  P.w = reinterpret_cast<const uint32_t*>(w_q.data_ptr<int32_t>());
+  if (row_steps) {
+    P.a = scales.data_ptr<uint8_t>();
+    P.d = row_steps->data_ptr<float>();
+  } else {
+    P.s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  }
+  P.z = zeros ? zeros->data_ptr<uint8_t>() : nullptr;
+  P.indptr = indptr.data_ptr<int32_t>();
+  P.indices = indices.data_ptr<int32_t>();
+  P.values = values.data_ptr<float>();
+  P.xf = xf;
+  P.xs = xs;
+  P.xh = xh;
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   if (path == kDequant) {
     at::Tensor w = at::empty({n, k}, x.options());
@@ -1029,6 +1169,7 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
   }
   if (path == kI16) {  // x * c in 16-bit fixed point, rows split over the threads (M x K values, read twice)
     P.xg = i16_subblock(g);
+    P.xblocks = k / P.xg;
     uint32_t* xq = scratch(xq_buffer, m * k / 2);
     float* xsigma = scratch(xsigma_buffer, m * (k / P.xg));
     float* xqsum = scratch(xqsum_buffer, m * (k / P.xg));
@@ -1084,7 +1225,7 @@ std::vector<int64_t> cpu_int4_path_calls() {
 TORCH_LIBRARY_FRAGMENT(easyquant, m) {
   m.def(
       "cpu_int4_linear(Tensor x, Tensor w_q, Tensor scales, Tensor? zeros, Tensor? col_scale, Tensor indptr, "
-      "Tensor indices, Tensor values, Tensor? bias, int group_size, int[] plan) -> Tensor");
+      "Tensor indices, Tensor values, Tensor? bias, int group_size, int[] plan, Tensor? row_steps=None) -> Tensor");
   m.def("cpu_int4_paths(ScalarType dtype) -> int[]", &cpu_int4_paths);  // no tensor argument: catch-all
   m.def("cpu_int4_path_calls() -> int[]", &cpu_int4_path_calls);
 }

@@ -1,7 +1,7 @@
 // EasyQuant mixture-of-experts layer for x86 CPUs: routing already done, every expert's int4 GEMMs in one op call.
 //
 //   easyquant::cpu_int4_moe(x [M, H], topk_ids [M, k], topk_weights [M, k], <w13 of every expert>, <w2 ...>,
-//                            G, plan) -> y [M, H] in x's dtype,
+//                            G, plan, w13_row_steps?, w2_row_steps?) -> y [M, H] in x's dtype,
 //   y[t] = sum_j p[t, j] * W2'_e (silu(Wg'_e x[t]) * (Wu'_e x[t])),   e = topk_ids[t, j], p = topk_weights
 //
 // Each projection arrives as the experts' tensors stacked along a leading expert dimension, in the native
@@ -10,6 +10,8 @@
 //   w_q       int32 [E, N/16, K/8 * 16]     scales fp16 [E, N/16, K/G * 16]    zeros uint8 [E, N/16, K/G * 16]?
 //   col_scale fp32  [E, K]?                 indptr int32 [E, N + 1] (each expert's from 0)
 //   indices   int32 [nnz_total]             values fp32 [nnz_total]             offsets int64 [E + 1] (CPU)
+//   row_steps fp32  [E, N]?                 format version 3: scales are then uint8 multipliers of these units
+//                                           and zeros are in sixteenths of a code (eq_cpu.cpp)
 //
 // with w13 = [gate; up] ([2I, H], one column scale: docs/format.md) and w2 = down ([H, I]).
 //
@@ -37,6 +39,7 @@ struct Projection {
   const at::Tensor& scales;
   const c10::optional<at::Tensor>& zeros;
   const c10::optional<at::Tensor>& col_scale;
+  const c10::optional<at::Tensor>& row_steps;
   const at::Tensor& indptr;
   const at::Tensor& indices;
   const at::Tensor& values;
@@ -44,13 +47,14 @@ struct Projection {
 
   at::Tensor run(int64_t e, const at::Tensor& x, int64_t group_size, at::IntArrayRef plan) const {
     const int64_t o0 = offsets[e], nnz = offsets[e + 1] - offsets[e];
-    c10::optional<at::Tensor> z, c;
+    c10::optional<at::Tensor> z, c, d;
     if (zeros) z = zeros->select(0, e);
     if (col_scale) c = col_scale->select(0, e);
+    if (row_steps) d = row_steps->select(0, e);
     // cpu_int4_linear checks each expert's shapes and CSR ends against x: a malformed slice raises there.
     return easyquant::cpu_int4_linear(x, w_q.select(0, e), scales.select(0, e), z, c, indptr.select(0, e),
                                       indices.narrow(0, o0, nnz), values.narrow(0, o0, nnz), c10::nullopt,
-                                      group_size, plan);
+                                      group_size, plan, d);
   }
 };
 
@@ -64,6 +68,9 @@ void check_projection(const Projection& p, int64_t experts, const at::Tensor& of
               " zeros must be [E, N/16, K/G * 16]");
   TORCH_CHECK(!p.col_scale || (p.col_scale->dim() == 2 && p.col_scale->size(0) == experts),
               "easyquant::cpu_int4_moe: ", p.name, " col_scale must be [E, K]");
+  TORCH_CHECK(!p.row_steps || (p.row_steps->dim() == 2 && p.row_steps->size(0) == experts),
+              "easyquant::cpu_int4_moe: ", p.name, " row_steps must be [E = ", experts, ", N], got ",
+              p.row_steps ? p.row_steps->sizes() : at::IntArrayRef{});
   TORCH_CHECK(offsets_t.scalar_type() == at::kLong && offsets_t.dim() == 1 && offsets_t.numel() == experts + 1 &&
                   offsets_t.is_contiguous() && offsets_t.device().is_cpu(),
               "easyquant::cpu_int4_moe: ", p.name, " offsets must be a contiguous int64 CPU tensor [E + 1 = ",
@@ -85,7 +92,8 @@ at::Tensor cpu_int4_moe(const at::Tensor& x_in, const at::Tensor& topk_ids_in, c
                         const at::Tensor& w2_q, const at::Tensor& w2_s, const c10::optional<at::Tensor>& w2_z,
                         const c10::optional<at::Tensor>& w2_c, const at::Tensor& w2_indptr,
                         const at::Tensor& w2_indices, const at::Tensor& w2_values, const at::Tensor& w2_offsets,
-                        int64_t group_size, at::IntArrayRef plan) {
+                        int64_t group_size, at::IntArrayRef plan, const c10::optional<at::Tensor>& w13_row_steps,
+                        const c10::optional<at::Tensor>& w2_row_steps) {
   TORCH_CHECK(x_in.dim() == 2, "easyquant::cpu_int4_moe: x must be [M, H], got ", x_in.sizes());
   const at::Tensor x = x_in.contiguous();
   const int64_t m = x.size(0);
@@ -98,9 +106,10 @@ at::Tensor cpu_int4_moe(const at::Tensor& x_in, const at::Tensor& topk_ids_in, c
   TORCH_CHECK(w13_offsets.scalar_type() == at::kLong && w2_offsets.scalar_type() == at::kLong &&
                   w13_offsets.numel() == experts + 1 && w2_offsets.numel() == experts + 1,
               "easyquant::cpu_int4_moe: offsets must be int64 [E + 1]");
-  const Projection w13{"w13", w13_q, w13_s, w13_z, w13_c, w13_indptr, w13_indices, w13_values,
+  const Projection w13{"w13", w13_q, w13_s, w13_z, w13_c, w13_row_steps, w13_indptr, w13_indices, w13_values,
                        w13_offsets.data_ptr<int64_t>()};
-  const Projection w2{"w2", w2_q, w2_s, w2_z, w2_c, w2_indptr, w2_indices, w2_values, w2_offsets.data_ptr<int64_t>()};
+  const Projection w2{"w2", w2_q, w2_s, w2_z, w2_c, w2_row_steps, w2_indptr, w2_indices, w2_values,
+                      w2_offsets.data_ptr<int64_t>()};
   check_projection(w13, experts, w13_offsets);
   check_projection(w2, experts, w2_offsets);
 
@@ -149,7 +158,8 @@ TORCH_LIBRARY_FRAGMENT(easyquant, m) {
       "cpu_int4_moe(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13_q, Tensor w13_s, Tensor? w13_z, "
       "Tensor? w13_c, Tensor w13_indptr, Tensor w13_indices, Tensor w13_values, Tensor w13_offsets, Tensor w2_q, "
       "Tensor w2_s, Tensor? w2_z, Tensor? w2_c, Tensor w2_indptr, Tensor w2_indices, Tensor w2_values, "
-      "Tensor w2_offsets, int group_size, int[] plan) -> Tensor");
+      "Tensor w2_offsets, int group_size, int[] plan, Tensor? w13_row_steps=None, Tensor? w2_row_steps=None) -> "
+      "Tensor");
 }
 
 TORCH_LIBRARY_IMPL(easyquant, CPU, m) { m.impl("cpu_int4_moe", &cpu_int4_moe); }
