@@ -36,7 +36,7 @@ from .format import (
     tensor_name,
     validate_weight,
 )
-from .kernels.moe import MoeSpec, TorchReferenceMoeKernel, choose_moe_kernel
+from .kernels.moe import MoeSpec, TorchReferenceMoeKernel, choose_moe_kernel, uniform_column_scales
 from .quant import QuantizedWeight, pack_factor
 from .sharding import slice_columns, slice_rows, stack_rows
 
@@ -203,10 +203,12 @@ class EasyQuantMoEMethod(FusedMoEMethodBase):
     def _install(self, layer: torch.nn.Module, state: MoeState, experts: list[tuple[QuantizedWeight, QuantizedWeight]],
                  device: torch.device) -> None:  # fmt: skip
         """Choose the kernel, repack every expert once, register the result as the layer's buffers."""
+        experts = uniform_column_scales(experts)
         w13 = experts[0][0]
         spec = MoeSpec(state.experts, state.hidden, state.intermediate_part, self.bits, self.group_size,
                        state.act_dtype, device.type, zero_points=w13.zeros is not None,
-                       column_scale=w13.col_scale is not None, compact_steps=w13.row_steps is not None)  # fmt: skip
+                       column_scale=w13.col_scale is not None,
+                       compact_steps=w13.row_steps is not None)  # fmt: skip
         kernel_cls, reasons = choose_moe_kernel(spec, device, where=state.prefix)
         if kernel_cls.name not in _announced:
             _announced.add(kernel_cls.name)

@@ -202,3 +202,22 @@ def test_converter_refuses_quantizing_only_some_experts_of_a_layer(tiny_moe: Pat
                      progress=False)  # fmt: skip
     assert not any("layers.0.block_sparse_moe.experts" in r["name"] for r in report["tensors"])
     assert any("layers.1.block_sparse_moe.experts" in r["name"] for r in report["tensors"])
+
+
+def test_uniform_column_scales_gives_every_expert_one_where_any_has_one() -> None:
+    # Format version 3 decides the column scale per layer: experts of one MoE layer may differ. A stacked kernel
+    # gets c = 1 where an expert has none, which is exactly the same W'.
+    from easyquant_vllm.kernels.moe import uniform_column_scales
+    from easyquant_vllm.quant import QuantSpec, quantize_group
+
+    def q(seed: int, normalize: str):  # type: ignore[no-untyped-def]
+        w = heavy_tailed(64, 128, seed=seed)
+        return quantize_group([w], QuantSpec.for_version(3, group_size=32, normalize=normalize))[0]
+
+    experts = [(q(0, "sinkhorn"), q(1, "none")), (q(2, "none"), q(3, "none"))]
+    out = uniform_column_scales(experts)
+    assert all(p.col_scale is not None for pair in out for p in pair)
+    for (a, b), (a2, b2) in zip(experts, out, strict=True):
+        assert torch.equal(a.dequantize(), a2.dequantize()) and torch.equal(b.dequantize(), b2.dequantize())
+    plain = [(q(4, "none"), q(5, "none"))]
+    assert uniform_column_scales(plain)[0][0].col_scale is None

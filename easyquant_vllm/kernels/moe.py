@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -74,6 +74,22 @@ def moe_dense(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         out = (F.silu(h[:, :inter]) * h[:, inter:]) @ w2[e].t()
         y.index_add_(0, tok, out.to(acc) * topk_weights[tok, slot, None].to(acc))
     return y.to(x.dtype)
+
+
+def uniform_column_scales(experts: Experts) -> list[tuple[QuantizedWeight, QuantizedWeight]]:
+    """The experts with a column scale on every projection where any projection has one: format version 3 decides
+    the scale per layer (an expert's gate/up together, its down on its own), and the stacked kernels run one layout
+    for the whole layer. ``c = 1`` where a projection has none reconstructs exactly the same ``W'``."""
+    pairs = [tuple(pair) for pair in experts]
+    if not any(q.col_scale is not None for pair in pairs for q in pair):
+        return pairs  # type: ignore[return-value]
+
+    def scaled(q: QuantizedWeight) -> QuantizedWeight:
+        if q.col_scale is not None:
+            return q
+        return replace(q, col_scale=torch.ones(q.shape[1], dtype=torch.float16, device=q.qweight.device))
+
+    return [(scaled(a), scaled(b)) for a, b in pairs]
 
 
 def concat_csr(weights: Sequence[QuantizedWeight], values_dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -349,4 +365,5 @@ def choose_moe_kernel(spec: MoeSpec, device: torch.device, where: str = "a MoE l
 
 
 __all__ = ["ENV_FORCE", "MOE_KERNELS", "CudaInt4MoeKernel", "MoeKernel", "MoeSpec", "NativeCpuMoeKernel",
-           "TorchReferenceMoeKernel", "choose_moe_kernel", "concat_csr", "moe_dense"]  # fmt: skip
+           "TorchReferenceMoeKernel", "choose_moe_kernel", "concat_csr", "moe_dense",
+           "uniform_column_scales"]  # fmt: skip
