@@ -45,14 +45,14 @@
 namespace eq {
 
 // A dense layer: warp w of block b owns rows 2 (4b + w) and 2 (4b + w) + 1 of y[M, N] (rounded once to T).
-template <typename T, int kM, bool kV2>
+template <typename T, int kM, int kFmt>
 __device__ __forceinline__ void gemv_int4(const T* __restrict__ x, const int4* __restrict__ qweight,
                                           const __half* __restrict__ scales, const uint8_t* __restrict__ zeros,
                                           const __half* __restrict__ colscale, const int* __restrict__ indptr,
                                           const int* __restrict__ indices, const __half* __restrict__ values,
                                           T* __restrict__ y, int M, int N, int K, int G) {
   const int n0 = (blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp) * kRowsPerWarp;
-  gemv_int4_rows<T, kM, kV2>(x, qweight, scales, zeros, colscale, indptr, indices, values, M, N, K, G, n0, 0, 0, 0,
+  gemv_int4_rows<T, kM, kFmt>(x, qweight, scales, zeros, colscale, indptr, indices, values, M, N, K, G, n0, 0, 0, 0,
                              [=](int m, int n, float v) { y[static_cast<size_t>(m) * N + n] = Act<T>::store(v); });
 }
 
@@ -64,15 +64,16 @@ __device__ __forceinline__ void gemv_int4(const T* __restrict__ x, const int4* _
 // version 1 passes null for zeros and colscale.
 // No __launch_bounds__: capping kM = 16 at 128 registers made it spill, and the cap also let the
 // small tiles grow from 55 to 95 registers (fewer resident warps where they matter most, at M = 1).
-#define EQ_GEMV_ENTRY_AS(NAME, T, KM, V2)                                                                       \
+#define EQ_GEMV_ENTRY_AS(NAME, T, KM, FMT)                                                                      \
   extern "C" __global__ void NAME(const T* x, const int4* qweight, const __half* scales, const uint8_t* zeros,  \
                                   const __half* colscale, const int* indptr, const int* indices,                \
                                   const __half* values, T* y, int M, int N, int K, int G) {                     \
-    eq::gemv_int4<T, KM, V2>(x, qweight, scales, zeros, colscale, indptr, indices, values, y, M, N, K, G);      \
+    eq::gemv_int4<T, KM, FMT>(x, qweight, scales, zeros, colscale, indptr, indices, values, y, M, N, K, G);      \
   }
-#define EQ_GEMV_ENTRY(SUFFIX, T, KM)                              \
-  EQ_GEMV_ENTRY_AS(eq_gemv_int4_##SUFFIX##_m##KM, T, KM, false) \
-  EQ_GEMV_ENTRY_AS(eq_gemv_int4_##SUFFIX##_m##KM##_v2, T, KM, true)
+#define EQ_GEMV_ENTRY(SUFFIX, T, KM)                                     \
+  EQ_GEMV_ENTRY_AS(eq_gemv_int4_##SUFFIX##_m##KM, T, KM, eq::kV1)       \
+  EQ_GEMV_ENTRY_AS(eq_gemv_int4_##SUFFIX##_m##KM##_v2, T, KM, eq::kV2) \
+  EQ_GEMV_ENTRY_AS(eq_gemv_int4_##SUFFIX##_m##KM##_v3, T, KM, eq::kV3)
 #define EQ_GEMV_ENTRIES(SUFFIX, T) \
   EQ_GEMV_ENTRY(SUFFIX, T, 1)      \
   EQ_GEMV_ENTRY(SUFFIX, T, 2)      \

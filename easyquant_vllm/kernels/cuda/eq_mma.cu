@@ -52,20 +52,30 @@
 namespace eq {
 
 // A dense layer: block b computes rows 16b .. 16b + 15 of y[M, N] (rounded once to T).
-template <typename T, int kT, bool kV2>
+template <typename T, int kT, int kFmt>
 __device__ __forceinline__ void mma_int4(const T* __restrict__ x, const int4* __restrict__ qweight,
                                          const __half* __restrict__ scales, const uint8_t* __restrict__ zeros,
                                          const __half* __restrict__ colscale, const int* __restrict__ indptr,
                                          const int* __restrict__ indices, const __half* __restrict__ values,
                                          T* __restrict__ y, int M, int N, int K, int G) {
-  mma_int4_tile<T, kT, kV2>(x, qweight, scales, zeros, colscale, indptr, indices, values, M, K, G, blockIdx.x, 0, 0, 0,
+  mma_int4_tile<T, kT, kFmt>(x, qweight, scales, zeros, colscale, indptr, indices, values, M, K, G, blockIdx.x, 0, 0, 0,
                             [=](int m, int n, float v) { y[static_cast<size_t>(m) * N + n] = Act<T>::store(v); });
 }
 
-// W' [N, K] from the MMA layout: one warp per 16-row tile, each value s * q rounded once (bit-identical
-// to easyquant_vllm.quant.dequantize), 4 consecutive values per row and step as one 64-bit store; then,
-// after __syncwarp, the tile's outliers over their zeros (the owner warp only: no atomics).
-template <typename T, bool kV2>
+// The code u of row `row`, column `col` in the MMA layout (the inverse of the regrouping: mma_layout.py). Row
+// 16 r + 8 h + g, column 64 b + 16 s + 4 t + 2 e2 + e is nibble 4 e + 2 e2 + h of word s of lane 4 g + t in tile (r, b).
+__device__ __forceinline__ uint32_t mma_code(const int4* __restrict__ qweight, int kblocks, int row, int col) {
+  const int g = row & 7, h = (row >> 3) & 1, t = (col >> 2) & 3, e2 = (col >> 1) & 1, e = col & 1;
+  const size_t lane = (static_cast<size_t>(row >> 4) * kblocks + (col >> 6)) * kWarp + 4 * g + t;
+  const uint32_t word = reinterpret_cast<const uint32_t*>(qweight)[4 * lane + ((col >> 4) & 3)];
+  return (word >> (4 * (4 * e + 2 * e2 + h))) & 0xFu;
+}
+
+// W' [N, K] from the MMA layout: one warp per 16-row tile, each value rounded once to T as the reference
+// (easyquant_vllm.quant.dequantize) rounds it, bit-identical; 4 consecutive values per row and step as one 64-bit
+// store. Then, after __syncwarp, the tile's outliers (the owner warp only: no atomics): versions 1 and 2 over their
+// zeros (the dense part is exactly 0 there), version 3 added to the dense value recomputed in fp32 (it is not 0).
+template <typename T, int kFmt>
 __device__ __forceinline__ void dequant_mma(const int4* __restrict__ qweight, const __half* __restrict__ scales,
                                             const uint8_t* __restrict__ zeros, const __half* __restrict__ colscale,
                                             const int* __restrict__ indptr, const int* __restrict__ indices,
@@ -88,19 +98,25 @@ __device__ __forceinline__ void dequant_mma(const int4* __restrict__ qweight, co
       for (int h = 0; h < 2; ++h) {  // row g (nibble pairs 0, 2) and row g + 8 (pairs 1, 3)
         const int row = r0 + g + 8 * h;
         const size_t grp = static_cast<size_t>(row) * groups + (col >> group_shift);
-        const float step = __half2float(scales[grp]);
+        float step;
+        uint32_t bias = 0u;
+        if constexpr (kFmt == kV3) {  // s = d a (exact), the zero zq / 16
+          const uint32_t meta = load_meta(zeros, grp);
+          step = v3_step(__half2float(scales[row]), meta);
+          bias = magic_bias_pair_v3(meta);
+        } else {
+          step = __half2float(scales[grp]);
+          if constexpr (kFmt == kV2) bias = magic_bias_pair(zeros[grp]);
+        }
         float q[4];
-        if constexpr (kV2) {  // q = u - z, then c * (s * q): the reference's order (s * q exact, one rounding)
-          const uint32_t bias = magic_bias_pair(zeros[grp]);
-          magic_pair_to_codes(and_or(words[s] >> (4 * h), kNibblePairMask, kMagicPair), bias, q[0], q[1]);
-          magic_pair_to_codes(and_or(words[s] >> (4 * (h + 2)), kNibblePairMask, kMagicPair), bias, q[2], q[3]);
+        nibble_pair_as<kFmt>(words[s], h, bias, q[0], q[1]);
+        nibble_pair_as<kFmt>(words[s], h + 2, bias, q[2], q[3]);
+        if constexpr (kFmt != kV1) {  // c * (s * q), the reference's order: s * q exact (v2) or rounded once (v3)
           ColScale<T> c;
           c.load(colscale, col);
 #pragma unroll
           for (int i = 0; i < 4; ++i) q[i] = c.at(i) * (step * q[i]);
         } else {
-          magic_pair_to_codes(and_or(words[s] >> (4 * h), kNibblePairMask, kMagicPair), q[0], q[1]);
-          magic_pair_to_codes(and_or(words[s] >> (4 * (h + 2)), kNibblePairMask, kMagicPair), q[2], q[3]);
 #pragma unroll
           for (int i = 0; i < 4; ++i) q[i] *= step;
         }
@@ -112,25 +128,36 @@ __device__ __forceinline__ void dequant_mma(const int4* __restrict__ qweight, co
   __syncwarp();
   if (active) {
     for (int r = r0; r < r0 + 16; ++r)
-      for (int e = indptr[r] + lane; e < indptr[r + 1]; e += kWarp)
-        w[static_cast<size_t>(r) * K + indices[e]] = Act<T>::store(__half2float(values[e]));
+      for (int e = indptr[r] + lane; e < indptr[r + 1]; e += kWarp) {
+        const int col = indices[e];
+        float v = __half2float(values[e]);
+        if constexpr (kFmt == kV3) {  // fp32 dense + outlier, one rounding, as the reference adds them
+          const uint32_t meta = load_meta(zeros, static_cast<size_t>(r) * groups + (col >> group_shift));
+          const float dense = v3_dense(mma_code(qweight, kblocks, r, col), meta, __half2float(scales[r]),
+                                       ColScale<T>::value(colscale, col));
+          v = __fadd_rn(dense, v);
+        }
+        w[static_cast<size_t>(r) * K + col] = Act<T>::store(v);
+      }
   }
 }
 
 }  // namespace eq
 
-// eq_mma_int4_{f16,bf16}_t{1,2,4,8}[_v2]: kT batch tiles of 8 rows (M <= 8 kT; a launch takes the
-// smallest); grid N / 16 blocks of 8 warps. eq_dequant_mma_int4_{f16,bf16}[_v2]: grid ceil(N / 64) blocks
-// of 4 warps. _v2: format version 2 (zero points and column scale); version 1 passes null for both.
-#define EQ_MMA_ENTRY_AS(NAME, T, KT, V2)                                                                         \
+// eq_mma_int4_{f16,bf16}_t{1,2,4,8}[_v2|_v3]: kT batch tiles of 8 rows (M <= 8 kT; a launch takes the
+// smallest); grid N / 16 blocks of 8 warps. eq_dequant_mma_int4_{f16,bf16}[_v2|_v3]: grid ceil(N / 64) blocks
+// of 4 warps. _v2: format version 2 (zero points and column scale); version 1 passes null for both. _v3: format
+// version 3, scales = the row units d [N], zeros = the (a, zq) pairs [N, K/G, 2] (see the top of the file).
+#define EQ_MMA_ENTRY_AS(NAME, T, KT, FMT)                                                                        \
   extern "C" __global__ void NAME(const T* x, const int4* qweight, const __half* scales, const uint8_t* zeros,   \
                                   const __half* colscale, const int* indptr, const int* indices,                 \
                                   const __half* values, T* y, int M, int N, int K, int G) {                      \
-    eq::mma_int4<T, KT, V2>(x, qweight, scales, zeros, colscale, indptr, indices, values, y, M, N, K, G);        \
+    eq::mma_int4<T, KT, FMT>(x, qweight, scales, zeros, colscale, indptr, indices, values, y, M, N, K, G);        \
   }
-#define EQ_MMA_ENTRY(SUFFIX, T, KT)                             \
-  EQ_MMA_ENTRY_AS(eq_mma_int4_##SUFFIX##_t##KT, T, KT, false) \
-  EQ_MMA_ENTRY_AS(eq_mma_int4_##SUFFIX##_t##KT##_v2, T, KT, true)
+#define EQ_MMA_ENTRY(SUFFIX, T, KT)                                    \
+  EQ_MMA_ENTRY_AS(eq_mma_int4_##SUFFIX##_t##KT, T, KT, eq::kV1)       \
+  EQ_MMA_ENTRY_AS(eq_mma_int4_##SUFFIX##_t##KT##_v2, T, KT, eq::kV2) \
+  EQ_MMA_ENTRY_AS(eq_mma_int4_##SUFFIX##_t##KT##_v3, T, KT, eq::kV3)
 EQ_MMA_ENTRY(f16, __half, 1)
 EQ_MMA_ENTRY(f16, __half, 2)
 EQ_MMA_ENTRY(f16, __half, 4)
@@ -140,13 +167,15 @@ EQ_MMA_ENTRY(bf16, __nv_bfloat16, 2)
 EQ_MMA_ENTRY(bf16, __nv_bfloat16, 4)
 EQ_MMA_ENTRY(bf16, __nv_bfloat16, 8)
 
-#define EQ_DEQUANT_MMA_ENTRY(NAME, T, V2)                                                                       \
+#define EQ_DEQUANT_MMA_ENTRY(NAME, T, FMT)                                                                      \
   extern "C" __global__ void NAME(const int4* qweight, const __half* scales, const uint8_t* zeros,              \
                                   const __half* colscale, const int* indptr, const int* indices,                \
                                   const __half* values, T* w, int N, int K, int G) {                            \
-    eq::dequant_mma<T, V2>(qweight, scales, zeros, colscale, indptr, indices, values, w, N, K, G);              \
+    eq::dequant_mma<T, FMT>(qweight, scales, zeros, colscale, indptr, indices, values, w, N, K, G);              \
   }
-EQ_DEQUANT_MMA_ENTRY(eq_dequant_mma_int4_f16, __half, false)
-EQ_DEQUANT_MMA_ENTRY(eq_dequant_mma_int4_bf16, __nv_bfloat16, false)
-EQ_DEQUANT_MMA_ENTRY(eq_dequant_mma_int4_f16_v2, __half, true)
-EQ_DEQUANT_MMA_ENTRY(eq_dequant_mma_int4_bf16_v2, __nv_bfloat16, true)
+EQ_DEQUANT_MMA_ENTRY(eq_dequant_mma_int4_f16, __half, eq::kV1)
+EQ_DEQUANT_MMA_ENTRY(eq_dequant_mma_int4_bf16, __nv_bfloat16, eq::kV1)
+EQ_DEQUANT_MMA_ENTRY(eq_dequant_mma_int4_f16_v2, __half, eq::kV2)
+EQ_DEQUANT_MMA_ENTRY(eq_dequant_mma_int4_bf16_v2, __nv_bfloat16, eq::kV2)
+EQ_DEQUANT_MMA_ENTRY(eq_dequant_mma_int4_f16_v3, __half, eq::kV3)
+EQ_DEQUANT_MMA_ENTRY(eq_dequant_mma_int4_bf16_v3, __nv_bfloat16, eq::kV3)
