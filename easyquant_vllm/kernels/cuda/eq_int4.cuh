@@ -117,9 +117,11 @@ __device__ __forceinline__ uint32_t nibbles_at_bit4(uint32_t w, int p) { return 
 
 // Format version 3's group metadata, one 16-bit load: meta = a | zq << 8 (byte 0 the step multiplier a, byte 1 the
 // zero zq; CudaInt4Kernel.prepare interleaves them as uint8 [N, K/G, 2]). On the host a memcpy (no aliasing UB).
-// The bias pair 64 + zq / 16 (bits 0x5400 | zq, twice) from meta: one byte permute, zq to bytes 0 and 2, 0x54 to
-// bytes 1 and 3.
-__device__ __forceinline__ uint32_t magic_bias_pair_v3(uint32_t meta) { return __byte_perm(meta, 0x54u, 0x4141u); }
+// The bias pair 64 + zq / 16 (bits 0x5400 | zq, twice) from meta: one byte permute, zq (byte 1 of meta) to bytes 0
+// and 2, 0x54 (byte 1 of the magic, which the nibble conversion holds in a register anyway) to bytes 1 and 3.
+__device__ __forceinline__ uint32_t magic_bias_pair_v3(uint32_t meta) {
+  return __byte_perm(meta, kMagicPairV3, 0x5151u);
+}
 __device__ __forceinline__ uint32_t load_meta(const uint8_t* pairs, size_t group) {
 #ifdef __CUDACC__
   return reinterpret_cast<const unsigned short*>(pairs)[group];

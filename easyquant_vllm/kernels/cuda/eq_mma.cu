@@ -37,6 +37,20 @@
 //     x * c_lo is exact in bf16's range of interest up to its own rounding (2^-9 of a term 2^-8 the
 //     size of x * c), so the result is round(x * c) except within ~2^-17 of a rounding boundary.
 //
+// Format version 3 (the *_v3 entry points; docs/format.md): s = d[n] * a[n, g] (an fp16 unit per row times a uint8
+// multiplier per group: exact in fp32) and a fractional zero z = zq / 16. The A fragment holds u - z itself:
+// a multiple of 1/16 with at most 8 significant bits (|16 (u - z)| <= 255), so it is exact in fp16 and in bf16,
+// and the mma still never rounds W' (each product (u - z) x is exact in fp32). fp16 gets it from the magic 64
+// (ulp 1/16: the nibble goes to mantissa bits 4..7) minus the per-row bias 64 + zq / 16 (bits 0x5400 | zq): one
+// lop3 + HSUB2 per register, version 2's cost. bf16 has one mantissa bit too few for that magic, so it subtracts
+// twice, (u - 8) - (z - 8): 16 instructions more per 512 weight bytes. The alternative, integer codes in the
+// fragment and -s z sum(x c) per group in the epilogue, needs the column-scaled activations' sum per group and
+// batch row: one more mma per k-step and batch tile (or a pre-pass and a buffer), 4 more FFMAs per group and tile,
+// growing with M where the exact fragment costs the same for every M (it is shared by all kT batch tiles).
+// scales = d [N], zeros = the pairs (a, zq) [N, K/G, 2]: one 16-bit load per row and group gives the step and the
+// bias, where version 2 loads the step and the zero separately. Main loop, sm_90, per 512 weight bytes at M <= 8:
+// fp16 143 (v2: 160), bf16 177 (v2: 170) against the H100's 178 (docs/kernels.md).
+//
 // Work split: one block of kMmaWarps warps per 16-row tile; warp w takes k-blocks w, w + 8, ... (split
 // K: enough warps in flight for HBM even when N is small), prefetching its next 128-bit load. Each
 // warp adds its share of the tile's CSR outliers (entries w, w + 8, ... of each row) to its
@@ -44,7 +58,8 @@
 // a tile has one owner block.
 //
 // Requires N % 16 == 0, K % 64 == 0, G a power of two >= 32 dividing K (or G == K), 16-byte aligned
-// qweight and x, 4 * kT < M <= 8 * kT for kT > 1 (checked by easyquant_vllm/kernels/cuda_int4.py).
+// qweight and x, 2-byte aligned version-3 zeros, 4 * kT < M <= 8 * kT for kT > 1 (checked by
+// easyquant_vllm/kernels/cuda_int4.py).
 // Registers: 40-62 up to kT = 2, 80-96 at kT = 4; kT = 8 holds 64 fp32 accumulators (138 registers,
 // one 8-warp block per SM).
 #include "eq_mma.cuh"  // the per-tile core (mma_int4_tile), shared with eq_moe.cu; fragments: eq_int4.cuh
@@ -63,7 +78,7 @@ __device__ __forceinline__ void mma_int4(const T* __restrict__ x, const int4* __
 }
 
 // The code u of row `row`, column `col` in the MMA layout (the inverse of the regrouping: mma_layout.py). Row
-// 16 r + 8 h + g, column 64 b + 16 s + 4 t + 2 e2 + e is nibble 4 e + 2 e2 + h of word s of lane 4 g + t in tile (r, b).
+// 16 r + 8 h + g, column 64 b + 16 s + 4 t + 2 e2 + e is nibble 4 e + 2 e2 + h of word s of lane 4 g + t, tile (r, b).
 __device__ __forceinline__ uint32_t mma_code(const int4* __restrict__ qweight, int kblocks, int row, int col) {
   const int g = row & 7, h = (row >> 3) & 1, t = (col >> 2) & 3, e2 = (col >> 1) & 1, e = col & 1;
   const size_t lane = (static_cast<size_t>(row >> 4) * kblocks + (col >> 6)) * kWarp + 4 * g + t;

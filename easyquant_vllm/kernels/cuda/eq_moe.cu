@@ -35,7 +35,8 @@
 //   qweight   [E, N/16, K/64, 32] int4 words, the MMA layout of mma_layout.py (tensor cores), or
 //             [E, N, K/8] int32, the checkpoint's (GEMV): N * K / 32 words per expert either way
 //   scales    [E, N, K/G] fp16;  zeros [E, N, K/G] uint8 and colscale [E, K] fp16 (format version 2; the tensor
-//             cores with bf16 activations take split_col_scale's [E, 2K])
+//             cores with bf16 activations take split_col_scale's [E, 2K]); format version 3: scales [E, N] (the row
+//             units), zeros [E, N, K/G, 2] (the (a, zq) pairs) and colscale as version 2's
 //   indptr    [E * N + 1] int32: one running CSR over all experts' rows (expert e's row n is row e * N + n);
 //   indices, values [nnz] int32 / fp16 of all experts, in the original domain (no column scale), as in the dense
 //   kernels: the warp that owns an output row adds its outliers.
@@ -211,10 +212,10 @@ __device__ __forceinline__ void moe_sum(const float* __restrict__ y_pair,  // [M
 
 // C names for CuPy's RawModule (the launch plans of kernels/cuda_moe.py name them; tests check the argument order
 // against these signatures). All products share one signature; format version 1 passes null for zeros and
-// colscale, the up stage null for y_rows and y_scale.
-//   eq_moe_route                                  1 block
-//   eq_moe_mma_int4_{f16,bf16}_t{1,2,4,8}[_v2]    tile classes of 8 kT rows; blocks of 8 warps, 16 weight rows each
-//   eq_moe_gemv_int4_{f16,bf16}_m{1,2,4,8,16}[_v2] tile classes of kM rows; blocks of 4 warps, 8 weight rows each
+// colscale, the up stage null for y_rows and y_scale; _v2 / _v3: format versions 2 / 3.
+//   eq_moe_route                                       1 block
+//   eq_moe_mma_int4_{f16,bf16}_t{1,2,4,8}[_v2|_v3]     tile classes of 8 kT rows; blocks of 8 warps, 16 weight rows
+//   eq_moe_gemv_int4_{f16,bf16}_m{1,2,4,8,16}[_v2|_v3] tile classes of kM rows; blocks of 4 warps, 8 weight rows
 //   eq_moe_silu_mul_{f16,bf16}, eq_moe_sum_{f16,bf16}
 extern "C" __global__ void eq_moe_route(const int* topk_ids, const float* topk_weights, int* src_rows, int* y_rows,
                                         float* y_scale, int* tiles, int* num_tiles, int P, int topk, int E,
