@@ -38,17 +38,6 @@ __device__ __forceinline__ void gemv_int4_rows(
   }
   x += static_cast<size_t>(x_row0) * K;
   if constexpr (kFmt != kV1) colscale += c_col0;
-  const int groups = K / G;
-  float unit[R] = {};                 // kV3: each row's d (the steps are d a)
-  const uint8_t* pairs_of[R] = {};    // kV3: each row's (a, zq) pairs, indexed by group (the row's 64-bit offset once,
-                                      // not per chunk: 5 instructions per 512 B less, measured)
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    if constexpr (kFmt == kV3) {
-      unit[r] = __half2float(scales[row[r]]);
-      pairs_of[r] = zeros + 2 * static_cast<size_t>(row[r]) * groups;
-    }
-  }
   float acc[R][kM];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -56,6 +45,17 @@ __device__ __forceinline__ void gemv_int4_rows(
     for (int m = 0; m < kM; ++m) acc[r][m] = 0.0f;
 
   const int chunks = K / 32;
+  const int groups = K / G;
+  float unit[R] = {};               // kV3: each row's d (the steps are d a)
+  const uint8_t* pairs_of[R] = {};  // kV3: each row's (a, zq) pairs, indexed by group (the row's 64-bit offset once,
+                                    // not per chunk: 5 instructions per 512 B less, measured)
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if constexpr (kFmt == kV3) {
+      unit[r] = __half2float(scales[row[r]]);
+      pairs_of[r] = zeros + 2 * static_cast<size_t>(row[r]) * groups;
+    }
+  }
   // Group of chunk c: c * 32 / G, as a shift (G is a power of two, or G == K with one group and
   // group_shift = 31). A run-time division here cost ~18 instructions per chunk in SASS.
   const int group_shift = G == K ? 31 : __ffs(G / 32) - 1;
@@ -64,16 +64,15 @@ __device__ __forceinline__ void gemv_int4_rows(
   // dequantized, so each lane keeps two rows x two chunks (64 bytes) in flight instead of waiting
   // a full HBM latency per iteration (with K = 4096 a lane only has 4 chunks to do).
   int4 next[R];
-  __half next_s[R] = {};
+  __half next_s[R];
   uint32_t next_z[R] = {};  // kV2: the zero point; kV3: a | zq << 8 (one 16-bit load)
   auto fetch = [&](int c) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const size_t grp = static_cast<size_t>(row[r]) * groups + (c >> group_shift);
       next[r] = qweight[static_cast<size_t>(row[r]) * chunks + c];  // LDG.E.128: 32 codes
       if constexpr (kFmt == kV3) next_z[r] = load_meta(pairs_of[r], c >> group_shift);
-      else next_s[r] = scales[grp];
-      if constexpr (kFmt == kV2) next_z[r] = zeros[grp];
+      else next_s[r] = scales[static_cast<size_t>(row[r]) * groups + (c >> group_shift)];
+      if constexpr (kFmt == kV2) next_z[r] = zeros[static_cast<size_t>(row[r]) * groups + (c >> group_shift)];
     }
   };
   if (active[0] && lane < chunks) fetch(lane);
