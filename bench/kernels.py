@@ -81,7 +81,7 @@ def print_compile_stats() -> None:
         print(f"\n(no compile stats: {e})")
         return
     print("\n| kernel source | arch | registers of the fp16 entries in bench/nvrtc.py's order (each tile format v1, "
-          "then v2: GEMV tiles 1 / 2 / 4 / 8 / 16; tensor-core tiles 8 / 16 / 32 / 64 rows, dequantize; MoE: route, "
+          "v2, v3: GEMV tiles 1 / 2 / 4 / 8 / 16; tensor-core tiles 8 / 16 / 32 / 64 rows, dequantize; MoE: route, "
           "tensor-core tiles, GEMV tiles, SiLU-gate, sum) | spills / stack |\n|---|---|---|---|")  # fmt: skip
     for source in KERNEL_NAMES:
         for arch in ARCHS:
@@ -105,17 +105,20 @@ MOE_SHAPES = {  # (experts, hidden, intermediate per rank, experts per token)
 
 
 def print_moe_loops(dense: dict[str, float], moe: dict[str, float]) -> None:
-    """The MoE products' main loops next to the dense kernels' (the same cores, per expert tile)."""
+    """The MoE products' main loops next to the dense kernels' (the same cores, per expert tile), per format."""
+    from easyquant_vllm.kernels.cuda_build import FORMAT_VARIANTS
+
     print("\n# MoE products (cuda/eq_moe.cu) vs the dense kernels: main-loop warp instructions per 512 weight bytes, "
-          "sm_90, fp16\n| tile | dense v1 | MoE v1 | dense v2 | MoE v2 |\n|---|---|---|---|---|")  # fmt: skip
+          "sm_90, fp16\n| tile | dense v1 | MoE v1 | dense v2 | MoE v2 | dense v3 | MoE v3 |\n"
+          "|---|---|---|---|---|---|---|")  # fmt: skip
     for name in sorted(dense, key=lambda n: (n.startswith("eq_mma"), int(re.sub(r"\D", "", n.split("_")[-1])))):
-        if "_f16_" not in name or name.endswith("_v2"):
+        if "_f16_" not in name or re.search(r"_v\d$", name):
             continue
-        m = moe.get(name.replace("eq_", "eq_moe_"))
-        v2 = moe.get(name.replace("eq_", "eq_moe_") + "_v2")
-        if m is not None and v2 is not None:
-            label = name.split("_f16_")[1]
-            print(f"| {label} | {dense[name]:.1f} | {m:.1f} | {dense[name + '_v2']:.1f} | {v2:.1f} |")
+        cells = []
+        for suffix in FORMAT_VARIANTS:
+            d, m = dense.get(name + suffix), moe.get(name.replace("eq_", "eq_moe_") + suffix)
+            cells += ["-" if d is None else f"{d:.1f}", "-" if m is None else f"{m:.1f}"]
+        print(f"| {name.split('_f16_')[1]} | " + " | ".join(cells) + " |")
 
 
 def print_issue_model(g: int, f: float) -> None:
@@ -143,20 +146,20 @@ def print_issue_model(g: int, f: float) -> None:
     print(f"\n# SASS issue model, sm_90 (H100 SXM: {model.sms} SMs x {model.schedulers_per_sm} schedulers at "
           f"{model.clock_ghz} GHz, {model.hbm_gbs / 1000:g} TB/s): a kernel keeps up with HBM while its main loop "
           f"issues <= {model.budget():.0f} warp instructions per 512 weight bytes. Format v2 = zero points + column "
-          "scale (the *_v2 entry points)")  # fmt: skip
+          "scale (the *_v2 entry points), v3 = compact steps + fractional zeros (*_v3)")  # fmt: skip
     print("| kernel | format | activations | M | instructions / 512 B | predicted % of HBM | predicted speed-up vs "
           "fp16 |\n|---|---|---|---|---|---|---|")  # fmt: skip
     rows = []
     for name, n in {**gemv, **mma}.items():
-        match = re.fullmatch(r"eq_(gemv|mma)_int4_(f16|bf16)_([mt])(\d+)(_v2)?", name)
+        match = re.fullmatch(r"eq_(gemv|mma)_int4_(f16|bf16)_([mt])(\d+)(_v\d)?", name)
         assert match, name
-        kind, act, _, tile, v2 = match.groups()
+        kind, act, _, tile, variant = match.groups()
         m = int(tile) if kind == "gemv" else 8 * int(tile)
         label = f"GEMV (CUDA cores), tile {m}" if kind == "gemv" else f"tensor cores, {tile} x 8 batch rows"
-        rows.append((kind != "gemv", m, bool(v2), act, label, n))
-    for _, m, v2, act, label, n in sorted(rows):
+        rows.append((kind != "gemv", m, variant or "_v1", act, label, n))
+    for _, m, variant, act, label, n in sorted(rows):
         frac = model.bandwidth_fraction(n)
-        print(f"| {label} | {'v2' if v2 else 'v1'} | {act} | <= {m} | {n:.1f} | {100 * frac:.0f} % | "
+        print(f"| {label} | {variant[1:]} | {act} | <= {m} | {n:.1f} | {100 * frac:.0f} % | "
               f"{ideal * frac:.2f}x |")  # fmt: skip
     print(f"| dequantize + cuBLAS | any | (4.5 bytes per weight) | | {deq_mm:.2f}x |")
     print("Speed-ups assume fp16 cuBLAS at the same HBM fraction as a copy (its best case); they are a model,"
@@ -167,9 +170,12 @@ def print_issue_model(g: int, f: float) -> None:
 # --- timings on a GPU ------------------------------------------------------------------------------
 
 
-def synthetic_weight(n: int, k: int, group: int, frac: float, seed: int, device: str = "cuda", v2: bool = False):  # type: ignore[no-untyped-def]
-    """A :class:`QuantizedWeight` on ``device`` in the canonical layout, built without quantizing; with ``v2``
-    format version 2's zero points (0..15) and column scale (0.5..1.5) as well."""
+def synthetic_weight(n: int, k: int, group: int, frac: float, seed: int, device: str = "cuda",  # type: ignore[no-untyped-def]
+                     version: int = 1):  # fmt: skip
+    """A :class:`QuantizedWeight` of format ``version`` on ``device`` in the canonical layout, built without
+    quantizing. Version 2: zero points (0..15) and a column scale (0.5..1.5); version 3: the column scale, uint8
+    step multipliers of an fp16 unit per row and zeros in sixteenths of a code (0..255), with the code nearest the
+    zero under every outlier, as the quantizer writes them."""
     import torch
 
     from easyquant_vllm.quant import QuantizedWeight
@@ -181,24 +187,38 @@ def synthetic_weight(n: int, k: int, group: int, frac: float, seed: int, device:
     cols = torch.rand(n, k, device=device, generator=gen).topk(per_row, dim=1).indices.sort(dim=1).values
     u = torch.randint(0, 16, (n, k), device=device, generator=gen, dtype=torch.int32)
     g = k if group == -1 else group
-    zeros = torch.randint(0, 16, (n, k // g), device=device, generator=gen, dtype=torch.uint8) if v2 else None
-    # code 0 under every outlier (u = the group's zero), as the quantizer writes it
-    u.scatter_(1, cols, 8 if zeros is None else zeros.gather(1, cols // g).int())
-    col_scale = (0.5 + torch.rand(k, device=device, generator=gen)).half() if v2 else None
+    top = 256 if version == 3 else 16  # version 3's zeros are sixteenths of a code
+    zeros = torch.randint(0, top, (n, k // g), device=device, generator=gen, dtype=torch.uint8) if version > 1 else None
+    # code 0 under every outlier (u = the group's zero; version 3: the nearest code), as the quantizer writes it
+    under = 8 if zeros is None else zeros.gather(1, cols // g).int()
+    u.scatter_(1, cols, under if version < 3 else torch.round(under / 16).clamp(0, 15).int())
+    col_scale = (0.5 + torch.rand(k, device=device, generator=gen)).half() if version > 1 else None
     indptr = torch.arange(0, n * per_row + 1, per_row, device=device, dtype=torch.int32)
     values = (torch.randn(n * per_row, device=device, generator=gen) * 0.1).half()
     scales = (0.005 + 0.01 * torch.rand(n, k // g, device=device, generator=gen)).half()
+    row_steps = None
+    if version == 3:  # steps 0.005..0.015 as 8-bit multiples of a unit per row
+        row_steps = (0.015 / 255 * (0.5 + torch.rand(n, device=device, generator=gen))).half()
+        scales = torch.randint(85, 256, (n, k // g), device=device, generator=gen, dtype=torch.uint8)
     csr = OutlierCSR(indptr, cols.reshape(-1).to(torch.int32), values, (n, k))
-    return QuantizedWeight(pack_codes(u, 4), scales, csr, 4, group, zeros=zeros, col_scale=col_scale)
+    return QuantizedWeight(pack_codes(u, 4), scales, csr, 4, group, zeros=zeros, col_scale=col_scale,
+                           row_steps=row_steps)  # fmt: skip
 
 
-def v2_args(qw) -> dict:  # type: ignore[no-untyped-def, type-arg]
-    """The launch functions' keyword arguments for format version 2 (empty for version 1)."""
-    from easyquant_vllm.kernels.cuda_int4 import v2_tensors
+def launch_args(qw) -> tuple[tuple, dict]:  # type: ignore[no-untyped-def, type-arg]
+    """The launch functions' arguments for ``qw`` in the checkpoint layout: ``(qweight, scales, indptr, indices,
+    values)`` and the keyword arguments ``zeros``/``col_scale`` (none for version 1; version 3's scales are the row
+    units and its zeros the ``(a, zq)`` pairs of :func:`~easyquant_vllm.kernels.cuda_int4.v3_tensors`)."""
+    from easyquant_vllm.kernels.cuda_int4 import v2_tensors, v3_tensors
 
     n, k = qw.shape
+    o = qw.outliers
+    if qw.row_steps is not None:
+        row_steps, pairs, col_scale = v3_tensors(qw)
+        return (qw.qweight, row_steps, o.indptr, o.indices, o.values), {"zeros": pairs, "col_scale": col_scale}
     zeros, col_scale = v2_tensors(qw.zeros, qw.col_scale, n, k, k if qw.group_size == -1 else qw.group_size)
-    return {} if zeros is None else {"zeros": zeros, "col_scale": col_scale}
+    kwargs = {} if zeros is None else {"zeros": zeros, "col_scale": col_scale}
+    return (qw.qweight, qw.scales, o.indptr, o.indices, o.values), kwargs
 
 
 def graph_time_us(fns: list, calls: int, reps: int) -> float:  # type: ignore[type-arg]
@@ -254,12 +274,12 @@ def check_against_reference(qw, dtype) -> float:  # type: ignore[no-untyped-def]
     """Mean relative error of the GEMV (M = 4) vs an fp64 product with the reference W'."""
     import torch
 
-    o = qw.outliers
     x = torch.randn(4, qw.shape[1], device="cuda").to(dtype)
     ref = x.double() @ qw.dequantize(torch.float64).T
     from easyquant_vllm.kernels.cuda_int4 import gemv_int4
 
-    y = gemv_int4(x, qw.qweight, qw.scales, o.indptr, o.indices, o.values, qw.group_size, **v2_args(qw))
+    canon, kwargs = launch_args(qw)
+    y = gemv_int4(x, *canon, qw.group_size, **kwargs)
     return float((y.double() - ref).abs().mean() / ref.abs().mean())
 
 
@@ -268,7 +288,7 @@ class LayerCopies:
     """One layer shape's weight copies in every layout the paths read, built once per shape."""
 
     canon: list[tuple]  # type: ignore[type-arg]  # (qweight, scales, indptr, indices, values), checkpoint layout
-    zc: list[dict]  # type: ignore[type-arg]  # format version 2's zeros / col_scale per copy (empty dicts for v1)
+    zc: list[dict]  # type: ignore[type-arg]  # zeros / col_scale per copy (empty dicts for v1; see launch_args)
     mma: list[tuple]  # type: ignore[type-arg]  # the same with qweight in the MMA layout; [] if the shape has none
     preps: list[dict]  # type: ignore[type-arg]  # what the linear method holds: the layout apply() dispatches on
 
@@ -276,13 +296,15 @@ class LayerCopies:
     def build(cls, qws, kern) -> LayerCopies:  # type: ignore[no-untyped-def]
         from easyquant_vllm.kernels.mma_layout import mma_compatible, to_mma_layout
 
-        canon = [(q.qweight, q.scales, q.outliers.indptr, q.outliers.indices, q.outliers.values) for q in qws]
+        args = [launch_args(q) for q in qws]
+        canon = [c for c, _ in args]
         mma = [(to_mma_layout(c[0]), *c[1:]) for c in canon] if mma_compatible(*qws[0].shape) else []
-        return cls(canon, [v2_args(q) for q in qws], mma, [kern.prepare(q) for q in qws])
+        return cls(canon, [z for _, z in args], mma, [kern.prepare(q) for q in qws])
 
 
 def time_paths(xs, w16, layer: LayerCopies, kern, args) -> dict[str, float | None]:  # type: ignore[no-untyped-def]
-    """Device us per call of each path for activations ``xs [M, K]`` (see the module docstring)."""
+    """Device us per call of each path for activations ``xs [M, K]`` (see the module docstring); the fp16 baseline
+    only with ``w16`` (not None)."""
 
     from easyquant_vllm.kernels import cuda_int4 as ops
     from easyquant_vllm.kernels.cuda_int4 import GEMV_KERNEL_MAX_M, MMA_MAX_M
@@ -294,7 +316,7 @@ def time_paths(xs, w16, layer: LayerCopies, kern, args) -> dict[str, float | Non
         return graph_time_us(fns, args.calls, args.reps)
 
     return {
-        "fp16_us": timed([lambda w=w: xs @ w.t() for w in w16]),
+        "fp16_us": timed([lambda w=w: xs @ w.t() for w in w16]) if w16 is not None else None,
         "gemv_us": timed([lambda c=c, z=z: ops.gemv_int4(xs, *c, g, **z) for c, z in zip(canon, zc, strict=True)])
         if m <= GEMV_KERNEL_MAX_M
         else None,
@@ -319,12 +341,14 @@ def run_gpu(args: argparse.Namespace) -> list[dict]:  # type: ignore[type-arg]
     peak = peak_copy_gbs()
     print(f"\n# GPU: {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size / 2**20:.0f} MiB; "
           f"torch {torch.__version__}; measured copy bandwidth {peak:.0f} GB/s (read + write)")  # fmt: skip
-    print(f"# g{args.group_size}, {100 * args.outlier_fraction:g} % outliers, {args.dtype}; eq = the dispatch: "
-          f"tensor cores for M <= {MMA_MAX_M} (GEMV for M <= {GEMV_MAX_M} where N % 16 or K % 64), then "
-          "dequantize + cuBLAS; device us per call under a CUDA graph")  # fmt: skip
+    print(f"# g{args.group_size}, {100 * args.outlier_fraction:g} % outliers, {args.dtype}, format versions "
+          f"{' and '.join(map(str, args.format_version))}; eq = the dispatch: tensor cores for M <= {MMA_MAX_M} (GEMV "
+          f"for M <= {GEMV_MAX_M} where N % 16 or K % 64), then dequantize + cuBLAS; device us per call under a CUDA "
+          "graph; fp16 timed once per layer and M")  # fmt: skip
     dtype = getattr(torch, args.dtype)
     rows = []
-    hdr = "| layer | M | fp16 us | gemv us | mma us | deq+mm us | eq us | eq GB/s | % peak | speed-up | eager us |"
+    hdr = ("| layer | format | M | fp16 us | gemv us | mma us | deq+mm us | eq us | eq GB/s | % peak | speed-up | "
+           "eager us |")  # fmt: skip
     print(hdr + "\n|" + "---|" * (hdr.count("|") - 1))
     for name, (n, k) in SHAPES.items():
         if args.shapes and not any(s in name for s in args.shapes):
@@ -333,41 +357,54 @@ def run_gpu(args: argparse.Namespace) -> list[dict]:  # type: ignore[type-arg]
         bytes_eq = gemv_bytes(n, k, 1, args.group_size, args.outlier_fraction)["weights"]
         copies = max(2, min(64, -(-4 * props.L2_cache_size // int(bytes_eq))))
         copies16 = max(2, min(64, -(-4 * props.L2_cache_size // bytes_fp16)))
-        v2 = args.format_version == 2
-        qws = [synthetic_weight(n, k, args.group_size, args.outlier_fraction, seed=i, v2=v2) for i in range(copies)]
-        err = check_against_reference(qws[0], dtype)
-        spec = LayerSpec(n, k, 4, args.group_size, dtype, "cuda", zero_points=v2, column_scale=v2)
-        kern = CudaInt4Kernel(spec)
-        layer = LayerCopies.build(qws, kern)  # regrouped once per shape, not once per M
         w16 = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies16)]
-        for m in args.m:
-            t = time_paths(torch.randn(m, k, device="cuda", dtype=dtype), w16, layer, kern, args)
-            gbs = (bytes_eq + m * k * 2 + m * n * 2) / (t["eq_us"] * 1e-6) / 1e9
-            row = {"layer": name, "n": n, "k": k, "m": m, **t, "eq_gbs": gbs, "pct_peak": 100 * gbs / peak,
-                   "speedup": t["fp16_us"] / t["eq_us"], "rel_err_m4": err, "copies": copies}  # fmt: skip
-            rows.append(row)
-            cells = [row[c] for c in ("fp16_us", "gemv_us", "mma_us", "deq_mm_us", "eq_us", "eq_gbs")]
-            tail = f" | {row['pct_peak']:.0f} % | {row['speedup']:.2f}x | {t['eager_us']:.1f} |"
-            print(f"| {name} | {m} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in cells) + tail, flush=True)
-        del qws, w16, layer
+        fp16_us: dict[int, float] = {}  # per M: the baseline does not depend on the format
+        for version in args.format_version:
+            qws = [synthetic_weight(n, k, args.group_size, args.outlier_fraction, seed=i, version=version)
+                   for i in range(copies)]  # fmt: skip
+            err = check_against_reference(qws[0], dtype)
+            spec = LayerSpec(n, k, 4, args.group_size, dtype, "cuda", zero_points=version > 1,
+                             column_scale=version > 1, compact_steps=version == 3)  # fmt: skip
+            kern = CudaInt4Kernel(spec)
+            layer = LayerCopies.build(qws, kern)  # regrouped once per shape and format, not once per M
+            for m in args.m:
+                xs = torch.randn(m, k, device="cuda", dtype=dtype)
+                t = time_paths(xs, None if m in fp16_us else w16, layer, kern, args)
+                fp16_us.setdefault(m, t["fp16_us"])  # type: ignore[arg-type]
+                t["fp16_us"] = fp16_us[m]
+                gbs = (bytes_eq + m * k * 2 + m * n * 2) / (t["eq_us"] * 1e-6) / 1e9
+                row = {"layer": name, "format": version, "n": n, "k": k, "m": m, **t, "eq_gbs": gbs,
+                       "pct_peak": 100 * gbs / peak, "speedup": fp16_us[m] / t["eq_us"], "rel_err_m4": err,
+                       "copies": copies}  # fmt: skip
+                rows.append(row)
+                cells = [row[c] for c in ("fp16_us", "gemv_us", "mma_us", "deq_mm_us", "eq_us", "eq_gbs")]
+                tail = f" | {row['pct_peak']:.0f} % | {row['speedup']:.2f}x | {t['eager_us']:.1f} |"
+                print(f"| {name} | v{version} | {m} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in cells)
+                      + tail, flush=True)  # fmt: skip
+            del qws, layer
+        del w16
         torch.cuda.empty_cache()
-    print(f"\nGEMV vs fp64 reference, mean relative error (M = 4): max over layers "
+    print(f"\nGEMV vs fp64 reference, mean relative error (M = 4): max over layers and formats "
           f"{max(r['rel_err_m4'] for r in rows):.2e}")  # fmt: skip
     return [{"device": props.name, "peak_copy_gbs": peak, **r} for r in rows]
 
 
-def time_moe_shape(name: str, shape: tuple[int, int, int, int], args: argparse.Namespace, peak: float) -> list[dict]:  # type: ignore[type-arg]
-    """One expert shape at every M of ``args.m`` (see the module docstring); prints a table row per M."""
+def time_moe_shape(name: str, shape: tuple[int, int, int, int], version: int, args: argparse.Namespace,  # type: ignore[type-arg]
+                   peak: float) -> list[dict]:  # fmt: skip
+    """One expert shape in format ``version`` at every M of ``args.m`` (see the module docstring); prints a table row
+    per M."""
     import torch
 
     from easyquant_vllm.kernels.moe import CudaInt4MoeKernel, MoeSpec
 
     e, hidden, inter, topk = shape
-    dtype, v2, g, frac = getattr(torch, args.dtype), args.format_version == 2, args.group_size, args.outlier_fraction
+    dtype, g, frac = getattr(torch, args.dtype), args.group_size, args.outlier_fraction
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    experts = [(synthetic_weight(2 * inter, hidden, g, frac, seed=2 * x, v2=v2),
-                synthetic_weight(hidden, inter, g, frac, seed=2 * x + 1, v2=v2)) for x in range(e)]  # fmt: skip
-    kern = CudaInt4MoeKernel(MoeSpec(e, hidden, inter, 4, g, dtype, "cuda", v2, v2), torch.device("cuda"))
+    experts = [(synthetic_weight(2 * inter, hidden, g, frac, seed=2 * x, version=version),
+                synthetic_weight(hidden, inter, g, frac, seed=2 * x + 1, version=version))
+               for x in range(e)]  # fmt: skip
+    spec = MoeSpec(e, hidden, inter, 4, g, dtype, "cuda", version > 1, version > 1, version == 3)
+    kern = CudaInt4MoeKernel(spec, torch.device("cuda"))
     tensors = kern.prepare(experts)  # on the GPU: the synthetic experts live there
     del experts
     per_expert = gemv_bytes(2 * inter, hidden, 1, g, frac)["weights"] + gemv_bytes(hidden, inter, 1, g, frac)["weights"]
@@ -386,11 +423,11 @@ def time_moe_shape(name: str, shape: tuple[int, int, int, int], args: argparse.N
         t = graph_time_us([lambda r=r: call(r) for r in routings], args.calls, args.reps)
         gbs = touched * per_expert / (t * 1e-6) / 1e9
         eager = eager_time_us(lambda r=routings[0]: call(r), 20)
-        print(f"| {name} | {m} | {topk} | {touched:.1f} | {t:.1f} | {gbs:.0f} | {100 * gbs / peak:.0f} % | "
-              f"{eager:.1f} |", flush=True)  # fmt: skip
-        rows.append({"kind": "moe", "layer": name, "experts": e, "hidden": hidden, "inter": inter, "topk": topk,
-                     "m": m, "us": t, "experts_touched": touched, "gbs": gbs, "pct_peak": 100 * gbs / peak,
-                     "eager_us": eager})  # fmt: skip
+        print(f"| {name} | v{version} | {m} | {topk} | {touched:.1f} | {t:.1f} | {gbs:.0f} | {100 * gbs / peak:.0f} % "
+              f"| {eager:.1f} |", flush=True)  # fmt: skip
+        rows.append({"kind": "moe", "layer": name, "format": version, "experts": e, "hidden": hidden, "inter": inter,
+                     "topk": topk, "m": m, "us": t, "experts_touched": touched, "gbs": gbs,
+                     "pct_peak": 100 * gbs / peak, "eager_us": eager})  # fmt: skip
     return rows
 
 
@@ -398,15 +435,16 @@ def run_moe_gpu(args: argparse.Namespace, peak: float) -> list[dict]:  # type: i
     """Device time of one MoE layer call per shape and M (see the module docstring)."""
     import torch
 
-    print(f"\n# MoE layer (cuda/eq_moe.cu), {args.dtype}, g{args.group_size}, format v{args.format_version}: "
-          "device us per call under a CUDA graph, routings cycled past L2; GB/s over the experts touched")  # fmt: skip
-    hdr = "| experts | M | topk | experts touched (mean) | us | GB/s | % peak | eager us |"
+    print(f"\n# MoE layer (cuda/eq_moe.cu), {args.dtype}, g{args.group_size}: device us per call under a CUDA "
+          "graph, routings cycled past L2; GB/s over the experts touched")  # fmt: skip
+    hdr = "| experts | format | M | topk | experts touched (mean) | us | GB/s | % peak | eager us |"
     print(hdr + "\n|" + "---|" * (hdr.count("|") - 1))
     rows = []
     for name, shape in MOE_SHAPES.items():
         if not args.shapes or any(s in name for s in args.shapes):
-            rows += time_moe_shape(name, shape, args, peak)
-            torch.cuda.empty_cache()
+            for version in args.format_version:
+                rows += time_moe_shape(name, shape, version, args, peak)
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -418,9 +456,11 @@ def main() -> None:
     p.add_argument(
         "--format-version",
         type=int,
-        choices=[1, 2],
-        default=2,
-        help="checkpoint format: 2 (zero points + column scale, the converter's default) or 1",
+        nargs="+",
+        choices=[1, 2, 3],
+        default=[2],
+        help="checkpoint formats to time, one pass each: 2 (zero points + column scale, the converter's default), "
+        "3 (compact steps, fractional zeros), 1; bench/gpu_session.sh times 2 and 3",
     )
     p.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="batch rows to time")
     p.add_argument("--shapes", nargs="*", help="only layers whose name contains one of these")

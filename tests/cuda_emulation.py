@@ -14,12 +14,14 @@ import re
 import shutil
 import subprocess
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from easyquant_vllm.kernels.cuda_build import CUDA_DIR
 from easyquant_vllm.kernels.cuda_int4 import LaunchPlan, kernel_args
+from easyquant_vllm.quant import QuantizedWeight
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU_SOURCE = ROOT / "tests" / "cuda" / "moe_emu.cpp"
@@ -70,3 +72,18 @@ def entry_signatures(*sources: str) -> dict[str, list[str]]:
         for name, params in re.findall(r'extern "C"\s+void\s+(eq_\w+)\s*\(([^)]*)\)', " ".join(text.split())):
             sigs[name] = [p.rsplit(" ", 1)[0].strip() for p in params.split(",")]
     return sigs
+
+
+def force_v3_edges(qw: QuantizedWeight) -> QuantizedWeight:
+    """Format version 3's extremes in a quantized weight (``row_steps`` set): zq = 0 in row 0, zq = 255 in row 2 (a
+    zero of 15 15/16 codes: every q negative), a = 0 (a group of exact zeros) and a = 255 in row 1, a = 0 in all of
+    row 3 (its unit d > 0: only its outliers remain). The outliers keep their values: W' = dense + S whatever the dense
+    part is, and the reference computes it from the stored numbers. Rows wrap around for weights of fewer rows."""
+    if qw.row_steps is None or qw.zeros is None:
+        raise ValueError("force_v3_edges: not a format-version-3 weight")
+    a, zq = qw.scales.clone(), qw.zeros.clone()
+    n = a.shape[0]
+    zq[0], zq[2 % n] = 0, 255
+    a[1 % n, 0], a[1 % n, -1] = 0, 255
+    a[3 % n] = 0
+    return replace(qw, scales=a, zeros=zq)

@@ -11,7 +11,7 @@ from collections import Counter
 
 import torch
 
-from easyquant_vllm.kernels.cuda_int4 import LaunchPlan
+from easyquant_vllm.kernels.cuda_int4 import LaunchPlan, format_of
 from easyquant_vllm.kernels.mma_layout import from_mma_layout
 from easyquant_vllm.quant import dequantize
 
@@ -22,8 +22,11 @@ def _w_prime(qweight: torch.Tensor, scales, zeros, col_scale, indptr, indices, v
     if col_scale is not None and col_scale.numel() == 2 * k:  # split_col_scale (tensor cores, bf16): hi + lo
         halves = col_scale.view(torch.bfloat16).view(k // 4, 2, 4).float()
         col_scale = (halves[:, 0] + halves[:, 1]).reshape(k).half()
+    row_steps = None
+    if format_of(scales, zeros) == 3:  # v3_tensors' layout: scales = the row units, zeros = the (a, zq) pairs
+        row_steps, scales, zeros = scales, zeros[..., 0], zeros[..., 1]
     return dequantize(canonical, scales, indptr, indices, values, 4, -1 if g == k else g, torch.float64,
-                      zeros=zeros, col_scale=col_scale)  # fmt: skip
+                      zeros=zeros, col_scale=col_scale, row_steps=row_steps)  # fmt: skip
 
 
 class HostLauncher:
@@ -35,7 +38,7 @@ class HostLauncher:
     def launch(self, plan: LaunchPlan) -> None:
         self.launched[plan.name] += 1
         mma = plan.name.startswith(("eq_mma", "eq_dequant_mma"))
-        v2 = plan.name.endswith("_v2")
+        v2 = plan.name.endswith(("_v2", "_v3"))  # zeros and a column scale
         if mma and v2:  # the tensor-core kernels take the bf16 hi/lo split for bf16 activations, and only then
             act, col_scale = (
                 (plan.args[0], plan.args[4]) if plan.name.startswith("eq_mma") else (plan.args[7], plan.args[3])
@@ -46,11 +49,13 @@ class HostLauncher:
             x, qweight, scales, zeros, col_scale, indptr, indices, values, y, m, n, k, g = plan.args
             assert tuple(x.shape) == (m, k) and tuple(y.shape) == (m, n)
             assert (zeros is not None) == (col_scale is not None) == v2, plan.name
+            assert plan.name.endswith("_v3") == (format_of(scales, zeros) == 3), plan.name
             w = _w_prime(qweight, scales, zeros, col_scale, indptr, indices, values, n, k, g, mma)
             y.copy_((x.double() @ w.T).to(y.dtype))
         elif plan.name.startswith("eq_dequant"):  # (qweight, scales, zeros, colscale, ..., values, w, n, k, g)
             qweight, scales, zeros, col_scale, indptr, indices, values, w, n, k, g = plan.args
             assert (zeros is not None) == (col_scale is not None) == v2, plan.name
+            assert plan.name.endswith("_v3") == (format_of(scales, zeros) == 3), plan.name
             w.copy_(_w_prime(qweight, scales, zeros, col_scale, indptr, indices, values, n, k, g, mma).to(w.dtype))
         else:
             raise AssertionError(f"unknown entry point {plan.name}")

@@ -18,15 +18,18 @@ from bench import sass
 from bench.nvrtc import ARCHS, KERNEL_NAMES
 from easyquant_vllm.kernels.cuda_build import (
     CUDA_DIR,
+    FORMAT_VARIANTS,
     GEMV_BATCH_TILES,
     GEMV_ROWS_PER_WARP,
     MMA_BATCH_TILES,
     MMA_WARPS,
 )
-from easyquant_vllm.kernels.cuda_int4 import split_col_scale, v2_tensors
+from easyquant_vllm.kernels.cuda_int4 import split_col_scale, v2_tensors, v3_tensors
 from easyquant_vllm.kernels.mma_layout import to_mma_layout
 from easyquant_vllm.quant import QuantSpec, quantize_group, quantize_weight
+from easyquant_vllm.quant.quantize import dequantize_dense
 from tests.conftest import heavy_tailed
+from tests.cuda_emulation import force_v3_edges
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "cuda" / "gemv_driver.cpp"
@@ -37,7 +40,8 @@ KERNELS = {source: sorted(names) for source, names in KERNEL_NAMES.items()}
 # tiles of 32 and 64 rows (32 and 64 accumulators, 80-96 and 138) are at most partly issue-bound by the
 # SASS model (docs/kernels.md): <= 168.
 # Format version 2 (*_v2) holds a bias per row and 8 column scales besides: its small tiles measured
-# 56-102 registers (the GEMV's kM = 4 tile on sm_80; the tensor-core tiles stay at 56-72), so they get 104.
+# 56-102 registers (the GEMV's kM = 4 tile on sm_80; the tensor-core tiles stay at 56-72), so they get 104;
+# format version 3 (*_v3) holds the rows' units and the group's steps as well, within the same 104.
 # The MoE kernels (eq_moe.cu) run the same cores per expert tile: their tensor-core tiles meet the same budgets; their
 # GEMV tiles up to 4 rows measured 56-94 registers on sm_86/89/90 and up to 128 on sm_80 (v2, 4 rows: the expert and
 # tile offsets stay live across the loop). That path only serves layers without the tensor-core layout.
@@ -45,6 +49,11 @@ REGISTER_BUDGET = 168
 SMALL_TILE_REGISTER_BUDGET = 80
 SMALL_TILE_REGISTER_BUDGET_V2 = 104
 MOE_GEMV_SMALL_TILE_REGISTER_BUDGET = 128
+
+
+def _tile(name: str) -> str:
+    """An entry point's name without its format suffix (``_v2``, ``_v3``): what its tile is."""
+    return re.sub(r"_v\d$", "", name)
 
 
 def _build(out: Path, *flags: str) -> Path:
@@ -72,13 +81,17 @@ def run_emulated(driver: Path, tmp: Path, x: torch.Tensor, qw, threads: int = 12
     n = qw.shape[0]
     g = k if qw.group_size == -1 else qw.group_size
     o = qw.outliers
-    v2 = qw.zeros is not None or qw.col_scale is not None
-    header = np.array([m, n, k, g, o.nnz, 0 if x.dtype == torch.float16 else 1, threads, int(v2)], dtype=np.int32)
+    version = qw.format_version
+    header = np.array([m, n, k, g, o.nnz, 0 if x.dtype == torch.float16 else 1, threads, version], dtype=np.int32)
     words = to_mma_layout(qw.qweight).reshape(-1) if mode in ("mma", "dequant_mma") else qw.qweight
-    parts = [header, _bits(x), words.numpy().astype(np.int32), _bits(qw.scales),
-             o.indptr.numpy().astype(np.int32), o.indices.numpy().astype(np.int32), _bits(o.values)]  # fmt: skip
-    if v2:  # as the linear method hands them over: both, the missing one neutral (v2_tensors)
+    scales = qw.scales
+    if version == 3:  # the kernel layout of CudaInt4Kernel.prepare: row units, (a, zq) pairs, c (ones if none)
+        scales, zeros, col_scale = v3_tensors(qw)
+    elif version == 2:  # as the linear method hands them over: both, the missing one neutral (v2_tensors)
         zeros, col_scale = v2_tensors(qw.zeros, qw.col_scale, n, k, g)
+    parts = [header, _bits(x), words.numpy().astype(np.int32), _bits(scales),
+             o.indptr.numpy().astype(np.int32), o.indices.numpy().astype(np.int32), _bits(o.values)]  # fmt: skip
+    if version > 1:
         if mode in ("mma", "dequant_mma") and x.dtype == torch.bfloat16:
             col_scale = split_col_scale(col_scale)  # as CudaInt4Kernel.prepare hands it to the tensor cores
         parts += [zeros.numpy(), _bits(col_scale)]
@@ -112,7 +125,11 @@ CASES = [
 
 
 def _quantize(w: torch.Tensor, spec: QuantSpec, v2: str):  # type: ignore[no-untyped-def]
-    """``v2``: "" (format version 1), "zc" (zero points and column scale, the default), "z" or "c" (one)."""
+    """``v2``: "" (format version 1), "zc" (zero points and column scale, the default), "z" or "c" (one); "v3c" and
+    "v3" format version 3 with and without a column scale, with its edge cases forced in (force_v3_edges)."""
+    if v2.startswith("v3"):
+        spec = replace(spec, zero_points=True, compact_steps=True, normalize="sinkhorn" if v2 == "v3c" else "none")
+        return force_v3_edges(quantize_group([w], spec)[0])
     spec = replace(spec, zero_points="z" in v2, normalize="sinkhorn" if "c" in v2 else "none")
     return quantize_group([w], spec)[0]
 
@@ -164,6 +181,28 @@ def test_gemv_v2_emulated_matches_reference(driver: Path, tmp_path: Path, m, n, 
     _check_product(driver, tmp_path, m, n, k, group_size, dtype, outliers, "run", v2)
 
 
+# Format version 3 (compact steps, fractional zeros; with "v3c" and without "v3" a column scale), the *_v3 entry
+# points, with zq = 0 and 255, a = 0 and 255 forced in (force_v3_edges): every GEMV tile full (M = 1, 2, 4, 8, 16) and
+# masked (3, 7, 11), groups 32, 64, 128 and per channel, outliers none, 3 sigma and hundreds per row (residuals in
+# version 3: the dense part is not 0 under them), fp16 and bf16.
+V3_CASES = [
+    (1, 37, 96, 32, torch.float16, "3sigma", "v3c"),
+    (2, 50, 256, -1, torch.bfloat16, "many", "v3c"),
+    (3, 45, 160, 32, torch.bfloat16, "many", "v3"),
+    (4, 24, 1024, 64, torch.float16, "3sigma", "v3c"),
+    (7, 40, 384, 128, torch.float16, "none", "v3"),
+    (8, 64, 2048, 128, torch.bfloat16, "3sigma", "v3c"),
+    (11, 33, 512, 64, torch.bfloat16, "3sigma", "v3c"),
+    (16, 29, 256, 64, torch.float16, "many", "v3c"),
+]
+
+
+@pytest.mark.parametrize(("m", "n", "k", "group_size", "dtype", "outliers", "v3"), V3_CASES)
+def test_gemv_v3_emulated_matches_reference(driver: Path, tmp_path: Path, m, n, k, group_size, dtype, outliers,  # type: ignore[no-untyped-def]
+                                            v3) -> None:  # fmt: skip
+    _check_product(driver, tmp_path, m, n, k, group_size, dtype, outliers, "run", v3)
+
+
 # The tensor-core kernel (N % 16 == 0, K % 64 == 0): K of one k-block (only warp 0 of 8 has work), of
 # 9 k-blocks (warps with 1 and 2 blocks), 16 blocks; groups of 32 (two scalings per k-block), 64, 128
 # (a group across two warps' blocks) and per channel; every batch tile (8, 16, 32, 64 rows) full and
@@ -203,6 +242,28 @@ def test_mma_v2_emulated_matches_reference(driver: Path, tmp_path: Path, m, n, k
     _check_product(driver, tmp_path, m, n, k, group_size, dtype, outliers, "mma", v2)
 
 
+# Version 3 on tensor cores: every batch tile full (8, 16, 32, 64 rows) and masked (1, 3, 11, 24, 33, 40), groups
+# 32 (two scalings per k-block), 64, 128 and per channel, K of one and of 9 k-blocks.
+MMA_V3_CASES = [
+    (1, 32, 64, 32, torch.float16, "3sigma", "v3c"),
+    (3, 16, 576, -1, torch.float16, "many", "v3c"),
+    (8, 48, 576, 64, torch.bfloat16, "3sigma", "v3c"),
+    (11, 64, 256, 32, torch.bfloat16, "many", "v3c"),
+    (16, 32, 1024, 128, torch.bfloat16, "3sigma", "v3"),
+    (24, 32, 256, 64, torch.bfloat16, "3sigma", "v3c"),
+    (32, 16, 128, 64, torch.float16, "none", "v3"),
+    (33, 48, 256, 32, torch.bfloat16, "many", "v3c"),
+    (40, 32, 512, -1, torch.bfloat16, "many", "v3c"),
+    (64, 16, 512, 128, torch.float16, "3sigma", "v3c"),
+]
+
+
+@pytest.mark.parametrize(("m", "n", "k", "group_size", "dtype", "outliers", "v3"), MMA_V3_CASES)
+def test_mma_v3_emulated_matches_reference(driver: Path, tmp_path: Path, m, n, k, group_size, dtype, outliers,  # type: ignore[no-untyped-def]
+                                           v3) -> None:  # fmt: skip
+    _check_product(driver, tmp_path, m, n, k, group_size, dtype, outliers, "mma", v3)
+
+
 DEQUANT_CASES = [
     (37, 96, 32, torch.float16, ""),
     (24, 1024, -1, torch.bfloat16, ""),
@@ -211,6 +272,10 @@ DEQUANT_CASES = [
     (24, 1024, -1, torch.float16, "zc"),
     (40, 384, 128, torch.float16, "z"),
     (16, 256, 64, torch.bfloat16, "c"),
+    (37, 96, 32, torch.float16, "v3c"),
+    (24, 1024, -1, torch.bfloat16, "v3c"),
+    (40, 384, 128, torch.bfloat16, "v3"),
+    (16, 256, 64, torch.float16, "v3"),
 ]
 DEQUANT_MMA_CASES = [
     (32, 64, 32, torch.float16, ""),
@@ -220,6 +285,10 @@ DEQUANT_MMA_CASES = [
     (48, 576, -1, torch.float16, "zc"),
     (16, 1024, 128, torch.bfloat16, "z"),
     (32, 256, 64, torch.float16, "c"),
+    (32, 64, 32, torch.bfloat16, "v3c"),
+    (48, 576, -1, torch.float16, "v3c"),
+    (16, 1024, 128, torch.float16, "v3"),
+    (32, 256, 64, torch.bfloat16, "v3"),
 ]
 
 
@@ -243,6 +312,10 @@ def _check_dequant(driver: Path, tmp: Path, n: int, k: int, group_size: int, dty
     qw = _quantize(
         w, QuantSpec.for_version(1, group_size=group_size, outlier_threshold=2.0, max_outlier_fraction=0.05), v2
     )
+    if v2.startswith("v3"):  # the outliers are residuals: the kernels add them to a dense part that is not 0
+        dense = dequantize_dense(qw.qweight, qw.scales, 4, group_size, qw.zeros, qw.col_scale, qw.row_steps)
+        rows = torch.repeat_interleave(torch.arange(n), qw.outliers.indptr.diff().long())
+        assert bool((dense[rows, qw.outliers.indices.long()] != 0).any())
     x = torch.zeros(1, k, dtype=dtype)  # unused by the dequant kernels; carries the dtype
     w_kernel = run_emulated(driver, tmp, x, qw, mode=mode)
     assert torch.equal(w_kernel, qw.dequantize(dtype).float())  # one rounding of s*q (+ outlier): exact
@@ -252,6 +325,17 @@ def test_magic_number_dequant_is_exact_for_all_codes(driver: Path) -> None:
     out = subprocess.run([str(driver), "magic"], capture_output=True, text=True, check=True).stdout.split("\n")
     for u in range(16):
         assert [float(v) for v in out[u].split()] == [u - 8.0] * 8
+
+
+def test_v3_code_conversions_are_exact_for_all_codes_and_zeros(driver: Path) -> None:
+    # Format version 3's fractional zero: q = u - zq / 16 from the magic 64 + u (fp16, ulp 1/16) minus the bias
+    # 64 + zq / 16, and on bf16 tensor cores (u - 8) - (z - 8); the bias built from the group's a | zq << 8 by byte
+    # permutes and a funnel shift (cuda/eq_int4.cuh). Every nibble position, code and zero: exact.
+    out = subprocess.run([str(driver), "magic_v3"], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(out) == 16 * 256
+    for i, line in enumerate(out):
+        u, zq = divmod(i, 256)
+        assert [float(v) for v in line.split()] == [u - zq / 16] * 24, (u, zq, line)
 
 
 def test_emulated_mma_follows_the_ptx_fragment_layout(driver: Path) -> None:
@@ -319,10 +403,9 @@ def test_kernels_compile_without_spills(arch: str, source: str, nvcc: _Nvcc) -> 
     registers = dict(zip(re.findall(r"Compiling entry function '(\w+)'", log),
                          (int(v) for v in re.findall(r"Used (\d+) registers", log)), strict=True))  # fmt: skip
     assert max(registers.values()) <= REGISTER_BUDGET, registers
-    small = {name: r for name, r in registers.items()
-             if not name.removesuffix("_v2").endswith(("_m8", "_m16", "_t4", "_t8"))}  # fmt: skip
+    small = {name: r for name, r in registers.items() if not _tile(name).endswith(("_m8", "_m16", "_t4", "_t8"))}
     moe_gemv = {name: small.pop(name) for name in list(small) if name.startswith("eq_moe_gemv_")}
-    assert max(r for name, r in small.items() if not name.endswith("_v2")) <= SMALL_TILE_REGISTER_BUDGET, small
+    assert max(r for name, r in small.items() if _tile(name) == name) <= SMALL_TILE_REGISTER_BUDGET, small
     assert max(small.values()) <= SMALL_TILE_REGISTER_BUDGET_V2, small
     assert max(moe_gemv.values(), default=0) <= MOE_GEMV_SMALL_TILE_REGISTER_BUDGET, moe_gemv
 
@@ -398,9 +481,24 @@ def test_mma_main_loop_fits_the_h100_issue_budget_up_to_m16(nvcc: _Nvcc) -> None
         tiles = [counts[f"eq_mma_int4_{dtype}_t{j}"] for j in MMA_BATCH_TILES]
         assert max(tiles[:2]) <= budget, tiles
         assert all(a < b < 2 * a for a, b in itertools.pairwise(tiles)), tiles
-        # Format version 2 (zero points, column scale) still streams at HBM speed for M <= 8, in both
-        # activation types (measured 160 fp16, 170 bf16 with the hi/lo split of c; 211 before it).
+        # Format versions 2 (zero points, column scale) and 3 (compact steps, fractional zeros) still stream at HBM
+        # speed for M <= 8, in both activation types (measured: v2 160 fp16, 170 bf16 with the hi/lo split of c, 211
+        # before it; v3 143 fp16, 177 bf16, whose second subtraction per A register costs 16).
         assert counts[f"eq_mma_int4_{dtype}_t1_v2"] <= budget, counts
+        assert counts[f"eq_mma_int4_{dtype}_t1_v3"] <= budget, counts
+
+
+def test_v3_main_loops_cost_at_most_one_instruction_per_a_register_more_than_v2(nvcc: _Nvcc) -> None:
+    # Format version 3's fractional zero enters the codes exactly (cuda/eq_int4.cuh): in fp16 (the GEMV's and the
+    # fp16 tensor cores' conversion) at version 2's cost, on bf16 tensor cores with one more HSUB2 per A register,
+    # 16 per 512 weight bytes. Its one 16-bit load of (a, zq) per group replaces version 2's step and zero loads.
+    # Measured (sm_90): GEMV -33.5..-5, fp16 tensor cores -18..-11, bf16 tensor cores +4..+16.
+    counts = {**sass.loop_counts(nvcc.sass("eq_mma.cu", "sm_90"), "eq_mma_int4_", 1),
+              **sass.loop_counts(nvcc.sass("eq_gemv.cu", "sm_90"), "eq_gemv_int4_", GEMV_ROWS_PER_WARP)}  # fmt: skip
+    v3 = {name: n for name, n in counts.items() if name.endswith("_v3")}
+    assert len(v3) == 2 * (len(MMA_BATCH_TILES) + len(GEMV_BATCH_TILES))
+    for name, n in v3.items():
+        assert n <= counts[name.replace("_v3", "_v2")] + 16, (name, n, counts[name.replace("_v3", "_v2")])
 
 
 def test_moe_main_loops_are_the_dense_kernels_loops(nvcc: _Nvcc) -> None:
@@ -414,13 +512,15 @@ def test_moe_main_loops_are_the_dense_kernels_loops(nvcc: _Nvcc) -> None:
     text = nvcc.sass("eq_moe.cu", "sm_90")
     moe = {**sass.loop_counts(text, "eq_moe_mma_int4_", 1),
            **sass.loop_counts(text, "eq_moe_gemv_int4_", GEMV_ROWS_PER_WARP)}  # fmt: skip
-    assert len(moe) == len(dense) == 2 * 2 * (len(MMA_BATCH_TILES) + len(GEMV_BATCH_TILES))
+    assert len(moe) == len(dense) == 2 * len(FORMAT_VARIANTS) * (len(MMA_BATCH_TILES) + len(GEMV_BATCH_TILES))
     budget = sass.IssueModel().budget()
     for name, n in moe.items():
         ref = dense[name.replace("eq_moe_", "eq_")]
-        decode = name.removesuffix("_v2").endswith(("_t1", "_t2", "_m1"))
+        if name.endswith("_v3"):  # v3's dense GEMV got cheaper than v2's (-6.5 at M = 1); the MoE's need not be dearer
+            ref = max(ref, moe[name.replace("_v3", "_v2")])  # than its v2 tile (measured: 192 vs 189 at M = 1)
+        decode = _tile(name).endswith(("_t1", "_t2", "_m1"))
         assert n <= (ref + 6 if decode else 1.1 * ref), (name, n, ref)
-        if name.removesuffix("_v2").endswith("_t1"):
+        if _tile(name).endswith("_t1"):
             assert n <= budget, (name, n, budget)
 
 

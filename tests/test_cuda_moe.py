@@ -32,7 +32,7 @@ from easyquant_vllm.kernels.moe import (
 from easyquant_vllm.quant import QuantSpec, quantize_group
 from easyquant_vllm.sharding import stack_rows
 from tests.conftest import heavy_tailed
-from tests.cuda_emulation import EmulatedLauncher, build_library, entry_signatures
+from tests.cuda_emulation import EmulatedLauncher, build_library, entry_signatures, force_v3_edges
 
 HOST = torch.device("cpu")  # where the emulated "GPU" keeps its tensors
 
@@ -58,12 +58,16 @@ def gpu(emulation: Path, monkeypatch: pytest.MonkeyPatch) -> EmulatedLauncher:
     return launcher
 
 
-def _experts(e: int, hidden: int, inter: int, version: int, group: int, outliers: str = "3sigma") -> list:  # type: ignore[type-arg]
-    """``(w13 [2I, H], w2 [H, I])`` per expert, gate and up quantized together (one column scale in version 2).
+def _experts(e: int, hidden: int, inter: int, version: int, group: int, outliers: str = "3sigma",
+             column_scale: bool = True) -> list:  # type: ignore[type-arg]  # fmt: skip
+    """``(w13 [2I, H], w2 [H, I])`` per expert, gate and up quantized together (one column scale in versions 2, 3).
     ``outliers``: "3sigma" (the format's default), "none", or "many" (1 sigma, up to 20 %: hundreds in some rows);
-    the last row of every down projection is zero, so it has none."""
+    the last row of every down projection is zero, so it has none. Version 3 without ``column_scale`` normalizes
+    nothing; its experts get the edge cases of :func:`force_v3_edges`."""
     over = {"3sigma": {}, "none": {"outlier_threshold": 0.0},
             "many": {"outlier_threshold": 1.0, "max_outlier_fraction": 0.2}}[outliers]  # fmt: skip
+    if not column_scale:
+        over["normalize"] = "none"
     spec = QuantSpec.for_version(version, group_size=group, **over)
     out = []
     for i in range(e):
@@ -71,8 +75,16 @@ def _experts(e: int, hidden: int, inter: int, version: int, group: int, outliers
         gate, up = quantize_group(gate_up, spec)
         w = heavy_tailed(hidden, inter, seed=10 * i + 3)
         w[-1] = 0.0
-        out.append((stack_rows([gate, up]), quantize_group([w], spec)[0]))
+        w13, w2 = stack_rows([gate, up]), quantize_group([w], spec)[0]
+        out.append((force_v3_edges(w13), force_v3_edges(w2)) if version == 3 else (w13, w2))
     return out
+
+
+def _spec(e: int, hidden: int, inter: int, group: int, dtype: torch.dtype, version: int,
+          column_scale: bool = True) -> MoeSpec:  # fmt: skip
+    """The layer's spec for experts of format ``version`` (as :func:`_experts` quantizes them)."""
+    return MoeSpec(e, hidden, inter, 4, group, dtype, "cuda", zero_points=version > 1,
+                   column_scale=version > 1 and column_scale, compact_steps=version == 3)  # fmt: skip
 
 
 def _dense(experts) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -137,13 +149,39 @@ LAYER_CASES = [
 def test_moe_layer_emulated_matches_reference(gpu: EmulatedLauncher, m: int, topk: int, routing: str, hidden: int,
                                               inter: int, group: int, version: int, dtype: torch.dtype,
                                               outliers: str) -> None:  # fmt: skip
+    _check_layer(gpu, m, topk, routing, hidden, inter, group, version, dtype, outliers)
+
+
+# Format version 3 (the *_v3 entry points), with zq = 0 and 255, a = 0 and 255 forced into every expert: both layouts
+# and mixed, every tile class (the designed routing), groups 32, 64, 128 and per channel, with and without a column
+# scale, outliers none, 3 sigma and many (residuals: the dense part is not 0 under them).
+V3_LAYER_CASES = [  # (M, topk, routing, H, I, group, dtype, outliers, column scale)
+    (1, 2, "random", 128, 64, 64, torch.bfloat16, "3sigma", True),
+    (3, 1, "random", 96, 32, 32, torch.float16, "many", True),
+    (40, 2, "designed", 128, 64, 32, torch.float16, "many", True),
+    (40, 2, "designed", 96, 32, 32, torch.bfloat16, "3sigma", False),
+    (40, 2, "designed", 128, 96, -1, torch.bfloat16, "none", True),
+    (72, 1, "one", 256, 128, 128, torch.float16, "3sigma", False),
+]
+
+
+@pytest.mark.parametrize(("m", "topk", "routing", "hidden", "inter", "group", "dtype", "outliers", "column_scale"),
+                         V3_LAYER_CASES)  # fmt: skip
+def test_moe_layer_v3_emulated_matches_reference(gpu: EmulatedLauncher, m: int, topk: int, routing: str, hidden: int,
+                                                 inter: int, group: int, dtype: torch.dtype, outliers: str,
+                                                 column_scale: bool) -> None:  # fmt: skip
+    _check_layer(gpu, m, topk, routing, hidden, inter, group, 3, dtype, outliers, column_scale)
+    assert all(name.endswith("_v3") for name in gpu.launched if "_int4_" in name)
+
+
+def _check_layer(gpu: EmulatedLauncher, m: int, topk: int, routing: str, hidden: int, inter: int, group: int,
+                 version: int, dtype: torch.dtype, outliers: str, column_scale: bool = True) -> None:  # fmt: skip
     e = 7
-    experts = _experts(e, hidden, inter, version, group, outliers)
+    experts = _experts(e, hidden, inter, version, group, outliers, column_scale)
     if outliers == "many":
         counts = experts[0][1].outliers.indptr.diff()
         assert int(counts.max()) > 8 and int(counts[-1]) == 0  # rows with many outliers, and one with none
-    spec = MoeSpec(e, hidden, inter, 4, group, dtype, "cuda", version == 2, version == 2)
-    kernel = CudaInt4MoeKernel(spec, HOST)
+    kernel = CudaInt4MoeKernel(_spec(e, hidden, inter, group, dtype, version, column_scale), HOST)
     assert kernel.mma == {"w13": hidden % 64 == 0, "w2": inter % 64 == 0}
     tensors = kernel.prepare(experts)
     ids = _routing(routing, m, topk, e, seed=m)
@@ -159,7 +197,7 @@ def test_moe_layer_emulated_matches_reference(gpu: EmulatedLauncher, m: int, top
     # criterion, mean |error| / mean |reference| < 1e-3. The tensor cores with a column scale round x * c to the
     # activation type once more (cuda/eq_mma.cu): bf16 gets 4e-3 there. Against the unrounded layer the roundings
     # themselves count: bf16 (8 significant bits) rounds twice per product chain, ~3e-3 measured.
-    extra_bf16 = dtype == torch.bfloat16 and version == 2
+    extra_bf16 = dtype == torch.bfloat16 and version > 1
     assert float((y.double() - rounded).abs().mean() / scale) < (4e-3 if extra_bf16 else 1e-3)
     assert float((y.double() - exact).abs().mean() / scale) < (1e-3 if dtype == torch.float16 else 8e-3)
     ran = {name.split("_int4_")[0] for name in gpu.launched if "_int4_" in name}
@@ -306,7 +344,8 @@ class _Recorder:
         self.inner.launch(plan)
 
 
-PLAN_CASES = [(128, 64, torch.bfloat16, 2), (96, 32, torch.float16, 1), (128, 96, torch.float16, 2)]
+PLAN_CASES = [(128, 64, torch.bfloat16, 2), (96, 32, torch.float16, 1), (128, 96, torch.float16, 2),
+              (128, 96, torch.bfloat16, 3)]  # fmt: skip
 
 
 @pytest.mark.parametrize(("hidden", "inter", "dtype", "version"), PLAN_CASES)
@@ -318,7 +357,7 @@ def test_moe_launch_plans_match_the_kernel_signatures(gpu: EmulatedLauncher, mon
     sigs = entry_signatures("eq_moe.cu")
     g = 32
     experts = _experts(7, hidden, inter, version, g)
-    kernel = CudaInt4MoeKernel(MoeSpec(7, hidden, inter, 4, g, dtype, "cuda", version == 2, version == 2), HOST)
+    kernel = CudaInt4MoeKernel(_spec(7, hidden, inter, g, dtype, version), HOST)
     recorder = _Recorder(gpu)
     monkeypatch.setattr(cuda_int4, "launcher", recorder)
     # 24 tokens: every tile class of both layouts is launched (the grids depend on M, topk and E only)
@@ -346,7 +385,11 @@ def test_moe_launch_plans_match_the_kernel_signatures(gpu: EmulatedLauncher, mon
             assert plan.threads == (256 if mma else 128) and y.shape[1] == n and x.shape[1] == k
             assert (n, k) == ((2 * inter, hidden) if up_stage else (hidden, inter))
             assert (y_rows is None) == (y_scale is None) == up_stage  # only the down stage scatters and weighs
-            assert plan.name.endswith("_v2") is (version == 2)
+            assert _format_suffix(plan.name) == ("", "_v2", "_v3")[version - 1]
+
+
+def _format_suffix(name: str) -> str:
+    return name[-3:] if name[-3:] in ("_v2", "_v3") else ""
 
 
 def test_emulation_library_has_every_entry_point(gpu: EmulatedLauncher) -> None:
@@ -420,14 +463,17 @@ def test_cuda_moe_kernel_declines_with_reasons(monkeypatch: pytest.MonkeyPatch) 
         assert (h % 64 == 0, i % 64 == 0) == (hidden % 64 == 0, inter % 64 == 0)
 
 
-def test_cuda_moe_kernel_is_chosen_after_its_self_check(gpu: EmulatedLauncher) -> None:
+@pytest.mark.parametrize("version", [2, 3])
+def test_cuda_moe_kernel_is_chosen_after_its_self_check(gpu: EmulatedLauncher, version: int) -> None:
     # Group size 32 and I = 96: w13 (K = H = 256) has the tensor-core layout, w2 (K = 96) the GEMV, in the layer and
     # in its self-check's small layer.
-    spec = MoeSpec(16, 256, 96, 4, 32, torch.float16, "cuda", True, True)
+    spec = _spec(16, 256, 96, 32, torch.float16, version)
     kernel, reasons = choose_moe_kernel(spec, HOST, "model.layers.0.mlp.experts")
     assert kernel is CudaInt4MoeKernel and reasons == []
-    # the self-check's batches launched every tile class of both layouts
-    tiles = {name.removesuffix("_v2").split("_int4_f16_")[1] for name in gpu.launched if "_int4_" in name}
+    # the self-check's batches launched every tile class of both layouts, in the layer's format
+    launched = [name for name in gpu.launched if "_int4_" in name]
+    assert {_format_suffix(name) for name in launched} == {f"_v{version}"}
+    tiles = {name[:-3].split("_int4_f16_")[1] for name in launched}
     assert tiles == {"t1", "t2", "t4", "t8", "m1", "m2", "m4", "m8", "m16"}
     launched = sum(gpu.launched.values())
     choose_moe_kernel(spec, HOST)  # the same variant: checked once
@@ -498,6 +544,24 @@ def test_prepare_stacks_every_expert_in_the_dense_kernels_layouts(monkeypatch: p
         assert torch.equal(rows - nnz, w2.outliers.indptr.long())  # one running CSR over all experts' rows
         nnz += w2.outliers.nnz
     assert t["w2_indptr"].numel() == 3 * 128 + 1 and int(t["w2_indptr"][-1]) == nnz == t["w2_values"].numel()
+
+
+def test_prepare_stacks_version_3_in_the_dense_kernels_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Format version 3: per expert, what CudaInt4Kernel.prepare gives a dense layer (v3_tensors): the row units as
+    # scales, the (a, zq) pairs as zeros, the column scale (ones where the checkpoint has none; bf16 tensor cores: the
+    # hi/lo split).
+    monkeypatch.setattr(cuda_int4, "_has_mma", lambda device: True)
+    for column_scale in (True, False):
+        experts = _experts(3, 128, 96, 3, 32, "3sigma", column_scale)
+        kernel = CudaInt4MoeKernel(_spec(3, 128, 96, 32, torch.bfloat16, 3, column_scale), HOST)
+        t = kernel.prepare(experts)
+        assert kernel.meta()[-1] == 3 and t["w13_zeros"].shape == (3, 192, 4, 2) and t["w2_scales"].shape == (3, 128)
+        for e, (w13, w2) in enumerate(experts):
+            d, pairs, c = cuda_int4.v3_tensors(w2)
+            assert torch.equal(t["w2_scales"][e], d) and torch.equal(t["w2_zeros"][e], pairs)
+            assert torch.equal(t["w2_col_scale"][e], c) and bool((c == 1).all()) is not column_scale
+            assert torch.equal(pairs[..., 0], w2.scales) and torch.equal(pairs[..., 1], w2.zeros)
+            assert torch.equal(t["w13_col_scale"][e], cuda_int4.split_col_scale(cuda_int4.v3_tensors(w13)[2]))
 
 
 def test_moe_kernels_emulated_have_no_data_races(tmp_path: Path) -> None:

@@ -73,16 +73,18 @@ def host_cuda(monkeypatch: pytest.MonkeyPatch) -> HostLauncher:
 
 
 @pytest.mark.parametrize(("n", "mma"), [(64, True), (40, False)])  # N % 16 decides the layout
-@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])  # format version 2: zeros + column scale
+@pytest.mark.parametrize("version", [1, 2, 3], ids=["v1", "v2", "v3"])  # v2: zeros + column scale; v3: compact steps
 def test_cuda_dispatch_is_decided_at_run_time_under_compile(host_cuda: HostLauncher, n: int, mma: bool,
-                                                            v2: bool) -> None:  # fmt: skip
+                                                            version: int) -> None:  # fmt: skip
     from easyquant_vllm.quant import quantize_group
 
     k = 512
-    spec = QuantSpec(group_size=128, zero_points=v2, normalize="sinkhorn" if v2 else "none")
+    v2 = version > 1
+    spec = QuantSpec.for_version(version, group_size=128)
     [qw] = quantize_group([heavy_tailed(n, k, seed=n)], spec)
-    assert (qw.zeros is not None) is v2 and (qw.col_scale is not None) is v2
-    layer = LayerSpec(n, k, 4, 128, torch.float16, "cuda", zero_points=v2, column_scale=v2)
+    assert (qw.zeros is not None) is v2 and (qw.col_scale is not None) is v2 and qw.format_version == version
+    layer = LayerSpec(n, k, 4, 128, torch.float16, "cuda", zero_points=v2, column_scale=v2,
+                      compact_steps=version == 3)  # fmt: skip
     kernel = CudaInt4Kernel(layer, torch.device("cpu"))
     assert kernel.mma is mma
     tensors = kernel.prepare(qw)
@@ -102,7 +104,7 @@ def test_cuda_dispatch_is_decided_at_run_time_under_compile(host_cuda: HostLaunc
     names = set(host_cuda.launched)
     expected = {"eq_mma_int4_f16_t1", "eq_mma_int4_f16_t4", "eq_dequant_mma_int4_f16"} if mma else \
         {"eq_gemv_int4_f16_m1", "eq_dequant_int4_f16"}  # fmt: skip
-    assert names == {name + ("_v2" if v2 else "") for name in expected}
+    assert names == {name + ("", "_v2", "_v3")[version - 1] for name in expected}
 
 
 @pytest.mark.parametrize("kernel_cls", CPU_INT4, ids=lambda k: k.name)

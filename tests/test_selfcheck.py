@@ -67,6 +67,16 @@ def test_self_check_of_format_version_2(cuda_ok: HostLauncher) -> None:
     assert set(cuda_ok.launched) == expected
 
 
+@pytest.mark.parametrize(("n", "entries"), [(64, ("eq_mma_int4_f16_t1", "eq_dequant_mma_int4_f16")),
+                                              (40, ("eq_gemv_int4_f16_m1", "eq_dequant_int4_f16"))])  # fmt: skip
+def test_self_check_of_format_version_3(cuda_ok: HostLauncher, n: int, entries: tuple[str, ...]) -> None:
+    spec = LayerSpec(n, 512, 4, 64, torch.float16, "cuda", zero_points=True, column_scale=True, compact_steps=True)
+    kernel, warnings = _select(spec)
+    assert kernel is CudaInt4Kernel and not warnings
+    assert all(name.endswith("_v3") for name in cuda_ok.launched)
+    assert {f"{name}_v3" for name in entries} <= set(cuda_ok.launched)
+
+
 def test_self_check_of_the_gemv_layout(cuda_ok: HostLauncher) -> None:
     kernel, _ = _select(LayerSpec(40, 512, 4, -1, torch.bfloat16, "cuda"))  # N % 16 != 0: no MMA layout
     assert kernel is CudaInt4Kernel

@@ -26,8 +26,9 @@ MMA_BATCH_TILES = (1, 2, 4, 8)
 MMA_WARPS = 8
 """= kMmaWarps in cuda/eq_mma.cu: warps per block, all on one 16-row tile, splitting K."""
 
-FORMAT_VARIANTS = ("", "_v2")
-"""Entry-point suffixes: format version 1, and version 2 (zero points and a column scale; docs/format.md)."""
+FORMAT_VARIANTS = ("", "_v2", "_v3")
+"""Entry-point suffixes of format versions 1, 2 (zero points and a column scale) and 3 (compact steps and fractional
+zeros; docs/format.md), in version order."""
 
 
 def cuda_include_dir() -> Path:

@@ -13,6 +13,11 @@ errors name the tensor and its actual dtype, shape or alignment.
 Format version 2 (zero points ``zeros [N, K/G] uint8``, column scale ``col_scale [K] fp16``) runs the
 ``*_v2`` entry points of the same kernels; every launch function takes both tensors or neither (a layer
 with only one of them gets the neutral other, ``z = 8`` or ``c = 1``, at load: see :func:`v2_tensors`).
+Format version 3 (compact steps, fractional zeros) runs the ``*_v3`` entry points with the same arguments in the
+kernel layout of :func:`v3_tensors`: ``scales`` the row units ``d [N] fp16``, ``zeros`` each group's step
+multiplier and zero as the pairs ``(a, zq) [N, K/G, 2] uint8`` (one 16-bit load per group), ``col_scale`` as in
+version 2 (``c = 1`` where the checkpoint has none). The launch functions tell the versions apart by ``zeros``'
+and ``scales``' shapes (:func:`format_of`).
 
 Status: compiled and tested without a GPU (tests/test_cuda_kernels.py); the launch itself and the
 GPU tests (``pytest -m gpu``) have not run yet: no GPU was lent to the tasks that built them
@@ -32,6 +37,7 @@ from ..quant import QuantizedWeight
 from .base import Kernel, LayerSpec, check_csr_ends, count
 from .cuda_build import (
     CUDA_DIR,
+    FORMAT_VARIANTS,
     GEMV_BATCH_TILES,
     GEMV_ROWS_PER_WARP,
     MMA_BATCH_TILES,
@@ -74,7 +80,8 @@ def check_weight(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tens
     ``[N/16, 2K]`` int32 of :mod:`.mma_layout`. Format version 2 adds ``zeros [N, K/G] uint8`` (values
     0..15) and ``col_scale [K] float16`` (16-byte aligned: the kernels load 8 or 4 scales at once), both
     or neither; with ``split_scale`` (the tensor-core kernels with bf16 activations) ``col_scale`` is
-    :func:`split_col_scale`'s ``[2K]``.
+    :func:`split_col_scale`'s ``[2K]``. Format version 3 (:func:`v3_tensors`): ``scales [N] float16`` (the row
+    units), ``zeros [N, K/G, 2] uint8`` (the ``(a, zq)`` pairs) and ``col_scale`` as in version 2.
     """
     if mma:
         _require(qweight.dtype == torch.int32 and qweight.dim() == 2 and qweight.shape[1] % 128 == 0,
@@ -89,8 +96,10 @@ def check_weight(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tens
     g = k if group_size == -1 else group_size
     _require(n > 0 and k > 0 and k % 32 == 0 and _group_ok(k, g),
              f"needs K % 32 == 0 and a group size, multiple of 32, dividing K; got K = {k}, G = {g}")  # fmt: skip
-    _require(scales.dtype == torch.float16 and tuple(scales.shape) == (n, k // g),
-             f"scales must be float16 [{n}, {k // g}], got {scales.dtype} {list(scales.shape)}")  # fmt: skip
+    version = 1 if zeros is None else 3 if zeros.dim() == 3 else 2  # version 3: the (a, zq) pairs [N, K/G, 2]
+    steps_shape = (n,) if version == 3 else (n, k // g)  # version 3: the row units d
+    _require(scales.dtype == torch.float16 and tuple(scales.shape) == steps_shape,
+             f"scales must be float16 {list(steps_shape)}, got {scales.dtype} {list(scales.shape)}")  # fmt: skip
     _require(indptr.dtype == torch.int32 and tuple(indptr.shape) == (n + 1,),
              f"outlier_indptr must be int32 [{n + 1}], got {indptr.dtype} {list(indptr.shape)}")  # fmt: skip
     _require(indices.dtype == torch.int32 and values.dtype == torch.float16 and indices.shape == values.shape,
@@ -104,8 +113,9 @@ def check_weight(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tens
     named = [("qweight", qweight), ("scales", scales), ("outlier_indptr", indptr), ("outlier_indices", indices),
              ("outlier_values", values)]  # fmt: skip
     if zeros is not None and col_scale is not None:
-        _require(zeros.dtype == torch.uint8 and tuple(zeros.shape) == (n, k // g),
-                 f"zeros must be uint8 [{n}, {k // g}], got {zeros.dtype} {list(zeros.shape)}")  # fmt: skip
+        zshape = (n, k // g, 2) if version == 3 else (n, k // g)  # version 3: the (a, zq) pairs
+        _require(zeros.dtype == torch.uint8 and tuple(zeros.shape) == zshape,
+                 f"zeros must be uint8 {list(zshape)}, got {zeros.dtype} {list(zeros.shape)}")  # fmt: skip
         kc, what = (2 * k, "split_col_scale(c)") if split_scale else (k, "float16")
         _require(col_scale.dtype == torch.float16 and tuple(col_scale.shape) == (kc,),
                  f"col_scale must be {what} [{kc}], got {col_scale.dtype} {list(col_scale.shape)}")  # fmt: skip
@@ -115,7 +125,18 @@ def check_weight(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tens
                  f"{name} must be contiguous and on {qweight.device}, got {t.device}")  # fmt: skip
     _require(qweight.data_ptr() % 16 == 0, "qweight must be 16-byte aligned (128-bit loads)")
     _require(col_scale is None or col_scale.data_ptr() % 16 == 0, "col_scale must be 16-byte aligned (128-bit loads)")
+    _require(version != 3 or zeros is None or zeros.data_ptr() % 2 == 0,
+             "zeros (version 3) must be 2-byte aligned (16-bit loads)")  # fmt: skip
     return n, k, g
+
+
+def format_of(scales: torch.Tensor, zeros: torch.Tensor | None) -> int:
+    """The format version of a layer's kernel tensors: 1 without ``zeros``; 3 with version 3's layout (the row units
+    ``[N]`` as ``scales``, the pairs ``[N, K/G, 2]`` as ``zeros``: two dimensions more; stacked experts, ``[E, N]``
+    and ``[E, N, K/G, 2]``); else 2 (``scales`` and ``zeros`` both ``[N, K/G]``)."""
+    if zeros is None:
+        return 1
+    return 3 if zeros.dim() == scales.dim() + 2 else 2
 
 
 def v2_tensors(zeros: torch.Tensor | None, col_scale: torch.Tensor | None, n: int, k: int,
@@ -129,6 +150,26 @@ def v2_tensors(zeros: torch.Tensor | None, col_scale: torch.Tensor | None, n: in
     z = torch.full((n, k // g), 8, dtype=torch.uint8, device=device) if zeros is None else zeros.to(torch.uint8)
     c = torch.ones(k, dtype=torch.float16, device=device) if col_scale is None else col_scale.to(torch.float16)
     return z.contiguous().clone(), c.contiguous().clone()
+
+
+def v3_tensors(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A format-version-3 layer (``qw.row_steps`` set) in the ``*_v3`` kernels' layout: ``(row_steps, pairs,
+    col_scale)``. ``row_steps [N] fp16`` the units ``d``; ``pairs [N, K/G, 2] uint8`` each group's step multiplier
+    ``a`` (byte 0) and zero ``zq`` (byte 1, sixteenths of a code), which the kernels read as one 16-bit word per
+    group; ``col_scale [K] fp16``, ones where the checkpoint has none (exact: ``c = 1`` changes no rounding).
+    Fresh, contiguous storage."""
+    if qw.row_steps is None or qw.zeros is None:
+        raise ValueError("v3_tensors: not a format-version-3 weight (row_steps and zeros are needed)")
+    k = qw.shape[1]
+    pairs = torch.stack([qw.scales.to(torch.uint8), qw.zeros.to(torch.uint8)], dim=-1).contiguous()
+    c = torch.ones(k, dtype=torch.float16, device=pairs.device) if qw.col_scale is None else qw.col_scale.half()
+    return qw.row_steps.to(torch.float16).contiguous().clone(), pairs, c.contiguous().clone()
+
+
+def format_version(zero_points: bool, column_scale: bool, compact_steps: bool) -> int:
+    """A layer's format version from its spec's flags (docs/format.md): 3 with compact steps, 2 with zero points or
+    a column scale, else 1."""
+    return 3 if compact_steps else 2 if zero_points or column_scale else 1
 
 
 def split_col_scale(col_scale: torch.Tensor) -> torch.Tensor:
@@ -155,8 +196,9 @@ def _split_for(x_dtype: torch.dtype, col_scale: torch.Tensor | None, k: int) -> 
     return split_col_scale(col_scale)
 
 
-def _variant(zeros: torch.Tensor | None) -> str:
-    return "" if zeros is None else "_v2"
+def _variant(scales: torch.Tensor, zeros: torch.Tensor | None) -> str:
+    """The entry-point suffix of the format version (cuda_build.FORMAT_VARIANTS)."""
+    return FORMAT_VARIANTS[format_of(scales, zeros) - 1]
 
 
 @functools.cache
@@ -194,7 +236,8 @@ class LaunchPlan:
 # Every plan passes the arguments in the order of the entry points' one C signature (cuda/*.cu):
 #   products: x, qweight, scales, zeros, colscale, indptr, indices, values, y, M, N, K, G
 #   dequant:  qweight, scales, zeros, colscale, indptr, indices, values, w, N, K, G
-# with zeros / colscale None (a null pointer) for format version 1.
+# with zeros / colscale None (a null pointer) for format version 1, and version 3's row units as scales and its
+# (a, zq) pairs as zeros.
 
 
 def gemv_plan(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tensor,
@@ -205,7 +248,7 @@ def gemv_plan(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, indp
     n = qweight.shape[0]
     tile = next(t for t in GEMV_BATCH_TILES if t >= m)
     g = k if group_size == -1 else group_size
-    return LaunchPlan("eq_gemv.cu", f"eq_gemv_int4_{_SUFFIX[x.dtype]}_m{tile}{_variant(zeros)}",
+    return LaunchPlan("eq_gemv.cu", f"eq_gemv_int4_{_SUFFIX[x.dtype]}_m{tile}{_variant(scales, zeros)}",
                       -(-n // _ROWS_PER_BLOCK),
                       (x, qweight, scales, zeros, col_scale, indptr, indices, values, y, m, n, k, g))  # fmt: skip
 
@@ -216,7 +259,7 @@ def dequant_plan(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.Tens
     """The dequantize launch writing ``w [N, K]``: one warp per row."""
     n, k = w.shape
     g = k if group_size == -1 else group_size
-    return LaunchPlan("eq_dequant.cu", f"eq_dequant_int4_{_SUFFIX[w.dtype]}{_variant(zeros)}",
+    return LaunchPlan("eq_dequant.cu", f"eq_dequant_int4_{_SUFFIX[w.dtype]}{_variant(scales, zeros)}",
                       -(-n // (THREADS // 32)),
                       (qweight, scales, zeros, col_scale, indptr, indices, values, w, n, k, g))  # fmt: skip
 
@@ -229,7 +272,7 @@ def mma_plan(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, indpt
     n = y.shape[1]
     tiles = next(t for t in MMA_BATCH_TILES if 8 * t >= m)
     g = k if group_size == -1 else group_size
-    return LaunchPlan("eq_mma.cu", f"eq_mma_int4_{_SUFFIX[x.dtype]}_t{tiles}{_variant(zeros)}", n // 16,
+    return LaunchPlan("eq_mma.cu", f"eq_mma_int4_{_SUFFIX[x.dtype]}_t{tiles}{_variant(scales, zeros)}", n // 16,
                       (x, qweight, scales, zeros, col_scale, indptr, indices, values, y, m, n, k, g),
                       threads=32 * MMA_WARPS)  # fmt: skip
 
@@ -240,7 +283,7 @@ def dequant_mma_plan(qweight: torch.Tensor, scales: torch.Tensor, indptr: torch.
     """W' ``[N, K]`` from the MMA layout: one warp per 16-row tile."""
     n, k = w.shape
     g = k if group_size == -1 else group_size
-    return LaunchPlan("eq_mma.cu", f"eq_dequant_mma_int4_{_SUFFIX[w.dtype]}{_variant(zeros)}",
+    return LaunchPlan("eq_mma.cu", f"eq_dequant_mma_int4_{_SUFFIX[w.dtype]}{_variant(scales, zeros)}",
                       -(-(n // 16) // (THREADS // 32)),
                       (qweight, scales, zeros, col_scale, indptr, indices, values, w, n, k, g))  # fmt: skip
 
@@ -366,8 +409,9 @@ def cuda_runtime_problem() -> str | None:
 
 class CudaInt4Kernel(Kernel):
     """int4 on CUDA: the MMA layout (tensor cores, M <= 64) where the shape and GPU allow, else the
-    checkpoint's layout (GEMV, M <= 16); dequantize + cuBLAS for larger batches. ``meta = [N, G, mma, v2]``;
-    format version 2 layers (``v2 = 1``) add ``zeros`` and ``col_scale`` to the op's tensors."""
+    checkpoint's layout (GEMV, M <= 16); dequantize + cuBLAS for larger batches. ``meta = [N, G, mma, version]``
+    (the checkpoint's format version); versions 2 and 3 add ``zeros`` and ``col_scale`` to the op's tensors (version
+    3 in the layout of :func:`v3_tensors`)."""
 
     name = "cuda-int4"
     TENSORS = ("qweight", "scales", "indptr", "indices", "values")
@@ -378,9 +422,6 @@ class CudaInt4Kernel(Kernel):
             return False, "cuda-int4 runs on CUDA devices only"
         if spec.bits != 4 or spec.act_dtype not in _SUFFIX:
             return False, f"cuda-int4 needs 4-bit codes and fp16/bf16 activations, got {spec.bits} / {spec.act_dtype}"
-        if spec.compact_steps:
-            return False, ("cuda-int4 serves format versions 1 and 2; format version 3 (compact steps, fractional "
-                           "zeros) has no CUDA kernel yet")  # fmt: skip
         if spec.k % 32 or not _group_ok(spec.k, spec.group):
             return False, (f"cuda-int4 needs K % 32 == 0 and a power-of-two group size >= 32 (or per channel), "
                            f"got K = {spec.k}, G = {spec.group}")  # fmt: skip
@@ -395,7 +436,7 @@ class CudaInt4Kernel(Kernel):
     @classmethod
     def variant(cls, spec: LayerSpec, device: torch.device) -> tuple[Any, ...]:
         return (spec.act_dtype, spec.group_size == -1, mma_compatible(spec.n, spec.k) and _has_mma(device),
-                spec.zero_points or spec.column_scale)  # fmt: skip
+                spec.zero_points or spec.column_scale, spec.compact_steps)  # fmt: skip
 
     @classmethod
     def check_shape(cls, spec: LayerSpec, device: torch.device) -> tuple[int, int]:
@@ -410,39 +451,43 @@ class CudaInt4Kernel(Kernel):
         return (*GEMV_BATCH_TILES, GEMV_MAX_M + 1)
 
     @property
-    def v2(self) -> bool:
-        return self.spec.zero_points or self.spec.column_scale
+    def version(self) -> int:
+        """The layer's format version: 3 (compact steps), 2 (zero points or a column scale) or 1."""
+        return format_version(self.spec.zero_points, self.spec.column_scale, self.spec.compact_steps)
 
     def meta(self) -> list[int]:
-        return [self.spec.n, self.spec.group_size, int(self.mma), int(self.v2)]
+        return [self.spec.n, self.spec.group_size, int(self.mma), self.version]
 
     def apply_tensors(self, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """:attr:`TENSORS`, then ``zeros`` and ``col_scale`` for a format-version-2 layer."""
-        return [tensors[t] for t in (*self.TENSORS, *(("zeros", "col_scale") if self.v2 else ()))]
+        """:attr:`TENSORS`, then ``zeros`` and ``col_scale`` for a layer of format version 2 or 3."""
+        return [tensors[t] for t in (*self.TENSORS, *(("zeros", "col_scale") if self.version > 1 else ()))]
 
     def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         """The tensor-core layout where the shape and GPU allow it (N % 16, K % 64, sm_80+), regrouped
         once here from the checkpoint's (on the CPU, in row blocks: see :func:`to_mma_layout`); else the
-        canonical layout, which the GEMV reads as it is."""
+        canonical layout, which the GEMV reads as it is. Format version 3: ``scales``, ``zeros`` and ``col_scale``
+        as :func:`v3_tensors` lays them out (the row units, the ``(a, zq)`` pairs, the column scale)."""
         o = qw.outliers
         check_csr_ends(o.indptr.cpu(), o.indices, o.values, qw.shape[0], f"{self.name} prepare")
         qweight = to_mma_layout(qw.qweight) if self.mma else qw.qweight
         tensors = {"qweight": qweight.contiguous(), "scales": qw.scales.contiguous(), "indptr": o.indptr.contiguous(),
                    "indices": o.indices.contiguous(), "values": o.values.contiguous()}  # fmt: skip
-        if self.v2:
+        if self.version == 3:
+            tensors["scales"], tensors["zeros"], tensors["col_scale"] = v3_tensors(qw)
+        elif self.version == 2:
             n, k, g = self.spec.n, self.spec.k, self.spec.group
             tensors["zeros"], tensors["col_scale"] = v2_tensors(qw.zeros, qw.col_scale, n, k, g)
-            if self.mma and self.spec.act_dtype == torch.bfloat16:  # bf16 tensor cores: the exact hi/lo split
-                tensors["col_scale"] = split_col_scale(tensors["col_scale"])
+        if self.version > 1 and self.mma and self.spec.act_dtype == torch.bfloat16:  # the exact hi/lo split of c
+            tensors["col_scale"] = split_col_scale(tensors["col_scale"])
         return tensors
 
     @classmethod
     def forward(cls, w: Sequence[torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None,
                 meta: Sequence[int]) -> torch.Tensor:  # fmt: skip
-        qweight, scales, indptr, indices, values, *v2 = w
+        qweight, scales, indptr, indices, values, *extra = w
         _, group_size, mma, _ = meta
         csr = (indptr, indices, values)
-        zc = dict(zip(("zeros", "col_scale"), v2, strict=False))  # empty for format version 1
+        zc = dict(zip(("zeros", "col_scale"), extra, strict=False))  # empty for format version 1
         m = x.shape[0]
         if mma and m <= MMA_MAX_M:
             count(cls.name, "mma")

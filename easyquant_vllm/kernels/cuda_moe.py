@@ -30,7 +30,16 @@ from ..quant import QuantizedWeight
 from . import cuda_int4
 from .base import check_csr_ends, count
 from .cuda_build import GEMV_BATCH_TILES, MMA_BATCH_TILES, MMA_WARPS
-from .cuda_int4 import THREADS, LaunchPlan, _group_ok, _require, split_col_scale, v2_tensors
+from .cuda_int4 import (
+    THREADS,
+    LaunchPlan,
+    _group_ok,
+    _require,
+    _variant,
+    split_col_scale,
+    v2_tensors,
+    v3_tensors,
+)
 from .mma_layout import to_mma_layout
 
 MMA_TILES = tuple(8 * t for t in MMA_BATCH_TILES)
@@ -87,32 +96,42 @@ def device_sms(device: torch.device) -> int:
 # --- load time: the experts stacked in the kernels' layouts ----------------------------------------------------
 
 
-def stack_projection(weights: Sequence[QuantizedWeight], mma: bool, v2: bool, split: bool) -> dict[str, torch.Tensor]:
+def stack_projection(weights: Sequence[QuantizedWeight], mma: bool, version: int,
+                     split: bool) -> dict[str, torch.Tensor]:  # fmt: skip
     """One projection of every expert (each ``[N, K]``, canonical) -> the stacked tensors of cuda/eq_moe.cu.
 
     ``qweight``: ``[E, N/16, K/64*128]`` int32 in the tensor-core layout (``mma``), else the checkpoint's
     ``[E, N, K/8]``; ``scales [E, N, K/G]`` fp16; the outliers as one running CSR over all ``E * N`` rows
-    (``indptr [E*N + 1]`` int32, ``indices``/``values [nnz]`` int32/fp16); with ``v2`` also ``zeros [E, N, K/G]``
-    uint8 and ``col_scale [E, K]`` fp16, or ``[E, 2K]`` (:func:`split_col_scale`) with ``split`` (tensor cores, bf16
-    activations). Each stacked tensor is filled expert by expert (the peak is one expert's temporaries), on the
-    experts' device.
+    (``indptr [E*N + 1]`` int32, ``indices``/``values [nnz]`` int32/fp16); with format ``version`` 2 also ``zeros
+    [E, N, K/G]`` uint8 and ``col_scale [E, K]`` fp16, or ``[E, 2K]`` (:func:`split_col_scale`) with ``split``
+    (tensor cores, bf16 activations). Version 3 stacks the dense kernels' layout of :func:`v3_tensors`: ``scales
+    [E, N]`` fp16 (the row units), ``zeros [E, N, K/G, 2]`` uint8 (the ``(a, zq)`` pairs) and ``col_scale`` as in
+    version 2. Each stacked tensor is filled expert by expert (the peak is one expert's temporaries), on the experts'
+    device.
     """
     n, k = weights[0].shape
     g = k if weights[0].group_size == -1 else weights[0].group_size
     e, dev = len(weights), weights[0].qweight.device
     first = to_mma_layout(weights[0].qweight) if mma else weights[0].qweight
     qweight = torch.empty(e, *first.shape, dtype=torch.int32, device=dev)
-    scales = torch.empty(e, n, k // g, dtype=torch.float16, device=dev)
-    zeros = torch.empty(e, n, k // g, dtype=torch.uint8, device=dev) if v2 else None
-    col_scale = torch.empty(e, 2 * k if split else k, dtype=torch.float16, device=dev) if v2 else None
+    scales = torch.empty(e, n, *(() if version == 3 else (k // g,)), dtype=torch.float16, device=dev)
+    extra = {}  # versions 2 and 3: zeros, col_scale
+    if version > 1:
+        extra["zeros"] = torch.empty(e, n, k // g, *((2,) if version == 3 else ()), dtype=torch.uint8, device=dev)
+        extra["col_scale"] = torch.empty(e, 2 * k if split else k, dtype=torch.float16, device=dev)
     for i, w in enumerate(weights):
         if w.shape != (n, k):
             raise ValueError(f"expert {i}: weight is {list(w.shape)}, expert 0's is {[n, k]}")
         qweight[i] = first if i == 0 else (to_mma_layout(w.qweight) if mma else w.qweight)
-        scales[i] = w.scales
-        if zeros is not None and col_scale is not None:
+        if version == 3:
+            scales[i], extra["zeros"][i], c = v3_tensors(w)
+        else:
+            scales[i] = w.scales
+        if version == 2:
             z, c = v2_tensors(w.zeros, w.col_scale, n, k, g)
-            zeros[i], col_scale[i] = z, split_col_scale(c) if split else c
+            extra["zeros"][i] = z
+        if version > 1:
+            extra["col_scale"][i] = split_col_scale(c) if split else c
     nnz = [w.outliers.nnz for w in weights]
     if sum(nnz) >= 2**31:
         raise ValueError(f"{sum(nnz)} outliers over all experts: the kernels index them with int32")
@@ -125,9 +144,7 @@ def stack_projection(weights: Sequence[QuantizedWeight], mma: bool, v2: bool, sp
         "indices": torch.cat([w.outliers.indices for w in weights]).to(torch.int32),
         "values": torch.cat([w.outliers.values for w in weights]).to(torch.float16),
     }
-    if zeros is not None and col_scale is not None:
-        out["zeros"], out["col_scale"] = zeros, col_scale
-    return out
+    return {**out, **extra}
 
 
 # --- run time ----------------------------------------------------------------------------------------------------
@@ -136,7 +153,8 @@ def stack_projection(weights: Sequence[QuantizedWeight], mma: bool, v2: bool, sp
 @dataclass(frozen=True)
 class Projection:
     """One stacked projection as the op receives it (see :func:`stack_projection`); ``zeros``/``col_scale`` are None
-    for format version 1."""
+    for format version 1; version 3's ``scales`` are the row units ``[E, N]`` and its ``zeros`` the ``(a, zq)``
+    pairs ``[E, N, K/G, 2]``."""
 
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -157,8 +175,10 @@ class Projection:
                  f"N % 16 == 0, K % 64 == 0); got N = {n}, K = {k}, G = {g}")  # fmt: skip
         _require(q.dtype == torch.int32 and tuple(q.shape) == qshape,
                  f"{name} qweight must be int32 {list(qshape)}, got {q.dtype} {list(q.shape)}")  # fmt: skip
-        _require(self.scales.dtype == torch.float16 and tuple(self.scales.shape) == (experts, n, k // g),
-                 f"{name} scales must be float16 {[experts, n, k // g]}, got {self.scales.dtype} "
+        version = 1 if self.zeros is None else 3 if self.zeros.dim() == 4 else 2  # v3: pairs [E, N, K/G, 2]
+        steps = [experts, n] if version == 3 else [experts, n, k // g]  # version 3: the row units
+        _require(self.scales.dtype == torch.float16 and list(self.scales.shape) == steps,
+                 f"{name} scales must be float16 {steps}, got {self.scales.dtype} "
                  f"{list(self.scales.shape)}")  # fmt: skip
         check_csr_ends(self.indptr, self.indices, self.values, experts * n, where)
         _require(self.indices.dtype == torch.int32 and self.values.dtype == torch.float16,
@@ -172,8 +192,9 @@ class Projection:
             _require(self.zeros is not None and self.col_scale is not None, f"{name}: zeros and col_scale go together")
             assert self.zeros is not None and self.col_scale is not None
             kc = 2 * k if mma and dtype == torch.bfloat16 else k  # the tensor cores take bf16's exact hi/lo split
-            _require(self.zeros.dtype == torch.uint8 and tuple(self.zeros.shape) == (experts, n, k // g),
-                     f"{name} zeros must be uint8 {[experts, n, k // g]}, got {self.zeros.dtype} "
+            zshape = [experts, n, k // g, *([2] if version == 3 else [])]  # version 3: the (a, zq) pairs
+            _require(self.zeros.dtype == torch.uint8 and list(self.zeros.shape) == zshape,
+                     f"{name} zeros must be uint8 {zshape}, got {self.zeros.dtype} "
                      f"{list(self.zeros.shape)}")  # fmt: skip
             _require(self.col_scale.dtype == torch.float16 and tuple(self.col_scale.shape) == (experts, kc),
                      f"{name} col_scale must be float16 {[experts, kc]}, got {self.col_scale.dtype} "
@@ -184,6 +205,8 @@ class Projection:
                      f"{name} {what} must be contiguous and on {q.device}, got {t.device}")  # fmt: skip
         for what, t in (("qweight", q), ("col_scale", self.col_scale)):
             _require(t is None or t.data_ptr() % 16 == 0, f"{name} {what} must be 16-byte aligned (128-bit loads)")
+        _require(version != 3 or self.zeros is None or self.zeros.data_ptr() % 2 == 0,
+                 f"{name} zeros (version 3) must be 2-byte aligned (16-bit loads)")  # fmt: skip
         return g
 
 
@@ -206,13 +229,13 @@ def gemm_plans(x: torch.Tensor, w: Projection, tiles: torch.Tensor, num_tiles: t
     class's bound times the blocks one tile needs (16 weight rows per tensor-core block, 8 per GEMV block)."""
     kind, letter, heights = ("mma", "t", MMA_TILES) if mma else ("gemv", "m", GEMV_TILES)
     row_blocks = n // 16 if mma else -(-n // (THREADS // 32 * 2))
-    v2 = "" if w.zeros is None else "_v2"
+    variant = _variant(w.scales, w.zeros)
     plans = []
     for c, (height, bound) in enumerate(zip(heights, bounds, strict=True)):
         if bound == 0:
             continue
         tile = height // 8 if mma else height
-        plans.append(LaunchPlan("eq_moe.cu", f"eq_moe_{kind}_int4_{_SUFFIX[x.dtype]}_{letter}{tile}{v2}",
+        plans.append(LaunchPlan("eq_moe.cu", f"eq_moe_{kind}_int4_{_SUFFIX[x.dtype]}_{letter}{tile}{variant}",
                                 row_blocks * bound,
                                 (x, w.qweight, w.scales, w.zeros, w.col_scale, w.indptr, w.indices, w.values, tiles[c],
                                  num_tiles[c : c + 1], y_rows, y_scale, y, bound, n, k, g),

@@ -193,7 +193,9 @@ class CudaInt4MoeKernel(MoeKernel):
     """Every expert on the CUDA int4 kernels (cuda/eq_moe.cu through :mod:`.cuda_moe`): routing, products and the
     weighted sum on the device, one ``easyquant::moe`` call. Each projection takes the dense kernel's layout choice:
     the tensor-core layout (regrouped here, per expert) where ``N % 16``, ``K % 64`` and the GPU allow, else the
-    checkpoint's layout and the CUDA-core GEMV. ``meta = [E, H, I, G, mma_w13, mma_w2, v2]``."""
+    checkpoint's layout and the CUDA-core GEMV. ``meta = [E, H, I, G, mma_w13, mma_w2, version]`` (the format
+    version; 2 and 3 add ``zeros`` and ``col_scale`` per projection, 3 in the layout of
+    :func:`.cuda_int4.v3_tensors`)."""
 
     name = CudaInt4Kernel.name
 
@@ -222,14 +224,14 @@ class CudaInt4MoeKernel(MoeKernel):
                 "w2": sm80 and mma_compatible(spec.hidden, spec.intermediate)}  # fmt: skip
 
     @property
-    def v2(self) -> bool:
-        return self.spec.zero_points or self.spec.column_scale
+    def version(self) -> int:
+        return cuda_int4.format_version(self.spec.zero_points, self.spec.column_scale, self.spec.compact_steps)
 
     @classmethod
     def variant(cls, spec: MoeSpec, device: torch.device) -> tuple[object, ...]:
         mma = cls._layouts(spec, device)
         return ("moe", spec.act_dtype, spec.group_size == -1, mma["w13"], mma["w2"], spec.zero_points or
-                spec.column_scale)  # fmt: skip
+                spec.column_scale, spec.compact_steps)  # fmt: skip
 
     @classmethod
     def check_shape(cls, spec: MoeSpec, device: torch.device) -> tuple[int, int]:
@@ -249,14 +251,14 @@ class CudaInt4MoeKernel(MoeKernel):
     def meta(self) -> list[int]:
         s = self.spec
         return [s.experts, s.hidden, s.intermediate, s.group_size, int(self.mma["w13"]), int(self.mma["w2"]),
-                int(self.v2)]  # fmt: skip
+                self.version]  # fmt: skip
 
     def prepare(self, experts: Experts) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         bf16 = self.spec.act_dtype == torch.bfloat16
         for i, proj in enumerate(("w13", "w2")):
             mma = self.mma[proj]
-            stacked = cuda_moe.stack_projection([pair[i] for pair in experts], mma, self.v2, split=mma and bf16)
+            stacked = cuda_moe.stack_projection([pair[i] for pair in experts], mma, self.version, split=mma and bf16)
             out.update({f"{proj}_{key}": t for key, t in stacked.items()})
         return out
 
@@ -264,7 +266,8 @@ class CudaInt4MoeKernel(MoeKernel):
               topk_weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
         from .op import moe
 
-        keys = ("qweight", "scales", "indptr", "indices", "values", *(("zeros", "col_scale") if self.v2 else ()))
+        extra = ("zeros", "col_scale") if self.version > 1 else ()
+        keys = ("qweight", "scales", "indptr", "indices", "values", *extra)
         weights = [tensors[f"{proj}_{key}"] for proj in ("w13", "w2") for key in keys]
         return moe(x, topk_ids, topk_weights, weights, self.name, self.meta())
 
@@ -272,8 +275,8 @@ class CudaInt4MoeKernel(MoeKernel):
     def forward(cls, w: Sequence[torch.Tensor], x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 meta: Sequence[int]) -> torch.Tensor:  # fmt: skip
         """Inside ``easyquant::moe``: :func:`.cuda_moe.moe_forward` (launches on torch's current stream)."""
-        experts, _, inter, group_size, mma_up, mma_down, v2 = meta
-        half = 7 if v2 else 5  # qweight, scales, indptr, indices, values (, zeros, col_scale) per projection
+        experts, _, inter, group_size, mma_up, mma_down, version = meta
+        half = 7 if version > 1 else 5  # qweight, scales, indptr, indices, values (, zeros, col_scale) per projection
         if len(w) != 2 * half:
             raise ValueError(f"easyquant::moe ({cls.name}): expected {2 * half} weight tensors, got {len(w)}")
         up, down = cuda_moe.Projection(*w[:half]), cuda_moe.Projection(*w[half:])

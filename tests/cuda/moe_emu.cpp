@@ -53,7 +53,7 @@ struct Entry {
 };
 
 #define EMU_GEMM(NAME, T) {#NAME, 17, [](dim3 g, dim3 b, const uint64_t* a) { gemm<T>(NAME, g, b, a); }}
-#define EMU_GEMM_PAIR(NAME, T) EMU_GEMM(NAME, T), EMU_GEMM(NAME##_v2, T)
+#define EMU_GEMM_PAIR(NAME, T) EMU_GEMM(NAME, T), EMU_GEMM(NAME##_v2, T), EMU_GEMM(NAME##_v3, T)  // format versions
 #define EMU_ENTRIES(SUFFIX, T)                                                                                 \
   EMU_GEMM_PAIR(eq_moe_mma_int4_##SUFFIX##_t1, T), EMU_GEMM_PAIR(eq_moe_mma_int4_##SUFFIX##_t2, T),            \
       EMU_GEMM_PAIR(eq_moe_mma_int4_##SUFFIX##_t4, T), EMU_GEMM_PAIR(eq_moe_mma_int4_##SUFFIX##_t8, T),        \

@@ -76,6 +76,26 @@ inline float __uint_as_float(uint32_t u) {
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
+inline uint32_t __float_as_uint(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+// Byte permute (PRMT): byte i of the result is byte s[4i..4i+2] of the 8 bytes {y, x} (x bytes 0..3, y 4..7).
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t v = (uint64_t(y) << 32) | x;
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) r |= unsigned((v >> (8 * ((s >> (4 * i)) & 7u))) & 0xFFu) << (8 * i);
+  return r;
+}
+// Funnel shift right (SHF.R.W): the low 32 bits of the 64-bit hi:lo shifted right by shift & 31.
+inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned shift) {
+  return static_cast<unsigned>(((uint64_t(hi) << 32) | lo) >> (shift & 31u));
+}
+// Round-to-nearest products and sums that the GPU compiler may not fuse into an FMA; on the host (no contraction
+// across statements at -std=c++20) a plain operation.
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __bfloat162float(__nv_bfloat16 b) {
   uint32_t u = uint32_t(b.bits) << 16;
   float f;

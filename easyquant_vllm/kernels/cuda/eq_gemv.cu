@@ -9,12 +9,19 @@
 // Format version 2 (the *_v2 entry points) adds, per docs/format.md,
 //   zeros    [N, K/G] uint8   zero point z per group: q = u - z (unpacked from qzeros at load)
 //   colscale [K] fp16         column scale c: W'[n, k] = c[k] * s * q + S[n, k]
+// Format version 3 (the *_v3 entry points) passes, in the same slots,
+//   scales   [N] fp16         the unit d of each row
+//   zeros    [N, K/G, 2] uint8 (a, zq) per group: step s = d a (exact in fp32), zero z = zq / 16, q = u - z
+//   colscale [K] fp16         as version 2 (ones where the checkpoint has none)
+// and its fractional zero costs what version 2's integer one does: q = u - zq / 16 is exact in fp16, from the magic
+// 64 + u minus the bias 64 + zq / 16 (eq_int4.cuh), and one 16-bit load per chunk and row fetches a and zq.
 // The zero point enters through the per-row magic bias (eq_int4.cuh: free per weight). The column
 // scale costs one 128-bit load and 8 conversions of c per word, shared by both rows, and then 8 FMULs
 // per batch row (kM = 1: x[m, k] * c[k]) or 16, once per word (kM >= 2: q * c for both rows, which also
 // frees c's 8 registers before the batch loop: x-side scaling took the kM = 4 tile from 80 to 100
 // registers). Either product is exact in fp32 (11 x 11, 8 x 11 or 4 x 11 significant bits), so the dense
-// sum is the format's, unrounded; the outliers take the unscaled x.
+// sum is the format's, unrounded; the outliers take the unscaled x. Version 3's q has up to 8 significant bits
+// (sixteenths of a code), so q * c (8 x 11 bits) is exact as well; the step multiplies the partial sum in fp32.
 //
 // Why it looks like this (numbers in docs/kernels.md, "the instruction-issue model"):
 //   At M = 1 the GEMV must stream 0.5 byte per weight at HBM speed. An H100 can issue 178 warp
@@ -45,34 +52,35 @@
 namespace eq {
 
 // A dense layer: warp w of block b owns rows 2 (4b + w) and 2 (4b + w) + 1 of y[M, N] (rounded once to T).
-template <typename T, int kM, bool kV2>
+template <typename T, int kM, int kFmt>
 __device__ __forceinline__ void gemv_int4(const T* __restrict__ x, const int4* __restrict__ qweight,
                                           const __half* __restrict__ scales, const uint8_t* __restrict__ zeros,
                                           const __half* __restrict__ colscale, const int* __restrict__ indptr,
                                           const int* __restrict__ indices, const __half* __restrict__ values,
                                           T* __restrict__ y, int M, int N, int K, int G) {
   const int n0 = (blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp) * kRowsPerWarp;
-  gemv_int4_rows<T, kM, kV2>(x, qweight, scales, zeros, colscale, indptr, indices, values, M, N, K, G, n0, 0, 0, 0,
+  gemv_int4_rows<T, kM, kFmt>(x, qweight, scales, zeros, colscale, indptr, indices, values, M, N, K, G, n0, 0, 0, 0,
                              [=](int m, int n, float v) { y[static_cast<size_t>(m) * N + n] = Act<T>::store(v); });
 }
 
 }  // namespace eq
 
 // C names, so that CuPy's RawModule finds them without C++ name mangling:
-// eq_gemv_int4_{f16,bf16}_m{1,2,4,8,16}[_v2]; a launch takes the smallest kM >= M, and the _v2 entry
-// for layers of format version 2 (zero points and column scale). Both share one signature; format
-// version 1 passes null for zeros and colscale.
+// eq_gemv_int4_{f16,bf16}_m{1,2,4,8,16}[_v2|_v3]; a launch takes the smallest kM >= M, and the _v2 / _v3 entry
+// for layers of format version 2 (zero points and column scale) / 3 (compact steps, fractional zeros). All share one
+// signature; format version 1 passes null for zeros and colscale.
 // No __launch_bounds__: capping kM = 16 at 128 registers made it spill, and the cap also let the
 // small tiles grow from 55 to 95 registers (fewer resident warps where they matter most, at M = 1).
-#define EQ_GEMV_ENTRY_AS(NAME, T, KM, V2)                                                                       \
+#define EQ_GEMV_ENTRY_AS(NAME, T, KM, FMT)                                                                      \
   extern "C" __global__ void NAME(const T* x, const int4* qweight, const __half* scales, const uint8_t* zeros,  \
                                   const __half* colscale, const int* indptr, const int* indices,                \
                                   const __half* values, T* y, int M, int N, int K, int G) {                     \
-    eq::gemv_int4<T, KM, V2>(x, qweight, scales, zeros, colscale, indptr, indices, values, y, M, N, K, G);      \
+    eq::gemv_int4<T, KM, FMT>(x, qweight, scales, zeros, colscale, indptr, indices, values, y, M, N, K, G);      \
   }
-#define EQ_GEMV_ENTRY(SUFFIX, T, KM)                              \
-  EQ_GEMV_ENTRY_AS(eq_gemv_int4_##SUFFIX##_m##KM, T, KM, false) \
-  EQ_GEMV_ENTRY_AS(eq_gemv_int4_##SUFFIX##_m##KM##_v2, T, KM, true)
+#define EQ_GEMV_ENTRY(SUFFIX, T, KM)                                     \
+  EQ_GEMV_ENTRY_AS(eq_gemv_int4_##SUFFIX##_m##KM, T, KM, eq::kV1)       \
+  EQ_GEMV_ENTRY_AS(eq_gemv_int4_##SUFFIX##_m##KM##_v2, T, KM, eq::kV2) \
+  EQ_GEMV_ENTRY_AS(eq_gemv_int4_##SUFFIX##_m##KM##_v3, T, KM, eq::kV3)
 #define EQ_GEMV_ENTRIES(SUFFIX, T) \
   EQ_GEMV_ENTRY(SUFFIX, T, 1)      \
   EQ_GEMV_ENTRY(SUFFIX, T, 2)      \

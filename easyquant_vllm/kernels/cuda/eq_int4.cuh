@@ -7,6 +7,13 @@ namespace eq {
 
 constexpr int kWarp = 32;
 
+// Checkpoint format versions (docs/format.md): the kernels' template parameter kFmt.
+//   kV1  q = u - 8, an fp16 step per group                                      (no zeros, no column scale)
+//   kV2  q = u - z with an integer zero z per group, a column scale c           (zeros [N, K/G] uint8)
+//   kV3  q = u - zq / 16 (a fractional zero), the step d[n] * a[n, g]: an fp16 unit per row times a uint8
+//        multiplier per group, and a column scale c (scales = d [N], zeros = (a, zq) pairs [N, K/G, 2] uint8)
+enum Format : int { kV1 = 1, kV2 = 2, kV3 = 3 };
+
 // fp16 1024.0 is 0x6400; its mantissa's low 10 bits are free. OR-ing a nibble u into them gives
 // exactly 1024 + u, so subtracting 1024 + 8 yields the signed code q = u - 8 with no int->float
 // conversion instruction (the "magic number" trick of Kim et al., used by FasterTransformer/Marlin).
@@ -98,30 +105,65 @@ __device__ __forceinline__ void magic_pair_to_codes(uint32_t pair, uint32_t bias
 #endif
 }
 
-// The 8 signed codes of one word (column k0 + j is nibble j), in column order, as floats.
-__device__ __forceinline__ void dequant_word(uint32_t w, float (&q)[8]) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t pair = and_or(w >> (4 * j), kNibblePairMask, kMagicPair);  // halves: u_j, u_{j+4}
-    magic_pair_to_codes(pair, q[j], q[j + 4]);
+// Format version 3: the zero z = zq / 16 is a multiple of 1/16, so q = u - z is one too, with at most 8
+// significant bits (|16 q| <= 255): exact in fp16 (and in bf16). The magic-number trick still yields it in one
+// HSUB2 if the magic's ulp is 1/16: fp16 64.0 (0x5400) has ulp 2^-4, so a nibble OR-ed into mantissa bits 4..7
+// gives exactly 64 + u, and the bias 64 + zq / 16 is 0x5400 | zq (zq in mantissa bits 0..7): (64 + u) - (64 + z)
+// = u - z, exact. Moving nibbles p and p + 4 to bits 4..7 and 20..23 costs one shift, as version 1's move to bits
+// 0..3 does (none for p = 1 here, none for p = 0 there).
+constexpr uint32_t kNibblePairMaskV3 = 0x00F000F0u;  // nibbles p and p + 4, moved to bits 4..7 and 20..23
+constexpr uint32_t kMagicPairV3 = 0x54005400u;       // two fp16 64.0
+__device__ __forceinline__ uint32_t nibbles_at_bit4(uint32_t w, int p) { return p == 0 ? w << 4 : w >> (4 * p - 4); }
+
+// Format version 3's group metadata, one 16-bit load: meta = a | zq << 8 (byte 0 the step multiplier a, byte 1 the
+// zero zq; CudaInt4Kernel.prepare interleaves them as uint8 [N, K/G, 2]). On the host a memcpy (no aliasing UB).
+// The bias pair 64 + zq / 16 (bits 0x5400 | zq, twice) from meta: one byte permute, zq (byte 1 of meta) to bytes 0
+// and 2, 0x54 (byte 1 of the magic, which the nibble conversion holds in a register anyway) to bytes 1 and 3.
+__device__ __forceinline__ uint32_t magic_bias_pair_v3(uint32_t meta) {
+  return __byte_perm(meta, kMagicPairV3, 0x5151u);
+}
+__device__ __forceinline__ uint32_t load_meta(const uint8_t* pairs, size_t group) {
+#ifdef __CUDACC__
+  return reinterpret_cast<const unsigned short*>(pairs)[group];
+#else
+  unsigned short v;
+  std::memcpy(&v, pairs + 2 * group, sizeof v);
+  return v;
+#endif
+}
+// The group's step s = d * a in fp32: exact (an fp16's 11 significant bits times 8).
+__device__ __forceinline__ float v3_step(float d, uint32_t meta) { return d * static_cast<float>(meta & 0xFFu); }
+
+// One value of version 3's dense part, c * (s * (u - z)), rounded exactly where docs/format.md (and the reference
+// dequantize_dense) rounds: u - z exact, the product with s once, the column scale once more. __fmul_rn keeps the
+// compiler from fusing either product with what the caller adds (an outlier: the reference adds in fp32).
+__device__ __forceinline__ float v3_dense(uint32_t u, uint32_t meta, float d, float c) {
+  const float q = static_cast<float>(u) - static_cast<float>(meta >> 8) * 0.0625f;  // exact: sixteenths, |16 q| < 256
+  return __fmul_rn(c, __fmul_rn(q, v3_step(d, meta)));
+}
+
+// Nibbles p and p + 4 of w as the floats q = u - 8 (kV1), u - z (kV2; bias = magic_bias_pair(z)) or u - zq / 16
+// (kV3; bias = magic_bias_pair_v3(meta)): one lop3 and one HSUB2 (plus the shift that brings the nibbles in place).
+template <int kFmt>
+__device__ __forceinline__ void nibble_pair_as(uint32_t w, int p, uint32_t bias, float& lo, float& hi) {
+  if constexpr (kFmt == kV3) {
+    magic_pair_to_codes(and_or(nibbles_at_bit4(w, p), kNibblePairMaskV3, kMagicPairV3), bias, lo, hi);
+  } else if constexpr (kFmt == kV2) {
+    magic_pair_to_codes(and_or(w >> (4 * p), kNibblePairMask, kMagicPair), bias, lo, hi);
+  } else {
+    magic_pair_to_codes(and_or(w >> (4 * p), kNibblePairMask, kMagicPair), lo, hi);  // halves: 1024 + u_p, + u_p+4
   }
 }
 
-// The same with a zero point: q = u - z, bias = magic_bias_pair(z).
-__device__ __forceinline__ void dequant_word(uint32_t w, uint32_t bias, float (&q)[8]) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t pair = and_or(w >> (4 * j), kNibblePairMask, kMagicPair);
-    magic_pair_to_codes(pair, bias, q[j], q[j + 4]);
-  }
-}
-
-// Codes of one word for a checkpoint without (kV2 = false) or with (true) zero points.
-template <bool kV2>
+// The 8 codes of one word in format kFmt (column k0 + j is nibble j), in column order, as floats; bias as above.
+template <int kFmt>
 __device__ __forceinline__ void dequant_word_as(uint32_t w, uint32_t bias, float (&q)[8]) {
-  if constexpr (kV2) dequant_word(w, bias, q);
-  else dequant_word(w, q);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) nibble_pair_as<kFmt>(w, j, bias, q[j], q[j + 4]);
 }
+
+// Version 1's codes q = u - 8 of one word.
+__device__ __forceinline__ void dequant_word(uint32_t w, float (&q)[8]) { dequant_word_as<kV1>(w, 0u, q); }
 
 // Activation / output types as float, rounding to nearest even on the way back.
 // load8 reads 8 consecutive activations with one 128-bit load (p must be 16-byte aligned): a lane
@@ -286,6 +328,38 @@ __device__ __forceinline__ uint32_t codes(uint32_t pair, uint32_t bias) {
 #endif
 }
 
+// Format version 3's A registers: u - z exactly (z = zq / 16; see magic_bias_pair_v3), so the fragment is as exact
+// as the integer codes of versions 1 and 2 and the mma still never rounds W'. fp16 takes one lop3 + HSUB2 per
+// register from the magic 64 (ulp 1/16), as version 2 costs. bf16 has 8 significant bits: no bf16 power of two has
+// both room for a nibble below 2^(e+1) and an ulp of 1/16 (that takes 4 + 4 mantissa bits, bf16 has 7), so there it
+// is two exact subtractions: version 1's u - 8, then z - 8 (bias = bf16 z - 8, twice; exact). bias_pair(meta) builds
+// the zero's pair from the group's a | zq << 8 once per group.
+template <typename T>
+struct MmaV3;
+
+template <>
+struct MmaV3<__half> {
+  static __device__ __forceinline__ uint32_t bias_pair(uint32_t meta) { return magic_bias_pair_v3(meta); }
+  static __device__ __forceinline__ uint32_t codes(uint32_t w, int p, uint32_t bias) {  // nibbles p, p + 4 of w
+    return eq::codes<__half>(and_or(nibbles_at_bit4(w, p), kNibblePairMaskV3, kMagicPairV3), bias);
+  }
+};
+
+template <>
+struct MmaV3<__nv_bfloat16> {
+  // z - 8 from meta (16 bits) in three instructions: one funnel shift puts zq into the low mantissa bits of the
+  // fp32 2^19 (0x49000000, ulp 1/16), which is 2^19 + zq / 16; minus 2^19 + 8 (exact); then the top half (the bf16
+  // bits: z - 8 has at most 8 significant bits) twice.
+  static __device__ __forceinline__ uint32_t bias_pair(uint32_t meta) {
+    const float z8 = __uint_as_float(__funnelshift_r(meta, 0x49u, 8)) - 524296.0f;  // 2^19 + 8
+    return __byte_perm(__float_as_uint(z8), 0u, 0x3232u);
+  }
+  static __device__ __forceinline__ uint32_t codes(uint32_t w, int p, uint32_t bias) {
+    using T = __nv_bfloat16;
+    return eq::codes<T>(eq::codes<T>(and_or(w >> (4 * p), kNibblePairMask, Mma<T>::kMagic)), bias);
+  }
+};
+
 // The column scales of one lane's B fragment (4 consecutive columns), per activation type: loaded once per
 // k-step, applied to each batch tile's 2 registers, and read as floats by the dequantize kernel.
 template <typename T>
@@ -295,6 +369,9 @@ template <>
 struct ColScale<__half> {  // colscale: [K] fp16
   uint2 c;
   __device__ __forceinline__ void load(const __half* colscale, int col) { c = load64(colscale + col); }
+  static __device__ __forceinline__ float value(const __half* colscale, int col) {  // c[col] alone
+    return __half2float(colscale[col]);
+  }
   __device__ __forceinline__ float at(int i) const {
     const uint32_t w = i < 2 ? c.x : c.y;
     return __half2float(__ushort_as_half(static_cast<unsigned short>(i & 1 ? w >> 16 : w & 0xFFFFu)));
@@ -333,6 +410,11 @@ template <>
 struct ColScale<__nv_bfloat16> {  // colscale: [K/4][hi x4, lo x4] bf16 with c = hi + lo exactly (split_col_scale)
   uint4 c;  // x: hi of columns 0,1; y: hi 2,3; z: lo 0,1; w: lo 2,3
   __device__ __forceinline__ void load(const __half* colscale, int col) { c = load128(colscale + 2 * col); }
+  static __device__ __forceinline__ float value(const __half* colscale, int col) {  // c[col] alone: hi + lo, exact
+    const __half* four = colscale + 2 * (col & ~3) + (col & 3);  // hi of col; its lo 4 further
+    return __uint_as_float(uint32_t(__half_as_ushort(four[0])) << 16) +
+           __uint_as_float(uint32_t(__half_as_ushort(four[4])) << 16);
+  }
   __device__ __forceinline__ float at(int i) const {  // hi + lo in fp32: exact, the stored fp16 c
     const uint32_t hi = i < 2 ? c.x : c.y, lo = i < 2 ? c.z : c.w;
     const int sh = i & 1 ? 16 : 0;

@@ -11,13 +11,13 @@ namespace eq {
 constexpr int kMmaWarps = 8;     // warps per block, all on one 16-row tile
 constexpr int kMmaMaxTiles = 8;  // batch tiles of 8 rows: M <= 64
 
-template <typename T, int kT, bool kV2, typename Store>
+template <typename T, int kT, int kFmt, typename Store>
 __device__ __forceinline__ void mma_int4_tile(
     const T* __restrict__ x,            // [M, K] activations, 16-byte aligned
     const int4* __restrict__ qweight,   // [N/16][K/64][32] lanes' 128-bit words (MMA layout)
-    const __half* __restrict__ scales,  // [N, K/G]
-    const uint8_t* __restrict__ zeros,  // [N, K/G] (kV2 only)
-    const __half* __restrict__ colscale,  // kV2 only: [K] fp16, or for bf16 the [K/4][8] split (ColScale)
+    const __half* __restrict__ scales,  // [N, K/G] steps; kV3: [N] the row units d
+    const uint8_t* __restrict__ zeros,  // kV2: [N, K/G] zero points; kV3: [N, K/G, 2] (a, zq) pairs; kV1: unused
+    const __half* __restrict__ colscale,  // kV2, kV3: [K] fp16, or for bf16 the [K/4][8] split (ColScale)
     const int* __restrict__ indptr, const int* __restrict__ indices, const __half* __restrict__ values,
     int M, int K, int G,
     unsigned tile,  // which 16-row tile of W: rows 16 tile .. 16 tile + 15
@@ -50,7 +50,9 @@ __device__ __forceinline__ void mma_int4_tile(
   const int4* words_of = qweight + (static_cast<size_t>(w_row0 / 16) + tile) * kblocks * kWarp + lane;
   int4 next = {0, 0, 0, 0};
   if (warp < kblocks) next = words_of[warp * kWarp];  // LDG.E.128
-  uint32_t bias[2] = {0u, 0u};  // kV2: 2^n + z of rows g (A registers 0, 2) and g + 8 (registers 1, 3)
+  uint32_t bias[2] = {0u, 0u};  // kV2, kV3: the zero bias of rows g (A registers 0, 2) and g + 8 (registers 1, 3)
+  float unit[2] = {0.0f, 0.0f}, step[2] = {0.0f, 0.0f};  // kV3: the rows' d, and the group's s = d a from its start
+  if constexpr (kFmt == kV3) unit[0] = __half2float(scales[rw0 + g]), unit[1] = __half2float(scales[rw0 + g + 8]);
   for (int kb = warp; kb < kblocks; kb += kMmaWarps) {
     const uint32_t words[4] = {uint32_t(next.x), uint32_t(next.y), uint32_t(next.z), uint32_t(next.w)};
     if (kb + kMmaWarps < kblocks) next = words_of[(kb + kMmaWarps) * kWarp];  // in flight during this block
@@ -59,14 +61,24 @@ __device__ __forceinline__ void mma_int4_tile(
       const int k0 = kb * 64 + 16 * s;
       uint32_t a[4];
       ColScale<T> c;
-      if constexpr (kV2) {
+      if constexpr (kFmt != kV1) {
         if (s % steps_per_scale == 0) {  // a group starts here (steps_per_scale divides the group's steps)
           const int grp = k0 >> group_shift;
-          bias[0] = Mma<T>::bias_pair(zeros[static_cast<size_t>(rw0 + g) * groups + grp]);
-          bias[1] = Mma<T>::bias_pair(zeros[static_cast<size_t>(rw0 + g + 8) * groups + grp]);
+          const size_t lo = static_cast<size_t>(rw0 + g) * groups + grp;
+          const size_t hi = static_cast<size_t>(rw0 + g + 8) * groups + grp;
+          if constexpr (kFmt == kV3) {  // a and zq of both rows: one 16-bit load each; s = d a exact
+            const uint32_t meta_lo = load_meta(zeros, lo), meta_hi = load_meta(zeros, hi);
+            bias[0] = MmaV3<T>::bias_pair(meta_lo), bias[1] = MmaV3<T>::bias_pair(meta_hi);
+            step[0] = v3_step(unit[0], meta_lo), step[1] = v3_step(unit[1], meta_hi);
+          } else {
+            bias[0] = Mma<T>::bias_pair(zeros[lo]), bias[1] = Mma<T>::bias_pair(zeros[hi]);
+          }
         }
 #pragma unroll
-        for (int p = 0; p < 4; ++p) a[p] = codes<T>(and_or(words[s] >> (4 * p), kNibblePairMask, Mma<T>::kMagic), bias[p & 1]);
+        for (int p = 0; p < 4; ++p) {
+          if constexpr (kFmt == kV3) a[p] = MmaV3<T>::codes(words[s], p, bias[p & 1]);  // u - z, exact
+          else a[p] = codes<T>(and_or(words[s] >> (4 * p), kNibblePairMask, Mma<T>::kMagic), bias[p & 1]);
+        }
         c.load(colscale, c_col0 + k0 + 4 * t);  // the 4 column scales of this lane's B fragment
       } else {
 #pragma unroll
@@ -77,15 +89,18 @@ __device__ __forceinline__ void mma_int4_tile(
         // B fragment: 4 activations of this lane's batch row (see xrow). Rows past M are zeroed by a
         // select, not skipped by a branch, so the warp reaches mma.sync.aligned converged.
         uint2 v = load64(xrow[j] + k0);  // 8-byte aligned: K % 64 == 0, x 16-byte aligned
-        if constexpr (kV2) v = c.apply(v);
+        if constexpr (kFmt != kV1) v = c.apply(v);
         const bool live = 2 * j < kT || 8 * j + g < M;  // the first half of the tiles is never masked
         const uint32_t b[2] = {live ? v.x : 0u, live ? v.y : 0u};
         mma<T>(part[j], a, b);
       }
       if ((s + 1) % steps_per_scale == 0) {
-        const int grp = k0 >> group_shift;
-        const float s_lo = __half2float(scales[static_cast<size_t>(rw0 + g) * groups + grp]);
-        const float s_hi = __half2float(scales[static_cast<size_t>(rw0 + g + 8) * groups + grp]);
+        float s_lo = step[0], s_hi = step[1];  // kV3: from the group's start
+        if constexpr (kFmt != kV3) {
+          const int grp = k0 >> group_shift;
+          s_lo = __half2float(scales[static_cast<size_t>(rw0 + g) * groups + grp]);
+          s_hi = __half2float(scales[static_cast<size_t>(rw0 + g + 8) * groups + grp]);
+        }
 #pragma unroll
         for (int j = 0; j < kT; ++j) {
           acc[j][0] = fmaf(s_lo, part[j][0], acc[j][0]), acc[j][1] = fmaf(s_lo, part[j][1], acc[j][1]);

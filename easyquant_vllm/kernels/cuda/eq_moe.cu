@@ -35,7 +35,8 @@
 //   qweight   [E, N/16, K/64, 32] int4 words, the MMA layout of mma_layout.py (tensor cores), or
 //             [E, N, K/8] int32, the checkpoint's (GEMV): N * K / 32 words per expert either way
 //   scales    [E, N, K/G] fp16;  zeros [E, N, K/G] uint8 and colscale [E, K] fp16 (format version 2; the tensor
-//             cores with bf16 activations take split_col_scale's [E, 2K])
+//             cores with bf16 activations take split_col_scale's [E, 2K]); format version 3: scales [E, N] (the row
+//             units), zeros [E, N, K/G, 2] (the (a, zq) pairs) and colscale as version 2's
 //   indptr    [E * N + 1] int32: one running CSR over all experts' rows (expert e's row n is row e * N + n);
 //   indices, values [nnz] int32 / fp16 of all experts, in the original domain (no column scale), as in the dense
 //   kernels: the warp that owns an output row adds its outliers.
@@ -137,13 +138,13 @@ struct PairStore {
 
 // One tile class of one projection. Expert e's weights start e * N * K / 32 words into qweight in both
 // layouts; its steps, zero points and CSR rows e * N rows in.
-template <typename T, int kTile, bool kV2, bool kMma>
+template <typename T, int kTile, int kFmt, bool kMma>
 __device__ __forceinline__ void moe_gemm(
     const T* __restrict__ x,             // [P, K] activations in sorted order, 16-byte aligned
     const int4* __restrict__ qweight,    // [E] x the dense kernel's layout (see the top of the file)
-    const __half* __restrict__ scales,   // [E, N, K/G]
-    const uint8_t* __restrict__ zeros,   // [E, N, K/G] (kV2; null otherwise)
-    const __half* __restrict__ colscale, // [E, K], or [E, 2K] (tensor cores, bf16) (kV2; null otherwise)
+    const __half* __restrict__ scales,   // [E, N, K/G] steps; kV3: [E, N] the row units d
+    const uint8_t* __restrict__ zeros,   // kV2: [E, N, K/G] zero points; kV3: [E, N, K/G, 2] (a, zq); kV1: null
+    const __half* __restrict__ colscale, // [E, K], or [E, 2K] (tensor cores, bf16) (kV2, kV3; null for kV1)
     const int* __restrict__ indptr,      // [E * N + 1]
     const int* __restrict__ indices,     // [nnz]
     const __half* __restrict__ values,   // [nnz]
@@ -165,11 +166,11 @@ __device__ __forceinline__ void moe_gemm(
   // The cores index the stacked tensors from expert e's first row and column (e N, e K) and the activations from
   // the tile's first sorted row, so the base pointers stay kernel parameters (constant bank) instead of registers.
   if constexpr (kMma) {
-    mma_int4_tile<T, kTile, kV2>(x, qweight, scales, zeros, colscale, indptr, indices, values, rows, K, G, rb, e * N,
+    mma_int4_tile<T, kTile, kFmt>(x, qweight, scales, zeros, colscale, indptr, indices, values, rows, K, G, rb, e * N,
                                  e * K, s0, store);
   } else {
     const int n0 = (rb * (blockDim.x / kWarp) + threadIdx.x / kWarp) * kRowsPerWarp;
-    gemv_int4_rows<T, kTile, kV2>(x, qweight, scales, zeros, colscale, indptr, indices, values, rows, N, K, G, n0,
+    gemv_int4_rows<T, kTile, kFmt>(x, qweight, scales, zeros, colscale, indptr, indices, values, rows, N, K, G, n0,
                                   e * N, e * K, s0, store);
   }
 }
@@ -211,10 +212,10 @@ __device__ __forceinline__ void moe_sum(const float* __restrict__ y_pair,  // [M
 
 // C names for CuPy's RawModule (the launch plans of kernels/cuda_moe.py name them; tests check the argument order
 // against these signatures). All products share one signature; format version 1 passes null for zeros and
-// colscale, the up stage null for y_rows and y_scale.
-//   eq_moe_route                                  1 block
-//   eq_moe_mma_int4_{f16,bf16}_t{1,2,4,8}[_v2]    tile classes of 8 kT rows; blocks of 8 warps, 16 weight rows each
-//   eq_moe_gemv_int4_{f16,bf16}_m{1,2,4,8,16}[_v2] tile classes of kM rows; blocks of 4 warps, 8 weight rows each
+// colscale, the up stage null for y_rows and y_scale; _v2 / _v3: format versions 2 / 3.
+//   eq_moe_route                                       1 block
+//   eq_moe_mma_int4_{f16,bf16}_t{1,2,4,8}[_v2|_v3]     tile classes of 8 kT rows; blocks of 8 warps, 16 weight rows
+//   eq_moe_gemv_int4_{f16,bf16}_m{1,2,4,8,16}[_v2|_v3] tile classes of kM rows; blocks of 4 warps, 8 weight rows
 //   eq_moe_silu_mul_{f16,bf16}, eq_moe_sum_{f16,bf16}
 extern "C" __global__ void eq_moe_route(const int* topk_ids, const float* topk_weights, int* src_rows, int* y_rows,
                                         float* y_scale, int* tiles, int* num_tiles, int P, int topk, int E,
@@ -224,18 +225,19 @@ extern "C" __global__ void eq_moe_route(const int* topk_ids, const float* topk_w
                 classes_up, tile0_down, classes_down, max_tiles);
 }
 
-#define EQ_MOE_GEMM_ENTRY_AS(NAME, T, TILE, V2, MMA)                                                            \
+#define EQ_MOE_GEMM_ENTRY_AS(NAME, T, TILE, FMT, MMA)                                                           \
   extern "C" __global__ void NAME(const T* x, const int4* qweight, const __half* scales, const uint8_t* zeros,   \
                                   const __half* colscale, const int* indptr, const int* indices,                 \
                                   const __half* values, const int* tiles, const int* num_tiles,                  \
                                   const int* y_rows, const float* y_scale, float* y, int max_tiles, int N, int K, \
                                   int G) {                                                                       \
-    eq::moe_gemm<T, TILE, V2, MMA>(x, qweight, scales, zeros, colscale, indptr, indices, values, tiles,          \
+    eq::moe_gemm<T, TILE, FMT, MMA>(x, qweight, scales, zeros, colscale, indptr, indices, values, tiles,          \
                                    num_tiles, y_rows, y_scale, y, max_tiles, N, K, G);                           \
   }
-#define EQ_MOE_GEMM_ENTRY(KIND, SUFFIX, T, LETTER, TILE, MMA)                                     \
-  EQ_MOE_GEMM_ENTRY_AS(eq_moe_##KIND##_int4_##SUFFIX##_##LETTER##TILE, T, TILE, false, MMA) \
-  EQ_MOE_GEMM_ENTRY_AS(eq_moe_##KIND##_int4_##SUFFIX##_##LETTER##TILE##_v2, T, TILE, true, MMA)
+#define EQ_MOE_GEMM_ENTRY(KIND, SUFFIX, T, LETTER, TILE, MMA)                                          \
+  EQ_MOE_GEMM_ENTRY_AS(eq_moe_##KIND##_int4_##SUFFIX##_##LETTER##TILE, T, TILE, eq::kV1, MMA)       \
+  EQ_MOE_GEMM_ENTRY_AS(eq_moe_##KIND##_int4_##SUFFIX##_##LETTER##TILE##_v2, T, TILE, eq::kV2, MMA) \
+  EQ_MOE_GEMM_ENTRY_AS(eq_moe_##KIND##_int4_##SUFFIX##_##LETTER##TILE##_v3, T, TILE, eq::kV3, MMA)
 #define EQ_MOE_ENTRIES(SUFFIX, T)                                                                              \
   EQ_MOE_GEMM_ENTRY(mma, SUFFIX, T, t, 1, true)                                                                \
   EQ_MOE_GEMM_ENTRY(mma, SUFFIX, T, t, 2, true)                                                                \
