@@ -75,23 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=d.bits, choices=SUPPORTED_BITS, help="code width (default %(default)s)")
     p.add_argument(
         "--group-size", type=_group_size, default=d.group_size,
-        help="input columns per step size: 32, 64, 128, -1 (one per output channel) or auto, the largest "
-        "of 128/64/32 that divides every quantized input dim (default %(default)s); config.json records the number",
+        help="input columns per step size: 32, 64, 128, -1 (one per output channel) or auto: for version 3 the "
+        "smallest of 32/64/128 that divides every quantized input dim, for versions 1-2 the largest (default "
+        "%(default)s); config.json records the number",
     )  # fmt: skip
     p.add_argument(
         "--format-version", type=int, choices=(1, 2, 3), default=d.format_version,
         help="3: compact steps (8-bit multiples of a per-row unit, zeros in sixteenths of a code), groups of 32, "
-        "0.1 %% outliers, column scales; 2: zero points + column scales with float16 steps, 0.25 %% outliers; 1: "
+        "column scales and outliers (at most 0.25 %%) per layer where they remove error; 2: zero points + column "
+        "scales with float16 steps, 0.25 %% outliers; 1: "
         "symmetric codes, 1 %% outliers, as the paper (default %(default)s). The options below override a "
         "version's defaults",
     )  # fmt: skip
     p.add_argument(
         "--zero-points", action=argparse.BooleanOptionalAction, default=None,
-        help="asymmetric codes with a zero point per group (version 2; default: on)",
+        help="asymmetric codes with a zero point per group (versions 2 and 3, which needs them; default: on)",
     )  # fmt: skip
     p.add_argument(
         "--normalize", choices=NORMALIZE, default=None,
-        help="column scales before quantizing: sinkhorn (version 2 default) or none",
+        help="column scales before quantizing: sinkhorn (version 2 default), none, or auto (version 3 default: "
+        "Sinkhorn where it halves a layer's error, decided on a sample of its rows)",
     )  # fmt: skip
     p.add_argument(
         "--outlier-threshold", type=float, default=d.outlier_threshold, metavar="N",
@@ -99,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--max-outlier-fraction", type=float, default=None, metavar="F",
-        help="cap on the outlier fraction per tensor; the largest deviations win (default: 0.0025 for version 2, "
-        "0.01 for version 1)",
+        help="cap on the outlier fraction per tensor; the largest deviations win (default: 0.0025 for versions 2 "
+        "and 3, 0.01 for version 1). Version 3 keeps only the candidates that remove error",
     )  # fmt: skip
     p.add_argument(
         "--method", choices=METHODS, default=d.method,

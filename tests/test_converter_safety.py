@@ -13,7 +13,8 @@ import pytest
 
 from converters.cli import main as cli_main
 from converters.convert import ConversionError, ConvertOptions, convert
-from easyquant_vllm.format import validate_checkpoint
+from easyquant_vllm.format import read_quantization_config, validate_checkpoint
+from easyquant_vllm.quant import DEFAULT_FORMAT_VERSION
 
 
 def _tree(path: Path) -> dict[str, bytes]:
@@ -90,7 +91,7 @@ def test_convert_overwrite_replaces_an_easyquant_checkpoint_only_on_success(tiny
         convert(tiny_llama, dst, ConvertOptions(overwrite=True, bits=3), progress=False)
     assert _tree(dst) == before
     convert(tiny_llama, dst, ConvertOptions(overwrite=True), progress=False)
-    assert json.loads((dst / "config.json").read_text())["quantization_config"]["format_version"] == 2
+    assert read_quantization_config(dst).format_version == DEFAULT_FORMAT_VERSION
     assert validate_checkpoint(dst)["layers"] == 14
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eq"]
 
@@ -350,7 +351,7 @@ def test_convert_interrupt_during_the_commit_is_deferred_until_it_is_complete(
     monkeypatch.setattr(od, "_exchange", interrupted)
     with pytest.raises(KeyboardInterrupt):  # delivered after the commit and its cleanup, not in between
         convert(tiny_llama, dst, ConvertOptions(overwrite=True), progress=False)
-    assert json.loads((dst / "config.json").read_text())["quantization_config"]["format_version"] == 2
+    assert read_quantization_config(dst).format_version == DEFAULT_FORMAT_VERSION
     assert validate_checkpoint(dst)["layers"] == 14
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eq"]  # the old checkpoint is gone, nothing stranded
 

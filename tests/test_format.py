@@ -15,6 +15,7 @@ from easyquant_vllm.format import (
     validate_layer,
 )
 from easyquant_vllm.quant import (
+    DEFAULT_FORMAT_VERSION,
     QuantSpec,
     dequantize,
     pack_zeros,
@@ -86,7 +87,7 @@ def test_validate_layer_requires_ascending_columns(layer: dict[str, torch.Tensor
 def test_config_roundtrip_and_errors() -> None:
     cfg = EasyQuantCheckpointConfig(bits=4, group_size=64, modules_to_not_convert=["lm_head"])
     d = cfg.to_dict()
-    assert d["quant_method"] == "easyquant" and d["format_version"] == 2
+    assert d["quant_method"] == "easyquant" and d["format_version"] == DEFAULT_FORMAT_VERSION
     assert EasyQuantCheckpointConfig.from_dict(d) == cfg
     v1 = {**d, "format_version": 1, "zero_points": False, "column_scale": False}
     assert EasyQuantCheckpointConfig.from_dict(v1).format_version == 1  # v1 still loads
@@ -178,7 +179,7 @@ def test_validate_layer_refuses_an_empty_layer() -> None:
 
 def _v2_layer(n: int = 32, k: int = 128, group_size: int = 32):  # type: ignore[no-untyped-def]
     w = heavy_tailed(n, k, seed=4) * torch.exp(0.5 * torch.randn(k, generator=torch.Generator().manual_seed(1)))
-    return quantize_group([w], QuantSpec(group_size=group_size, zero_points=True, normalize="sinkhorn"))[0], w
+    return quantize_group([w], QuantSpec.for_version(2, group_size=group_size))[0], w
 
 
 def test_zero_points_pack_two_per_byte_low_nibble_first() -> None:

@@ -142,7 +142,7 @@ def test_linear_method_revalidates_the_sliced_csr_before_any_kernel(monkeypatch:
     from easyquant_vllm.vllm_config import EasyQuantConfig
 
     qw = quantized(heavy_tailed(32, 128, seed=6), 2, 32)
-    config = EasyQuantConfig(EasyQuantCheckpointConfig(group_size=32))
+    config = EasyQuantConfig(EasyQuantCheckpointConfig(format_version=2, group_size=32))
     method = linear_method.EasyQuantLinearMethod(config, "model.layers.0.mlp.down_proj")
 
     def build() -> torch.nn.Module:

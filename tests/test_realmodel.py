@@ -45,12 +45,13 @@ def test_smollm2_convert_real_weights(smollm2: Path, tmp_path: Path) -> None:
     summary = validate_checkpoint(dst)
     assert summary["layers"] == 210  # 30 blocks x 7 projections
     t = report["totals"]
-    assert report["quantization_config"]["group_size"] == 64  # hidden 576 is not a multiple of 128
-    # Real weights: 3 sigma would keep 0.58 % (format version 1's cap of 1 % does not bind); version 2's
-    # 0.25 % cap does (measured 0.2499 %). The error is clearly below RTN's (measured 0.0855 vs 0.1126).
-    assert report["quantization_config"]["format_version"] == 2
-    assert 0.002 < t["outlier_fraction"] <= 0.0025
-    assert t["rel_err"] < 0.8 * t["rel_err_rtn"]
+    assert report["quantization_config"]["group_size"] == 32  # format version 3's auto: the smallest that divides
+    # Real weights: 3 sigma would keep 0.58 %; version 3 keeps only the candidates that remove error, under the
+    # 0.25 % cap. The published weights are Q4_1 (blocks of 32), which groups of 32 recover closely: the error is
+    # far below RTN's.
+    assert report["quantization_config"]["format_version"] == 3
+    assert t["outlier_fraction"] <= 0.0025
+    assert t["rel_err"] < 0.5 * t["rel_err_rtn"]
     # The dequantized model still knows the answer.
     prompt = "The capital of France is"
     assert "Paris" in _greedy(smollm2, None, prompt)
@@ -87,10 +88,11 @@ def gemma3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_gemma3(tmp_path_factory.mktemp("real") / "gemma-3-270m")
 
 
-def test_gemma3_format_version_2_served_by_vllm_matches_reference(gemma3: Path, tmp_path: Path) -> None:
+def test_gemma3_default_format_served_by_vllm_matches_reference(gemma3: Path, tmp_path: Path) -> None:
     """Gemma 3 (RMSNorm with 1 + gamma, QK-norm, sliding-window layers): the column scale is applied to the
-    activations, so format version 2 must stay exact here too. Teacher-forced logprobs of a real sentence
-    (with BOS, as Gemma wants) through vLLM in its default mode against the float32 HF reference."""
+    activations, so the default format (version 3, column scales where they pay) must stay exact here too.
+    Teacher-forced logprobs of a real sentence (with BOS, as Gemma wants) through vLLM in its default mode against
+    the float32 HF reference."""
     pytest.importorskip("vllm")
     from transformers import AutoTokenizer
 
@@ -98,7 +100,7 @@ def test_gemma3_format_version_2_served_by_vllm_matches_reference(gemma3: Path, 
 
     dst = tmp_path / "eq"
     cfg = convert(gemma3, dst, progress=False)["quantization_config"]
-    assert (cfg["format_version"], cfg["zero_points"], cfg["column_scale"], cfg["group_size"]) == (2, True, True, 128)
+    assert (cfg["format_version"], cfg["zero_points"], cfg["column_scale"], cfg["group_size"]) == (3, True, True, 32)
     validate_checkpoint(dst)
     tok = AutoTokenizer.from_pretrained(dst)
     text = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France."

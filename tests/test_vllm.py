@@ -215,9 +215,9 @@ def test_vllm_malformed_checkpoint_fails_at_load(llama_eq: Path, tmp_path: Path,
 
 
 def test_vllm_unknown_format_version_is_clear(llama_eq: Path, tmp_path: Path) -> None:
-    bad = _broken(llama_eq, tmp_path / "v2", lambda t: None)
+    bad = _broken(llama_eq, tmp_path / "future", lambda t: None)
     cfg = json.loads((bad / "config.json").read_text())
-    cfg["quantization_config"]["format_version"] = 3
+    cfg["quantization_config"]["format_version"] = 99
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(Exception, match="format_version = 3 is not supported"):
+    with pytest.raises(Exception, match="format_version = 99 is not supported"):
         vllm_generate(bad, PROMPTS[:1])

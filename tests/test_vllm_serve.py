@@ -81,9 +81,9 @@ def test_vllm_tensor_parallel_2_matches_tp_1(tmp_path: Path, kv_heads: int, tied
     src = build_tiny_model(tmp_path / "src", num_kv_heads=kv_heads, seed=2, tie_word_embeddings=tied,
                            vocab_size=512 if tied else 500)  # fmt: skip
     model = tmp_path / "eq"
-    convert(src, model, ConvertOptions(lm_head=True), progress=False)  # group 128: K = 256, 512 split in two
+    convert(src, model, ConvertOptions(lm_head=True), progress=False)  # group 32: K = 256, 512 split in two
     cfg = json.loads((model / "config.json").read_text())["quantization_config"]
-    assert (cfg["format_version"], cfg["zero_points"], cfg["column_scale"]) == (2, True, True)  # the default: v2
+    assert (cfg["format_version"], cfg["zero_points"], cfg["column_scale"]) == (3, True, True)  # the default: v3
     tp1 = _run_tp(model, 1, tmp_path)
     hf_tokens, hf_lp = hf_logprobs(model, dequantized_state_dict(model), PROMPT, tp1["tokens"])
     assert tp1["tokens"] == hf_tokens

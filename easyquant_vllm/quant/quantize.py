@@ -67,20 +67,23 @@ _SINKHORN_ELEMS = 1 << 22  # float32 entries per column-scale chunk (16 MiB; the
 FORMAT_DEFAULTS: dict[int, dict[str, Any]] = {
     # The paper's method, as format version 1 stores it: symmetric codes, 1 % outliers, clip-ratio search +
     # alternating least squares.
-    1: {"zero_points": False, "normalize": "none", "max_outlier_fraction": 0.01, "search": SearchParams()},
+    1: {"zero_points": False, "normalize": "none", "max_outlier_fraction": 0.01, "search": SearchParams(),
+        "compact_steps": False, "outlier_min_gain": 0.0},
     # Measured best on SmolLM2 and Gemma-3 (docs/results.md): zero points, Sinkhorn column scales, 0.25 %
     # outliers, and a range chosen by the 4th power of the error among 0.9 / 0.95 / 1.0 of min-max.
     2: {"zero_points": True, "normalize": "sinkhorn", "max_outlier_fraction": 0.0025,
-        "search": SearchParams(grid_min=0.9, grid_points=3, lsq_iters=0, power=4.0)},
+        "search": SearchParams(grid_min=0.9, grid_points=3, lsq_iters=0, power=4.0), "compact_steps": False,
+        "outlier_min_gain": 0.0},
     # Compact steps (8-bit multiples of a per-row unit) and zeros in sixteenths of a code: groups of 32 for about
-    # the bits of version 2's groups of 64 (docs/results.md). Outliers and column scales as version 2.
+    # the bits of version 2's groups of 64; the column scale and the outliers per layer where they remove error
+    # (docs/results.md).
     3: {"zero_points": True, "normalize": "auto", "max_outlier_fraction": 0.0025, "outlier_min_gain": 16.0,
         "compact_steps": True, "search": SearchParams(grid_min=1.0, grid_points=1, lsq_iters=2, power=2.0)},
 }  # fmt: skip
 """The one definition of each format version's method defaults: :meth:`QuantSpec.for_version` reads it, and
 the converter, the checkpoint config and the tests go through that."""
 
-DEFAULT_FORMAT_VERSION = 2
+DEFAULT_FORMAT_VERSION = 3
 _DEFAULTS = FORMAT_DEFAULTS[DEFAULT_FORMAT_VERSION]
 
 
@@ -88,7 +91,8 @@ _DEFAULTS = FORMAT_DEFAULTS[DEFAULT_FORMAT_VERSION]
 class QuantSpec:
     """How to quantize one weight. ``group_size`` is resolved here: 32, 64, 128 or -1 (per channel).
 
-    The field defaults are the default format version's (2); :meth:`for_version` gives any version's.
+    The field defaults are the default format version's (:data:`DEFAULT_FORMAT_VERSION`); :meth:`for_version`
+    gives any version's.
     """
 
     bits: int = 4
@@ -104,11 +108,11 @@ class QuantSpec:
     """``"sinkhorn"``: a column scale per input channel (format version 2, :mod:`.normalize`); it is computed by
     :func:`quantize_group` (:func:`quantize_weight` takes it as an argument)."""
     sinkhorn_iters: int = 4
-    compact_steps: bool = _DEFAULTS.get("compact_steps", False)
+    compact_steps: bool = _DEFAULTS["compact_steps"]
     """Format version 3: each group's step is an 8-bit multiple of a per-row float16 unit and its zero point a
     number of sixteenths of a code (8 bits), so that small groups (32 columns) cost 16 bits each; needs
     ``zero_points``. The range is fitted with a real zero (:func:`.solvers.solve_affine`)."""
-    outlier_min_gain: float = 0.0
+    outlier_min_gain: float = _DEFAULTS["outlier_min_gain"]
     """Format version 3: keep a candidate outlier only where it removes more than this many times the mean squared
     error of the other entries (0 keeps every candidate, as versions 1 and 2 do)."""
     weighting: str = "none"
