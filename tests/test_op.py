@@ -42,12 +42,17 @@ def test_linear_op_fake_gives_the_output_shape() -> None:
     assert y.shape == (2, 3, 40) and y.dtype == torch.bfloat16
 
 
-def test_embedding_op_looks_up_w_prime_rows_under_compile() -> None:
+@pytest.mark.parametrize("version", [1, 2, 3], ids=["v1", "v2", "v3"])
+def test_embedding_op_looks_up_w_prime_rows_under_compile(version: int) -> None:
     # Which rows (and so how many outliers) is data: the op must trace as one node with a fixed output shape.
-    qw = quantized(heavy_tailed(64, 128, seed=6), 2, 64)
+    # Version 3 (the default) carries row_steps: without them its uint8 multipliers are not steps.
+    qw = quantized(heavy_tailed(64, 128, seed=6) * torch.linspace(0.5, 2, 128), version, 32)
     o = qw.outliers
-    weights = [qw.qweight, qw.scales, o.indptr, o.indices, o.values, qw.zeros, qw.col_scale]
-    meta = [qw.bits, qw.group_size, 128, 1, 1, max_row_nnz(o.indptr)]
+    optional = [t for t in (qw.zeros, qw.col_scale, qw.row_steps) if t is not None]
+    weights = [qw.qweight, qw.scales, o.indptr, o.indices, o.values, *optional]
+    meta = [qw.bits, qw.group_size, 128, int(qw.zeros is not None), int(qw.col_scale is not None),
+            max_row_nnz(o.indptr), int(qw.row_steps is not None)]  # fmt: skip
+    assert (qw.row_steps is not None) == (version == 3)
 
     def lookup(ids: torch.Tensor) -> torch.Tensor:
         return torch.ops.easyquant.embedding(ids, weights, meta, torch.bfloat16) * 2

@@ -28,8 +28,9 @@ A quantized input embedding (a tied, quantized lm_head: docs/format.md) looks it
     easyquant::embedding(Tensor ids, Tensor[] weights, int[] meta, ScalarType dtype) -> Tensor
 
 ``ids`` any shape of row indices; ``weights`` the canonical ``qweight, scales, indptr, indices, values`` and, where
-the checkpoint has them, ``zeros`` (unpacked, ``[N, K/G]`` uint8) and ``col_scale``; ``meta = [bits, group_size,
-K, has_zeros, has_col_scale, width]`` (``width``: the most outliers of any row). Returns ``[*ids.shape, K]`` ``W'``
+the checkpoint has them, ``zeros`` (unpacked, ``[N, K/G]`` uint8), ``col_scale`` and (format version 3)
+``row_steps``; ``meta = [bits, group_size, K, has_zeros, has_col_scale, width, has_row_steps]`` (``width``: the
+most outliers of any row). Returns ``[*ids.shape, K]`` ``W'``
 rows in ``dtype`` (``quant.dequantize_rows``: fixed shapes, no host sync, so CUDA graphs can hold it too).
 """
 
@@ -94,13 +95,14 @@ def _embedding_impl(ids: torch.Tensor, weights: list[torch.Tensor], meta: list[i
                     dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     from ..quant import OutlierCSR, QuantizedWeight, dequantize_rows
 
-    bits, group_size, k, has_zeros, has_col, width = meta
+    bits, group_size, k, has_zeros, has_col, width, has_row_steps = meta
     qweight, scales, indptr, indices, values = weights[:5]
     rest = iter(weights[5:])
     zeros = next(rest) if has_zeros else None
     col_scale = next(rest) if has_col else None
+    row_steps = next(rest) if has_row_steps else None  # format version 3: uint8 scales are multiples of it
     qw = QuantizedWeight(qweight, scales, OutlierCSR(indptr, indices, values, (qweight.shape[0], k)), bits,
-                         group_size, zeros=zeros, col_scale=col_scale)  # fmt: skip
+                         group_size, zeros=zeros, col_scale=col_scale, row_steps=row_steps)  # fmt: skip
     return dequantize_rows(qw, ids, width, dtype)
 
 
