@@ -335,8 +335,10 @@ def _vllm_cpu_dense_linear(weight: torch.Tensor, layer: torch.nn.Module) -> Any:
     holder.weight = Parameter(weight, requires_grad=False)
     holder.bias = getattr(layer, "bias", None)
     dispatch_cpu_unquantized_gemm(holder, remove_weight=True)
-    cpu_linear = holder.cpu_linear
-    return lambda x, bias: cpu_linear(x, None, bias)
+    # The prepacked GEMMs ignore the weight argument (and leave an empty one); vLLM's last fallback, where oneDNN
+    # cannot take this dtype on this CPU (bf16 without AVX512-BF16), is F.linear on it: pass what remains.
+    cpu_linear, weight_arg = holder.cpu_linear, holder.weight
+    return lambda x, bias: cpu_linear(x, weight_arg, bias)
 
 
 class _Loader:

@@ -169,3 +169,25 @@ def test_linear_method_revalidates_the_sliced_csr_before_any_kernel(monkeypatch:
     monkeypatch.setattr(linear_method, "slice_columns", broken_slice)
     with pytest.raises(CheckpointError, match=r"down_proj \(this rank's slice\)\.outlier_indices: entry 0 = \d+ out"):
         method.process_weights_after_loading(build())
+
+
+@pytest.mark.parametrize("backend", ["this-cpu", "fallback"])
+def test_dense_fallback_runs_on_vllms_cpu_gemm_of_every_kind(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    # torch-reference (a failed self-check, EASYQUANT_KERNEL) on CPU runs W' through the GEMM vLLM picks for an
+    # unquantized layer. Where oneDNN cannot take the dtype (bf16 on a CPU without AVX512-BF16) vLLM falls back to
+    # F.linear on the weight argument, which must then be W' (it once was None: a crash at the first forward).
+    pytest.importorskip("vllm")
+    from vllm.model_executor.layers import utils as vllm_utils
+
+    from easyquant_vllm.linear_method import _vllm_cpu_dense_linear
+
+    if backend == "fallback":  # what an AVX2 machine gets for bf16, forced on any machine
+        monkeypatch.setattr(vllm_utils, "check_cpu_sgl_kernel", lambda *a: False)
+        monkeypatch.setattr(vllm_utils.ops, "_supports_onednn", False, raising=False)
+    w = heavy_tailed(96, 128, seed=3).bfloat16()
+    layer = torch.nn.Module()
+    layer.bias = None
+    linear = _vllm_cpu_dense_linear(w.clone(), layer)
+    x = torch.randn(5, 128).bfloat16()
+    got, want = linear(x, None).double(), torch.nn.functional.linear(x, w).double()
+    assert float((got - want).abs().max() / want.abs().max()) < 2e-2  # bf16 GEMMs may sum in other orders
