@@ -361,9 +361,10 @@ def validate_layer(
         raise CheckpointError(f"layer {prefix}: missing tensor(s) {missing}")
     csr_present = [tensor_name(prefix, s) for s in CSR_SUFFIXES if tensor_name(prefix, s) in tensors]
     if version == 3 and 0 < len(csr_present) < len(CSR_SUFFIXES):
+        csr_missing = [tensor_name(prefix, s) for s in CSR_SUFFIXES if tensor_name(prefix, s) not in tensors]
         raise CheckpointError(
-            f"layer {prefix}: has {csr_present} but not all three outlier tensors (a version-3 layer stores all of "
-            f"{list(CSR_SUFFIXES)} or none)"
+            f"layer {prefix}: missing tensor(s) {csr_missing}: it has {csr_present}, and a version-3 layer stores "
+            f"all three outlier tensors {list(CSR_SUFFIXES)} or none"
         )
     expected = required + tuple(s for s in optional if tensor_name(prefix, s) in tensors)
     extra = [

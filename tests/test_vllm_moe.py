@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from converters.convert import convert
@@ -27,6 +28,9 @@ pytestmark = pytest.mark.slow
 
 PROMPTS = [[5, 17, 42, 9, 100, 3], [200, 11, 7]]
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe"]
+SEEDS = {"mixtral": 10, "qwen2_moe": 11, "qwen3_moe": 22}
+"""Random models whose W' HF itself computes in bf16 within the tests' bound (seed 12 for Qwen3-MoE did not: a
+first greedy token at p = 0.35 and a router near-tie moved 0.85 nats in HF's bf16 forward alone)."""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,15 +41,15 @@ def _vllm() -> None:
 @pytest.fixture(scope="module")
 def moe_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path, Path]]:
     """Per architecture: (source, EasyQuant checkpoint, its reference W' as a plain HF model). Decisive next-token
-    distributions and router choices (``lm_head_std``, ``router_std``: bf16 must not flip a near-tie), 8 experts,
-    top-2, the converter's defaults (group 128: TP = 2 splits each expert's 256 into two groups)."""
+    distributions and router choices (``lm_head_std``, ``router_std``: bf16 must not flip a near-tie; the bf16 tests
+    check that premise on HF's own bf16 forward), 8 experts, top-2, the converter's defaults (group 32)."""
     root = tmp_path_factory.mktemp("moe")
     out = {}
-    for i, arch in enumerate(ARCHS):
-        src = build_tiny_model(root / arch, arch=arch, seed=10 + i, lm_head_std=0.3, router_std=0.3,
+    for arch in ARCHS:
+        src = build_tiny_model(root / arch, arch=arch, seed=SEEDS[arch], lm_head_std=0.3, router_std=0.3,
                                intermediate_size=256, moe_intermediate_size=256)  # fmt: skip
         eq = root / f"{arch}-eq"
-        convert(src, eq, progress=False)  # the defaults: format 2, group size auto (128 here)
+        convert(src, eq, progress=False)  # the defaults: format 3, group size auto (32 here)
         out[arch] = (src, eq, reference_model_dir(eq, root / f"{arch}-ref"))
     return out
 
@@ -60,7 +64,13 @@ def test_converter_quantizes_every_expert_and_keeps_routers(moe_models: dict[str
         assert not any(".experts." in m for m in qc["modules_to_not_convert"]), arch
         routers = [m for m in qc["modules_to_not_convert"] if m.endswith((".gate", ".shared_expert_gate"))]
         assert len(routers) == (4 if arch == "qwen2_moe" else 2), (arch, routers)
-        assert report["totals"]["bits_per_weight"] <= 4.6
+        # The storage formula of docs/format.md at the 0.25 % outlier cap: 4 + 16/G + 16/K (row steps) + 16/N
+        # (column scale) + 32 (N + 1) / (N K) (row pointers) + 48 per outlier. These experts are [256, 256], so the
+        # per-row terms are large (4.87 bits); the 1.25 B benchmark MoE of docs/serving.md has 4.5x wider rows.
+        for t in report["tensors"]:
+            n, k = t["shape"]
+            bound = 4 + 16 / 32 + 16 / k + 16 / n + 32 * (n + 1) / (n * k) + 48 * 0.0025
+            assert t["bits_per_weight"] <= bound + 1e-9, (arch, t["name"], t["bits_per_weight"], bound)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -82,6 +92,10 @@ def _bf16_against_reference(moe: tuple[Path, Path, Path], run) -> tuple[float, f
     src, eq, ref = moe
     sequences = [p + hf_logprobs(ref, None, p, [0] * 8)[0] for p in PROMPTS]
     want = [hf_sequence_logprobs(ref, None, s) for s in sequences]
+    # The premise: bf16 arithmetic alone (HF's forward of the same W') stays within the bound on this model.
+    hf_bf16 = [hf_sequence_logprobs(ref, None, s, torch.bfloat16) for s in sequences]
+    premise = max(abs(a - b) for r, g in zip(want, hf_bf16, strict=True) for a, b in zip(r, g, strict=True))
+    assert premise < 0.3, f"the model is not decisive in bf16: HF's own bf16 forward moves {premise:.3f}"
     got = run(eq, sequences)
     diff = max(abs(a - b) for r, g in zip(want, got, strict=True) for a, b in zip(r, g, strict=True))
     unquantized = [hf_sequence_logprobs(src, None, s) for s in sequences]

@@ -69,12 +69,12 @@ def vllm_generate(
 
 
 def hf_logprobs(model_dir: Path, state_dict: dict[str, torch.Tensor] | None, prompt: list[int],
-                tokens: list[int]) -> tuple[list[int], list[float]]:  # fmt: skip
+                tokens: list[int], dtype: torch.dtype = torch.float32) -> tuple[list[int], list[float]]:  # fmt: skip
     """HF model (optionally with ``state_dict`` loaded): its own greedy tokens, and the logprobs of
-    ``tokens`` after ``prompt``, both in float32."""
+    ``tokens`` after ``prompt``, both computed in ``dtype`` (float32 unless asked)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     if state_dict is not None:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         assert not unexpected, unexpected
@@ -111,9 +111,9 @@ def vllm_prompt_logprobs(model_dir: Path, sequences: list[list[int]], dtype: str
 
 
 def hf_sequence_logprobs(model_dir: Path, state_dict: dict[str, torch.Tensor] | None,
-                         sequence: list[int]) -> list[float]:  # fmt: skip
-    """The float32 HF model's logprob of each token of ``sequence`` after its first."""
-    return hf_logprobs(model_dir, state_dict, sequence[:1], sequence[1:])[1]
+                         sequence: list[int], dtype: torch.dtype = torch.float32) -> list[float]:  # fmt: skip
+    """The HF model's logprob (computed in ``dtype``) of each token of ``sequence`` after its first."""
+    return hf_logprobs(model_dir, state_dict, sequence[:1], sequence[1:], dtype)[1]
 
 
 def reference_model_dir(checkpoint: Path, out: Path) -> Path:
