@@ -3,7 +3,7 @@
     python bench/convert_throughput.py                   # one synthetic Llama-7B block, float16
     python bench/convert_throughput.py --model DIR       # any HF directory instead
 
-Rows: the converter with format version 2 (the default) and 1, RTN, the paper's Adam (version 1, on a
+Rows: the converter with format version 3 (the default), 2 and 1, RTN, the paper's Adam (version 1, on a
 smaller input), and the data-free peers HQQ (``hqq==0.2.8``) and SINQ (``sinq==0.2.0``, from a ``pip
 download --no-deps`` wheel) quantizing the same 2-D decoder weights in a child process of their own
 (quantization time only: they write nothing).
@@ -30,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.quality import pip_fetch  # noqa: E402
+from easyquant_vllm.quant import DEFAULT_FORMAT_VERSION  # noqa: E402
 
 _CHILD = """
 import json, sys, time
@@ -111,7 +112,7 @@ def run_peer(src: Path, method: str, group_size: str, sinq_wheel: Path) -> dict:
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
 
 
-def run(src: Path, dst: Path, method: str, group_size: str, version: int = 2, threads: int | None = None) -> dict:
+def run(src: Path, dst: Path, method: str, group_size: str, version: int, threads: int | None = None) -> dict:
     env = {**os.environ, **({"EQ_BENCH_THREADS": str(threads)} if threads else {})}
     cmd = [sys.executable, "-c", _CHILD.format(root=str(ROOT)), str(src), str(dst), "--no-progress",
            "--method", method, "--group-size", group_size, "--overwrite", "--format-version", str(version)]  # fmt: skip
@@ -135,12 +136,16 @@ def largest_tensor_bytes(src: Path) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="HF model directory (default: a synthetic Llama-7B block)")
-    p.add_argument("--group-size", default="128")
+    p.add_argument(
+        "--group-size",
+        default="auto",
+        help="as easyquant-convert's (default auto: each version's own; the peers take the default row's)",
+    )
     p.add_argument("--layers", type=int, default=1, help="synthetic Llama-7B blocks (202 M params each)")
     p.add_argument("--adam-hidden", type=int, default=1024, help="hidden size of the smaller input for adam")
     p.add_argument("--no-peers", action="store_true", help="skip the HQQ and SINQ rows")
     p.add_argument("--threads", type=int, nargs="+",
-                   help="only the default (v2) row, once per torch thread count: the converter's scaling")  # fmt: skip
+                   help="only the default row, once per torch thread count: the converter's scaling")  # fmt: skip
     args = p.parse_args()
     if args.threads:
         return scaling(args)
@@ -152,19 +157,22 @@ def main() -> None:
         largest = largest_tensor_bytes(src)
         print(f"# input {src}: largest tensor {largest / 2**20:.0f} MiB; torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads")  # fmt: skip
-        print("| method | input | params | M params/s (quantize) | wall s | peak RSS MiB | baseline MiB | "
+        print("| method | input | group | params | M params/s (quantize) | wall s | peak RSS MiB | baseline MiB | "
               "(peak - baseline) / largest tensor | rel. error |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        default = f"EasyQuant v{DEFAULT_FORMAT_VERSION} (default)"
         rates, group = {}, args.group_size
-        for label, method, inp, version in (("EasyQuant v2 (default)", "search", src, 2),
-                                            ("EasyQuant v1", "search", src, 1), ("RTN", "rtn", src, 1),
-                                            ("paper Adam (v1)", "adam", small, 1)):  # fmt: skip
+        for label, method, inp, version in ((default, "search", src, DEFAULT_FORMAT_VERSION),
+                                            ("EasyQuant v2", "search", src, 2), ("EasyQuant v1", "search", src, 1),
+                                            ("RTN", "rtn", src, 1), ("paper Adam (v1)", "adam", small, 1)):  # fmt: skip
+            if label == "EasyQuant v2" and DEFAULT_FORMAT_VERSION == 2:
+                continue
             r = run(inp, tmp_path / f"out-{method}-{version}", method, args.group_size, version)
             lt = largest if inp == src else largest_tensor_bytes(inp)
             extra = (r["peak_kib"] - r["base_kib"]) * 1024 / lt
             rates[label] = r["params"] / r["quantize_seconds"]
-            group = group if label != "EasyQuant v2 (default)" else str(r["group_size"])  # "auto" resolved
-            print(f"| {label} | {'main' if inp == src else 'small'} | {r['params'] / 1e6:.1f} M | "
+            group = group if label != default else str(r["group_size"])  # "auto" resolved
+            print(f"| {label} | {'main' if inp == src else 'small'} | {r['group_size']} | {r['params'] / 1e6:.1f} M | "
                   f"{rates[label] / 1e6:.1f} | {r['wall']:.1f} | {r['peak_kib'] / 1024:.0f} | "
                   f"{r['base_kib'] / 1024:.0f} | {extra:.2f} | {r['rel_err']:.4f} |")  # fmt: skip
         if not args.no_peers:
@@ -172,11 +180,13 @@ def main() -> None:
             for peer in ("hqq", "sinq"):
                 r = run_peer(src, peer, group, wheel)
                 rates[peer] = r["params"] / r["quantize_seconds"]
-                print(f"| {peer.upper()} (quantize only) | main | {r['params'] / 1e6:.1f} M | {rates[peer] / 1e6:.1f} "
-                      "| | | | | |")  # fmt: skip
-            v2 = rates["EasyQuant v2 (default)"]
-            print(f"\nEasyQuant v2 quantizes {v2 / rates['hqq']:.1f}x as fast as HQQ and {v2 / rates['sinq']:.1f}x "
-                  "as fast as SINQ on the same tensors.")  # fmt: skip
+                print(f"| {peer.upper()} (quantize only) | main | {group} | {r['params'] / 1e6:.1f} M | "
+                      f"{rates[peer] / 1e6:.1f} | | | | | |")  # fmt: skip
+            ours = rates[default]
+            print(
+                f"\nThe default (v{DEFAULT_FORMAT_VERSION}, group {group}) quantizes {ours / rates['hqq']:.1f}x as "
+                f"fast as HQQ and {ours / rates['sinq']:.1f}x as fast as SINQ on the same tensors, same groups."
+            )
 
 
 def scaling(args: argparse.Namespace) -> None:
@@ -189,7 +199,7 @@ def scaling(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(dir=src.parent) as tmp:
         for n in args.threads:
-            r = run(src, Path(tmp) / f"out-{n}", "search", args.group_size, 2, threads=n)
+            r = run(src, Path(tmp) / f"out-{n}", "search", args.group_size, DEFAULT_FORMAT_VERSION, threads=n)
             extra = (r["peak_kib"] - r["base_kib"]) * 1024
             print(f"| {n} | {r['params'] / 1e6:.0f} M | {r['quantize_seconds']:.1f} | "
                   f"{r['params'] / r['quantize_seconds'] / 1e6:.1f} | {r['wall']:.1f} | {extra / 2**20:.0f} | "
