@@ -405,6 +405,7 @@ def _write(
                 "rel_err": qw.stats.rel_err,
                 "bits_per_weight": bits_per_weight(n, k, spec.bits, spec.group_size, qw.outliers.nnz,
                                                    spec.zero_points, qw.col_scale is not None, spec.format_version),
+                "column_scale": qw.col_scale is not None,
                 "seconds": seconds,
             })  # fmt: skip
             log.debug("%s [%d, %d] %s -> outliers %.3f%%, rel err %.4f (RTN %.4f)", m, n, k, t.dtype,
@@ -545,7 +546,10 @@ def summary_table(report: dict[str, Any]) -> str:
     t = report["totals"]
     qc = report["quantization_config"]
     rate = t["params_per_second"]
-    extras = [name for key, name in (("zero_points", "zero points"), ("column_scale", "column scales")) if qc.get(key)]
+    extras = ["zero points"] if qc.get("zero_points") else []
+    if qc.get("column_scale"):  # version 3 keeps a layer's column scale only where it removes error: say where
+        scaled = sum(bool(r.get("column_scale", True)) for r in report["tensors"])
+        extras.append(f"column scales on {scaled} of {len(report['tensors'])} layers")
     lines.append(
         f"format v{qc['format_version']}, {qc['bits']}-bit, group {qc['group_size']}"
         + "".join(f", {e}" for e in extras)

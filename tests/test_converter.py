@@ -247,6 +247,12 @@ def test_cli_convert_summary_and_validate(tiny_llama: Path, tmp_path: Path, caps
     assert cli_main([str(tiny_llama), str(dst), "--no-progress", "--group-size", "64"]) == 0
     out = capsys.readouterr().out
     assert "down_proj" in out and "total" in out and "M params/s" in out
+    # version 3 decides the column scale per layer, so the summary says on how many it kept one
+    layers = [r["name"] for r in json.loads((dst / "easyquant_report.json").read_text())["tensors"]]
+    with safe_open(str(dst / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    scaled = sum(f"{name}.col_scale" in names for name in layers)
+    assert f"column scales on {scaled} of {len(layers)} layers" in out
     assert cli_main([str(tiny_llama), str(tmp_path / "dry"), "--dry-run"]) == 0
     assert "model.layers.1.mlp.down_proj.weight" in capsys.readouterr().out
     assert not (tmp_path / "dry").exists()
