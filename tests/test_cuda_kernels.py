@@ -418,8 +418,10 @@ def _nvrtc():  # type: ignore[no-untyped-def]
     return nvrtc
 
 
+# NVRTC runs the same ptxas as nvcc (whose test above covers all four architectures); what this adds is that the
+# run-time options and headers compile, which the oldest and the newest architecture show. Two more cost CI a minute.
 @pytest.mark.parametrize("source", sorted(KERNELS))
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_kernels_compile_with_nvrtc_as_at_run_time(arch: str, source: str) -> None:
     result = _nvrtc().nvrtc_compile(source, arch)
     assert result.cubin[:4] == b"\x7fELF"

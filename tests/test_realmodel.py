@@ -59,11 +59,13 @@ def test_smollm2_convert_real_weights(smollm2: Path, tmp_path: Path) -> None:
 
 
 def test_smollm2_served_by_vllm(smollm2: Path, tmp_path: Path) -> None:
-    """The real model through real vLLM: the int4 path answers, and fp32 agrees with HF."""
+    """The real model through real vLLM in its default dtype: the int4 path answers. (That vLLM computes the same
+    model as the float32 HF reference is checked on the real Gemma-3 below and on every tiny architecture in
+    test_vllm.py; a second engine here would add two minutes to CI and no new code path.)"""
     pytest.importorskip("vllm")
     from transformers import AutoTokenizer
 
-    from tests.vllm_helpers import hf_logprobs, vllm_generate
+    from tests.vllm_helpers import vllm_generate
 
     dst = tmp_path / "eq"
     convert(smollm2, dst, progress=False)
@@ -71,12 +73,6 @@ def test_smollm2_served_by_vllm(smollm2: Path, tmp_path: Path) -> None:
     prompt = tok("The capital of France is")["input_ids"]
     bf16 = vllm_generate(dst, [prompt], max_tokens=6, quantization="easyquant", dtype="bfloat16")[0]
     assert "Paris" in tok.decode(bf16.token_ids)
-    fp32 = vllm_generate(dst, [prompt], max_tokens=6, quantization="easyquant")[0]
-    hf_tokens, hf_lp = hf_logprobs(dst, dequantized_state_dict(dst), prompt, fp32.token_ids)
-    assert fp32.token_ids == hf_tokens
-    # 30 layers of float32 with different summation orders (vLLM's kernels vs HF): the bound is
-    # looser than the 2-layer model's 1e-4 to leave room; measured max |dlogprob| 9.3e-6.
-    assert max(abs(a - b) for a, b in zip(fp32.logprobs, hf_lp, strict=True)) < 1e-3
 
 
 @pytest.fixture(scope="session")
