@@ -75,7 +75,7 @@ def _run_tp(model: Path, tp: int, tmp_path: Path) -> dict:
 
 
 @pytest.mark.parametrize("kv_heads, tied", [(2, False), (1, True)])  # 1 KV head: replicated on both ranks
-def test_vllm_tensor_parallel_2_matches_tp_1(tmp_path: Path, kv_heads: int, tied: bool) -> None:
+def test_vllm_tensor_parallel_2_matches_hf_reference(tmp_path: Path, kv_heads: int, tied: bool) -> None:
     # With a quantized lm_head (--lm-head): the vocabulary rows are split over the ranks. Untied: vocabulary 500,
     # so vLLM pads each rank's block (rank 1: 244 rows + 12 zero rows); tied: the input lookups are split too.
     src = build_tiny_model(tmp_path / "src", num_kv_heads=kv_heads, seed=2, tie_word_embeddings=tied,
@@ -84,10 +84,9 @@ def test_vllm_tensor_parallel_2_matches_tp_1(tmp_path: Path, kv_heads: int, tied
     convert(src, model, ConvertOptions(lm_head=True), progress=False)  # group 32: K = 256, 512 split in two
     cfg = json.loads((model / "config.json").read_text())["quantization_config"]
     assert (cfg["format_version"], cfg["zero_points"], cfg["column_scale"]) == (3, True, True)  # the default: v3
-    tp1 = _run_tp(model, 1, tmp_path)
-    hf_tokens, hf_lp = hf_logprobs(model, dequantized_state_dict(model), PROMPT, tp1["tokens"])
-    assert tp1["tokens"] == hf_tokens
-    assert max(abs(a - b) for a, b in zip(tp1["logprobs"], hf_lp, strict=True)) < 1e-4
+    # Against the HF reference directly, not through a TP = 1 engine: that one matches HF to 1e-4 in every
+    # test_vllm.py test, and its engine cost CI a minute per case. 2e-4 is the two 1e-4 steps it replaces.
     tp2 = _run_tp(model, 2, tmp_path)
-    assert tp2["tokens"] == tp1["tokens"]
-    assert max(abs(a - b) for a, b in zip(tp1["logprobs"], tp2["logprobs"], strict=True)) < 1e-4
+    hf_tokens, hf_lp = hf_logprobs(model, dequantized_state_dict(model), PROMPT, tp2["tokens"])
+    assert tp2["tokens"] == hf_tokens
+    assert max(abs(a - b) for a, b in zip(tp2["logprobs"], hf_lp, strict=True)) < 2e-4
