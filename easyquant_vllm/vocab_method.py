@@ -22,8 +22,8 @@ import torch
 
 from .format import QWEIGHT, CheckpointError, quantized_weight_from_tensors, tensor_name, validate_weight
 from .kernels.op import embedding as embedding_op
+from .kernels.op import embedding_operands
 from .linear_method import EasyQuantLinearMethod, LayerState, ShardPlan
-from .quant import max_row_nnz
 from .sharding import pad_rows, slice_rows
 
 if TYPE_CHECKING:
@@ -101,17 +101,12 @@ class EasyQuantVocabMethod(EasyQuantLinearMethod):
         self.install(layer, [part], [plan.name])
 
     def _register_lookup(self, layer: torch.nn.Module, qw: Any) -> None:
-        o = qw.outliers
         device = layer.qweight.device
-        tensors = [qw.qweight, qw.scales, o.indptr, o.indices, o.values]
-        tensors += [t for t in (qw.zeros, qw.col_scale, qw.row_steps) if t is not None]
+        tensors, layer.lookup_meta = embedding_operands(qw)
         layer.lookup_names = []
         for i, t in enumerate(tensors):
             layer.register_buffer(f"{_LOOKUP}{i}", t.contiguous().to(device), persistent=False)
             layer.lookup_names.append(f"{_LOOKUP}{i}")
-        layer.lookup_meta = [self.bits, self.group_size, qw.shape[1], int(qw.zeros is not None),
-                             int(qw.col_scale is not None), max_row_nnz(o.indptr),
-                             int(qw.row_steps is not None)]  # fmt: skip
 
     def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
         """``W'`` rows of ``input_`` (``[T]`` ids into this rank's rows) in the model's dtype, ``[T, hidden]``."""

@@ -21,7 +21,8 @@ from easyquant_vllm.kernels import (
     dispatch_counts,
     reset_dispatch_counts,
 )
-from easyquant_vllm.quant import QuantSpec, max_row_nnz, quantize_weight
+from easyquant_vllm.kernels.op import embedding_operands
+from easyquant_vllm.quant import QuantSpec, quantize_weight
 from tests.conftest import heavy_tailed, quantized
 from tests.cuda_standin import HostLauncher
 
@@ -47,12 +48,9 @@ def test_embedding_op_looks_up_w_prime_rows_under_compile(version: int) -> None:
     # Which rows (and so how many outliers) is data: the op must trace as one node with a fixed output shape.
     # Version 3 (the default) carries row_steps: without them its uint8 multipliers are not steps.
     qw = quantized(heavy_tailed(64, 128, seed=6) * torch.linspace(0.5, 2, 128), version, 32)
-    o = qw.outliers
-    optional = [t for t in (qw.zeros, qw.col_scale, qw.row_steps) if t is not None]
-    weights = [qw.qweight, qw.scales, o.indptr, o.indices, o.values, *optional]
-    meta = [qw.bits, qw.group_size, 128, int(qw.zeros is not None), int(qw.col_scale is not None),
-            max_row_nnz(o.indptr), int(qw.row_steps is not None)]  # fmt: skip
+    weights, meta = embedding_operands(qw)  # what the vocabulary method registers
     assert (qw.row_steps is not None) == (version == 3)
+    assert meta[-1] == int(version == 3)
 
     def lookup(ids: torch.Tensor) -> torch.Tensor:
         return torch.ops.easyquant.embedding(ids, weights, meta, torch.bfloat16) * 2

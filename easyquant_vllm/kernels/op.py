@@ -38,8 +38,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..quant import QuantizedWeight
 
 _SCHEMA = "linear(Tensor x, Tensor[] weights, Tensor? bias, str kernel, int[] meta) -> Tensor"
 _MOE_SCHEMA = "moe(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor[] weights, str kernel, int[] meta) -> Tensor"
@@ -145,3 +149,15 @@ def embedding(
 ) -> torch.Tensor:
     """Call ``easyquant::embedding`` (see the module docstring)."""
     return torch.ops.easyquant.embedding(ids, list(weights), list(meta), dtype)
+
+
+def embedding_operands(qw: QuantizedWeight) -> tuple[list[torch.Tensor], list[int]]:
+    """``(weights, meta)`` of ``easyquant::embedding`` for ``qw``: the inverse of the op's unpacking, kept beside it
+    so that a tensor a format version adds (version 3's ``row_steps``) reaches the lookup wherever it is built."""
+    from ..quant import max_row_nnz
+
+    o = qw.outliers
+    optional = (qw.zeros, qw.col_scale, qw.row_steps)
+    weights = [qw.qweight, qw.scales, o.indptr, o.indices, o.values, *(t for t in optional if t is not None)]
+    has_zeros, has_col, has_row_steps = (int(t is not None) for t in optional)
+    return weights, [qw.bits, qw.group_size, qw.shape[1], has_zeros, has_col, max_row_nnz(o.indptr), has_row_steps]
