@@ -548,7 +548,7 @@ def summary_table(report: dict[str, Any]) -> str:
     rate = t["params_per_second"]
     extras = ["zero points"] if qc.get("zero_points") else []
     if qc.get("column_scale"):  # version 3 keeps a layer's column scale only where it removes error: say where
-        scaled = sum(bool(r.get("column_scale", True)) for r in report["tensors"])
+        scaled = sum(r["column_scale"] for r in report["tensors"])
         extras.append(f"column scales on {scaled} of {len(report['tensors'])} layers")
     lines.append(
         f"format v{qc['format_version']}, {qc['bits']}-bit, group {qc['group_size']}"

@@ -359,9 +359,10 @@ def validate_layer(
     missing = [tensor_name(prefix, s) for s in required if tensor_name(prefix, s) not in tensors]
     if missing:
         raise CheckpointError(f"layer {prefix}: missing tensor(s) {missing}")
-    csr_present = [tensor_name(prefix, s) for s in CSR_SUFFIXES if tensor_name(prefix, s) in tensors]
+    csr_names = [tensor_name(prefix, s) for s in CSR_SUFFIXES]
+    csr_present = [name for name in csr_names if name in tensors]
     if version == 3 and 0 < len(csr_present) < len(CSR_SUFFIXES):
-        csr_missing = [tensor_name(prefix, s) for s in CSR_SUFFIXES if tensor_name(prefix, s) not in tensors]
+        csr_missing = [name for name in csr_names if name not in tensors]
         raise CheckpointError(
             f"layer {prefix}: missing tensor(s) {csr_missing}: it has {csr_present}, and a version-3 layer stores "
             f"all three outlier tensors {list(CSR_SUFFIXES)} or none"
