@@ -18,6 +18,9 @@ i16        AVX2 + FMA                         integer codes times ``x * c`` in 1
 bf16dp     AVX512-BF16, bf16 activations      exact bf16 codes, ``vdpbf16ps`` per group, step applied in fp32
 amx        AMX-BF16, bf16 activations         the same codes as AMX B tiles, up to 64 batch rows per pass
 dequant    AVX2                               W'^T in x's dtype (bit-identical to the reference), ATen GEMM
+i8         AVX2 + FMA; opt-in, not planned    integer codes times ``x * c`` rounded to int8 per 32 columns
+                                              (``vpmaddubsw``, as llama.cpp's Q8 activations): faster than
+                                              i16, but x is rounded (``I8_CHECK_TOLERANCE``)
 =========  =================================  =============================================================
 
 The plan (which path for which M) is fixed per ISA and dtype from measurements (docs/serving.md); it is
@@ -44,9 +47,12 @@ logger = logging.getLogger("vllm.easyquant")
 SOURCE = Path(__file__).resolve().parent / "csrc" / "eq_cpu.cpp"
 SOURCES = (SOURCE, SOURCE.with_name("eq_cpu_moe.cpp"))
 """The op library: the linear op (eq_cpu.cpp) and the MoE op that runs it per expert (eq_cpu_moe.cpp)."""
-PATHS = ("fma", "bf16dp", "amx", "dequant", "i16")
+PATHS = ("fma", "bf16dp", "amx", "dequant", "i16", "i8")
 """Path ids of the C++ op, in order (``Path`` in eq_cpu.cpp; a new path takes the next id)."""
 
+I8_CHECK_TOLERANCE = 2e-2
+"""Self-check bound (mean relative error) of a plan with the i8 path, whatever the activations' dtype: x * c
+rounded to int8 per 32 columns is ~5e-3 on the check's Gaussian x, more than fp16's own bound (select.py)."""
 _BLOCK_N = 16
 OPTIONAL_TENSORS = ("zeros", "col_scale", "row_steps")
 """The op's optional weight tensors, in the order :meth:`NativeCpuKernel.apply_tensors` appends them: format
@@ -194,6 +200,11 @@ class NativeCpuKernel(Kernel):
                  plan: Sequence[int] | None = None) -> None:  # fmt: skip
         super().__init__(spec, device)
         self.plan = list(plan) if plan is not None else default_plan(spec.act_dtype, available_paths(spec.act_dtype))
+
+    @property
+    def check_tolerance_floor(self) -> float:
+        """The self-check's bound is at least this (:func:`.select.check_tolerance`): nonzero with the i8 path."""
+        return I8_CHECK_TOLERANCE if PATHS.index("i8") in self.plan[1::2] else 0.0
 
     def prepare(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         """The op's layout; format version 2 adds ``zeros`` (uint8, blocked like the steps) and ``col_scale``

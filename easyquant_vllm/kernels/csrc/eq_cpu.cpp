@@ -48,6 +48,9 @@
 //            (|error| <= max|x * c| / 65534 per element, the max taken over the sub-block), the codes left
 //            as integers: vpmaddwd multiplies code pairs with x pairs (16 MACs per instruction, 8 for an
 //            FMA) into int32 sums per sub-block, scaled once per sub-block in fp32. W' stays exact. fp16 too.
+//   kI8      AVX2, opt-in: x * c rounded to int8 per batch row and 32 columns (|error| <= max|x * c| / 254), as
+//            llama.cpp's Q8 activations; vpmaddubsw multiplies code bytes with x bytes (32 MACs per
+//            instruction) into int16 sums per 32 columns. W' stays exact; x is not (see the path's comment).
 //   kBf16Dp  AVX512-BF16: bf16 codes, vdpbf16ps per group, the group sum corrected and scaled in fp32.
 //   kAmx     AMX-BF16: a block's codes written once as 1 KB B tiles in L1, tdpbf16ps against 16-row A
 //            tiles of x (up to four at once); per group the C tiles are stored, corrected and scaled in fp32.
@@ -76,7 +79,7 @@ constexpr float kCodeBase = 128.0f;  // bf16 codes hold 128 + u
 constexpr int64_t kPrefetchWords = 16;  // software prefetch distance in 64-byte lines of codes
 
 // The ids are the plan's ints (cpu_native.PATHS): a new path takes the next id, the others keep theirs.
-enum Path : int64_t { kFma = 0, kBf16Dp = 1, kAmx = 2, kDequant = 3, kI16 = 4, kNumPaths = 5 };
+enum Path : int64_t { kFma = 0, kBf16Dp = 1, kAmx = 2, kDequant = 3, kI16 = 4, kI8 = 5, kNumPaths = 6 };
 
 std::atomic<int64_t> g_path_calls[kNumPaths];  // how often each path ran (the tests' dispatch counter)
 
@@ -103,8 +106,9 @@ struct Problem {
   const uint16_t* xpad;    // [mp][K] x, zero rows past M (AMX A tiles are 16 rows), or null
   int64_t xg;              // columns per x sub-block of the i16 path (divides G), else 0
   int64_t xblocks;         // K / xg (computed once, as groups)
-  const uint32_t* xq;      // [M][K/2] int16 pairs of x * c, i16 layout (quantize_x_i16), or null
-  const float* xsigma;     // [M][K/xg] step of xq per sub-block (x * c ~ sigma * xq)
+  const uint32_t* xq;      // [M][K/2] int16 pairs of x * c, i16 layout (quantize_x_i16); [M][K/4] int8 quads, i8
+                           // layout (quantize_x_i8); or null
+  const float* xsigma;     // [M][K/xg] step of xq per sub-block (x * c ~ sigma * xq; i8: xg = 32)
   const float* xqsum;      // [M][K/xg] sum of xq over the sub-block (exact: |sum| <= 128 * 32767 < 2^24)
 };
 
@@ -469,6 +473,98 @@ __attribute__((target("avx2,fma,f16c"))) void i16_block(const Problem& P, int64_
         case 3: i16_rows<3>(P, b, xi, m0, st, m0 == 0, acc); break;
         case 2: i16_rows<2>(P, b, xi, m0, st, m0 == 0, acc); break;
         case 1: i16_rows<1>(P, b, xi, m0, st, m0 == 0, acc); break;
+        default: break;
+      }
+    }
+  }
+}
+
+// ---- kI8: AVX2 8-bit integer dot products (vpmaddubsw), x rounded to 8 bits ---------------------------
+
+// Why a second integer path: at 16 batch rows the i16 path is bound by vpmaddwd (16 MACs per instruction, one
+// per cycle on the AVX2 machines measured; docs/serving.md), and at one row by its instruction count.
+// vpmaddubsw multiplies 32 unsigned bytes with 32 signed bytes and adds neighbours into 16 int16: 32 MACs per
+// instruction, twice vpmaddwd's. The codes (0..15) are the unsigned operand as they are; x must be int8. This is
+// what llama.cpp does on every CPU (its Q8 activations per block of 32 or 256); the price is x rounded to 8 bits
+// per sub-block of 32 columns, |error| <= max |x * c| / 254 per element, the max taken over the sub-block: about
+// 0.5 % relative on a Gaussian x, twice bf16's own rounding of x. W' stays exact, as in the i16 path. So this path
+// is opt-in (EASYQUANT_CPU_PLAN=i8), never a default: the fidelity it costs is measured in docs/serving.md.
+//
+// Code bytes: d & 0x0F0F0F0F holds (u[8q], u[8q + 2], u[8q + 4], u[8q + 6]) in the 4 bytes of row j's lane,
+// (d >> 4) & 0x0F0F0F0F holds (u[8q + 1], u[8q + 3], u[8q + 5], u[8q + 7]): two instructions per 8 rows, no
+// shuffle. x is laid out to match (quantize_x_i8): per word q two dwords, (x[8q], x[8q+2], x[8q+4], x[8q+6]) and
+// (x[8q+1], x[8q+3], x[8q+5], x[8q+7]), each broadcast to the 8 lanes.
+//
+// Overflow: vpmaddubsw's int16 is at most 2 * 15 * 127 = 3810 in magnitude (no saturation), a word adds two
+// of them to each int16 sum, and a sub-block of 32 columns is 4 words: at most 30480 < 2^15. So the sums stay
+// int16 (vpaddw, an ALU instruction, not the multiplier) over the whole sub-block, and one vpmaddwd with ones
+// per sub-block turns each lane's two int16 into the row's int32. The epilogue is the i16 path's.
+
+constexpr int64_t kI8Subblock = 32;  // columns per x step and per int16 sum (overflow, above)
+constexpr float kI8Max = 127.0f;     // xq in [-127, 127]
+
+// (lo, hi) += one batch row's x dwords at p (p[0]: even columns, p[1]: odd) times the code bytes of rows 0-7
+// (e0 even, o0 odd columns) and rows 8-15 (e1, o1).
+__attribute__((target("avx2"))) inline void maddubs_word(__m256i e0, __m256i o0, __m256i e1, __m256i o1,
+                                                        const uint32_t* p, __m256i& lo, __m256i& hi) {
+  const __m256i xe = broadcast_pair(p), xo = broadcast_pair(p + 1);
+  lo = _mm256_add_epi16(lo, _mm256_add_epi16(_mm256_maddubs_epi16(e0, xe), _mm256_maddubs_epi16(o0, xo)));
+  hi = _mm256_add_epi16(hi, _mm256_add_epi16(_mm256_maddubs_epi16(e1, xe), _mm256_maddubs_epi16(o1, xo)));
+  in_register(lo);
+  in_register(hi);
+}
+
+// A lane's two int16 sums -> the row's int32 sum (vpmaddwd with ones).
+__attribute__((target("avx2"))) inline __m256i wide(__m256i v) { return _mm256_madd_epi16(v, _mm256_set1_epi16(1)); }
+
+// R batch rows (m0 .. m0 + R - 1) against sub-block xi (32 columns) of block b: int16 sums in registers (2R ymm;
+// R = 4: 8, with 4 code vectors, the mask and 2 broadcasts: 15 of AVX2's 16), then the i16 path's epilogue on
+// their int32 pair sums. prefetch: as in i16_rows.
+template <int R>
+__attribute__((target("avx2,fma,f16c"))) void i8_rows(const Problem& P, int64_t b, int64_t xi, int64_t m0,
+                                                      const I16Steps& st, bool prefetch, float* acc) {
+  static_assert(R >= 1 && R <= 4, "i8_rows: 1 to 4 batch rows");
+  constexpr int64_t words = kI8Subblock / 8;
+  const int64_t dwords = P.k / 4, subblocks = P.xblocks;                // x dwords per batch row
+  const uint32_t* wb = P.w + (b * (P.k / 8) + xi * words) * kBlockN;  // the sub-block's first line
+  const uint32_t* xr = P.xq + m0 * dwords + xi * 2 * words;           // its x dwords in batch row m0
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  __m256i lo0 = _mm256_setzero_si256(), hi0 = lo0, lo1 = lo0, hi1 = lo0, lo2 = lo0, hi2 = lo0, lo3 = lo0, hi3 = lo0;
+  for (int64_t q = 0; q < words; ++q, wb += kBlockN, xr += 2) {
+    if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchWords * kBlockN), _MM_HINT_T0);
+    const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
+    const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 8));
+    const __m256i e0 = _mm256_and_si256(d0, mask), o0 = _mm256_and_si256(_mm256_srli_epi16(d0, 4), mask);
+    const __m256i e1 = _mm256_and_si256(d1, mask), o1 = _mm256_and_si256(_mm256_srli_epi16(d1, 4), mask);
+    maddubs_word(e0, o0, e1, o1, xr, lo0, hi0);
+    if constexpr (R > 1) maddubs_word(e0, o0, e1, o1, xr + dwords, lo1, hi1);
+    if constexpr (R > 2) maddubs_word(e0, o0, e1, o1, xr + 2 * dwords, lo2, hi2);
+    if constexpr (R > 3) maddubs_word(e0, o0, e1, o1, xr + 3 * dwords, lo3, hi3);
+  }
+  const auto row = [&](int r) { return (m0 + r) * subblocks + xi; };       // index of (row m0 + r, sub-block xi)
+  i16_epilogue(wide(lo0), wide(hi0), st, P.xsigma[row(0)], P.xqsum[row(0)], acc + m0 * kBlockN);
+  if constexpr (R > 1)
+    i16_epilogue(wide(lo1), wide(hi1), st, P.xsigma[row(1)], P.xqsum[row(1)], acc + (m0 + 1) * kBlockN);
+  if constexpr (R > 2)
+    i16_epilogue(wide(lo2), wide(hi2), st, P.xsigma[row(2)], P.xqsum[row(2)], acc + (m0 + 2) * kBlockN);
+  if constexpr (R > 3)
+    i16_epilogue(wide(lo3), wide(hi3), st, P.xsigma[row(3)], P.xqsum[row(3)], acc + (m0 + 3) * kBlockN);
+}
+
+// The block, as i16_block: sub-block by sub-block, every row tile over its 512 bytes of codes while they are in L1.
+__attribute__((target("avx2,fma,f16c"))) void i8_block(const Problem& P, int64_t b, float* acc) {
+  std::fill(acc, acc + P.m * kBlockN, 0.0f);
+  const int64_t per_group = P.g / kI8Subblock;
+  const Units8 units = units8(P, b);
+  for (int64_t gi = 0, xi = 0; gi < P.groups; ++gi) {
+    const I16Steps st = i16_steps(group_steps8(P, units, b, gi));
+    for (const int64_t end = xi + per_group; xi < end; ++xi) {
+      int64_t m0 = 0;
+      for (; m0 + 4 <= P.m; m0 += 4) i8_rows<4>(P, b, xi, m0, st, m0 == 0, acc);
+      switch (P.m - m0) {
+        case 3: i8_rows<3>(P, b, xi, m0, st, m0 == 0, acc); break;
+        case 2: i8_rows<2>(P, b, xi, m0, st, m0 == 0, acc); break;
+        case 1: i8_rows<1>(P, b, xi, m0, st, m0 == 0, acc); break;
         default: break;
       }
     }
@@ -932,6 +1028,52 @@ __attribute__((target("avx2,fma"))) void quantize_x_i16(const float* xs, int64_t
   }
 }
 
+// The i8 path's x for batch rows r0 .. r1 - 1, from xs [M][K] (x * c in fp32), per sub-block of 32 columns:
+//   sigma = max |xs| / 127,  xq = round(xs / sigma) (to nearest even),  qsum = sum of xq,
+// xq [M][K/4] as the dwords i8_rows broadcasts: per word q, dword 2q = bytes (xq[8q], xq[8q+2], xq[8q+4],
+// xq[8q+6]) and dword 2q + 1 = bytes (xq[8q+1], xq[8q+3], xq[8q+5], xq[8q+7]). |xs - sigma xq| <= max / 254.
+// Zeros and non-finite values as quantize_x_i16 (sigma 0, or NaN so that the row's outputs are NaN).
+__attribute__((target("avx2,fma"))) void quantize_x_i8(const float* xs, int64_t k, int64_t r0, int64_t r1,
+                                                       uint32_t* xq, float* sigma, float* qsum) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 inf = _mm256_set1_ps(__builtin_inff());
+  const __m256i even_odd = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);  // lanes 0-3: even columns, 4-7: odd
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t c0 = 0; c0 < k; c0 += kI8Subblock) {
+      const float* v = xs + r * k + c0;
+      __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+      for (int64_t c = 0; c < kI8Subblock; c += 8) {
+        const __m256 a = _mm256_and_ps(_mm256_loadu_ps(v + c), abs_mask);
+        vmax = _mm256_max_ps(vmax, a);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // |x| >= inf, or NaN
+      }
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      const float mx = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+      const int64_t i = r * (k / kI8Subblock) + c0 / kI8Subblock;
+      const __m256 scale = _mm256_set1_ps(mx > 0.0f ? kI8Max / mx : 0.0f);
+      __m256i sum = _mm256_setzero_si256();
+      for (int64_t c = 0; c < kI8Subblock; c += 8) {
+        // 8 int32 in [-127, 127] (xs * (127 / max) <= 127 (1 + 2^-23) rounds to at most 127), even columns first
+        const __m256i q = _mm256_permutevar8x32_epi32(
+            _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + c), scale)), even_odd);
+        sum = _mm256_add_epi32(sum, q);
+        // int32 -> int16 -> int8 within each 128-bit half (exact: no value saturates); the low dword of each
+        // half is then its 4 bytes in order.
+        const __m256i b8 = _mm256_packs_epi16(_mm256_packs_epi32(q, q), _mm256_setzero_si256());
+        uint32_t* out = xq + (r * k + c0 + c) / 4;
+        out[0] = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm256_castsi256_si128(b8)));
+        out[1] = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm256_extracti128_si256(b8, 1)));
+      }
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+      sigma[i] = _mm256_movemask_ps(bad) ? __builtin_nanf("") : mx / kI8Max;
+      qsum[i] = static_cast<float>(_mm_cvtsi128_si32(s4));
+    }
+  }
+}
+
 // xt [K][mp] = x^T with zero rows past M, 16 x 16 tiles transposed in registers (K % 16 == 0).
 __attribute__((target("avx512f"))) void transpose_x(const float* xf, int64_t m, int64_t k, int64_t mp, float* xt) {
   for (int64_t r0 = 0; r0 < mp; r0 += 16) {
@@ -959,6 +1101,7 @@ bool path_supported(int64_t path, at::ScalarType dtype) {
     case kAmx: return avx512bf16 && amx && dtype == at::kBFloat16 && request_amx();
     case kDequant: return avx2;
     case kI16: return avx2;
+    case kI8: return avx2;
     default: return false;
   }
 }
@@ -1023,6 +1166,8 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
       else fma_panel<false>(P, b, acc.data(), panel32);
     } else if (path == kI16) {
       i16_block(P, b, acc.data());
+    } else if (path == kI8) {
+      i8_block(P, b, acc.data());
     } else if (path == kBf16Dp) {
       bf16dp_block(P, b, acc.data());
     } else {
@@ -1175,6 +1320,18 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
     float* xqsum = scratch(xqsum_buffer, m * (k / P.xg));
     at::parallel_for(0, m, std::max<int64_t>(1, 32768 / k), [&](int64_t r0, int64_t r1) {
       quantize_x_i16(xs, k, P.xg, r0, r1, xq, xsigma, xqsum);
+    });
+    P.xq = xq;
+    P.xsigma = xsigma;
+    P.xqsum = xqsum;
+  }
+  if (path == kI8) {  // x * c in 8 bits per 32 columns, rows split over the threads
+    P.xblocks = k / kI8Subblock;
+    uint32_t* xq = scratch(xq_buffer, m * k / 4);
+    float* xsigma = scratch(xsigma_buffer, m * P.xblocks);
+    float* xqsum = scratch(xqsum_buffer, m * P.xblocks);
+    at::parallel_for(0, m, std::max<int64_t>(1, 32768 / k), [&](int64_t r0, int64_t r1) {
+      quantize_x_i8(xs, k, r0, r1, xq, xsigma, xqsum);
     });
     P.xq = xq;
     P.xsigma = xsigma;
