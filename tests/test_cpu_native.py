@@ -125,17 +125,19 @@ def test_native_path_largest_sums_do_not_overflow(path: str, sign: float) -> Non
     assert _rel(y, ref) < 6e-3
 
 
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
 @pytest.mark.parametrize("version", FORMAT_VERSIONS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_i8_path_is_exact_where_x_lies_on_its_grid(version: int, dtype: torch.dtype) -> None:
+def test_i8_path_is_exact_where_x_lies_on_its_grid(version: int, dtype: torch.dtype, group_size: int) -> None:
     # The i8 path's only approximation is x * c rounded to 8 bits per 32 columns. On an x whose every block of 32
     # is j * u, j in [-127, 127] with one |j| = 127 (u a power of two: exact in bf16 and fp16), and without a
     # column scale, that rounding is exact: what remains is the output's rounding, as for i16. A byte in the
     # wrong column, a dropped odd/even half or a wrong block step would be O(1) here.
-    qw = quantized(heavy_tailed(64, 512, seed=5), version, 64)
+    qw = quantized(heavy_tailed(64, 512, seed=5), version, group_size)
     qw = replace(qw, col_scale=None)
     kernel = _kernel(qw, dtype, "i8")
     g = torch.Generator().manual_seed(6)
+    reset_dispatch_counts()
     for m in (1, 3, 4, 7, 16):
         j = torch.randint(-127, 128, (m, 512 // 32, 32), generator=g)
         j[:, :, 5] = 127 * torch.where(torch.rand(m, 512 // 32, generator=g) < 0.5, -1, 1)
@@ -144,6 +146,21 @@ def test_i8_path_is_exact_where_x_lies_on_its_grid(version: int, dtype: torch.dt
         y = kernel.apply(kernel.prepare(qw), x, None)
         ref = x.double() @ qw.dequantize(torch.float64).T
         assert _rel(y, ref) < (6e-3 if dtype == torch.bfloat16 else 1e-3), m
+    assert dict(dispatch_counts()) == {"native-int4-cpu:i8": 5}  # the i8 path ran, every call
+
+
+@pytest.mark.parametrize("path", native.PATHS)
+def test_native_path_tiny_x(path: str) -> None:
+    # A row of x at 1e-36 (a normal bf16): the integer paths scale x by its sub-block's largest value, and 32767
+    # or 127 over so small a maximum overflows fp32 (every code would be -2^31 / -128). Row 1 is ordinary.
+    qw = quantized(heavy_tailed(64, 256, seed=10), 2, 64)
+    kernel = _kernel(qw, torch.bfloat16, path)
+    x = torch.randn(2, 256).bfloat16()
+    x[0] = torch.where(torch.arange(256) % 3 == 0, -1.0, 1.0).double().mul(1e-36).bfloat16()
+    y = kernel.apply(kernel.prepare(qw), x, None)
+    ref = x.double() @ qw.dequantize(torch.float64).T
+    for r in range(2):
+        assert _rel(y[r], ref[r]) < _bound(path), r
 
 
 @pytest.mark.parametrize("path", native.PATHS)
@@ -297,6 +314,8 @@ def test_default_plan_per_isa(monkeypatch: pytest.MonkeyPatch) -> None:
     avx512 = ("fma", "bf16dp", "dequant", "i16")
     assert native.plan_text(native.default_plan(torch.bfloat16, avx512)) == "bf16dp:128,dequant"
     assert native.plan_text(native.default_plan(torch.float16, ("fma", "dequant", "i16"))) == "i16"
+    for dtype in (torch.bfloat16, torch.float16):  # an AVX2-only CPU has i8 too: never planned
+        assert native.plan_text(native.default_plan(dtype, ("fma", "dequant", "i16", "i8"))) == "i16"
 
 
 def test_op_names_a_path_the_cpu_lacks_and_bad_tensors() -> None:
@@ -312,15 +331,14 @@ def test_op_names_a_path_the_cpu_lacks_and_bad_tensors() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_self_check_takes_the_opt_in_i8_plan(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
-    # EASYQUANT_CPU_PLAN=i8 must serve (its x rounding is held to the i8 bound, not fp16's tighter one), and
-    # the default plans never take i8.
+    # EASYQUANT_CPU_PLAN=i8 must serve: its x rounding is held to the i8 bound, not fp16's tighter one (in bf16
+    # the two bounds agree; fp16 is the case that needs the floor).
     from easyquant_vllm.kernels import select
 
     if "i8" not in native.available_paths(dtype):
         pytest.skip(f"path i8 needs {NEEDS['i8']}")
     spec = LayerSpec(64, 256, 4, 64, dtype, "cpu", zero_points=True, column_scale=True)
     monkeypatch.delenv(native.ENV_PLAN, raising=False)
-    assert "i8" not in native.plan_text(native.default_plan(dtype, native.PATHS))
     assert NativeCpuKernel(spec).check_tolerance_floor == 0.0
     monkeypatch.setenv(native.ENV_PLAN, "i8")
     monkeypatch.setattr(select, "_checked", {})

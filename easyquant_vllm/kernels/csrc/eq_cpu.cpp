@@ -507,9 +507,13 @@ constexpr float kI8Max = 127.0f;     // xq in [-127, 127]
 // (e0 even, o0 odd columns) and rows 8-15 (e1, o1).
 __attribute__((target("avx2"))) inline void maddubs_word(__m256i e0, __m256i o0, __m256i e1, __m256i o1,
                                                         const uint32_t* p, __m256i& lo, __m256i& hi) {
+  // Each product goes into its sum at once (not summed in pairs first): one temporary live at a time, so that
+  // at R = 4 the 8 sums, 4 code vectors, the mask and the broadcasts fit AVX2's 16 registers.
   const __m256i xe = broadcast_pair(p), xo = broadcast_pair(p + 1);
-  lo = _mm256_add_epi16(lo, _mm256_add_epi16(_mm256_maddubs_epi16(e0, xe), _mm256_maddubs_epi16(o0, xo)));
-  hi = _mm256_add_epi16(hi, _mm256_add_epi16(_mm256_maddubs_epi16(e1, xe), _mm256_maddubs_epi16(o1, xo)));
+  lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(e0, xe));
+  hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(e1, xe));
+  lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(o0, xo));
+  hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(o1, xo));
   in_register(lo);
   in_register(hi);
 }
@@ -518,8 +522,8 @@ __attribute__((target("avx2"))) inline void maddubs_word(__m256i e0, __m256i o0,
 __attribute__((target("avx2"))) inline __m256i wide(__m256i v) { return _mm256_madd_epi16(v, _mm256_set1_epi16(1)); }
 
 // R batch rows (m0 .. m0 + R - 1) against sub-block xi (32 columns) of block b: int16 sums in registers (2R ymm;
-// R = 4: 8, with 4 code vectors, the mask and 2 broadcasts: 15 of AVX2's 16), then the i16 path's epilogue on
-// their int32 pair sums. prefetch: as in i16_rows.
+// R = 4: 8, with 4 code vectors, the mask, a broadcast and a product: 15 of AVX2's 16), then the i16 path's
+// epilogue on their int32 pair sums. prefetch: as in i16_rows.
 template <int R>
 __attribute__((target("avx2,fma,f16c"))) void i8_rows(const Problem& P, int64_t b, int64_t xi, int64_t m0,
                                                       const I16Steps& st, bool prefetch, float* acc) {
@@ -987,8 +991,9 @@ __attribute__((target("avx2,fma"))) void group_sums(const float* xf, int64_t m, 
 // The i16 path's x for batch rows r0 .. r1 - 1, from xs [M][K] (x * c in fp32), per sub-block of xg columns:
 //   sigma = max |xs| / 32767,  xq = round(xs / sigma) (to nearest even, as cvtps2dq),  qsum = sum of xq,
 // xq [M][K/2] as the pair dwords i16_rows broadcasts: dword (m, 4q + t) = xq[m, 8q + t] | xq[m, 8q + 4 + t] << 16.
-// |xs - sigma xq| <= sigma / 2 = max / 65534. xs * (32767 / max) <= 32767 * (1 + 2^-23) rounds to at most
-// 32767: no clamp needed. A sub-block of zeros gets sigma = 0 (and xq = 0); one holding an inf or a NaN gets
+// |xs - sigma xq| <= sigma / 2 = max / 65534. xq = round((xs / max) * 32767): the quotient of |xs| <= max is at
+// most 1 (correctly rounded), so no clamp is needed; dividing first because 32767 / max overflows for max below
+// ~1e-34 (the x-quantization is M * K divisions per call, under 1 % of the call). A sub-block of zeros gets sigma = 0 (and xq = 0); one holding an inf or a NaN gets
 // sigma = NaN, so that the row's outputs are NaN, as the other paths give, instead of silently finite.
 __attribute__((target("avx2,fma"))) void quantize_x_i16(const float* xs, int64_t k, int64_t xg, int64_t r0, int64_t r1,
                                                         uint32_t* xq, float* sigma, float* qsum) {
@@ -1008,11 +1013,11 @@ __attribute__((target("avx2,fma"))) void quantize_x_i16(const float* xs, int64_t
       h = _mm_max_ps(h, _mm_movehl_ps(h, h));
       const float mx = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
       const int64_t i = r * (k / xg) + c0 / xg;
-      const __m256 scale = _mm256_set1_ps(mx > 0.0f ? kI16Max / mx : 0.0f);
+      const __m256 mxv = _mm256_set1_ps(mx > 0.0f ? mx : 1.0f), unit = _mm256_set1_ps(kI16Max);
       __m256i sum = _mm256_setzero_si256();
       for (int64_t c = 0; c < xg; c += 8) {
         // 8 int32 in [-32767, 32767]
-        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + c), scale));
+        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_div_ps(_mm256_loadu_ps(v + c), mxv), unit));
         sum = _mm256_add_epi32(sum, q);
         // dword t = q[t] (low half) | q[4 + t] << 16: the low 16 bits of q[t] are its two's complement int16.
         const __m128i pairs = _mm_or_si128(_mm_and_si128(_mm256_castsi256_si128(q), low16),
@@ -1051,12 +1056,12 @@ __attribute__((target("avx2,fma"))) void quantize_x_i8(const float* xs, int64_t 
       h = _mm_max_ps(h, _mm_movehl_ps(h, h));
       const float mx = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
       const int64_t i = r * (k / kI8Subblock) + c0 / kI8Subblock;
-      const __m256 scale = _mm256_set1_ps(mx > 0.0f ? kI8Max / mx : 0.0f);
+      const __m256 mxv = _mm256_set1_ps(mx > 0.0f ? mx : 1.0f), unit = _mm256_set1_ps(kI8Max);
       __m256i sum = _mm256_setzero_si256();
       for (int64_t c = 0; c < kI8Subblock; c += 8) {
-        // 8 int32 in [-127, 127] (xs * (127 / max) <= 127 (1 + 2^-23) rounds to at most 127), even columns first
+        // 8 int32 in [-127, 127] (as in quantize_x_i16: xs / max first), even columns first
         const __m256i q = _mm256_permutevar8x32_epi32(
-            _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + c), scale)), even_odd);
+            _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_div_ps(_mm256_loadu_ps(v + c), mxv), unit)), even_odd);
         sum = _mm256_add_epi32(sum, q);
         // int32 -> int16 -> int8 within each 128-bit half (exact: no value saturates); the low dword of each
         // half is then its 4 bytes in order.
@@ -1326,6 +1331,7 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
     P.xqsum = xqsum;
   }
   if (path == kI8) {  // x * c in 8 bits per 32 columns, rows split over the threads
+    P.xg = kI8Subblock;
     P.xblocks = k / kI8Subblock;
     uint32_t* xq = scratch(xq_buffer, m * k / 4);
     float* xsigma = scratch(xsigma_buffer, m * P.xblocks);
