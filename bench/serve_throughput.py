@@ -1,7 +1,7 @@
 """Decode throughput of real vLLM (CPU build): EasyQuant vs the unquantized model, side by side.
 
     python bench/serve_throughput.py --model SRC_DIR --quantized DST_DIR [DST_DIR2 ...] [--batch 1 16]
-                                     [--tokens 64] [--mode compiled|eager] [--dtype bfloat16 float32]
+                                     [--tokens 64] [--mode compiled|eager] [--dtype bfloat16] [--plans default i8]
 
 Each (checkpoint, dtype, batch) runs in a fresh child process with an in-process engine, in vLLM's
 default compiled mode (torch.compile) unless ``--mode eager`` (vLLM's ``enforce_eager``, a debugging mode).
@@ -83,11 +83,14 @@ EMULATE = {
 }
 
 
-def run(model: Path, dtype: str, batch: int, tokens: int, mode: str, emulate: str | None = None) -> dict:
+def run(model: Path, dtype: str, batch: int, tokens: int, mode: str, emulate: str | None = None,
+        plan: str | None = None) -> dict:  # fmt: skip
     cache = os.path.join(tempfile.gettempdir(), f"easyquant-bench-cache-{emulate or 'native'}")
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CACHE_ROOT": cache}
     if emulate:
         env.update(EMULATE[emulate], EASYQUANT_BENCH_ISA=emulate)
+    if plan:
+        env["EASYQUANT_CPU_PLAN"] = plan
     r = subprocess.run([sys.executable, "-c", _CHILD, str(model), dtype, str(batch), str(tokens), mode],
                        capture_output=True, text=True, env=env)  # fmt: skip
     lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
@@ -163,6 +166,9 @@ def main() -> None:
         default=1,
         help="runs per row, unquantized and EasyQuant alternating; the medians are reported",
     )
+    p.add_argument("--plans", nargs="+", metavar="PLAN", default=[""],
+                   help="run each checkpoint once per native CPU kernel plan (EASYQUANT_CPU_PLAN), e.g. "
+                        "'default i8'; 'default' is the plan the kernel picks itself")  # fmt: skip
     p.add_argument("--llama-cpp", type=Path, metavar="GGUF",
                    help="also time llama.cpp (bench/llama_cpp.py) on this GGUF, same threads, and compare")  # fmt: skip
     p.add_argument("--json", type=Path, help="also write the rows here")
@@ -175,7 +181,9 @@ def main() -> None:
     isa = cpu_isa() + (f", emulating {args.emulate} ({EMULATE[args.emulate]})" if args.emulate else "")
     print(f"# decode tokens/s, vLLM CPU, {args.mode} mode, CPU {isa}, {args.tokens} new tokens per "
           f"sequence, {torch.get_num_threads()} threads, median of {args.repeats} alternating runs")  # fmt: skip
-    names = [q.name for q in args.quantized]
+    plans = ["" if x == "default" else x for x in args.plans]
+    engines = [(q, plan) for q in args.quantized for plan in plans]  # (checkpoint, plan) per EasyQuant column
+    names = [q.name + (f" [plan {plan}]" if plan else "") for q, plan in engines]
     print(
         "| mode | dtype | batch | unquantized tok/s | "
         + " | ".join(f"{n} tok/s (x unquantized)" for n in names)
@@ -189,18 +197,19 @@ def main() -> None:
     for dtype in args.dtype:
         for batch in args.batch:
             base_runs: list[dict] = []
-            eq_runs: list[list[dict]] = [[] for _ in args.quantized]
+            eq_runs: list[list[dict]] = [[] for _ in engines]
             for _ in range(args.repeats):  # alternate, so that a slow spell of the shared cores hits all
                 base_runs.append(run(args.model, dtype, batch, args.tokens, args.mode, args.emulate))
-                for runs, q in zip(eq_runs, args.quantized, strict=True):
-                    runs.append(run(q, dtype, batch, args.tokens, args.mode, args.emulate))
+                for runs, (q, plan) in zip(eq_runs, engines, strict=True):
+                    runs.append(run(q, dtype, batch, args.tokens, args.mode, args.emulate, plan))
             b = statistics.median(r["tokens"] / r["seconds"] for r in base_runs)
             base = base_runs[-1]
             eqs = []
-            for q, runs in zip(args.quantized, eq_runs, strict=True):
+            for (q, plan), runs in zip(engines, eq_runs, strict=True):
                 e = statistics.median(r["tokens"] / r["seconds"] for r in runs)
-                eqs.append({"checkpoint": q.name, "tok_s": e, "ratio": e / b, "kernel": runs[-1]["kernel"],
-                            "weight_bytes": runs[-1]["weight_bytes"], "rss": runs[-1]["rss"]})  # fmt: skip
+                eqs.append({"checkpoint": q.name, "plan": plan or None, "tok_s": e, "ratio": e / b,
+                            "kernel": runs[-1]["kernel"], "weight_bytes": runs[-1]["weight_bytes"],
+                            "rss": runs[-1]["rss"]})  # fmt: skip
             rows.append({"mode": args.mode, "isa": isa, "dtype": dtype, "batch": batch, "unquantized_tok_s": b,
                          "unquantized_weight_bytes": base["weight_bytes"], "unquantized_rss": base["rss"],
                          "easyquant": eqs})  # fmt: skip
