@@ -115,7 +115,8 @@ def test_native_moe_v3_every_path(path: str, group: int) -> None:
         y = kernel.apply(tensors, x, ids, w)
         assert set(dispatch_counts()) == {f"native-int4-cpu:{path}"}, m
         ref = _reference(experts, x, ids, w)
-        assert float((y.double() - ref).norm() / ref.norm()) < 1e-2, m
+        # i8 rounds both projections' inputs to 8 bits (~5e-3 each, the gate/up output too): its own bound.
+        assert float((y.double() - ref).norm() / ref.norm()) < (native.I8_CHECK_TOLERANCE if path == "i8" else 1e-2), m
 
 
 @pytest.mark.parametrize("version", FORMAT_VERSIONS)
