@@ -106,8 +106,8 @@ struct Problem {
   const uint16_t* xpad;    // [mp][K] x, zero rows past M (AMX A tiles are 16 rows), or null
   int64_t xg;              // columns per x sub-block of the i16 path (divides G), else 0
   int64_t xblocks;         // K / xg (computed once, as groups)
-  const uint32_t* xq;      // [M][K/2] int16 pairs of x * c, i16 layout (quantize_x_i16); [M][K/4] int8 quads, i8
-                           // layout (quantize_x_i8); or null
+  const uint32_t* xq;      // [M][K/2] int16 pairs of x * c, i16 layout (StoreI16); [M][K/4] int8 quads, i8 layout
+                           // (StoreI8); or null
   const float* xsigma;     // [M][K/xg] step of xq per sub-block (x * c ~ sigma * xq; i8: xg = 32)
   const float* xqsum;      // [M][K/xg] sum of xq over the sub-block (exact: |sum| <= 128 * 32767 < 2^24)
 };
@@ -344,7 +344,7 @@ __attribute__((target("avx2,fma,f16c"))) void fma_panel(const Problem& P, int64_
 // fixed point (below).
 //
 // Code pairs: (word >> 4t) & 0x000F000F holds u[8q + t] in bits 0-3 and u[8q + 4 + t] in bits 16-19 of each
-// lane, t = 0..3: the int16 pair (u[8q + t], u[8q + 4 + t]). x is laid out to match (quantize_x_i16): one
+// lane, t = 0..3: the int16 pair (u[8q + t], u[8q + 4 + t]). x is laid out to match (StoreI16): one
 // dword per pair, (xq[8q + t], xq[8q + 4 + t]), so a single broadcast serves the 8 rows of a ymm, and
 // vpmaddwd gives u[8q + t] xq[8q + t] + u[8q + 4 + t] xq[8q + 4 + t] per row (codes 0..15 are non-negative
 // int16, as the signed multiply wants).
@@ -457,28 +457,6 @@ __attribute__((target("avx2,fma,f16c"))) void i16_rows(const Problem& P, int64_t
   if constexpr (R > 3) i16_epilogue(lo3, hi3, st, P.xsigma[row(3)], P.xqsum[row(3)], acc + (m0 + 3) * kBlockN);
 }
 
-// The block: sub-block by sub-block (its 1 KB of codes stays in L1 while every row tile of 1-4 batch rows
-// passes over it), the fp32 totals in acc [M][16]. Group by group, the steps decoded once per group, with no
-// division per sub-block (at G = 32, format version 3's usual size, each group is one sub-block).
-__attribute__((target("avx2,fma,f16c"))) void i16_block(const Problem& P, int64_t b, float* acc) {
-  std::fill(acc, acc + P.m * kBlockN, 0.0f);
-  const int64_t per_group = P.g / P.xg;
-  const Units8 units = units8(P, b);
-  for (int64_t gi = 0, xi = 0; gi < P.groups; ++gi) {
-    const I16Steps st = i16_steps(group_steps8(P, units, b, gi));
-    for (const int64_t end = xi + per_group; xi < end; ++xi) {
-      int64_t m0 = 0;
-      for (; m0 + 4 <= P.m; m0 += 4) i16_rows<4>(P, b, xi, m0, st, m0 == 0, acc);
-      switch (P.m - m0) {
-        case 3: i16_rows<3>(P, b, xi, m0, st, m0 == 0, acc); break;
-        case 2: i16_rows<2>(P, b, xi, m0, st, m0 == 0, acc); break;
-        case 1: i16_rows<1>(P, b, xi, m0, st, m0 == 0, acc); break;
-        default: break;
-      }
-    }
-  }
-}
-
 // ---- kI8: AVX2 8-bit integer dot products (vpmaddubsw), x rounded to 8 bits ---------------------------
 
 // Why a second integer path: at 16 batch rows the i16 path is bound by vpmaddwd (16 MACs per instruction, one
@@ -492,7 +470,7 @@ __attribute__((target("avx2,fma,f16c"))) void i16_block(const Problem& P, int64_
 //
 // Code bytes: d & 0x0F0F0F0F holds (u[8q], u[8q + 2], u[8q + 4], u[8q + 6]) in the 4 bytes of row j's lane,
 // (d >> 4) & 0x0F0F0F0F holds (u[8q + 1], u[8q + 3], u[8q + 5], u[8q + 7]): two instructions per 8 rows, no
-// shuffle. x is laid out to match (quantize_x_i8): per word q two dwords, (x[8q], x[8q+2], x[8q+4], x[8q+6]) and
+// shuffle. x is laid out to match (StoreI8): per word q two dwords, (x[8q], x[8q+2], x[8q+4], x[8q+6]) and
 // (x[8q+1], x[8q+3], x[8q+5], x[8q+7]), each broadcast to the 8 lanes.
 //
 // Overflow: vpmaddubsw's int16 is at most 2 * 15 * 127 = 3810 in magnitude (no saturation), a word adds two
@@ -555,20 +533,31 @@ __attribute__((target("avx2,fma,f16c"))) void i8_rows(const Problem& P, int64_t 
     i16_epilogue(wide(lo3), wide(hi3), st, P.xsigma[row(3)], P.xqsum[row(3)], acc + (m0 + 3) * kBlockN);
 }
 
-// The block, as i16_block: sub-block by sub-block, every row tile over its 512 bytes of codes while they are in L1.
-__attribute__((target("avx2,fma,f16c"))) void i8_block(const Problem& P, int64_t b, float* acc) {
+// The block, for both integer paths: sub-block by sub-block (its codes, 1 KB at i16's 128 columns and 512 B at
+// i8's 32, stay in L1 while every row tile of 1-4 batch rows passes over it), the fp32 totals in acc [M][16].
+// Group by group, the steps decoded once per group, with no division per sub-block (at G = 32, format version
+// 3's usual size, each group is one sub-block of either path).
+template <int R, bool I8>
+__attribute__((target("avx2,fma,f16c"))) inline void int_rows(const Problem& P, int64_t b, int64_t xi, int64_t m0,
+                                                              const I16Steps& st, bool prefetch, float* acc) {
+  if constexpr (I8) i8_rows<R>(P, b, xi, m0, st, prefetch, acc);
+  else i16_rows<R>(P, b, xi, m0, st, prefetch, acc);
+}
+
+template <bool I8>
+__attribute__((target("avx2,fma,f16c"))) void int_block(const Problem& P, int64_t b, float* acc) {
   std::fill(acc, acc + P.m * kBlockN, 0.0f);
-  const int64_t per_group = P.g / kI8Subblock;
+  const int64_t per_group = P.g / P.xg;
   const Units8 units = units8(P, b);
   for (int64_t gi = 0, xi = 0; gi < P.groups; ++gi) {
     const I16Steps st = i16_steps(group_steps8(P, units, b, gi));
     for (const int64_t end = xi + per_group; xi < end; ++xi) {
       int64_t m0 = 0;
-      for (; m0 + 4 <= P.m; m0 += 4) i8_rows<4>(P, b, xi, m0, st, m0 == 0, acc);
+      for (; m0 + 4 <= P.m; m0 += 4) int_rows<4, I8>(P, b, xi, m0, st, m0 == 0, acc);
       switch (P.m - m0) {
-        case 3: i8_rows<3>(P, b, xi, m0, st, m0 == 0, acc); break;
-        case 2: i8_rows<2>(P, b, xi, m0, st, m0 == 0, acc); break;
-        case 1: i8_rows<1>(P, b, xi, m0, st, m0 == 0, acc); break;
+        case 3: int_rows<3, I8>(P, b, xi, m0, st, m0 == 0, acc); break;
+        case 2: int_rows<2, I8>(P, b, xi, m0, st, m0 == 0, acc); break;
+        case 1: int_rows<1, I8>(P, b, xi, m0, st, m0 == 0, acc); break;
         default: break;
       }
     }
@@ -988,18 +977,18 @@ __attribute__((target("avx2,fma"))) void group_sums(const float* xf, int64_t m, 
   }
 }
 
-// The i16 path's x for batch rows r0 .. r1 - 1, from xs [M][K] (x * c in fp32), per sub-block of xg columns:
-//   sigma = max |xs| / 32767,  xq = round(xs / sigma) (to nearest even, as cvtps2dq),  qsum = sum of xq,
-// xq [M][K/2] as the pair dwords i16_rows broadcasts: dword (m, 4q + t) = xq[m, 8q + t] | xq[m, 8q + 4 + t] << 16.
-// |xs - sigma xq| <= sigma / 2 = max / 65534. xq = round((xs / max) * 32767): the quotient of |xs| <= max is at
-// most 1 (correctly rounded), so no clamp is needed; dividing first because 32767 / max overflows for max below
-// ~1e-34 (the x-quantization is M * K divisions per call, under 1 % of the call). A sub-block of zeros gets sigma = 0 (and xq = 0); one holding an inf or a NaN gets
-// sigma = NaN, so that the row's outputs are NaN, as the other paths give, instead of silently finite.
-__attribute__((target("avx2,fma"))) void quantize_x_i16(const float* xs, int64_t k, int64_t xg, int64_t r0, int64_t r1,
-                                                        uint32_t* xq, float* sigma, float* qsum) {
+// x * c in fixed point for the integer paths, per batch row r0 .. r1 - 1 of xs [M][K] and sub-block of xg
+// columns: sigma = max |xs| / qmax, xq = round((xs / max) * qmax) (to nearest even, as cvtps2dq), qsum = sum of
+// xq. |xs - sigma xq| <= sigma / 2 = max / (2 qmax). The quotient of |xs| <= max is at most 1 (correctly
+// rounded), so |xq| <= qmax with no clamp; dividing first because qmax / max overflows for max below ~1e-34 (M * K
+// divisions per call, under 1 % of it). A sub-block of zeros gets sigma = 0 (and xq = 0); one holding an inf or
+// a NaN gets sigma = NaN, so that the row's outputs are NaN, as the other paths give, instead of silently finite.
+// Each 8 columns' int32 values go to store(q, index of their first column in xs), which writes the path's layout.
+template <typename Store>
+__attribute__((target("avx2,fma"))) void quantize_x(const float* xs, int64_t k, int64_t xg, int64_t r0, int64_t r1,
+                                                    float qmax, float* sigma, float* qsum, const Store& store) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 inf = _mm256_set1_ps(__builtin_inff());
-  const __m128i low16 = _mm_set1_epi32(0xFFFF);
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t c0 = 0; c0 < k; c0 += xg) {
       const float* v = xs + r * k + c0;
@@ -1012,72 +1001,47 @@ __attribute__((target("avx2,fma"))) void quantize_x_i16(const float* xs, int64_t
       __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
       h = _mm_max_ps(h, _mm_movehl_ps(h, h));
       const float mx = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-      const int64_t i = r * (k / xg) + c0 / xg;
-      const __m256 mxv = _mm256_set1_ps(mx > 0.0f ? mx : 1.0f), unit = _mm256_set1_ps(kI16Max);
+      const __m256 mxv = _mm256_set1_ps(mx > 0.0f ? mx : 1.0f), unit = _mm256_set1_ps(qmax);
       __m256i sum = _mm256_setzero_si256();
       for (int64_t c = 0; c < xg; c += 8) {
-        // 8 int32 in [-32767, 32767]
         const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_div_ps(_mm256_loadu_ps(v + c), mxv), unit));
         sum = _mm256_add_epi32(sum, q);
-        // dword t = q[t] (low half) | q[4 + t] << 16: the low 16 bits of q[t] are its two's complement int16.
-        const __m128i pairs = _mm_or_si128(_mm_and_si128(_mm256_castsi256_si128(q), low16),
-                                           _mm_slli_epi32(_mm256_extracti128_si256(q, 1), 16));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + (r * k + c0 + c) / 2), pairs);
+        store(q, r * k + c0 + c);
       }
       __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
       s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
       s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-      sigma[i] = _mm256_movemask_ps(bad) ? __builtin_nanf("") : mx / kI16Max;
+      const int64_t i = r * (k / xg) + c0 / xg;
+      sigma[i] = _mm256_movemask_ps(bad) ? __builtin_nanf("") : mx / qmax;
       qsum[i] = static_cast<float>(_mm_cvtsi128_si32(s4));
     }
   }
 }
 
-// The i8 path's x for batch rows r0 .. r1 - 1, from xs [M][K] (x * c in fp32), per sub-block of 32 columns:
-//   sigma = max |xs| / 127,  xq = round(xs / sigma) (to nearest even),  qsum = sum of xq,
-// xq [M][K/4] as the dwords i8_rows broadcasts: per word q, dword 2q = bytes (xq[8q], xq[8q+2], xq[8q+4],
-// xq[8q+6]) and dword 2q + 1 = bytes (xq[8q+1], xq[8q+3], xq[8q+5], xq[8q+7]). |xs - sigma xq| <= max / 254.
-// Zeros and non-finite values as quantize_x_i16 (sigma 0, or NaN so that the row's outputs are NaN).
-__attribute__((target("avx2,fma"))) void quantize_x_i8(const float* xs, int64_t k, int64_t r0, int64_t r1,
-                                                       uint32_t* xq, float* sigma, float* qsum) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  const __m256 inf = _mm256_set1_ps(__builtin_inff());
-  const __m256i even_odd = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);  // lanes 0-3: even columns, 4-7: odd
-  for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t c0 = 0; c0 < k; c0 += kI8Subblock) {
-      const float* v = xs + r * k + c0;
-      __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
-      for (int64_t c = 0; c < kI8Subblock; c += 8) {
-        const __m256 a = _mm256_and_ps(_mm256_loadu_ps(v + c), abs_mask);
-        vmax = _mm256_max_ps(vmax, a);
-        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // |x| >= inf, or NaN
-      }
-      __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-      const float mx = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-      const int64_t i = r * (k / kI8Subblock) + c0 / kI8Subblock;
-      const __m256 mxv = _mm256_set1_ps(mx > 0.0f ? mx : 1.0f), unit = _mm256_set1_ps(kI8Max);
-      __m256i sum = _mm256_setzero_si256();
-      for (int64_t c = 0; c < kI8Subblock; c += 8) {
-        // 8 int32 in [-127, 127] (as in quantize_x_i16: xs / max first), even columns first
-        const __m256i q = _mm256_permutevar8x32_epi32(
-            _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_div_ps(_mm256_loadu_ps(v + c), mxv), unit)), even_odd);
-        sum = _mm256_add_epi32(sum, q);
-        // int32 -> int16 -> int8 within each 128-bit half (exact: no value saturates); the low dword of each
-        // half is then its 4 bytes in order.
-        const __m256i b8 = _mm256_packs_epi16(_mm256_packs_epi32(q, q), _mm256_setzero_si256());
-        uint32_t* out = xq + (r * k + c0 + c) / 4;
-        out[0] = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm256_castsi256_si128(b8)));
-        out[1] = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm256_extracti128_si256(b8, 1)));
-      }
-      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-      sigma[i] = _mm256_movemask_ps(bad) ? __builtin_nanf("") : mx / kI8Max;
-      qsum[i] = static_cast<float>(_mm_cvtsi128_si32(s4));
-    }
+// The i16 path's layout, xq [M][K/2] as the pair dwords i16_rows broadcasts: dword (m, 4q + t) = xq[m, 8q + t] |
+// xq[m, 8q + 4 + t] << 16 (the low 16 bits of an int32 in [-32767, 32767] are its two's complement int16).
+struct StoreI16 {
+  uint32_t* xq;
+  __attribute__((target("avx2"))) void operator()(__m256i q, int64_t at) const {
+    const __m128i pairs = _mm_or_si128(_mm_and_si128(_mm256_castsi256_si128(q), _mm_set1_epi32(0xFFFF)),
+                                       _mm_slli_epi32(_mm256_extracti128_si256(q, 1), 16));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + at / 2), pairs);
   }
-}
+};
+
+// The i8 path's layout, xq [M][K/4] as the dwords i8_rows broadcasts: per word q, dword 2q = bytes (xq[8q],
+// xq[8q+2], xq[8q+4], xq[8q+6]) and dword 2q + 1 = bytes (xq[8q+1], xq[8q+3], xq[8q+5], xq[8q+7]).
+struct StoreI8 {
+  uint32_t* xq;
+  __attribute__((target("avx2"))) void operator()(__m256i q, int64_t at) const {
+    // even columns to lanes 0-3, odd to 4-7; int32 -> int16 -> int8 within each 128-bit half (exact: no value
+    // in [-127, 127] saturates), so the low dword of each half holds its 4 bytes in order.
+    const __m256i eo = _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+    const __m256i b8 = _mm256_packs_epi16(_mm256_packs_epi32(eo, eo), _mm256_setzero_si256());
+    xq[at / 4] = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm256_castsi256_si128(b8)));
+    xq[at / 4 + 1] = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm256_extracti128_si256(b8, 1)));
+  }
+};
 
 // xt [K][mp] = x^T with zero rows past M, 16 x 16 tiles transposed in registers (K % 16 == 0).
 __attribute__((target("avx512f"))) void transpose_x(const float* xf, int64_t m, int64_t k, int64_t mp, float* xt) {
@@ -1170,9 +1134,9 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
       else if (P.m == 2) fma_direct<2, false>(P, b, 0, acc.data());
       else fma_panel<false>(P, b, acc.data(), panel32);
     } else if (path == kI16) {
-      i16_block(P, b, acc.data());
+      int_block<false>(P, b, acc.data());
     } else if (path == kI8) {
-      i8_block(P, b, acc.data());
+      int_block<true>(P, b, acc.data());
     } else if (path == kBf16Dp) {
       bf16dp_block(P, b, acc.data());
     } else {
@@ -1324,7 +1288,7 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
     float* xsigma = scratch(xsigma_buffer, m * (k / P.xg));
     float* xqsum = scratch(xqsum_buffer, m * (k / P.xg));
     at::parallel_for(0, m, std::max<int64_t>(1, 32768 / k), [&](int64_t r0, int64_t r1) {
-      quantize_x_i16(xs, k, P.xg, r0, r1, xq, xsigma, xqsum);
+      quantize_x(xs, k, P.xg, r0, r1, kI16Max, xsigma, xqsum, StoreI16{xq});
     });
     P.xq = xq;
     P.xsigma = xsigma;
@@ -1337,7 +1301,7 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
     float* xsigma = scratch(xsigma_buffer, m * P.xblocks);
     float* xqsum = scratch(xqsum_buffer, m * P.xblocks);
     at::parallel_for(0, m, std::max<int64_t>(1, 32768 / k), [&](int64_t r0, int64_t r1) {
-      quantize_x_i8(xs, k, r0, r1, xq, xsigma, xqsum);
+      quantize_x(xs, k, kI8Subblock, r0, r1, kI8Max, xsigma, xqsum, StoreI8{xq});
     });
     P.xq = xq;
     P.xsigma = xsigma;
