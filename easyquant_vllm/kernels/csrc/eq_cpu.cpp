@@ -1281,27 +1281,17 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
     }
     P.xsum = xsum;
   }
-  if (path == kI16) {  // x * c in 16-bit fixed point, rows split over the threads (M x K values, read twice)
-    P.xg = i16_subblock(g);
+  if (path == kI16 || path == kI8) {  // x * c in fixed point (16 bits per sub-block of xg <= 128 columns, or 8 bits
+                                      // per 32), rows split over the threads (M x K values, read twice)
+    const bool i8 = path == kI8;
+    P.xg = i8 ? kI8Subblock : i16_subblock(g);
     P.xblocks = k / P.xg;
-    uint32_t* xq = scratch(xq_buffer, m * k / 2);
-    float* xsigma = scratch(xsigma_buffer, m * (k / P.xg));
-    float* xqsum = scratch(xqsum_buffer, m * (k / P.xg));
-    at::parallel_for(0, m, std::max<int64_t>(1, 32768 / k), [&](int64_t r0, int64_t r1) {
-      quantize_x(xs, k, P.xg, r0, r1, kI16Max, xsigma, xqsum, StoreI16{xq});
-    });
-    P.xq = xq;
-    P.xsigma = xsigma;
-    P.xqsum = xqsum;
-  }
-  if (path == kI8) {  // x * c in 8 bits per 32 columns, rows split over the threads
-    P.xg = kI8Subblock;
-    P.xblocks = k / kI8Subblock;
-    uint32_t* xq = scratch(xq_buffer, m * k / 4);
+    uint32_t* xq = scratch(xq_buffer, m * k / (i8 ? 4 : 2));
     float* xsigma = scratch(xsigma_buffer, m * P.xblocks);
     float* xqsum = scratch(xqsum_buffer, m * P.xblocks);
     at::parallel_for(0, m, std::max<int64_t>(1, 32768 / k), [&](int64_t r0, int64_t r1) {
-      quantize_x(xs, k, kI8Subblock, r0, r1, kI8Max, xsigma, xqsum, StoreI8{xq});
+      if (i8) quantize_x(xs, k, P.xg, r0, r1, kI8Max, xsigma, xqsum, StoreI8{xq});
+      else quantize_x(xs, k, P.xg, r0, r1, kI16Max, xsigma, xqsum, StoreI16{xq});
     });
     P.xq = xq;
     P.xsigma = xsigma;
