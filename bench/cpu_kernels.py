@@ -208,8 +208,7 @@ def path_table(layers: dict[tuple[int, int], QuantizedWeight], ms: list[int], dt
     print("|---|---|---|" + "---|" * (len(paths) + len(ratios)))
     rows = []
     for (n, k), qw in layers.items():
-        spec = LayerSpec(n, k, 4, qw.group_size, dtype, "cpu", zero_points=qw.zeros is not None,
-                         column_scale=qw.col_scale is not None, compact_steps=qw.row_steps is not None)  # fmt: skip
+        spec = LayerSpec.of(qw, dtype, "cpu")
         kernels = {p: NativeCpuKernel(spec, plan=native.parse_plan(p, native.PATHS)) for p in paths}
         tensors = kernels[paths[0]].prepare(qw)  # one layout for every path
         dense = dense_linear(qw.dequantize(dtype))

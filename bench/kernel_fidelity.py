@@ -49,9 +49,7 @@ class KernelLinear(torch.nn.Module):
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, path: str) -> None:
         super().__init__()
-        n, k = qw.shape
-        spec = LayerSpec(n, k, qw.bits, qw.group_size, torch.bfloat16, "cpu", zero_points=qw.zeros is not None,
-                         column_scale=qw.col_scale is not None, compact_steps=qw.row_steps is not None)  # fmt: skip
+        spec = LayerSpec.of(qw, torch.bfloat16, "cpu")
         self.kernel = NativeCpuKernel(spec, plan=native.parse_plan(path, native.PATHS))
         self.tensors = self.kernel.prepare(qw)
         self.bias = None if bias is None else bias.detach().bfloat16()

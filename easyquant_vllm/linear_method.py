@@ -267,9 +267,7 @@ class EasyQuantLinearMethod(LinearMethodBase):
             delattr(layer, suffix)
 
     def _spec(self, rows: int, state: LayerState, qw: Any) -> LayerSpec:
-        return LayerSpec(rows, qw.shape[1], self.bits, self.group_size, state.act_dtype, state.device_type,
-                         zero_points=qw.zeros is not None, column_scale=qw.col_scale is not None,
-                         compact_steps=qw.row_steps is not None)  # fmt: skip
+        return LayerSpec.of(qw, state.act_dtype, state.device_type, n=rows)
 
     @staticmethod
     def _announce(kernel_cls: Any, reasons: list[str], spec: LayerSpec, prefix: str) -> None:

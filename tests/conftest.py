@@ -52,6 +52,4 @@ def quantized(w: torch.Tensor, version: int, group_size: int, **overrides: objec
 
 def layer_spec(qw: QuantizedWeight, dtype: torch.dtype, device_type: str = "cpu") -> LayerSpec:
     """The :class:`LayerSpec` a kernel is given for ``qw`` (the tensors of its format version announced)."""
-    n, k = qw.shape
-    return LayerSpec(n, k, qw.bits, qw.group_size, dtype, device_type, zero_points=qw.zeros is not None,
-                     column_scale=qw.col_scale is not None, compact_steps=qw.row_steps is not None)  # fmt: skip
+    return LayerSpec.of(qw, dtype, device_type)

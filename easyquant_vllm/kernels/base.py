@@ -70,6 +70,14 @@ class LayerSpec:
         """Columns per step size (``K`` when per channel)."""
         return self.k if self.group_size == -1 else self.group_size
 
+    @classmethod
+    def of(cls, qw: QuantizedWeight, act_dtype: torch.dtype, device_type: str, n: int | None = None) -> LayerSpec:
+        """The spec of ``qw``, the tensors of its format version announced; ``n`` rows if given (a partition's),
+        else ``qw``'s."""
+        return cls(qw.shape[0] if n is None else n, qw.shape[1], qw.bits, qw.group_size, act_dtype, device_type,
+                   zero_points=qw.zeros is not None, column_scale=qw.col_scale is not None,
+                   compact_steps=qw.row_steps is not None)  # fmt: skip
+
 
 class Kernel(ABC):
     """Repacks a layer's canonical tensors once, then computes ``x @ W'^T + bias`` on every call.
