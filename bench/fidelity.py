@@ -21,9 +21,9 @@ model's; ``RMS dp`` = the RMS of ``p_q(t) - p_base(t)`` for the token ``t`` that
 Rows: RTN, HQQ, SINQ and NF4 (bitsandbytes' codebook, absmax per block of 64, simulated in torch) at the group
 sizes each model allows (Qwen2.5-Coder: 64 and 128, its float32 forward is slow on 2 cores), EasyQuant format 1
 (the paper) and format 2 at every group size, exactly as the converter computes them; ``--sweep`` adds format-2
-variants (outlier cap, range search) for choosing defaults on ``--split dev``; "+ int4 lm_head" is the default with
-the output projection quantized too (``easyquant-convert --lm-head``), its bits counted over the vocabulary matrix
-as well. EasyQuant rows use each layer's
+variants (outlier cap, range search) for choosing defaults on ``--split dev``; "+ int8 lm_head" / "+ int4 lm_head"
+are the default with the output projection quantized too (``easyquant-convert --lm-head``, 8 bits by default, and
+``--lm-head-bits 4``), their bits counted over the vocabulary matrix as well. EasyQuant rows use each layer's
 reference W'. Bits per weight as ``bench/quality.py`` counts them (EasyQuant: the bytes the checkpoint stores).
 ``--vllm-check`` scores the default EasyQuant checkpoint's chat sequences through vLLM (compiled, float32,
 prompt logprobs top-20) and reports how far they are from the same W' in HF.
@@ -62,12 +62,12 @@ from bench.quality import (  # noqa: E402
     default_group,
     eq_rows,
     eq_spec,
+    lm_head_rows,
     load_text,
     peers_available,
     windows,
 )
 from converters.convert import DEFAULT_QUANTIZE_PATTERN, ConvertOptions, convert  # noqa: E402
-from easyquant_vllm.quant import DEFAULT_FORMAT_VERSION  # noqa: E402
 
 TEMPLATES = ("What is {t}?", "Who or what is {t}?", "Why is {t} notable?", "Tell me about {t}.")
 
@@ -186,9 +186,7 @@ def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, sweep: bool) -> l
     rows.append(Row("NF4 block 64", "nf4", 64, tags={"peer": "nf4"}))
     rows.append(Row(f"EasyQuant v1 g{g} (paper)", "eq", g, eq_spec(1, g), tags={"v1": True}))
     rows += eq_rows(info, 2, groups) + eq_rows(info, 3, info.v3_groups)
-    # easyquant-convert --lm-head: the output projection (tied: the one embedding matrix) quantized too.
-    dv, dg = DEFAULT_FORMAT_VERSION, default_group(info)
-    rows.append(Row(f"EasyQuant v{dv} g{dg} + int4 lm_head", "eq", dg, eq_spec(dv, dg), tags={"lm_head": True}))
+    rows += lm_head_rows(info)
     if sweep:
         g3 = default_group(info, 3)
         rows += [
@@ -253,7 +251,7 @@ def run_model(info: ModelInfo, args: argparse.Namespace, have_hqq: bool, have_si
         t0 = time.perf_counter()
         for name, w in vocab.items():  # the vocabulary matrix is quantized only in the lm_head row
             params[name].data.copy_(w)
-        meta = apply_row(params, {**originals, **vocab} if row.tags.get("lm_head") else originals, row)
+        meta = apply_row(params, {**originals, **vocab} if row.tags.get("lm_head") else originals, row, vocab)
         stats = score(model, corpus)
         rows.append({"label": row.label, "kind": row.kind, "group": row.group, **meta, **stats, **row.tags,
                      "row_seconds": time.perf_counter() - t0})  # fmt: skip

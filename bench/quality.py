@@ -46,7 +46,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -211,6 +211,14 @@ def eq_rows(info: ModelInfo, version: int, groups: tuple[int, ...]) -> list[Row]
     return out
 
 
+def lm_head_rows(info: ModelInfo) -> list[Row]:
+    """``easyquant-convert --lm-head`` (8 bits, its default) and ``--lm-head-bits 4``: the default with the output
+    projection (tied: the one embedding matrix) quantized too; ``tags["lm_head"]`` is its code width."""
+    dv, dg = DEFAULT_FORMAT_VERSION, default_group(info)
+    return [Row(f"EasyQuant v{dv} g{dg} + int{b} lm_head", "eq", dg, eq_spec(dv, dg), tags={"lm_head": b})
+            for b in (8, 4)]  # fmt: skip
+
+
 def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, ablations: bool) -> list[Row]:
     g = info.group
     rows = [Row("fp32", "fp32"), Row(f"RTN g{g}", "rtn", g)]
@@ -220,10 +228,7 @@ def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, ablations: bool) 
         rows += [Row(f"SINQ g{gs}", "sinq", gs, tags={"sinq": True}) for gs in info.groups]
     rows.append(Row(f"EasyQuant v1 g{g} (paper)", "eq", g, eq_spec(1, g), tags={"v1": True}))
     rows += eq_rows(info, 2, info.groups) + eq_rows(info, 3, info.v3_groups)
-    # easyquant-convert --lm-head: the output projection (tied: the one embedding matrix) quantized too.
-    dg = default_group(info)
-    rows.append(Row(f"EasyQuant v{DEFAULT_FORMAT_VERSION} g{dg} + int4 lm_head", "eq", dg,
-                    eq_spec(DEFAULT_FORMAT_VERSION, dg), tags={"lm_head": True}))  # fmt: skip
+    rows += lm_head_rows(info)
     if ablations:
         rows += [
             Row(f"v2 g{g} without zero points", "eq", g, eq_spec(2, g, zero_points=False), tags={"ablation": True}),
@@ -281,15 +286,19 @@ def eq_groups(names: list[str], spec: QuantSpec) -> list[list[str]]:
     return column_scale_groups(names, spec.normalize)
 
 
-def apply_row(params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor], row: Row) -> dict[str, float]:
-    """Put W' of every quantized layer into the model; bits per weight and quantization seconds."""
+def apply_row(params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor], row: Row,
+              vocab: Collection[str] = ()) -> dict[str, float]:  # fmt: skip
+    """Put W' of every quantized layer into the model; bits per weight and quantization seconds. ``vocab``: the
+    names of the vocabulary matrix among ``originals``, quantized with ``row.tags["lm_head"]`` bits (the
+    converter's ``--lm-head-bits``)."""
     bits = total = nnz = 0
     t0 = time.perf_counter()
     if row.kind in ("rtn", "eq"):
         spec = rtn_spec(row.group) if row.kind == "rtn" else row.spec
         assert spec is not None
         for group in eq_groups(list(originals), spec):
-            for name, qw in zip(group, quantize_group([originals[n] for n in group], spec, with_stats=False),
+            head = replace(spec, bits=row.tags["lm_head"]) if group[0] in vocab else spec
+            for name, qw in zip(group, quantize_group([originals[n] for n in group], head, with_stats=False),
                                 strict=True):  # fmt: skip
                 params[name].data.copy_(qw.dequantize())
                 bits += stored_bits(qw)
@@ -520,7 +529,7 @@ def run_model(info: ModelInfo, args: argparse.Namespace, have_hqq: bool, have_si
             continue
         for name, w in vocab.items():  # the vocabulary matrix is quantized only in the lm_head row
             params[name].data.copy_(w)
-        info_row = apply_row(params, {**originals, **vocab} if row.tags.get("lm_head") else originals, row)
+        info_row = apply_row(params, {**originals, **vocab} if row.tags.get("lm_head") else originals, row, vocab)
         ppl = perplexity(model, wins, info.bos)
         sample = greedy(model, tok)
         rows.append({"label": row.label, "kind": row.kind, "group": row.group, "ppl": ppl, "sample": sample,

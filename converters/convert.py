@@ -11,7 +11,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,7 @@ class ConvertOptions:
     quantize_pattern: str = DEFAULT_QUANTIZE_PATTERN
     skip: list[str] = field(default_factory=list)
     lm_head: bool = False
+    lm_head_bits: int = 8
     device: str = "cpu"
     max_shard_bytes: int = 2 * 1024**3
     overwrite: bool = False
@@ -107,6 +108,11 @@ class Plan:
     not_converted: list[str]  # module prefixes of 2-D weights left in their original dtype
     spec: QuantSpec
     lm_head: str | None = None  # the output projection's tensor, when it is quantized (``--lm-head``)
+    lm_head_bits: int = 8  # its code width (``--lm-head-bits``)
+
+    def spec_of(self, name: str) -> QuantSpec:
+        """The spec tensor ``name`` is quantized with: the output projection's code width is ``lm_head_bits``."""
+        return replace(self.spec, bits=self.lm_head_bits) if name == self.lm_head else self.spec
 
 
 def _module_of(name: str) -> str:
@@ -148,6 +154,7 @@ def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions, config: dict[str
     ``config`` (the model's config.json) tells ``--lm-head`` whether the embeddings are tied."""
     try:
         check_bits(opts.bits)
+        check_bits(opts.lm_head_bits)
     except ValueError as e:
         raise ConversionError(str(e)) from None
     try:
@@ -173,14 +180,14 @@ def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions, config: dict[str
     _check_fused_groups(set(map(_module_of, quantize)), set(not_converted))
     _check_expert_layers(set(map(_module_of, quantize)), set(not_converted))
 
-    pf = pack_factor(opts.bits)
     in_dims: dict[int, str] = {}
     for name in quantize:
         k = ckpt.shape(name)[1]
-        if k % pf:
+        bits = opts.lm_head_bits if name == head else opts.bits
+        if k % pack_factor(bits):
             raise ConversionError(
-                f"{name} in {ckpt.file_of(name).name}: input dimension {k} is not divisible by {pf}, "
-                f"which {opts.bits}-bit packing needs; skip it with --skip"
+                f"{name} in {ckpt.file_of(name).name}: input dimension {k} is not divisible by {pack_factor(bits)}, "
+                f"which {bits}-bit packing needs; skip it with --skip"
             )
         in_dims.setdefault(k, name)
     try:
@@ -189,7 +196,7 @@ def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions, config: dict[str
         g = opts.group_size
         bad = [n for k, n in in_dims.items() if isinstance(g, int) and g > 0 and k % g]
         raise ConversionError(f"{e} (e.g. tensor {(bad or list(in_dims.values()))[0]})") from None
-    return Plan(names, quantize, not_converted, resolve_spec(opts, group_size), head)
+    return Plan(names, quantize, not_converted, resolve_spec(opts, group_size), head, opts.lm_head_bits)
 
 
 def resolve_spec(opts: ConvertOptions, group_size: int) -> QuantSpec:
@@ -388,7 +395,7 @@ def _write(
             continue
         t0 = time.perf_counter()
         try:
-            qws = quantize_group(tensors, spec, device=opts.device)
+            qws = quantize_group(tensors, plan.spec_of(name), device=opts.device)
         except ValueError as e:
             raise ConversionError(f"{name} in {ckpt.file_of(name).name}: {e}") from None
         seconds = (time.perf_counter() - t0) / len(members)
@@ -403,7 +410,7 @@ def _write(
                 "outlier_fraction": qw.stats.outlier_fraction,
                 "rel_err_rtn": qw.stats.rel_err_rtn,
                 "rel_err": qw.stats.rel_err,
-                "bits_per_weight": bits_per_weight(n, k, spec.bits, spec.group_size, qw.outliers.nnz,
+                "bits_per_weight": bits_per_weight(n, k, qw.bits, spec.group_size, qw.outliers.nnz,
                                                    spec.zero_points, qw.col_scale is not None, spec.format_version),
                 "column_scale": qw.col_scale is not None,
                 "seconds": seconds,
@@ -415,7 +422,8 @@ def _write(
     writer.close()
     total_seconds = time.perf_counter() - start
 
-    qcfg = EasyQuantCheckpointConfig.from_spec(spec, plan.not_converted, lm_head=plan.lm_head is not None)
+    qcfg = EasyQuantCheckpointConfig.from_spec(spec, plan.not_converted, lm_head=plan.lm_head is not None,
+                                               lm_head_bits=plan.lm_head_bits)  # fmt: skip
     (out / CONFIG_FILE).write_text(json.dumps({**config, "quantization_config": qcfg.to_dict()}, indent=2) + "\n")
     for name, real in side:  # from the path checked up front, not through the link again
         shutil.copyfile(real, out / name)

@@ -104,9 +104,10 @@ class EasyQuantCheckpointConfig:
     ``outlier_threshold``, ``max_outlier_fraction``, ``method`` and ``method_params`` record how the checkpoint
     was made (informative only: the tensors alone define the weights). ``modules_to_not_convert`` lists the
     module names (prefixes without ``.weight``) of linear layers inside the decoder blocks left unquantized.
-    ``lm_head``: the output projection is quantized too, with the same bits and group size. In a model with tied
-    embeddings that is the one embedding matrix (``model.embed_tokens``), which then also serves the input lookups
-    (docs/format.md, "Quantized lm_head").
+    ``lm_head``: the output projection is quantized too, with the same group size and ``lm_head_bits`` (None: the
+    checkpoint's ``bits``). In a model with tied embeddings that is the one embedding matrix (``model.embed_tokens``),
+    which then also serves the input lookups (docs/format.md, "Quantized lm_head"). :meth:`bits_of` gives any
+    layer's code width.
     """
 
     bits: int = _DEFAULT_SPEC.bits
@@ -120,10 +121,11 @@ class EasyQuantCheckpointConfig:
     zero_points: bool = _DEFAULT_SPEC.zero_points
     column_scale: bool = _DEFAULT_SPEC.normalize != "none"
     lm_head: bool = False
+    lm_head_bits: int | None = None
 
     @classmethod
     def from_spec(cls, spec: QuantSpec, modules_to_not_convert: list[str] | None = None,
-                  lm_head: bool = False) -> EasyQuantCheckpointConfig:  # fmt: skip
+                  lm_head: bool = False, lm_head_bits: int | None = None) -> EasyQuantCheckpointConfig:  # fmt: skip
         """The config block of a checkpoint quantized with ``spec`` (what the converter writes)."""
         return cls(
             bits=spec.bits,
@@ -137,6 +139,7 @@ class EasyQuantCheckpointConfig:
             zero_points=spec.zero_points,
             column_scale=spec.normalize != "none",
             lm_head=lm_head,
+            lm_head_bits=(lm_head_bits or spec.bits) if lm_head else None,
         )
 
     def __post_init__(self) -> None:
@@ -144,9 +147,24 @@ class EasyQuantCheckpointConfig:
             raise ValueError("zero_points and column_scale need format_version 2")
         if self.format_version == 3 and not self.zero_points:
             raise ValueError("format_version 3 stores a zero point per group: zero_points must be true")
+        if self.lm_head_bits is not None and not self.lm_head:
+            raise ValueError("lm_head_bits needs lm_head: true")
+
+    @property
+    def vocab_bits(self) -> int:
+        """Code width of the quantized vocabulary matrix (``lm_head``): ``lm_head_bits``, else ``bits``."""
+        return self.lm_head_bits if self.lm_head_bits is not None else self.bits
+
+    def bits_of(self, prefix: str) -> int:
+        """Code width of the quantized layer ``prefix``: :attr:`vocab_bits` for the vocabulary matrix (an
+        ``lm_head`` or ``embed_tokens`` module, see :func:`is_vocab_module`), ``bits`` for every other layer."""
+        return self.vocab_bits if self.lm_head and is_vocab_module(prefix) else self.bits
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": QUANT_METHOD, **asdict(self)}
+        d = asdict(self)
+        if d["lm_head_bits"] is None:
+            del d["lm_head_bits"]
+        return {"quant_method": QUANT_METHOD, **d}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str | Path = CONFIG_FILE) -> EasyQuantCheckpointConfig:
@@ -170,6 +188,10 @@ class EasyQuantCheckpointConfig:
         params = d.get("method_params")
         if params is not None and not isinstance(params, dict):
             raise CheckpointError(fields.at("method_params", f"must be a JSON object, got {params!r}"))
+        lm_head = fields.boolean("lm_head")
+        if "lm_head_bits" in d and not lm_head:
+            raise CheckpointError(fields.at("lm_head_bits", "is set, but lm_head is not true"))
+        lm_head_bits = fields.integer("lm_head_bits", SUPPORTED_BITS) if "lm_head_bits" in d else None
         skip = d.get("modules_to_not_convert")
         if skip is not None and (not isinstance(skip, list) or not all(isinstance(m, str) for m in skip)):
             raise CheckpointError(fields.at("modules_to_not_convert", f"must be a list of strings, got {skip!r}"))
@@ -182,7 +204,8 @@ class EasyQuantCheckpointConfig:
             method_params=dict(params or {}),
             modules_to_not_convert=list(skip or []),
             format_version=version,
-            lm_head=fields.boolean("lm_head"),
+            lm_head=lm_head,
+            lm_head_bits=lm_head_bits,
             **flags,
         )
 
@@ -271,6 +294,16 @@ def optional_suffixes(column_scale: bool = False, version: int | None = None) ->
     if version != 3:
         return ()
     return CSR_SUFFIXES + ((COL_SCALE,) if column_scale else ())
+
+
+VOCAB_MODULES = ("lm_head", "embed_tokens")
+"""Last names of the module that holds the vocabulary matrix when ``lm_head`` is true: ``lm_head`` (untied) or
+the tied ``embed_tokens`` (the converter's ``output_projection``)."""
+
+
+def is_vocab_module(prefix: str) -> bool:
+    """Whether ``prefix`` (a module name) is the vocabulary matrix of a checkpoint with ``lm_head: true``."""
+    return prefix.rsplit(".", 1)[-1] in VOCAB_MODULES
 
 
 def tensor_name(prefix: str, suffix: str) -> str:
@@ -512,8 +545,8 @@ def quantized_layers(ckpt: Any, cfg: EasyQuantCheckpointConfig) -> Iterator[tupl
     for prefix in prefixes:
         tensors = {tensor_name(prefix, s): ckpt.get(tensor_name(prefix, s))
                    for s in ALL_SUFFIXES if tensor_name(prefix, s) in names}  # fmt: skip
-        yield prefix, quantized_weight_from_tensors(prefix, tensors, cfg.bits, cfg.group_size, cfg.zero_points,
-                                                    cfg.column_scale, cfg.format_version)  # fmt: skip
+        yield prefix, quantized_weight_from_tensors(prefix, tensors, cfg.bits_of(prefix), cfg.group_size,
+                                                    cfg.zero_points, cfg.column_scale, cfg.format_version)  # fmt: skip
 
 
 def validate_checkpoint(model_dir: str | Path) -> dict[str, Any]:
@@ -539,7 +572,7 @@ def validate_checkpoint(model_dir: str | Path) -> dict[str, Any]:
             layers += 1
             params += n * k
             outliers += qw.outliers.nnz
-            bits_total += bits_per_weight(n, k, cfg.bits, cfg.group_size, qw.outliers.nnz, cfg.zero_points,
+            bits_total += bits_per_weight(n, k, qw.bits, cfg.group_size, qw.outliers.nnz, cfg.zero_points,
                                           qw.col_scale is not None, cfg.format_version) * n * k  # fmt: skip
 
     if layers == 0:

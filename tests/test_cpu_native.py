@@ -91,6 +91,77 @@ def test_native_path_matches_reference(path: str, version: int, dtype: torch.dty
         assert _rel(y, ref) < _bound(path, dtype), (path, m)
 
 
+@pytest.mark.parametrize("path", native.PATHS_8BIT)
+@pytest.mark.parametrize("version", FORMAT_VERSIONS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "k", "group_size"), SHAPES)
+def test_8bit_codes_match_reference(path: str, version: int, dtype: torch.dtype, n: int, k: int,
+                                    group_size: int) -> None:  # fmt: skip
+    # 8-bit codes (a quantized lm_head): four to a word, so the i16 path's code pairs and x layout differ from the
+    # 4-bit ones; a byte in the wrong column would be O(1) here.
+    qw = quantized(heavy_tailed(n, k, seed=n + k), version, group_size, bits=8)
+    assert qw.bits == 8 and qw.outliers.nnz > 0
+    kernel = _kernel(qw, dtype, path)
+    tensors = kernel.prepare(qw)
+    assert tensors["w_q"].numel() == n * k // 4
+    ref_w = qw.dequantize(torch.float64)
+    g = torch.Generator().manual_seed(k)
+    reset_dispatch_counts()
+    ms = (1, 2, 3, 4, 5, 9, 17, 70)
+    for m in ms:
+        x = torch.randn(m, k, generator=g).to(dtype)
+        bias = torch.randn(n, generator=g).to(dtype) if m % 2 else None
+        y = kernel.apply(tensors, x, bias)
+        ref = x.double() @ ref_w.T + (bias.double() if bias is not None else 0)
+        assert _rel(y, ref) < _bound(path, dtype), (path, m)
+    assert dict(dispatch_counts()) == {f"native-int4-cpu:{path}": len(ms)}
+    if path == "dequant":  # W' in x's dtype, bit for bit, as for 4-bit codes
+        x = torch.randn(40, k, generator=g).to(dtype)
+        assert torch.equal(kernel.apply(tensors, x, None), F.linear(x, qw.dequantize(dtype)))
+
+
+@pytest.mark.parametrize("path", native.PATHS_8BIT)
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_8bit_v3_extremes_and_largest_sums(path: str, group_size: int) -> None:
+    # Version 3's 8-bit zero byte is whole codes (z = 255 lies above most codes, z = 0 below all), a = 0 / 255.
+    qw = quantized(heavy_tailed(64, 256, seed=13), 3, group_size, bits=8)
+    assert qw.row_steps is not None and qw.zeros is not None
+    mult, zeros = qw.scales.clone(), qw.zeros.clone()
+    mult[5, 0], mult[6] = 0, 255
+    zeros[7], zeros[9] = 0, 255
+    qw = replace(qw, scales=mult, zeros=zeros)
+    kernel = _kernel(qw, torch.bfloat16, path)
+    x = torch.randn(9, 256).bfloat16()
+    assert _rel(kernel.apply(kernel.prepare(qw), x, None), x.double() @ qw.dequantize(torch.float64).T) < _bound(path)
+    # Every code 255 with zero point 0 and |x| = 1: the i16 path's largest int32 sums (64 pairs of 2 * 255 * 32767
+    # per 128-column sub-block, 1.07e9 < 2^31); over K = 8960 in one piece they would wrap.
+    n, k = 32, 8960
+    empty = OutlierCSR(torch.zeros(n + 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
+                       torch.zeros(0, dtype=torch.float16), (n, k))  # fmt: skip
+    full = QuantizedWeight(torch.full((n, k // 4), -1, dtype=torch.int32), torch.full((n, 1), 2.0**-14,
+                           dtype=torch.float16), empty, 8, -1, zeros=torch.zeros(n, 1, dtype=torch.uint8))  # fmt: skip
+    kernel = _kernel(full, torch.bfloat16, path)
+    for sign in (1.0, -1.0):
+        y = kernel.apply(kernel.prepare(full), torch.full((3, k), sign).bfloat16(), None)
+        assert _rel(y, torch.full((3, n), sign * 255 * 2.0**-14 * k, dtype=torch.float64)) < 6e-3
+
+
+@pytest.mark.parametrize("version", FORMAT_VERSIONS)
+def test_8bit_layer_takes_the_native_kernel_after_its_self_check(version: int) -> None:
+    # What a served 8-bit lm_head gets: the native kernel, its start-up self-check passed with 8-bit codes, not the
+    # dense fallback (which would hold the matrix in bf16).
+    qw = quantized(heavy_tailed(512, 256, seed=14), version, 32, bits=8)
+    kernel_cls, reasons = choose_kernel(layer_spec(qw, torch.bfloat16), torch.device("cpu"))
+    assert kernel_cls is NativeCpuKernel, reasons
+
+
+def test_8bit_codes_refused_on_4bit_only_paths() -> None:
+    qw = quantized(heavy_tailed(32, 64, seed=3), 2, 32, bits=8)
+    kernel = NativeCpuKernel(layer_spec(qw, torch.float16), plan=native.parse_plan("fma", native.PATHS))
+    with pytest.raises(RuntimeError, match="8-bit codes take the i16 and dequant paths only; the plan chose path 0"):
+        kernel.apply(kernel.prepare(qw), torch.randn(1, 64).half(), None)
+
+
 @pytest.mark.parametrize("path", native.PATHS)
 def test_native_path_heavy_outlier_row_and_no_outliers(path: str) -> None:
     qw = _heavy_row_weight()
@@ -255,8 +326,9 @@ def test_can_implement_format_version_3() -> None:
     assert NativeCpuKernel.can_implement(v3) == (True, None)
     ok, why = NativeCpuKernel.can_implement(replace(v3, zero_points=False))
     assert not ok and "format version 3 (compact steps) layers have zero points" in (why or "")
-    ok, why = NativeCpuKernel.can_implement(replace(v3, bits=8))
-    assert not ok and "4-bit codes only, got bits = 8" in (why or "")
+    assert NativeCpuKernel.can_implement(replace(v3, bits=8)) == (True, None)  # i16 and dequant take 8-bit codes
+    ok, why = NativeCpuKernel.can_implement(replace(v3, act_dtype=torch.float32))
+    assert not ok and "needs bf16/fp16 activations" in (why or "")
 
 
 def test_self_check_batches_cover_every_i16_row_tile() -> None:
@@ -316,6 +388,15 @@ def test_default_plan_per_isa(monkeypatch: pytest.MonkeyPatch) -> None:
     assert native.plan_text(native.default_plan(torch.float16, ("fma", "dequant", "i16"))) == "i16"
     for dtype in (torch.bfloat16, torch.float16):  # an AVX2-only CPU has i8 too: never planned
         assert native.plan_text(native.default_plan(dtype, ("fma", "dequant", "i16", "i8"))) == "i16"
+    # 8-bit codes: i16, then oneDNN's GEMM on W' where the CPU has native bf16; i16 for every M on AVX2
+    assert native.plan_text(native.default_plan(torch.bfloat16, native.PATHS, bits=8)) == "i16:96,dequant"
+    assert native.plan_text(native.default_plan(torch.bfloat16, avx512, bits=8)) == "i16:96,dequant"
+    assert native.plan_text(native.default_plan(torch.bfloat16, ("fma", "dequant", "i16", "i8"), bits=8)) == "i16"
+    # EASYQUANT_CPU_PLAN is for the 4-bit layers; it reaches 8-bit ones only where every path it names takes them
+    monkeypatch.setenv(native.ENV_PLAN, "i8")
+    assert native.plan_text(native.default_plan(torch.bfloat16, ("fma", "dequant", "i16", "i8"), bits=8)) == "i16"
+    monkeypatch.setenv(native.ENV_PLAN, "i16:4,dequant")
+    assert native.plan_text(native.default_plan(torch.bfloat16, native.PATHS, bits=8)) == "i16:4,dequant"
 
 
 def test_op_names_a_path_the_cpu_lacks_and_bad_tensors() -> None:
@@ -325,7 +406,7 @@ def test_op_names_a_path_the_cpu_lacks_and_bad_tensors() -> None:
     with pytest.raises(RuntimeError, match="path 1 is not available on this CPU for Half"):
         kernel.apply(t, torch.randn(1, 64).half(), None)
     kernel.plan = [1 << 30, 0]
-    with pytest.raises(RuntimeError, match="w_q must be contiguous int32 with N\\*K/8 = 256 words"):
+    with pytest.raises(RuntimeError, match="w_q must be contiguous int32 with N\\*K/8 = 256 words \\(4-bit codes\\)"):
         kernel.apply({**t, "w_q": t["w_q"].long()}, torch.randn(1, 64).half(), None)
 
 

@@ -108,6 +108,27 @@ def test_config_roundtrip_and_errors() -> None:
         EasyQuantCheckpointConfig.from_dict({**d, "lm_head": 1})
 
 
+def test_config_lm_head_bits() -> None:
+    # The vocabulary matrix's own code width: absent means the checkpoint's bits (checkpoints before the key);
+    # written whenever lm_head is true, never without it.
+    d = EasyQuantCheckpointConfig(bits=4, group_size=32).to_dict()
+    assert "lm_head_bits" not in d
+    old = EasyQuantCheckpointConfig.from_dict({**d, "lm_head": True})
+    assert old.lm_head_bits is None and old.vocab_bits == 4 and old.bits_of("model.embed_tokens") == 4
+    cfg = EasyQuantCheckpointConfig.from_dict({**d, "lm_head": True, "lm_head_bits": 8})
+    assert cfg.vocab_bits == 8 and EasyQuantCheckpointConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.bits_of("lm_head") == cfg.bits_of("model.language_model.embed_tokens") == 8
+    assert cfg.bits_of("model.layers.0.mlp.down_proj") == cfg.bits_of("model.layers.0.self_attn.q_proj") == 4
+    spec = QuantSpec.for_version(3, group_size=32)
+    assert EasyQuantCheckpointConfig.from_spec(spec, lm_head=True, lm_head_bits=8).to_dict()["lm_head_bits"] == 8
+    assert EasyQuantCheckpointConfig.from_spec(spec, lm_head=True).lm_head_bits == 4  # the linears' bits
+    assert EasyQuantCheckpointConfig.from_spec(spec, lm_head=False, lm_head_bits=8).lm_head_bits is None
+    with pytest.raises(CheckpointError, match=r"lm_head_bits = 6 is not supported \(supported: \[4, 8\]\)"):
+        EasyQuantCheckpointConfig.from_dict({**d, "lm_head": True, "lm_head_bits": 6})
+    with pytest.raises(CheckpointError, match="lm_head_bits is set, but lm_head is not true"):
+        EasyQuantCheckpointConfig.from_dict({**d, "lm_head_bits": 8})
+
+
 def test_config_defaults_are_the_default_format_versions() -> None:
     # One definition per version (QuantSpec.for_version): the config's defaults, QuantSpec() and the converter's
     # options agree with it.

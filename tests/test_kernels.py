@@ -105,8 +105,10 @@ def test_choose_kernel_order_and_fallback() -> None:
     kernel, reasons = choose_kernel(fp32)
     assert kernel is TorchReferenceKernel
     assert any("float32" in r for r in reasons)
-    int8 = LayerSpec(64, 128, 8, 32, torch.bfloat16, "cpu")
-    assert choose_kernel(int8)[0] is TorchReferenceKernel
+    int8 = LayerSpec(64, 128, 8, 32, torch.bfloat16, "cpu")  # 8-bit codes: the native kernel's i16/dequant only
+    expected = NativeCpuKernel if NativeCpuKernel.can_implement(int8)[0] else TorchReferenceKernel
+    assert choose_kernel(int8)[0] is expected
+    assert "4-bit codes only" in (TorchInt4CpuKernel.can_implement(int8)[1] or "")
     assert KERNELS[-1] is TorchReferenceKernel  # always last: it implements everything
     per_channel = LayerSpec(64, 96, 4, -1, torch.bfloat16, "cpu")  # 96 = 3 x 32: kernel groups of 32
     assert TorchInt4CpuKernel.can_implement(per_channel) == (True, None)

@@ -120,13 +120,13 @@ def test_vllm_bf16_int4_kernel_close_to_reference(decisive_eq: tuple[Path, Path]
     assert quant_effect > 3 * 0.3, f"quantization changes logprobs by only {quant_effect:.3f}: the bound is too loose"
 
 
-@pytest.fixture(scope="module")
-def tied_lm_head_eq(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny Qwen2 with tied embeddings, converted with ``lm_head=True``: the one vocabulary matrix is quantized
-    and serves both the input lookups and the logits. (Source dir, its conversion.)"""
+@pytest.fixture(scope="module", params=[8, 4], ids=["int8-head", "int4-head"])
+def tied_lm_head_eq(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny Qwen2 with tied embeddings, converted with ``lm_head=True`` (the default 8 bits, and 4): the one
+    vocabulary matrix is quantized and serves both the input lookups and the logits. (Source dir, its conversion.)"""
     root = tmp_path_factory.mktemp("tied-lm-head")
     src = build_tiny_model(root / "src", arch="qwen2", seed=3, tie_word_embeddings=True)
-    convert(src, root / "eq", ConvertOptions(group_size=64, lm_head=True), progress=False)
+    convert(src, root / "eq", ConvertOptions(group_size=64, lm_head=True, lm_head_bits=request.param), progress=False)
     return src, root / "eq"
 
 
@@ -142,9 +142,10 @@ def test_vllm_quantized_tied_lm_head_matches_hf_reference(tied_lm_head_eq: tuple
         assert gen.token_ids == hf_tokens
         diff = max(abs(a - b) for a, b in zip(gen.logprobs, hf_lp, strict=True))
         assert diff <= 1e-4, f"max |dlogprob| {diff:.2e}"
-        # The served vocabulary matrix is the quantized one: the reference with the original one is far off.
+        # The served vocabulary matrix is the quantized one: the reference with the original one is far off
+        # (measured 4.6e-3 with the 8-bit head, over 1e-2 with the 4-bit one).
         _, other = hf_logprobs(eq, unquantized_vocab, prompt, gen.token_ids)
-        assert max(abs(a - b) for a, b in zip(gen.logprobs, other, strict=True)) > 1e-2
+        assert max(abs(a - b) for a, b in zip(gen.logprobs, other, strict=True)) > 10 * 1e-4
 
 
 def test_vllm_bf16_quantized_tied_lm_head_close_to_reference(tmp_path: Path) -> None:

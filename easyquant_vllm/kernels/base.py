@@ -148,16 +148,17 @@ def count(kernel: str, path: str) -> None:
     _counts[f"{kernel}:{path}"] += 1
 
 
-def cpu_int4_unsupported(name: str, spec: LayerSpec) -> str | None:
-    """What the CPU int4 kernels have in common: CPU, 4-bit codes, 16-bit activations.
+def cpu_int4_unsupported(name: str, spec: LayerSpec, bits: tuple[int, ...] = (4,)) -> str | None:
+    """What the CPU int4 kernels have in common: CPU, 4-bit codes (or any of ``bits``), 16-bit activations.
 
     float32 activations are declined on purpose: the int4 GEMMs either lack a float32 path or are
     ~10x slower there than a dense float32 GEMM, so the reference kernel is the better choice.
     """
     if spec.device_type != "cpu":
         return f"{name} runs on CPU only"
-    if spec.bits != 4:
-        return f"{name} supports 4-bit codes only, got bits = {spec.bits}"
+    if spec.bits not in bits:
+        widths = " or ".join(map(str, bits))
+        return f"{name} supports {widths}-bit codes only, got bits = {spec.bits}"
     if spec.act_dtype not in (torch.bfloat16, torch.float16):
         return f"{name} needs bf16/fp16 activations, got {spec.act_dtype}"
     return None

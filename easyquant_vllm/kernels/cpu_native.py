@@ -1,4 +1,4 @@
-"""CPU kernel of our own (``csrc/eq_cpu.cpp``): int4 GEMM, CSR outliers and bias in one C++ op call.
+"""CPU kernel of our own (``csrc/eq_cpu.cpp``): int4 (and int8) GEMM, CSR outliers and bias in one C++ op call.
 
 Built with ``torch.utils.cpp_extension`` at first use (about 10-60 s, then cached in torch's extension
 directory; ``scripts/setup.sh`` builds it ahead). Where no compiler is available the build error is
@@ -24,7 +24,8 @@ i8         AVX2 + FMA; opt-in, not planned    integer codes times ``x * c`` roun
 =========  =================================  =============================================================
 
 The plan (which path for which M) is fixed per ISA and dtype from measurements (docs/serving.md); it is
-passed to the op as ints, so the compiled graph holds no branch on M. Every path serves format versions 1, 2
+passed to the op as ints, so the compiled graph holds no branch on M. 8-bit codes (a quantized lm_head,
+``--lm-head-bits 8``) take the paths of :data:`PATHS_8BIT` only. Every path serves format versions 1, 2
 and 3 (for version 3 the op takes the rows' units, ``row_steps``, and decodes each group's step and fractional
 zero point in its per-group epilogue).
 """
@@ -49,6 +50,8 @@ SOURCES = (SOURCE, SOURCE.with_name("eq_cpu_moe.cpp"))
 """The op library: the linear op (eq_cpu.cpp) and the MoE op that runs it per expert (eq_cpu_moe.cpp)."""
 PATHS = ("fma", "bf16dp", "amx", "dequant", "i16", "i8")
 """Path ids of the C++ op, in order (``Path`` in eq_cpu.cpp; a new path takes the next id)."""
+PATHS_8BIT = ("i16", "dequant")
+"""The paths that also take 8-bit codes (the op refuses the others for them)."""
 
 I8_CHECK_TOLERANCE = 2e-2
 """Self-check bound (mean relative error) of a plan with the i8 path, whatever the activations' dtype: x * c
@@ -102,7 +105,7 @@ ENV_PLAN = "EASYQUANT_CPU_PLAN"
 order, the last without a bound."""
 
 
-def default_plan(dtype: torch.dtype, paths: Sequence[str]) -> list[int]:
+def default_plan(dtype: torch.dtype, paths: Sequence[str], bits: int = 4) -> list[int]:
     """``[m_max, path, m_max, path, ...]`` for the op: the first pair with M <= m_max is used.
 
     The bounds are crossovers measured on SmolLM2's shapes (docs/serving.md, ``bench/cpu_kernels.py``): with
@@ -111,8 +114,18 @@ def default_plan(dtype: torch.dtype, paths: Sequence[str]) -> list[int]:
     take), the i16 path for every M: on Qwen2.5-1.5B's and a MoE expert's shapes it ran 1.5-3.2x faster than
     the fma path at M = 1-64 (1.3x at 128 and 256), and the dense GEMM that dequant hands over to (no native
     bf16 there) was 4.5-11x slower than i16 (docs/serving.md, "The i16 path on AVX2").
+
+    8-bit codes (``bits = 8``): i16 on every CPU, handing over to dequant + oneDNN's GEMM beyond 96 rows where
+    the CPU has native bf16 (AMX or AVX512-BF16), as the 4-bit plans do; the lm_head these serve sees one row per
+    sequence. ``EASYQUANT_CPU_PLAN`` applies to them only where it names 8-bit paths alone (it is meant for the
+    4-bit layers: an ``i8`` override leaves the 8-bit lm_head on this plan).
     """
     override = os.environ.get(ENV_PLAN)
+    if bits == 8:
+        if override and all(item.partition(":")[0].strip() in PATHS_8BIT for item in override.split(",")):
+            return parse_plan(override, paths)
+        native_bf16 = "bf16dp" in paths or "amx" in paths
+        return _flatten([("i16", 96), ("dequant", 0)] if native_bf16 else [("i16", 0)])
     if override:
         return parse_plan(override, paths)
     if "amx" in paths:
@@ -181,7 +194,8 @@ class NativeCpuKernel(Kernel):
 
     @classmethod
     def can_implement(cls, spec: LayerSpec) -> tuple[bool, str | None]:
-        why = cpu_int4_unsupported(cls.name, spec)
+        # 4-bit codes on every path, 8-bit ones on PATHS_8BIT (i16 runs on every AVX2 CPU)
+        why = cpu_int4_unsupported(cls.name, spec, bits=(4, 8))
         if why:
             return False, why
         if spec.compact_steps and not spec.zero_points:
@@ -199,7 +213,8 @@ class NativeCpuKernel(Kernel):
     def __init__(self, spec: LayerSpec, device: torch.device | None = None,
                  plan: Sequence[int] | None = None) -> None:  # fmt: skip
         super().__init__(spec, device)
-        self.plan = list(plan) if plan is not None else default_plan(spec.act_dtype, available_paths(spec.act_dtype))
+        paths = available_paths(spec.act_dtype)
+        self.plan = list(plan) if plan is not None else default_plan(spec.act_dtype, paths, spec.bits)
 
     @property
     def check_tolerance_floor(self) -> float:

@@ -1,4 +1,4 @@
-// EasyQuant int4 linear for x86 CPUs: the int4 GEMM, the CSR outliers and the bias in one op call.
+// EasyQuant int4 (and int8) linear for x86 CPUs: the GEMM, the CSR outliers and the bias in one op call.
 //
 //   easyquant::cpu_int4_linear(x [M, K] bf16/fp16, w_q, scales, zeros?, col_scale?, indptr, indices, values,
 //                               bias?, G, plan, row_steps?) -> y [M, N] in x's dtype,   y = x @ W'^T + bias,
@@ -25,6 +25,10 @@
 //
 //   w_q     int32 [N/16, K/8, 16]   dword (b, q, j) = qweight[16b + j, q]: row 16b+j, columns 8q..8q+7,
 //                                   column 8q+i in bits 4i..4i+3 (the checkpoint's word)
+//           int32 [N/16, K/4, 16]   8-bit codes, the same transpose: columns 4q..4q+3, column 4q+i in bits
+//                                   8i..8i+7. The op tells the width from w_q's size (K/8 or K/4 words per row);
+//                                   8-bit codes (a quantized lm_head, docs/format.md) take the i16 and dequant
+//                                   paths only.
 //   scales  fp16  [N/16, K/G, 16]   step of rows 16b..16b+15 for group g, contiguous per block; format version 3:
 //           uint8                   the steps' multipliers a, in the same layout
 //   zeros   uint8 [N/16, K/G, 16]   zero point of rows 16b..16b+15 for group g (format version 2: a code; 3: in
@@ -86,10 +90,13 @@ std::atomic<int64_t> g_path_calls[kNumPaths];  // how often each path ran (the t
 // Everything a path needs, as raw pointers (set up once per call by cpu_int4_linear).
 struct Problem {
   int64_t m, n, k, g;
+  int64_t bits;            // code width: 4, or 8 (the i16 and dequant paths only)
+  float sym_zero;          // z without zero points: 2^(bits - 1)
+  float zero_unit;         // format version 3: a zero byte's unit in codes, 2^(bits - 8)
   int64_t groups;          // K / G, computed once: the paths' vector stores may alias P (the intrinsics store
                            // through may_alias types), so the compiler reloads P after them and K / G written in a
                            // loop is a 64-bit division per group
-  const uint32_t* w;       // [N/16][K/8][16]
+  const uint32_t* w;       // [N/16][K * bits / 32][16]
   const uint16_t* s;       // [N/16][K/G][16] fp16 bits of the steps (format versions 1 and 2), or null
   const uint8_t* a;        // [N/16][K/G][16] step multipliers (format version 3), or null
   const float* d;          // [N] step unit of each row (format version 3), or null
@@ -141,13 +148,14 @@ __attribute__((target("avx2,fma,f16c"))) inline void store8(at::BFloat16* out, _
 // ---- group metadata: each group's step and zero point for the 16 rows of a block ------------------------
 //
 // One helper per ISA decodes a group's 16 steps s and zero points z, whatever the format version stores:
-//   versions 1 and 2: s = the fp16 step;  z = the uint8 zero point (a code), or 8 without zero points
+//   versions 1 and 2: s = the fp16 step;  z = the uint8 zero point (a code), or 2^(bits-1) (8; 128 for 8-bit
+//                     codes) without zero points
 //   version 3:        s = d * a, the row's unit times the group's uint8 multiplier (an 11-bit mantissa times an
-//                     8-bit integer: exact in fp32);  z = zq / 16 (exact: sixteenths of a code)
+//                     8-bit integer: exact in fp32);  z = zq * 2^(bits-8) (exact: sixteenths of a 4-bit code,
+//                     whole 8-bit codes)
 // The units d of a block's 16 rows are loaded once per block (units8, units16). So every path's hot loop is
 // the same for all versions; only its per-group epilogue reads (s, z), through these helpers.
 
-constexpr float kZeroUnit = 1.0f / 16.0f;  // format version 3: zero points in sixteenths of a 4-bit code
 
 // Index of group gi's first entry (row 16b) in the blocked [N/16][K/G][16] metadata.
 inline int64_t group_entry(const Problem& P, int64_t b, int64_t gi) { return (b * P.groups + gi) * kBlockN; }
@@ -159,9 +167,9 @@ inline float row_step(const Problem& P, int64_t b, int64_t gi, int64_t j) {
 }
 
 inline float row_zero(const Problem& P, int64_t b, int64_t gi, int64_t j) {
-  if (!P.z) return 8.0f;
+  if (!P.z) return P.sym_zero;
   const float z = static_cast<float>(P.z[group_entry(P, b, gi) + j]);
-  return P.a ? z * kZeroUnit : z;
+  return P.a ? z * P.zero_unit : z;
 }
 
 struct Units8 {  // the step units d of a block's rows 0-7 and 8-15 (format version 3; zero otherwise)
@@ -193,10 +201,10 @@ __attribute__((target("avx2,fma,f16c"))) inline Steps8 group_steps8(const Proble
     st.s1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(P.s + e + 8)));
   }
   if (!P.z) {
-    st.z0 = st.z1 = _mm256_set1_ps(8.0f);
+    st.z0 = st.z1 = _mm256_set1_ps(P.sym_zero);
   } else if (P.a) {
-    st.z0 = _mm256_mul_ps(bytes8(P.z + e), _mm256_set1_ps(kZeroUnit));
-    st.z1 = _mm256_mul_ps(bytes8(P.z + e + 8), _mm256_set1_ps(kZeroUnit));
+    st.z0 = _mm256_mul_ps(bytes8(P.z + e), _mm256_set1_ps(P.zero_unit));
+    st.z1 = _mm256_mul_ps(bytes8(P.z + e + 8), _mm256_set1_ps(P.zero_unit));
   } else {
     st.z0 = bytes8(P.z + e);
     st.z1 = bytes8(P.z + e + 8);
@@ -355,6 +363,10 @@ __attribute__((target("avx2,fma,f16c"))) void fma_panel(const Problem& P, int64_
 // also keeps a large activation in one place from coarsening x everywhere else (and int32 sums over K >
 // 4368 columns could overflow).
 //
+// 8-bit codes (a quantized lm_head): (word >> 8t) & 0x00FF00FF holds u[4q + t] and u[4q + 2 + t], t = 0, 1, the
+// int16 pair (u[4q + t], u[4q + 2 + t]); StoreI16<8> lays x out to match. A product pair is at most 2 * 255 *
+// 32767 = 16,711,170, so 64 pairs (a 128-column sub-block) sum to at most 1.07e9 < 2^31: the same sub-blocks.
+//
 // Per sub-block and 16-row block, the int32 sums become fp32 once (i16_epilogue):
 //   y += sigma * (scale * acc - offset * sum(xq)),   scale = s, offset = s * z
 // since x * c ~ sigma * xq and W'[n, k] / c[k] = s (u - z). The codes stay integers whatever z is: format
@@ -395,10 +407,16 @@ __attribute__((target("avx2,fma"))) inline void i16_epilogue(__m256i a0, __m256i
 
 // The int16 code pairs (u[8q + t], u[8q + 4 + t]) of 8 rows' words d. For t = 3 a 16-bit shift alone leaves
 // nibble 3 (bits 12-15) and nibble 7 (bits 28-31) at the bottom of their halves: no mask needed.
+// 8-bit codes: the pair (u[4q + t], u[4q + 2 + t]), t = 0, 1; bytes 1 and 3 need only the 16-bit shift.
+template <int kBits>
 __attribute__((target("avx2"))) inline __m256i code_pairs(__m256i d, int t, __m256i mask) {
-  if (t == 0) return _mm256_and_si256(d, mask);
-  if (t == 3) return _mm256_srli_epi16(d, 12);
-  return _mm256_and_si256(_mm256_srli_epi32(d, 4 * t), mask);
+  if constexpr (kBits == 8) {
+    return t == 0 ? _mm256_and_si256(d, mask) : _mm256_srli_epi16(d, 8);
+  } else {
+    if (t == 0) return _mm256_and_si256(d, mask);
+    if (t == 3) return _mm256_srli_epi16(d, 12);
+    return _mm256_and_si256(_mm256_srli_epi32(d, 4 * t), mask);
+  }
 }
 
 // An empty asm that takes v in a ymm register and gives it back: the compiler must have the value there, as
@@ -429,21 +447,23 @@ __attribute__((target("avx2"))) inline void madd_pairs(__m256i c0, __m256i c1, c
 // one accumulator pair per row keeps vpmaddwd busy even at M = 1. The sums are named variables, not an array:
 // an array stayed in memory where GCC did not inline this function (a load and a store per vpaddd, 2x slower
 // at R = 2). prefetch: this pass is the first over the sub-block's codes (later row tiles find them in L1).
-template <int R>
+template <int R, int kBits>
 __attribute__((target("avx2,fma,f16c"))) void i16_rows(const Problem& P, int64_t b, int64_t xi, int64_t m0,
                                                        const I16Steps& st, bool prefetch, float* acc) {
   static_assert(R >= 1 && R <= 4, "i16_rows: 1 to 4 batch rows");
-  const int64_t pairs = P.k / 2, subblocks = P.xblocks, words = P.xg / 8;
-  const uint32_t* wb = P.w + (b * (P.k / 8) + xi * words) * kBlockN;  // the sub-block's first line
-  const uint32_t* xr = P.xq + m0 * pairs + xi * P.xg / 2;               // its x pairs in batch row m0
-  const __m256i mask = _mm256_set1_epi32(0x000F000F);
+  static_assert(kBits == 4 || kBits == 8, "i16_rows: 4- or 8-bit codes");
+  constexpr int64_t kPerWord = 32 / kBits, kPairsPerWord = kPerWord / 2;  // columns and x pairs per word
+  const int64_t pairs = P.k / 2, subblocks = P.xblocks, words = P.xg / kPerWord;
+  const uint32_t* wb = P.w + (b * (P.k / kPerWord) + xi * words) * kBlockN;  // the sub-block's first line
+  const uint32_t* xr = P.xq + m0 * pairs + xi * P.xg / 2;                     // its x pairs in batch row m0
+  const __m256i mask = _mm256_set1_epi32(kBits == 8 ? 0x00FF00FF : 0x000F000F);
   __m256i lo0 = _mm256_setzero_si256(), hi0 = lo0, lo1 = lo0, hi1 = lo0, lo2 = lo0, hi2 = lo0, lo3 = lo0, hi3 = lo0;
-  for (int64_t q = 0; q < words; ++q, wb += kBlockN, xr += 4) {
+  for (int64_t q = 0; q < words; ++q, wb += kBlockN, xr += kPairsPerWord) {
     if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchWords * kBlockN), _MM_HINT_T0);
     const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
     const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 8));
-    for (int t = 0; t < 4; ++t) {
-      const __m256i c0 = code_pairs(d0, t, mask), c1 = code_pairs(d1, t, mask);
+    for (int t = 0; t < kPairsPerWord; ++t) {
+      const __m256i c0 = code_pairs<kBits>(d0, t, mask), c1 = code_pairs<kBits>(d1, t, mask);
       madd_pairs(c0, c1, xr + t, lo0, hi0);
       if constexpr (R > 1) madd_pairs(c0, c1, xr + pairs + t, lo1, hi1);
       if constexpr (R > 2) madd_pairs(c0, c1, xr + 2 * pairs + t, lo2, hi2);
@@ -537,14 +557,16 @@ __attribute__((target("avx2,fma,f16c"))) void i8_rows(const Problem& P, int64_t 
 // i8's 32, stay in L1 while every row tile of 1-4 batch rows passes over it), the fp32 totals in acc [M][16].
 // Group by group, the steps decoded once per group, with no division per sub-block (at G = 32, format version
 // 3's usual size, each group is one sub-block of either path).
-template <int R, bool I8>
+// kBits: the codes' width (8 on the i16 path only).
+template <int R, bool I8, int kBits>
 __attribute__((target("avx2,fma,f16c"))) inline void int_rows(const Problem& P, int64_t b, int64_t xi, int64_t m0,
                                                               const I16Steps& st, bool prefetch, float* acc) {
+  static_assert(!I8 || kBits == 4, "the i8 path takes 4-bit codes");
   if constexpr (I8) i8_rows<R>(P, b, xi, m0, st, prefetch, acc);
-  else i16_rows<R>(P, b, xi, m0, st, prefetch, acc);
+  else i16_rows<R, kBits>(P, b, xi, m0, st, prefetch, acc);
 }
 
-template <bool I8>
+template <bool I8, int kBits>
 __attribute__((target("avx2,fma,f16c"))) void int_block(const Problem& P, int64_t b, float* acc) {
   std::fill(acc, acc + P.m * kBlockN, 0.0f);
   const int64_t per_group = P.g / P.xg;
@@ -553,11 +575,11 @@ __attribute__((target("avx2,fma,f16c"))) void int_block(const Problem& P, int64_
     const I16Steps st = i16_steps(group_steps8(P, units, b, gi));
     for (const int64_t end = xi + per_group; xi < end; ++xi) {
       int64_t m0 = 0;
-      for (; m0 + 4 <= P.m; m0 += 4) int_rows<4, I8>(P, b, xi, m0, st, m0 == 0, acc);
+      for (; m0 + 4 <= P.m; m0 += 4) int_rows<4, I8, kBits>(P, b, xi, m0, st, m0 == 0, acc);
       switch (P.m - m0) {
-        case 3: int_rows<3, I8>(P, b, xi, m0, st, m0 == 0, acc); break;
-        case 2: int_rows<2, I8>(P, b, xi, m0, st, m0 == 0, acc); break;
-        case 1: int_rows<1, I8>(P, b, xi, m0, st, m0 == 0, acc); break;
+        case 3: int_rows<3, I8, kBits>(P, b, xi, m0, st, m0 == 0, acc); break;
+        case 2: int_rows<2, I8, kBits>(P, b, xi, m0, st, m0 == 0, acc); break;
+        case 1: int_rows<1, I8, kBits>(P, b, xi, m0, st, m0 == 0, acc); break;
         default: break;
       }
     }
@@ -597,8 +619,8 @@ __attribute__((target("avx512f,f16c"))) inline Steps16 group_steps16(const Probl
   Steps16 st;
   st.s = P.a ? _mm512_mul_ps(units, bytes16(P.a + e))
              : _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(P.s + e)));
-  if (!P.z) st.offset = _mm512_set1_ps(kCodeBase + 8.0f);
-  else if (P.a) st.offset = _mm512_fmadd_ps(bytes16(P.z + e), _mm512_set1_ps(kZeroUnit), _mm512_set1_ps(kCodeBase));
+  if (!P.z) st.offset = _mm512_set1_ps(kCodeBase + P.sym_zero);
+  else if (P.a) st.offset = _mm512_fmadd_ps(bytes16(P.z + e), _mm512_set1_ps(P.zero_unit), _mm512_set1_ps(kCodeBase));
   else st.offset = _mm512_add_ps(bytes16(P.z + e), _mm512_set1_ps(kCodeBase));
   return st;
 }
@@ -903,24 +925,36 @@ __attribute__((target("avx2,fma,f16c"))) void store_block(const Problem& P, int6
 
 // w [N][K] = W' in T for blocks b0..b1, exactly the reference: fp32 c * ((u - z) * s) (versions 1 and 2: the
 // product exact; version 3: u - z exact, the product rounded once) plus the outlier value where there is one,
-// rounded to T once. A row's word is 8 consecutive columns: 8 lanes, one store. (Vector code lives in target
+// rounded to T once. A row's word is 8 consecutive columns (two words of 8-bit codes): 8 lanes, one store. (Vector code lives in target
 // functions, never in a lambda: a lambda is compiled without the target, and passing __m256 by value across
 // that boundary breaks the ABI.)
 template <typename T>
 __attribute__((target("avx2,fma,f16c"))) void dequant_blocks(const Problem& P, const float* c, T* w, int64_t b0,
                                                              int64_t b1) {
-  const int64_t words = P.k / 8, words_per_group = P.g / 8;
-  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-  const __m256i lo_mask = _mm256_set1_epi32(0xF);
+  const bool wide = P.bits == 8;
+  const int64_t per_word = 32 / P.bits, words = P.k / per_word, chunks_per_group = P.g / 8;  // 8 columns a chunk
+  const __m256i shifts = wide ? _mm256_setr_epi32(0, 8, 16, 24, 0, 8, 16, 24)
+                              : _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i lo_mask = _mm256_set1_epi32(wide ? 0xFF : 0xF);
+  const uint32_t code_mask = wide ? 0xFF : 0xF;
   for (int64_t b = b0; b < b1; ++b) {
     const uint32_t* wb = P.w + b * words * kBlockN;
     for (int64_t j = 0; j < kBlockN; ++j) {
       T* row = w + (b * kBlockN + j) * P.k;
       for (int64_t gi = 0; gi < P.groups; ++gi) {
         const __m256 s = _mm256_set1_ps(row_step(P, b, gi, j)), z = _mm256_set1_ps(row_zero(P, b, gi, j));
-        for (int64_t q = gi * words_per_group; q < (gi + 1) * words_per_group; ++q) {
-          const __m256i u = _mm256_and_si256(
-              _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(wb[q * kBlockN + j])), shifts), lo_mask);
+        for (int64_t q = gi * chunks_per_group; q < (gi + 1) * chunks_per_group; ++q) {
+          // columns 8q..8q+7: one word of 4-bit codes, or the words 2q and 2q + 1 of 8-bit codes
+          const __m256i words8 = wide ? _mm256_setr_epi32(static_cast<int>(wb[2 * q * kBlockN + j]),
+                                                          static_cast<int>(wb[2 * q * kBlockN + j]),
+                                                          static_cast<int>(wb[2 * q * kBlockN + j]),
+                                                          static_cast<int>(wb[2 * q * kBlockN + j]),
+                                                          static_cast<int>(wb[(2 * q + 1) * kBlockN + j]),
+                                                          static_cast<int>(wb[(2 * q + 1) * kBlockN + j]),
+                                                          static_cast<int>(wb[(2 * q + 1) * kBlockN + j]),
+                                                          static_cast<int>(wb[(2 * q + 1) * kBlockN + j]))
+                                      : _mm256_set1_epi32(static_cast<int>(wb[q * kBlockN + j]));
+          const __m256i u = _mm256_and_si256(_mm256_srlv_epi32(words8, shifts), lo_mask);
           __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(u), z), s);
           if (c) v = _mm256_mul_ps(v, _mm256_loadu_ps(c + 8 * q));
           store8(row + 8 * q, v);
@@ -930,7 +964,8 @@ __attribute__((target("avx2,fma,f16c"))) void dequant_blocks(const Problem& P, c
       for (int32_t e = P.indptr[n]; e < P.indptr[n + 1]; ++e) {  // W' = dense + S, as the reference adds them
         const int64_t col = P.indices[e];
         const int64_t gi = col / P.g;
-        const float code = static_cast<float>((wb[(col / 8) * kBlockN + j] >> (4 * (col % 8))) & 0xF);
+        const uint32_t word = wb[(col / per_word) * kBlockN + j];
+        const float code = static_cast<float>((word >> (P.bits * (col % per_word))) & code_mask);
         const float dense = ((code - row_zero(P, b, gi, j)) * row_step(P, b, gi, j)) * (c ? c[col] : 1.0f);
         row[col] = static_cast<T>(dense + P.values[e]);
       }
@@ -1020,9 +1055,13 @@ __attribute__((target("avx2,fma"))) void quantize_x(const float* xs, int64_t k, 
 
 // The i16 path's layout, xq [M][K/2] as the pair dwords i16_rows broadcasts: dword (m, 4q + t) = xq[m, 8q + t] |
 // xq[m, 8q + 4 + t] << 16 (the low 16 bits of an int32 in [-32767, 32767] are its two's complement int16).
+// For 8-bit codes the pairs follow their words of 4 columns: dword (m, 2q + t) = xq[m, 4q + t] | xq[m, 4q + 2 + t]
+// << 16, so the 8 columns of a store (words 2p and 2p + 1) are first permuted to (0, 1, 4, 5 | 2, 3, 6, 7).
+template <int kBits>
 struct StoreI16 {
   uint32_t* xq;
   __attribute__((target("avx2"))) void operator()(__m256i q, int64_t at) const {
+    if constexpr (kBits == 8) q = _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
     const __m128i pairs = _mm_or_si128(_mm_and_si128(_mm256_castsi256_si128(q), _mm_set1_epi32(0xFFFF)),
                                        _mm_slli_epi32(_mm256_extracti128_si256(q, 1), 16));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + at / 2), pairs);
@@ -1133,10 +1172,12 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
       if (P.m == 1) fma_direct<1, false>(P, b, 0, acc.data());
       else if (P.m == 2) fma_direct<2, false>(P, b, 0, acc.data());
       else fma_panel<false>(P, b, acc.data(), panel32);
+    } else if (path == kI16 && P.bits == 8) {
+      int_block<false, 8>(P, b, acc.data());
     } else if (path == kI16) {
-      int_block<false>(P, b, acc.data());
+      int_block<false, 4>(P, b, acc.data());
     } else if (path == kI8) {
-      int_block<true>(P, b, acc.data());
+      int_block<true, 4>(P, b, acc.data());
     } else if (path == kBf16Dp) {
       bf16dp_block(P, b, acc.data());
     } else {
@@ -1175,9 +1216,12 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
   TORCH_CHECK(k > 0 && n % kBlockN == 0 && k % 32 == 0 && g % 32 == 0 && k % g == 0,
               "easyquant::cpu_int4_linear: needs N % 16 == 0, K % 32 == 0 and a group size, multiple of 32, dividing K;"
               " got N = ", n, ", K = ", k, ", G = ", g);
-  TORCH_CHECK(w_q.scalar_type() == at::kInt && w_q.numel() == n * k / 8 && w_q.is_contiguous(),
-              "easyquant::cpu_int4_linear: w_q must be contiguous int32 with N*K/8 = ", n * k / 8, " words, got ",
-              w_q.scalar_type(), " ", w_q.sizes());
+  // The codes' width from the words per row: K/8 (4-bit) or K/4 (8-bit); K % 32 == 0, so the two never meet.
+  TORCH_CHECK(w_q.scalar_type() == at::kInt && (w_q.numel() == n * k / 8 || w_q.numel() == n * k / 4) &&
+                  w_q.is_contiguous(),
+              "easyquant::cpu_int4_linear: w_q must be contiguous int32 with N*K/8 = ", n * k / 8, " words (4-bit ",
+              "codes) or N*K/4 = ", n * k / 4, " (8-bit), got ", w_q.scalar_type(), " ", w_q.sizes());
+  const int64_t bits = w_q.numel() == n * k / 8 ? 4 : 8;
   if (row_steps) {  // format version 3: uint8 multipliers of the rows' units, zero points in sixteenths
     TORCH_CHECK(row_steps->scalar_type() == at::kFloat && row_steps->numel() == n && row_steps->is_contiguous(),
                 "easyquant::cpu_int4_linear: row_steps must be contiguous fp32 [N = ", n, "], got ",
@@ -1218,6 +1262,8 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
   const int64_t path = choose_path(plan, m);
   TORCH_CHECK(path >= 0 && path < kNumPaths && path_supported(path, dtype), "easyquant::cpu_int4_linear: path ", path,
               " is not available on this CPU for ", dtype);
+  TORCH_CHECK(bits == 4 || path == kI16 || path == kDequant, "easyquant::cpu_int4_linear: 8-bit codes take the i16 ",
+              "and dequant paths only; the plan chose path ", path, " for M = ", m);
   g_path_calls[path].fetch_add(1, std::memory_order_relaxed);
 
   const bool bf16 = dtype == at::kBFloat16;
@@ -1246,6 +1292,9 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
   P.k = k;
   P.g = g;
   P.groups = k / g;
+  P.bits = bits;
+  P.sym_zero = bits == 8 ? 128.0f : 8.0f;
+  P.zero_unit = bits == 8 ? 1.0f : 1.0f / 16.0f;
   P.w = reinterpret_cast<const uint32_t*>(w_q.data_ptr<int32_t>());
   if (row_steps) {
     P.a = scales.data_ptr<uint8_t>();
@@ -1291,7 +1340,8 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
     float* xqsum = scratch(xqsum_buffer, m * P.xblocks);
     at::parallel_for(0, m, std::max<int64_t>(1, 32768 / k), [&](int64_t r0, int64_t r1) {
       if (i8) quantize_x(xs, k, P.xg, r0, r1, kI8Max, xsigma, xqsum, StoreI8{xq});
-      else quantize_x(xs, k, P.xg, r0, r1, kI16Max, xsigma, xqsum, StoreI16{xq});
+      else if (P.bits == 8) quantize_x(xs, k, P.xg, r0, r1, kI16Max, xsigma, xqsum, StoreI16<8>{xq});
+      else quantize_x(xs, k, P.xg, r0, r1, kI16Max, xsigma, xqsum, StoreI16<4>{xq});
     });
     P.xq = xq;
     P.xsigma = xsigma;
