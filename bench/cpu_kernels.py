@@ -2,7 +2,7 @@
 
     python bench/cpu_kernels.py --model DST_DIR [--m 1 16] [--json out.json]
     python bench/cpu_kernels.py --shapes 2048x1536 1536x8960 [--group 128] [--format-version 2] [--copies 2]
-                                [--m 1 16] [--threads 1]
+                                [--bits 4] [--m 1 16] [--threads 1]
 
 For every distinct linear shape of the converted model (SmolLM2: fused qkv 960x576, o 576x576, fused
 gate_up 3072x576, down 576x1536) and each batch size M, microseconds per call, side by side in one run:
@@ -19,7 +19,8 @@ forward pass; dense against native, per path of the plan. Shared cores swing: co
 
 ``--shapes N x K ...`` measures random weights of those shapes instead of a checkpoint (heavy-tailed, as
 ``easyquant-tiny-model`` makes them; quantized with ``--format-version``'s defaults, 2 unless given: zero points,
-column scale, 0.25 % outliers (3: compact steps, 0.1 %), ``--group``): per shape and M, the dense GEMM against
+column scale, 0.25 % outliers (3: compact steps, 0.1 %), ``--group``, ``--bits``: 8 for a quantized lm_head,
+``--shapes 151936x1536 --bits 8`` on Qwen2.5-1.5B, whose paths are i16 only): per shape and M, the dense GEMM against
 each native path this CPU has, run in
 turns (the fastest of 5 interleaved rounds each: on shared cores, the least disturbed), then the pass through
 the shapes repeated ``--copies`` times (choose enough copies that the int4 weights exceed the last-level
@@ -96,7 +97,7 @@ def layer_table(layers: dict[tuple[int, int], QuantizedWeight], ms: list[int], d
     print("| layer N x K | M | dense | native | int4 | outliers | fixed | native path | tinygemm | wna16 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for (n, k), qw in layers.items():
-        spec = LayerSpec(n, k, 4, qw.group_size, dtype, "cpu")
+        spec = LayerSpec.of(qw, dtype, "cpu")
         nat = NativeCpuKernel(spec)
         t_full, t_bare = nat.prepare(qw), nat.prepare(without_outliers(qw))
         small = NativeCpuKernel(LayerSpec(16, 32, 4, 32, dtype, "cpu"))
@@ -139,12 +140,11 @@ def model_pass(all_layers: list[QuantizedWeight], ms: list[int], dtype: torch.dt
     dense = [(dense_linear(qw.dequantize(dtype)), qw.shape[1]) for qw in all_layers]
     layers = []
     for qw in all_layers:
-        n, k = qw.shape
-        spec = LayerSpec(n, k, 4, qw.group_size, dtype, "cpu")
-        layers.append((spec, NativeCpuKernel(spec).prepare(qw), k))
-    plans = {"native (plan)": native.default_plan(dtype, native.available_paths(dtype))} | {
-        f"native {p} only": native.parse_plan(p, native.PATHS) for p in native.available_paths(dtype)
-        if p != "dequant"}  # fmt: skip
+        spec = LayerSpec.of(qw, dtype, "cpu")
+        layers.append((spec, NativeCpuKernel(spec).prepare(qw), qw.shape[1]))
+    bits = all_layers[0].bits
+    plans = {"native (plan)": native.default_plan(dtype, native.available_paths(dtype), bits)} | {
+        f"native {p} only": native.parse_plan(p, native.PATHS) for p in paths_for(bits, dtype)}  # fmt: skip
     rows = []
     print(f"\n# one pass through all {len(all_layers)} quantized layers in order ({dtype}): ms per pass")
     print("| M | dense | " + " | ".join(plans) + " |\n|---|---|" + "---|" * len(plans))
@@ -168,6 +168,11 @@ def model_pass(all_layers: list[QuantizedWeight], ms: list[int], dtype: torch.dt
         rows.append(r)
         print(f"| {m} | {r['dense_ms']:.2f} | " + " | ".join(f"{r[p]:.2f}" for p in plans) + " |", flush=True)
     return rows
+
+
+def paths_for(bits: int, dtype: torch.dtype) -> list[str]:
+    """The native paths this CPU has for ``bits``-bit codes, dequant left out (the dense GEMM plus dequantizing)."""
+    return [p for p in native.available_paths(dtype) if p != "dequant" and (bits == 4 or p in native.PATHS_8BIT)]
 
 
 def timed_in_turns(fns: dict[str, Callable[[], object]], min_time: float = 0.3,
@@ -201,7 +206,7 @@ def path_table(layers: dict[tuple[int, int], QuantizedWeight], ms: list[int], dt
                clock: Callable[[], float] = time.perf_counter) -> list[dict]:  # fmt: skip
     """Per shape and M: the dense GEMM and every native path this CPU has (dequant is the dense GEMM plus
     dequantizing: left out), microseconds per call, in turns; with i16's speed-up over fma and over dense."""
-    paths = [p for p in native.available_paths(dtype) if p != "dequant"]
+    paths = paths_for(next(iter(layers.values())).bits, dtype)
     ratios = [(f"{p}/i16", p) for p in ("fma", "dense") if "i16" in paths and (p == "dense" or p in paths)]
     print(f"\n# per path, cache-hot, {dtype}; microseconds per call (x / i16: how much faster i16 is)")
     print("| layer N x K | M | dense | " + " | ".join(paths) + " | " + " | ".join(r for r, _ in ratios) + " |")
@@ -225,11 +230,12 @@ def path_table(layers: dict[tuple[int, int], QuantizedWeight], ms: list[int], dt
     return rows
 
 
-def shape_layers(shapes: list[str], group: int, copies: int, version: int = 2) -> tuple[
+def shape_layers(shapes: list[str], group: int, copies: int, version: int = 2, bits: int = 4) -> tuple[
         dict[tuple[int, int], QuantizedWeight], list[QuantizedWeight]]:  # fmt: skip
-    """Random weights of the ``NxK`` shapes in format ``version``; and the list of them repeated ``copies`` times
-    (each copy prepared into memory of its own by the kernels: a pass reads copies x the bytes)."""
-    spec = QuantSpec.for_version(version, group_size=group)
+    """Random weights of the ``NxK`` shapes in format ``version`` with ``bits``-bit codes; and the list of them
+    repeated ``copies`` times (each copy prepared into memory of its own by the kernels: a pass reads copies x
+    the bytes)."""
+    spec = QuantSpec.for_version(version, group_size=group, bits=bits)
     by_shape = {}
     for i, text in enumerate(shapes):
         n, _, k = text.lower().partition("x")
@@ -255,6 +261,7 @@ def main() -> None:
     p.add_argument("--copies", type=int, default=2, help="--shapes: copies of the shapes in the pass")
     p.add_argument("--format-version", type=int, choices=[1, 2, 3], default=2,
                    help="--shapes: quantize with this format version's defaults")  # fmt: skip
+    p.add_argument("--bits", type=int, choices=[4, 8], default=4, help="--shapes: code width (8: a quantized lm_head)")
     p.add_argument("--m", type=int, nargs="+", default=[1, 16], help="batch rows")
     p.add_argument(
         "--threads",
@@ -275,11 +282,12 @@ def main() -> None:
     print(f"# CPU {cpu_isa()}, {torch.get_num_threads()} threads; native paths for {args.dtype}: {paths}; "
           f"default plan {native.plan_text(native.default_plan(dtype, paths))}")  # fmt: skip
     if args.shapes:
-        by_shape, pass_layers = shape_layers(args.shapes, args.group, args.copies, args.format_version)
+        by_shape, pass_layers = shape_layers(args.shapes, args.group, args.copies, args.format_version, args.bits)
         mib = sum(dense_bytes(qw) for qw in pass_layers) / 2**20
-        print(f"# format version {args.format_version}, group {args.group}; {len(pass_layers)} layers in the pass: "
+        print(f"# format version {args.format_version}, group {args.group}, {args.bits}-bit codes; {len(pass_layers)} "
+              f"layers in the pass: "
               f"{mib:.0f} MiB of codes and group metadata, "
-              f"{sum(qw.qweight.numel() * 16 for qw in pass_layers) / 2**20:.0f} MiB in bf16")  # fmt: skip
+              f"{sum(qw.shape[0] * qw.shape[1] * 2 for qw in pass_layers) / 2**20:.0f} MiB in bf16")  # fmt: skip
         # One thread runs every call inline: its CPU time is the call's time on a core of its own.
         clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
         print(f"# clock: {'CPU time of the one thread' if clock is time.thread_time else 'wall'}")
