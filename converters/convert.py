@@ -558,6 +558,8 @@ def summary_table(report: dict[str, Any]) -> str:
     if qc.get("column_scale"):  # version 3 keeps a layer's column scale only where it removes error: say where
         scaled = sum(r["column_scale"] for r in report["tensors"])
         extras.append(f"column scales on {scaled} of {len(report['tensors'])} layers")
+    if qc.get("lm_head"):
+        extras.append(f"{qc.get('lm_head_bits') or qc['bits']}-bit lm_head")
     lines.append(
         f"format v{qc['format_version']}, {qc['bits']}-bit, group {qc['group_size']}"
         + "".join(f", {e}" for e in extras)

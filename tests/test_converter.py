@@ -400,12 +400,13 @@ def test_convert_lm_head_in_8_bits_by_default(tmp_path: Path) -> None:
     assert errors[8] < errors[4] / 8, errors
 
 
-def test_cli_lm_head_bits(tmp_path: Path) -> None:
+def test_cli_lm_head_bits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from converters.tiny_model import build_tiny_model
 
     src = build_tiny_model(tmp_path / "src", tie_word_embeddings=True, vocab_size=512)
     assert cli_main([str(src), str(tmp_path / "eq"), "--lm-head", "--lm-head-bits", "4", "--no-progress"]) == 0
     assert read_quantization_config(tmp_path / "eq").lm_head_bits == 4
+    assert "format v3, 4-bit, group 32, zero points" in (out := capsys.readouterr().out) and "4-bit lm_head" in out
     with pytest.raises(SystemExit):
         cli_main([str(src), str(tmp_path / "bad"), "--lm-head", "--lm-head-bits", "6", "--no-progress"])
     assert not (tmp_path / "bad").exists()

@@ -17,6 +17,7 @@ from easyquant_vllm.kernels.moe import (
     TorchReferenceMoeKernel,
     choose_moe_kernel,
     moe_dense,
+    uniform_column_scales,
 )
 from easyquant_vllm.quant import QuantSpec, quantize_group
 from easyquant_vllm.sharding import stack_rows
@@ -25,22 +26,23 @@ from tests.conftest import FORMAT_VERSIONS, heavy_tailed, quantized
 E, H, INTER = 6, 256, 128  # experts, hidden, intermediate
 
 
-def _experts(version: int, group: int = 64) -> list:  # type: ignore[type-arg]
+def _experts(version: int, group: int = 64, bits: int = 4) -> list:  # type: ignore[type-arg]
     """``(w13, w2)`` per expert; gate and up quantized together (one column scale in version 2, as the converter)."""
-    spec = QuantSpec.for_version(version, group_size=group)
+    spec = QuantSpec.for_version(version, group_size=group, bits=bits)
     out = []
     for e in range(E):
         gate, up = quantize_group([heavy_tailed(INTER, H, seed=10 * e + 1), heavy_tailed(INTER, H, seed=10 * e + 2)],
                                   spec)  # fmt: skip
-        out.append((stack_rows([gate, up]), quantized(heavy_tailed(H, INTER, seed=10 * e + 3), version, group)))
+        down = quantized(heavy_tailed(H, INTER, seed=10 * e + 3), version, group, bits=bits)
+        out.append((stack_rows([gate, up]), down))
     return out
 
 
 def _spec(version: int, dtype: torch.dtype, experts: int = E, hidden: int = H, inter: int = INTER,
-          group: int = 64) -> MoeSpec:  # fmt: skip
+          group: int = 64, bits: int = 4) -> MoeSpec:  # fmt: skip
     """The layer's spec with the tensors of format ``version`` announced (zero points and column scales from 2 on)."""
-    return MoeSpec(experts, hidden, inter, 4, group, dtype, "cpu", zero_points=version >= 2, column_scale=version >= 2,
-                   compact_steps=version == 3)  # fmt: skip
+    return MoeSpec(experts, hidden, inter, bits, group, dtype, "cpu", zero_points=version >= 2,
+                   column_scale=version >= 2, compact_steps=version == 3)  # fmt: skip
 
 
 def _reference(experts, x, ids, w):  # type: ignore[no-untyped-def]
@@ -81,6 +83,20 @@ def test_native_moe_matches_reference(version: int, dtype: torch.dtype, path: st
         ref = _reference(experts, x, ids, w)
         rel = float((y.double() - ref).norm() / ref.norm())
         assert rel < (1e-2 if dtype == torch.bfloat16 else 2e-3), (m, rel)
+
+
+@pytest.mark.parametrize("version", FORMAT_VERSIONS)
+def test_native_moe_8bit_experts_match_reference(version: int) -> None:
+    # --bits 8 checkpoints: every expert's linears run the 8-bit plan (i16; dequant for many rows on native bf16).
+    experts = uniform_column_scales(_experts(version, bits=8))  # as the MoE method stacks them
+    kernel = NativeCpuMoeKernel(_spec(version, torch.bfloat16, bits=8))
+    assert {native.PATHS[p] for p in kernel.plan[1::2]} <= set(native.PATHS_8BIT)
+    tensors = kernel.prepare(experts)
+    for m in (1, 5, 70):
+        x = torch.randn(m, H, generator=torch.Generator().manual_seed(m)).bfloat16()
+        ids, w = _routing(m, seed=m)
+        ref = _reference(experts, x, ids, w)
+        assert float((kernel.apply(tensors, x, ids, w).double() - ref).norm() / ref.norm()) < 1e-2, m
 
 
 def test_reference_moe_kernel_exact_in_float32() -> None:
