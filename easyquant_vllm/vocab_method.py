@@ -2,10 +2,11 @@
 the embeddings are tied.
 
 The lm_head is read in full for every generated token: on Qwen2.5-1.5B (vocabulary 151,936, hidden 1536) it is
-445 MiB in bf16, 40 % of what a batch-1 decode step of the int4 model reads (docs/serving.md). Quantized, it runs on
-the same kernels as the linear layers. With tied embeddings the one matrix also serves the input lookups; those
-read a few rows per token, so they use the canonical layout (kept beside the kernel's repacked copy: 120 MiB on
-Qwen2.5-1.5B) through the ``easyquant::embedding`` op rather than a second format.
+445 MiB in bf16, 40 % of what a batch-1 decode step of the int4 model reads (docs/serving.md). Quantized (8 bits
+unless the checkpoint says ``lm_head_bits: 4``), it runs on the same kernels as the linear layers. With tied
+embeddings the one matrix also serves the input lookups, through the ``easyquant::embedding`` op: on the native CPU
+kernel they read its own tensors in place (16 rows side by side); for any other kernel, a canonical copy is kept
+beside the kernel's (233 MB on Qwen2.5-1.5B at 8 bits).
 
 vLLM's layers (``vocab_parallel_embedding.py``): ``VocabParallelEmbedding`` (the input embedding) calls
 ``quant_method.embedding``, ``ParallelLMHead`` is read by the logits processor through ``quant_method.apply``, and
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .format import QWEIGHT, CheckpointError, quantized_weight_from_tensors, tensor_name, validate_weight
+from .kernels.cpu_native import NativeCpuKernel, lookup_operands
 from .kernels.op import embedding as embedding_op
 from .kernels.op import embedding_operands
 from .linear_method import EasyQuantLinearMethod, LayerState, ShardPlan
@@ -97,12 +99,21 @@ class EasyQuantVocabMethod(EasyQuantLinearMethod):
         if part.shape[0] != n:
             validate_weight(f"{plan.name} (this rank's rows)", part)
         state.device_type = layer.qweight.device.type
-        if self.lookup:
-            self._register_lookup(layer, part)
-        self.install(layer, [part], [plan.name])
-
-    def _register_lookup(self, layer: torch.nn.Module, qw: Any) -> None:
         device = layer.qweight.device
+        self.install(layer, [part], [plan.name])
+        if self.lookup:
+            self._register_lookup(layer, part, device)
+
+    def _register_lookup(self, layer: torch.nn.Module, qw: Any, device: torch.device) -> None:
+        """The tensors the input lookups read: the native CPU kernel's own (blocked rows, read in place), or a
+        canonical copy for any other kernel."""
+        runs = layer.easyquant.runs
+        if len(runs) == 1 and isinstance(runs[0].kernel, NativeCpuKernel):
+            run = runs[0]
+            tensors = {name: getattr(layer, f"{run.buffer_prefix}{name}") for name in run.tensor_names}
+            names, layer.lookup_meta = lookup_operands(tensors, qw)
+            layer.lookup_names = [f"{run.buffer_prefix}{name}" for name in names]
+            return
         tensors, layer.lookup_meta = embedding_operands(qw)
         layer.lookup_names = []
         for i, t in enumerate(tensors):

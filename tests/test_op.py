@@ -50,7 +50,7 @@ def test_embedding_op_looks_up_w_prime_rows_under_compile(version: int) -> None:
     qw = quantized(heavy_tailed(64, 128, seed=6) * torch.linspace(0.5, 2, 128), version, 32)
     weights, meta = embedding_operands(qw)  # what the vocabulary method registers
     assert (qw.row_steps is not None) == (version == 3)
-    assert meta[-1] == int(version == 3)
+    assert meta[6] == int(version == 3) and meta[7] == 0  # has_row_steps; canonical (not blocked)
 
     def lookup(ids: torch.Tensor) -> torch.Tensor:
         return torch.ops.easyquant.embedding(ids, weights, meta, torch.bfloat16) * 2
@@ -59,6 +59,29 @@ def test_embedding_op_looks_up_w_prime_rows_under_compile(version: int) -> None:
     for ids in (torch.tensor([3, 0, 63]), torch.tensor([[5, 5], [9, 1]])):
         ref = qw.dequantize(torch.bfloat16)[ids] * 2
         assert torch.equal(compiled(ids), ref)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("version", [1, 2, 3], ids=["v1", "v2", "v3"])
+def test_embedding_op_reads_the_native_kernels_tensors_in_place(version: int, bits: int) -> None:
+    # A tied lm_head on the native CPU kernel: the lookups read its blocked tensors (16 rows side by side) instead of
+    # a canonical copy beside them. Same rows, bit for bit, under compile.
+    from easyquant_vllm.kernels import LayerSpec, NativeCpuKernel
+    from easyquant_vllm.kernels.cpu_native import lookup_operands
+
+    qw = quantized(heavy_tailed(64, 128, seed=7) * torch.linspace(0.5, 2, 128), version, 32, bits=bits)
+    tensors = NativeCpuKernel(LayerSpec.of(qw, torch.bfloat16, "cpu")).prepare(qw)
+    names, meta = lookup_operands(tensors, qw)
+    weights = [tensors[n] for n in names]
+    assert meta[-1] == 1 and names[:2] == ["w_q", "scales"]
+
+    def lookup(ids: torch.Tensor) -> torch.Tensor:
+        return torch.ops.easyquant.embedding(ids, weights, meta, torch.bfloat16) * 2
+
+    torch._dynamo.reset()  # one compile per parametrization (the closure's weights and meta differ)
+    compiled = torch.compile(lookup, fullgraph=True, dynamic=True)
+    for ids in (torch.tensor([3, 0, 63, 17]), torch.tensor([[5, 5], [9, 48]])):
+        assert torch.equal(compiled(ids), qw.dequantize(torch.bfloat16)[ids] * 2)
 
 
 def test_linear_op_names_an_unknown_kernel() -> None:

@@ -185,6 +185,25 @@ def _blocks(t: torch.Tensor) -> torch.Tensor:
     return t.view(n // _BLOCK_N, _BLOCK_N, cols).transpose(1, 2).reshape(n // _BLOCK_N, -1).contiguous()
 
 
+def block_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows [T]`` (int64) of a blocked ``[N/16, C * 16]`` tensor (:func:`_blocks`) as ``[T, C]``: the
+    canonical rows, read in place (an embedding lookup of the kernel's own tensors)."""
+    return t.view(t.shape[0], -1, _BLOCK_N)[rows // _BLOCK_N, :, rows % _BLOCK_N]
+
+
+def lookup_operands(tensors: dict[str, torch.Tensor], qw: QuantizedWeight) -> tuple[list[str], list[int]]:
+    """What ``easyquant::embedding`` reads for the input lookups of a vocabulary matrix this kernel serves: the
+    names of :meth:`NativeCpuKernel.prepare`'s tensors in the op's order, and its meta (``blocked = 1``). A tied,
+    quantized lm_head then holds one copy of its codes, not a canonical one beside the kernel's (on Qwen2.5-1.5B:
+    233 MB at 8 bits)."""
+    from ..quant import max_row_nnz
+
+    names = ["w_q", "scales", "indptr", "indices", "values", *(t for t in OPTIONAL_TENSORS if t in tensors)]
+    flags = [int(t in tensors) for t in OPTIONAL_TENSORS]  # zeros, col_scale, row_steps
+    meta = [qw.bits, qw.group_size, qw.shape[1], flags[0], flags[1], max_row_nnz(qw.outliers.indptr), flags[2], 1]
+    return names, meta
+
+
 class NativeCpuKernel(Kernel):
     """Our C++ CPU kernel; ``meta = [N, G, has zeros, has column scale, compact steps]`` plus the plan
     (``[m_max, path, ...]``)."""

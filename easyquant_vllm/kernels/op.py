@@ -29,9 +29,11 @@ A quantized input embedding (a tied, quantized lm_head: docs/format.md) looks it
 
 ``ids`` any shape of row indices; ``weights`` the canonical ``qweight, scales, indptr, indices, values`` and, where
 the checkpoint has them, ``zeros`` (unpacked, ``[N, K/G]`` uint8), ``col_scale`` and (format version 3)
-``row_steps``; ``meta = [bits, group_size, K, has_zeros, has_col_scale, width, has_row_steps]`` (``width``: the
-most outliers of any row). Returns ``[*ids.shape, K]`` ``W'``
-rows in ``dtype`` (``quant.dequantize_rows``: fixed shapes, no host sync, so CUDA graphs can hold it too).
+``row_steps``; ``meta = [bits, group_size, K, has_zeros, has_col_scale, width, has_row_steps, blocked]`` (``width``:
+the most outliers of any row; ``blocked``: the weights are the native CPU kernel's own tensors, 16 rows side by
+side, which the lookup reads in place rather than holding a canonical copy: ``cpu_native.lookup_operands``).
+Returns ``[*ids.shape, K]`` ``W'`` rows in ``dtype`` (``quant.dequantize_rows``: fixed shapes, no host sync, so
+CUDA graphs can hold it too).
 """
 
 from __future__ import annotations
@@ -97,16 +99,26 @@ _EMBEDDING_SCHEMA = "embedding(Tensor ids, Tensor[] weights, int[] meta, ScalarT
 
 def _embedding_impl(ids: torch.Tensor, weights: list[torch.Tensor], meta: list[int],
                     dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-    from ..quant import OutlierCSR, QuantizedWeight, dequantize_rows
+    from ..quant import OutlierCSR, QuantizedWeight, add_row_outliers, dequantize_dense, dequantize_rows
 
-    bits, group_size, k, has_zeros, has_col, width, has_row_steps = meta
+    bits, group_size, k, has_zeros, has_col, width, has_row_steps, blocked = meta
     qweight, scales, indptr, indices, values = weights[:5]
     rest = iter(weights[5:])
     zeros = next(rest) if has_zeros else None
     col_scale = next(rest) if has_col else None
     row_steps = next(rest) if has_row_steps else None  # format version 3: uint8 scales are multiples of it
-    qw = QuantizedWeight(qweight, scales, OutlierCSR(indptr, indices, values, (qweight.shape[0], k)), bits,
-                         group_size, zeros=zeros, col_scale=col_scale, row_steps=row_steps)  # fmt: skip
+    n = indptr.shape[0] - 1
+    csr = OutlierCSR(indptr, indices, values, (n, k))
+    if blocked:  # the native CPU kernel's tensors (16 rows side by side): gather the rows, then as below
+        from .cpu_native import block_rows
+
+        rows = ids.reshape(-1).long()
+        w = dequantize_dense(block_rows(qweight, rows), block_rows(scales, rows), bits, group_size,
+                             None if zeros is None else block_rows(zeros, rows), col_scale,
+                             None if row_steps is None else row_steps[rows])  # fmt: skip
+        return add_row_outliers(w, csr, rows, width).to(dtype).reshape(*ids.shape, k)
+    qw = QuantizedWeight(qweight, scales, csr, bits, group_size, zeros=zeros, col_scale=col_scale,
+                         row_steps=row_steps)  # fmt: skip
     return dequantize_rows(qw, ids, width, dtype)
 
 
@@ -160,4 +172,5 @@ def embedding_operands(qw: QuantizedWeight) -> tuple[list[torch.Tensor], list[in
     optional = (qw.zeros, qw.col_scale, qw.row_steps)
     weights = [qw.qweight, qw.scales, o.indptr, o.indices, o.values, *(t for t in optional if t is not None)]
     has_zeros, has_col, has_row_steps = (int(t is not None) for t in optional)
-    return weights, [qw.bits, qw.group_size, qw.shape[1], has_zeros, has_col, max_row_nnz(o.indptr), has_row_steps]
+    return weights, [qw.bits, qw.group_size, qw.shape[1], has_zeros, has_col, max_row_nnz(o.indptr), has_row_steps,
+                     0]  # fmt: skip

@@ -702,15 +702,21 @@ def dequantize_rows(
     zeros = None if qw.zeros is None else qw.zeros[flat]
     row_steps = None if qw.row_steps is None else qw.row_steps[flat]
     w = dequantize_dense(qw.qweight[flat], qw.scales[flat], qw.bits, qw.group_size, zeros, qw.col_scale, row_steps)
-    o = qw.outliers
+    return add_row_outliers(w, qw.outliers, flat, width).to(dtype).reshape(*ids.shape, w.shape[1])
+
+
+def add_row_outliers(w: torch.Tensor, outliers: OutlierCSR, rows: torch.Tensor, width: int) -> torch.Tensor:
+    """``w [T, K]`` float32 (the dense part of rows ``rows [T]`` int64) plus their outliers, in place; ``width`` is
+    :func:`max_row_nnz` of the CSR (fixed shapes: see :func:`dequantize_rows`)."""
+    o = outliers
     if width > 0 and o.indices.numel():
-        start = o.indptr[flat].long()
-        pos = start[:, None] + torch.arange(width, device=flat.device)
-        valid = pos < o.indptr[flat + 1].long()[:, None]
+        start = o.indptr[rows].long()
+        pos = start[:, None] + torch.arange(width, device=rows.device)
+        valid = pos < o.indptr[rows + 1].long()[:, None]
         pos = pos.clamp_(max=o.indices.numel() - 1)
         cols = torch.where(valid, o.indices[pos].long(), 0)
         w.scatter_add_(1, cols, torch.where(valid, o.values[pos].float(), 0.0))  # a row's columns are distinct
-    return w.to(dtype).reshape(*ids.shape, w.shape[1])
+    return w
 
 
 __all__ = [
@@ -727,6 +733,7 @@ __all__ = [
     "QuantStats",
     "QuantizedWeight",
     "SearchParams",
+    "add_row_outliers",
     "check_float16_range",
     "code_range",
     "dequantize",
