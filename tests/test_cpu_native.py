@@ -331,6 +331,21 @@ def test_can_implement_format_version_3() -> None:
     assert not ok and "needs bf16/fp16 activations" in (why or "")
 
 
+def test_self_check_cache_key_includes_the_plan_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A self-check passed under one EASYQUANT_CPU_PLAN must not stand for another plan in the same process (the i8
+    # path's bound differs).
+    from easyquant_vllm.kernels.moe import MoeSpec, NativeCpuMoeKernel
+
+    spec, cpu = LayerSpec(64, 256, 4, 32, torch.bfloat16, "cpu"), torch.device("cpu")
+    moe = MoeSpec(4, 256, 128, 4, 32, torch.bfloat16, "cpu")
+    monkeypatch.delenv(native.ENV_PLAN, raising=False)
+    keys = [(NativeCpuKernel.variant(spec, cpu), NativeCpuMoeKernel.variant(moe, cpu))]
+    for plan in ("i16", "i8"):
+        monkeypatch.setenv(native.ENV_PLAN, plan)
+        keys.append((NativeCpuKernel.variant(spec, cpu), NativeCpuMoeKernel.variant(moe, cpu)))
+    assert len({k[0] for k in keys}) == len({k[1] for k in keys}) == 3
+
+
 def test_self_check_batches_cover_every_i16_row_tile() -> None:
     # The i16 path runs batch rows 4 at a time, then a tile of the 1-3 rows left: the start-up self-check must
     # run each of the four tiles.

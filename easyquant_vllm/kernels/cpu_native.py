@@ -235,6 +235,12 @@ class NativeCpuKernel(Kernel):
         paths = available_paths(spec.act_dtype)
         self.plan = list(plan) if plan is not None else default_plan(spec.act_dtype, paths, spec.bits)
 
+    @classmethod
+    def variant(cls, spec: LayerSpec, device: torch.device) -> tuple[object, ...]:
+        """As every kernel's, plus ``EASYQUANT_CPU_PLAN``: the plan it sets is what the self-check ran, so a check
+        passed under one plan is not reused under another in the same process."""
+        return (*super().variant(spec, device), os.environ.get(ENV_PLAN, ""))
+
     @property
     def check_tolerance_floor(self) -> float:
         """The self-check's bound is at least this (:func:`.select.check_tolerance`): nonzero with the i8 path."""

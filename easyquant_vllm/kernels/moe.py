@@ -15,6 +15,7 @@ share the dense kernel's name.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from ..quant import QuantizedWeight, QuantSpec, quantize_group
 from . import cuda_int4, cuda_moe
 from .base import LayerSpec
-from .cpu_native import OPTIONAL_TENSORS, NativeCpuKernel
+from .cpu_native import ENV_PLAN, OPTIONAL_TENSORS, NativeCpuKernel
 from .cuda_int4 import CudaInt4Kernel
 from .mma_layout import mma_compatible
 from .select import ENV_FORCE, check_tolerance, select_kernel
@@ -298,6 +299,11 @@ class NativeCpuMoeKernel(MoeKernel):
             if not ok:
                 return False, f"{proj}: {why}"
         return True, None
+
+    @classmethod
+    def variant(cls, spec: MoeSpec, device: torch.device) -> tuple[object, ...]:
+        """As every MoE kernel's, plus the plan override (:meth:`NativeCpuKernel.variant`)."""
+        return (*super().variant(spec, device), os.environ.get(ENV_PLAN, ""))
 
     def __init__(self, spec: MoeSpec, device: torch.device | None = None) -> None:
         super().__init__(spec, device)
