@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lm-head-bits", type=int, choices=SUPPORTED_BITS, default=d.lm_head_bits, metavar="{4,8}",
         help="code width of the quantized lm_head (with --lm-head). 8 (default) halves its bytes against bf16 at "
-        "almost no fidelity cost; 4 reads a quarter of them, at a visible one (docs/results.md)",
+        "almost no fidelity cost; 4 reads a quarter of them, at a visible one (docs/results.md). For CUDA serving "
+        "choose 4: the CUDA kernels take 4-bit codes, and an 8-bit head would be dequantized to bf16 at load",
     )  # fmt: skip
     p.add_argument("--device", default=d.device, help="where to compute: cpu or cuda[:N] (default %(default)s)")
     p.add_argument(

@@ -27,6 +27,7 @@ from easyquant_vllm.format import (
     CheckpointError,
     EasyQuantCheckpointConfig,
     bits_per_weight,
+    is_vocab_module,
     layer_tensors,
     validate_checkpoint,
 )
@@ -127,7 +128,7 @@ def output_projection(names: list[str], config: dict[str, Any]) -> str:
         return heads[0]
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     tied = text.get("tie_word_embeddings", config.get("tie_word_embeddings", True))
-    embeds = [n for n in names if n.endswith("embed_tokens.weight")]
+    embeds = [n for n in names if is_vocab_module(_module_of(n)) and n.endswith("embed_tokens.weight")]
     if not heads and tied and len(embeds) == 1:
         return embeds[0]
     found = heads or embeds

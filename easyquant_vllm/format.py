@@ -149,6 +149,8 @@ class EasyQuantCheckpointConfig:
             raise ValueError("format_version 3 stores a zero point per group: zero_points must be true")
         if self.lm_head_bits is not None and not self.lm_head:
             raise ValueError("lm_head_bits needs lm_head: true")
+        if self.lm_head_bits not in (None, *SUPPORTED_BITS):
+            raise ValueError(f"lm_head_bits = {self.lm_head_bits}; supported: {list(SUPPORTED_BITS)}")
 
     @property
     def vocab_bits(self) -> int:

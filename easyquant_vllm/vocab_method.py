@@ -47,7 +47,7 @@ class EasyQuantVocabMethod(EasyQuantLinearMethod):
 
     def __init__(self, config: EasyQuantConfig, prefix: str, lookup: bool) -> None:
         super().__init__(config, prefix)
-        self.bits = config.checkpoint.vocab_bits  # lm_head_bits: 8 by default, whatever the linears' bits
+        self.bits = config.checkpoint.vocab_bits  # lm_head_bits (the converter writes 8), else the checkpoint's bits
         self.lookup = lookup  # an input embedding: keep the canonical rows for embedding()
 
     def create_weights(

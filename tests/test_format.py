@@ -127,6 +127,8 @@ def test_config_lm_head_bits() -> None:
         EasyQuantCheckpointConfig.from_dict({**d, "lm_head": True, "lm_head_bits": 6})
     with pytest.raises(CheckpointError, match="lm_head_bits is set, but lm_head is not true"):
         EasyQuantCheckpointConfig.from_dict({**d, "lm_head_bits": 8})
+    with pytest.raises(ValueError, match=r"lm_head_bits = 6; supported: \[4, 8\]"):
+        EasyQuantCheckpointConfig(lm_head=True, lm_head_bits=6)
 
 
 def test_config_defaults_are_the_default_format_versions() -> None:

@@ -2,13 +2,14 @@
 //
 //   easyquant::cpu_int4_linear(x [M, K] bf16/fp16, w_q, scales, zeros?, col_scale?, indptr, indices, values,
 //                               bias?, G, plan, row_steps?) -> y [M, N] in x's dtype,   y = x @ W'^T + bias,
-//   W'[n, k] = c[k] * (s[n, k / G] * (u[n, k] - z[n, k / G])) + S[n, k]   (z = 8 and c = 1 when not given)
+//   W'[n, k] = c[k] * (s[n, k / G] * (u[n, k] - z[n, k / G])) + S[n, k]   (z = 2^(bits-1), c = 1 when not given)
 //
 // with the step s and zero point z of each group as the checkpoint's format version stores them
 // (docs/format.md):
-//   versions 1 and 2: s = scales (fp16), z = zeros (uint8, an integer code) or 8
+//   versions 1 and 2: s = scales (fp16), z = zeros (uint8, an integer code) or 2^(bits-1)
 //   version 3 (row_steps given): s = d[n] * a (the row's unit times the group's uint8 multiplier in scales: exact
-//                                in fp32), z = zq / 16 (zeros in sixteenths of a code: exact, a real zero point)
+//                                in fp32), z = zq * 2^(bits-8) (sixteenths of a 4-bit code, whole 8-bit codes:
+//                                exact, a real zero point)
 //
 // The column scale multiplies the activations once per call (x * c, in fp32; rounded to bf16 for the bf16
 // paths), and the outliers take the unscaled x: they are in the original domain (docs/format.md).
@@ -387,7 +388,7 @@ struct I16Steps {  // one group's per-row "scale" and "offset" of the 16 rows (r
   __m256 scale0, scale1, offset0, offset1;
 };
 
-// scale = s, offset = s * z: exact in format versions 1 and 2 (an fp16 step times a 4-bit integer), rounded once
+// scale = s, offset = s * z: exact in format versions 1 and 2 (an fp16 step times an integer below 256), rounded once
 // in version 3 (the correction is fp32 either way).
 __attribute__((target("avx2,fma,f16c"))) inline I16Steps i16_steps(const Steps8& g) {
   return {g.s0, g.s1, _mm256_mul_ps(g.s0, g.z0), _mm256_mul_ps(g.s1, g.z1)};
@@ -925,9 +926,9 @@ __attribute__((target("avx2,fma,f16c"))) void store_block(const Problem& P, int6
 
 // w [N][K] = W' in T for blocks b0..b1, exactly the reference: fp32 c * ((u - z) * s) (versions 1 and 2: the
 // product exact; version 3: u - z exact, the product rounded once) plus the outlier value where there is one,
-// rounded to T once. A row's word is 8 consecutive columns (two words of 8-bit codes): 8 lanes, one store. (Vector code lives in target
-// functions, never in a lambda: a lambda is compiled without the target, and passing __m256 by value across
-// that boundary breaks the ABI.)
+// rounded to T once. A row's word is 8 consecutive columns (two words of 8-bit codes): 8 lanes, one store.
+// (Vector code lives in target functions, never in a lambda: a lambda is compiled without the target, and passing
+// __m256 by value across that boundary breaks the ABI.)
 template <typename T>
 __attribute__((target("avx2,fma,f16c"))) void dequant_blocks(const Problem& P, const float* c, T* w, int64_t b0,
                                                              int64_t b1) {
