@@ -121,13 +121,14 @@ def default_plan(dtype: torch.dtype, paths: Sequence[str], bits: int = 4) -> lis
     4-bit layers: an ``i8`` override leaves the 8-bit lm_head on this plan).
     """
     override = os.environ.get(ENV_PLAN)
+    plan = parse_plan(override, paths) if override else None
     if bits == 8:
-        if override and all(item.partition(":")[0].strip() in PATHS_8BIT for item in override.split(",")):
-            return parse_plan(override, paths)
+        if plan is not None and all(PATHS[p] in PATHS_8BIT for p in plan[1::2]):
+            return plan
         native_bf16 = "bf16dp" in paths or "amx" in paths
         return _flatten([("i16", 96), ("dequant", 0)] if native_bf16 else [("i16", 0)])
-    if override:
-        return parse_plan(override, paths)
+    if plan is not None:
+        return plan
     if "amx" in paths:
         steps = [("bf16dp", 2), ("amx", 96), ("dequant", 0)]
     elif "bf16dp" in paths:
@@ -196,12 +197,10 @@ def lookup_operands(tensors: dict[str, torch.Tensor], qw: QuantizedWeight) -> tu
     names of :meth:`NativeCpuKernel.prepare`'s tensors in the op's order, and its meta (``blocked = 1``). A tied,
     quantized lm_head then holds one copy of its codes, not a canonical one beside the kernel's (on Qwen2.5-1.5B:
     233 MB at 8 bits)."""
-    from ..quant import max_row_nnz
+    from .op import embedding_meta
 
     names = ["w_q", "scales", "indptr", "indices", "values", *(t for t in OPTIONAL_TENSORS if t in tensors)]
-    flags = [int(t in tensors) for t in OPTIONAL_TENSORS]  # zeros, col_scale, row_steps
-    meta = [qw.bits, qw.group_size, qw.shape[1], flags[0], flags[1], max_row_nnz(qw.outliers.indptr), flags[2], 1]
-    return names, meta
+    return names, embedding_meta(qw, blocked=True)
 
 
 class NativeCpuKernel(Kernel):

@@ -166,11 +166,17 @@ def embedding(
 def embedding_operands(qw: QuantizedWeight) -> tuple[list[torch.Tensor], list[int]]:
     """``(weights, meta)`` of ``easyquant::embedding`` for ``qw``: the inverse of the op's unpacking, kept beside it
     so that a tensor a format version adds (version 3's ``row_steps``) reaches the lookup wherever it is built."""
-    from ..quant import max_row_nnz
-
     o = qw.outliers
     optional = (qw.zeros, qw.col_scale, qw.row_steps)
     weights = [qw.qweight, qw.scales, o.indptr, o.indices, o.values, *(t for t in optional if t is not None)]
-    has_zeros, has_col, has_row_steps = (int(t is not None) for t in optional)
-    return weights, [qw.bits, qw.group_size, qw.shape[1], has_zeros, has_col, max_row_nnz(o.indptr), has_row_steps,
-                     0]  # fmt: skip
+    return weights, embedding_meta(qw, blocked=False)
+
+
+def embedding_meta(qw: QuantizedWeight, blocked: bool) -> list[int]:
+    """``easyquant::embedding``'s meta for ``qw``'s tensors (the one definition of its layout): ``blocked`` when
+    the weights are the native CPU kernel's own (``cpu_native.lookup_operands``)."""
+    from ..quant import max_row_nnz
+
+    has_zeros, has_col, has_row_steps = (int(t is not None) for t in (qw.zeros, qw.col_scale, qw.row_steps))
+    return [qw.bits, qw.group_size, qw.shape[1], has_zeros, has_col, max_row_nnz(qw.outliers.indptr), has_row_steps,
+            int(blocked)]  # fmt: skip

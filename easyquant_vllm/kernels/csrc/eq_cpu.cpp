@@ -946,15 +946,10 @@ __attribute__((target("avx2,fma,f16c"))) void dequant_blocks(const Problem& P, c
         const __m256 s = _mm256_set1_ps(row_step(P, b, gi, j)), z = _mm256_set1_ps(row_zero(P, b, gi, j));
         for (int64_t q = gi * chunks_per_group; q < (gi + 1) * chunks_per_group; ++q) {
           // columns 8q..8q+7: one word of 4-bit codes, or the words 2q and 2q + 1 of 8-bit codes
-          const __m256i words8 = wide ? _mm256_setr_epi32(static_cast<int>(wb[2 * q * kBlockN + j]),
-                                                          static_cast<int>(wb[2 * q * kBlockN + j]),
-                                                          static_cast<int>(wb[2 * q * kBlockN + j]),
-                                                          static_cast<int>(wb[2 * q * kBlockN + j]),
-                                                          static_cast<int>(wb[(2 * q + 1) * kBlockN + j]),
-                                                          static_cast<int>(wb[(2 * q + 1) * kBlockN + j]),
-                                                          static_cast<int>(wb[(2 * q + 1) * kBlockN + j]),
-                                                          static_cast<int>(wb[(2 * q + 1) * kBlockN + j]))
-                                      : _mm256_set1_epi32(static_cast<int>(wb[q * kBlockN + j]));
+          const __m256i words8 =
+              wide ? _mm256_setr_m128i(_mm_set1_epi32(static_cast<int>(wb[2 * q * kBlockN + j])),
+                                       _mm_set1_epi32(static_cast<int>(wb[(2 * q + 1) * kBlockN + j])))
+                   : _mm256_set1_epi32(static_cast<int>(wb[q * kBlockN + j]));
           const __m256i u = _mm256_and_si256(_mm256_srlv_epi32(words8, shifts), lo_mask);
           __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(u), z), s);
           if (c) v = _mm256_mul_ps(v, _mm256_loadu_ps(c + 8 * q));
