@@ -135,6 +135,48 @@ def test_native_moe_v3_every_path(path: str, group: int) -> None:
         assert float((y.double() - ref).norm() / ref.norm()) < (native.I8_CHECK_TOLERANCE if path == "i8" else 1e-2), m
 
 
+def test_native_moe_runs_each_expert_on_its_own_path_in_one_call() -> None:
+    # One call where the experts get 1, 3 and many tokens: each takes the path the plan gives its own count, all
+    # of them in one batch of linears (cpu_int4_linear_jobs), the dequant one through ATen's GEMM beside them.
+    spec = _spec(3, torch.bfloat16)
+    if not NativeCpuMoeKernel.can_implement(spec)[0]:
+        pytest.skip("native kernel unavailable")
+    experts = _experts(3)
+    kernel = NativeCpuMoeKernel(spec)
+    kernel.plan = native.parse_plan("i16:1,fma:4,dequant", native.PATHS)
+    tensors = kernel.prepare(experts)
+    m = 12  # expert 0: every token; expert 1: tokens 0-2; expert 2: token 3; the rest: experts 3 and 4
+    ids = torch.tensor([[0, 1]] * 3 + [[0, 2]] + [[0, 3 + t % 2] for t in range(m - 4)])
+    w = torch.softmax(torch.randn(m, 2, generator=torch.Generator().manual_seed(3)), -1)
+    x = torch.randn(m, H, generator=torch.Generator().manual_seed(4)).bfloat16()
+    reset_dispatch_counts()
+    y = kernel.apply(tensors, x, ids, w)
+    assert set(dispatch_counts()) == {f"native-int4-cpu:{p}" for p in ("i16", "fma", "dequant")}
+    ref = _reference(experts, x, ids, w)
+    assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_native_moe_same_bits_with_one_thread_and_two() -> None:
+    # The experts' blocks are split over the threads by work: where a split falls must not change any output.
+    spec = _spec(3, torch.bfloat16)
+    if not NativeCpuMoeKernel.can_implement(spec)[0]:
+        pytest.skip("native kernel unavailable")
+    kernel = NativeCpuMoeKernel(spec)
+    tensors = kernel.prepare(_experts(3))
+    threads = torch.get_num_threads()
+    try:
+        for m in (1, 3, 16):
+            x = torch.randn(m, H, generator=torch.Generator().manual_seed(m)).bfloat16()
+            ids, w = _routing(m, seed=m)
+            out = []
+            for t in (1, 2, 3):
+                torch.set_num_threads(t)
+                out.append(kernel.apply(tensors, x, ids, w))
+            assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2]), m
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("version", FORMAT_VERSIONS)
 def test_native_moe_under_compile_fullgraph(version: int) -> None:
     # vLLM traces apply() on CPU with fullgraph and no guards: the routing must stay inside the op.
@@ -163,6 +205,10 @@ def test_native_moe_refuses_an_expert_id_out_of_range_and_bad_stacks() -> None:
         kernel.apply(tensors, torch.randn(1, H).bfloat16(), torch.tensor([[6, 0]]), torch.ones(1, 2) / 2)
     bad = {**tensors, "w13_offsets": tensors["w13_offsets"].flip(0).contiguous()}
     with pytest.raises(RuntimeError, match="w13 offsets must run from 0 to nnz"):
+        kernel.apply(bad, torch.randn(1, H).bfloat16(), torch.tensor([[1, 0]]), torch.ones(1, 2) / 2)
+    bad = {**tensors, "w2_indptr": tensors["w2_indptr"].clone()}
+    bad["w2_indptr"][3, -1] += 1  # expert 3's row pointers end past its own outliers
+    with pytest.raises(RuntimeError, match=r"w2 indptr of expert 3 must run from 0 to its nnz = \d+, got 0 \.\. "):
         kernel.apply(bad, torch.randn(1, H).bfloat16(), torch.tensor([[1, 0]]), torch.ones(1, 2) / 2)
     bad = {**tensors, "w2_row_steps": tensors["w2_row_steps"].flatten()}
     with pytest.raises(RuntimeError, match=r"w2 row_steps must be \[E = 6, N\], got \[1536\]"):

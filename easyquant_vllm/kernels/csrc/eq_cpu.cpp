@@ -82,6 +82,9 @@ constexpr int64_t kBlockN = 16;   // output rows per block: one zmm (or two ymm)
 constexpr int64_t kChunkK = 256;  // columns per fp32 panel of the kFma path: 16 rows x 256 x 4 B = 16 KB, in L1
 constexpr float kCodeBase = 128.0f;  // bf16 codes hold 128 + u
 constexpr int64_t kPrefetchWords = 16;  // software prefetch distance in 64-byte lines of codes
+// The work of reading one 16-row block's codes and metadata, in batch rows of arithmetic on them: how
+// cpu_int4_linear_jobs weighs a block of a linear with M rows (M + 2) when it splits the blocks over the threads.
+constexpr int64_t kBlockReadRows = 2;
 
 // The ids are the plan's ints (cpu_native.PATHS): a new path takes the next id, the others keep theirs.
 enum Path : int64_t { kFma = 0, kBf16Dp = 1, kAmx = 2, kDequant = 3, kI16 = 4, kI8 = 5, kNumPaths = 6 };
@@ -1186,9 +1189,204 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
   if (path == kAmx) amx_release();
 }
 
+// Per-call buffers of x in its forms (see Problem), grown on demand and kept (see scratch).
+struct Scratch {
+  std::vector<float> xf, xs, xsum, xt, xsigma, xqsum;
+  std::vector<uint16_t> xh, xpad;
+  std::vector<uint32_t> xq;
+};
+
+// The weights' part of a Problem.
+Problem weights_problem(const easyquant::LinearWeights& W, int64_t m) {
+  Problem P{};  // the pointers a path does not use stay null
+  P.m = m;
+  P.n = W.n;
+  P.k = W.k;
+  P.g = W.g;
+  P.groups = W.k / W.g;
+  P.bits = W.bits;
+  P.sym_zero = W.bits == 8 ? 128.0f : 8.0f;
+  P.zero_unit = W.bits == 8 ? 1.0f : 1.0f / 16.0f;
+  P.w = W.w;
+  P.s = W.s;
+  P.a = W.a;
+  P.d = W.d;
+  P.z = W.z;
+  P.indptr = W.indptr;
+  P.indices = W.indices;
+  P.values = W.values;
+  return P;
+}
+
+// x [M, K] (T = bf16 / fp16) in the forms the block path `path` reads, in S's buffers: P's x pointers.
+template <typename T>
+void prepare_x(Problem& P, const T* x, const float* c, int64_t path, int64_t nnz, Scratch& S) {
+  const int64_t m = P.m, k = P.k, g = P.g;
+  const bool bf16_path = path == kBf16Dp || path == kAmx;
+  float* xf = scratch(S.xf, m * k);
+  widen(x, xf, m * k);
+  const float* xs = xf;
+  const uint16_t* xh = reinterpret_cast<const uint16_t*>(x);
+  if (c) {  // x * c once per call; the outliers keep xf
+    float* scaled = scratch(S.xs, m * k);
+    uint16_t* half = bf16_path ? scratch(S.xh, m * k) : nullptr;
+    scale_columns(xf, c, m, k, scaled, reinterpret_cast<T*>(half));
+    xs = scaled;
+    if (half) xh = half;
+  }
+  P.xf = xf;
+  P.xs = xs;
+  P.xh = xh;
+  if (bf16_path) {  // the sum over each group of what vdpbf16ps / the tiles multiply: removes the codes' offset
+    float* xsum = scratch(S.xsum, m * (k / g));
+    if (xh == reinterpret_cast<const uint16_t*>(x)) {
+      group_sums(xf, m, k, g, xsum);
+    } else {  // sums of the rounded x * c
+      float* rounded = scratch(S.xs, m * k);  // the fp32 copy is not needed by the bf16 paths
+      widen(reinterpret_cast<const at::BFloat16*>(xh), rounded, m * k);
+      group_sums(rounded, m, k, g, xsum);
+    }
+    P.xsum = xsum;
+  }
+  if (path == kI16 || path == kI8) {  // x * c in fixed point (16 bits per sub-block of xg <= 128 columns, or 8 bits
+                                      // per 32), rows split over the threads (M x K values, read twice)
+    const bool i8 = path == kI8;
+    P.xg = i8 ? kI8Subblock : i16_subblock(g);
+    P.xblocks = k / P.xg;
+    uint32_t* xq = scratch(S.xq, m * k / (i8 ? 4 : 2));
+    float* xsigma = scratch(S.xsigma, m * P.xblocks);
+    float* xqsum = scratch(S.xqsum, m * P.xblocks);
+    at::parallel_for(0, m, std::max<int64_t>(1, 32768 / k), [&](int64_t r0, int64_t r1) {
+      if (i8) quantize_x(xs, k, P.xg, r0, r1, kI8Max, xsigma, xqsum, StoreI8{xq});
+      else if (P.bits == 8) quantize_x(xs, k, P.xg, r0, r1, kI16Max, xsigma, xqsum, StoreI16<8>{xq});
+      else quantize_x(xs, k, P.xg, r0, r1, kI16Max, xsigma, xqsum, StoreI16<4>{xq});
+    });
+    P.xq = xq;
+    P.xsigma = xsigma;
+    P.xqsum = xqsum;
+  }
+  if (m > 2 && has_avx512() && nnz) {  // outliers 16 batch rows at a time: x^T, zero-padded
+    P.mp = (m + 15) / 16 * 16;
+    float* xt = scratch(S.xt, k * P.mp);
+    transpose_x(xf, m, k, P.mp, xt);
+    P.xt = xt;
+  }
+  if (path == kAmx) {  // whole 16-row slices for the A tiles: zero rows past M
+    const int64_t rows = (m + 15) / 16 * 16;
+    uint16_t* xpad = scratch(S.xpad, rows * k);
+    std::memcpy(xpad, xh, m * k * sizeof(uint16_t));
+    std::memset(xpad + m * k, 0, (rows - m) * k * sizeof(uint16_t));
+    P.xpad = xpad;
+  }
+}
+
+// The plan's path for M rows, checked against the CPU, the dtype and the codes' width, and counted.
+int64_t checked_path(at::IntArrayRef plan, int64_t m, at::ScalarType dtype, int64_t bits) {
+  const int64_t path = choose_path(plan, m);
+  TORCH_CHECK(path >= 0 && path < kNumPaths && path_supported(path, dtype), "easyquant::cpu_int4_linear: path ", path,
+              " is not available on this CPU for ", dtype);
+  TORCH_CHECK(bits == 4 || path == kI16 || path == kDequant, "easyquant::cpu_int4_linear: 8-bit codes take the i16 ",
+              "and dequant paths only; the plan chose path ", path, " for M = ", m);
+  g_path_calls[path].fetch_add(1, std::memory_order_relaxed);
+  return path;
+}
+
+// y = x @ W'^T (+ bias) through W' in x's dtype and ATen's GEMM (the kDequant path).
+at::Tensor dequant_linear(const Problem& P, const float* c, const at::Tensor& x, const at::Tensor& bias) {
+  at::Tensor w = at::empty({P.n, P.k}, x.options());
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, P.n / kBlockN, 1, [&](int64_t b0, int64_t b1) {
+    if (bf16) dequant_blocks<at::BFloat16>(P, c, w.data_ptr<at::BFloat16>(), b0, b1);
+    else dequant_blocks<at::Half>(P, c, w.data_ptr<at::Half>(), b0, b1);
+  });
+  return bias.defined() ? at::linear(x, w, bias) : at::linear(x, w);
+}
+
 }  // namespace
 
 namespace easyquant {
+
+LinearWeights LinearWeights::at(int64_t e, int64_t outlier_offset, int64_t outlier_count) const {
+  LinearWeights out = *this;
+  const int64_t meta = n * (k / g);  // entries of each per-group tensor
+  out.w += e * n * (k * bits / 32);
+  if (s) out.s += e * meta;
+  if (a) out.a += e * meta;
+  if (z) out.z += e * meta;
+  if (d) out.d += e * n;
+  if (c) out.c += e * k;
+  out.indptr += e * (n + 1);
+  out.indices = indices + outlier_offset;
+  out.values = values + outlier_offset;
+  out.nnz = outlier_count;
+  return out;
+}
+
+LinearWeights checked_weights(const std::string& what, int64_t experts, int64_t k, const at::Tensor& w_q,
+                              const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+                              const c10::optional<at::Tensor>& col_scale, const at::Tensor& indptr,
+                              const c10::optional<at::Tensor>& row_steps, int64_t group_size) {
+  // The O(1) invariants every pointer relies on are checked here, whatever the caller validated: a malformed
+  // tensor must be an error, never a wild read. (The O(nnz) ones, every column index in [0, K) and non-decreasing
+  // row pointers, are the loader's: format.validate_layer runs on each layer's final CSR.)
+  const std::string each = experts > 1 ? " per expert" : "";
+  TORCH_CHECK(indptr.dim() == (experts > 1 ? 2 : 1) && indptr.size(-1) >= 2 && indptr.scalar_type() == at::kInt &&
+                  indptr.is_contiguous(),
+              what, ": indptr must be contiguous int32 [", experts > 1 ? "E, " : "", "N + 1] with N >= 1, got ",
+              indptr.scalar_type(), " ", indptr.sizes());
+  const int64_t n = indptr.size(-1) - 1;
+  TORCH_CHECK(group_size == -1 || group_size > 0, what, ": group_size must be > 0 or -1 (per channel), got ",
+              group_size);
+  const int64_t g = group_size == -1 ? k : group_size;
+  TORCH_CHECK(k > 0 && n % kBlockN == 0 && k % 32 == 0 && g % 32 == 0 && k % g == 0, what,
+              ": needs N % 16 == 0, K % 32 == 0 and a group size, multiple of 32, dividing K; got N = ", n, ", K = ", k,
+              ", G = ", g);
+  const int64_t meta = experts * n * (k / g);
+  // The codes' width from the words per row: K/8 (4-bit) or K/4 (8-bit); K % 32 == 0, so the two never meet.
+  const int64_t words4 = experts * n * k / 8, words8 = experts * n * k / 4;
+  TORCH_CHECK(w_q.scalar_type() == at::kInt && (w_q.numel() == words4 || w_q.numel() == words8) && w_q.is_contiguous(),
+              what, ": w_q must be contiguous int32 with N*K/8 = ", n * k / 8, " words (4-bit codes) or N*K/4 = ",
+              n * k / 4, " (8-bit)", each, ", got ", w_q.scalar_type(), " ", w_q.sizes());
+  LinearWeights W;
+  W.n = n;
+  W.k = k;
+  W.g = g;
+  W.bits = w_q.numel() == words4 ? 4 : 8;
+  W.w = reinterpret_cast<const uint32_t*>(w_q.data_ptr<int32_t>());
+  if (row_steps) {  // format version 3: uint8 multipliers of the rows' units, zero points in sixteenths
+    TORCH_CHECK(row_steps->scalar_type() == at::kFloat && row_steps->numel() == experts * n &&
+                    row_steps->is_contiguous(),
+                what, ": row_steps must be contiguous fp32 [N = ", n, "]", each, ", got ", row_steps->scalar_type(),
+                " ", row_steps->sizes());
+    TORCH_CHECK(scales.scalar_type() == at::kByte && scales.numel() == meta && scales.is_contiguous(), what,
+                ": with row_steps (format version 3), scales must be contiguous uint8 step multipliers with N*K/G = ",
+                n * (k / g), " entries", each, ", got ", scales.scalar_type(), " ", scales.sizes());
+    TORCH_CHECK(zeros.has_value(), what, ": row_steps (format version 3) needs zeros (uint8, sixteenths of a code)");
+    W.a = scales.data_ptr<uint8_t>();
+    W.d = row_steps->data_ptr<float>();
+  } else {
+    TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.numel() == meta && scales.is_contiguous(), what,
+                ": scales must be contiguous fp16 with N*K/G = ", n * (k / g), " entries", each,
+                " (uint8 step multipliers need row_steps: format version 3), got ", scales.scalar_type(), " ",
+                scales.sizes());
+    W.s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  }
+  if (zeros) {
+    TORCH_CHECK(zeros->scalar_type() == at::kByte && zeros->numel() == meta && zeros->is_contiguous(), what,
+                ": zeros must be contiguous uint8 with N*K/G = ", n * (k / g), " entries", each, ", got ",
+                zeros->scalar_type(), " ", zeros->sizes());
+    W.z = zeros->data_ptr<uint8_t>();
+  }
+  if (col_scale) {
+    TORCH_CHECK(col_scale->scalar_type() == at::kFloat && col_scale->numel() == experts * k &&
+                    col_scale->is_contiguous(),
+                what, ": col_scale must be contiguous fp32 [", k, "]", each, ", got ", col_scale->scalar_type(), " ",
+                col_scale->sizes());
+    W.c = col_scale->data_ptr<float>();
+  }
+  W.indptr = indptr.data_ptr<int32_t>();
+  return W;
+}
 
 at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const at::Tensor& scales,
                            const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& col_scale,
@@ -1200,162 +1398,32 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
               dtype);
   TORCH_CHECK(x_in.dim() == 2, "easyquant::cpu_int4_linear: x must be [M, K], got ", x_in.sizes());
   const at::Tensor x = x_in.contiguous();
-  // The O(1) invariants every pointer below relies on are checked here, whatever the caller validated: a
-  // malformed tensor must be an error, never a wild read. (The O(nnz) ones, every column index in [0, K) and
-  // non-decreasing row pointers, are the loader's: format.validate_layer runs on each layer's final CSR.)
-  TORCH_CHECK(indptr.dim() == 1 && indptr.size(0) >= 2, "easyquant::cpu_int4_linear: indptr must be [N + 1] with ",
-              "N >= 1, got ", indptr.sizes());
-  const int64_t m = x.size(0), k = x.size(1), n = indptr.size(0) - 1;
-  TORCH_CHECK(group_size == -1 || group_size > 0, "easyquant::cpu_int4_linear: group_size must be > 0 or -1 (per ",
-              "channel), got ", group_size);
-  const int64_t g = group_size == -1 ? k : group_size;
-  TORCH_CHECK(k > 0 && n % kBlockN == 0 && k % 32 == 0 && g % 32 == 0 && k % g == 0,
-              "easyquant::cpu_int4_linear: needs N % 16 == 0, K % 32 == 0 and a group size, multiple of 32, dividing K;"
-              " got N = ", n, ", K = ", k, ", G = ", g);
-  // The codes' width from the words per row: K/8 (4-bit) or K/4 (8-bit); K % 32 == 0, so the two never meet.
-  TORCH_CHECK(w_q.scalar_type() == at::kInt && (w_q.numel() == n * k / 8 || w_q.numel() == n * k / 4) &&
-                  w_q.is_contiguous(),
-              "easyquant::cpu_int4_linear: w_q must be contiguous int32 with N*K/8 = ", n * k / 8, " words (4-bit ",
-              "codes) or N*K/4 = ", n * k / 4, " (8-bit), got ", w_q.scalar_type(), " ", w_q.sizes());
-  const int64_t bits = w_q.numel() == n * k / 8 ? 4 : 8;
-  if (row_steps) {  // format version 3: uint8 multipliers of the rows' units, zero points in sixteenths
-    TORCH_CHECK(row_steps->scalar_type() == at::kFloat && row_steps->numel() == n && row_steps->is_contiguous(),
-                "easyquant::cpu_int4_linear: row_steps must be contiguous fp32 [N = ", n, "], got ",
-                row_steps->scalar_type(), " ", row_steps->sizes());
-    TORCH_CHECK(scales.scalar_type() == at::kByte && scales.numel() == n * (k / g) && scales.is_contiguous(),
-                "easyquant::cpu_int4_linear: with row_steps (format version 3), scales must be contiguous uint8 step ",
-                "multipliers with N*K/G = ", n * (k / g), " entries, got ", scales.scalar_type(), " ", scales.sizes());
-    TORCH_CHECK(zeros.has_value(), "easyquant::cpu_int4_linear: row_steps (format version 3) needs zeros (uint8, ",
-                "sixteenths of a code)");
-  } else {
-    TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.numel() == n * (k / g) && scales.is_contiguous(),
-                "easyquant::cpu_int4_linear: scales must be contiguous fp16 with N*K/G = ", n * (k / g),
-                " entries (uint8 step multipliers need row_steps: format version 3), got ", scales.scalar_type(), " ",
-                scales.sizes());
-  }
-  if (zeros)
-    TORCH_CHECK(zeros->scalar_type() == at::kByte && zeros->numel() == n * (k / g) && zeros->is_contiguous(),
-                "easyquant::cpu_int4_linear: zeros must be contiguous uint8 with N*K/G = ", n * (k / g),
-                " entries, got ", zeros->scalar_type(), " ", zeros->sizes());
-  if (col_scale)
-    TORCH_CHECK(col_scale->scalar_type() == at::kFloat && col_scale->numel() == k && col_scale->is_contiguous(),
-                "easyquant::cpu_int4_linear: col_scale must be contiguous fp32 [", k, "], got ", col_scale->scalar_type(),
-                " ", col_scale->sizes());
-  TORCH_CHECK(indptr.scalar_type() == at::kInt && indices.scalar_type() == at::kInt &&
-                  values.scalar_type() == at::kFloat && indices.numel() == values.numel() && indptr.is_contiguous() &&
-                  indices.is_contiguous() && values.is_contiguous(),
-              "easyquant::cpu_int4_linear: outliers must be contiguous int32 indptr/indices and fp32 values of one length");
+  const int64_t m = x.size(0), k = x.size(1);
+  LinearWeights W =
+      checked_weights("easyquant::cpu_int4_linear", 1, k, w_q, scales, zeros, col_scale, indptr, row_steps, group_size);
+  TORCH_CHECK(indices.scalar_type() == at::kInt && values.scalar_type() == at::kFloat &&
+                  indices.numel() == values.numel() && indices.is_contiguous() && values.is_contiguous(),
+              "easyquant::cpu_int4_linear: outliers must be contiguous int32 indptr/indices and fp32 values of one ",
+              "length");
   TORCH_CHECK(indices.dim() == 1 && values.dim() == 1 && indices.numel() <= INT32_MAX,
               "easyquant::cpu_int4_linear: indices/values must be 1-D with at most 2^31 - 1 entries");
-  {
-    const int32_t* ip = indptr.data_ptr<int32_t>();
-    TORCH_CHECK(ip[0] == 0 && ip[n] == indices.numel(), "easyquant::cpu_int4_linear: indptr must start at 0 and end ",
-                "at nnz = ", indices.numel(), ", got indptr[0] = ", ip[0], ", indptr[N] = ", ip[n]);
-  }
+  const int64_t n = W.n;
+  TORCH_CHECK(W.indptr[0] == 0 && W.indptr[n] == indices.numel(), "easyquant::cpu_int4_linear: indptr must start at 0 ",
+              "and end at nnz = ", indices.numel(), ", got indptr[0] = ", W.indptr[0], ", indptr[N] = ", W.indptr[n]);
+  W.indices = indices.data_ptr<int32_t>();
+  W.values = values.data_ptr<float>();
+  W.nnz = indices.numel();
   if (bias)
     TORCH_CHECK(bias->scalar_type() == dtype && bias->numel() == n, "easyquant::cpu_int4_linear: bias must be ", dtype,
                 " [", n, "]");
-  const int64_t path = choose_path(plan, m);
-  TORCH_CHECK(path >= 0 && path < kNumPaths && path_supported(path, dtype), "easyquant::cpu_int4_linear: path ", path,
-              " is not available on this CPU for ", dtype);
-  TORCH_CHECK(bits == 4 || path == kI16 || path == kDequant, "easyquant::cpu_int4_linear: 8-bit codes take the i16 ",
-              "and dequant paths only; the plan chose path ", path, " for M = ", m);
-  g_path_calls[path].fetch_add(1, std::memory_order_relaxed);
-
+  const int64_t path = checked_path(plan, m, dtype, W.bits);
   const bool bf16 = dtype == at::kBFloat16;
-  const bool bf16_path = path == kBf16Dp || path == kAmx;
-  const float* c = col_scale ? col_scale->data_ptr<float>() : nullptr;
-  thread_local std::vector<float> xf_buffer, xs_buffer, xsum_buffer, xt_buffer;
-  thread_local std::vector<uint16_t> xh_buffer, xpad_buffer;
-  thread_local std::vector<uint32_t> xq_buffer;
-  thread_local std::vector<float> xsigma_buffer, xqsum_buffer;
-  float* xf = scratch(xf_buffer, m * k);
-  if (bf16) widen(x.data_ptr<at::BFloat16>(), xf, m * k);
-  else widen(x.data_ptr<at::Half>(), xf, m * k);
-  const float* xs = xf;
-  const uint16_t* xh = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  if (c && path != kDequant) {  // x * c once per call; the outliers keep xf
-    float* scaled = scratch(xs_buffer, m * k);
-    uint16_t* half = bf16_path ? scratch(xh_buffer, m * k) : nullptr;
-    if (bf16) scale_columns(xf, c, m, k, scaled, reinterpret_cast<at::BFloat16*>(half));
-    else scale_columns(xf, c, m, k, scaled, reinterpret_cast<at::Half*>(half));
-    xs = scaled;
-    if (half) xh = half;
-  }
-  Problem P{};  // the pointers a path does not use stay null
-  P.m = m;
-  P.n = n;
-  P.k = k;
-  P.g = g;
-  P.groups = k / g;
-  P.bits = bits;
-  P.sym_zero = bits == 8 ? 128.0f : 8.0f;
-  P.zero_unit = bits == 8 ? 1.0f : 1.0f / 16.0f;
-  P.w = reinterpret_cast<const uint32_t*>(w_q.data_ptr<int32_t>());
-  if (row_steps) {
-    P.a = scales.data_ptr<uint8_t>();
-    P.d = row_steps->data_ptr<float>();
-  } else {
-    P.s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  }
-  P.z = zeros ? zeros->data_ptr<uint8_t>() : nullptr;
-  P.indptr = indptr.data_ptr<int32_t>();
-  P.indices = indices.data_ptr<int32_t>();
-  P.values = values.data_ptr<float>();
-  P.xf = xf;
-  P.xs = xs;
-  P.xh = xh;
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
-  if (path == kDequant) {
-    at::Tensor w = at::empty({n, k}, x.options());
-    at::parallel_for(0, n / kBlockN, 1, [&](int64_t b0, int64_t b1) {
-      if (bf16) dequant_blocks<at::BFloat16>(P, c, w.data_ptr<at::BFloat16>(), b0, b1);
-      else dequant_blocks<at::Half>(P, c, w.data_ptr<at::Half>(), b0, b1);
-    });
-    return bias ? at::linear(x, w, b) : at::linear(x, w);
-  }
-  if (bf16_path) {  // the sum over each group of what vdpbf16ps / the tiles multiply: removes the codes' offset
-    const int64_t groups = k / g;
-    float* xsum = scratch(xsum_buffer, m * groups);
-    if (xh == reinterpret_cast<const uint16_t*>(x.data_ptr())) {
-      group_sums(xf, m, k, g, xsum);
-    } else {  // sums of the rounded x * c
-      float* rounded = scratch(xs_buffer, m * k);  // the fp32 copy is not needed by the bf16 paths
-      widen(reinterpret_cast<const at::BFloat16*>(xh), rounded, m * k);
-      group_sums(rounded, m, k, g, xsum);
-    }
-    P.xsum = xsum;
-  }
-  if (path == kI16 || path == kI8) {  // x * c in fixed point (16 bits per sub-block of xg <= 128 columns, or 8 bits
-                                      // per 32), rows split over the threads (M x K values, read twice)
-    const bool i8 = path == kI8;
-    P.xg = i8 ? kI8Subblock : i16_subblock(g);
-    P.xblocks = k / P.xg;
-    uint32_t* xq = scratch(xq_buffer, m * k / (i8 ? 4 : 2));
-    float* xsigma = scratch(xsigma_buffer, m * P.xblocks);
-    float* xqsum = scratch(xqsum_buffer, m * P.xblocks);
-    at::parallel_for(0, m, std::max<int64_t>(1, 32768 / k), [&](int64_t r0, int64_t r1) {
-      if (i8) quantize_x(xs, k, P.xg, r0, r1, kI8Max, xsigma, xqsum, StoreI8{xq});
-      else if (P.bits == 8) quantize_x(xs, k, P.xg, r0, r1, kI16Max, xsigma, xqsum, StoreI16<8>{xq});
-      else quantize_x(xs, k, P.xg, r0, r1, kI16Max, xsigma, xqsum, StoreI16<4>{xq});
-    });
-    P.xq = xq;
-    P.xsigma = xsigma;
-    P.xqsum = xqsum;
-  }
-  if (m > 2 && has_avx512() && indices.numel()) {  // outliers 16 batch rows at a time: x^T, zero-padded
-    P.mp = (m + 15) / 16 * 16;
-    float* xt = scratch(xt_buffer, k * P.mp);
-    transpose_x(xf, m, k, P.mp, xt);
-    P.xt = xt;
-  }
-  if (path == kAmx) {  // whole 16-row slices for the A tiles: zero rows past M
-    const int64_t rows = (m + 15) / 16 * 16;
-    uint16_t* xpad = scratch(xpad_buffer, rows * k);
-    std::memcpy(xpad, xh, m * k * sizeof(uint16_t));
-    std::memset(xpad + m * k, 0, (rows - m) * k * sizeof(uint16_t));
-    P.xpad = xpad;
-  }
+  Problem P = weights_problem(W, m);
+  if (path == kDequant) return dequant_linear(P, W.c, x, b);
+  thread_local Scratch buffers;
+  if (bf16) prepare_x(P, x.data_ptr<at::BFloat16>(), W.c, path, W.nnz, buffers);
+  else prepare_x(P, x.data_ptr<at::Half>(), W.c, path, W.nnz, buffers);
   at::Tensor y = at::empty({m, n}, x.options());
   at::parallel_for(0, n / kBlockN, 1, [&](int64_t b0, int64_t b1) {
     if (bf16) run_block_range<at::BFloat16>(P, path, bias ? b.data_ptr<at::BFloat16>() : nullptr,
@@ -1363,6 +1431,59 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
     else run_block_range<at::Half>(P, path, bias ? b.data_ptr<at::Half>() : nullptr, y.data_ptr<at::Half>(), b0, b1);
   });
   return y;
+}
+
+void cpu_int4_linear_jobs(at::ScalarType dtype, at::IntArrayRef plan, const std::vector<LinearJob>& jobs) {
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "easyquant::cpu_int4_linear: x must be bf16 or fp16, got ",
+              dtype);
+  const bool bf16 = dtype == at::kBFloat16;
+  const auto options = at::TensorOptions().dtype(dtype);
+  // Each job's x in its own buffers: all of them are read inside the one parallel region below.
+  thread_local std::vector<Scratch> pool;
+  if (pool.size() < jobs.size()) pool.resize(jobs.size());
+  std::vector<Problem> problems;
+  std::vector<int64_t> paths, first_cost;  // per block job: its path and the work before it
+  std::vector<size_t> owner;               // per block job: its index in jobs
+  problems.reserve(jobs.size());
+  int64_t total = 0;
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    const LinearJob& job = jobs[j];
+    if (job.m == 0) continue;
+    const int64_t path = checked_path(plan, job.m, dtype, job.w.bits);
+    Problem P = weights_problem(job.w, job.m);
+    if (path == kDequant) {  // prefill-sized: ATen's GEMM parallelises it on its own
+      at::Tensor x = at::from_blob(const_cast<void*>(job.x), {job.m, job.w.k}, options);
+      at::from_blob(job.y, {job.m, job.w.n}, options).copy_(dequant_linear(P, job.w.c, x, at::Tensor()));
+      continue;
+    }
+    if (bf16) prepare_x(P, static_cast<const at::BFloat16*>(job.x), job.w.c, path, job.w.nnz, pool[j]);
+    else prepare_x(P, static_cast<const at::Half*>(job.x), job.w.c, path, job.w.nnz, pool[j]);
+    problems.push_back(P);
+    paths.push_back(path);
+    owner.push_back(j);
+    first_cost.push_back(total);
+    total += (P.n / kBlockN) * (P.m + kBlockReadRows);
+  }
+  if (problems.empty()) return;
+  // Thread t takes the blocks whose work starts in [total * t / T, total * (t + 1) / T): contiguous runs of
+  // blocks, balanced by work, so that an expert with more tokens gets more threads' time, not more blocks.
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t lo = total * t / threads, hi = total * (t + 1) / threads;
+      for (size_t i = 0; i < problems.size(); ++i) {
+        const Problem& P = problems[i];
+        const int64_t unit = P.m + kBlockReadRows, blocks = P.n / kBlockN;
+        // blocks b with first_cost + b * unit in [lo, hi)
+        const int64_t b0 = std::clamp<int64_t>((lo - first_cost[i] + unit - 1) / unit, 0, blocks);
+        const int64_t b1 = std::clamp<int64_t>((hi - first_cost[i] + unit - 1) / unit, 0, blocks);
+        if (b0 >= b1) continue;
+        void* y = jobs[owner[i]].y;
+        if (bf16) run_block_range<at::BFloat16>(P, paths[i], nullptr, static_cast<at::BFloat16*>(y), b0, b1);
+        else run_block_range<at::Half>(P, paths[i], nullptr, static_cast<at::Half*>(y), b0, b1);
+      }
+    }
+  });
 }
 
 }  // namespace easyquant
