@@ -177,6 +177,38 @@ def test_native_moe_same_bits_with_one_thread_and_two() -> None:
         torch.set_num_threads(threads)
 
 
+def test_native_moe_one_expert_layer() -> None:
+    # E = 1 stacks [1, N + 1] row pointers: a stack of one, not a plain linear's [N + 1].
+    spec = _spec(3, torch.bfloat16, experts=1)
+    if not NativeCpuMoeKernel.can_implement(spec)[0]:
+        pytest.skip("native kernel unavailable")
+    experts = _experts(3)[:1]
+    kernel = NativeCpuMoeKernel(spec)
+    tensors = kernel.prepare(experts)
+    assert tensors["w13_indptr"].shape == (1, 2 * INTER + 1)
+    x = torch.randn(3, H, generator=torch.Generator().manual_seed(1)).bfloat16()
+    ids, w = torch.zeros(3, 1, dtype=torch.int32), torch.ones(3, 1)
+    ref = _reference(experts, x, ids, w)
+    assert float((kernel.apply(tensors, x, ids, w).double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_native_moe_prefill_in_waves_gives_the_bits_of_smaller_calls() -> None:
+    # More rows than one wave of prepared activations holds (2 M elements of x: 4200 tokens x top-2 x 256): the
+    # experts run in several waves, each row's output the same bits as when its token comes in a call of its own.
+    spec = _spec(3, torch.bfloat16)
+    if not NativeCpuMoeKernel.can_implement(spec)[0]:
+        pytest.skip("native kernel unavailable")
+    kernel = NativeCpuMoeKernel(spec)
+    kernel.plan = native.parse_plan("i16", native.PATHS)  # no hand-off to dequant at large M
+    tensors = kernel.prepare(_experts(3))
+    m = 4200
+    x = torch.randn(m, H, generator=torch.Generator().manual_seed(7)).bfloat16()
+    ids, w = _routing(m, seed=7)
+    y = kernel.apply(tensors, x, ids, w)
+    parts = [kernel.apply(tensors, x[a:b], ids[a:b], w[a:b]) for a, b in ((0, 1000), (1000, 1001), (1001, m))]
+    assert torch.equal(y, torch.cat(parts))
+
+
 @pytest.mark.parametrize("version", FORMAT_VERSIONS)
 def test_native_moe_under_compile_fullgraph(version: int) -> None:
     # vLLM traces apply() on CPU with fullgraph and no guards: the routing must stay inside the op.

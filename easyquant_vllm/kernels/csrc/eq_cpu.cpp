@@ -91,7 +91,7 @@ enum Path : int64_t { kFma = 0, kBf16Dp = 1, kAmx = 2, kDequant = 3, kI16 = 4, k
 
 std::atomic<int64_t> g_path_calls[kNumPaths];  // how often each path ran (the tests' dispatch counter)
 
-// Everything a path needs, as raw pointers (set up once per call by cpu_int4_linear).
+// Everything a path needs, as raw pointers (set up per linear by weights_problem and prepare_x).
 struct Problem {
   int64_t m, n, k, g;
   int64_t bits;            // code width: 4, or 8 (the i16 and dequant paths only)
@@ -1194,7 +1194,16 @@ struct Scratch {
   std::vector<float> xf, xs, xsum, xt, xsigma, xqsum;
   std::vector<uint16_t> xh, xpad;
   std::vector<uint32_t> xq;
+
+  size_t bytes() const {
+    return (xf.capacity() + xs.capacity() + xsum.capacity() + xt.capacity() + xsigma.capacity() +
+            xqsum.capacity() + xq.capacity()) * 4 + (xh.capacity() + xpad.capacity()) * 2;
+  }
 };
+
+// cpu_int4_linear_jobs: elements of x prepared at once (a wave), and the buffers a thread keeps between calls.
+constexpr int64_t kWaveElements = int64_t{1} << 21;   // 2 M elements: ~30 MB of buffers
+constexpr size_t kKeepScratchBytes = size_t{64} << 20;
 
 // The weights' part of a Problem.
 Problem weights_problem(const easyquant::LinearWeights& W, int64_t m) {
@@ -1280,26 +1289,56 @@ void prepare_x(Problem& P, const T* x, const float* c, int64_t path, int64_t nnz
   }
 }
 
-// The plan's path for M rows, checked against the CPU, the dtype and the codes' width, and counted.
+// The plan's path for M rows, checked against the CPU, the dtype and the codes' width (count it once the call
+// is known to run: count_path).
 int64_t checked_path(at::IntArrayRef plan, int64_t m, at::ScalarType dtype, int64_t bits) {
   const int64_t path = choose_path(plan, m);
   TORCH_CHECK(path >= 0 && path < kNumPaths && path_supported(path, dtype), "easyquant::cpu_int4_linear: path ", path,
               " is not available on this CPU for ", dtype);
   TORCH_CHECK(bits == 4 || path == kI16 || path == kDequant, "easyquant::cpu_int4_linear: 8-bit codes take the i16 ",
               "and dequant paths only; the plan chose path ", path, " for M = ", m);
-  g_path_calls[path].fetch_add(1, std::memory_order_relaxed);
   return path;
 }
 
-// y = x @ W'^T (+ bias) through W' in x's dtype and ATen's GEMM (the kDequant path).
-at::Tensor dequant_linear(const Problem& P, const float* c, const at::Tensor& x, const at::Tensor& bias) {
-  at::Tensor w = at::empty({P.n, P.k}, x.options());
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
+void count_path(int64_t path) { g_path_calls[path].fetch_add(1, std::memory_order_relaxed); }
+
+// W' [N, K] in `options`' dtype (bf16 / fp16) for ATen's GEMM (the kDequant path).
+at::Tensor dequant_weight(const Problem& P, const float* c, const at::TensorOptions& options) {
+  at::Tensor w = at::empty({P.n, P.k}, options);
+  const bool bf16 = options.dtype() == at::kBFloat16;
   at::parallel_for(0, P.n / kBlockN, 1, [&](int64_t b0, int64_t b1) {
     if (bf16) dequant_blocks<at::BFloat16>(P, c, w.data_ptr<at::BFloat16>(), b0, b1);
     else dequant_blocks<at::Half>(P, c, w.data_ptr<at::Half>(), b0, b1);
   });
-  return bias.defined() ? at::linear(x, w, bias) : at::linear(x, w);
+  return w;
+}
+
+// The 16-row blocks of several prepared linears in one parallel region. Thread t takes the blocks whose work
+// starts in [total * t / T, total * (t + 1) / T): contiguous runs of blocks, balanced by work (a block of a
+// linear with M rows weighs M + kBlockReadRows), so that an expert with more tokens gets more threads' time.
+template <typename T>
+void run_blocks_together(const std::vector<Problem>& problems, const std::vector<int64_t>& paths,
+                         const std::vector<void*>& outputs) {
+  std::vector<int64_t> before(problems.size());  // the work of the blocks before each linear's first
+  int64_t total = 0;
+  for (size_t i = 0; i < problems.size(); ++i) {
+    before[i] = total;
+    total += (problems[i].n / kBlockN) * (problems[i].m + kBlockReadRows);
+  }
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t lo = total * t / threads, hi = total * (t + 1) / threads;
+      for (size_t i = 0; i < problems.size(); ++i) {
+        const Problem& P = problems[i];
+        const int64_t unit = P.m + kBlockReadRows, blocks = P.n / kBlockN;
+        // the blocks b with before + b * unit in [lo, hi): ceilings, clamped (a numerator <= 0 gives <= 0)
+        const int64_t b0 = std::clamp<int64_t>((lo - before[i] + unit - 1) / unit, 0, blocks);
+        const int64_t b1 = std::clamp<int64_t>((hi - before[i] + unit - 1) / unit, 0, blocks);
+        if (b0 < b1) run_block_range<T>(P, paths[i], nullptr, static_cast<T*>(outputs[i]), b0, b1);
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -1329,11 +1368,13 @@ LinearWeights checked_weights(const std::string& what, int64_t experts, int64_t 
   // The O(1) invariants every pointer relies on are checked here, whatever the caller validated: a malformed
   // tensor must be an error, never a wild read. (The O(nnz) ones, every column index in [0, K) and non-decreasing
   // row pointers, are the loader's: format.validate_layer runs on each layer's final CSR.)
-  const std::string each = experts > 1 ? " per expert" : "";
-  TORCH_CHECK(indptr.dim() == (experts > 1 ? 2 : 1) && indptr.size(-1) >= 2 && indptr.scalar_type() == at::kInt &&
-                  indptr.is_contiguous(),
-              what, ": indptr must be contiguous int32 [", experts > 1 ? "E, " : "", "N + 1] with N >= 1, got ",
-              indptr.scalar_type(), " ", indptr.sizes());
+  const bool stacked = experts > 0;
+  const std::string each = stacked ? " per expert" : "";
+  TORCH_CHECK(indptr.dim() == (stacked ? 2 : 1) && (!stacked || indptr.size(0) == experts) && indptr.size(-1) >= 2 &&
+                  indptr.scalar_type() == at::kInt && indptr.is_contiguous(),
+              what, ": indptr must be contiguous int32 [", stacked ? "E = " + std::to_string(experts) + ", " : "",
+              "N + 1] with N >= 1, got ", indptr.scalar_type(), " ", indptr.sizes());
+  experts = std::max<int64_t>(experts, 1);  // the number of linears below
   const int64_t n = indptr.size(-1) - 1;
   TORCH_CHECK(group_size == -1 || group_size > 0, what, ": group_size must be > 0 or -1 (per channel), got ",
               group_size);
@@ -1400,7 +1441,7 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
   const at::Tensor x = x_in.contiguous();
   const int64_t m = x.size(0), k = x.size(1);
   LinearWeights W =
-      checked_weights("easyquant::cpu_int4_linear", 1, k, w_q, scales, zeros, col_scale, indptr, row_steps, group_size);
+      checked_weights("easyquant::cpu_int4_linear", 0, k, w_q, scales, zeros, col_scale, indptr, row_steps, group_size);
   TORCH_CHECK(indices.scalar_type() == at::kInt && values.scalar_type() == at::kFloat &&
                   indices.numel() == values.numel() && indices.is_contiguous() && values.is_contiguous(),
               "easyquant::cpu_int4_linear: outliers must be contiguous int32 indptr/indices and fp32 values of one ",
@@ -1417,10 +1458,14 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
     TORCH_CHECK(bias->scalar_type() == dtype && bias->numel() == n, "easyquant::cpu_int4_linear: bias must be ", dtype,
                 " [", n, "]");
   const int64_t path = checked_path(plan, m, dtype, W.bits);
+  count_path(path);
   const bool bf16 = dtype == at::kBFloat16;
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   Problem P = weights_problem(W, m);
-  if (path == kDequant) return dequant_linear(P, W.c, x, b);
+  if (path == kDequant) {
+    const at::Tensor w = dequant_weight(P, W.c, x.options());
+    return bias ? at::linear(x, w, b) : at::linear(x, w);
+  }
   thread_local Scratch buffers;
   if (bf16) prepare_x(P, x.data_ptr<at::BFloat16>(), W.c, path, W.nnz, buffers);
   else prepare_x(P, x.data_ptr<at::Half>(), W.c, path, W.nnz, buffers);
@@ -1438,52 +1483,56 @@ void cpu_int4_linear_jobs(at::ScalarType dtype, at::IntArrayRef plan, const std:
               dtype);
   const bool bf16 = dtype == at::kBFloat16;
   const auto options = at::TensorOptions().dtype(dtype);
-  // Each job's x in its own buffers: all of them are read inside the one parallel region below.
+  std::vector<int64_t> path(jobs.size(), -1);
+  for (size_t j = 0; j < jobs.size(); ++j)  // every job checked before any runs
+    if (jobs[j].m > 0) path[j] = checked_path(plan, jobs[j].m, dtype, jobs[j].w.bits);
+  // Each prepared job's x has buffers of its own, alive together while the region runs (~14 bytes per element of
+  // x). So the jobs run in waves of at most kWaveElements elements of x (one wave at decode; a larger job is a
+  // wave of its own), the pool is per thread and reused between calls of one wave, and a pool grown past
+  // kKeepScratchBytes (by a prefill) is released at the end of the call.
   thread_local std::vector<Scratch> pool;
-  if (pool.size() < jobs.size()) pool.resize(jobs.size());
   std::vector<Problem> problems;
-  std::vector<int64_t> paths, first_cost;  // per block job: its path and the work before it
-  std::vector<size_t> owner;               // per block job: its index in jobs
-  problems.reserve(jobs.size());
-  int64_t total = 0;
+  std::vector<int64_t> paths;
+  std::vector<void*> outputs;
+  int64_t elements = 0;
+  const auto run_wave = [&]() {
+    if (problems.empty()) return;
+    if (bf16) run_blocks_together<at::BFloat16>(problems, paths, outputs);
+    else run_blocks_together<at::Half>(problems, paths, outputs);
+    problems.clear();
+    paths.clear();
+    outputs.clear();
+    elements = 0;
+  };
   for (size_t j = 0; j < jobs.size(); ++j) {
     const LinearJob& job = jobs[j];
     if (job.m == 0) continue;
-    const int64_t path = checked_path(plan, job.m, dtype, job.w.bits);
+    count_path(path[j]);
     Problem P = weights_problem(job.w, job.m);
-    if (path == kDequant) {  // prefill-sized: ATen's GEMM parallelises it on its own
-      at::Tensor x = at::from_blob(const_cast<void*>(job.x), {job.m, job.w.k}, options);
-      at::from_blob(job.y, {job.m, job.w.n}, options).copy_(dequant_linear(P, job.w.c, x, at::Tensor()));
+    if (path[j] == kDequant) {  // prefill-sized: ATen's GEMM parallelises it on its own
+      const at::Tensor x = at::from_blob(const_cast<void*>(job.x), {job.m, job.w.k}, options);
+      at::Tensor y = at::from_blob(job.y, {job.m, job.w.n}, options);
+      at::mm_out(y, x, dequant_weight(P, job.w.c, options).t());
       continue;
     }
-    if (bf16) prepare_x(P, static_cast<const at::BFloat16*>(job.x), job.w.c, path, job.w.nnz, pool[j]);
-    else prepare_x(P, static_cast<const at::Half*>(job.x), job.w.c, path, job.w.nnz, pool[j]);
-    problems.push_back(P);
-    paths.push_back(path);
-    owner.push_back(j);
-    first_cost.push_back(total);
-    total += (P.n / kBlockN) * (P.m + kBlockReadRows);
-  }
-  if (problems.empty()) return;
-  // Thread t takes the blocks whose work starts in [total * t / T, total * (t + 1) / T): contiguous runs of
-  // blocks, balanced by work, so that an expert with more tokens gets more threads' time, not more blocks.
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t lo = total * t / threads, hi = total * (t + 1) / threads;
-      for (size_t i = 0; i < problems.size(); ++i) {
-        const Problem& P = problems[i];
-        const int64_t unit = P.m + kBlockReadRows, blocks = P.n / kBlockN;
-        // blocks b with first_cost + b * unit in [lo, hi)
-        const int64_t b0 = std::clamp<int64_t>((lo - first_cost[i] + unit - 1) / unit, 0, blocks);
-        const int64_t b1 = std::clamp<int64_t>((hi - first_cost[i] + unit - 1) / unit, 0, blocks);
-        if (b0 >= b1) continue;
-        void* y = jobs[owner[i]].y;
-        if (bf16) run_block_range<at::BFloat16>(P, paths[i], nullptr, static_cast<at::BFloat16*>(y), b0, b1);
-        else run_block_range<at::Half>(P, paths[i], nullptr, static_cast<at::Half*>(y), b0, b1);
-      }
+    const int64_t size = job.m * job.w.k;
+    if (!problems.empty() && elements + size > kWaveElements) {
+      run_wave();
+      pool.clear();  // a call of several waves is a prefill: each wave's buffers sized to it, not to every max
     }
-  });
+    if (pool.size() <= problems.size()) pool.resize(problems.size() + 1);
+    Scratch& buffers = pool[problems.size()];
+    if (bf16) prepare_x(P, static_cast<const at::BFloat16*>(job.x), job.w.c, path[j], job.w.nnz, buffers);
+    else prepare_x(P, static_cast<const at::Half*>(job.x), job.w.c, path[j], job.w.nnz, buffers);
+    problems.push_back(P);
+    paths.push_back(path[j]);
+    outputs.push_back(job.y);
+    elements += size;
+  }
+  run_wave();
+  size_t kept = 0;
+  for (const Scratch& b : pool) kept += b.bytes();
+  if (kept > kKeepScratchBytes) pool.clear();
 }
 
 }  // namespace easyquant

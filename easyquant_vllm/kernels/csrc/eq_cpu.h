@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace easyquant {
@@ -35,9 +36,10 @@ struct LinearWeights {
   LinearWeights at(int64_t e, int64_t outlier_offset, int64_t outlier_count) const;
 };
 
-// The dense tensors of `experts` linears of one shape stacked along a leading dimension (experts = 1: one linear,
-// as cpu_int4_linear takes it), checked for everything a pointer relies on (dtypes, sizes, contiguity), with K
-// from x. Returns linear 0's pointers without its outliers (indices/values: the caller's). `what` prefixes errors.
+// The dense tensors of `experts` >= 1 linears of one shape stacked along a leading dimension (indptr [E, N + 1]),
+// or of one linear as cpu_int4_linear takes it (experts = 0, indptr [N + 1]), checked for everything a pointer
+// relies on (dtypes, sizes, contiguity), with K from x. Returns linear 0's pointers without its outliers
+// (indices/values and the ends of indptr are the caller's to check). `what` prefixes errors.
 LinearWeights checked_weights(const std::string& what, int64_t experts, int64_t k, const at::Tensor& w_q,
                               const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
                               const c10::optional<at::Tensor>& col_scale, const at::Tensor& indptr,

@@ -8,6 +8,7 @@
 // kernel's layout (eq_cpu.cpp), with the outliers of all experts concatenated:
 //
 //   w_q       int32 [E, N/16, K/8 * 16]     scales fp16 [E, N/16, K/G * 16]    zeros uint8 [E, N/16, K/G * 16]?
+//             (8-bit codes: K/4 * 16)
 //   col_scale fp32  [E, K]?                 indptr int32 [E, N + 1] (each expert's from 0)
 //   indices   int32 [nnz_total]             values fp32 [nnz_total]             offsets int64 [E + 1] (CPU)
 //   row_steps fp32  [E, N]?                 format version 3: scales are then uint8 multipliers of these units
@@ -24,8 +25,10 @@
 // as one batch of linears (cpu_int4_linear_jobs), the glue around them as a few ops per layer. The weighted sum
 // is accumulated in fp32 and rounded to x's dtype once.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -90,19 +93,28 @@ easyquant::LinearWeights check_projection(const Projection& p, int64_t experts, 
   return w;
 }
 
-// y [M, H] = sum over the sorted slots s of gain[s] * out[s] into token rows[s], in fp32, rounded to T once.
+// Tokens per task of the gather and the weighted sum: one task (no fork) at decode, the threads at prefill.
+int64_t token_grain(int64_t hidden) { return std::max<int64_t>(1, 32768 / hidden); }
+
+// y[t] = sum over j of gain[s] * out[s], s = pos[t * k + j] (token t's j-th choice in the sorted slots), in
+// fp32 in the order of j, rounded to T once. Each token is one task's: no shared sums, the same bits for any
+// number of threads.
 template <typename T>
-void weighted_sum(const T* out, const std::vector<int64_t>& rows, const std::vector<float>& gain, int64_t m,
-                  int64_t hidden, T* y) {
-  thread_local std::vector<float> acc;
-  acc.assign(m * hidden, 0.0f);
-  for (size_t s = 0; s < rows.size(); ++s) {
-    float* dst = acc.data() + rows[s] * hidden;
-    const T* src = out + s * hidden;
-    const float p = gain[s];
-    for (int64_t i = 0; i < hidden; ++i) dst[i] += p * static_cast<float>(src[i]);
-  }
-  for (int64_t i = 0; i < m * hidden; ++i) y[i] = static_cast<T>(acc[i]);
+void weighted_sum(const T* out, const std::vector<int64_t>& pos, const std::vector<float>& gain, int64_t m,
+                  int64_t k, int64_t hidden, T* y) {
+  at::parallel_for(0, m, token_grain(hidden), [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(hidden);
+    for (int64_t t = t0; t < t1; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t s = pos[t * k + j];
+        const T* src = out + s * hidden;
+        const float p = gain[s];
+        for (int64_t i = 0; i < hidden; ++i) acc[i] += p * static_cast<float>(src[i]);
+      }
+      for (int64_t i = 0; i < hidden; ++i) y[t * hidden + i] = static_cast<T>(acc[i]);
+    }
+  });
 }
 
 at::Tensor cpu_int4_moe(const at::Tensor& x_in, const at::Tensor& topk_ids_in, const at::Tensor& topk_weights_in,
@@ -125,7 +137,9 @@ at::Tensor cpu_int4_moe(const at::Tensor& x_in, const at::Tensor& topk_ids_in, c
               topk_ids_in.sizes(), " and ", topk_weights_in.sizes());
   TORCH_CHECK(at::isIntegralType(topk_ids_in.scalar_type(), /*includeBool=*/false),
               "easyquant::cpu_int4_moe: topk_ids must be integers, got ", topk_ids_in.scalar_type());
-  const int64_t experts = w13_q.dim() == 3 ? w13_q.size(0) : -1;
+  TORCH_CHECK(w13_q.dim() == 3 && w13_q.size(0) >= 1, "easyquant::cpu_int4_moe: w13 w_q must stack the experts ",
+              "along dim 0 ([E, N/16, K/8 * 16], E >= 1), got ", w13_q.sizes());
+  const int64_t experts = w13_q.size(0);
   const Projection p13{"w13", w13_q, w13_s, w13_z, w13_c, w13_row_steps, w13_indptr, w13_indices, w13_values,
                        w13_offsets};
   const Projection p2{"w2", w2_q, w2_s, w2_z, w2_c, w2_row_steps, w2_indptr, w2_indices, w2_values, w2_offsets};
@@ -144,8 +158,9 @@ at::Tensor cpu_int4_moe(const at::Tensor& x_in, const at::Tensor& topk_ids_in, c
   const auto expert_of = [&](int64_t i) -> int64_t { return id32 ? id32[i] : id64[i]; };
   const int64_t slots = ids.numel(), k = ids.size(1);
 
-  // Counting sort of the (token, slot) pairs by expert; token order is kept within an expert. Row s of the
-  // sorted slots is token rows[s] of expert e for start[e] <= s < start[e + 1], with gain[s] its routing weight.
+  // Counting sort of the (token, choice) pairs by expert; token order is kept within an expert. Row s of the
+  // sorted slots is token rows[s] of expert e for start[e] <= s < start[e + 1], with gain[s] its routing weight;
+  // pair i = t * k + j (token t's j-th choice) went to slot pos[i].
   std::vector<int64_t> start(experts + 1, 0);
   for (int64_t i = 0; i < slots; ++i) {
     const int64_t e = expert_of(i);
@@ -154,13 +169,14 @@ at::Tensor cpu_int4_moe(const at::Tensor& x_in, const at::Tensor& topk_ids_in, c
     ++start[e + 1];
   }
   for (int64_t e = 0; e < experts; ++e) start[e + 1] += start[e];
-  std::vector<int64_t> fill(start.begin(), start.end() - 1), rows(slots);
+  std::vector<int64_t> fill(start.begin(), start.end() - 1), rows(slots), pos(slots);
   std::vector<float> gain(slots);
   {
     const at::Tensor weights = topk_weights_in.to(at::kFloat).contiguous();
     const float* w = weights.data_ptr<float>();
     for (int64_t i = 0; i < slots; ++i) {
       const int64_t s = fill[expert_of(i)]++;
+      pos[i] = s;
       rows[s] = i / k;
       gain[s] = w[i];
     }
@@ -179,7 +195,9 @@ at::Tensor cpu_int4_moe(const at::Tensor& x_in, const at::Tensor& topk_ids_in, c
     const char* src = static_cast<const char*>(x.data_ptr());
     char* dst = static_cast<char*>(xs.data_ptr());
     const int64_t bytes = hidden * elem;
-    for (int64_t s = 0; s < slots; ++s) std::memcpy(dst + s * bytes, src + rows[s] * bytes, bytes);
+    at::parallel_for(0, slots, token_grain(hidden), [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) std::memcpy(dst + s * bytes, src + rows[s] * bytes, bytes);
+    });
   }
   const auto jobs = [&](const easyquant::LinearWeights& w, const int64_t* off, const at::Tensor& in, at::Tensor& y) {
     std::vector<easyquant::LinearJob> list;
@@ -195,14 +213,14 @@ at::Tensor cpu_int4_moe(const at::Tensor& x_in, const at::Tensor& topk_ids_in, c
   };
   easyquant::cpu_int4_linear_jobs(dtype, plan, jobs(w13, off13, xs, h));
   // SiLU-gated, in x's dtype as the reference model computes it (each op rounds once).
-  const at::Tensor act = at::silu(h.narrow(1, 0, inter)) * h.narrow(1, inter, inter);  // [S, I], contiguous
+  const at::Tensor act = (at::silu(h.narrow(1, 0, inter)) * h.narrow(1, inter, inter)).contiguous();  // [S, I]
   easyquant::cpu_int4_linear_jobs(dtype, plan, jobs(w2, off2, act, out));
   // The weighted sum in fp32, rounded to x's dtype once.
   at::Tensor y = at::empty({m, hidden}, x.options());
   if (dtype == at::kBFloat16)
-    weighted_sum(out.data_ptr<at::BFloat16>(), rows, gain, m, hidden, y.data_ptr<at::BFloat16>());
+    weighted_sum(out.data_ptr<at::BFloat16>(), pos, gain, m, k, hidden, y.data_ptr<at::BFloat16>());
   else
-    weighted_sum(out.data_ptr<at::Half>(), rows, gain, m, hidden, y.data_ptr<at::Half>());
+    weighted_sum(out.data_ptr<at::Half>(), pos, gain, m, k, hidden, y.data_ptr<at::Half>());
   return y;
 }
 
