@@ -1491,6 +1491,7 @@ void cpu_int4_linear_jobs(at::ScalarType dtype, at::IntArrayRef plan, const std:
   // wave of its own), the pool is per thread and reused between calls of one wave, and a pool grown past
   // kKeepScratchBytes (by a prefill) is released at the end of the call.
   thread_local std::vector<Scratch> pool;
+  if (pool.size() < jobs.size()) pool.resize(jobs.size());  // before any pointer into it is taken
   std::vector<Problem> problems;
   std::vector<int64_t> paths;
   std::vector<void*> outputs;
@@ -1517,10 +1518,10 @@ void cpu_int4_linear_jobs(at::ScalarType dtype, at::IntArrayRef plan, const std:
     }
     const int64_t size = job.m * job.w.k;
     if (!problems.empty() && elements + size > kWaveElements) {
-      run_wave();
-      pool.clear();  // a call of several waves is a prefill: each wave's buffers sized to it, not to every max
+      run_wave();  // nothing points into the pool any more:
+      pool.clear();  // a call of several waves is a prefill, each wave's buffers sized to it, not to every max
+      pool.resize(jobs.size());
     }
-    if (pool.size() <= problems.size()) pool.resize(problems.size() + 1);
     Scratch& buffers = pool[problems.size()];
     if (bf16) prepare_x(P, static_cast<const at::BFloat16*>(job.x), job.w.c, path[j], job.w.nnz, buffers);
     else prepare_x(P, static_cast<const at::Half*>(job.x), job.w.c, path[j], job.w.nnz, buffers);
