@@ -11,8 +11,8 @@ token routed to ``--topk`` distinct random experts. Per M and thread count, side
   (routing already done), its plan from the CPU or ``--plan``;
 * ``expert linears``: the same experts as separate calls of the dense layers' op (gate/up, SiLU-gate, down per
   routed expert, weighted sum in torch): the work of the op without batching its experts;
-* ``dense bf16``: the routed experts' products on W' in bf16 with ``torch.nn.functional.linear`` (the unquantized
-  layer's arithmetic; vLLM's own fused CPU MoE kernel is not called here).
+* ``dense bf16``: :func:`moe_dense` on W' in bf16 (the unquantized layer's arithmetic, torch's GEMMs per routed
+  expert; vLLM's own fused CPU MoE kernel is not called here).
 
 ``--copies`` prepares that many copies of the layer and turns through them, so that the weights come from memory
 as in a forward pass through many layers (pick enough that copies x the int4 bytes exceed the last-level cache).
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,39 +33,20 @@ import torch
 import torch.nn.functional as F
 
 from bench.cpu_isa import cpu_isa
-from bench.cpu_kernels import random_weight
+from bench.cpu_kernels import random_weight, timed_in_turns
 from easyquant_vllm.kernels import NativeCpuKernel
 from easyquant_vllm.kernels import cpu_native as native
-from easyquant_vllm.kernels.moe import MoeSpec, NativeCpuMoeKernel
+from easyquant_vllm.kernels.moe import MoeSpec, NativeCpuMoeKernel, moe_dense
 from easyquant_vllm.quant import QuantSpec, quantize_group
 from easyquant_vllm.sharding import stack_rows
 
 
-def best_of_turns(fns: dict[str, Callable[[], object]], min_time: float = 0.3, rounds: int = 5) -> dict[str, float]:
-    """Microseconds per call of each function: the fastest of ``rounds`` interleaved rounds (the least disturbed
-    on shared cores), each round running every function for about ``min_time / rounds`` seconds."""
-    reps = {}
-    for name, fn in fns.items():
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        reps[name] = max(1, int(min_time / rounds / max(time.perf_counter() - t0, 1e-6)))
-    best = {name: float("inf") for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(reps[name]):
-                fn()
-            best[name] = min(best[name], (time.perf_counter() - t0) / reps[name] * 1e6)
-    return best
-
-
 def layer_calls(kernel: NativeCpuMoeKernel, linears: dict[str, NativeCpuKernel], copies: list[dict],
-                per_expert: list[list[tuple[dict, dict]]], dense: list[tuple[torch.Tensor, torch.Tensor]],
+                per_expert: list[list[tuple[dict, dict]]], dense: tuple[torch.Tensor, torch.Tensor],
                 x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], object]]:  # fmt: skip
     """The three ways to run the layer on ``x`` routed by ``(ids, w)``; the quantized ones turn through the
     copies of the layer, one copy per call."""
-    inter = dense[0][1].shape[1]
+    inter = dense[1].shape[2]
     routed = [(int(ex), (ids == ex).nonzero()) for ex in torch.unique(ids)]
     turn = {"op": 0, "lin": 0}
 
@@ -74,31 +54,18 @@ def layer_calls(kernel: NativeCpuMoeKernel, linears: dict[str, NativeCpuKernel],
         turn["op"] = (turn["op"] + 1) % len(copies)
         return kernel.apply(copies[turn["op"]], x, ids, w)
 
-    def weighted(product: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def expert_linears() -> torch.Tensor:  # moe_dense's loop, each product through the dense layers' op
+        turn["lin"] = (turn["lin"] + 1) % len(copies)
+        layer = per_expert[turn["lin"]]
         y = torch.zeros(x.shape, dtype=torch.float32)
         for ex, where in routed:
             tok, slot = where[:, 0], where[:, 1]
-            y.index_add_(0, tok, product(ex, x[tok]).float() * w[tok, slot, None])
+            hid = linears["w13"].apply(layer[ex][0], x[tok], None)
+            out = linears["w2"].apply(layer[ex][1], F.silu(hid[:, :inter]) * hid[:, inter:], None)
+            y.index_add_(0, tok, out.float() * w[tok, slot, None])
         return y.bfloat16()
 
-    def expert_linears() -> torch.Tensor:
-        turn["lin"] = (turn["lin"] + 1) % len(copies)
-        layer = per_expert[turn["lin"]]
-
-        def product(ex: int, xe: torch.Tensor) -> torch.Tensor:
-            hid = linears["w13"].apply(layer[ex][0], xe, None)
-            return linears["w2"].apply(layer[ex][1], F.silu(hid[:, :inter]) * hid[:, inter:], None)
-
-        return weighted(product)
-
-    def dense_bf16() -> torch.Tensor:
-        def product(ex: int, xe: torch.Tensor) -> torch.Tensor:
-            hid = F.linear(xe, dense[ex][0])
-            return F.linear(F.silu(hid[:, :inter]) * hid[:, inter:], dense[ex][1])
-
-        return weighted(product)
-
-    return {"op": op, "expert linears": expert_linears, "dense bf16": dense_bf16}
+    return {"op": op, "expert linears": expert_linears, "dense bf16": lambda: moe_dense(x, ids, w, *dense)}
 
 
 def main() -> None:
@@ -135,7 +102,8 @@ def main() -> None:
     copies = [kernel.prepare(experts) for _ in range(args.copies)]
     per_expert = [[(linears["w13"].prepare(a), linears["w2"].prepare(b)) for a, b in experts]
                   for _ in range(args.copies)]  # fmt: skip
-    dense = [(a.dequantize(torch.bfloat16), b.dequantize(torch.bfloat16)) for a, b in experts]
+    dense = (torch.stack([a.dequantize(torch.bfloat16) for a, _ in experts]),
+             torch.stack([b.dequantize(torch.bfloat16) for _, b in experts]))  # fmt: skip
     int4_mib = sum(t.numel() * t.element_size() for t in copies[0].values()) / 2**20
     print(f"# one MoE layer: {e} experts of {h} x {inter} (w13 [{2 * inter}, {h}], w2 [{h}, {inter}]), "
           f"top-{args.topk}, format v{v} g{args.group}, plan {native.plan_text(kernel.plan)}, CPU {cpu_isa()}; "
@@ -153,7 +121,7 @@ def main() -> None:
         calls = layer_calls(kernel, linears, copies, per_expert, dense, x, ids, w)
         for t in args.threads:
             torch.set_num_threads(t)
-            us = best_of_turns(calls)
+            us = timed_in_turns(calls)
             rows.append({"m": m, "threads": t, **{f"{k}_us": val for k, val in us.items()}})
             op = us["op"]
             print(f"| {m} | {t} | {op:.0f} | {us['expert linears']:.0f} | {us['dense bf16']:.0f} | "

@@ -1429,6 +1429,14 @@ LinearWeights checked_weights(const std::string& what, int64_t experts, int64_t 
   return W;
 }
 
+void check_outlier_arrays(const std::string& what, const at::Tensor& indices, const at::Tensor& values) {
+  TORCH_CHECK(indices.scalar_type() == at::kInt && values.scalar_type() == at::kFloat &&
+                  indices.numel() == values.numel() && indices.is_contiguous() && values.is_contiguous(),
+              what, ": outliers must be contiguous int32 indptr/indices and fp32 values of one length");
+  TORCH_CHECK(indices.dim() == 1 && values.dim() == 1 && indices.numel() <= INT32_MAX,
+              what, ": indices/values must be 1-D with at most 2^31 - 1 entries");
+}
+
 at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const at::Tensor& scales,
                            const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& col_scale,
                            const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
@@ -1442,12 +1450,7 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
   const int64_t m = x.size(0), k = x.size(1);
   LinearWeights W =
       checked_weights("easyquant::cpu_int4_linear", 0, k, w_q, scales, zeros, col_scale, indptr, row_steps, group_size);
-  TORCH_CHECK(indices.scalar_type() == at::kInt && values.scalar_type() == at::kFloat &&
-                  indices.numel() == values.numel() && indices.is_contiguous() && values.is_contiguous(),
-              "easyquant::cpu_int4_linear: outliers must be contiguous int32 indptr/indices and fp32 values of one ",
-              "length");
-  TORCH_CHECK(indices.dim() == 1 && values.dim() == 1 && indices.numel() <= INT32_MAX,
-              "easyquant::cpu_int4_linear: indices/values must be 1-D with at most 2^31 - 1 entries");
+  check_outlier_arrays("easyquant::cpu_int4_linear", indices, values);
   const int64_t n = W.n;
   TORCH_CHECK(W.indptr[0] == 0 && W.indptr[n] == indices.numel(), "easyquant::cpu_int4_linear: indptr must start at 0 ",
               "and end at nnz = ", indices.numel(), ", got indptr[0] = ", W.indptr[0], ", indptr[N] = ", W.indptr[n]);

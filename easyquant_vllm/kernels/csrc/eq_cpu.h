@@ -31,7 +31,7 @@ struct LinearWeights {
   const float* values = nullptr;      // [nnz]
   int64_t nnz = 0;
 
-  // Linear e of a stack of linears of this shape (checked_weights with experts > 1): every tensor offset by e
+  // Linear e of a stack of linears of this shape (checked_weights with experts >= 1): every tensor offset by e
   // linears, the outliers by their own offset into the concatenated indices / values.
   LinearWeights at(int64_t e, int64_t outlier_offset, int64_t outlier_count) const;
 };
@@ -44,6 +44,10 @@ LinearWeights checked_weights(const std::string& what, int64_t experts, int64_t 
                               const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
                               const c10::optional<at::Tensor>& col_scale, const at::Tensor& indptr,
                               const c10::optional<at::Tensor>& row_steps, int64_t group_size);
+
+// The outliers' value arrays of one linear, or of a stack concatenated: int32 indices and fp32 values, contiguous,
+// 1-D, of one length that int32 row pointers can reach. (The row pointers' ends are the caller's to check.)
+void check_outlier_arrays(const std::string& what, const at::Tensor& indices, const at::Tensor& values);
 
 // One linear of a batch of independent ones: x [m, K] and y [m, N] in the batch's dtype, rows contiguous.
 struct LinearJob {

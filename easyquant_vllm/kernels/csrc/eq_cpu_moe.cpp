@@ -72,10 +72,7 @@ easyquant::LinearWeights check_projection(const Projection& p, int64_t experts, 
                   p.offsets.is_contiguous() && p.offsets.device().is_cpu(),
               what, " offsets must be a contiguous int64 CPU tensor [E + 1 = ", experts + 1, "], got ",
               p.offsets.scalar_type(), " ", p.offsets.sizes());
-  TORCH_CHECK(p.indices.dim() == 1 && p.values.dim() == 1 && p.indices.numel() == p.values.numel() &&
-                  p.indices.scalar_type() == at::kInt && p.values.scalar_type() == at::kFloat &&
-                  p.indices.is_contiguous() && p.values.is_contiguous() && p.indices.numel() <= INT32_MAX,
-              what, " indices/values must be contiguous 1-D int32 / fp32 of one length (at most 2^31 - 1)");
+  easyquant::check_outlier_arrays(what, p.indices, p.values);
   const int64_t* off = p.offsets.data_ptr<int64_t>();
   TORCH_CHECK(off[0] == 0 && off[experts] == p.indices.numel(), what, " offsets must run from 0 to nnz = ",
               p.indices.numel(), ", got ", off[0], " .. ", off[experts]);
