@@ -104,12 +104,13 @@ MODELS = {
         "bench.quality:build_qwen25_fp32",
         False,
         128,
-        (64, 128),
+        (32, 64, 128),
         (32, 64),
     ),
 }
 """``builder``: ``module:function`` under ``converters/`` (or a full module path), called with the output dir.
-Qwen2.5-Coder's group sizes are capped to two: a 1.5B float32 forward on 2 cores is slow (see bench/fidelity.py)."""
+Qwen2.5-Coder's version-3 group sizes are capped to two: a 1.5B float32 forward on 2 cores is slow (see
+bench/fidelity.py); pick rows with ``--rows``."""
 
 
 def build_qwen25_fp32(out_dir: Path) -> Path:
@@ -404,9 +405,10 @@ def verdicts(results: dict[str, Any]) -> list[str]:
             continue
         below = d["ppl"] <= ref
         side = "below" if below else "ABOVE"
+        gap = "" if d.get("gap_closed") is None else f"; closes {100 * d['gap_closed']:.1f} % of RTN's gap"
         lines.append(f"{MODELS[key].title}: default ({d['label']}) ppl {d['ppl']:.3f} at "
-                     f"{d['bits_per_weight']:.3f} bits vs SINQ {ref:.3f} ({how}): {side} SINQ's frontier; closes "
-                     f"{100 * d['gap_closed']:.1f} % of RTN's gap")  # fmt: skip
+                     f"{d['bits_per_weight']:.3f} bits vs SINQ {ref:.3f} ({how}): {side} SINQ's frontier"
+                     + gap)  # fmt: skip
     return lines
 
 
@@ -460,8 +462,8 @@ def plot(results: dict[str, Any], out: Path) -> None:
             d["bits_per_weight"], d["ppl"], s=160, facecolors="none", edgecolors="k", label=f"default ({d['label']})"
         )
         ax.axhline(fp32, color="gray", ls="--", lw=1, label=f"fp32: {fp32:.2f}")
-        rtn = next(r["ppl"] for r in rows if r["kind"] == "rtn")
-        ax.set_ylim(fp32 - 0.05 * (rtn - fp32), rtn + 0.1 * (rtn - fp32))
+        worst = next((r["ppl"] for r in rows if r["kind"] == "rtn"), max(r["ppl"] for r in rows))  # RTN if run
+        ax.set_ylim(fp32 - 0.05 * (worst - fp32), worst + 0.1 * (worst - fp32))
         ax.set_xlabel("bits per weight (as stored)")
         ax.set_ylabel(f"perplexity ({results['split']} Wikipedia, {res['tokens']} tokens)")
         ax.set_title(f"{MODELS[key].title}, 4-bit: perplexity vs bits (lower left is better)")
