@@ -19,9 +19,12 @@ model's; ``RMS dp`` = the RMS of ``p_q(t) - p_base(t)`` for the token ``t`` that
   quantized model's argmax equals the base token at every step, so it is read off the same teacher-forced pass.
 
 Rows: RTN, HQQ, SINQ and NF4 (bitsandbytes' codebook, absmax per block of 64, simulated in torch) at the group
-sizes each model allows (Qwen2.5-Coder: 64 and 128, its float32 forward is slow on 2 cores), EasyQuant format 1
-(the paper) and format 2 at every group size, exactly as the converter computes them; ``--sweep`` adds format-2
-variants (outlier cap, range search) for choosing defaults on ``--split dev``; "+ int8 lm_head" / "+ int4 lm_head"
+sizes each model allows (Qwen2.5-Coder: 32, 64 and 128; its float32 forward is slow on 2 cores, pick rows with
+``--rows``), EasyQuant format 1 (the paper) and formats 2 and 3 at every group size, exactly as the converter
+computes them; ``--sweep`` adds variants (outlier cap, range search) for choosing defaults on ``--split dev``;
+``--rotation`` adds version 3 after a randomized Hadamard rotation of the columns in blocks of the group size
+(incoherence processing, ``bench/quality.py: rotate``), with outliers picked after or before the rotation and
+without outliers, beside version 3 without outliers; "+ int8 lm_head" / "+ int4 lm_head"
 are the default with the output projection quantized too (``easyquant-convert --lm-head``, 8 bits by default, and
 ``--lm-head-bits 4``), their bits counted over the vocabulary matrix as well. EasyQuant rows use each layer's
 reference W'. Bits per weight as ``bench/quality.py`` counts them (EasyQuant: the bytes the checkpoint stores).
@@ -176,7 +179,7 @@ def score(model: Any, corpus: Corpus) -> dict[str, dict[str, float]]:
     return {"text": text.summary(), "chat": chat.summary()}
 
 
-def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, sweep: bool) -> list[Row]:
+def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, sweep: bool, rotation: bool = False) -> list[Row]:
     g, groups = info.group, info.groups
     rows = [Row(f"RTN g{gs}", "rtn", gs, tags={"peer": "rtn"}) for gs in groups]
     if have_hqq:
@@ -214,6 +217,17 @@ def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, sweep: bool) -> l
             Row(f"v2 g{g} 8 Sinkhorn iterations", "eq", g, eq_spec(2, g, sinkhorn_iters=8),
                 tags={"sweep": "sinkhorn 8"}),
         ]  # fmt: skip
+    if rotation:
+        for g3 in info.v3_groups:
+            if not (sweep and g3 == default_group(info, 3)):  # the sweep has this row already
+                rows.append(Row(f"v3 g{g3} no outliers", "eq", g3, eq_spec(3, g3, max_outlier_fraction=0.0),
+                                tags={"rotation": "none, no outliers"}))  # fmt: skip
+            rows += [
+                Row(f"v3 g{g3} rotated", "eq", g3, eq_spec(3, g3), tags={"rotate": "rotated domain"}),
+                Row(f"v3 g{g3} rotated, outliers first", "eq", g3, eq_spec(3, g3), tags={"rotate": "outliers first"}),
+                Row(f"v3 g{g3} rotated, no outliers", "eq", g3, eq_spec(3, g3, max_outlier_fraction=0.0),
+                    tags={"rotate": "no outliers"}),
+            ]  # fmt: skip
     return rows
 
 
@@ -245,7 +259,7 @@ def run_model(info: ModelInfo, args: argparse.Namespace, have_hqq: bool, have_si
           f"answer tokens), {args.split}; base pass {time.perf_counter() - t0:.0f} s; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.machine()}", flush=True)  # fmt: skip
     rows = []
-    for row in rows_for(info, have_hqq, have_sinq, args.sweep):
+    for row in rows_for(info, have_hqq, have_sinq, args.sweep, args.rotation):
         if args.rows and not re.search(args.rows, row.label):
             continue
         t0 = time.perf_counter()
@@ -377,6 +391,12 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=64, help="chat prompts per model")
     p.add_argument("--answer-tokens", type=int, default=32)
     p.add_argument("--sweep", action="store_true", help="format-2 variants, for choosing defaults (use --split dev)")
+    p.add_argument(
+        "--rotation",
+        action="store_true",
+        help="version 3 with a randomized Hadamard rotation of the columns in blocks of the group size, "
+        "with and without outliers, against no rotation (issue 19's incoherence experiment)",
+    )
     p.add_argument("--rows", metavar="REGEX", help="only the rows whose label matches (e.g. 'default|lm_head')")
     p.add_argument("--vllm-check", action="store_true", help="score the default checkpoint through vLLM too")
     p.add_argument("--cache", type=Path, default=ROOT / ".cache")

