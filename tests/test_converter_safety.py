@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -333,11 +335,21 @@ def test_convert_output_has_the_umask_permissions_not_private_ones(tiny_llama: P
     assert (tmp_path / "eq").stat().st_mode & 0o777 == 0o755  # a server running as another user can read it
 
 
+@pytest.fixture
+def sigint_handler(request: pytest.FixtureRequest) -> Iterator[None]:
+    """SIGINT handled as the test's parameter says (Python's KeyboardInterrupt by default), whatever the shell that
+    started pytest did: a background job of a non-interactive shell, or ``nohup``, starts with SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, getattr(request, "param", signal.default_int_handler))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("sigint_handler")
 def test_convert_interrupt_during_the_commit_is_deferred_until_it_is_complete(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import signal
-
     import converters.output_dir as od
 
     dst = tmp_path / "eq"
@@ -356,11 +368,31 @@ def test_convert_interrupt_during_the_commit_is_deferred_until_it_is_complete(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eq"]  # the old checkpoint is gone, nothing stranded
 
 
+@pytest.mark.parametrize("sigint_handler", [signal.SIG_IGN], indirect=True)
+def test_convert_with_sigint_ignored_stays_uninterrupted(
+    sigint_handler: None, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ``nohup`` (SIGINT ignored) a Ctrl-C noted during the commit is dropped, as the shell asked."""
+    import converters.output_dir as od
+
+    real_exchange = od._exchange
+
+    def interrupted(tmp, d, checked):  # type: ignore[no-untyped-def]
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_exchange(tmp, d, checked)
+
+    dst = tmp_path / "eq"
+    convert(tiny_llama, dst, ConvertOptions(format_version=1), progress=False)
+    monkeypatch.setattr(od, "_exchange", interrupted)
+    convert(tiny_llama, dst, ConvertOptions(overwrite=True), progress=False)
+    assert read_quantization_config(dst).format_version == DEFAULT_FORMAT_VERSION
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eq"]
+
+
+@pytest.mark.usefixtures("sigint_handler")
 def test_cli_interrupt_or_broken_pipe_after_the_commit_exits_0(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import signal
-
     import converters.cli as cli
 
     def ctrl_c_while_printing(report):  # type: ignore[no-untyped-def]
