@@ -346,21 +346,27 @@ def sigint_handler(request: pytest.FixtureRequest) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _ctrl_c_during_the_next_commit(src: Path, dst: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A format-1 checkpoint at ``dst`` (so that the next conversion replaces it), and a Ctrl-C sent between the
+    renames of the next commit."""
+    import converters.output_dir as od
+
+    convert(src, dst, ConvertOptions(format_version=1), progress=False)
+    real_exchange = od._exchange
+
+    def interrupted(tmp, d, checked):  # type: ignore[no-untyped-def]
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_exchange(tmp, d, checked)
+
+    monkeypatch.setattr(od, "_exchange", interrupted)
+
+
 @pytest.mark.usefixtures("sigint_handler")
 def test_convert_interrupt_during_the_commit_is_deferred_until_it_is_complete(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import converters.output_dir as od
-
     dst = tmp_path / "eq"
-    convert(tiny_llama, dst, ConvertOptions(format_version=1), progress=False)
-    real_exchange = od._exchange
-
-    def interrupted(tmp, d, checked):  # type: ignore[no-untyped-def]
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C between the renames
-        return real_exchange(tmp, d, checked)
-
-    monkeypatch.setattr(od, "_exchange", interrupted)
+    _ctrl_c_during_the_next_commit(tiny_llama, dst, monkeypatch)
     with pytest.raises(KeyboardInterrupt):  # delivered after the commit and its cleanup, not in between
         convert(tiny_llama, dst, ConvertOptions(overwrite=True), progress=False)
     assert read_quantization_config(dst).format_version == DEFAULT_FORMAT_VERSION
@@ -373,17 +379,8 @@ def test_convert_with_sigint_ignored_stays_uninterrupted(
     sigint_handler: None, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under ``nohup`` (SIGINT ignored) a Ctrl-C noted during the commit is dropped, as the shell asked."""
-    import converters.output_dir as od
-
-    real_exchange = od._exchange
-
-    def interrupted(tmp, d, checked):  # type: ignore[no-untyped-def]
-        os.kill(os.getpid(), signal.SIGINT)
-        return real_exchange(tmp, d, checked)
-
     dst = tmp_path / "eq"
-    convert(tiny_llama, dst, ConvertOptions(format_version=1), progress=False)
-    monkeypatch.setattr(od, "_exchange", interrupted)
+    _ctrl_c_during_the_next_commit(tiny_llama, dst, monkeypatch)
     convert(tiny_llama, dst, ConvertOptions(overwrite=True), progress=False)
     assert read_quantization_config(dst).format_version == DEFAULT_FORMAT_VERSION
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eq"]
