@@ -219,8 +219,10 @@ def eq_rows(info: ModelInfo, version: int, groups: tuple[int, ...]) -> list[Row]
 
 
 def lm_head_rows(info: ModelInfo) -> list[Row]:
-    """``easyquant-convert --lm-head`` (8 bits, its default) and ``--lm-head-bits 4``: the default with the output
-    projection (tied: the one embedding matrix) quantized too; ``tags["lm_head"]`` is its code width."""
+    """The default decoder with the output projection (tied: the one embedding matrix) quantized too: in 8 bits, as
+    the converter's default checkpoint has it for the three models here (their vLLM models quantize it), and in 4
+    (``--lm-head-bits 4``); ``tags["lm_head"]`` is its code width. The "(default)" rows keep it in bf16, as every
+    peer row does."""
     dv, dg = DEFAULT_FORMAT_VERSION, default_group(info)
     return [Row(f"EasyQuant v{dv} g{dg} + int{b} lm_head", "eq", dg, eq_spec(dv, dg), tags={"lm_head": b})
             for b in (8, 4)]  # fmt: skip
@@ -433,7 +435,8 @@ def vllm_rows(info: ModelInfo, src: Path, wins: list[list[int]], cache: Path, mo
     for version in (1, 2):
         dst = cache / f"{src.name}-easyquant-v{version}-quality"
         if not dst.exists():
-            convert(src, dst, ConvertOptions(format_version=version), progress=False)
+            # The head in bf16, as in every HF row (the converter's default would quantize it where vLLM can).
+            convert(src, dst, ConvertOptions(format_version=version, lm_head=False), progress=False)
         state = dequantized_state_dict(dst)
         for name, w in state.items():
             if name in params:

@@ -93,7 +93,7 @@ class ConvertOptions:
     adam_steps: int = AdamParams.steps
     quantize_pattern: str = DEFAULT_QUANTIZE_PATTERN
     skip: list[str] = field(default_factory=list)
-    lm_head: bool = False
+    lm_head: bool | None = None  # None: where vLLM quantizes the architecture's vocabulary layers (vocab_quantizable)
     lm_head_bits: int = 8
     device: str = "cpu"
     max_shard_bytes: int = 2 * 1024**3
@@ -110,6 +110,12 @@ class Plan:
     spec: QuantSpec
     lm_head: str | None = None  # the output projection's tensor, when it is quantized (``--lm-head``)
     lm_head_bits: int = 8  # its code width (``--lm-head-bits``)
+    lm_head_note: str = ""  # why the vocabulary matrix stays in the source dtype, where it does
+
+    @property
+    def lm_head_summary(self) -> str:
+        """What became of the vocabulary matrix, for the report: ``"8-bit lm_head"`` or why it was kept."""
+        return self.lm_head_note or f"{self.lm_head_bits}-bit {_module_of(self.lm_head or '')}"
 
     def spec_of(self, name: str) -> QuantSpec:
         """The spec tensor ``name`` is quantized with: the output projection's code width is ``lm_head_bits``."""
@@ -136,6 +142,35 @@ def output_projection(names: list[str], config: dict[str, Any]) -> str:
         f"--lm-head: cannot tell which tensor is the output projection (lm_head.weight: {len(heads)} found; "
         f"tie_word_embeddings: {tied}; embed_tokens.weight: {found or 'none'}); convert without --lm-head"
     )
+
+
+VOCAB_QUANTIZABLE: dict[str, bool] = {
+    # Both ends, so a tied matrix too: ParallelLMHead and VocabParallelEmbedding get the quant config.
+    **dict.fromkeys(("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                     "Gemma3ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "Phi3ForCausalLM",
+                     "GraniteForCausalLM", "StableLmForCausalLM"), True),
+    # The lm_head only: an untied head (these models' checkpoints are untied).
+    **dict.fromkeys(("MixtralForCausalLM", "OlmoeForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"),
+                    False),
+}  # fmt: skip
+"""Architectures whose vLLM 0.32 model builds its vocabulary layers with the quantization config (read from
+``vllm/model_executor/models/``), so that a quantized vocabulary matrix can be served: True where the input
+embedding takes it too (a tied matrix is then quantized once and serves both ends), False where only the
+``ParallelLMHead`` does (an untied head). Others (Gemma-2, gpt-oss, models vLLM runs through its Transformers
+backend) build them unquantized: the converter's default keeps their matrix in the source dtype there."""
+
+
+def vocab_quantizable(config: dict[str, Any], head: str) -> tuple[bool, str]:
+    """Whether vLLM serves the vocabulary matrix ``head`` (:func:`output_projection`) quantized for this model,
+    and why not (for the summary) where it does not."""
+    archs = config.get("architectures") or []
+    arch = archs[0] if isinstance(archs, list) and archs else None
+    if arch not in VOCAB_QUANTIZABLE:
+        return False, (f"{arch or 'config.json names no architecture'}: not among the architectures whose vLLM "
+                       "model quantizes its vocabulary layers (VOCAB_QUANTIZABLE); --lm-head insists")  # fmt: skip
+    if head.endswith("embed_tokens.weight") and not VOCAB_QUANTIZABLE[arch]:
+        return False, f"vLLM's {arch} quantizes an untied lm_head only, and this model ties it to the embedding"
+    return True, ""
 
 
 def untied(config: dict[str, Any]) -> dict[str, Any]:
@@ -167,7 +202,7 @@ def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions, config: dict[str
     already = [n for n in names if n.endswith("." + QWEIGHT)]
     if already:
         raise ConversionError(f"{src}: already quantized (tensor {already[0]}); convert the original model")
-    head = output_projection(names, config or {}) if opts.lm_head else None
+    head, head_note = _vocab_choice(names, config or {}, opts.lm_head, skips[len(DEFAULT_SKIP_PATTERNS) :])
     quantize, not_converted = [], []
     for name in names:
         if len(ckpt.shape(name)) != 2 or ckpt.dtype_code(name) not in ("F16", "BF16", "F32"):
@@ -197,7 +232,36 @@ def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions, config: dict[str
         g = opts.group_size
         bad = [n for k, n in in_dims.items() if isinstance(g, int) and g > 0 and k % g]
         raise ConversionError(f"{e} (e.g. tensor {(bad or list(in_dims.values()))[0]})") from None
-    return Plan(names, quantize, not_converted, resolve_spec(opts, group_size), head, opts.lm_head_bits)
+    return Plan(names, quantize, not_converted, resolve_spec(opts, group_size), head, opts.lm_head_bits, head_note)
+
+
+def _vocab_choice(names: list[str], config: dict[str, Any], lm_head: bool | None,
+                  skips: list[re.Pattern[str]]) -> tuple[str | None, str]:  # fmt: skip
+    """The vocabulary matrix to quantize (None: none) and, where the default leaves it, why. ``lm_head`` True
+    (``--lm-head``) insists (an error where the matrix is ambiguous), False keeps it, None quantizes it where
+    the checkpoint is unambiguous about it and vLLM can serve it quantized (:func:`vocab_quantizable`), unless
+    a ``--skip`` pattern (``skips``) names it."""
+    if lm_head is False:
+        return None, "kept (--no-lm-head)"
+    if lm_head:
+        return output_projection(names, config), ""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    tie = text.get("tie_word_embeddings", config.get("tie_word_embeddings"))
+    heads = [n for n in names if n == "lm_head.weight" or n.endswith(".lm_head.weight")]
+    if heads and tie:  # vLLM unties the model for that tensor, then ties it again where the two are equal
+        return None, ("kept: config.json ties the embeddings, yet the checkpoint also ships lm_head.weight (vLLM "
+                      "serves one matrix where they are equal); --lm-head quantizes it as an untied head")  # fmt: skip
+    if not heads and tie is None:  # the default of tie_word_embeddings differs between config classes
+        return None, ("kept: config.json does not say whether the embeddings are tied (tie_word_embeddings); "
+                      "--lm-head quantizes the embedding as a tied head")  # fmt: skip
+    try:
+        head = output_projection(names, config)
+    except ConversionError:
+        return None, "kept: no single output projection (lm_head.weight, or a tied embed_tokens.weight)"
+    if any(p.search(head) for p in skips):
+        return None, "kept (--skip)"
+    ok, why = vocab_quantizable(config, head)
+    return (head, "") if ok else (None, f"kept: {why}")
 
 
 def resolve_spec(opts: ConvertOptions, group_size: int) -> QuantSpec:
@@ -347,6 +411,7 @@ def convert(
                     "quantize": plan.quantize,
                     "not_converted": plan.not_converted,
                     "group_size": plan.spec.group_size,
+                    "lm_head": plan.lm_head_summary,
                 }
             with staging_directory(dst) as staging:
                 report = _write(src, staging.tmp, ckpt, plan, opts, config, side, progress, on_tensor)
@@ -390,7 +455,8 @@ def _write(
                 try:
                     check_float16_range(t)
                 except ValueError as e:
-                    raise ConversionError(f"{m} in {ckpt.file_of(m).name}: {e}") from None
+                    hint = str(e).replace("(--skip)", "(--no-lm-head)") if m == plan.lm_head else str(e)
+                    raise ConversionError(f"{m} in {ckpt.file_of(m).name}: {hint}") from None
         if name not in to_quantize:
             writer.add(name, tensors[0])
             continue
@@ -504,9 +570,11 @@ def _report(
 ) -> dict[str, Any]:
     params = sum(_params(r) for r in rows)
     quant_seconds = sum(r["seconds"] for r in rows)
+    linears = [r for r in rows if not is_vocab_module(r["name"])]
     return {
         "source": str(src),
         "options": {**asdict(opts), "group_size_resolved": plan.spec.group_size},
+        "lm_head": plan.lm_head_summary,
         "quantization_config": qcfg.to_dict(),
         "tensors": rows,
         "totals": {
@@ -516,6 +584,9 @@ def _report(
             "rel_err_rtn": _weighted_mean(rows, "rel_err_rtn"),
             "rel_err": _weighted_mean(rows, "rel_err"),
             "bits_per_weight": _weighted_mean(rows, "bits_per_weight"),
+            # Over the decoder's linear layers only: the figure to compare with a checkpoint whose vocabulary
+            # matrix stays in the source dtype (docs/results.md counts bits this way).
+            "bits_per_weight_linears": _weighted_mean(linears, "bits_per_weight") if linears else None,
             "quantize_seconds": quant_seconds,
             "total_seconds": total_seconds,
             "params_per_second": params / quant_seconds if quant_seconds > 0 else None,
@@ -559,13 +630,18 @@ def summary_table(report: dict[str, Any]) -> str:
     if qc.get("column_scale"):  # version 3 keeps a layer's column scale only where it removes error: say where
         scaled = sum(r["column_scale"] for r in report["tensors"])
         extras.append(f"column scales on {scaled} of {len(report['tensors'])} layers")
+    bits = f"{t['bits_per_weight']:.3f} bits/weight"
     if qc.get("lm_head"):
         extras.append(f"{qc.get('lm_head_bits') or qc['bits']}-bit lm_head")
+        if t.get("bits_per_weight_linears") is not None:
+            bits = f"{t['bits_per_weight_linears']:.3f} bits/weight ({t['bits_per_weight']:.3f} with the lm_head)"
     lines.append(
         f"format v{qc['format_version']}, {qc['bits']}-bit, group {qc['group_size']}"
         + "".join(f", {e}" for e in extras)
-        + f", method {qc['method']}, {t['bits_per_weight']:.3f} bits/weight; "
+        + f", method {qc['method']}, {bits}; "
         f"quantized in {t['quantize_seconds']:.1f} s ({(rate or 0) / 1e6:.1f} M params/s), "
         f"total {t['total_seconds']:.1f} s"
     )
+    if not qc.get("lm_head") and report.get("lm_head"):
+        lines.append(f"lm_head {report['lm_head']}")
     return "\n".join(lines)

@@ -121,6 +121,9 @@ def plan_shards(
 class EasyQuantLinearMethod(LinearMethodBase):
     """Linear layers of an EasyQuant checkpoint (docs/format.md), on the best kernel for each shape."""
 
+    force_where_possible = False
+    """``EASYQUANT_KERNEL`` applies to this layer only where the forced kernel can run it (see ``select_kernel``)."""
+
     def __init__(self, config: EasyQuantConfig, prefix: str) -> None:
         self.config = config
         self.prefix = prefix
@@ -237,7 +240,7 @@ class EasyQuantLinearMethod(LinearMethodBase):
         runs = _runs_by_column_scale(parts)
         total = sum(p.shape[0] for p in parts)
         spec = self._spec(total, state, parts[0])
-        kernel_cls, reasons = choose_kernel(spec, device, where=state.prefix)
+        kernel_cls, reasons = choose_kernel(spec, device, state.prefix, self.force_where_possible)
         self._announce(kernel_cls, reasons, spec, state.prefix)
         if kernel_cls is FALLBACK and len(runs) > 1:
             # The dense fallback holds W' itself, column scales included: one GEMM whatever the shards carry.
@@ -256,7 +259,7 @@ class EasyQuantLinearMethod(LinearMethodBase):
                     raise CheckpointError(f"EasyQuant layer {state.prefix}: {e}") from None
                 if len(runs) > 1:  # each run is its own GEMM (shapes differ: the kernel may too)
                     spec = self._spec(qw.shape[0], state, qw)
-                    kernel_cls, reasons = choose_kernel(spec, device, where=state.prefix)
+                    kernel_cls, reasons = choose_kernel(spec, device, state.prefix, self.force_where_possible)
                     self._announce(kernel_cls, reasons, spec, state.prefix)
                 kernel = kernel_cls(spec, device)
                 prefix = "eq_" if len(runs) == 1 else f"eq{i}_"

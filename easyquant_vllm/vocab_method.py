@@ -5,8 +5,9 @@ The lm_head is read in full for every generated token: on Qwen2.5-1.5B (vocabula
 445 MiB in bf16, 40 % of what a batch-1 decode step of the int4 model reads (docs/serving.md). Quantized (8 bits
 unless the checkpoint says ``lm_head_bits: 4``), it runs on the same kernels as the linear layers. With tied
 embeddings the one matrix also serves the input lookups, through the ``easyquant::embedding`` op: on the native CPU
-kernel they read its own tensors in place (16 rows side by side); for any other kernel, a canonical copy is kept
-beside the kernel's (233 MB on Qwen2.5-1.5B at 8 bits).
+kernel they read its own tensors in place (16 rows side by side); on the dense fallback (an 8-bit matrix on CUDA)
+they are rows of its W'; for any other kernel, a canonical copy is kept beside the kernel's (233 MB on
+Qwen2.5-1.5B at 8 bits).
 
 vLLM's layers (``vocab_parallel_embedding.py``): ``VocabParallelEmbedding`` (the input embedding) calls
 ``quant_method.embedding``, ``ParallelLMHead`` is read by the logits processor through ``quant_method.apply``, and
@@ -20,12 +21,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from .format import QWEIGHT, CheckpointError, quantized_weight_from_tensors, tensor_name, validate_weight
+from .kernels import FALLBACK, LayerSpec
 from .kernels.cpu_native import NativeCpuKernel, lookup_operands
 from .kernels.op import embedding as embedding_op
 from .kernels.op import embedding_operands
-from .linear_method import EasyQuantLinearMethod, LayerState, ShardPlan
+from .linear_method import EasyQuantLinearMethod, LayerState, ShardPlan, logger
 from .sharding import pad_rows, slice_rows
 
 if TYPE_CHECKING:
@@ -44,6 +47,8 @@ class _TiedHead:
 
 class EasyQuantVocabMethod(EasyQuantLinearMethod):
     """An input embedding or lm_head whose ``[vocab, hidden]`` matrix is quantized (docs/format.md)."""
+
+    force_where_possible = True  # an 8-bit matrix keeps the usual kernel order where EASYQUANT_KERNEL names an int4 one
 
     def __init__(self, config: EasyQuantConfig, prefix: str, lookup: bool) -> None:
         super().__init__(config, prefix)
@@ -66,7 +71,7 @@ class EasyQuantVocabMethod(EasyQuantLinearMethod):
         if idx.added_vocab_end_index > idx.added_vocab_start_index:
             raise ValueError(
                 f"EasyQuant layer {self.prefix}: added vocabulary rows (LoRA extra vocab) are not supported with a "
-                "quantized lm_head; convert without --lm-head"
+                "quantized lm_head; convert with --no-lm-head"
             )
         # This rank's rows: the checkpoint's [org_start, org_end), then zero padding up to the partition size.
         org_rows = idx.org_vocab_end_index - idx.org_vocab_start_index
@@ -108,6 +113,13 @@ class EasyQuantVocabMethod(EasyQuantLinearMethod):
         """The tensors the input lookups read: the native CPU kernel's own (blocked rows, read in place), or a
         canonical copy for any other kernel."""
         runs = layer.easyquant.runs
+        layer.lookup_dense = None
+        if len(runs) == 1 and "weight_dequant" in runs[0].tensor_names:
+            # The dense fallback (e.g. an 8-bit matrix on CUDA) holds W' in the model's dtype: its rows are the
+            # lookups (the op would round the same float32 values to the same dtype), and no copy is kept.
+            layer.lookup_dense = f"{runs[0].buffer_prefix}weight_dequant"
+            layer.lookup_names = []
+            return
         if len(runs) == 1 and isinstance(runs[0].kernel, NativeCpuKernel):
             run = runs[0]
             tensors = {name: getattr(layer, f"{run.buffer_prefix}{name}") for name in run.tensor_names}
@@ -122,8 +134,19 @@ class EasyQuantVocabMethod(EasyQuantLinearMethod):
 
     def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
         """``W'`` rows of ``input_`` (``[T]`` ids into this rank's rows) in the model's dtype, ``[T, hidden]``."""
+        if layer.lookup_dense is not None:
+            return F.embedding(input_, getattr(layer, layer.lookup_dense))
         weights = [getattr(layer, name) for name in layer.lookup_names]
         return embedding_op(input_, weights, layer.lookup_meta, layer.easyquant.act_dtype)
+
+    def _announce(self, kernel_cls: Any, reasons: list[str], spec: LayerSpec, prefix: str) -> None:
+        """As the linear layers', except that an 8-bit matrix on CUDA (the converter's default lm_head; our CUDA
+        kernels take 4-bit codes) is served dequantized without a warning: as fast as an unquantized head."""
+        if kernel_cls is FALLBACK and spec.bits != 4 and spec.device_type == "cuda":
+            logger.info("EasyQuant: the %d-bit vocabulary matrix %s is served dequantized to %s on CUDA (as an "
+                        "unquantized one)", spec.bits, prefix, spec.act_dtype)  # fmt: skip
+            return
+        super()._announce(kernel_cls, reasons, spec, prefix)
 
     def tie_weights(self, layer: torch.nn.Module, embed_tokens: torch.nn.Module) -> torch.nn.Module:
         """A tied lm_head runs the embedding's quantized matrix: its own parameters are never loaded (the
@@ -132,7 +155,7 @@ class EasyQuantVocabMethod(EasyQuantLinearMethod):
             raise ValueError(
                 f"EasyQuant checkpoint: lm_head is quantized and tied to the input embedding, but this model's vLLM "
                 f"implementation does not quantize its embedding ({type(embed_tokens).__name__} with "
-                f"{type(getattr(embed_tokens, 'quant_method', None)).__name__}); convert without --lm-head"
+                f"{type(getattr(embed_tokens, 'quant_method', None)).__name__}); convert with --no-lm-head"
             )
         for suffix in self.suffixes:
             delattr(layer, suffix)

@@ -18,6 +18,9 @@ from converters.convert import ConversionError, ConvertOptions, convert
 from easyquant_vllm.format import read_quantization_config, validate_checkpoint
 from easyquant_vllm.quant import DEFAULT_FORMAT_VERSION
 
+LAYERS = 15
+"""Quantized layers of the tiny Llama converted with the defaults: 2 blocks x 7 projections + its 8-bit lm_head."""
+
 
 def _tree(path: Path) -> dict[str, bytes]:
     """Every file under ``path`` (relative name -> bytes): what must survive a refused conversion untouched."""
@@ -94,7 +97,7 @@ def test_convert_overwrite_replaces_an_easyquant_checkpoint_only_on_success(tiny
     assert _tree(dst) == before
     convert(tiny_llama, dst, ConvertOptions(overwrite=True), progress=False)
     assert read_quantization_config(dst).format_version == DEFAULT_FORMAT_VERSION
-    assert validate_checkpoint(dst)["layers"] == 14
+    assert validate_checkpoint(dst)["layers"] == LAYERS
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eq"]
 
 
@@ -113,7 +116,7 @@ def test_convert_overwrite_accepts_an_empty_directory(tiny_llama: Path, tmp_path
     dst = tmp_path / "eq"
     dst.mkdir()
     convert(tiny_llama, dst, ConvertOptions(overwrite=True), progress=False)
-    assert validate_checkpoint(dst)["layers"] == 14
+    assert validate_checkpoint(dst)["layers"] == LAYERS
 
 
 # --- what the converter reads and copies must be the source's own ------------------------------------------------
@@ -168,7 +171,7 @@ def test_convert_reads_a_hugging_face_cache_snapshot(tiny_llama: Path, tmp_path:
         shutil.copy(p, repo / "blobs" / f"hash-{p.name}")
         (snap / p.name).symlink_to(Path("../../blobs") / f"hash-{p.name}")
     convert(snap, tmp_path / "eq", progress=False)
-    assert validate_checkpoint(tmp_path / "eq")["layers"] == 14
+    assert validate_checkpoint(tmp_path / "eq")["layers"] == LAYERS
 
 
 # --- the output: converts zero and constant tensors, validated and flushed before the commit ----------------------
@@ -266,7 +269,7 @@ def test_convert_nothing_after_the_commit_changes_the_exit_status(
     assert cli_main([str(tiny_llama), str(dst), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "could not print the summary (RuntimeError: table bug)" in err
-    assert validate_checkpoint(dst)["layers"] == 14
+    assert validate_checkpoint(dst)["layers"] == LAYERS
 
     # An old checkpoint that cannot be deleted after the rename is a warning, not a failure.
     import converters.output_dir as od
@@ -276,7 +279,7 @@ def test_convert_nothing_after_the_commit_changes_the_exit_status(
 
     monkeypatch.setattr(od.shutil, "rmtree", rmtree)
     assert cli_main([str(tiny_llama), str(dst), "--no-progress", "--overwrite"]) == 0
-    assert validate_checkpoint(dst)["layers"] == 14
+    assert validate_checkpoint(dst)["layers"] == LAYERS
 
 
 # --- the outside review's findings (each reproduced on the first version of this code) --------------------------
@@ -370,7 +373,7 @@ def test_convert_interrupt_during_the_commit_is_deferred_until_it_is_complete(
     with pytest.raises(KeyboardInterrupt):  # delivered after the commit and its cleanup, not in between
         convert(tiny_llama, dst, ConvertOptions(overwrite=True), progress=False)
     assert read_quantization_config(dst).format_version == DEFAULT_FORMAT_VERSION
-    assert validate_checkpoint(dst)["layers"] == 14
+    assert validate_checkpoint(dst)["layers"] == LAYERS
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eq"]  # the old checkpoint is gone, nothing stranded
 
 
@@ -414,7 +417,7 @@ def test_cli_interrupt_or_broken_pipe_after_the_commit_exits_0(
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     assert cli_main([str(tiny_llama), str(tmp_path / "b"), "--no-progress"]) == 0
     monkeypatch.undo()
-    assert validate_checkpoint(tmp_path / "b")["layers"] == 14
+    assert validate_checkpoint(tmp_path / "b")["layers"] == LAYERS
 
 
 @pytest.mark.parametrize("bad", ["dot", "loop"])

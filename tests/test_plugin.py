@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 
 import pytest
+import torch
 
 from easyquant_vllm.format import EasyQuantCheckpointConfig
 
@@ -79,3 +80,38 @@ def test_loader_accepts_shard_id_as_argument_or_attribute() -> None:
     assert float(state.pending[2]["scales"][0, 0]) == 2.0
     with pytest.raises(ValueError, match="unknown shard id 'x'"):
         loader(None, torch.ones(1), "x")
+
+
+def test_vocab_lookups_on_the_dense_fallback_read_its_matrix(caplog: pytest.LogCaptureFixture) -> None:
+    # The converter's default 8-bit lm_head has no CUDA kernel: there the matrix is served dequantized
+    # (torch-reference). A tied model's input lookups then take rows of that W' (no second, canonical copy), and the
+    # choice is announced as information, not as the fallback warning. The run below is what the method installs on
+    # a CUDA device; the lookups need none (the buffer is W' in the model's dtype).
+    import logging
+
+    from easyquant_vllm.kernels import FALLBACK, LayerSpec
+    from easyquant_vllm.linear_method import KernelRun, LayerState
+    from easyquant_vllm.vllm_config import EasyQuantConfig
+    from easyquant_vllm.vocab_method import EasyQuantVocabMethod
+    from tests.conftest import heavy_tailed, quantized
+
+    ckpt = EasyQuantCheckpointConfig(
+        bits=4, group_size=32, lm_head=True, lm_head_bits=8, format_version=3, zero_points=True, column_scale=True
+    )
+    cfg = EasyQuantConfig.from_config(ckpt.to_dict())
+    method = EasyQuantVocabMethod(cfg, "model.embed_tokens", lookup=True)
+    qw = quantized(heavy_tailed(96, 64, seed=11), 3, 32, bits=8)
+    layer = torch.nn.Module()
+    spec = LayerSpec.of(qw, torch.bfloat16, "cuda")
+    run = KernelRun(FALLBACK(spec, torch.device("cpu")), ("weight_dequant",), 0, 96, "eq_")
+    layer.easyquant = LayerState("model.embed_tokens", [], 64, 64, 0, torch.bfloat16, "cuda", runs=[run])
+    layer.register_buffer("eq_weight_dequant", qw.dequantize(torch.bfloat16), persistent=False)
+    method._register_lookup(layer, qw, torch.device("cpu"))
+    assert layer.lookup_names == [] and not any(n.startswith("lookup_") for n, _ in layer.named_buffers())
+    ids = torch.tensor([0, 95, 7, 7])
+    assert torch.equal(method.embedding(layer, ids), qw.dequantize(torch.bfloat16)[ids])
+    with caplog.at_level(logging.INFO, logger="vllm.easyquant"):
+        method._announce(FALLBACK, ["cuda-int4: needs 4-bit codes"], spec, "model.embed_tokens")
+    ours = [r.levelno for r in caplog.records if r.name == "vllm.easyquant"]
+    assert ours == [logging.INFO], caplog.records
+    assert "8-bit vocabulary matrix model.embed_tokens is served dequantized" in caplog.text

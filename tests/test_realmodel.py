@@ -43,7 +43,8 @@ def test_smollm2_convert_real_weights(smollm2: Path, tmp_path: Path) -> None:
     dst = tmp_path / "eq"
     report = convert(smollm2, dst, progress=False)
     summary = validate_checkpoint(dst)
-    assert summary["layers"] == 210  # 30 blocks x 7 projections
+    assert summary["layers"] == 211  # 30 blocks x 7 projections + the tied embedding (8-bit lm_head, the default)
+    assert report["lm_head"] == "8-bit model.embed_tokens"
     t = report["totals"]
     assert report["quantization_config"]["group_size"] == 32  # format version 3's auto: the smallest that divides
     # Real weights: 3 sigma would keep 0.58 %; version 3 keeps only the candidates that remove error, under the

@@ -169,6 +169,19 @@ def test_forced_kernel(monkeypatch: pytest.MonkeyPatch, cuda_ok: HostLauncher) -
         choose_kernel(cpu)
 
 
+def test_forced_int4_kernel_leaves_an_8bit_vocabulary_matrix_to_the_usual_order(
+    monkeypatch: pytest.MonkeyPatch, cuda_ok: HostLauncher
+) -> None:
+    # The converter's default lm_head is 8-bit; forcing cuda-int4 (4-bit codes only) must still serve the model: the
+    # vocabulary method asks for the forced kernel only where it can run (on CUDA the head then takes the reference).
+    head = LayerSpec(64, 512, 8, 128, torch.float16, "cuda")
+    monkeypatch.setenv(select.ENV_FORCE, "cuda-int4")
+    with pytest.raises(ValueError, match=r"EASYQUANT_KERNEL=cuda-int4 cannot run lm_head .*4-bit codes"):
+        choose_kernel(head, HOST, where="lm_head")  # a linear layer: still an error
+    assert choose_kernel(head, HOST, "lm_head", force_where_possible=True)[0] is TorchReferenceKernel
+    assert choose_kernel(CUDA_SPEC, HOST, "lm_head", force_where_possible=True)[0] is CudaInt4Kernel  # 4-bit: forced
+
+
 def test_forced_kernel_that_fails_its_self_check_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cuda_int4, "launcher", _Wrong())
     monkeypatch.setattr(cuda_int4, "cuda_runtime_problem", lambda: None)

@@ -69,6 +69,9 @@ def test_converter_quantizes_every_expert_and_keeps_routers(moe_models: dict[str
         # per-row terms are large (4.87 bits); the 1.25 B benchmark MoE of docs/serving.md has 4.5x wider rows.
         for t in report["tensors"]:
             n, k = t["shape"]
+            if t["name"] == "lm_head":  # untied: quantized by default, in 8 bits (vLLM's MoE models take it)
+                assert qc["lm_head"] and qc["lm_head_bits"] == 8 and 8 < t["bits_per_weight"] < 9, arch
+                continue
             bound = 4 + 16 / 32 + 16 / k + 16 / n + 32 * (n + 1) / (n * k) + 48 * 0.0025
             assert t["bits_per_weight"] <= bound + 1e-9, (arch, t["name"], t["bits_per_weight"], bound)
 

@@ -26,11 +26,12 @@ FALLBACK: type[Kernel] = TorchReferenceKernel
 
 
 def choose_kernel(
-    spec: LayerSpec, device: torch.device | None = None, where: str = "a layer"
+    spec: LayerSpec, device: torch.device | None = None, where: str = "a layer", force_where_possible: bool = False
 ) -> tuple[type[Kernel], list[str]]:
     """The kernel for ``spec`` on ``device`` (default: the spec's device type) and the reasons the
     kernels before it gave (see :func:`select.select_kernel`)."""
-    return select_kernel(spec, device or torch.device(spec.device_type), KERNELS, where)
+    return select_kernel(spec, device or torch.device(spec.device_type), KERNELS, where,
+                         force_where_possible=force_where_possible)  # fmt: skip
 
 
 __all__ = [

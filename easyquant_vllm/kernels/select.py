@@ -99,14 +99,22 @@ def _forced(spec: LayerSpec, device: torch.device, kernels: tuple[type[Kernel], 
 
 
 def select_kernel(spec: LayerSpec, device: torch.device, kernels: tuple[type[Kernel], ...], where: str = "a layer",
-                  warn: Callable[[str], None] | None = None) -> tuple[type[Kernel], list[str]]:  # fmt: skip
+                  warn: Callable[[str], None] | None = None,
+                  force_where_possible: bool = False) -> tuple[type[Kernel], list[str]]:  # fmt: skip
     """The kernel for one layer and the reasons the preferred ones were passed over.
 
     ``kernels`` in preference order, the last one the reference (implements everything, never checked).
     ``EASYQUANT_KERNEL`` overrides the order. ``warn`` receives one message per (kernel, variant) that
-    failed its self-check (default: a logger warning).
+    failed its self-check (default: a logger warning). ``force_where_possible``: a layer the forced kernel cannot
+    implement takes the usual order instead of failing (the vocabulary matrix: the converter's default writes it in
+    8 bits, which the int4-only kernels one may force for the linear layers do not take).
     """
-    if os.environ.get(ENV_FORCE):
+    forced = os.environ.get(ENV_FORCE)
+    if forced and force_where_possible:
+        cls = {k.name: k for k in kernels}.get(forced)
+        if cls is not None and not cls.can_implement(spec)[0]:
+            forced = None
+    if forced:
         return _forced(spec, device, kernels, where), []
     reasons = []
     for cls in kernels:
