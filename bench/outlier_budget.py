@@ -27,8 +27,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from easyquant_vllm.format import layer_tensors  # noqa: E402
+from quality import stored_bits  # noqa: E402
+
 from easyquant_vllm.quant import QuantizedWeight, QuantSpec, quantize_group  # noqa: E402
 from easyquant_vllm.safetensors_io import open_checkpoint  # noqa: E402
 
@@ -45,11 +47,10 @@ ROWS: list[tuple[str, dict[str, float]]] = [
 ]
 
 
-def tensor_bits(prefix: str, qw: QuantizedWeight) -> tuple[int, int, int]:
+def tensor_bits(qw: QuantizedWeight) -> tuple[int, int, int]:
     """(stored bits, bits saved by 16-bit outlier columns, bits saved by 16-bit per-row counts) of one layer."""
-    stored = sum(t.numel() * t.element_size() * 8 for t in layer_tensors(prefix, qw).values())
     nnz, n = qw.outliers.nnz, qw.shape[0]
-    return stored, 16 * nnz, 16 * (n + 1) if nnz else 0
+    return stored_bits(qw), 16 * nnz, 16 * (n + 1) if nnz else 0
 
 
 def measure(ws: list[torch.Tensor], spec: QuantSpec) -> dict[str, float]:
@@ -58,7 +59,7 @@ def measure(ws: list[torch.Tensor], spec: QuantSpec) -> dict[str, float]:
     sq_err = sq_norm = 0.0
     for w in ws:
         (qw,) = quantize_group([w], spec, with_stats=False)
-        b, c16, n16 = tensor_bits("layer", qw)
+        b, c16, n16 = tensor_bits(qw)
         stored, cols16, counts16 = stored + b, cols16 + c16, counts16 + n16
         nnz, numel = nnz + qw.outliers.nnz, numel + w.numel()
         sq_err += float((qw.dequantize() - w).square().sum())

@@ -126,14 +126,25 @@ def _module_of(name: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
+def _lm_heads(names: list[str]) -> list[str]:
+    """The checkpoint's own output projection tensors (``lm_head.weight``, under any prefix)."""
+    return [n for n in names if n == "lm_head.weight" or n.endswith(".lm_head.weight")]
+
+
+def _tie_word_embeddings(config: dict[str, Any]) -> bool | None:
+    """config.json's ``tie_word_embeddings`` (top level or ``text_config``), None where it does not say."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    return text.get("tie_word_embeddings", config.get("tie_word_embeddings"))
+
+
 def output_projection(names: list[str], config: dict[str, Any]) -> str:
     """The tensor behind the output logits: ``lm_head.weight``, or in a model with tied embeddings (Hugging Face's
     default) the one ``embed_tokens.weight`` that serves both ends. ConversionError where neither is clear."""
-    heads = [n for n in names if n == "lm_head.weight" or n.endswith(".lm_head.weight")]
+    heads = _lm_heads(names)
     if len(heads) == 1:
         return heads[0]
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    tied = text.get("tie_word_embeddings", config.get("tie_word_embeddings", True))
+    tie = _tie_word_embeddings(config)
+    tied = True if tie is None else tie
     embeds = [n for n in names if is_vocab_module(_module_of(n)) and n.endswith("embed_tokens.weight")]
     if not heads and tied and len(embeds) == 1:
         return embeds[0]
@@ -245,9 +256,7 @@ def _vocab_choice(names: list[str], config: dict[str, Any], lm_head: bool | None
         return None, "kept (--no-lm-head)"
     if lm_head:
         return output_projection(names, config), ""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    tie = text.get("tie_word_embeddings", config.get("tie_word_embeddings"))
-    heads = [n for n in names if n == "lm_head.weight" or n.endswith(".lm_head.weight")]
+    tie, heads = _tie_word_embeddings(config), _lm_heads(names)
     if heads and tie:  # vLLM unties the model for that tensor, then ties it again where the two are equal
         return None, ("kept: config.json ties the embeddings, yet the checkpoint also ships lm_head.weight (vLLM "
                       "serves one matrix where they are equal); --lm-head quantizes it as an untied head")  # fmt: skip

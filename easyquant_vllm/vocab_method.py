@@ -110,8 +110,8 @@ class EasyQuantVocabMethod(EasyQuantLinearMethod):
             self._register_lookup(layer, part, device)
 
     def _register_lookup(self, layer: torch.nn.Module, qw: Any, device: torch.device) -> None:
-        """The tensors the input lookups read: the native CPU kernel's own (blocked rows, read in place), or a
-        canonical copy for any other kernel."""
+        """The tensors the input lookups read: the dense fallback's W' (rows gathered directly), the native CPU
+        kernel's own (blocked rows, read in place), or a canonical copy for any other kernel."""
         runs = layer.easyquant.runs
         layer.lookup_dense = None
         if len(runs) == 1 and "weight_dequant" in runs[0].tensor_names:

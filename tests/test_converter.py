@@ -361,7 +361,6 @@ def test_convert_refuses_a_weight_beyond_float16_range(tiny_llama: Path, tmp_pat
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_convert_lm_head_quantizes_the_output_projection(tied: bool, tmp_path: Path) -> None:
-    from converters.tiny_model import build_tiny_model
     from easyquant_vllm.reference import dequantized_state_dict
 
     src = build_tiny_model(tmp_path / "src", tie_word_embeddings=tied, vocab_size=500)
@@ -382,7 +381,6 @@ def test_convert_lm_head_quantizes_the_output_projection(tied: bool, tmp_path: P
 def test_convert_lm_head_in_8_bits_by_default(tmp_path: Path) -> None:
     # The vocabulary matrix in 8 bits (the decoder's linears in 4): a quarter of the error of 4 bits, half the bytes
     # of bf16. --lm-head-bits 4 puts it with the linears.
-    from converters.tiny_model import build_tiny_model
     from easyquant_vllm.reference import dequantized_state_dict
 
     src = build_tiny_model(tmp_path / "src", tie_word_embeddings=True, vocab_size=512)
@@ -407,8 +405,6 @@ def test_convert_lm_head_in_8_bits_by_default(tmp_path: Path) -> None:
 
 
 def test_cli_lm_head_bits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from converters.tiny_model import build_tiny_model
-
     src = build_tiny_model(tmp_path / "src", tie_word_embeddings=True, vocab_size=512)
     assert cli_main([str(src), str(tmp_path / "eq"), "--lm-head", "--lm-head-bits", "4", "--no-progress"]) == 0
     assert read_quantization_config(tmp_path / "eq").lm_head_bits == 4
@@ -440,8 +436,6 @@ def test_convert_lm_head_no_lm_head_keeps_it_and_ambiguity_is_clear(
 def test_convert_lm_head_unties_a_config_that_says_tied(tmp_path: Path) -> None:
     # A source with its own lm_head.weight but no tie_word_embeddings key (HF default: tied) is untied by vLLM,
     # which sees that tensor; once quantized to lm_head.qweight it would not, so the output config says untied.
-    from converters.tiny_model import build_tiny_model
-
     src = build_tiny_model(tmp_path / "src")
     cfg = json.loads((src / "config.json").read_text())
     del cfg["tie_word_embeddings"]
@@ -469,8 +463,6 @@ def test_convert_lm_head_default_follows_what_vllm_serves(
     # The default quantizes the vocabulary matrix in 8 bits only where vLLM's model for the architecture builds that
     # layer with the quant config; elsewhere a quantized matrix could not be loaded, so it is kept and the summary
     # says why. The architecture is all that differs here (the tensors are a Llama's).
-    from converters.tiny_model import build_tiny_model
-
     src = build_tiny_model(tmp_path / "src", tie_word_embeddings=tied, vocab_size=256)
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "architectures": [arch]}))

@@ -83,7 +83,10 @@ def _run_check(kernel_cls: type[Kernel], spec: LayerSpec, device: torch.device) 
     return None
 
 
-def _forced(spec: LayerSpec, device: torch.device, kernels: tuple[type[Kernel], ...], where: str) -> type[Kernel]:
+def _forced(spec: LayerSpec, device: torch.device, kernels: tuple[type[Kernel], ...], where: str,
+            where_possible: bool) -> type[Kernel] | None:  # fmt: skip
+    """The kernel ``EASYQUANT_KERNEL`` names for this layer; None where it cannot implement it and
+    ``where_possible`` says so (the usual order then decides)."""
     name = os.environ[ENV_FORCE]
     by_name = {k.name: k for k in kernels}
     if name not in by_name:
@@ -91,6 +94,8 @@ def _forced(spec: LayerSpec, device: torch.device, kernels: tuple[type[Kernel], 
     cls = by_name[name]
     ok, why = cls.can_implement(spec)
     if not ok:
+        if where_possible:
+            return None
         raise ValueError(f"{ENV_FORCE}={name} cannot run {where} ({spec}): {why}")
     failure = self_check(cls, spec, device) if cls is not kernels[-1] else None
     if failure:
@@ -109,13 +114,9 @@ def select_kernel(spec: LayerSpec, device: torch.device, kernels: tuple[type[Ker
     implement takes the usual order instead of failing (the vocabulary matrix: the converter's default writes it in
     8 bits, which the int4-only kernels one may force for the linear layers do not take).
     """
-    forced = os.environ.get(ENV_FORCE)
-    if forced and force_where_possible:
-        cls = {k.name: k for k in kernels}.get(forced)
-        if cls is not None and not cls.can_implement(spec)[0]:
-            forced = None
-    if forced:
-        return _forced(spec, device, kernels, where), []
+    forced = _forced(spec, device, kernels, where, force_where_possible) if os.environ.get(ENV_FORCE) else None
+    if forced is not None:
+        return forced, []
     reasons = []
     for cls in kernels:
         ok, why = cls.can_implement(spec)
