@@ -22,7 +22,7 @@ from easyquant_vllm.quant import QuantizedWeight, QuantSpec, quantize_weight
 from easyquant_vllm.quant.outliers import OutlierCSR
 from tests.conftest import FORMAT_VERSIONS, heavy_tailed, layer_spec, quantized
 
-NEEDS = {"fma": "AVX2 + FMA", "i16": "AVX2 + FMA", "i8": "AVX2 + FMA", "i8x2": "AVX2 + FMA", "dequant": "AVX2 + FMA",
+NEEDS = {"fma": "AVX2 + FMA", "i16": "AVX2 + FMA", "i8": "AVX2 + FMA", "dequant": "AVX2 + FMA",
          "bf16dp": "AVX512-BF16 and bf16 activations", "amx": "AMX-BF16 and bf16 activations"}  # fmt: skip
 
 
@@ -220,23 +220,6 @@ def test_i8_path_is_exact_where_x_lies_on_its_grid(version: int, dtype: torch.dt
     assert dict(dispatch_counts()) == {"native-int4-cpu:i8": 5}  # the i8 path ran, every call
 
 
-@pytest.mark.parametrize("group_size", [32, 128, -1])
-@pytest.mark.parametrize("version", FORMAT_VERSIONS)
-def test_i8x2_path_keeps_i16_precision(version: int, group_size: int) -> None:
-    # i8x2 splits x * c (15 bits per 32 columns) into a high signed and a low 7-bit digit. Against the i16 path
-    # (16 bits per sub-block) in fp16 the two differ by x's rounding (~3e-5) and an output ulp here and there; a
-    # lost or misplaced low digit (~5e-3 on Gaussian x), a swapped digit or a wrong odd/even half (O(1)) would not.
-    qw = quantized(heavy_tailed(64, 1024, seed=7), version, group_size)
-    i8x2, i16 = _kernel(qw, torch.float16, "i8x2"), _kernel(qw, torch.float16, "i16")
-    t8, t16 = i8x2.prepare(qw), i16.prepare(qw)
-    g = torch.Generator().manual_seed(8)
-    reset_dispatch_counts()
-    for m in (1, 2, 5):
-        x = (torch.randn(m, 1024, generator=g) * torch.rand(1, 1024, generator=g).add(0.1) * 4).half()
-        assert _rel(i8x2.apply(t8, x, None), i16.apply(t16, x, None).double()) < 5e-4, m
-    assert dict(dispatch_counts()) == {"native-int4-cpu:i8x2": 3, "native-int4-cpu:i16": 3}
-
-
 @pytest.mark.parametrize("path", native.PATHS)
 def test_native_path_tiny_x(path: str) -> None:
     # A row of x at 1e-36 (a normal bf16): the integer paths scale x by its sub-block's largest value, and 32767
@@ -245,10 +228,12 @@ def test_native_path_tiny_x(path: str) -> None:
     kernel = _kernel(qw, torch.bfloat16, path)
     x = torch.randn(2, 256).bfloat16()
     x[0] = torch.where(torch.arange(256) % 3 == 0, -1.0, 1.0).double().mul(1e-36).bfloat16()
-    y = kernel.apply(kernel.prepare(qw), x, None)
+    tensors = kernel.prepare(qw)
+    y = kernel.apply(tensors, x, None)
     ref = x.double() @ qw.dequantize(torch.float64).T
     for r in range(2):
         assert _rel(y[r], ref[r]) < _bound(path), r
+        assert _rel(kernel.apply(tensors, x[r : r + 1], None)[0], ref[r]) < _bound(path), r  # M = 1
 
 
 @pytest.mark.parametrize("path", native.PATHS)
@@ -259,8 +244,11 @@ def test_native_path_non_finite_x_gives_non_finite_rows(path: str) -> None:
     kernel = _kernel(qw, torch.bfloat16, path)
     x = torch.randn(4, 256).bfloat16()
     x[1, 7], x[2, 200] = float("nan"), float("inf")
-    y = kernel.apply(kernel.prepare(qw), x, None)
+    tensors = kernel.prepare(qw)
+    y = kernel.apply(tensors, x, None)
     assert not y[1:3].isfinite().any() and y[[0, 3]].isfinite().all()
+    for r in range(4):  # one row at a time: the M = 1 code (i16 keeps one row's totals in registers)
+        assert kernel.apply(tensors, x[r : r + 1], None).isfinite().all() == (r in (0, 3)), r
 
 
 @pytest.mark.parametrize("version", FORMAT_VERSIONS)
@@ -418,14 +406,12 @@ def test_default_plan_per_isa(monkeypatch: pytest.MonkeyPatch) -> None:
     avx512 = ("fma", "bf16dp", "dequant", "i16")
     assert native.plan_text(native.default_plan(torch.bfloat16, avx512)) == "bf16dp:128,dequant"
     assert native.plan_text(native.default_plan(torch.float16, ("fma", "dequant", "i16"))) == "i16"
-    for dtype in (torch.bfloat16, torch.float16):  # an AVX2-only CPU has i8 too: never planned; i8x2 for one row
+    for dtype in (torch.bfloat16, torch.float16):  # an AVX2-only CPU has i8 too: never planned
         assert native.plan_text(native.default_plan(dtype, ("fma", "dequant", "i16", "i8"))) == "i16"
-        assert native.plan_text(native.default_plan(dtype, ("fma", "dequant", "i16", "i8", "i8x2"))) == "i8x2:1,i16"
     # 8-bit codes: i16, then oneDNN's GEMM on W' where the CPU has native bf16; i16 for every M on AVX2
     assert native.plan_text(native.default_plan(torch.bfloat16, native.PATHS, bits=8)) == "i16:96,dequant"
     assert native.plan_text(native.default_plan(torch.bfloat16, avx512, bits=8)) == "i16:96,dequant"
-    avx2 = ("fma", "dequant", "i16", "i8", "i8x2")
-    assert native.plan_text(native.default_plan(torch.bfloat16, avx2, bits=8)) == "i16"  # i8x2 takes 4-bit codes
+    assert native.plan_text(native.default_plan(torch.bfloat16, ("fma", "dequant", "i16", "i8"), bits=8)) == "i16"
     # EASYQUANT_CPU_PLAN is for the 4-bit layers; it reaches 8-bit ones only where every path it names takes them
     monkeypatch.setenv(native.ENV_PLAN, "i8")
     assert native.plan_text(native.default_plan(torch.bfloat16, ("fma", "dequant", "i16", "i8"), bits=8)) == "i16"

@@ -21,10 +21,6 @@ dequant    AVX2                               W'^T in x's dtype (bit-identical t
 i8         AVX2 + FMA; opt-in, not planned    integer codes times ``x * c`` rounded to int8 per 32 columns
                                               (``vpmaddubsw``, as llama.cpp's Q8 activations): faster than
                                               i16, but x is rounded (``I8_CHECK_TOLERANCE``)
-i8x2       AVX2 + FMA; 4-bit codes            one batch row: integer codes times ``x * c`` in 15-bit fixed
-                                              point per 32 columns as two int8 digits (``vpmaddubsw`` on
-                                              each), totals in registers: i16's precision within a bit, half
-                                              its decode and a lighter per-group epilogue (decode, M = 1)
 =========  =================================  =============================================================
 
 The plan (which path for which M) is fixed per ISA and dtype from measurements (docs/serving.md); it is
@@ -52,7 +48,7 @@ logger = logging.getLogger("vllm.easyquant")
 SOURCE = Path(__file__).resolve().parent / "csrc" / "eq_cpu.cpp"
 SOURCES = (SOURCE, SOURCE.with_name("eq_cpu_moe.cpp"))
 """The op library: the linear op (eq_cpu.cpp) and the MoE op that runs it per expert (eq_cpu_moe.cpp)."""
-PATHS = ("fma", "bf16dp", "amx", "dequant", "i16", "i8", "i8x2")
+PATHS = ("fma", "bf16dp", "amx", "dequant", "i16", "i8")
 """Path ids of the C++ op, in order (``Path`` in eq_cpu.cpp; a new path takes the next id)."""
 PATHS_8BIT = ("i16", "dequant")
 """The paths that also take 8-bit codes (the op refuses the others for them)."""
@@ -115,11 +111,9 @@ def default_plan(dtype: torch.dtype, paths: Sequence[str], bits: int = 4) -> lis
     The bounds are crossovers measured on SmolLM2's shapes (docs/serving.md, ``bench/cpu_kernels.py``): with
     AMX, vdpbf16ps for 1-2 rows, the AMX tiles to 96 rows, then dequantize + oneDNN's GEMM (AMX); with
     AVX512-BF16 only, vdpbf16ps to 128 rows. With AVX2 only (or fp16 activations, which the bf16 paths do not
-    take), i8x2 for one row, then the i16 path for every M: on Qwen2.5-1.5B's and a MoE expert's shapes i16 ran
-    1.5-3.2x faster than the fma path at M = 1-64 (1.3x at 128 and 256), and the dense GEMM that dequant hands over
-    to (no native bf16 there) was 4.5-11x slower than i16 (docs/serving.md, "The i16 path on AVX2"); at M = 1
-    i8x2 ran 1.23x faster than i16 through Qwen2.5-1.5B's layers and as fast at M = 2 only cache-hot
-    (docs/serving.md, "The i8x2 path").
+    take), the i16 path for every M: on Qwen2.5-1.5B's and a MoE expert's shapes it ran 1.5-3.2x faster than
+    the fma path at M = 1-64 (1.3x at 128 and 256), and the dense GEMM that dequant hands over to (no native
+    bf16 there) was 4.5-11x slower than i16 (docs/serving.md, "The i16 path on AVX2").
 
     8-bit codes (``bits = 8``): i16 on every CPU, handing over to dequant + oneDNN's GEMM beyond 96 rows where
     the CPU has native bf16 (AMX or AVX512-BF16), as the 4-bit plans do; the lm_head these serve sees one row per
@@ -140,7 +134,7 @@ def default_plan(dtype: torch.dtype, paths: Sequence[str], bits: int = 4) -> lis
     elif "bf16dp" in paths:
         steps = [("bf16dp", 128), ("dequant", 0)]
     else:
-        steps = [("i8x2", 1), ("i16", 0)] if "i8x2" in paths else [("i16", 0)]
+        steps = [("i16", 0)]
     return _flatten(steps)
 
 

@@ -87,7 +87,7 @@ constexpr int64_t kPrefetchWords = 16;  // software prefetch distance in 64-byte
 constexpr int64_t kBlockReadRows = 2;
 
 // The ids are the plan's ints (cpu_native.PATHS): a new path takes the next id, the others keep theirs.
-enum Path : int64_t { kFma = 0, kBf16Dp = 1, kAmx = 2, kDequant = 3, kI16 = 4, kI8 = 5, kI8x2 = 6, kNumPaths = 7 };
+enum Path : int64_t { kFma = 0, kBf16Dp = 1, kAmx = 2, kDequant = 3, kI16 = 4, kI8 = 5, kNumPaths = 6 };
 
 std::atomic<int64_t> g_path_calls[kNumPaths];  // how often each path ran (the tests' dispatch counter)
 
@@ -590,95 +590,92 @@ __attribute__((target("avx2,fma,f16c"))) void int_block(const Problem& P, int64_
   }
 }
 
-// ---- kI8x2: AVX2, one batch row at a time: x in 15 bits as two int8 digits --------------------------------
+// ---- the i16 path at M = 1: one batch row, its totals in registers ------------------------------------
 
-// Why a path for decode (M = 1): there the i16 path is bound by its instruction count, neither by vpmaddwd nor by
-// memory (docs/serving.md, "The i8x2 path"). Per 64-byte line of codes it spends 12 instructions turning nibbles
-// into int16 pairs, and at G = 32 (format version 3's default) its per-group epilogue (decode 16 steps and zeros,
-// scale the sums, load and store 16 fp32 totals, one call per sub-block) costs half as much again. This path
-// keeps x to within a bit of i16's precision and cuts both:
-//  * x * c is rounded to 15-bit fixed point per 32 columns (xq in [-16383, 16383], |error| <= max / 32766 of the
-//    sub-block, vs i16's max / 65534 and bf16's own 2^-9 relative per element) and split into two digits,
-//    xq = 128 h + l, h = xq >> 7 in [-128, 127] (a signed byte), l = xq & 127 in [0, 127]. The codes as bytes
-//    (i8's decode: an and, a shift and an and per 8 rows) are vpmaddubsw's unsigned operand, each digit its
-//    signed one: 4 multiplies per 8 rows and word, as many as i16, on half of its decode.
-//  * int16 sums per digit over the 32 columns (16 products each, |h| <= 128: at most 30,720; l <= 127: 30,480;
-//    no saturation), widened once per 32 columns: 128 sum_h + sum_l with two vpmaddwd.
-//  * A sub-block's epilogue is one FNMADD and one FMA per 8 rows: t = A - z Q (A exact in fp32: |A| <= 32 * 15 *
-//    16383 < 2^24; Q the sum of xq, times format version 3's zero unit, a power of two: exact), then
-//    tot += (sigma a) t with a the group's step (fp16, versions 1 and 2) or step multiplier (version 3), decoded
-//    once per group. The 16 totals stay in registers for the whole row; version 3's row unit d multiplies them
-//    once at the end (s = d a). W' stays exact, as in i16: only x is rounded.
-// One batch row per pass over the block's codes (another row passes again, from L1/L2): the plan uses it for
-// M = 1 only; larger M share each decoded code between rows on the i16 path.
-//
-// x layout (StoreI8x2), xq [M][K/2] dwords, per word q four dwords: h of columns (8q, 8q+2, 8q+4, 8q+6), h of
-// (8q+1, 8q+3, 8q+5, 8q+7), then l of the same two quads; each broadcast to the 8 lanes of a row vector.
+// At M = 1 (decoding one sequence) nothing shares a sub-block's epilogue, and at G = 32 (format version 3's
+// default) it runs every 32 columns. As int_block does it (decode the 16 steps and zeros into s and s * z, scale
+// the int32 sums, load and store the 16 fp32 totals, a call per sub-block) it cost about a third of the time of
+// the loop over the codes. For one row the totals stay in registers over the whole block, each sub-block adds
+// (sigma a) (A - z Q) with one FNMADD and one FMA per 8 rows (A its int32 sums, Q its sum of xq), and format
+// version 3's row unit d (s = d a) multiplies the totals once at the end. Qwen2.5-1.5B's layers at g32, one pass
+// through memory, 2 threads: 5.14 -> 4.49 ms; its 8-bit lm_head 10.1 -> 8.5 ms (docs/serving.md, "One row").
+// (A path that also halved the decode, x as two int8 digits for vpmaddubsw, gained 3 % more through memory at
+// g32 and lost at g128: not kept.)
+struct RowSteps {  // one group of 16 rows: a = the fp16 step (versions 1, 2) or the step multiplier (version 3);
+                   // z = the zero point (version 3: in sixteenths of a code; row_epilogue folds the unit into Q)
+  __m256 a0, a1, z0, z1;
+};
 
-constexpr int64_t kI8x2Subblock = 32;  // columns per x step and per int16 digit sum (overflow, above)
-constexpr float kI8x2Max = 16383.0f;   // xq in [-16383, 16383] = 128 h + l
-
-__attribute__((target("avx2,fma,f16c"))) void i8x2_block(const Problem& P, int64_t b, float* acc) {
-  const int64_t dwords = P.k / 2, subs_per_group = P.g / kI8x2Subblock, words = P.k / 8;
-  const __m256i mask = _mm256_set1_epi8(0x0F), hi_weight = _mm256_set1_epi16(128), ones = _mm256_set1_epi16(1);
-  const float zero_unit = P.a && P.z ? P.zero_unit : 1.0f;  // version 3's zeros are in sixteenths: fold into Q
-  const __m256 sym_zero = _mm256_set1_ps(P.sym_zero);
-  for (int64_t m = 0; m < P.m; ++m) {
-    const uint32_t* wb = P.w + b * words * kBlockN;
-    const uint32_t* xr = P.xq + m * dwords;
-    const float* sigma = P.xsigma + m * P.xblocks;
-    const float* qsum = P.xqsum + m * P.xblocks;
-    const bool prefetch = m == 0;  // later rows find the block's codes in L1/L2
-    __m256 tot0 = _mm256_setzero_ps(), tot1 = tot0;
-    for (int64_t gi = 0; gi < P.groups; ++gi) {
-      const int64_t e = group_entry(P, b, gi);
-      __m256 a0, a1, z0 = sym_zero, z1 = sym_zero;
-      if (P.a) {
-        a0 = bytes8(P.a + e);
-        a1 = bytes8(P.a + e + 8);
-      } else {
-        a0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(P.s + e)));
-        a1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(P.s + e + 8)));
-      }
-      if (P.z) {
-        z0 = bytes8(P.z + e);
-        z1 = bytes8(P.z + e + 8);
-      }
-      for (int64_t j = 0; j < subs_per_group; ++j, ++sigma, ++qsum) {
-        __m256i h0 = _mm256_setzero_si256(), h1 = h0, l0 = h0, l1 = h0;
-        for (int q = 0; q < kI8x2Subblock / 8; ++q, wb += kBlockN, xr += 4) {
-          if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchWords * kBlockN), _MM_HINT_T0);
-          const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
-          const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 8));
-          const __m256i e0 = _mm256_and_si256(d0, mask), o0 = _mm256_and_si256(_mm256_srli_epi16(d0, 4), mask);
-          const __m256i e1 = _mm256_and_si256(d1, mask), o1 = _mm256_and_si256(_mm256_srli_epi16(d1, 4), mask);
-          __m256i xv = broadcast_pair(xr);  // h, even columns
-          h0 = _mm256_add_epi16(h0, _mm256_maddubs_epi16(e0, xv));
-          h1 = _mm256_add_epi16(h1, _mm256_maddubs_epi16(e1, xv));
-          xv = broadcast_pair(xr + 1);  // h, odd columns
-          h0 = _mm256_add_epi16(h0, _mm256_maddubs_epi16(o0, xv));
-          h1 = _mm256_add_epi16(h1, _mm256_maddubs_epi16(o1, xv));
-          xv = broadcast_pair(xr + 2);  // l, even columns
-          l0 = _mm256_add_epi16(l0, _mm256_maddubs_epi16(e0, xv));
-          l1 = _mm256_add_epi16(l1, _mm256_maddubs_epi16(e1, xv));
-          xv = broadcast_pair(xr + 3);  // l, odd columns
-          l0 = _mm256_add_epi16(l0, _mm256_maddubs_epi16(o0, xv));
-          l1 = _mm256_add_epi16(l1, _mm256_maddubs_epi16(o1, xv));
-        }
-        const __m256i s0 = _mm256_add_epi32(_mm256_madd_epi16(h0, hi_weight), _mm256_madd_epi16(l0, ones));
-        const __m256i s1 = _mm256_add_epi32(_mm256_madd_epi16(h1, hi_weight), _mm256_madd_epi16(l1, ones));
-        const __m256 zq = _mm256_set1_ps(*qsum * zero_unit), sg = _mm256_set1_ps(*sigma);
-        tot0 = _mm256_fmadd_ps(_mm256_mul_ps(a0, sg), _mm256_fnmadd_ps(z0, zq, _mm256_cvtepi32_ps(s0)), tot0);
-        tot1 = _mm256_fmadd_ps(_mm256_mul_ps(a1, sg), _mm256_fnmadd_ps(z1, zq, _mm256_cvtepi32_ps(s1)), tot1);
-      }
-    }
-    if (P.d) {  // s = d a: the rows' units, once per row
-      tot0 = _mm256_mul_ps(tot0, _mm256_loadu_ps(P.d + b * kBlockN));
-      tot1 = _mm256_mul_ps(tot1, _mm256_loadu_ps(P.d + b * kBlockN + 8));
-    }
-    _mm256_storeu_ps(acc + m * kBlockN, tot0);
-    _mm256_storeu_ps(acc + m * kBlockN + 8, tot1);
+__attribute__((target("avx2,fma,f16c"))) inline RowSteps row_group_steps(const Problem& P, int64_t b, int64_t gi) {
+  const int64_t e = group_entry(P, b, gi);
+  RowSteps st;
+  if (P.a) {
+    st.a0 = bytes8(P.a + e);
+    st.a1 = bytes8(P.a + e + 8);
+  } else {
+    st.a0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(P.s + e)));
+    st.a1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(P.s + e + 8)));
   }
+  if (P.z) {
+    st.z0 = bytes8(P.z + e);
+    st.z1 = bytes8(P.z + e + 8);
+  } else {
+    st.z0 = st.z1 = _mm256_set1_ps(P.sym_zero);
+  }
+  return st;
+}
+
+// Q's factor: version 3's zero unit (a power of two: Q stays exact), else 1.
+inline float row_zero_unit(const Problem& P) { return P.a && P.z ? P.zero_unit : 1.0f; }
+
+// tot += (sigma a) (A - z Q) for one sub-block (A: its int32 sums of rows 0-7 and 8-15; zq = Q times the zero unit).
+// A converts to fp32 with a relative error <= 2^-24 (as in i16_epilogue), and A - z Q is rounded once (an FNMADD).
+__attribute__((target("avx2,fma"))) inline void row_epilogue(__m256i s0, __m256i s1, const RowSteps& st, float sigma,
+                                                             float zq, __m256& tot0, __m256& tot1) {
+  const __m256 sg = _mm256_set1_ps(sigma), q = _mm256_set1_ps(zq);
+  tot0 = _mm256_fmadd_ps(_mm256_mul_ps(st.a0, sg), _mm256_fnmadd_ps(st.z0, q, _mm256_cvtepi32_ps(s0)), tot0);
+  tot1 = _mm256_fmadd_ps(_mm256_mul_ps(st.a1, sg), _mm256_fnmadd_ps(st.z1, q, _mm256_cvtepi32_ps(s1)), tot1);
+}
+
+// The row's totals into acc [16], times the rows' units d in format version 3.
+__attribute__((target("avx2,fma"))) inline void row_store(const Problem& P, int64_t b, __m256 tot0, __m256 tot1,
+                                                          float* acc) {
+  if (P.d) {
+    tot0 = _mm256_mul_ps(tot0, _mm256_loadu_ps(P.d + b * kBlockN));
+    tot1 = _mm256_mul_ps(tot1, _mm256_loadu_ps(P.d + b * kBlockN + 8));
+  }
+  _mm256_storeu_ps(acc, tot0);
+  _mm256_storeu_ps(acc + 8, tot1);
+}
+
+// The i16 path for one batch row (M = 1: the 8-bit lm_head's decode step; 4-bit codes where a plan forces i16):
+// int_block's loop over the codes, with the one-row epilogue above.
+template <int kBits>
+__attribute__((target("avx2,fma,f16c"))) void i16_row_block(const Problem& P, int64_t b, float* acc) {
+  constexpr int64_t kPerWord = 32 / kBits, kPairsPerWord = kPerWord / 2;  // columns and x pairs per word
+  const int64_t words = P.xg / kPerWord, subs_per_group = P.g / P.xg;
+  const uint32_t* wb = P.w + b * (P.k / kPerWord) * kBlockN;
+  const uint32_t* xr = P.xq;
+  const float* sigma = P.xsigma;
+  const float* qsum = P.xqsum;
+  const float zero_unit = row_zero_unit(P);
+  const __m256i mask = _mm256_set1_epi32(kBits == 8 ? 0x00FF00FF : 0x000F000F);
+  __m256 tot0 = _mm256_setzero_ps(), tot1 = tot0;
+  for (int64_t gi = 0; gi < P.groups; ++gi) {
+    const RowSteps st = row_group_steps(P, b, gi);
+    for (int64_t j = 0; j < subs_per_group; ++j, ++sigma, ++qsum) {
+      __m256i lo = _mm256_setzero_si256(), hi = lo;
+      for (int64_t q = 0; q < words; ++q, wb += kBlockN, xr += kPairsPerWord) {
+        _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchWords * kBlockN), _MM_HINT_T0);
+        const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
+        const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 8));
+        for (int t = 0; t < kPairsPerWord; ++t)
+          madd_pairs(code_pairs<kBits>(d0, t, mask), code_pairs<kBits>(d1, t, mask), xr + t, lo, hi);
+      }
+      row_epilogue(lo, hi, st, *sigma, *qsum * zero_unit, tot0, tot1);
+    }
+  }
+  row_store(P, b, tot0, tot1, acc);
 }
 
 // ---- kBf16Dp: AVX512-BF16 ----------------------------------------------------------------------------
@@ -1172,27 +1169,6 @@ struct StoreI8 {
   }
 };
 
-// The i8x2 path's layout, xq [M][K/2] as the dwords i8x2_block broadcasts: per word q, dwords 4q .. 4q + 3 = the
-// high digits h = xq >> 7 of columns (8q, 8q+2, 8q+4, 8q+6), of (8q+1, 8q+3, 8q+5, 8q+7), then the low digits
-// l = xq & 127 of the same two quads (xq = 128 h + l, h in [-128, 127], l in [0, 127]: bytes, no saturation).
-struct StoreI8x2 {
-  uint32_t* xq;
-  __attribute__((target("avx2"))) void operator()(__m256i q, int64_t at) const {
-    const __m256i eo = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);  // even columns to lanes 0-3, odd to 4-7
-    const __m256i h = _mm256_permutevar8x32_epi32(_mm256_srai_epi32(q, 7), eo);
-    const __m256i l = _mm256_permutevar8x32_epi32(_mm256_and_si256(q, _mm256_set1_epi32(127)), eo);
-    // per 128-bit half, int32 -> int16 -> int8: bytes 0-3 the half's 4 h, bytes 4-7 its 4 l
-    const __m256i b8 = _mm256_packs_epi16(_mm256_packs_epi32(h, l), _mm256_setzero_si256());
-    const uint64_t even = static_cast<uint64_t>(_mm_cvtsi128_si64(_mm256_castsi256_si128(b8)));
-    const uint64_t odd = static_cast<uint64_t>(_mm_cvtsi128_si64(_mm256_extracti128_si256(b8, 1)));
-    uint32_t* out = xq + at / 2;
-    out[0] = static_cast<uint32_t>(even);
-    out[1] = static_cast<uint32_t>(odd);
-    out[2] = static_cast<uint32_t>(even >> 32);
-    out[3] = static_cast<uint32_t>(odd >> 32);
-  }
-};
-
 // xt [K][mp] = x^T with zero rows past M, 16 x 16 tiles transposed in registers (K % 16 == 0).
 __attribute__((target("avx512f"))) void transpose_x(const float* xf, int64_t m, int64_t k, int64_t mp, float* xt) {
   for (int64_t r0 = 0; r0 < mp; r0 += 16) {
@@ -1221,7 +1197,6 @@ bool path_supported(int64_t path, at::ScalarType dtype) {
     case kDequant: return avx2;
     case kI16: return avx2;
     case kI8: return avx2;
-    case kI8x2: return avx2;
     default: return false;
   }
 }
@@ -1285,13 +1260,13 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
       else if (P.m == 2) fma_direct<2, false>(P, b, 0, acc.data());
       else fma_panel<false>(P, b, acc.data(), panel32);
     } else if (path == kI16 && P.bits == 8) {
-      int_block<false, 8>(P, b, acc.data());
+      if (P.m == 1) i16_row_block<8>(P, b, acc.data());
+      else int_block<false, 8>(P, b, acc.data());
     } else if (path == kI16) {
-      int_block<false, 4>(P, b, acc.data());
+      if (P.m == 1) i16_row_block<4>(P, b, acc.data());
+      else int_block<false, 4>(P, b, acc.data());
     } else if (path == kI8) {
       int_block<true, 4>(P, b, acc.data());
-    } else if (path == kI8x2) {
-      i8x2_block(P, b, acc.data());
     } else if (path == kBf16Dp) {
       bf16dp_block(P, b, acc.data());
     } else {
@@ -1372,18 +1347,16 @@ void prepare_x(Problem& P, const T* x, const float* c, int64_t path, int64_t nnz
     }
     P.xsum = xsum;
   }
-  if (path == kI16 || path == kI8 || path == kI8x2) {  // x * c in fixed point (16 bits per sub-block of xg <= 128
-                                                      // columns, 8 bits per 32, or 15 bits per 32 as two digits),
-                                                      // rows split over the threads (M x K values, read twice)
-    const bool i8 = path == kI8, i8x2 = path == kI8x2;
-    P.xg = i8 ? kI8Subblock : i8x2 ? kI8x2Subblock : i16_subblock(g);
+  if (path == kI16 || path == kI8) {  // x * c in fixed point (16 bits per sub-block of xg <= 128 columns, or 8 bits
+                                      // per 32), rows split over the threads (M x K values, read twice)
+    const bool i8 = path == kI8;
+    P.xg = i8 ? kI8Subblock : i16_subblock(g);
     P.xblocks = k / P.xg;
     uint32_t* xq = scratch(S.xq, m * k / (i8 ? 4 : 2));
     float* xsigma = scratch(S.xsigma, m * P.xblocks);
     float* xqsum = scratch(S.xqsum, m * P.xblocks);
     at::parallel_for(0, m, std::max<int64_t>(1, 32768 / k), [&](int64_t r0, int64_t r1) {
       if (i8) quantize_x(xs, k, P.xg, r0, r1, kI8Max, xsigma, xqsum, StoreI8{xq});
-      else if (i8x2) quantize_x(xs, k, P.xg, r0, r1, kI8x2Max, xsigma, xqsum, StoreI8x2{xq});
       else if (P.bits == 8) quantize_x(xs, k, P.xg, r0, r1, kI16Max, xsigma, xqsum, StoreI16<8>{xq});
       else quantize_x(xs, k, P.xg, r0, r1, kI16Max, xsigma, xqsum, StoreI16<4>{xq});
     });
