@@ -30,6 +30,7 @@ cache: the line above the tables gives their size). With ``--threads 1`` the clo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -83,10 +84,11 @@ def dense_linear(w: torch.Tensor):  # type: ignore[no-untyped-def]
 
 
 def without_outliers(qw: QuantizedWeight) -> QuantizedWeight:
-    n, k = qw.qweight.shape[0], qw.qweight.shape[1] * 8
+    """The same layer (any format version and code width) with an empty CSR."""
+    n, k = qw.qweight.shape[0], qw.qweight.shape[1] * 32 // qw.bits
     empty = OutlierCSR(torch.zeros(n + 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
                        torch.zeros(0, dtype=torch.float16), (n, k))  # fmt: skip
-    return QuantizedWeight(qw.qweight, qw.scales, empty, qw.bits, qw.group_size)
+    return dataclasses.replace(qw, outliers=empty)
 
 
 def layer_table(layers: dict[tuple[int, int], QuantizedWeight], ms: list[int], dtype: torch.dtype) -> list[dict]:
