@@ -131,8 +131,12 @@ def test_8bit_v3_extremes_and_largest_sums(path: str, group_size: int) -> None:
     zeros[7], zeros[9] = 0, 255
     qw = replace(qw, scales=mult, zeros=zeros)
     kernel = _kernel(qw, torch.bfloat16, path)
+    tensors = kernel.prepare(qw)
     x = torch.randn(9, 256).bfloat16()
-    assert _rel(kernel.apply(kernel.prepare(qw), x, None), x.double() @ qw.dequantize(torch.float64).T) < _bound(path)
+    ref = x.double() @ qw.dequantize(torch.float64).T
+    assert _rel(kernel.apply(tensors, x, None), ref) < _bound(path)
+    for r in (0, 4):  # one row at a time (the i16 path's row block)
+        assert _rel(kernel.apply(tensors, x[r : r + 1], None), ref[r : r + 1]) < _bound(path), r
     # Every code 255 with zero point 0 and |x| = 1: the i16 path's largest int32 sums (64 pairs of 2 * 255 * 32767
     # per 128-column sub-block, 1.07e9 < 2^31); over K = 8960 in one piece they would wrap.
     n, k = 32, 8960
@@ -141,9 +145,11 @@ def test_8bit_v3_extremes_and_largest_sums(path: str, group_size: int) -> None:
     full = QuantizedWeight(torch.full((n, k // 4), -1, dtype=torch.int32), torch.full((n, 1), 2.0**-14,
                            dtype=torch.float16), empty, 8, -1, zeros=torch.zeros(n, 1, dtype=torch.uint8))  # fmt: skip
     kernel = _kernel(full, torch.bfloat16, path)
+    tensors = kernel.prepare(full)
     for sign in (1.0, -1.0):
-        y = kernel.apply(kernel.prepare(full), torch.full((3, k), sign).bfloat16(), None)
-        assert _rel(y, torch.full((3, n), sign * 255 * 2.0**-14 * k, dtype=torch.float64)) < 6e-3
+        for m in (1, 3):
+            y = kernel.apply(tensors, torch.full((m, k), sign).bfloat16(), None)
+            assert _rel(y, torch.full((m, n), sign * 255 * 2.0**-14 * k, dtype=torch.float64)) < 6e-3, (sign, m)
 
 
 @pytest.mark.parametrize("version", FORMAT_VERSIONS)
@@ -191,9 +197,11 @@ def test_native_path_largest_sums_do_not_overflow(path: str, sign: float) -> Non
     qw = QuantizedWeight(torch.full((n, k // 8), -1, dtype=torch.int32), steps, empty, 4, -1,
                          zeros=torch.zeros(n, 1, dtype=torch.uint8))  # fmt: skip
     kernel = _kernel(qw, torch.bfloat16, path)
-    y = kernel.apply(kernel.prepare(qw), torch.full((3, k), sign).bfloat16(), None)
-    ref = torch.full((3, n), sign * 15 * 2.0**-10 * k, dtype=torch.float64)  # 131.25; a wrapped int32 sum is far off
-    assert _rel(y, ref) < 6e-3
+    tensors = kernel.prepare(qw)
+    for m in (1, 3):  # one row (the i16 path's row block) and a row tile
+        y = kernel.apply(tensors, torch.full((m, k), sign).bfloat16(), None)
+        ref = torch.full((m, n), sign * 15 * 2.0**-10 * k, dtype=torch.float64)  # 131.25; a wrapped sum is far off
+        assert _rel(y, ref) < 6e-3, m
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1])
@@ -218,6 +226,59 @@ def test_i8_path_is_exact_where_x_lies_on_its_grid(version: int, dtype: torch.dt
         ref = x.double() @ qw.dequantize(torch.float64).T
         assert _rel(y, ref) < (6e-3 if dtype == torch.bfloat16 else 1e-3), m
     assert dict(dispatch_counts()) == {"native-int4-cpu:i8": 5}  # the i8 path ran, every call
+
+
+@pytest.mark.parametrize("path", native.PATHS)
+def test_outliers_of_one_batch_row_land_in_their_rows(path: str) -> None:
+    # At M = 1 a block's outliers are added in one loop over its CSR range, each product masked into its row's
+    # lane by the rows' bounds. Rows 0, 7, 8 and 15 of a block (the ends of both 8-row halves), odd and even
+    # counts, empty rows between them, a block with none and the last block: one wrong bound moves an outlier to
+    # a neighbouring row, an O(1) error there.
+    n, k = 64, 256
+    qw = quantize_weight(heavy_tailed(n, k, seed=11), QuantSpec.for_version(1, group_size=64, outlier_threshold=0.0))
+    per_row = {0: 3, 7: 1, 8: 2, 15: 5, 20: 1, 33: 4, 63: 3}  # block 2 (rows 32-47) holds row 33 only; 48-63: row 63
+    counts = torch.zeros(n, dtype=torch.int64)
+    for row, c in per_row.items():
+        counts[row] = c
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+    g = torch.Generator().manual_seed(12)
+    cols = torch.cat([torch.randperm(k, generator=g)[:c].sort().values for c in counts.tolist()]).to(torch.int32)
+    values = (torch.rand(cols.numel(), generator=g) * 4 - 2).half()
+    qw = replace(qw, outliers=OutlierCSR(indptr, cols, values, (n, k)))
+    kernel = _kernel(qw, torch.bfloat16, path)
+    tensors = kernel.prepare(qw)
+    x = torch.randn(1, k, generator=g).bfloat16()
+    y = kernel.apply(tensors, x, None).double()
+    ref = x.double() @ qw.dequantize(torch.float64).T
+    assert _rel(y, ref) < _bound(path)
+    outlier_part = x.double() @ (qw.dequantize(torch.float64) - replace(qw, outliers=OutlierCSR(
+        torch.zeros(n + 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.float16),
+        (n, k))).dequantize(torch.float64)).T  # fmt: skip
+    # per row: the error is small against that row's own outlier contribution, not only against the whole output
+    for row in per_row:
+        assert abs(float(y[0, row] - ref[0, row])) < 0.05 * abs(float(outlier_part[0, row])) + 0.02 * float(
+            ref.abs().max()
+        ), row
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_one_batch_row_of_huge_finite_x_stays_finite(bits: int) -> None:
+    # Format version 3 with a tiny row unit d (2^-14): the one-row code must apply s = d a per group. Totals kept
+    # as sums of a (sigma A) and multiplied by d at the end of the row are 1/d times the output: for x = 1e32 and
+    # every code at its largest (zero point 0, a = 255) the output is ~1e35-1e36, those totals overflow fp32.
+    n, k = 32, 8960
+    empty = OutlierCSR(torch.zeros(n + 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
+                       torch.zeros(0, dtype=torch.float16), (n, k))  # fmt: skip
+    qw = QuantizedWeight(torch.full((n, k * bits // 32), -1, dtype=torch.int32),
+                         torch.full((n, k // 32), 255, dtype=torch.uint8), empty, bits, 32,
+                         zeros=torch.zeros(n, k // 32, dtype=torch.uint8),
+                         row_steps=torch.full((n,), 2.0**-14))  # fmt: skip
+    kernel = _kernel(qw, torch.bfloat16, "i16")
+    x = torch.full((1, k), 1e32).bfloat16()
+    ref = x.double() @ qw.dequantize(torch.float64).T
+    assert 1e34 < float(ref.abs().max()) < 1e37
+    y = kernel.apply(kernel.prepare(qw), x, None)
+    assert y.isfinite().all() and _rel(y, ref) < _bound("i16")
 
 
 @pytest.mark.parametrize("path", native.PATHS)

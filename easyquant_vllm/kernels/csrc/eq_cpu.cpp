@@ -593,28 +593,30 @@ __attribute__((target("avx2,fma,f16c"))) void int_block(const Problem& P, int64_
 // ---- the i16 path at M = 1: one batch row, its totals in registers ------------------------------------
 
 // At M = 1 (decoding one sequence) nothing shares a sub-block's epilogue, and at G = 32 (format version 3's
-// default) it runs every 32 columns. As int_block does it (decode the 16 steps and zeros into s and s * z, scale
-// the int32 sums, load and store the 16 fp32 totals, a call per sub-block) it cost about a third of the time of
-// the loop over the codes. For one row the totals stay in registers over the whole block, each sub-block adds
-// (sigma a) (A - z Q) with one FNMADD and one FMA per 8 rows (A its int32 sums, Q its sum of xq), and format
-// version 3's row unit d (s = d a) multiplies the totals once at the end. Qwen2.5-1.5B's layers at g32, one pass
-// through memory, 2 threads: 5.14 -> 4.49 ms; its 8-bit lm_head 10.1 -> 8.5 ms (docs/serving.md, "One row").
-// (A path that also halved the decode, x as two int8 digits for vpmaddubsw, gained 3 % more through memory at
-// g32 and lost at g128: not kept.)
-struct RowSteps {  // one group of 16 rows: a = the fp16 step (versions 1, 2) or the step multiplier (version 3);
-                   // z = the zero point (version 3: in sixteenths of a code; row_epilogue folds the unit into Q)
-  __m256 a0, a1, z0, z1;
+// default) it runs every 32 columns. As int_block does it (scale and offset per group, then per sub-block a call
+// that converts and scales the int32 sums and loads and stores the 16 fp32 totals) it cost about a third of the
+// time of the loop over the codes. For one row the totals stay in registers over the whole block and each
+// sub-block adds (sigma s) (A - z Q): a conversion, an FNMADD, a multiply and an FMA per 8 rows (A its int32 sums,
+// Q its sum of xq). Qwen2.5-1.5B's layers at g32, one pass through memory, 2 threads: 5.14 -> 4.49 ms; its 8-bit
+// lm_head on one thread 16.4 -> 14.8 ms (docs/serving.md, "One batch row"). (s = d a is formed per group, as
+// group_steps8 does: applying d once at the end of the row would keep totals 1/d times the output, which overflow
+// fp32 for huge x where the output does not. A path that also halved the decode, x as two int8 digits for
+// vpmaddubsw, gained 3 % more through memory at g32 and lost at g128: not kept.)
+struct RowSteps {  // one group of 16 rows: its steps s and zero points z in codes (version 3's 4-bit zeros are
+                   // sixteenths of a code: row_epilogue's Q carries that unit)
+  __m256 s0, s1, z0, z1;
 };
 
-__attribute__((target("avx2,fma,f16c"))) inline RowSteps row_group_steps(const Problem& P, int64_t b, int64_t gi) {
+__attribute__((target("avx2,fma,f16c"))) inline RowSteps row_group_steps(const Problem& P, const Units8& units,
+                                                                         int64_t b, int64_t gi) {
   const int64_t e = group_entry(P, b, gi);
   RowSteps st;
-  if (P.a) {
-    st.a0 = bytes8(P.a + e);
-    st.a1 = bytes8(P.a + e + 8);
+  if (P.a) {  // s = d a: exact in fp32 (an 11-bit unit times an 8-bit multiplier)
+    st.s0 = _mm256_mul_ps(units.d0, bytes8(P.a + e));
+    st.s1 = _mm256_mul_ps(units.d1, bytes8(P.a + e + 8));
   } else {
-    st.a0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(P.s + e)));
-    st.a1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(P.s + e + 8)));
+    st.s0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(P.s + e)));
+    st.s1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(P.s + e + 8)));
   }
   if (P.z) {
     st.z0 = bytes8(P.z + e);
@@ -625,31 +627,21 @@ __attribute__((target("avx2,fma,f16c"))) inline RowSteps row_group_steps(const P
   return st;
 }
 
-// Q's factor: version 3's zero unit (a power of two: Q stays exact), else 1.
+// Q's factor: version 3's zero unit (1/16 for 4-bit codes, 1 for 8-bit; a power of two: Q stays exact), else 1.
 inline float row_zero_unit(const Problem& P) { return P.a && P.z ? P.zero_unit : 1.0f; }
 
-// tot += (sigma a) (A - z Q) for one sub-block (A: its int32 sums of rows 0-7 and 8-15; zq = Q times the zero unit).
-// A converts to fp32 with a relative error <= 2^-24 (as in i16_epilogue), and A - z Q is rounded once (an FNMADD).
-__attribute__((target("avx2,fma"))) inline void row_epilogue(__m256i s0, __m256i s1, const RowSteps& st, float sigma,
-                                                             float zq, __m256& tot0, __m256& tot1) {
-  const __m256 sg = _mm256_set1_ps(sigma), q = _mm256_set1_ps(zq);
-  tot0 = _mm256_fmadd_ps(_mm256_mul_ps(st.a0, sg), _mm256_fnmadd_ps(st.z0, q, _mm256_cvtepi32_ps(s0)), tot0);
-  tot1 = _mm256_fmadd_ps(_mm256_mul_ps(st.a1, sg), _mm256_fnmadd_ps(st.z1, q, _mm256_cvtepi32_ps(s1)), tot1);
+// tot += (sigma s) (A - z Q) for one sub-block (a0, a1: its int32 sums of rows 0-7 and 8-15; q_units: Q times the
+// zero unit). A converts to fp32 with a relative error <= 2^-24 (as in i16_epilogue); A - z Q is rounded once (an
+// FNMADD: z Q itself is exact).
+__attribute__((target("avx2,fma"))) inline void row_epilogue(__m256i a0, __m256i a1, const RowSteps& st, float sigma,
+                                                             float q_units, __m256& tot0, __m256& tot1) {
+  const __m256 sg = _mm256_set1_ps(sigma), q = _mm256_set1_ps(q_units);
+  tot0 = _mm256_fmadd_ps(_mm256_mul_ps(st.s0, sg), _mm256_fnmadd_ps(st.z0, q, _mm256_cvtepi32_ps(a0)), tot0);
+  tot1 = _mm256_fmadd_ps(_mm256_mul_ps(st.s1, sg), _mm256_fnmadd_ps(st.z1, q, _mm256_cvtepi32_ps(a1)), tot1);
 }
 
-// The row's totals into acc [16], times the rows' units d in format version 3.
-__attribute__((target("avx2,fma"))) inline void row_store(const Problem& P, int64_t b, __m256 tot0, __m256 tot1,
-                                                          float* acc) {
-  if (P.d) {
-    tot0 = _mm256_mul_ps(tot0, _mm256_loadu_ps(P.d + b * kBlockN));
-    tot1 = _mm256_mul_ps(tot1, _mm256_loadu_ps(P.d + b * kBlockN + 8));
-  }
-  _mm256_storeu_ps(acc, tot0);
-  _mm256_storeu_ps(acc + 8, tot1);
-}
-
-// The i16 path for one batch row (M = 1: the 8-bit lm_head's decode step; 4-bit codes where a plan forces i16):
-// int_block's loop over the codes, with the one-row epilogue above.
+// The i16 path for one batch row (M = 1: decode on AVX2-only CPUs and with fp16 activations, and the 8-bit
+// lm_head's decode step everywhere): int_block's loop over the codes, with the one-row epilogue above.
 template <int kBits>
 __attribute__((target("avx2,fma,f16c"))) void i16_row_block(const Problem& P, int64_t b, float* acc) {
   constexpr int64_t kPerWord = 32 / kBits, kPairsPerWord = kPerWord / 2;  // columns and x pairs per word
@@ -660,9 +652,10 @@ __attribute__((target("avx2,fma,f16c"))) void i16_row_block(const Problem& P, in
   const float* qsum = P.xqsum;
   const float zero_unit = row_zero_unit(P);
   const __m256i mask = _mm256_set1_epi32(kBits == 8 ? 0x00FF00FF : 0x000F000F);
+  const Units8 units = units8(P, b);
   __m256 tot0 = _mm256_setzero_ps(), tot1 = tot0;
   for (int64_t gi = 0; gi < P.groups; ++gi) {
-    const RowSteps st = row_group_steps(P, b, gi);
+    const RowSteps st = row_group_steps(P, units, b, gi);
     for (int64_t j = 0; j < subs_per_group; ++j, ++sigma, ++qsum) {
       __m256i lo = _mm256_setzero_si256(), hi = lo;
       for (int64_t q = 0; q < words; ++q, wb += kBlockN, xr += kPairsPerWord) {
@@ -675,7 +668,8 @@ __attribute__((target("avx2,fma,f16c"))) void i16_row_block(const Problem& P, in
       row_epilogue(lo, hi, st, *sigma, *qsum * zero_unit, tot0, tot1);
     }
   }
-  row_store(P, b, tot0, tot1, acc);
+  _mm256_storeu_ps(acc, tot0);
+  _mm256_storeu_ps(acc + 8, tot1);
 }
 
 // ---- kBf16Dp: AVX512-BF16 ----------------------------------------------------------------------------
@@ -939,7 +933,7 @@ void amx_block(const Problem& P, int64_t b, float* acc, uint16_t* panel) {
 
 // ---- outliers ----------------------------------------------------------------------------------------
 
-// acc [M][16] += x @ S^T for the block's rows, one batch row at a time (few rows, or no AVX512).
+// acc [M][16] += x @ S^T for the block's rows, one batch row at a time (M = 2, or more rows without AVX512).
 void outliers_scalar(const Problem& P, int64_t b, float* acc) {
   for (int64_t j = 0; j < kBlockN; ++j) {
     const int64_t n = b * kBlockN + j;
@@ -953,11 +947,11 @@ void outliers_scalar(const Problem& P, int64_t b, float* acc) {
 
 // The same for one batch row (decode), without a branch per row. Rows hold 0 to a few outliers each (Qwen2.5-1.5B's
 // 8-bit lm_head: 401k over 152k rows), so outliers_scalar's loop over a row's outliers mispredicts its exit about
-// once per row: ~270 ns per 16-row block there, 2.6 ms of the head's 17 ms at M = 1 on one thread. Here one loop
-// runs over the block's outliers in CSR order, and each product goes to its row's lane by a mask, row j being the
-// one with indptr[j] <= e < indptr[j + 1] (two compares per 8 rows against the block's 17 row bounds). Two
-// accumulator pairs alternate, so the adds' latency does not chain consecutive outliers. A NaN or inf product
-// stays in its row (the mask is bitwise: other lanes add +0).
+// once per row: ~270 ns per 16-row block there, 2.6 ms of the head's 17 ms at M = 1 on one thread (1.8 ms with
+// this). Here one loop runs over the block's outliers in CSR order, and each product goes to its row's lane by a
+// mask, row j being the one with indptr[j] <= e < indptr[j + 1] (two compares per 8 rows against the block's 17
+// row bounds). Two accumulator pairs alternate, so the adds' latency does not chain consecutive outliers. A NaN or
+// inf product stays in its row (the mask is bitwise: other lanes add +0).
 struct RowBounds {  // the block's rows [start, end) in the CSR, rows 0-7 and 8-15
   __m256i start0, start1, end0, end1;
 };
@@ -984,7 +978,7 @@ __attribute__((target("avx2"))) void outliers_row(const Problem& P, int64_t b, f
                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ip + 9))};
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
   int32_t e = first;
-  for (; e + 2 <= end; e += 2) {
+  for (; e < end - 1; e += 2) {
     add_outlier(P, r, e, a0, a1);
     add_outlier(P, r, e + 1, b0, b1);
   }
