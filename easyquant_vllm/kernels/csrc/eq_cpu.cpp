@@ -597,45 +597,19 @@ __attribute__((target("avx2,fma,f16c"))) void int_block(const Problem& P, int64_
 // that converts and scales the int32 sums and loads and stores the 16 fp32 totals) it cost about a third of the
 // time of the loop over the codes. For one row the totals stay in registers over the whole block and each
 // sub-block adds (sigma s) (A - z Q): a conversion, an FNMADD, a multiply and an FMA per 8 rows (A its int32 sums,
-// Q its sum of xq). Qwen2.5-1.5B's layers at g32, one pass through memory, 2 threads: 5.14 -> 4.49 ms; its 8-bit
-// lm_head on one thread 16.4 -> 14.8 ms (docs/serving.md, "One batch row"). (s = d a is formed per group, as
-// group_steps8 does: applying d once at the end of the row would keep totals 1/d times the output, which overflow
-// fp32 for huge x where the output does not. A path that also halved the decode, x as two int8 digits for
-// vpmaddubsw, gained 3 % more through memory at g32 and lost at g128: not kept.)
-struct RowSteps {  // one group of 16 rows: its steps s and zero points z in codes (version 3's 4-bit zeros are
-                   // sixteenths of a code: row_epilogue's Q carries that unit)
-  __m256 s0, s1, z0, z1;
-};
+// Q its sum of xq; s and z per group from group_steps8, as int_block takes them, s = d a in version 3). Qwen2.5-1.5B's
+// layers at g32, one pass through memory, 2 threads: 5.14 -> 4.49 ms; its 8-bit lm_head on one thread 16.4 -> 14.8
+// ms (docs/serving.md, "One batch row"). (Applying version 3's d once at the end of the row instead would keep
+// totals 1/d times the output, which overflow fp32 for huge x where the output does not. A path that also halved
+// the decode, x as two int8 digits for vpmaddubsw, gained 3 % more through memory at g32 and lost at g128: not
+// kept.)
 
-__attribute__((target("avx2,fma,f16c"))) inline RowSteps row_group_steps(const Problem& P, const Units8& units,
-                                                                         int64_t b, int64_t gi) {
-  const int64_t e = group_entry(P, b, gi);
-  RowSteps st;
-  if (P.a) {  // s = d a: exact in fp32 (an 11-bit unit times an 8-bit multiplier)
-    st.s0 = _mm256_mul_ps(units.d0, bytes8(P.a + e));
-    st.s1 = _mm256_mul_ps(units.d1, bytes8(P.a + e + 8));
-  } else {
-    st.s0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(P.s + e)));
-    st.s1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(P.s + e + 8)));
-  }
-  if (P.z) {
-    st.z0 = bytes8(P.z + e);
-    st.z1 = bytes8(P.z + e + 8);
-  } else {
-    st.z0 = st.z1 = _mm256_set1_ps(P.sym_zero);
-  }
-  return st;
-}
-
-// Q's factor: version 3's zero unit (1/16 for 4-bit codes, 1 for 8-bit; a power of two: Q stays exact), else 1.
-inline float row_zero_unit(const Problem& P) { return P.a && P.z ? P.zero_unit : 1.0f; }
-
-// tot += (sigma s) (A - z Q) for one sub-block (a0, a1: its int32 sums of rows 0-7 and 8-15; q_units: Q times the
-// zero unit). A converts to fp32 with a relative error <= 2^-24 (as in i16_epilogue); A - z Q is rounded once (an
-// FNMADD: z Q itself is exact).
-__attribute__((target("avx2,fma"))) inline void row_epilogue(__m256i a0, __m256i a1, const RowSteps& st, float sigma,
-                                                             float q_units, __m256& tot0, __m256& tot1) {
-  const __m256 sg = _mm256_set1_ps(sigma), q = _mm256_set1_ps(q_units);
+// tot += (sigma s) (A - z Q) for one sub-block (a0, a1: its int32 sums of rows 0-7 and 8-15; qsum: Q). A converts
+// to fp32 with a relative error <= 2^-24 (as in i16_epilogue); A - z Q is rounded once (an FNMADD: z Q is exact in
+// it).
+__attribute__((target("avx2,fma"))) inline void row_epilogue(__m256i a0, __m256i a1, const Steps8& st, float sigma,
+                                                             float qsum, __m256& tot0, __m256& tot1) {
+  const __m256 sg = _mm256_set1_ps(sigma), q = _mm256_set1_ps(qsum);
   tot0 = _mm256_fmadd_ps(_mm256_mul_ps(st.s0, sg), _mm256_fnmadd_ps(st.z0, q, _mm256_cvtepi32_ps(a0)), tot0);
   tot1 = _mm256_fmadd_ps(_mm256_mul_ps(st.s1, sg), _mm256_fnmadd_ps(st.z1, q, _mm256_cvtepi32_ps(a1)), tot1);
 }
@@ -650,12 +624,11 @@ __attribute__((target("avx2,fma,f16c"))) void i16_row_block(const Problem& P, in
   const uint32_t* xr = P.xq;
   const float* sigma = P.xsigma;
   const float* qsum = P.xqsum;
-  const float zero_unit = row_zero_unit(P);
   const __m256i mask = _mm256_set1_epi32(kBits == 8 ? 0x00FF00FF : 0x000F000F);
   const Units8 units = units8(P, b);
   __m256 tot0 = _mm256_setzero_ps(), tot1 = tot0;
   for (int64_t gi = 0; gi < P.groups; ++gi) {
-    const RowSteps st = row_group_steps(P, units, b, gi);
+    const Steps8 st = group_steps8(P, units, b, gi);
     for (int64_t j = 0; j < subs_per_group; ++j, ++sigma, ++qsum) {
       __m256i lo = _mm256_setzero_si256(), hi = lo;
       for (int64_t q = 0; q < words; ++q, wb += kBlockN, xr += kPairsPerWord) {
@@ -665,7 +638,7 @@ __attribute__((target("avx2,fma,f16c"))) void i16_row_block(const Problem& P, in
         for (int t = 0; t < kPairsPerWord; ++t)
           madd_pairs(code_pairs<kBits>(d0, t, mask), code_pairs<kBits>(d1, t, mask), xr + t, lo, hi);
       }
-      row_epilogue(lo, hi, st, *sigma, *qsum * zero_unit, tot0, tot1);
+      row_epilogue(lo, hi, st, *sigma, *qsum, tot0, tot1);
     }
   }
   _mm256_storeu_ps(acc, tot0);
