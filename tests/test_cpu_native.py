@@ -228,12 +228,14 @@ def test_i8_path_is_exact_where_x_lies_on_its_grid(version: int, dtype: torch.dt
     assert dict(dispatch_counts()) == {"native-int4-cpu:i8": 5}  # the i8 path ran, every call
 
 
+@pytest.mark.parametrize("m", [1, 3, 11, 16])
 @pytest.mark.parametrize("path", native.PATHS)
-def test_outliers_of_one_batch_row_land_in_their_rows(path: str) -> None:
+def test_outliers_land_in_their_rows(path: str, m: int) -> None:
     # At M = 1 a block's outliers are added in one loop over its CSR range, each product masked into its row's
-    # lane by the rows' bounds. Rows 0, 7, 8 and 15 of a block (the ends of both 8-row halves), odd and even
-    # counts, empty rows between them, a block with none and the last block: one wrong bound moves an outlier to
-    # a neighbouring row, an O(1) error there.
+    # lane by the rows' bounds; from M = 3 on AVX2 one loop finds each outlier's row from the row ends and adds it
+    # to 8 batch rows at once (M = 11: a partial second chunk of 8). Rows 0, 7, 8 and 15 of a block (the ends of
+    # both 8-row halves), odd and even counts, empty rows between them, a block with none and the last block: one
+    # wrong bound moves an outlier to a neighbouring row, an O(1) error there; every batch row is checked.
     n, k = 64, 256
     qw = quantize_weight(heavy_tailed(n, k, seed=11), QuantSpec.for_version(1, group_size=64, outlier_threshold=0.0))
     per_row = {0: 3, 7: 1, 8: 2, 15: 5, 20: 1, 33: 4, 63: 3}  # block 2 (rows 32-47) holds row 33 only; 48-63: row 63
@@ -247,7 +249,7 @@ def test_outliers_of_one_batch_row_land_in_their_rows(path: str) -> None:
     qw = replace(qw, outliers=OutlierCSR(indptr, cols, values, (n, k)))
     kernel = _kernel(qw, torch.bfloat16, path)
     tensors = kernel.prepare(qw)
-    x = torch.randn(1, k, generator=g).bfloat16()
+    x = torch.randn(m, k, generator=g).bfloat16()
     y = kernel.apply(tensors, x, None).double()
     ref = x.double() @ qw.dequantize(torch.float64).T
     assert _rel(y, ref) < _bound(path)
@@ -255,10 +257,11 @@ def test_outliers_of_one_batch_row_land_in_their_rows(path: str) -> None:
         torch.zeros(n + 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.float16),
         (n, k))).dequantize(torch.float64)).T  # fmt: skip
     # per row: the error is small against that row's own outlier contribution, not only against the whole output
-    for row in per_row:
-        assert abs(float(y[0, row] - ref[0, row])) < 0.05 * abs(float(outlier_part[0, row])) + 0.02 * float(
-            ref.abs().max()
-        ), row
+    for r in range(m):
+        for row in per_row:
+            assert abs(float(y[r, row] - ref[r, row])) < 0.05 * abs(float(outlier_part[r, row])) + 0.02 * float(
+                ref[r].abs().max()
+            ), (r, row)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -303,11 +306,14 @@ def test_native_path_non_finite_x_gives_non_finite_rows(path: str) -> None:
     # would be NaN/inf-derived), and must stay in its own batch row.
     qw = quantized(heavy_tailed(64, 256, seed=8), 2, 64)
     kernel = _kernel(qw, torch.bfloat16, path)
-    x = torch.randn(4, 256).bfloat16()
-    x[1, 7], x[2, 200] = float("nan"), float("inf")
+    assert qw.outliers.values.numel() > 0  # the outliers' paths too (AVX2: 8 batch rows at a time from M = 3)
+    x = torch.randn(11, 256).bfloat16()
+    x[1, 7], x[2, 200], x[9, 30] = float("nan"), float("inf"), float("nan")  # row 9: the second chunk of 8
+    bad = {1, 2, 9}
     tensors = kernel.prepare(qw)
     y = kernel.apply(tensors, x, None)
-    assert not y[1:3].isfinite().any() and y[[0, 3]].isfinite().all()
+    for r in range(11):
+        assert y[r].isfinite().any() == (r not in bad) and y[r].isfinite().all() == (r not in bad), r
     for r in range(4):  # one row at a time: the M = 1 code (i16 keeps one row's totals in registers)
         assert kernel.apply(tensors, x[r : r + 1], None).isfinite().all() == (r in (0, 3)), r
 
