@@ -1030,11 +1030,12 @@ __attribute__((target("avx2"))) inline void transpose8(__m256 r[8]) {
 
 // outliers_transposed on AVX2, 8 batch rows (a chunk) at a time. outliers_scalar costs ~8 cycles per outlier and
 // batch row (a strided load of x and a load, add and store of acc each): at M = 16 on Qwen2.5-1.5B's down_proj
-// (0.1 % outliers) that was a fifth of the call, and an eighth of an 8-bit lm_head's. Here each outlier is one FMA
-// per chunk, on x^T's contiguous column, into its row's sums in `sums` [M/8][16][8]; one loop runs over the
-// block's outliers in CSR order, each finding its row j by comparing e with the 16 row ends (rows hold 0 to a few
-// outliers, so a loop per row would mispredict its exit about once per row, as in outliers_row). Two 8x8
-// transposes per chunk then turn the block's 16 row sums around into acc. A block without outliers costs nothing.
+// (0.1 % outliers) that was a sixth of the call, and a tenth of the 8-bit lm_head's (docs/serving.md). Here each
+// outlier is one FMA per chunk, on x^T's contiguous column, into its row's sums in `sums` [mp/8][16][8]; one loop
+// runs over the block's outliers in CSR order, each finding its row j by comparing e with the 16 row ends (rows
+// hold 0 to a few outliers, so a loop per row would mispredict its exit about once per row, as in outliers_row).
+// Two 8x8 transposes per chunk then turn the block's 16 row sums around into acc. A block without outliers costs
+// nothing.
 __attribute__((target("avx2,fma,popcnt"))) void outliers_transposed8(const Problem& P, int64_t b, float* acc,
                                                                     float* sums) {
   const int32_t* ip = P.indptr + b * kBlockN;
@@ -1355,8 +1356,8 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
     } else {
       amx_block(P, b, acc.data(), panel16);
     }
-    if (P.xt && P.xt_lanes == 16) outliers_transposed(P, b, acc.data());
-    else if (P.xt) outliers_transposed8(P, b, acc.data(), sums.data());
+    if (P.xt && P.xt_lanes == 16) outliers_transposed(P, b, acc.data());  // (xt_lanes is 16 or 8 where xt is set)
+    else if (P.xt && P.xt_lanes == 8) outliers_transposed8(P, b, acc.data(), sums.data());
     else if (P.m == 1) outliers_row(P, b, acc.data());
     else outliers_scalar(P, b, acc.data());
     store_block<T>(P, b, acc.data(), bias, y);
@@ -1667,9 +1668,10 @@ void cpu_int4_linear_jobs(at::ScalarType dtype, at::IntArrayRef plan, const std:
   for (size_t j = 0; j < jobs.size(); ++j)  // every job checked before any runs
     if (jobs[j].m > 0) path[j] = checked_path(plan, jobs[j].m, dtype, jobs[j].w.bits);
   // Each prepared job's x has buffers of its own, alive together while the region runs (~14 bytes per element of
-  // x). So the jobs run in waves of at most kWaveElements elements of x (one wave at decode; a larger job is a
-  // wave of its own), the pool is per thread and reused between calls of one wave, and a pool grown past
-  // kKeepScratchBytes (by a prefill) is released at the end of the call.
+  // x: fp32 x, x * c, 16-bit x and, from M = 3, x^T for the outliers). So the jobs run in waves of at most
+  // kWaveElements elements of x (one wave at decode; a larger job is a wave of its own), the pool is per thread and
+  // reused between calls of one wave, and a pool grown past kKeepScratchBytes (by a prefill) is released at the end
+  // of the call.
   thread_local std::vector<Scratch> pool;
   if (pool.size() < jobs.size()) pool.resize(jobs.size());  // before any pointer into it is taken
   std::vector<Problem> problems;
