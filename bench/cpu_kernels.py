@@ -13,7 +13,8 @@ gate_up 3072x576, down 576x1536) and each batch size M, microseconds per call, s
   on a 16 x 32 layer: dispatch, preparing x, threads);
 * ``tinygemm``/``wna16``: the previous kernels (PyTorch's and vLLM's int4 GEMM plus the outlier product).
 
-These are cache-hot (one layer called again and again). The last table is closer to decoding: one pass
+These are cache-hot (one layer called again and again), run in turns (the fastest of 5 interleaved rounds each,
+so that ``native`` and ``int4`` see the same load). The last table is closer to decoding: one pass
 through every quantized layer of the model in order, so each layer's weights come from memory as in a
 forward pass; dense against native, per path of the plan. Shared cores swing: compare columns of one run.
 
@@ -50,21 +51,6 @@ from easyquant_vllm.quant.outliers import OutlierCSR
 from easyquant_vllm.safetensors_io import open_checkpoint
 
 
-def timed_us(fn, min_time: float = 0.2) -> float:  # type: ignore[no-untyped-def]
-    """Median of 5 timings of a loop that runs ``fn`` for about ``min_time`` / 5 seconds."""
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    reps = max(1, int(min_time / 5 / max(time.perf_counter() - t0, 1e-6)))
-    samples = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        samples.append((time.perf_counter() - t0) / reps * 1e6)
-    return sorted(samples)[2]
-
-
 def dense_linear(w: torch.Tensor):  # type: ignore[no-untyped-def]
     """``x -> x @ w^T`` on the GEMM vLLM uses for an unquantized CPU layer (F.linear without vLLM)."""
     try:
@@ -91,7 +77,8 @@ def without_outliers(qw: QuantizedWeight) -> QuantizedWeight:
     return dataclasses.replace(qw, outliers=empty)
 
 
-def layer_table(layers: dict[tuple[int, int], QuantizedWeight], ms: list[int], dtype: torch.dtype) -> list[dict]:
+def layer_table(layers: dict[tuple[int, int], QuantizedWeight], ms: list[int], dtype: torch.dtype,
+                clock: Callable[[], float] = time.perf_counter) -> list[dict]:  # fmt: skip
     rows = []
     codes, steps = torch.zeros(16, 4, dtype=torch.int32), torch.ones(16, 1, dtype=torch.float16)
     tiny = without_outliers(QuantizedWeight(codes, steps, next(iter(layers.values())).outliers, 4, 32))  # 16 x 32
@@ -113,14 +100,16 @@ def layer_table(layers: dict[tuple[int, int], QuantizedWeight], ms: list[int], d
         for m in ms:
             x = torch.randn(m, k).to(dtype)
             xs = torch.randn(m, 32).to(dtype)
-            r = {"n": n, "k": k, "m": m, "dense_us": timed_us(lambda x=x, f=dense: f(x)),
-                 "native_us": timed_us(lambda x=x, k=nat, t=t_full: k.apply(t, x, None)),
-                 "int4_us": timed_us(lambda x=x, k=nat, t=t_bare: k.apply(t, x, None)),
-                 "fixed_us": timed_us(lambda xs=xs, k=small, t=t_small: k.apply(t, xs, None))}  # fmt: skip
+            # in turns (the call with and without its outliers side by side: their difference is the outliers')
+            fns = {"dense": lambda x=x, f=dense: f(x),
+                   "native": lambda x=x, k=nat, t=t_full: k.apply(t, x, None),
+                   "int4": lambda x=x, k=nat, t=t_bare: k.apply(t, x, None),
+                   "fixed": lambda xs=xs, k=small, t=t_small: k.apply(t, xs, None)}  # fmt: skip
+            for name, (kern, t) in others.items():
+                fns[name] = lambda x=x, kern=kern, t=t: kern.apply(t, x, None)
+            r = {"n": n, "k": k, "m": m} | {f"{c}_us": us for c, us in timed_in_turns(fns, clock=clock).items()}
             r["outliers_us"] = r["native_us"] - r["int4_us"]
             r["path"] = native.PATHS[native_path(nat.plan, m)]
-            for name, (kern, t) in others.items():
-                r[f"{name}_us"] = timed_us(lambda x=x, kern=kern, t=t: kern.apply(t, x, None))
             rows.append(r)
             cells = [f"{r[c]:.1f}" for c in ("dense_us", "native_us", "int4_us", "outliers_us", "fixed_us")]
             extra = [f"{r[c]:.1f}" if c in r else "-" for c in ("torch-int4-cpu_us", "cpu-wna16_us")]
@@ -268,7 +257,7 @@ def main() -> None:
     p.add_argument(
         "--threads",
         type=int,
-        help="torch's threads (default: its own choice); with 1, --shapes times "
+        help="torch's threads (default: its own choice); with 1, the clock is "
         "the thread's CPU time, so that time the shared cores gave to other processes is not counted",
     )
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
@@ -305,8 +294,10 @@ def main() -> None:
         for _, qw in quantized_layers(ckpt, cfg):
             all_layers.append(qw)
             by_shape.setdefault(qw.shape, qw)
-    rows = {"isa": cpu_isa(), "layers": layer_table(by_shape, args.m, dtype),
-            "model_pass": model_pass(all_layers, args.m, dtype)}  # fmt: skip
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    print(f"# clock: {'CPU time of the one thread' if clock is time.thread_time else 'wall'}")
+    rows = {"isa": cpu_isa(), "layers": layer_table(by_shape, args.m, dtype, clock),
+            "model_pass": model_pass(all_layers, args.m, dtype, clock)}  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
