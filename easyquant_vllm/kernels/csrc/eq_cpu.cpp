@@ -446,6 +446,31 @@ __attribute__((target("avx2"))) inline void madd_pairs(__m256i c0, __m256i c1, c
   in_register(hi);
 }
 
+// The x of R batch rows as R pointers, advanced together. (Written as xr + r * stride + t, GCC 12 kept a register
+// per (row, t) offset and, short of registers at R = 4, reloaded some from the stack inside the loop: 4 % slower at
+// M = 16 on a 1536 x 8960 layer at g32; with the sigma/qsum pointers below, 1.06-1.09x at M = 4-16.)
+template <int R>
+struct RowPointers {
+  const uint32_t *p0, *p1, *p2, *p3;
+  RowPointers(const uint32_t* x, int64_t stride)
+      : p0(x), p1(x + (R > 1 ? stride : 0)), p2(x + (R > 2 ? 2 * stride : 0)), p3(x + (R > 3 ? 3 * stride : 0)) {}
+  void advance(int64_t n) {
+    p0 += n;
+    p1 += n;
+    p2 += n;
+    p3 += n;
+  }
+};
+
+// Batch row m0's sigma and qsum of sub-block xi (row m0 + r at index r * P.xblocks), read into local pointers
+// before any store: the epilogue's stores through acc may alias P (see Problem.groups), so P.xsigma written in the
+// epilogue was reloaded from P after each row's stores.
+struct TileScales {
+  const float *sigma, *qsum;
+  TileScales(const Problem& P, int64_t m0, int64_t xi)
+      : sigma(P.xsigma + m0 * P.xblocks + xi), qsum(P.xqsum + m0 * P.xblocks + xi) {}
+};
+
 // R batch rows (m0 .. m0 + R - 1) against sub-block xi of block b: int32 sums in registers (2R ymm: R = 4 is
 // 8 of AVX2's 16, with the two code words, two code pairs, the mask and a broadcast), the fp32 totals in acc
 // [M][16]. Each code pair is decoded once and used by the R rows. The vpaddd chain has a 1-cycle latency, so
@@ -463,23 +488,25 @@ __attribute__((target("avx2,fma,f16c"))) void i16_rows(const Problem& P, int64_t
   const uint32_t* xr = P.xq + m0 * pairs + xi * P.xg / 2;                     // its x pairs in batch row m0
   const __m256i mask = _mm256_set1_epi32(kBits == 8 ? 0x00FF00FF : 0x000F000F);
   __m256i lo0 = _mm256_setzero_si256(), hi0 = lo0, lo1 = lo0, hi1 = lo0, lo2 = lo0, hi2 = lo0, lo3 = lo0, hi3 = lo0;
-  for (int64_t q = 0; q < words; ++q, wb += kBlockN, xr += kPairsPerWord) {
+  RowPointers<R> x(xr, pairs);
+  const TileScales sc(P, m0, xi);
+  for (int64_t q = 0; q < words; ++q, wb += kBlockN, x.advance(kPairsPerWord)) {
     if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchWords * kBlockN), _MM_HINT_T0);
     const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
     const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 8));
     for (int t = 0; t < kPairsPerWord; ++t) {
       const __m256i c0 = code_pairs<kBits>(d0, t, mask), c1 = code_pairs<kBits>(d1, t, mask);
-      madd_pairs(c0, c1, xr + t, lo0, hi0);
-      if constexpr (R > 1) madd_pairs(c0, c1, xr + pairs + t, lo1, hi1);
-      if constexpr (R > 2) madd_pairs(c0, c1, xr + 2 * pairs + t, lo2, hi2);
-      if constexpr (R > 3) madd_pairs(c0, c1, xr + 3 * pairs + t, lo3, hi3);
+      madd_pairs(c0, c1, x.p0 + t, lo0, hi0);
+      if constexpr (R > 1) madd_pairs(c0, c1, x.p1 + t, lo1, hi1);
+      if constexpr (R > 2) madd_pairs(c0, c1, x.p2 + t, lo2, hi2);
+      if constexpr (R > 3) madd_pairs(c0, c1, x.p3 + t, lo3, hi3);
     }
   }
-  const auto row = [&](int r) { return (m0 + r) * subblocks + xi; };  // index of (row m0 + r, sub-block xi)
-  i16_epilogue(lo0, hi0, st, P.xsigma[row(0)], P.xqsum[row(0)], acc + m0 * kBlockN);
-  if constexpr (R > 1) i16_epilogue(lo1, hi1, st, P.xsigma[row(1)], P.xqsum[row(1)], acc + (m0 + 1) * kBlockN);
-  if constexpr (R > 2) i16_epilogue(lo2, hi2, st, P.xsigma[row(2)], P.xqsum[row(2)], acc + (m0 + 2) * kBlockN);
-  if constexpr (R > 3) i16_epilogue(lo3, hi3, st, P.xsigma[row(3)], P.xqsum[row(3)], acc + (m0 + 3) * kBlockN);
+  float* out = acc + m0 * kBlockN;
+  i16_epilogue(lo0, hi0, st, sc.sigma[0], sc.qsum[0], out);
+  if constexpr (R > 1) i16_epilogue(lo1, hi1, st, sc.sigma[subblocks], sc.qsum[subblocks], out + kBlockN);
+  if constexpr (R > 2) i16_epilogue(lo2, hi2, st, sc.sigma[2 * subblocks], sc.qsum[2 * subblocks], out + 2 * kBlockN);
+  if constexpr (R > 3) i16_epilogue(lo3, hi3, st, sc.sigma[3 * subblocks], sc.qsum[3 * subblocks], out + 3 * kBlockN);
 }
 
 // ---- kI8: AVX2 8-bit integer dot products (vpmaddubsw), x rounded to 8 bits ---------------------------
@@ -537,25 +564,26 @@ __attribute__((target("avx2,fma,f16c"))) void i8_rows(const Problem& P, int64_t 
   const uint32_t* xr = P.xq + m0 * dwords + xi * 2 * words;           // its x dwords in batch row m0
   const __m256i mask = _mm256_set1_epi8(0x0F);
   __m256i lo0 = _mm256_setzero_si256(), hi0 = lo0, lo1 = lo0, hi1 = lo0, lo2 = lo0, hi2 = lo0, lo3 = lo0, hi3 = lo0;
-  for (int64_t q = 0; q < words; ++q, wb += kBlockN, xr += 2) {
+  RowPointers<R> x(xr, dwords);
+  const TileScales sc(P, m0, xi);
+  for (int64_t q = 0; q < words; ++q, wb += kBlockN, x.advance(2)) {
     if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchWords * kBlockN), _MM_HINT_T0);
     const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
     const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 8));
     const __m256i e0 = _mm256_and_si256(d0, mask), o0 = _mm256_and_si256(_mm256_srli_epi16(d0, 4), mask);
     const __m256i e1 = _mm256_and_si256(d1, mask), o1 = _mm256_and_si256(_mm256_srli_epi16(d1, 4), mask);
-    maddubs_word(e0, o0, e1, o1, xr, lo0, hi0);
-    if constexpr (R > 1) maddubs_word(e0, o0, e1, o1, xr + dwords, lo1, hi1);
-    if constexpr (R > 2) maddubs_word(e0, o0, e1, o1, xr + 2 * dwords, lo2, hi2);
-    if constexpr (R > 3) maddubs_word(e0, o0, e1, o1, xr + 3 * dwords, lo3, hi3);
+    maddubs_word(e0, o0, e1, o1, x.p0, lo0, hi0);
+    if constexpr (R > 1) maddubs_word(e0, o0, e1, o1, x.p1, lo1, hi1);
+    if constexpr (R > 2) maddubs_word(e0, o0, e1, o1, x.p2, lo2, hi2);
+    if constexpr (R > 3) maddubs_word(e0, o0, e1, o1, x.p3, lo3, hi3);
   }
-  const auto row = [&](int r) { return (m0 + r) * subblocks + xi; };       // index of (row m0 + r, sub-block xi)
-  i16_epilogue(wide(lo0), wide(hi0), st, P.xsigma[row(0)], P.xqsum[row(0)], acc + m0 * kBlockN);
-  if constexpr (R > 1)
-    i16_epilogue(wide(lo1), wide(hi1), st, P.xsigma[row(1)], P.xqsum[row(1)], acc + (m0 + 1) * kBlockN);
+  float* out = acc + m0 * kBlockN;
+  i16_epilogue(wide(lo0), wide(hi0), st, sc.sigma[0], sc.qsum[0], out);
+  if constexpr (R > 1) i16_epilogue(wide(lo1), wide(hi1), st, sc.sigma[subblocks], sc.qsum[subblocks], out + kBlockN);
   if constexpr (R > 2)
-    i16_epilogue(wide(lo2), wide(hi2), st, P.xsigma[row(2)], P.xqsum[row(2)], acc + (m0 + 2) * kBlockN);
+    i16_epilogue(wide(lo2), wide(hi2), st, sc.sigma[2 * subblocks], sc.qsum[2 * subblocks], out + 2 * kBlockN);
   if constexpr (R > 3)
-    i16_epilogue(wide(lo3), wide(hi3), st, P.xsigma[row(3)], P.xqsum[row(3)], acc + (m0 + 3) * kBlockN);
+    i16_epilogue(wide(lo3), wide(hi3), st, sc.sigma[3 * subblocks], sc.qsum[3 * subblocks], out + 3 * kBlockN);
 }
 
 // The block, for both integer paths: sub-block by sub-block (its codes, 1 KB at i16's 128 columns and 512 B at
