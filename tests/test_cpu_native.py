@@ -51,6 +51,12 @@ def _bound(path: str, dtype: torch.dtype = torch.bfloat16) -> float:
     return 6e-3 if dtype == torch.bfloat16 else 1e-3
 
 
+def _no_outliers(n: int, k: int) -> OutlierCSR:
+    """An empty CSR for an ``n x k`` weight."""
+    return OutlierCSR(torch.zeros(n + 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
+                      torch.zeros(0, dtype=torch.float16), (n, k))  # fmt: skip
+
+
 def _heavy_row_weight(n: int = 32, k: int = 256) -> QuantizedWeight:
     """A weight whose row 5 holds 200 outliers (a quarter of the columns) and whose other rows hold none."""
     qw = quantize_weight(heavy_tailed(n, k, seed=9), QuantSpec.for_version(1, group_size=64, outlier_threshold=0.0))
@@ -140,8 +146,7 @@ def test_8bit_v3_extremes_and_largest_sums(path: str, group_size: int) -> None:
     # Every code 255 with zero point 0 and |x| = 1: the i16 path's largest int32 sums (64 pairs of 2 * 255 * 32767
     # per 128-column sub-block, 1.07e9 < 2^31); over K = 8960 in one piece they would wrap.
     n, k = 32, 8960
-    empty = OutlierCSR(torch.zeros(n + 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
-                       torch.zeros(0, dtype=torch.float16), (n, k))  # fmt: skip
+    empty = _no_outliers(n, k)
     full = QuantizedWeight(torch.full((n, k // 4), -1, dtype=torch.int32), torch.full((n, 1), 2.0**-14,
                            dtype=torch.float16), empty, 8, -1, zeros=torch.zeros(n, 1, dtype=torch.uint8))  # fmt: skip
     kernel = _kernel(full, torch.bfloat16, path)
@@ -176,8 +181,7 @@ def test_native_path_heavy_outlier_row_and_no_outliers(path: str) -> None:
         x = torch.randn(m, 256).bfloat16()
         y = kernel.apply(kernel.prepare(qw), x, None)
         assert _rel(y, x.double() @ qw.dequantize(torch.float64).T) < _bound(path)
-    empty = OutlierCSR(torch.zeros(33, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
-                       torch.zeros(0, dtype=torch.float16), (32, 256))  # fmt: skip
+    empty = _no_outliers(32, 256)
     bare = QuantizedWeight(qw.qweight, qw.scales, empty, 4, 64)
     x = torch.randn(7, 256).bfloat16()
     y = kernel.apply(kernel.prepare(bare), x, None)
@@ -192,8 +196,7 @@ def test_native_path_largest_sums_do_not_overflow(path: str, sign: float) -> Non
     # columns would reach 15 * 32767 * 8960 = 4.4e9 > 2^31: its sums must stop at sub-blocks.
     n, k = 32, 8960
     steps = torch.full((n, 1), 2.0**-10, dtype=torch.float16)
-    empty = OutlierCSR(torch.zeros(n + 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
-                       torch.zeros(0, dtype=torch.float16), (n, k))  # fmt: skip
+    empty = _no_outliers(n, k)
     qw = QuantizedWeight(torch.full((n, k // 8), -1, dtype=torch.int32), steps, empty, 4, -1,
                          zeros=torch.zeros(n, 1, dtype=torch.uint8))  # fmt: skip
     kernel = _kernel(qw, torch.bfloat16, path)
@@ -253,9 +256,8 @@ def test_outliers_land_in_their_rows(path: str, m: int) -> None:
     y = kernel.apply(tensors, x, None).double()
     ref = x.double() @ qw.dequantize(torch.float64).T
     assert _rel(y, ref) < _bound(path)
-    outlier_part = x.double() @ (qw.dequantize(torch.float64) - replace(qw, outliers=OutlierCSR(
-        torch.zeros(n + 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.float16),
-        (n, k))).dequantize(torch.float64)).T  # fmt: skip
+    dense_part = replace(qw, outliers=_no_outliers(n, k)).dequantize(torch.float64)
+    outlier_part = x.double() @ (qw.dequantize(torch.float64) - dense_part).T
     # per row: the error is small against that row's own outlier contribution, not only against the whole output
     for r in range(m):
         for row in per_row:
@@ -270,8 +272,7 @@ def test_one_batch_row_of_huge_finite_x_stays_finite(bits: int) -> None:
     # as sums of a (sigma A) and multiplied by d at the end of the row are 1/d times the output: for x = 1e32 and
     # every code at its largest (zero point 0, a = 255) the output is ~1e35-1e36, those totals overflow fp32.
     n, k = 32, 8960
-    empty = OutlierCSR(torch.zeros(n + 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
-                       torch.zeros(0, dtype=torch.float16), (n, k))  # fmt: skip
+    empty = _no_outliers(n, k)
     qw = QuantizedWeight(torch.full((n, k * bits // 32), -1, dtype=torch.int32),
                          torch.full((n, k // 32), 255, dtype=torch.uint8), empty, bits, 32,
                          zeros=torch.zeros(n, k // 32, dtype=torch.uint8),

@@ -114,7 +114,7 @@ struct Problem {
   const float* xsum;       // [M][K/G] sum of xh over each group (bf16 paths), or null
   const float* xt;         // [K][mp] x^T in fp32, mp = M rounded up to xt_lanes (outliers that many batch rows at
                            // a time: 16 with AVX512, 8 with AVX2), or null
-  int64_t mp, xt_lanes;
+  int64_t mp, xt_lanes;    // xt_lanes: 0 where xt is null
   const uint16_t* xpad;    // [mp][K] x, zero rows past M (AMX A tiles are 16 rows), or null
   int64_t xg;              // columns per x sub-block of the i16 path (divides G), else 0
   int64_t xblocks;         // K / xg (computed once, as groups)
@@ -1349,7 +1349,7 @@ void prefetch_block_extras(const Problem& P, int64_t b) {
 template <typename T>
 void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_t b0, int64_t b1) {
   std::vector<float> acc(P.m * kBlockN);
-  std::vector<float> sums(P.xt && P.xt_lanes == 8 ? P.mp * kBlockN : 0);  // outliers_transposed8's row sums
+  std::vector<float> sums(P.xt_lanes == 8 ? P.mp * kBlockN : 0);  // outliers_transposed8's row sums
   std::vector<char> scratch;
   float* panel32 = nullptr;
   uint16_t* panel16 = nullptr;
@@ -1384,8 +1384,8 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
     } else {
       amx_block(P, b, acc.data(), panel16);
     }
-    if (P.xt && P.xt_lanes == 16) outliers_transposed(P, b, acc.data());  // (xt_lanes is 16 or 8 where xt is set)
-    else if (P.xt && P.xt_lanes == 8) outliers_transposed8(P, b, acc.data(), sums.data());
+    if (P.xt_lanes == 16) outliers_transposed(P, b, acc.data());  // xt_lanes is set (16 or 8) only with xt
+    else if (P.xt_lanes == 8) outliers_transposed8(P, b, acc.data(), sums.data());
     else if (P.m == 1) outliers_row(P, b, acc.data());
     else outliers_scalar(P, b, acc.data());
     store_block<T>(P, b, acc.data(), bias, y);
