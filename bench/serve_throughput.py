@@ -78,7 +78,7 @@ print("RESULT " + json.dumps({"tokens": n, "seconds": dt, "kernel": kernel, "wei
 # --emulate ISA: restrict oneDNN, ATen and vLLM to an older instruction set on this machine, and give the
 # native kernel the plan it picks there. Memory and clock stay this machine's: an approximation, labelled so.
 EMULATE = {
-    "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "EASYQUANT_CPU_PLAN": "bf16dp:128,dequant"},
+    "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "EASYQUANT_CPU_PLAN": "vnni:128,dequant"},
     "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "EASYQUANT_CPU_PLAN": "i16"},
 }
 

@@ -23,7 +23,8 @@ from easyquant_vllm.quant.outliers import OutlierCSR
 from tests.conftest import FORMAT_VERSIONS, heavy_tailed, layer_spec, quantized
 
 NEEDS = {"fma": "AVX2 + FMA", "i16": "AVX2 + FMA", "i8": "AVX2 + FMA", "dequant": "AVX2 + FMA",
-         "bf16dp": "AVX512-BF16 and bf16 activations", "amx": "AMX-BF16 and bf16 activations"}  # fmt: skip
+         "bf16dp": "AVX512-BF16 and bf16 activations", "amx": "AMX-BF16 and bf16 activations",
+         "vnni": "AVX512-VNNI"}  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -126,6 +127,24 @@ def test_8bit_codes_match_reference(path: str, version: int, dtype: torch.dtype,
         assert torch.equal(kernel.apply(tensors, x, None), F.linear(x, qw.dequantize(dtype)))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("version", FORMAT_VERSIONS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_vnni_gives_i16_outputs_bit_for_bit(bits: int, version: int, dtype: torch.dtype) -> None:
+    # vnni is i16's arithmetic on 16 lanes (same x in fixed point, exact int32 sums, same epilogue formulas): every
+    # row tile (1-8 rows and their remainders), one sub-block per group and several (per channel at K = 384: three
+    # of 128), outliers and bias included.
+    for n, k, group_size in ((48, 512, 128), (32, 384, -1), (64, 256, 32)):
+        qw = quantized(heavy_tailed(n, k, seed=k + bits), version, group_size, bits=bits)
+        vnni, i16 = _kernel(qw, dtype, "vnni"), _kernel(qw, dtype, "i16")
+        tv, ti = vnni.prepare(qw), i16.prepare(qw)
+        g = torch.Generator().manual_seed(n)
+        for m in (1, 2, 3, 4, 5, 7, 8, 9, 16, 19):
+            x = torch.randn(m, k, generator=g).to(dtype)
+            bias = torch.randn(n, generator=g).to(dtype) if m % 2 else None
+            assert torch.equal(vnni.apply(tv, x, bias), i16.apply(ti, x, bias)), (n, k, group_size, m)
+
+
 @pytest.mark.parametrize("path", native.PATHS_8BIT)
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 def test_8bit_v3_extremes_and_largest_sums(path: str, group_size: int) -> None:
@@ -169,7 +188,9 @@ def test_8bit_layer_takes_the_native_kernel_after_its_self_check(version: int) -
 def test_8bit_codes_refused_on_4bit_only_paths() -> None:
     qw = quantized(heavy_tailed(32, 64, seed=3), 2, 32, bits=8)
     kernel = NativeCpuKernel(layer_spec(qw, torch.float16), plan=native.parse_plan("fma", native.PATHS))
-    with pytest.raises(RuntimeError, match="8-bit codes take the i16 and dequant paths only; the plan chose path 0"):
+    with pytest.raises(
+        RuntimeError, match="8-bit codes take the i16, vnni and dequant paths only; the plan chose path"
+    ):
         kernel.apply(kernel.prepare(qw), torch.randn(1, 64).half(), None)
 
 
@@ -474,19 +495,26 @@ def test_plan_text_round_trips_and_bad_plans_are_named(monkeypatch: pytest.Monke
 def test_default_plan_per_isa(monkeypatch: pytest.MonkeyPatch) -> None:
     # A function of the paths the CPU has, not of this machine: every ISA's plan is checked everywhere.
     monkeypatch.delenv(native.ENV_PLAN, raising=False)
-    assert native.plan_text(native.default_plan(torch.bfloat16, native.PATHS)) == "bf16dp:2,amx:96,dequant"
-    avx512 = ("fma", "bf16dp", "dequant", "i16")
-    assert native.plan_text(native.default_plan(torch.bfloat16, avx512)) == "bf16dp:128,dequant"
+    avx2 = ("fma", "dequant", "i16", "i8")
+    avx512 = (*avx2, "bf16dp", "vnni")  # AVX512-BF16 and VNNI, no AMX (AMD Zen 4)
+    assert native.plan_text(native.default_plan(torch.bfloat16, native.PATHS)) == "vnni:8,amx:96,dequant"
+    assert native.plan_text(native.default_plan(torch.bfloat16, avx512)) == "vnni:128,dequant"
+    assert native.plan_text(native.default_plan(torch.float16, (*avx2, "vnni"))) == "vnni"
+    # without VNNI (an AVX512 CPU that lacks it): the bf16 paths as before, i16 for fp16
+    no_vnni = tuple(p for p in native.PATHS if p != "vnni")
+    assert native.plan_text(native.default_plan(torch.bfloat16, no_vnni)) == "bf16dp:2,amx:96,dequant"
+    assert native.plan_text(native.default_plan(torch.bfloat16, (*avx2, "bf16dp"))) == "bf16dp:128,dequant"
     assert native.plan_text(native.default_plan(torch.float16, ("fma", "dequant", "i16"))) == "i16"
     for dtype in (torch.bfloat16, torch.float16):  # an AVX2-only CPU has i8 too: never planned
-        assert native.plan_text(native.default_plan(dtype, ("fma", "dequant", "i16", "i8"))) == "i16"
-    # 8-bit codes: i16, then oneDNN's GEMM on W' where the CPU has native bf16; i16 for every M on AVX2
-    assert native.plan_text(native.default_plan(torch.bfloat16, native.PATHS, bits=8)) == "i16:96,dequant"
-    assert native.plan_text(native.default_plan(torch.bfloat16, avx512, bits=8)) == "i16:96,dequant"
-    assert native.plan_text(native.default_plan(torch.bfloat16, ("fma", "dequant", "i16", "i8"), bits=8)) == "i16"
+        assert native.plan_text(native.default_plan(dtype, avx2)) == "i16"
+    # 8-bit codes: the integer path, then oneDNN's GEMM on W' where the CPU has native bf16; for every M on AVX2
+    assert native.plan_text(native.default_plan(torch.bfloat16, native.PATHS, bits=8)) == "vnni:96,dequant"
+    assert native.plan_text(native.default_plan(torch.bfloat16, avx512, bits=8)) == "vnni:96,dequant"
+    assert native.plan_text(native.default_plan(torch.bfloat16, no_vnni, bits=8)) == "i16:96,dequant"
+    assert native.plan_text(native.default_plan(torch.bfloat16, avx2, bits=8)) == "i16"
     # EASYQUANT_CPU_PLAN is for the 4-bit layers; it reaches 8-bit ones only where every path it names takes them
     monkeypatch.setenv(native.ENV_PLAN, "i8")
-    assert native.plan_text(native.default_plan(torch.bfloat16, ("fma", "dequant", "i16", "i8"), bits=8)) == "i16"
+    assert native.plan_text(native.default_plan(torch.bfloat16, avx2, bits=8)) == "i16"
     monkeypatch.setenv(native.ENV_PLAN, "i16:4,dequant")
     assert native.plan_text(native.default_plan(torch.bfloat16, native.PATHS, bits=8)) == "i16:4,dequant"
 

@@ -57,7 +57,7 @@ def _routing(m: int, k: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     return ids, torch.softmax(torch.randn(m, k, generator=g), -1)
 
 
-@pytest.mark.parametrize("path", [None, "i16"], ids=["plan", "i16"])  # the CPU's default plan, or one path forced
+@pytest.mark.parametrize("path", [None, "i16", "vnni"], ids=["plan", "i16", "vnni"])  # the CPU's plan, or a path forced
 @pytest.mark.parametrize("version", FORMAT_VERSIONS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_native_moe_matches_reference(version: int, dtype: torch.dtype, path: str | None) -> None:

@@ -15,6 +15,8 @@ path       needs                              what
 fma        AVX2 + FMA                         exact fp32 ``s * (u - z)`` times fp32 ``x * c``
 i16        AVX2 + FMA                         integer codes times ``x * c`` in 16-bit fixed point per 128
                                               columns (``vpmaddwd``), scaled per group in fp32
+vnni       AVX512-VNNI                        i16's arithmetic with ``vpdpwssd`` on the 16 rows of a block
+                                              at once: i16's outputs bit for bit, fewer instructions
 bf16dp     AVX512-BF16, bf16 activations      exact bf16 codes, ``vdpbf16ps`` per group, step applied in fp32
 amx        AMX-BF16, bf16 activations         the same codes as AMX B tiles, up to 64 batch rows per pass
 dequant    AVX2                               W'^T in x's dtype (bit-identical to the reference), ATen GEMM
@@ -48,9 +50,9 @@ logger = logging.getLogger("vllm.easyquant")
 SOURCE = Path(__file__).resolve().parent / "csrc" / "eq_cpu.cpp"
 SOURCES = (SOURCE, SOURCE.with_name("eq_cpu_moe.cpp"))
 """The op library: the linear op (eq_cpu.cpp) and the MoE op that runs it per expert (eq_cpu_moe.cpp)."""
-PATHS = ("fma", "bf16dp", "amx", "dequant", "i16", "i8")
+PATHS = ("fma", "bf16dp", "amx", "dequant", "i16", "i8", "vnni")
 """Path ids of the C++ op, in order (``Path`` in eq_cpu.cpp; a new path takes the next id)."""
-PATHS_8BIT = ("i16", "dequant")
+PATHS_8BIT = ("i16", "vnni", "dequant")
 """The paths that also take 8-bit codes (the op refuses the others for them)."""
 
 I8_CHECK_TOLERANCE = 2e-2
@@ -108,33 +110,37 @@ order, the last without a bound."""
 def default_plan(dtype: torch.dtype, paths: Sequence[str], bits: int = 4) -> list[int]:
     """``[m_max, path, m_max, path, ...]`` for the op: the first pair with M <= m_max is used.
 
-    The bounds are crossovers measured on SmolLM2's shapes (docs/serving.md, ``bench/cpu_kernels.py``): with
-    AMX, vdpbf16ps for 1-2 rows, the AMX tiles to 96 rows, then dequantize + oneDNN's GEMM (AMX); with
-    AVX512-BF16 only, vdpbf16ps to 128 rows. With AVX2 only (or fp16 activations, which the bf16 paths do not
-    take), the i16 path for every M: on Qwen2.5-1.5B's and a MoE expert's shapes it ran 1.5-3.2x faster than
-    the fma path at M = 1-64 (1.3x at 128 and 256), and the dense GEMM that dequant hands over to (no native
-    bf16 there) was 4.5-11x slower than i16 (docs/serving.md, "The i16 path on AVX2").
+    The bounds are crossovers measured layer by layer (docs/serving.md, ``bench/cpu_kernels.py``). The integer
+    path is the AVX512-VNNI one (``vnni``) where the CPU has it, else ``i16`` (the same outputs, AVX2). With AMX:
+    ``vnni`` to 8 rows, the AMX tiles to 96, then dequantize + oneDNN's GEMM (AMX). On Qwen2.5-1.5B's layers
+    (format 3, g32, 2 threads, one pass from memory) ``vnni`` was 1.5x faster than ``bf16dp`` at one row and
+    1.3x faster than ``amx`` at 8, even with ``amx`` at 12 and behind it from 16. With AVX512-BF16 and VNNI
+    but no AMX: ``vnni`` to 128 rows (1.5-1.9x ``bf16dp``'s speed at every M measured), then dequant, the bound
+    measured for ``bf16dp``. With AVX2 only (or fp16 activations, which the bf16 paths do not take), the
+    integer path for every M: ``i16`` ran 1.5-3.2x faster than the fma path at M = 1-64 on AVX2 (1.3x at 128
+    and 256), and the dense GEMM that dequant hands over to (no native bf16 there) was 4.5-11x slower.
 
-    8-bit codes (``bits = 8``): i16 on every CPU, handing over to dequant + oneDNN's GEMM beyond 96 rows where
-    the CPU has native bf16 (AMX or AVX512-BF16), as the 4-bit plans do; the lm_head these serve sees one row per
-    sequence. ``EASYQUANT_CPU_PLAN`` applies to them only where it names 8-bit paths alone (it is meant for the
-    4-bit layers: an ``i8`` override leaves the 8-bit lm_head on this plan).
+    8-bit codes (``bits = 8``): the integer path on every CPU, handing over to dequant + oneDNN's GEMM beyond 96
+    rows where the CPU has native bf16 (AMX or AVX512-BF16), as the 4-bit plans do; the lm_head these serve sees
+    one row per sequence. ``EASYQUANT_CPU_PLAN`` applies to them only where it names 8-bit paths alone (it is
+    meant for the 4-bit layers: an ``i8`` override leaves the 8-bit lm_head on this plan).
     """
     override = os.environ.get(ENV_PLAN)
     plan = parse_plan(override, paths) if override else None
+    integer = "vnni" if "vnni" in paths else "i16"
     if bits == 8:
         if plan is not None and all(PATHS[p] in PATHS_8BIT for p in plan[1::2]):
             return plan
         native_bf16 = "bf16dp" in paths or "amx" in paths
-        return _flatten([("i16", 96), ("dequant", 0)] if native_bf16 else [("i16", 0)])
+        return _flatten([(integer, 96), ("dequant", 0)] if native_bf16 else [(integer, 0)])
     if plan is not None:
         return plan
     if "amx" in paths:
-        steps = [("bf16dp", 2), ("amx", 96), ("dequant", 0)]
+        steps = [("vnni", 8) if integer == "vnni" else ("bf16dp", 2), ("amx", 96), ("dequant", 0)]
     elif "bf16dp" in paths:
-        steps = [("bf16dp", 128), ("dequant", 0)]
+        steps = [("vnni" if integer == "vnni" else "bf16dp", 128), ("dequant", 0)]
     else:
-        steps = [("i16", 0)]
+        steps = [(integer, 0)]
     return _flatten(steps)
 
 

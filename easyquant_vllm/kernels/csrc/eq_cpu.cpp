@@ -56,6 +56,8 @@
 //   kI8      AVX2, opt-in: x * c rounded to int8 per batch row and 32 columns (|error| <= max|x * c| / 254), as
 //            llama.cpp's Q8 activations; vpmaddubsw multiplies code bytes with x bytes (32 MACs per
 //            instruction) into int16 sums per 32 columns. W' stays exact; x is not (see the path's comment).
+//   kVnni    AVX512-VNNI: kI16's arithmetic (same x, same int32 sums, same epilogue: the same outputs bit for
+//            bit), a word of all 16 rows in one zmm and vpdpwssd (32 MACs and the add in one instruction).
 //   kBf16Dp  AVX512-BF16: bf16 codes, vdpbf16ps per group, the group sum corrected and scaled in fp32.
 //   kAmx     AMX-BF16: a block's codes written once as 1 KB B tiles in L1, tdpbf16ps against 16-row A
 //            tiles of x (up to four at once); per group the C tiles are stored, corrected and scaled in fp32.
@@ -87,7 +89,7 @@ constexpr int64_t kPrefetchWords = 16;  // software prefetch distance in 64-byte
 constexpr int64_t kBlockReadRows = 2;
 
 // The ids are the plan's ints (cpu_native.PATHS): a new path takes the next id, the others keep theirs.
-enum Path : int64_t { kFma = 0, kBf16Dp = 1, kAmx = 2, kDequant = 3, kI16 = 4, kI8 = 5, kNumPaths = 6 };
+enum Path : int64_t { kFma = 0, kBf16Dp = 1, kAmx = 2, kDequant = 3, kI16 = 4, kI8 = 5, kVnni = 6, kNumPaths = 7 };
 
 std::atomic<int64_t> g_path_calls[kNumPaths];  // how often each path ran (the tests' dispatch counter)
 
@@ -699,18 +701,29 @@ struct Steps16 {  // one group's step s and code offset 128 + z for the 16 rows 
   __m512 s, offset;
 };
 
-// As group_steps8 (see there), with the offset of the bf16 codes folded in: 128 + z is exact in fp32 (z = 8
-// without zero points; version 3's zq / 16 + 128 has at most 12 significant bits).
-__attribute__((target("avx512f,f16c"))) inline Steps16 group_steps16(const Problem& P, __m512 units, int64_t b,
+struct StepZero16 {  // one group's step s and zero point z for the 16 rows (lanes), as group_steps8 gives them
+  __m512 s, z;
+};
+
+// group_steps8 (see there) for the 16 rows in one zmm each: the same values.
+__attribute__((target("avx512f,f16c"))) inline StepZero16 group_sz16(const Problem& P, __m512 units, int64_t b,
                                                                      int64_t gi) {
   const int64_t e = group_entry(P, b, gi);
-  Steps16 st;
+  StepZero16 st;
   st.s = P.a ? _mm512_mul_ps(units, bytes16(P.a + e))
              : _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(P.s + e)));
-  if (!P.z) st.offset = _mm512_set1_ps(kCodeBase + P.sym_zero);
-  else if (P.a) st.offset = _mm512_fmadd_ps(bytes16(P.z + e), _mm512_set1_ps(P.zero_unit), _mm512_set1_ps(kCodeBase));
-  else st.offset = _mm512_add_ps(bytes16(P.z + e), _mm512_set1_ps(kCodeBase));
+  if (!P.z) st.z = _mm512_set1_ps(P.sym_zero);
+  else if (P.a) st.z = _mm512_mul_ps(bytes16(P.z + e), _mm512_set1_ps(P.zero_unit));
+  else st.z = bytes16(P.z + e);
   return st;
+}
+
+// With the offset of the bf16 codes folded in: 128 + z is exact in fp32 (z = 8 without zero points; version 3's
+// zq / 16 + 128 has at most 12 significant bits).
+__attribute__((target("avx512f,f16c"))) inline Steps16 group_steps16(const Problem& P, __m512 units, int64_t b,
+                                                                     int64_t gi) {
+  const StepZero16 st = group_sz16(P, units, b, gi);
+  return {st.s, _mm512_add_ps(st.z, _mm512_set1_ps(kCodeBase))};
 }
 
 // R batch rows, U independent partial sums per row (the four pairs of a word spread over them) so that a
@@ -764,6 +777,145 @@ void bf16dp_block(const Problem& P, int64_t b, float* acc) {
     case 1: bf16dp_rows<1, 2>(P, b, m0, acc); break;
     default: break;
   }
+}
+
+// ---- kVnni: the i16 path on AVX512-VNNI ----------------------------------------------------------------
+
+// Why: on an AVX512 CPU the AVX2 i16 loop (above) spends, per word of the block's 16 rows, two ymm loads, eight
+// instructions to form the code pairs, and per batch row 8 broadcasts, 8 vpmaddwd and 8 vpaddd: 24 instructions
+// for 128 MACs. Here one zmm holds the word of all 16 rows (lane j = row j, the blocked layout as it is), four
+// instructions form its four code pairs, and vpdpwssd multiplies int16 pairs and adds them into int32 in one
+// instruction, its x pair broadcast from memory in the same instruction: 4 per batch row for the same 128 MACs.
+// The bf16 paths use the same 16-lane words, but their vdpbf16ps needs the codes turned into bf16 and, at format
+// version 3's group of 32, a float correction per group; this keeps i16's integer sums (exact).
+//
+// Everything else is i16's: the code pairs (code_pairs16 below is code_pairs on a zmm), x quantized per sub-block
+// into the same StoreI16 layout, the same int32 sums (vpdpwssd does not saturate; the overflow bound above holds),
+// and the same epilogue formulas lane for lane. So kVnni's outputs are kI16's bit for bit; it is a separate path
+// only so that the plan, the tests and the benchmarks can name and compare the two on one CPU.
+//
+// Chains: vpdpwssd's accumulator is a dependency, about 5 cycles on the Intel cores that have it, one issued
+// per cycle. So each batch row spreads a word's four pairs over U partial sums (U chains per row) until R x U >= 8;
+// the partial sums are added (exact) before the epilogue.
+
+template <int kBits>
+__attribute__((target("avx512f,avx512bw"))) inline __m512i code_pairs16(__m512i d, int t, __m512i mask) {
+  if constexpr (kBits == 8) {
+    return t == 0 ? _mm512_and_si512(d, mask) : _mm512_srli_epi16(d, 8);
+  } else {
+    if (t == 0) return _mm512_and_si512(d, mask);
+    if (t == 3) return _mm512_srli_epi16(d, 12);
+    return _mm512_and_si512(_mm512_srli_epi32(d, 4 * t), mask);
+  }
+}
+
+constexpr int vnni_chains(int r) { return r >= 8 ? 1 : r >= 4 ? 2 : 4; }  // U for R rows (R x U >= 8)
+
+// R batch rows (m0 .. m0 + R - 1, R <= 8) against sub-block xi of block b: as i16_rows, the int32 sums of 16 rows
+// in one zmm per row and chain, then i16_epilogue's arithmetic (scale = s, offset = s z) into acc [M][16].
+template <int R, int kBits>
+__attribute__((target("avx512f,avx512bw,avx512vnni,fma"))) void vnni_rows(const Problem& P, int64_t b, int64_t xi,
+                                                                          int64_t m0, __m512 scale, __m512 offset,
+                                                                          bool prefetch, float* acc) {
+  static_assert(R >= 1 && R <= 8, "vnni_rows: 1 to 8 batch rows");
+  constexpr int kPerWord = 32 / kBits, kPairsPerWord = kPerWord / 2, U = vnni_chains(R);
+  const int64_t pairs = P.k / 2, words = P.xg / kPerWord;
+  const uint32_t* wb = P.w + (b * (P.k / kPerWord) + xi * words) * kBlockN;
+  const uint32_t* xr = P.xq + m0 * pairs + xi * P.xg / 2;
+  const __m512i mask = _mm512_set1_epi32(kBits == 8 ? 0x00FF00FF : 0x000F000F);
+  const float* sigma = P.xsigma + m0 * P.xblocks + xi;  // read before any store (see TileScales)
+  const float* qsum = P.xqsum + m0 * P.xblocks + xi;
+  __m512i sums[U][R];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) sums[u][r] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < words; ++q, wb += kBlockN, xr += kPairsPerWord) {
+    if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchWords * kBlockN), _MM_HINT_T0);
+    const __m512i d = _mm512_loadu_si512(wb);
+#pragma GCC unroll 4
+    for (int t = 0; t < kPairsPerWord; ++t) {
+      const __m512i c = code_pairs16<kBits>(d, t, mask);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+        sums[t % U][r] = _mm512_dpwssd_epi32(sums[t % U][r], c, _mm512_set1_epi32(static_cast<int>(xr[r * pairs + t])));
+    }
+  }
+  float* out = acc + m0 * kBlockN;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r, out += kBlockN) {
+    __m512i a = sums[0][r];
+#pragma GCC unroll 4
+    for (int u = 1; u < U; ++u) a = _mm512_add_epi32(a, sums[u][r]);
+    const __m512 qs = _mm512_set1_ps(qsum[r * P.xblocks]);
+    const __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(a), scale, _mm512_mul_ps(offset, qs));
+    _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_set1_ps(sigma[r * P.xblocks]), t, _mm512_loadu_ps(out)));
+  }
+}
+
+// int_block for kVnni: sub-block by sub-block, row tiles of up to 8 batch rows (each decoded code pair serves 8).
+template <int kBits>
+__attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) void vnni_block(const Problem& P, int64_t b,
+                                                                               float* acc) {
+  std::fill(acc, acc + P.m * kBlockN, 0.0f);
+  const int64_t per_group = P.g / P.xg;
+  const __m512 units = units16(P, b);
+  for (int64_t gi = 0, xi = 0; gi < P.groups; ++gi) {
+    const StepZero16 st = group_sz16(P, units, b, gi);
+    const __m512 offset = _mm512_mul_ps(st.s, st.z);  // i16_steps: offset = s z
+    for (const int64_t end = xi + per_group; xi < end; ++xi) {
+      int64_t m0 = 0;
+      for (; m0 + 8 <= P.m; m0 += 8) vnni_rows<8, kBits>(P, b, xi, m0, st.s, offset, m0 == 0, acc);
+      switch (P.m - m0) {
+        case 7: vnni_rows<7, kBits>(P, b, xi, m0, st.s, offset, m0 == 0, acc); break;
+        case 6: vnni_rows<6, kBits>(P, b, xi, m0, st.s, offset, m0 == 0, acc); break;
+        case 5: vnni_rows<5, kBits>(P, b, xi, m0, st.s, offset, m0 == 0, acc); break;
+        case 4: vnni_rows<4, kBits>(P, b, xi, m0, st.s, offset, m0 == 0, acc); break;
+        case 3: vnni_rows<3, kBits>(P, b, xi, m0, st.s, offset, m0 == 0, acc); break;
+        case 2: vnni_rows<2, kBits>(P, b, xi, m0, st.s, offset, m0 == 0, acc); break;
+        case 1: vnni_rows<1, kBits>(P, b, xi, m0, st.s, offset, m0 == 0, acc); break;
+        default: break;
+      }
+    }
+  }
+}
+
+// i16_row_block for kVnni (M = 1): the totals of the 16 rows in one register over the whole block, four chains,
+// row_epilogue's arithmetic per sub-block: tot += (s sigma) (A - z Q).
+template <int kBits>
+__attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) void vnni_row_block(const Problem& P, int64_t b,
+                                                                                   float* acc) {
+  constexpr int kPerWord = 32 / kBits, kPairsPerWord = kPerWord / 2, U = vnni_chains(1);
+  const int64_t words = P.xg / kPerWord, subs_per_group = P.g / P.xg;
+  const uint32_t* wb = P.w + b * (P.k / kPerWord) * kBlockN;
+  const uint32_t* xr = P.xq;
+  const float* sigma = P.xsigma;
+  const float* qsum = P.xqsum;
+  const __m512i mask = _mm512_set1_epi32(kBits == 8 ? 0x00FF00FF : 0x000F000F);
+  const __m512 units = units16(P, b);
+  __m512 tot = _mm512_setzero_ps();
+  for (int64_t gi = 0; gi < P.groups; ++gi) {
+    const StepZero16 st = group_sz16(P, units, b, gi);
+    for (int64_t j = 0; j < subs_per_group; ++j, ++sigma, ++qsum) {
+      __m512i sums[U];
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) sums[u] = _mm512_setzero_si512();
+      for (int64_t q = 0; q < words; ++q, wb += kBlockN, xr += kPairsPerWord) {
+        _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchWords * kBlockN), _MM_HINT_T0);
+        const __m512i d = _mm512_loadu_si512(wb);
+#pragma GCC unroll 4
+        for (int t = 0; t < kPairsPerWord; ++t)
+          sums[t % U] = _mm512_dpwssd_epi32(sums[t % U], code_pairs16<kBits>(d, t, mask),
+                                            _mm512_set1_epi32(static_cast<int>(xr[t])));
+      }
+      __m512i a = sums[0];
+#pragma GCC unroll 4
+      for (int u = 1; u < U; ++u) a = _mm512_add_epi32(a, sums[u]);
+      const __m512 sg = _mm512_set1_ps(*sigma), qs = _mm512_set1_ps(*qsum);
+      tot = _mm512_fmadd_ps(_mm512_mul_ps(st.s, sg), _mm512_fnmadd_ps(st.z, qs, _mm512_cvtepi32_ps(a)), tot);
+    }
+  }
+  _mm512_storeu_ps(acc, tot);
 }
 
 // ---- kAmx: AMX-BF16 ----------------------------------------------------------------------------------
@@ -1308,6 +1460,8 @@ bool path_supported(int64_t path, at::ScalarType dtype) {
     case kDequant: return avx2;
     case kI16: return avx2;
     case kI8: return avx2;
+    case kVnni: return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                       __builtin_cpu_supports("avx512vnni");
     default: return false;
   }
 }
@@ -1377,6 +1531,12 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
     } else if (path == kI16) {
       if (P.m == 1) i16_row_block<4>(P, b, acc.data());
       else int_block<false, 4>(P, b, acc.data());
+    } else if (path == kVnni && P.bits == 8) {
+      if (P.m == 1) vnni_row_block<8>(P, b, acc.data());
+      else vnni_block<8>(P, b, acc.data());
+    } else if (path == kVnni) {
+      if (P.m == 1) vnni_row_block<4>(P, b, acc.data());
+      else vnni_block<4>(P, b, acc.data());
     } else if (path == kI8) {
       int_block<true, 4>(P, b, acc.data());
     } else if (path == kBf16Dp) {
@@ -1461,7 +1621,7 @@ void prepare_x(Problem& P, const T* x, const float* c, int64_t path, int64_t nnz
     }
     P.xsum = xsum;
   }
-  if (path == kI16 || path == kI8) {  // x * c in fixed point (16 bits per sub-block of xg <= 128 columns, or 8 bits
+  if (path == kI16 || path == kVnni || path == kI8) {  // x * c in fixed point (16 bits per sub-block of xg <= 128 columns, or 8 bits
                                       // per 32), rows split over the threads (M x K values, read twice)
     const bool i8 = path == kI8;
     P.xg = i8 ? kI8Subblock : i16_subblock(g);
@@ -1501,8 +1661,8 @@ int64_t checked_path(at::IntArrayRef plan, int64_t m, at::ScalarType dtype, int6
   const int64_t path = choose_path(plan, m);
   TORCH_CHECK(path >= 0 && path < kNumPaths && path_supported(path, dtype), "easyquant::cpu_int4_linear: path ", path,
               " is not available on this CPU for ", dtype);
-  TORCH_CHECK(bits == 4 || path == kI16 || path == kDequant, "easyquant::cpu_int4_linear: 8-bit codes take the i16 ",
-              "and dequant paths only; the plan chose path ", path, " for M = ", m);
+  TORCH_CHECK(bits == 4 || path == kI16 || path == kVnni || path == kDequant, "easyquant::cpu_int4_linear: 8-bit ",
+              "codes take the i16, vnni and dequant paths only; the plan chose path ", path, " for M = ", m);
   return path;
 }
 
