@@ -28,8 +28,8 @@
 //                                   column 8q+i in bits 4i..4i+3 (the checkpoint's word)
 //           int32 [N/16, K/4, 16]   8-bit codes, the same transpose: columns 4q..4q+3, column 4q+i in bits
 //                                   8i..8i+7. The op tells the width from w_q's size (K/8 or K/4 words per row);
-//                                   8-bit codes (a quantized lm_head, docs/format.md) take the i16 and dequant
-//                                   paths only.
+//                                   8-bit codes (a quantized lm_head, docs/format.md) take the i16, vnni and
+//                                   dequant paths only.
 //   scales  fp16  [N/16, K/G, 16]   step of rows 16b..16b+15 for group g, contiguous per block; format version 3:
 //           uint8                   the steps' multipliers a, in the same layout
 //   zeros   uint8 [N/16, K/G, 16]   zero point of rows 16b..16b+15 for group g (format version 2: a code; 3: in
@@ -96,7 +96,7 @@ std::atomic<int64_t> g_path_calls[kNumPaths];  // how often each path ran (the t
 // Everything a path needs, as raw pointers (set up per linear by weights_problem and prepare_x).
 struct Problem {
   int64_t m, n, k, g;
-  int64_t bits;            // code width: 4, or 8 (the i16 and dequant paths only)
+  int64_t bits;            // code width: 4, or 8 (the i16, vnni and dequant paths only)
   float sym_zero;          // z without zero points: 2^(bits - 1)
   float zero_unit;         // format version 3: a zero byte's unit in codes, 2^(bits - 8)
   int64_t groups;          // K / G, computed once: the paths' vector stores may alias P (the intrinsics store
@@ -781,9 +781,9 @@ void bf16dp_block(const Problem& P, int64_t b, float* acc) {
 
 // ---- kVnni: the i16 path on AVX512-VNNI ----------------------------------------------------------------
 
-// Why: on an AVX512 CPU the AVX2 i16 loop (above) spends, per word of the block's 16 rows, two ymm loads, eight
-// instructions to form the code pairs, and per batch row 8 broadcasts, 8 vpmaddwd and 8 vpaddd: 24 instructions
-// for 128 MACs. Here one zmm holds the word of all 16 rows (lane j = row j, the blocked layout as it is), four
+// Why: on an AVX512 CPU the AVX2 i16 loop (above) spends, per word of the block's 16 rows, two ymm loads, twelve
+// instructions to form the code pairs, and per batch row 4 broadcasts, 8 vpmaddwd and 8 vpaddd: 20 instructions
+// for 128 MACs. Here one zmm holds the word of all 16 rows (lane j = row j, the blocked layout as it is), six
 // instructions form its four code pairs, and vpdpwssd multiplies int16 pairs and adds them into int32 in one
 // instruction, its x pair broadcast from memory in the same instruction: 4 per batch row for the same 128 MACs.
 // The bf16 paths use the same 16-lane words, but their vdpbf16ps needs the codes turned into bf16 and, at format
@@ -795,8 +795,8 @@ void bf16dp_block(const Problem& P, int64_t b, float* acc) {
 // only so that the plan, the tests and the benchmarks can name and compare the two on one CPU.
 //
 // Chains: vpdpwssd's accumulator is a dependency, about 5 cycles on the Intel cores that have it, one issued
-// per cycle. So each batch row spreads a word's four pairs over U partial sums (U chains per row) until R x U >= 8;
-// the partial sums are added (exact) before the epilogue.
+// per cycle. So each batch row spreads a word's pairs over U = min(4, 8 / R) partial sums (U chains per row; 8-bit
+// codes have two pairs per word, so at most two of them are used), added (exact) before the epilogue.
 
 template <int kBits>
 __attribute__((target("avx512f,avx512bw"))) inline __m512i code_pairs16(__m512i d, int t, __m512i mask) {
@@ -853,7 +853,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,fma"))) void vnni_rows(const 
   }
 }
 
-// int_block for kVnni: sub-block by sub-block, row tiles of up to 8 batch rows (each decoded code pair serves 8).
+// int_block for kVnni: sub-block by sub-block, row tiles of up to 8 batch rows (each decoded code pair serves up to
+// 8).
 template <int kBits>
 __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) void vnni_block(const Problem& P, int64_t b,
                                                                                float* acc) {
@@ -880,8 +881,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) void vnni_block(
   }
 }
 
-// i16_row_block for kVnni (M = 1): the totals of the 16 rows in one register over the whole block, four chains,
-// row_epilogue's arithmetic per sub-block: tot += (s sigma) (A - z Q).
+// i16_row_block for kVnni (M = 1): the totals of the 16 rows in one register over the whole block, four chains (two
+// for 8-bit codes), row_epilogue's arithmetic per sub-block: tot += (s sigma) (A - z Q).
 template <int kBits>
 __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) void vnni_row_block(const Problem& P, int64_t b,
                                                                                    float* acc) {
@@ -1621,8 +1622,9 @@ void prepare_x(Problem& P, const T* x, const float* c, int64_t path, int64_t nnz
     }
     P.xsum = xsum;
   }
-  if (path == kI16 || path == kVnni || path == kI8) {  // x * c in fixed point (16 bits per sub-block of xg <= 128 columns, or 8 bits
-                                      // per 32), rows split over the threads (M x K values, read twice)
+  // x * c in fixed point (16 bits per sub-block of xg <= 128 columns, or 8 bits per 32), rows split over the
+  // threads (M x K values, read twice)
+  if (path == kI16 || path == kVnni || path == kI8) {
     const bool i8 = path == kI8;
     P.xg = i8 ? kI8Subblock : i16_subblock(g);
     P.xblocks = k / P.xg;
