@@ -819,12 +819,11 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,fma"))) void vnni_rows(const 
                                                                           bool prefetch, float* acc) {
   static_assert(R >= 1 && R <= 8, "vnni_rows: 1 to 8 batch rows");
   constexpr int kPerWord = 32 / kBits, kPairsPerWord = kPerWord / 2, U = vnni_chains(R);
-  const int64_t pairs = P.k / 2, words = P.xg / kPerWord;
+  const int64_t pairs = P.k / 2, subblocks = P.xblocks, words = P.xg / kPerWord;
   const uint32_t* wb = P.w + (b * (P.k / kPerWord) + xi * words) * kBlockN;
   const uint32_t* xr = P.xq + m0 * pairs + xi * P.xg / 2;
   const __m512i mask = _mm512_set1_epi32(kBits == 8 ? 0x00FF00FF : 0x000F000F);
-  const float* sigma = P.xsigma + m0 * P.xblocks + xi;  // read before any store (see TileScales)
-  const float* qsum = P.xqsum + m0 * P.xblocks + xi;
+  const TileScales sc(P, m0, xi);
   __m512i sums[U][R];
 #pragma GCC unroll 8
   for (int u = 0; u < U; ++u)
@@ -847,9 +846,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,fma"))) void vnni_rows(const 
     __m512i a = sums[0][r];
 #pragma GCC unroll 4
     for (int u = 1; u < U; ++u) a = _mm512_add_epi32(a, sums[u][r]);
-    const __m512 qs = _mm512_set1_ps(qsum[r * P.xblocks]);
+    const __m512 qs = _mm512_set1_ps(sc.qsum[r * subblocks]);
     const __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(a), scale, _mm512_mul_ps(offset, qs));
-    _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_set1_ps(sigma[r * P.xblocks]), t, _mm512_loadu_ps(out)));
+    _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_set1_ps(sc.sigma[r * subblocks]), t, _mm512_loadu_ps(out)));
   }
 }
 
