@@ -117,7 +117,7 @@ struct Problem {
   const float* xt;         // [K][mp] x^T in fp32, mp = M rounded up to xt_lanes (outliers that many batch rows at
                            // a time: 16 with AVX512, 8 with AVX2), or null
   int64_t mp, xt_lanes;    // xt_lanes: 0 where xt is null
-  const uint16_t* xpad;    // [mp][K] x, zero rows past M (AMX A tiles are 16 rows), or null
+  const uint16_t* xtile;   // [ceil(M/16)][K/32][16][32] x as whole AMX A tiles (1 KB each), zero rows past M, or null
   int64_t xg;              // columns per x sub-block of the i16 path (divides G), else 0
   int64_t xblocks;         // K / xg (computed once, as groups)
   const uint32_t* xq;      // [M][K/2] int16 pairs of x * c, i16 layout (StoreI16); [M][K/4] int8 quads, i8 layout
@@ -920,16 +920,37 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) void vnni_row_bl
 
 // ---- kAmx: AMX-BF16 ----------------------------------------------------------------------------------
 
-// Tile registers (all 16 rows x 64 bytes): 0-3 accumulate C (16 batch rows x 16 output rows, fp32) for up
-// to four 16-row slices of the batch; 4 and 7 take A (16 batch rows x 32 bf16 of x), 5 and 6 take B
-// (16 k-pairs x 16 output rows x 2 bf16: 16 registers of bf16_codes()). A and B alternate between two
-// registers each: tiles are not renamed, so a load into the register the previous tdpbf16ps still reads
-// would wait for it.
+// Tile registers (all 16 rows x 64 bytes): 0-3 accumulate C (16 batch rows x 16 output rows, fp32), 4 and 7
+// take A (16 batch rows x 32 bf16 of x), 5 and 6 take B (16 k-pairs x 16 output rows x 2 bf16: 16 registers
+// of bf16 codes). A and B alternate between two registers each: tiles are not renamed, so a load into the
+// register the previous tdpbf16ps still reads would wait for it.
+//
+// Why the C tiles rotate: a group of 32 columns (the default format) is one tdpbf16ps, and its C tile must be
+// stored and scaled before the next group can use the register; storing it right after its tdpbf16ps waits for
+// the product's latency on every group. So the groups take the four C tiles by turns and a group's tile is
+// stored and folded in three groups later, while the next groups' products run.
+//
+// Why B is written per chunk and A comes pre-tiled: a block's B tiles for all of K (K * 32 bytes: 48 KB at
+// K = 1536, 280 KB at K = 8960) and x's rows (a tile load of 16 rows at stride 2K touches 16 lines) did not
+// fit L1 together, and a tile load from L2 took 2.5x one from L1 here (7 against 2.8 ns per KB). Now each
+// chunk's B tile (1 KB) is written into a ring of four a chunk ahead of its load (a tile load does not take
+// its data from the store buffer), and x is laid out once per call as whole 1 KB A tiles (prepare_x: xtile).
+//
+// Where the time goes (Xeon with AMX, 2026-12-06, microbenchmarks of the pieces): the tile unit's part of a
+// chunk (two tile loads, tdpbf16ps, the C tile's store) is ~14 ns; writing the B tile ~8 ns and folding a
+// 16-row group in ~20 ns are vector work, and 512-bit operations ran at ~1.6 per ns there. The fold (two FMAs
+// per row and group, for the group's step and its zero) is the larger part, which is why the sums stay in
+// registers and only the slice's rows (rounded up to 4) are folded.
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
+
+constexpr int64_t kAmxCTiles = 4;   // C tile registers 0-3
+constexpr int64_t kAmxRing = 4;     // B tiles written ahead of their loads (a ring of 1 KB slots)
+constexpr int64_t kAmxAhead = 2;    // chunks between writing a B tile and loading it
+constexpr int64_t kTileElems = 512;  // bf16 per 1 KB tile (16 rows x 32)
 
 bool request_amx() {
   // Linux grants the AMX tile state to a process only on request (else the first tile instruction is
@@ -952,136 +973,126 @@ __attribute__((target("amx-tile"))) void amx_configure() {
 
 __attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
 
-// The block's codes as B tiles: panel + 512 * c (uint16) is the 1 KB tile of columns 32c .. 32c + 31.
-__attribute__((target("avx512f"))) void amx_panel(const Problem& P, int64_t b, uint16_t* panel) {
-  const int64_t words = P.k / 8;
-  const uint32_t* wb = P.w + b * words * kBlockN;
-  for (int64_t q = 0; q < words; ++q) {
-    _mm_prefetch(reinterpret_cast<const char*>(wb + (q + kPrefetchWords) * kBlockN), _MM_HINT_T0);
-    const __m512i d = _mm512_loadu_si512(wb + q * kBlockN);
-    for (int t = 0; t < 4; ++t)
-      _mm512_store_si512(panel + (4 * q + t) * 32, bf16_codes(t ? _mm512_srli_epi32(d, 8 * t) : d));
-  }
-}
-
-// C tile t += A(x rows m0 + 16t ..) . B(chunk c); A and B registers alternate by chunk parity.
-#define EQ_AMX_CHUNK(BREG, AREG)                                                                    \
-  do {                                                                                              \
-    _tile_loadd(BREG, panel + c * 512, 64);                                                         \
-    const uint16_t* xa = P.xpad + m0 * P.k + 32 * c;                                                \
-    _tile_loadd(AREG, xa, stride);                                                                  \
-    _tile_dpbf16ps(0, AREG, BREG);                                                                  \
-    if (T > 1) { _tile_loadd(AREG, xa + 16 * P.k, stride); _tile_dpbf16ps(1, AREG, BREG); }         \
-    if (T > 2) { _tile_loadd(AREG, xa + 32 * P.k, stride); _tile_dpbf16ps(2, AREG, BREG); }         \
-    if (T > 3) { _tile_loadd(AREG, xa + 48 * P.k, stride); _tile_dpbf16ps(3, AREG, BREG); }         \
-  } while (0)
-
-template <int T>
-__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,f16c"))) void amx_slices(const Problem& P, int64_t b,
-                                                                                 int64_t m0, const uint16_t* panel,
-                                                                                 float* acc) {
-  const int64_t groups = P.groups, chunks_per_group = P.g / 32;
-  const __m512 units = units16(P, b);
-  const int64_t stride = P.k * 2;  // bytes between batch rows of x
-  alignas(64) float ctile[16 * 16];
-  for (int64_t gi = 0; gi < groups; ++gi) {
-    _tile_zero(0);
-    if (T > 1) _tile_zero(1);
-    if (T > 2) _tile_zero(2);
-    if (T > 3) _tile_zero(3);
-    for (int64_t c = gi * chunks_per_group; c < (gi + 1) * chunks_per_group; ++c) {
-      if (c % 2 == 0) EQ_AMX_CHUNK(5, 4);
-      else EQ_AMX_CHUNK(6, 7);
-    }
-    const Steps16 st = group_steps16(P, units, b, gi);
-    for (int t = 0; t < T; ++t) {
-      switch (t) {
-        case 0: _tile_stored(0, ctile, 64); break;
-        case 1: _tile_stored(1, ctile, 64); break;
-        case 2: _tile_stored(2, ctile, 64); break;
-        default: _tile_stored(3, ctile, 64); break;
-      }
-      const int64_t rows = std::min<int64_t>(16, P.m - m0 - 16 * t);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t m = m0 + 16 * t + r;
-        float* out = acc + m * kBlockN;
-        const __m512 c =
-            _mm512_fnmadd_ps(st.offset, _mm512_set1_ps(P.xsum[m * groups + gi]), _mm512_load_ps(ctile + r * 16));
-        _mm512_storeu_ps(out, _mm512_fmadd_ps(st.s, c, _mm512_loadu_ps(out)));
-      }
+// The B tile of columns 32c .. 32c + 31 of block b (four words of codes at wc) into dst (1 KB, 64-byte aligned):
+// bf16_codes' dwords, with one vpmultishiftqb (AVX512-VBMI, every AMX CPU has it) and one ternary-logic operation
+// each. vpmultishiftqb copies any 8-bit field of a qword into each of its bytes: byte 0 of row j's dword gets
+// bits 8t.. (codes 2t and 2t + 1), byte 2 gets bits 8t + 4.. (code 2t + 1 in its low nibble); the ternary logic
+// keeps the low nibbles and sets the bf16 exponent, 0x4300. On this path the vector unit, not the tile unit, is
+// the bottleneck (an AMX tdpbf16ps and its two tile loads take ~12 ns; bf16_codes' 60 zmm operations per tile
+// took ~11 ns, these 32 ~8 ns, cache-hot).
+__attribute__((target("avx512f,avx512vbmi"))) inline void amx_b_tile(const uint32_t* wc, uint16_t* dst) {
+  _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetchWords * kBlockN), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(wc + (kPrefetchWords + 2) * kBlockN), _MM_HINT_T0);
+  const __m512i low_nibbles = _mm512_set1_epi32(0x000F000F), exponent = _mm512_set1_epi32(0x43004300);
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) {
+    const __m512i d = _mm512_loadu_si512(wc + q * kBlockN);
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; ++t) {
+      // per qword (rows j, j + 1): field offsets 8t, 8t + 4 into bytes 0, 2 and 32 + 8t, 36 + 8t into bytes 4, 6
+      const uint64_t offsets = uint64_t(8 * t) | uint64_t(8 * t + 4) << 16 | uint64_t(32 + 8 * t) << 32 |
+                               uint64_t(36 + 8 * t) << 48;
+      const __m512i fields = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(static_cast<long long>(offsets)), d);
+      _mm512_store_si512(dst + (4 * q + t) * 32, _mm512_ternarylogic_epi32(fields, low_nibbles, exponent, 0xEA));
     }
   }
 }
-#undef EQ_AMX_CHUNK
 
-// acc rows m0 .. m0 + rows += step * (C - (128 + z) sum(x)): one group's C tile (in ctile) corrected, scaled.
-// units: the block's units16 (both functions are AVX512 targets: the vector argument keeps one ABI).
-__attribute__((target("avx512f,f16c"))) void amx_fixup(const Problem& P, int64_t b, __m512 units, const float* ctile,
-                                                       int64_t m0, int64_t rows, int64_t gi, float* acc) {
-  const int64_t groups = P.groups;
-  const Steps16 st = group_steps16(P, units, b, gi);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t m = m0 + r;
-    const __m512 c =
-        _mm512_fnmadd_ps(st.offset, _mm512_set1_ps(P.xsum[m * groups + gi]), _mm512_load_ps(ctile + r * 16));
-    _mm512_storeu_ps(acc + m * kBlockN, _mm512_fmadd_ps(st.s, c, _mm512_loadu_ps(acc + m * kBlockN)));
+// Tile register ids are immediates: these pick one of the four C tiles by a run-time index.
+__attribute__((target("amx-tile"))) inline void amx_zero_c(int64_t c) {
+  switch (c) {
+    case 0: _tile_zero(0); break;
+    case 1: _tile_zero(1); break;
+    case 2: _tile_zero(2); break;
+    default: _tile_zero(3); break;
   }
 }
 
-// One 16-row slice (M <= 16, decode): consecutive groups accumulate in C tiles 0 and 1 by turns, so the
-// tdpbf16ps chain of a group overlaps with storing and scaling the previous group's C tile (a tile store
-// waits for its tile's last tdpbf16ps, ~50 cycles of latency that would otherwise stall every group).
-#define EQ_AMX_ONE(CREG, BREG, AREG)                                                     \
-  do {                                                                                   \
-    _tile_loadd(BREG, panel + c * 512, 64);                                              \
-    _tile_loadd(AREG, P.xpad + m0 * P.k + 32 * c, stride);                               \
-    _tile_dpbf16ps(CREG, AREG, BREG);                                                    \
+__attribute__((target("amx-tile"))) inline void amx_store_c(int64_t c, float* dst) {
+  switch (c) {
+    case 0: _tile_stored(0, dst, 64); break;
+    case 1: _tile_stored(1, dst, 64); break;
+    case 2: _tile_stored(2, dst, 64); break;
+    default: _tile_stored(3, dst, 64); break;
+  }
+}
+
+// C tile C += A (register AREG, loaded here from a) . B (register BREG, already loaded). GCC's tile intrinsics
+// are macros that paste the register number into the instruction text: the registers must be literals (no
+// template parameters).
+#define EQ_AMX_DOT(AREG, BREG, C, A)                \
+  do {                                              \
+    _tile_loadd(AREG, (A), 64);                     \
+    switch (C) {                                    \
+      case 0: _tile_dpbf16ps(0, AREG, BREG); break; \
+      case 1: _tile_dpbf16ps(1, AREG, BREG); break; \
+      case 2: _tile_dpbf16ps(2, AREG, BREG); break; \
+      default: _tile_dpbf16ps(3, AREG, BREG); break; \
+    }                                               \
   } while (0)
 
-__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,f16c"))) void amx_one_slice(const Problem& P, int64_t b,
-                                                                                    int64_t m0,
-                                                                                    const uint16_t* panel,
-                                                                                    float* acc) {
-  const int64_t groups = P.groups, chunks_per_group = P.g / 32;
+// Batch rows m0 .. m0 + 15 (a slice: one A tile per chunk of 32 columns) against block b. Per chunk one B tile
+// (amx_b_tile, kAmxAhead chunks ahead) and one tdpbf16ps into the group's C tile; per group the C tile is stored
+// and folded into the R rows' sums (the slice's rows rounded up to a multiple of 4), which stay in zmm registers
+// for the whole block: two FMAs per row and group and a load of its C row. (Sums kept in memory, as several
+// slices at once would need, cost a load and a store more per row and group: more than writing the B tiles again
+// for each slice.) Rows past M have zero x and zero group sums: their sums stay zero and are not stored.
+#define EQ_AMX_FLUSH16(GI)                                                                                   \
+  do {                                                                                                       \
+    amx_store_c((GI) % kAmxCTiles, ctile);                                                                   \
+    const Steps16 st = group_steps16(P, units, b, (GI));                                                     \
+    const float* xs = P.xsum + m0 * groups + (GI);                                                           \
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) sum[r] = _mm512_fmadd_ps(                           \
+        st.s, _mm512_fnmadd_ps(st.offset, _mm512_set1_ps(xs[r * groups]), _mm512_load_ps(ctile + r * 16)), \
+        sum[r]);                                                                                             \
+  } while (0)
+
+template <int R>
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) void amx_slice(const Problem& P,
+                                                                                           int64_t b, int64_t m0,
+                                                                                           uint16_t* ring, float* acc) {
+  constexpr int64_t depth = kAmxCTiles;
+  const int64_t groups = P.groups, chunks_per_group = P.g / 32, chunks = P.k / 32;
   const __m512 units = units16(P, b);
-  const int64_t stride = P.k * 2;
-  const int64_t rows = std::min<int64_t>(16, P.m - m0);
+  const uint32_t* wb = P.w + b * (P.k / 8) * kBlockN;
+  const uint16_t* xa = P.xtile + (m0 / 16) * chunks * kTileElems;
   alignas(64) float ctile[16 * 16];
+  __m512 sum[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < std::min(kAmxAhead, chunks); ++c) amx_b_tile(wb + c * 4 * kBlockN, ring + c * kTileElems);
   for (int64_t gi = 0; gi < groups; ++gi) {
-    const bool even = gi % 2 == 0;
-    if (even) _tile_zero(0);
-    else _tile_zero(1);
+    amx_zero_c(gi % depth);
     for (int64_t c = gi * chunks_per_group; c < (gi + 1) * chunks_per_group; ++c) {
-      if (even) {
-        if (c % 2 == 0) EQ_AMX_ONE(0, 5, 4);
-        else EQ_AMX_ONE(0, 6, 7);
+      if (c + kAmxAhead < chunks)
+        amx_b_tile(wb + (c + kAmxAhead) * 4 * kBlockN, ring + ((c + kAmxAhead) % kAmxRing) * kTileElems);
+      const uint16_t* bt = ring + (c % kAmxRing) * kTileElems;
+      if (c % 2 == 0) {
+        _tile_loadd(5, bt, 64);
+        EQ_AMX_DOT(4, 5, gi % depth, xa + c * kTileElems);
       } else {
-        if (c % 2 == 0) EQ_AMX_ONE(1, 5, 4);
-        else EQ_AMX_ONE(1, 6, 7);
+        _tile_loadd(6, bt, 64);
+        EQ_AMX_DOT(7, 6, gi % depth, xa + c * kTileElems);
       }
     }
-    if (gi > 0) {  // the previous group, while this one's products run
-      if (even) _tile_stored(1, ctile, 64);
-      else _tile_stored(0, ctile, 64);
-      amx_fixup(P, b, units, ctile, m0, rows, gi - 1, acc);
-    }
+    if (gi >= depth - 1) EQ_AMX_FLUSH16(gi - (depth - 1));
   }
-  if ((groups - 1) % 2 == 0) _tile_stored(0, ctile, 64);
-  else _tile_stored(1, ctile, 64);
-  amx_fixup(P, b, units, ctile, m0, rows, groups - 1, acc);
+  for (int64_t gi = std::max<int64_t>(0, groups - (depth - 1)); gi < groups; ++gi) EQ_AMX_FLUSH16(gi);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    if (m0 + r < P.m) _mm512_storeu_ps(acc + (m0 + r) * kBlockN, sum[r]);
 }
-#undef EQ_AMX_ONE
+#undef EQ_AMX_FLUSH16
+#undef EQ_AMX_DOT
 
-void amx_block(const Problem& P, int64_t b, float* acc, uint16_t* panel) {
-  std::fill(acc, acc + P.m * kBlockN, 0.0f);
-  amx_panel(P, b, panel);
-  for (int64_t m0 = 0; m0 < P.m; m0 += 64) {
-    switch (std::min<int64_t>(4, (P.m - m0 + 15) / 16)) {
-      case 4: amx_slices<4>(P, b, m0, panel, acc); break;
-      case 3: amx_slices<3>(P, b, m0, panel, acc); break;
-      case 2: amx_slices<2>(P, b, m0, panel, acc); break;
-      default: amx_one_slice(P, b, m0, panel, acc); break;
-    }
+// ring: kAmxRing B tiles (64-byte aligned scratch of the thread).
+void amx_block(const Problem& P, int64_t b, float* acc, uint16_t* ring) {
+  for (int64_t m0 = 0; m0 < P.m; m0 += 16) {
+    const int64_t rows = std::min<int64_t>(16, P.m - m0);
+    if (rows > 12) amx_slice<16>(P, b, m0, ring, acc);
+    else if (rows > 8) amx_slice<12>(P, b, m0, ring, acc);
+    else if (rows > 4) amx_slice<8>(P, b, m0, ring, acc);
+    else amx_slice<4>(P, b, m0, ring, acc);
   }
 }
 
@@ -1456,7 +1467,7 @@ bool path_supported(int64_t path, at::ScalarType dtype) {
   switch (path) {
     case kFma: return avx2;
     case kBf16Dp: return avx512bf16 && dtype == at::kBFloat16;
-    case kAmx: return avx512bf16 && amx && dtype == at::kBFloat16 && request_amx();
+    case kAmx: return avx512bf16 && amx && __builtin_cpu_supports("avx512vbmi") && dtype == at::kBFloat16 && request_amx();
     case kDequant: return avx2;
     case kI16: return avx2;
     case kI8: return avx2;
@@ -1506,13 +1517,13 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
   std::vector<float> sums(P.xt_lanes == 8 ? P.mp * kBlockN : 0);  // outliers_transposed8's row sums
   std::vector<char> scratch;
   float* panel32 = nullptr;
-  uint16_t* panel16 = nullptr;
+  uint16_t* ring = nullptr;  // the amx path's B tiles
   if (path == kFma && P.m > 2) {
     scratch.resize(kChunkK * kBlockN * sizeof(float) + 64);
     panel32 = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
   } else if (path == kAmx) {
-    scratch.resize(P.k * kBlockN * sizeof(uint16_t) + 64);
-    panel16 = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
+    scratch.resize(kAmxRing * kTileElems * sizeof(uint16_t) + 64);
+    ring = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
     amx_configure();
   }
   for (int64_t b = b0; b < b1; ++b) {
@@ -1542,7 +1553,7 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
     } else if (path == kBf16Dp) {
       bf16dp_block(P, b, acc.data());
     } else {
-      amx_block(P, b, acc.data(), panel16);
+      amx_block(P, b, acc.data(), ring);
     }
     if (P.xt_lanes == 16) outliers_transposed(P, b, acc.data());  // xt_lanes is set (16 or 8) only with xt
     else if (P.xt_lanes == 8) outliers_transposed8(P, b, acc.data(), sums.data());
@@ -1556,12 +1567,12 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
 // Per-call buffers of x in its forms (see Problem), grown on demand and kept (see scratch).
 struct Scratch {
   std::vector<float> xf, xs, xsum, xt, xsigma, xqsum;
-  std::vector<uint16_t> xh, xpad;
+  std::vector<uint16_t> xh, xtile;
   std::vector<uint32_t> xq;
 
   size_t bytes() const {
     return (xf.capacity() + xs.capacity() + xsum.capacity() + xt.capacity() + xsigma.capacity() +
-            xqsum.capacity() + xq.capacity()) * 4 + (xh.capacity() + xpad.capacity()) * 2;
+            xqsum.capacity() + xq.capacity()) * 4 + (xh.capacity() + xtile.capacity()) * 2;
   }
 };
 
@@ -1611,7 +1622,10 @@ void prepare_x(Problem& P, const T* x, const float* c, int64_t path, int64_t nnz
   P.xs = xs;
   P.xh = xh;
   if (bf16_path) {  // the sum over each group of what vdpbf16ps / the tiles multiply: removes the codes' offset
-    float* xsum = scratch(S.xsum, m * (k / g));
+    // the amx path reads whole 16-row slices of the sums: rows past M sum to zero
+    const int64_t sum_rows = path == kAmx ? (m + 15) / 16 * 16 : m;
+    float* xsum = scratch(S.xsum, sum_rows * (k / g));
+    std::fill(xsum + m * (k / g), xsum + sum_rows * (k / g), 0.0f);
     if (xh == reinterpret_cast<const uint16_t*>(x)) {
       group_sums(xf, m, k, g, xsum);
     } else {  // sums of the rounded x * c
@@ -1647,12 +1661,17 @@ void prepare_x(Problem& P, const T* x, const float* c, int64_t path, int64_t nnz
     else transpose_x8(xf, m, k, P.mp, xt);
     P.xt = xt;
   }
-  if (path == kAmx) {  // whole 16-row slices for the A tiles: zero rows past M
-    const int64_t rows = (m + 15) / 16 * 16;
-    uint16_t* xpad = scratch(S.xpad, rows * k);
-    std::memcpy(xpad, xh, m * k * sizeof(uint16_t));
-    std::memset(xpad + m * k, 0, (rows - m) * k * sizeof(uint16_t));
-    P.xpad = xpad;
+  if (path == kAmx) {  // x as A tiles: slice s (rows 16s ..), chunk c (columns 32c ..) at tile s * K/32 + c
+    const int64_t slices = (m + 15) / 16, chunks = k / 32;
+    uint16_t* xtile = scratch(S.xtile, slices * 16 * k);
+    for (int64_t s = 0; s < slices; ++s)
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int64_t r = 0; r < 16; ++r) {
+          uint16_t* dst = xtile + ((s * chunks + c) * 16 + r) * 32;
+          if (16 * s + r < m) std::memcpy(dst, xh + (16 * s + r) * k + 32 * c, 32 * sizeof(uint16_t));
+          else std::memset(dst, 0, 32 * sizeof(uint16_t));
+        }
+    P.xtile = xtile;
   }
 }
 
