@@ -496,12 +496,12 @@ def test_default_plan_per_isa(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(native.ENV_PLAN, raising=False)
     avx2 = ("fma", "dequant", "i16", "i8")
     avx512 = (*avx2, "bf16dp", "vnni")  # AVX512-BF16 and VNNI, no AMX (AMD Zen 4)
-    assert native.plan_text(native.default_plan(torch.bfloat16, native.PATHS)) == "vnni:6,amx:192,dequant"
+    assert native.plan_text(native.default_plan(torch.bfloat16, native.PATHS)) == "vnni:6,amx:160,dequant"
     assert native.plan_text(native.default_plan(torch.bfloat16, avx512)) == "vnni:128,dequant"
     assert native.plan_text(native.default_plan(torch.float16, (*avx2, "vnni"))) == "vnni"
     # without VNNI (an AVX512 CPU that lacks it): the bf16 paths as before, i16 for fp16
     no_vnni = tuple(p for p in native.PATHS if p != "vnni")
-    assert native.plan_text(native.default_plan(torch.bfloat16, no_vnni)) == "bf16dp:2,amx:192,dequant"
+    assert native.plan_text(native.default_plan(torch.bfloat16, no_vnni)) == "bf16dp:2,amx:160,dequant"
     assert native.plan_text(native.default_plan(torch.bfloat16, (*avx2, "bf16dp"))) == "bf16dp:128,dequant"
     assert native.plan_text(native.default_plan(torch.float16, ("fma", "dequant", "i16"))) == "i16"
     for dtype in (torch.bfloat16, torch.float16):  # an AVX2-only CPU has i8 too: never planned

@@ -112,12 +112,12 @@ def default_plan(dtype: torch.dtype, paths: Sequence[str], bits: int = 4) -> lis
 
     The bounds are crossovers measured layer by layer (docs/serving.md, ``bench/cpu_kernels.py``). The integer
     path is the AVX512-VNNI one (``vnni``) where the CPU has it, else ``i16`` (the same outputs, AVX2). With AMX:
-    ``vnni`` to 6 rows, the AMX tiles to 192, then dequantize + oneDNN's GEMM (AMX). On Qwen2.5-1.5B's layers
+    ``vnni`` to 6 rows, the AMX tiles to 160, then dequantize + oneDNN's GEMM (AMX). On Qwen2.5-1.5B's layers
     (format 3, g32, 2 threads, one pass; 2026-12-06) ``vnni`` was 2x faster than ``amx`` at one row and ~1.1x at
-    4-5 rows, about even at 6, and ``amx`` 1.15x faster at 8 and 1.7x at 16; ``amx`` beat dequant + oneDNN 3-9x
-    at 16-96 rows, 1.5x at 128, evenly at 192 and lost at 256. With AVX512-BF16 and VNNI but no AMX:
-    ``vnni`` to 128 rows (1.5-2.1x ``bf16dp``'s speed at every M measured, formats 2 and 3), then dequant, the
-    bound measured for ``bf16dp``. With AVX2 only (or fp16 activations, which the bf16 paths do not take), the
+    4-5 rows, about even at 6, and ``amx`` 1.15x faster at 8 and 1.7x at 16; ``amx`` beat dequant + oneDNN 2-6x
+    at 16-64 rows and 1.3-1.5x at 128, and lost to it by 1.1-1.45x at 192 and 1.5x at 256. With AVX512-BF16 and
+    VNNI but no AMX: ``vnni`` to 128 rows (1.5-2.1x ``bf16dp``'s speed at every M measured, formats 2 and 3), then
+    dequant, the bound measured for ``bf16dp``. With AVX2 only (or fp16 activations, which the bf16 paths do not take), the
     integer path for every M: ``i16`` ran 1.5-3.2x faster than the fma path at M = 1-64 on AVX2 (1.3x at 128
     and 256), and the dense GEMM that dequant hands over to (no native bf16 there) was 4.5-11x slower.
 
@@ -138,7 +138,7 @@ def default_plan(dtype: torch.dtype, paths: Sequence[str], bits: int = 4) -> lis
     if plan is not None:
         return plan
     if "amx" in paths:
-        steps = [("vnni", 6) if vnni else ("bf16dp", 2), ("amx", 192), ("dequant", 0)]
+        steps = [("vnni", 6) if vnni else ("bf16dp", 2), ("amx", 160), ("dequant", 0)]
     elif "bf16dp" in paths:
         steps = [("vnni" if vnni else "bf16dp", 128), ("dequant", 0)]
     else:

@@ -1284,7 +1284,7 @@ __attribute__((target("avx2,fma,f16c"))) void store_block(const Problem& P, int6
 // __m256 by value across that boundary breaks the ABI.)
 template <typename T>
 __attribute__((target("avx2,fma,f16c"))) void dequant_blocks(const Problem& P, const float* c, T* w, int64_t b0,
-                                                             int64_t b1) {
+                                                             int64_t b1, int64_t row0 = 0) {
   const bool wide = P.bits == 8;
   const int64_t per_word = 32 / P.bits, words = P.k / per_word, chunks_per_group = P.g / 8;  // 8 columns a chunk
   const __m256i shifts = wide ? _mm256_setr_epi32(0, 8, 16, 24, 0, 8, 16, 24)
@@ -1294,7 +1294,7 @@ __attribute__((target("avx2,fma,f16c"))) void dequant_blocks(const Problem& P, c
   for (int64_t b = b0; b < b1; ++b) {
     const uint32_t* wb = P.w + b * words * kBlockN;
     for (int64_t j = 0; j < kBlockN; ++j) {
-      T* row = w + (b * kBlockN + j) * P.k;
+      T* row = w + (b * kBlockN + j - row0) * P.k;
       for (int64_t gi = 0; gi < P.groups; ++gi) {
         const __m256 s = _mm256_set1_ps(row_step(P, b, gi, j)), z = _mm256_set1_ps(row_zero(P, b, gi, j));
         for (int64_t q = gi * chunks_per_group; q < (gi + 1) * chunks_per_group; ++q) {
@@ -1688,15 +1688,33 @@ int64_t checked_path(at::IntArrayRef plan, int64_t m, at::ScalarType dtype, int6
 
 void count_path(int64_t path) { g_path_calls[path].fetch_add(1, std::memory_order_relaxed); }
 
-// W' [N, K] in `options`' dtype (bf16 / fp16) for ATen's GEMM (the kDequant path).
-at::Tensor dequant_weight(const Problem& P, const float* c, const at::TensorOptions& options) {
-  at::Tensor w = at::empty({P.n, P.k}, options);
-  const bool bf16 = options.dtype() == at::kBFloat16;
-  at::parallel_for(0, P.n / kBlockN, 1, [&](int64_t b0, int64_t b1) {
-    if (bf16) dequant_blocks<at::BFloat16>(P, c, w.data_ptr<at::BFloat16>(), b0, b1);
-    else dequant_blocks<at::Half>(P, c, w.data_ptr<at::Half>(), b0, b1);
-  });
-  return w;
+// The kDequant path: y [M, N] = x [M, K] @ W'^T (+ bias), W' in x's dtype, bit-identical to the reference
+// dequantize (outliers included), handed to ATen's GEMM (oneDNN; AMX where present) a tile of rows at a time.
+// Why tiles: W' of a whole layer written to a fresh tensor each call (55 MB for a 17920 x 1536 layer) paid the
+// page faults of its first touch every call (~20 ms per such layer here, more than its GEMM at 256 rows) and
+// then went through memory twice. A tile of ~4 MB lives in one grow-only buffer per thread and is still in
+// cache when the GEMM reads it. Each tile's GEMM writes its own columns of y (a strided view, ldc = N) with the
+// bias added in the GEMM, as at::linear does.
+constexpr int64_t kDequantTileBytes = int64_t{4} << 20;
+
+void dequant_mm(const Problem& P, const float* c, const at::Tensor& x, const at::Tensor& bias, at::Tensor& y) {
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const int64_t tile_rows =
+      std::min(P.n, std::max<int64_t>(kBlockN, kDequantTileBytes / (2 * P.k) / kBlockN * kBlockN));
+  thread_local at::Tensor buffer;
+  if (!buffer.defined() || buffer.numel() < tile_rows * P.k || buffer.scalar_type() != x.scalar_type())
+    buffer = at::empty({tile_rows * P.k}, x.options());
+  for (int64_t n0 = 0; n0 < P.n; n0 += tile_rows) {
+    const int64_t rows = std::min(tile_rows, P.n - n0);
+    at::Tensor w = buffer.narrow(0, 0, rows * P.k).view({rows, P.k});
+    at::parallel_for(n0 / kBlockN, (n0 + rows) / kBlockN, 1, [&](int64_t b0, int64_t b1) {
+      if (bf16) dequant_blocks<at::BFloat16>(P, c, w.data_ptr<at::BFloat16>(), b0, b1, n0);
+      else dequant_blocks<at::Half>(P, c, w.data_ptr<at::Half>(), b0, b1, n0);
+    });
+    at::Tensor out = y.narrow(1, n0, rows);
+    if (bias.defined()) at::addmm_out(out, bias.narrow(0, n0, rows), x, w.t());
+    else at::mm_out(out, x, w.t());
+  }
 }
 
 // The 16-row blocks of several prepared linears in one parallel region. Thread t takes the blocks whose work
@@ -1852,8 +1870,9 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   Problem P = weights_problem(W, m);
   if (path == kDequant) {
-    const at::Tensor w = dequant_weight(P, W.c, x.options());
-    return bias ? at::linear(x, w, b) : at::linear(x, w);
+    at::Tensor y = at::empty({m, n}, x.options());
+    dequant_mm(P, W.c, x, b, y);
+    return y;
   }
   thread_local Scratch buffers;
   if (bf16) prepare_x(P, x.data_ptr<at::BFloat16>(), W.c, path, W.nnz, buffers);
@@ -1903,7 +1922,7 @@ void cpu_int4_linear_jobs(at::ScalarType dtype, at::IntArrayRef plan, const std:
     if (path[j] == kDequant) {  // prefill-sized: ATen's GEMM parallelises it on its own
       const at::Tensor x = at::from_blob(const_cast<void*>(job.x), {job.m, job.w.k}, options);
       at::Tensor y = at::from_blob(job.y, {job.m, job.w.n}, options);
-      at::mm_out(y, x, dequant_weight(P, job.w.c, options).t());
+      dequant_mm(P, job.w.c, x, at::Tensor(), y);
       continue;
     }
     const int64_t size = job.m * job.w.k;
