@@ -6,7 +6,10 @@
 Each (checkpoint, dtype, batch) runs in a fresh child process with an in-process engine, in vLLM's
 default compiled mode (torch.compile) unless ``--mode eager`` (vLLM's ``enforce_eager``, a debugging mode).
 It generates ``--tokens`` tokens per sequence after a 16-token prompt (ignore_eos), after one warm-up
-request of the same batch, and reports output tokens/s. The unquantized and the EasyQuant runs of one row
+request of the same batch, and reports output tokens/s of that request (prompt and all). "Decode only" is the
+rate of the steps that request adds to one with a quarter of its tokens, timed next in the same process: the
+prefill and the first steps, which both pay, cancel, as in llama.cpp's ``tg`` numbers. The unquantized and the
+EasyQuant runs of one row
 (one per ``--quantized`` checkpoint, e.g. the default and a ``--lm-head`` conversion) follow each other, so their
 ratio is the number to read: timings on shared cores swing between runs. The
 EasyQuant rows name the kernel(s) the plugin picked (``moe:`` for MoE layers); the header names the CPU's ISA.
@@ -45,6 +48,13 @@ t0 = time.perf_counter()
 out = llm.generate(prompts, params, use_tqdm=False)
 dt = time.perf_counter() - t0
 n = sum(len(o.outputs[0].token_ids) for o in out)
+# decode alone: the same requests with a quarter of the tokens; the difference of the two runs leaves out what
+# both pay once (the prompt's prefill, the first steps, scheduling a new batch)
+short = max(1, tokens // 4)
+t0 = time.perf_counter()
+out = llm.generate(prompts, SamplingParams(max_tokens=short, temperature=0.0, ignore_eos=True), use_tqdm=False)
+dt_short = time.perf_counter() - t0
+n_short = sum(len(o.outputs[0].token_ids) for o in out)
 kernel = None
 try:
     from easyquant_vllm.linear_method import _kernels_announced
@@ -71,7 +81,8 @@ def weight_bytes(model):  # what the engine holds for the model: parameters and 
     return total
 wbytes = llm.apply_model(weight_bytes)[0]
 rss = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
-print("RESULT " + json.dumps({"tokens": n, "seconds": dt, "kernel": kernel, "weight_bytes": wbytes, "rss": rss}))
+print("RESULT " + json.dumps({"tokens": n, "seconds": dt, "tokens_short": n_short, "seconds_short": dt_short,
+                             "kernel": kernel, "weight_bytes": wbytes, "rss": rss}))
 """
 
 
@@ -97,6 +108,11 @@ def run(model: Path, dtype: str, batch: int, tokens: int, mode: str, emulate: st
     if r.returncode or not lines:
         raise RuntimeError(f"{model} {dtype} batch {batch} failed:\n{(r.stdout + r.stderr)[-3000:]}")
     return json.loads(lines[-1][7:])
+
+
+def decode_rate(r: dict) -> float:
+    """Tokens/s of decode alone: the long run less the short one (both pay the prefill and the first steps)."""
+    return (r["tokens"] - r["tokens_short"]) / (r["seconds"] - r["seconds_short"])
 
 
 def _tensor_bytes(model: Path, act_bytes: int) -> dict[str, float]:
@@ -187,11 +203,13 @@ def main() -> None:
     print(
         "| mode | dtype | batch | unquantized tok/s | "
         + " | ".join(f"{n} tok/s (x unquantized)" for n in names)
-        + " | weights held (unquantized / "
+        + " | decode only tok/s: unquantized / "
+        + " / ".join(names)
+        + " (x) | weights held (unquantized / "
         + " / ".join(names)
         + ") | RSS after the run | EasyQuant kernel |"
     )
-    print("|---|---|---|---|" + "---|" * len(names) + "---|---|---|")
+    print("|---|---|---|---|" + "---|" * len(names) + "---|---|---|---|")
     rows = []
     gib = 1024**3
     for dtype in args.dtype:
@@ -203,21 +221,26 @@ def main() -> None:
                 for runs, (q, plan) in zip(eq_runs, engines, strict=True):
                     runs.append(run(q, dtype, batch, args.tokens, args.mode, args.emulate, plan))
             b = statistics.median(r["tokens"] / r["seconds"] for r in base_runs)
+            bd = statistics.median(decode_rate(r) for r in base_runs)
             base = base_runs[-1]
             eqs = []
             for (q, plan), runs in zip(engines, eq_runs, strict=True):
                 e = statistics.median(r["tokens"] / r["seconds"] for r in runs)
+                ed = statistics.median(decode_rate(r) for r in runs)
                 eqs.append({"checkpoint": q.name, "plan": plan or None, "tok_s": e, "ratio": e / b,
+                            "decode_tok_s": ed, "decode_ratio": ed / bd,
                             "kernel": runs[-1]["kernel"], "weight_bytes": runs[-1]["weight_bytes"],
                             "rss": runs[-1]["rss"]})  # fmt: skip
             rows.append({"mode": args.mode, "isa": isa, "dtype": dtype, "batch": batch, "unquantized_tok_s": b,
-                         "unquantized_weight_bytes": base["weight_bytes"], "unquantized_rss": base["rss"],
+                         "unquantized_decode_tok_s": bd, "unquantized_weight_bytes": base["weight_bytes"],
+                         "unquantized_rss": base["rss"],
                          "easyquant": eqs})  # fmt: skip
             weights = " / ".join(f"{x['weight_bytes'] / gib:.2f}" for x in eqs)
             ratios = ", ".join(f"{x['weight_bytes'] / base['weight_bytes']:.2f}x" for x in eqs)
             rss = " / ".join(f"{x['rss'] / gib:.2f}" for x in eqs)
             print(f"| {args.mode} | {dtype} | {batch} | {b:.1f} | "
                   + " | ".join(f"{x['tok_s']:.1f} ({x['ratio']:.2f}x)" for x in eqs)
+                  + f" | {bd:.1f} / " + " / ".join(f"{x['decode_tok_s']:.1f} ({x['decode_ratio']:.2f}x)" for x in eqs)
                   + f" | {base['weight_bytes'] / gib:.2f} / {weights} GiB ({ratios}) | "
                   f"{base['rss'] / gib:.2f} / {rss} GiB | {eqs[0]['kernel']} |", flush=True)  # fmt: skip
     if args.llama_cpp:
