@@ -555,3 +555,23 @@ def test_build_failure_falls_back_to_the_next_kernel(monkeypatch: pytest.MonkeyP
     kernel, reasons = choose_kernel(spec)
     assert kernel is not NativeCpuKernel
     assert any("native-int4-cpu: building eq_cpu.cpp failed (no C++ compiler)" in r for r in reasons)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dequant_path_over_several_row_tiles(dtype: torch.dtype) -> None:
+    # dequant writes W' a 4 MB tile of rows at a time: at K = 8960 a tile is 224 rows, so N = 288 is one whole tile
+    # and a partial one (rows 224..287, their outliers, their slice of the bias and of y).
+    n, k = 288, 8960
+    qw = quantized(heavy_tailed(n, k, seed=5), 3, 32)
+    assert int(qw.outliers.indptr[224]) < qw.outliers.nnz  # the second tile has outliers too
+    kernel = _kernel(qw, dtype, "dequant")
+    tensors = kernel.prepare(qw)
+    ref_w = qw.dequantize(torch.float64)
+    g = torch.Generator().manual_seed(3)
+    for m, with_bias in ((3, True), (20, False)):
+        x = torch.randn(m, k, generator=g).to(dtype)
+        bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
+        y = kernel.apply(tensors, x, bias)
+        ref = x.double() @ ref_w.T + (bias.double() if bias is not None else 0)
+        for cols in (slice(0, 224), slice(224, n)):
+            assert _rel(y[:, cols], ref[:, cols]) < _bound("dequant", dtype), (m, cols)

@@ -117,8 +117,8 @@ def default_plan(dtype: torch.dtype, paths: Sequence[str], bits: int = 4) -> lis
     4-5 rows, about even at 6, and ``amx`` 1.15x faster at 8 and 1.7x at 16; ``amx`` beat dequant + oneDNN 2-6x
     at 16-64 rows and 1.3-1.5x at 128, and lost to it by 1.1-1.45x at 192 and 1.5x at 256. With AVX512-BF16 and
     VNNI but no AMX: ``vnni`` to 128 rows (1.5-2.1x ``bf16dp``'s speed at every M measured, formats 2 and 3), then
-    dequant, the bound measured for ``bf16dp``. With AVX2 only (or fp16 activations, which the bf16 paths do not take), the
-    integer path for every M: ``i16`` ran 1.5-3.2x faster than the fma path at M = 1-64 on AVX2 (1.3x at 128
+    dequant, the bound measured for ``bf16dp``. With AVX2 only (or fp16 activations, which the bf16 paths do not
+    take), the integer path for every M: ``i16`` ran 1.5-3.2x faster than the fma path at M = 1-64 on AVX2 (1.3x at 128
     and 256), and the dense GEMM that dequant hands over to (no native bf16 there) was 4.5-11x slower.
 
     8-bit codes (``bits = 8``): the integer path on every CPU, handing over to dequant + oneDNN's GEMM beyond 96

@@ -59,8 +59,8 @@
 //   kVnni    AVX512-VNNI: kI16's arithmetic (same x, same int32 sums, same epilogue: the same outputs bit for
 //            bit), a word of all 16 rows in one zmm and vpdpwssd (32 MACs and the add in one instruction).
 //   kBf16Dp  AVX512-BF16: bf16 codes, vdpbf16ps per group, the group sum corrected and scaled in fp32.
-//   kAmx     AMX-BF16: a block's codes written once as 1 KB B tiles in L1, tdpbf16ps against 16-row A
-//            tiles of x (up to four at once); per group the C tiles are stored, corrected and scaled in fp32.
+//   kAmx     AMX-BF16 (+ AVX512-VBMI): each 32 columns' codes written as a 1 KB B tile into an L1 ring, tdpbf16ps
+//            against x pre-laid-out as 16-row A tiles; per group the C tile is stored, corrected and scaled in fp32.
 //   kDequant W' [N, K] in x's dtype (bit-identical to the reference dequantize, outliers included), then
 //            ATen's GEMM (oneDNN; AMX where present): for prefill-sized M, where the GEMM dominates.
 #include "eq_cpu.h"
@@ -113,7 +113,8 @@ struct Problem {
   const float* xf;         // [M][K] x in fp32, unscaled (the outliers)
   const float* xs;         // [M][K] x * c in fp32 (the fma path; = xf without a column scale)
   const uint16_t* xh;      // [M][K] 16-bit x * c (bf16 paths read a pair of them as one dword)
-  const float* xsum;       // [M][K/G] sum of xh over each group (bf16 paths), or null
+  const float* xsum;       // [M][K/G] sum of xh over each group (bf16 paths; amx: rows padded with zeros to whole
+                           // 16-row slices), or null
   const float* xt;         // [K][mp] x^T in fp32, mp = M rounded up to xt_lanes (outliers that many batch rows at
                            // a time: 16 with AVX512, 8 with AVX2), or null
   int64_t mp, xt_lanes;    // xt_lanes: 0 where xt is null
@@ -981,8 +982,9 @@ __attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
 // the bottleneck (an AMX tdpbf16ps and its two tile loads take ~12 ns; bf16_codes' 60 zmm operations per tile
 // took ~11 ns, these 32 ~8 ns, cache-hot).
 __attribute__((target("avx512f,avx512vbmi"))) inline void amx_b_tile(const uint32_t* wc, uint16_t* dst) {
-  _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetchWords * kBlockN), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(wc + (kPrefetchWords + 2) * kBlockN), _MM_HINT_T0);
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q)  // the four lines of the chunk kPrefetchWords words ahead
+    _mm_prefetch(reinterpret_cast<const char*>(wc + (kPrefetchWords + q) * kBlockN), _MM_HINT_T0);
   const __m512i low_nibbles = _mm512_set1_epi32(0x000F000F), exponent = _mm512_set1_epi32(0x43004300);
 #pragma GCC unroll 4
   for (int q = 0; q < 4; ++q) {
@@ -997,6 +999,11 @@ __attribute__((target("avx512f,avx512vbmi"))) inline void amx_b_tile(const uint3
     }
   }
 }
+
+// GCC's _tile_loadd is an asm statement with register operands only: the compiler does not know that it reads
+// memory, so nothing stops it from sinking (or dropping) the vector stores that amx_b_tile, inlined, made into
+// the slot. This empty statement names the slot's 1 KB as read before each B tile load.
+#define EQ_AMX_READS(P) asm volatile("" : : "m"(*reinterpret_cast<const char(*)[1024]>(P)))
 
 // Tile register ids are immediates: these pick one of the four C tiles by a run-time index.
 __attribute__((target("amx-tile"))) inline void amx_zero_c(int64_t c) {
@@ -1015,6 +1022,8 @@ __attribute__((target("amx-tile"))) inline void amx_store_c(int64_t c, float* ds
     case 2: _tile_stored(2, dst, 64); break;
     default: _tile_stored(3, dst, 64); break;
   }
+  // as EQ_AMX_READS, the other way: the tile store wrote dst's 1 KB, so the folds' loads come after it
+  asm volatile("" : "=m"(*reinterpret_cast<float(*)[256]>(dst)));
 }
 
 // C tile C += A (register AREG, loaded here from a) . B (register BREG, already loaded). GCC's tile intrinsics
@@ -1067,6 +1076,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
       if (c + kAmxAhead < chunks)
         amx_b_tile(wb + (c + kAmxAhead) * 4 * kBlockN, ring + ((c + kAmxAhead) % kAmxRing) * kTileElems);
       const uint16_t* bt = ring + (c % kAmxRing) * kTileElems;
+      EQ_AMX_READS(bt);
       if (c % 2 == 0) {
         _tile_loadd(5, bt, 64);
         EQ_AMX_DOT(4, 5, gi % depth, xa + c * kTileElems);
@@ -1084,6 +1094,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
 }
 #undef EQ_AMX_FLUSH16
 #undef EQ_AMX_DOT
+#undef EQ_AMX_READS
 
 // ring: kAmxRing B tiles (64-byte aligned scratch of the thread).
 void amx_block(const Problem& P, int64_t b, float* acc, uint16_t* ring) {
@@ -1694,7 +1705,8 @@ void count_path(int64_t path) { g_path_calls[path].fetch_add(1, std::memory_orde
 // page faults of its first touch every call (~20 ms per such layer here, more than its GEMM at 256 rows) and
 // then went through memory twice. A tile of ~4 MB lives in one grow-only buffer per thread and is still in
 // cache when the GEMM reads it. Each tile's GEMM writes its own columns of y (a strided view, ldc = N) with the
-// bias added in the GEMM, as at::linear does.
+// bias added in the GEMM, as at::linear does. (W' is the reference's bit for bit; the GEMM's own summation order
+// may differ between a tile and a whole-layer call, as between any two oneDNN shapes.)
 constexpr int64_t kDequantTileBytes = int64_t{4} << 20;
 
 void dequant_mm(const Problem& P, const float* c, const at::Tensor& x, const at::Tensor& bias, at::Tensor& y) {
@@ -1871,7 +1883,7 @@ at::Tensor cpu_int4_linear(const at::Tensor& x_in, const at::Tensor& w_q, const 
   Problem P = weights_problem(W, m);
   if (path == kDequant) {
     at::Tensor y = at::empty({m, n}, x.options());
-    dequant_mm(P, W.c, x, b, y);
+    dequant_mm(P, W.c, x, b.defined() ? b.reshape({n}) : b, y);  // the tiles take slices of a 1-D bias
     return y;
   }
   thread_local Scratch buffers;
