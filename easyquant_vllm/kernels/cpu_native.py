@@ -18,7 +18,7 @@ i16        AVX2 + FMA                         integer codes times ``x * c`` in 1
 vnni       AVX512-VNNI                        i16's arithmetic with ``vpdpwssd`` on the 16 rows of a block
                                               at once: i16's outputs bit for bit, fewer instructions
 bf16dp     AVX512-BF16, bf16 activations      exact bf16 codes, ``vdpbf16ps`` per group, step applied in fp32
-amx        AMX-BF16, bf16 activations         the same codes as AMX B tiles, up to 64 batch rows per pass
+amx        AMX-BF16 + AVX512-VBMI, bf16       the same codes as AMX B tiles, 16 batch rows per pass
 dequant    AVX2                               W'^T in x's dtype (bit-identical to the reference), ATen GEMM
 i8         AVX2 + FMA; opt-in, not planned    integer codes times ``x * c`` rounded to int8 per 32 columns
                                               (``vpmaddubsw``, as llama.cpp's Q8 activations): faster than
