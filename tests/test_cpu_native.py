@@ -23,7 +23,7 @@ from easyquant_vllm.quant.outliers import OutlierCSR
 from tests.conftest import FORMAT_VERSIONS, heavy_tailed, layer_spec, quantized
 
 NEEDS = {"fma": "AVX2 + FMA", "i16": "AVX2 + FMA", "i8": "AVX2 + FMA", "dequant": "AVX2 + FMA",
-         "bf16dp": "AVX512-BF16 and bf16 activations", "amx": "AMX-BF16 and bf16 activations",
+         "bf16dp": "AVX512-BF16 and bf16 activations", "amx": "AMX-BF16, AVX512-VBMI and bf16 activations",
          "vnni": "AVX512-VNNI"}  # fmt: skip
 
 
