@@ -978,9 +978,8 @@ __attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
 // bf16_codes' dwords, with one vpmultishiftqb (AVX512-VBMI, every AMX CPU has it) and one ternary-logic operation
 // each. vpmultishiftqb copies any 8-bit field of a qword into each of its bytes: byte 0 of row j's dword gets
 // bits 8t.. (codes 2t and 2t + 1), byte 2 gets bits 8t + 4.. (code 2t + 1 in its low nibble); the ternary logic
-// keeps the low nibbles and sets the bf16 exponent, 0x4300. On this path the vector unit, not the tile unit, is
-// the bottleneck (an AMX tdpbf16ps and its two tile loads take ~12 ns; bf16_codes' 60 zmm operations per tile
-// took ~11 ns, these 32 ~8 ns, cache-hot).
+// keeps the low nibbles and sets the bf16 exponent, 0x4300: 32 zmm operations per tile against bf16_codes' 60
+// (cache-hot ~8 against ~11 ns; the vector unit is this path's bottleneck, see the section's header).
 __attribute__((target("avx512f,avx512vbmi"))) inline void amx_b_tile(const uint32_t* wc, uint16_t* dst) {
 #pragma GCC unroll 4
   for (int q = 0; q < 4; ++q)  // the four lines of the chunk kPrefetchWords words ahead
@@ -1040,13 +1039,8 @@ __attribute__((target("amx-tile"))) inline void amx_store_c(int64_t c, float* ds
     }                                               \
   } while (0)
 
-// Batch rows m0 .. m0 + 15 (a slice: one A tile per chunk of 32 columns) against block b. Per chunk one B tile
-// (amx_b_tile, kAmxAhead chunks ahead) and one tdpbf16ps into the group's C tile; per group the C tile is stored
-// and folded into the R rows' sums (the slice's rows rounded up to a multiple of 4), which stay in zmm registers
-// for the whole block: two FMAs per row and group and a load of its C row. (Sums kept in memory, as several
-// slices at once would need, cost a load and a store more per row and group: more than writing the B tiles again
-// for each slice.) Rows past M have zero x and zero group sums: their sums stay zero and are not stored.
-#define EQ_AMX_FLUSH16(GI)                                                                                   \
+// Group GI's C tile stored and folded into amx_slice's row sums: sum[r] += s * (C[r] - (128 + z) * xsum[r]).
+#define EQ_AMX_FOLD(GI)                                                                                      \
   do {                                                                                                       \
     amx_store_c((GI) % kAmxCTiles, ctile);                                                                   \
     const Steps16 st = group_steps16(P, units, b, (GI));                                                     \
@@ -1056,6 +1050,12 @@ __attribute__((target("amx-tile"))) inline void amx_store_c(int64_t c, float* ds
         sum[r]);                                                                                             \
   } while (0)
 
+// Batch rows m0 .. m0 + 15 (a slice: one A tile per chunk of 32 columns) against block b. Per chunk one B tile
+// (amx_b_tile, kAmxAhead chunks ahead) and one tdpbf16ps into the group's C tile; per group the C tile is stored
+// and folded into the R rows' sums (the slice's rows rounded up to a multiple of 4), which stay in zmm registers
+// for the whole block: two FMAs per row and group and a load of its C row. (Sums kept in memory, as several
+// slices at once would need, cost a load and a store more per row and group: more than writing the B tiles again
+// for each slice.) Rows past M have zero x and zero group sums: their sums stay zero and are not stored.
 template <int R>
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) void amx_slice(const Problem& P,
                                                                                            int64_t b, int64_t m0,
@@ -1085,14 +1085,14 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
         EQ_AMX_DOT(7, 6, gi % depth, xa + c * kTileElems);
       }
     }
-    if (gi >= depth - 1) EQ_AMX_FLUSH16(gi - (depth - 1));
+    if (gi >= depth - 1) EQ_AMX_FOLD(gi - (depth - 1));
   }
-  for (int64_t gi = std::max<int64_t>(0, groups - (depth - 1)); gi < groups; ++gi) EQ_AMX_FLUSH16(gi);
+  for (int64_t gi = std::max<int64_t>(0, groups - (depth - 1)); gi < groups; ++gi) EQ_AMX_FOLD(gi);
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
     if (m0 + r < P.m) _mm512_storeu_ps(acc + (m0 + r) * kBlockN, sum[r]);
 }
-#undef EQ_AMX_FLUSH16
+#undef EQ_AMX_FOLD
 #undef EQ_AMX_DOT
 #undef EQ_AMX_READS
 
@@ -1478,7 +1478,8 @@ bool path_supported(int64_t path, at::ScalarType dtype) {
   switch (path) {
     case kFma: return avx2;
     case kBf16Dp: return avx512bf16 && dtype == at::kBFloat16;
-    case kAmx: return avx512bf16 && amx && __builtin_cpu_supports("avx512vbmi") && dtype == at::kBFloat16 && request_amx();
+    case kAmx:  // amx_b_tile's vpmultishiftqb: AVX512-VBMI (every AMX CPU has it)
+      return avx512bf16 && amx && __builtin_cpu_supports("avx512vbmi") && dtype == at::kBFloat16 && request_amx();
     case kDequant: return avx2;
     case kI16: return avx2;
     case kI8: return avx2;
