@@ -21,11 +21,11 @@ forward pass; dense against native, per path of the plan. Shared cores swing: co
 ``--shapes N x K ...`` measures random weights of those shapes instead of a checkpoint (heavy-tailed, as
 ``easyquant-tiny-model`` makes them; quantized with ``--format-version``'s defaults, 2 unless given: zero points,
 column scale, 0.25 % outliers (3: compact steps, 0.1 %), ``--group``, ``--bits``: 8 for a quantized lm_head,
-``--shapes 151936x1536 --bits 8`` on Qwen2.5-1.5B, whose paths are i16 only): per shape and M, the dense GEMM against
-each native path this CPU has, run in
-turns (the fastest of 5 interleaved rounds each: on shared cores, the least disturbed), then the pass through
-the shapes repeated ``--copies`` times (choose enough copies that the int4 weights exceed the last-level
-cache: the line above the tables gives their size). With ``--threads 1`` the clock is the thread's CPU time.
+``--shapes 151936x1536 --bits 8`` on Qwen2.5-1.5B, whose paths are i16, vnni and amx): per shape and M, the dense
+GEMM against each native path this CPU has, run in turns (the fastest of 5 interleaved rounds each: on shared
+cores, the least disturbed), then the pass through the shapes repeated ``--copies`` times (choose enough copies
+that the int4 weights exceed the last-level cache: the line above the tables gives their size). With
+``--threads 1`` the clock is the thread's CPU time.
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def test_8bit_codes_match_reference(path: str, version: int, dtype: torch.dtype,
     ref_w = qw.dequantize(torch.float64)
     g = torch.Generator().manual_seed(k)
     reset_dispatch_counts()
-    ms = (1, 2, 3, 4, 5, 9, 17, 70)
+    ms = (1, 2, 3, 4, 5, 9, 13, 16, 17, 70)  # amx: every slice size (4, 8, 12, 16 rows), whole and partial
     for m in ms:
         x = torch.randn(m, k, generator=g).to(dtype)
         bias = torch.randn(n, generator=g).to(dtype) if m % 2 else None
@@ -188,7 +188,7 @@ def test_8bit_layer_takes_the_native_kernel_after_its_self_check(version: int) -
 def test_8bit_codes_refused_on_4bit_only_paths() -> None:
     qw = quantized(heavy_tailed(32, 64, seed=3), 2, 32, bits=8)
     kernel = NativeCpuKernel(layer_spec(qw, torch.float16), plan=native.parse_plan("fma", native.PATHS))
-    refusal = "8-bit codes take the i16, vnni and dequant paths only; the plan chose path 0"
+    refusal = "8-bit codes take the i16, vnni, amx and dequant paths only; the plan chose path 0"
     with pytest.raises(RuntimeError, match=refusal):
         kernel.apply(kernel.prepare(qw), torch.randn(1, 64).half(), None)
 
@@ -506,10 +506,12 @@ def test_default_plan_per_isa(monkeypatch: pytest.MonkeyPatch) -> None:
     assert native.plan_text(native.default_plan(torch.float16, ("fma", "dequant", "i16"))) == "i16"
     for dtype in (torch.bfloat16, torch.float16):  # an AVX2-only CPU has i8 too: never planned
         assert native.plan_text(native.default_plan(dtype, avx2)) == "i16"
-    # 8-bit codes: the integer path, then oneDNN's GEMM on W' where the CPU has native bf16; for every M on AVX2
-    assert native.plan_text(native.default_plan(torch.bfloat16, native.PATHS, bits=8)) == "vnni:96,dequant"
+    # 8-bit codes: with AMX the 4-bit bounds; else the integer path, then oneDNN's GEMM on W' where the CPU has
+    # native bf16; for every M on AVX2
+    assert native.plan_text(native.default_plan(torch.bfloat16, native.PATHS, bits=8)) == "vnni:6,amx:160,dequant"
     assert native.plan_text(native.default_plan(torch.bfloat16, avx512, bits=8)) == "vnni:96,dequant"
-    assert native.plan_text(native.default_plan(torch.bfloat16, no_vnni, bits=8)) == "i16:96,dequant"
+    assert native.plan_text(native.default_plan(torch.bfloat16, no_vnni, bits=8)) == "i16:6,amx:160,dequant"
+    assert native.plan_text(native.default_plan(torch.bfloat16, (*avx2, "bf16dp"), bits=8)) == "i16:96,dequant"
     assert native.plan_text(native.default_plan(torch.bfloat16, avx2, bits=8)) == "i16"
     # EASYQUANT_CPU_PLAN is for the 4-bit layers; it reaches 8-bit ones only where every path it names takes them
     monkeypatch.setenv(native.ENV_PLAN, "i8")

@@ -18,7 +18,8 @@ i16        AVX2 + FMA                         integer codes times ``x * c`` in 1
 vnni       AVX512-VNNI                        i16's arithmetic with ``vpdpwssd`` on the 16 rows of a block
                                               at once: i16's outputs bit for bit, fewer instructions
 bf16dp     AVX512-BF16, bf16 activations      exact bf16 codes, ``vdpbf16ps`` per group, step applied in fp32
-amx        AMX-BF16 + AVX512-VBMI, bf16       the same codes as AMX B tiles, 16 batch rows per pass
+amx        AMX-BF16 + AVX512-VBMI, bf16       the same codes as AMX B tiles, 16 batch rows per pass (8-bit
+                                              codes: two tiles, one per nibble)
 dequant    AVX2                               W'^T in x's dtype (bit-identical to the reference), ATen GEMM
 i8         AVX2 + FMA; opt-in, not planned    integer codes times ``x * c`` rounded to int8 per 32 columns
                                               (``vpmaddubsw``, as llama.cpp's Q8 activations): faster than
@@ -52,7 +53,7 @@ SOURCES = (SOURCE, SOURCE.with_name("eq_cpu_moe.cpp"))
 """The op library: the linear op (eq_cpu.cpp) and the MoE op that runs it per expert (eq_cpu_moe.cpp)."""
 PATHS = ("fma", "bf16dp", "amx", "dequant", "i16", "i8", "vnni")
 """Path ids of the C++ op, in order (``Path`` in eq_cpu.cpp; a new path takes the next id)."""
-PATHS_8BIT = ("i16", "vnni", "dequant")
+PATHS_8BIT = ("i16", "vnni", "amx", "dequant")
 """The paths that also take 8-bit codes (the op refuses the others for them)."""
 
 I8_CHECK_TOLERANCE = 2e-2
@@ -121,10 +122,13 @@ def default_plan(dtype: torch.dtype, paths: Sequence[str], bits: int = 4) -> lis
     take), the integer path for every M: ``i16`` ran 1.5-3.2x faster than the fma path at M = 1-64 on AVX2 (1.3x at 128
     and 256), and the dense GEMM that dequant hands over to (no native bf16 there) was 4.5-11x slower.
 
-    8-bit codes (``bits = 8``): the integer path on every CPU, handing over to dequant + oneDNN's GEMM beyond 96
-    rows where the CPU has native bf16 (AMX or AVX512-BF16), as the 4-bit plans do; the lm_head these serve sees
-    one row per sequence. ``EASYQUANT_CPU_PLAN`` applies to them only where it names 8-bit paths alone (it is
-    meant for the 4-bit layers: an ``i8`` override leaves the 8-bit lm_head on this plan).
+    8-bit codes (``bits = 8``, the lm_head: one row per sequence): with AMX the 4-bit plan's bounds, measured on
+    Qwen2.5-1.5B's 151936 x 1536 head (g32, 2 threads, one pass through two copies; 2026-12-06): ``vnni`` ahead
+    to 6 rows (22.6 against 29.1 ms at one row), ``amx`` 1.05x at 8 rows, 1.4x at 16, 1.5-1.7x at 32-128; dequant
+    + oneDNN's GEMM lost to ``amx`` 1.7-2.5x at 32-128 rows and won 1.3x at 192. With AVX512-BF16 but no AMX: the
+    integer path, dequant beyond 96 rows; AVX2: the integer path for every M. ``EASYQUANT_CPU_PLAN`` applies to
+    them only where it names 8-bit paths alone (it is meant for the 4-bit layers: an ``i8`` override leaves the
+    8-bit lm_head on this plan).
     """
     override = os.environ.get(ENV_PLAN)
     plan = parse_plan(override, paths) if override else None
@@ -133,8 +137,9 @@ def default_plan(dtype: torch.dtype, paths: Sequence[str], bits: int = 4) -> lis
     if bits == 8:
         if plan is not None and all(PATHS[p] in PATHS_8BIT for p in plan[1::2]):
             return plan
-        native_bf16 = "bf16dp" in paths or "amx" in paths
-        return _flatten([(integer, 96), ("dequant", 0)] if native_bf16 else [(integer, 0)])
+        if "amx" in paths:
+            return _flatten([(integer, 6), ("amx", 160), ("dequant", 0)])
+        return _flatten([(integer, 96), ("dequant", 0)] if "bf16dp" in paths else [(integer, 0)])
     if plan is not None:
         return plan
     if "amx" in paths:

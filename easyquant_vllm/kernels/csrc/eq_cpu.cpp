@@ -28,8 +28,8 @@
 //                                   column 8q+i in bits 4i..4i+3 (the checkpoint's word)
 //           int32 [N/16, K/4, 16]   8-bit codes, the same transpose: columns 4q..4q+3, column 4q+i in bits
 //                                   8i..8i+7. The op tells the width from w_q's size (K/8 or K/4 words per row);
-//                                   8-bit codes (a quantized lm_head, docs/format.md) take the i16, vnni and
-//                                   dequant paths only.
+//                                   8-bit codes (a quantized lm_head, docs/format.md) take the i16, vnni, amx
+//                                   and dequant paths only.
 //   scales  fp16  [N/16, K/G, 16]   step of rows 16b..16b+15 for group g, contiguous per block; format version 3:
 //           uint8                   the steps' multipliers a, in the same layout
 //   zeros   uint8 [N/16, K/G, 16]   zero point of rows 16b..16b+15 for group g (format version 2: a code; 3: in
@@ -96,7 +96,7 @@ std::atomic<int64_t> g_path_calls[kNumPaths];  // how often each path ran (the t
 // Everything a path needs, as raw pointers (set up per linear by weights_problem and prepare_x).
 struct Problem {
   int64_t m, n, k, g;
-  int64_t bits;            // code width: 4, or 8 (the i16, vnni and dequant paths only)
+  int64_t bits;            // code width: 4, or 8 (the i16, vnni, amx and dequant paths only)
   float sym_zero;          // z without zero points: 2^(bits - 1)
   float zero_unit;         // format version 3: a zero byte's unit in codes, 2^(bits - 8)
   int64_t groups;          // K / G, computed once: the paths' vector stores may alias P (the intrinsics store
@@ -719,12 +719,12 @@ __attribute__((target("avx512f,f16c"))) inline StepZero16 group_sz16(const Probl
   return st;
 }
 
-// With the offset of the bf16 codes folded in: 128 + z is exact in fp32 (z = 8 without zero points; version 3's
-// zq / 16 + 128 has at most 12 significant bits).
+// With the offset of the bf16 codes folded in: base + z is exact in fp32 (base = 128, z = 8 without zero points;
+// version 3's zq / 16 + 128 has at most 12 significant bits; the amx path's 8-bit codes: base = 2176, z <= 255).
 __attribute__((target("avx512f,f16c"))) inline Steps16 group_steps16(const Problem& P, __m512 units, int64_t b,
-                                                                     int64_t gi) {
+                                                                     int64_t gi, float base = kCodeBase) {
   const StepZero16 st = group_sz16(P, units, b, gi);
-  return {st.s, _mm512_add_ps(st.z, _mm512_set1_ps(kCodeBase))};
+  return {st.s, _mm512_add_ps(st.z, _mm512_set1_ps(base))};
 }
 
 // R batch rows, U independent partial sums per row (the four pairs of a word spread over them) so that a
@@ -999,6 +999,42 @@ __attribute__((target("avx512f,avx512vbmi"))) inline void amx_b_tile(const uint3
   }
 }
 
+// 8-bit codes (a quantized lm_head) do not fit a bf16 mantissa offset by 128 (128 + u needs 9 significant bits
+// past 255), so each code is split into its nibbles, and a chunk of 32 columns takes two B tiles against the same
+// A tile into the same C tile: `lo` with bf16 128 + (u & 15) (exponent 0x43, as the 4-bit tile) and `hi` with
+// bf16 2048 + 16 (u >> 4) (exponent 0x45: 2^11, the nibble in the mantissa's low 4 bits is 16 per unit). Their sum
+// is u + 2176, exact, and the fold removes (2176 + z) * xsum as the 4-bit path removes (128 + z) * xsum. The
+// offset's ratio to the code range (2176 / 256) is the 4-bit tile's (128 / 16), so the fp32 sums keep the 4-bit
+// path's relative accuracy. Byte order: word q of the chunk holds columns 4q .. 4q + 3, so tile row p = 2q + t
+// (columns 2p, 2p + 1) is bytes 2t and 2t + 1 of the word: fields at bits 16t and 16t + 8 (lo nibbles) or 16t + 4
+// and 16t + 12 (hi nibbles), 32 more for the qword's second row. 64 zmm operations per chunk (the 4-bit tile's 32,
+// twice), for twice the bytes.
+constexpr int64_t kAmxPrefetchLines8 = 32;  // how far ahead of amx_b_tiles8 its codes are prefetched (4 chunks)
+constexpr float kCodeBase8 = 2176.0f;       // lo + hi tiles hold u + 128 + 2048
+
+__attribute__((target("avx512f,avx512vbmi"))) inline void amx_b_tiles8(const uint32_t* wc, uint16_t* dst) {
+#pragma GCC unroll 8
+  for (int q = 0; q < 8; ++q)
+    _mm_prefetch(reinterpret_cast<const char*>(wc + (kAmxPrefetchLines8 + q) * kBlockN), _MM_HINT_T0);
+  const __m512i low_nibbles = _mm512_set1_epi32(0x000F000F);
+  const __m512i exp_lo = _mm512_set1_epi32(0x43004300), exp_hi = _mm512_set1_epi32(0x45004500);
+#pragma GCC unroll 8
+  for (int q = 0; q < 8; ++q) {
+    const __m512i d = _mm512_loadu_si512(wc + q * kBlockN);
+#pragma GCC unroll 2
+    for (int t = 0; t < 2; ++t) {
+      const uint64_t lo = uint64_t(16 * t) | uint64_t(16 * t + 8) << 16 | uint64_t(32 + 16 * t) << 32 |
+                          uint64_t(40 + 16 * t) << 48;
+      const uint64_t hi = lo + 0x0004000400040004ull;  // each field 4 bits further: the high nibbles
+      const __m512i f_lo = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(static_cast<long long>(lo)), d);
+      const __m512i f_hi = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(static_cast<long long>(hi)), d);
+      _mm512_store_si512(dst + (2 * q + t) * 32, _mm512_ternarylogic_epi32(f_lo, low_nibbles, exp_lo, 0xEA));
+      _mm512_store_si512(dst + kTileElems + (2 * q + t) * 32,
+                         _mm512_ternarylogic_epi32(f_hi, low_nibbles, exp_hi, 0xEA));
+    }
+  }
+}
+
 // GCC's _tile_loadd is an asm statement with register operands only: the compiler does not know that it reads
 // memory, so nothing stops it from sinking (or dropping) the vector stores that amx_b_tile, inlined, made into
 // the slot. This empty statement names the slot's 1 KB as read before each B tile load.
@@ -1025,12 +1061,10 @@ __attribute__((target("amx-tile"))) inline void amx_store_c(int64_t c, float* ds
   asm volatile("" : "=m"(*reinterpret_cast<float(*)[256]>(dst)));
 }
 
-// C tile C += A (register AREG, loaded here from a) . B (register BREG, already loaded). GCC's tile intrinsics
-// are macros that paste the register number into the instruction text: the registers must be literals (no
-// template parameters).
-#define EQ_AMX_DOT(AREG, BREG, C, A)                \
+// C tile C += A (register AREG) . B (register BREG), both loaded. GCC's tile intrinsics are macros that paste
+// the register number into the instruction text: the registers must be literals (no template parameters).
+#define EQ_AMX_DP(AREG, BREG, C)                    \
   do {                                              \
-    _tile_loadd(AREG, (A), 64);                     \
     switch (C) {                                    \
       case 0: _tile_dpbf16ps(0, AREG, BREG); break; \
       case 1: _tile_dpbf16ps(1, AREG, BREG); break; \
@@ -1039,11 +1073,26 @@ __attribute__((target("amx-tile"))) inline void amx_store_c(int64_t c, float* ds
     }                                               \
   } while (0)
 
+// One chunk: A (register AREG) loaded from xa, then C += A . B for the chunk's B tile at bt (register BREG) and,
+// with 8-bit codes, C += A . B_hi for its hi tile (register 6, right after the lo tile in the ring slot).
+#define EQ_AMX_CHUNK(AREG, BREG, C, A, BT)                    \
+  do {                                                        \
+    EQ_AMX_READS(BT);                                         \
+    _tile_loadd(BREG, (BT), 64);                              \
+    _tile_loadd(AREG, (A), 64);                               \
+    EQ_AMX_DP(AREG, BREG, C);                                 \
+    if constexpr (kBits == 8) {                               \
+      EQ_AMX_READS((BT) + kTileElems);                        \
+      _tile_loadd(6, (BT) + kTileElems, 64);                  \
+      EQ_AMX_DP(AREG, 6, C);                                  \
+    }                                                         \
+  } while (0)
+
 // Group GI's C tile stored and folded into amx_slice's row sums: sum[r] += s * (C[r] - (128 + z) * xsum[r]).
 #define EQ_AMX_FOLD(GI)                                                                                      \
   do {                                                                                                       \
     amx_store_c((GI) % kAmxCTiles, ctile);                                                                   \
-    const Steps16 st = group_steps16(P, units, b, (GI));                                                     \
+    const Steps16 st = group_steps16(P, units, b, (GI), kBits == 8 ? kCodeBase8 : kCodeBase);                \
     const float* xs = P.xsum + m0 * groups + (GI);                                                           \
     _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) sum[r] = _mm512_fmadd_ps(                           \
         st.s, _mm512_fnmadd_ps(st.offset, _mm512_set1_ps(xs[r * groups]), _mm512_load_ps(ctile + r * 16)), \
@@ -1051,39 +1100,41 @@ __attribute__((target("amx-tile"))) inline void amx_store_c(int64_t c, float* ds
   } while (0)
 
 // Batch rows m0 .. m0 + 15 (a slice: one A tile per chunk of 32 columns) against block b. Per chunk one B tile
-// (amx_b_tile, kAmxAhead chunks ahead) and one tdpbf16ps into the group's C tile; per group the C tile is stored
+// (amx_b_tile, kAmxAhead chunks ahead; 8-bit codes: two, amx_b_tiles8) and one tdpbf16ps each into the group's C
+// tile; per group the C tile is stored
 // and folded into the R rows' sums (the slice's rows rounded up to a multiple of 4), which stay in zmm registers
 // for the whole block: two FMAs per row and group and a load of its C row. (Sums kept in memory, as several
 // slices at once would need, cost a load and a store more per row and group: more than writing the B tiles again
 // for each slice.) Rows past M have zero x and zero group sums: their sums stay zero and are not stored.
-template <int R>
+template <int R, int kBits>
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) void amx_slice(const Problem& P,
                                                                                            int64_t b, int64_t m0,
                                                                                            uint16_t* ring, float* acc) {
   constexpr int64_t depth = kAmxCTiles;
+  constexpr int64_t chunk_words = kBits, slot = kBits / 4 * kTileElems;  // words of codes and ring slot per chunk
   const int64_t groups = P.groups, chunks_per_group = P.g / 32, chunks = P.k / 32;
   const __m512 units = units16(P, b);
-  const uint32_t* wb = P.w + b * (P.k / 8) * kBlockN;
+  const uint32_t* wb = P.w + b * (P.k * kBits / 32) * kBlockN;
+  const auto write_b = [&](int64_t c) {
+    if constexpr (kBits == 8) amx_b_tiles8(wb + c * chunk_words * kBlockN, ring + (c % kAmxRing) * slot);
+    else amx_b_tile(wb + c * chunk_words * kBlockN, ring + (c % kAmxRing) * slot);
+  };
   const uint16_t* xa = P.xtile + (m0 / 16) * chunks * kTileElems;
   alignas(64) float ctile[16 * 16];
   __m512 sum[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < std::min(kAmxAhead, chunks); ++c) amx_b_tile(wb + c * 4 * kBlockN, ring + c * kTileElems);
+  for (int64_t c = 0; c < std::min(kAmxAhead, chunks); ++c) write_b(c);
   for (int64_t gi = 0; gi < groups; ++gi) {
     amx_zero_c(gi % depth);
     for (int64_t c = gi * chunks_per_group; c < (gi + 1) * chunks_per_group; ++c) {
-      if (c + kAmxAhead < chunks)
-        amx_b_tile(wb + (c + kAmxAhead) * 4 * kBlockN, ring + ((c + kAmxAhead) % kAmxRing) * kTileElems);
-      const uint16_t* bt = ring + (c % kAmxRing) * kTileElems;
-      EQ_AMX_READS(bt);
-      if (c % 2 == 0) {
-        _tile_loadd(5, bt, 64);
-        EQ_AMX_DOT(4, 5, gi % depth, xa + c * kTileElems);
-      } else {
-        _tile_loadd(6, bt, 64);
-        EQ_AMX_DOT(7, 6, gi % depth, xa + c * kTileElems);
-      }
+      if (c + kAmxAhead < chunks) write_b(c + kAmxAhead);
+      const uint16_t* bt = ring + (c % kAmxRing) * slot;
+      // 4-bit: A and B alternate between registers 4/5 and 7/6 (see the section's header); 8-bit: A alternates,
+      // lo and hi take 5 and 6 (four registers are left beside the C tiles)
+      if (c % 2 == 0) EQ_AMX_CHUNK(4, 5, gi % depth, xa + c * kTileElems, bt);
+      else if constexpr (kBits == 8) EQ_AMX_CHUNK(7, 5, gi % depth, xa + c * kTileElems, bt);
+      else EQ_AMX_CHUNK(7, 6, gi % depth, xa + c * kTileElems, bt);
     }
     if (gi >= depth - 1) EQ_AMX_FOLD(gi - (depth - 1));
   }
@@ -1093,17 +1144,19 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
     if (m0 + r < P.m) _mm512_storeu_ps(acc + (m0 + r) * kBlockN, sum[r]);
 }
 #undef EQ_AMX_FOLD
-#undef EQ_AMX_DOT
+#undef EQ_AMX_CHUNK
+#undef EQ_AMX_DP
 #undef EQ_AMX_READS
 
-// ring: kAmxRing B tiles (64-byte aligned scratch of the thread).
+// ring: kAmxRing slots of B tiles, two tiles each (64-byte aligned scratch of the thread).
+template <int kBits>
 void amx_block(const Problem& P, int64_t b, float* acc, uint16_t* ring) {
   for (int64_t m0 = 0; m0 < P.m; m0 += 16) {
     const int64_t rows = std::min<int64_t>(16, P.m - m0);
-    if (rows > 12) amx_slice<16>(P, b, m0, ring, acc);
-    else if (rows > 8) amx_slice<12>(P, b, m0, ring, acc);
-    else if (rows > 4) amx_slice<8>(P, b, m0, ring, acc);
-    else amx_slice<4>(P, b, m0, ring, acc);
+    if (rows > 12) amx_slice<16, kBits>(P, b, m0, ring, acc);
+    else if (rows > 8) amx_slice<12, kBits>(P, b, m0, ring, acc);
+    else if (rows > 4) amx_slice<8, kBits>(P, b, m0, ring, acc);
+    else amx_slice<4, kBits>(P, b, m0, ring, acc);
   }
 }
 
@@ -1534,7 +1587,7 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
     scratch.resize(kChunkK * kBlockN * sizeof(float) + 64);
     panel32 = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
   } else if (path == kAmx) {
-    scratch.resize(kAmxRing * kTileElems * sizeof(uint16_t) + 64);
+    scratch.resize(kAmxRing * 2 * kTileElems * sizeof(uint16_t) + 64);
     ring = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
     amx_configure();
   }
@@ -1564,8 +1617,10 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
       int_block<true, 4>(P, b, acc.data());
     } else if (path == kBf16Dp) {
       bf16dp_block(P, b, acc.data());
+    } else if (P.bits == 8) {
+      amx_block<8>(P, b, acc.data(), ring);
     } else {
-      amx_block(P, b, acc.data(), ring);
+      amx_block<4>(P, b, acc.data(), ring);
     }
     if (P.xt_lanes == 16) outliers_transposed(P, b, acc.data());  // xt_lanes is set (16 or 8) only with xt
     else if (P.xt_lanes == 8) outliers_transposed8(P, b, acc.data(), sums.data());
@@ -1693,8 +1748,9 @@ int64_t checked_path(at::IntArrayRef plan, int64_t m, at::ScalarType dtype, int6
   const int64_t path = choose_path(plan, m);
   TORCH_CHECK(path >= 0 && path < kNumPaths && path_supported(path, dtype), "easyquant::cpu_int4_linear: path ", path,
               " is not available on this CPU for ", dtype);
-  TORCH_CHECK(bits == 4 || path == kI16 || path == kVnni || path == kDequant, "easyquant::cpu_int4_linear: 8-bit ",
-              "codes take the i16, vnni and dequant paths only; the plan chose path ", path, " for M = ", m);
+  TORCH_CHECK(bits == 4 || path == kI16 || path == kVnni || path == kAmx || path == kDequant,
+              "easyquant::cpu_int4_linear: 8-bit codes take the i16, vnni, amx and dequant paths only; the plan chose ",
+              "path ", path, " for M = ", m);
   return path;
 }
 
