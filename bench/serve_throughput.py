@@ -243,12 +243,15 @@ def main() -> None:
                   + f" | {bd:.1f} / " + " / ".join(f"{x['decode_tok_s']:.1f} ({x['decode_ratio']:.2f}x)" for x in eqs)
                   + f" | {base['weight_bytes'] / gib:.2f} / {weights} GiB ({ratios}) | "
                   f"{base['rss'] / gib:.2f} / {rss} GiB | {eqs[0]['kernel']} |", flush=True)  # fmt: skip
+    if args.json:  # vLLM's rows first: a failing llama.cpp run below does not lose them
+        args.json.write_text(json.dumps(rows, indent=1))
     if args.llama_cpp:
         from bench.llama_cpp import decode_rates
 
         threads = torch.get_num_threads()
-        rates = decode_rates(args.llama_cpp, threads, args.batch, args.tokens)
-        print(f"\n# llama.cpp ({args.llama_cpp.name}, {threads} threads, same run) beside vLLM's rows above")
+        rates, variant = decode_rates(args.llama_cpp, threads, args.batch, args.tokens)
+        print(f"\n# llama.cpp ({args.llama_cpp.name}, {threads} threads, {variant} build, same run) beside vLLM's "
+              "rows above; its rates are decode only (tg), so the ratios are too")  # fmt: skip
         print(
             "| dtype | batch | vLLM unquantized | llama.cpp | " + " | ".join(f"{n} (x llama.cpp)" for n in names) + " |"
         )
@@ -256,14 +259,16 @@ def main() -> None:
         for row in rows:
             lc = rates.get(row["batch"])
             row["llama_cpp_tok_s"] = lc
+            row["llama_cpp_build"] = variant
             cells = [
-                f"{x['tok_s']:.1f} ({x['tok_s'] / lc:.2f}x)" if lc else f"{x['tok_s']:.1f}" for x in row["easyquant"]
+                f"{x['decode_tok_s']:.1f} ({x['decode_tok_s'] / lc:.2f}x)" if lc else f"{x['decode_tok_s']:.1f}"
+                for x in row["easyquant"]
             ]
-            print(f"| {row['dtype']} | {row['batch']} | {row['unquantized_tok_s']:.1f} | {lc or float('nan'):.1f} | "
-                  + " | ".join(cells) + " |")  # fmt: skip
+            print(f"| {row['dtype']} | {row['batch']} | {row['unquantized_decode_tok_s']:.1f} | "
+                  f"{lc or float('nan'):.1f} | " + " | ".join(cells) + " |")  # fmt: skip
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
     print_bytes_table(args.model, args.quantized)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.platforms import current_platform
 
 from .format import QUANT_METHOD, CheckpointError, EasyQuantCheckpointConfig
+from .kernels.cpu_native import tune_malloc
 
 ROUTERS = (".gate", ".shared_expert_gate")
 """Module-name endings of MoE routers and shared-expert gates: kept in full precision (docs/format.md)."""
@@ -80,6 +82,8 @@ class EasyQuantConfig(QuantizationConfig):
         return [f"{parent}.{s}" if parent else s for s in shards]
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if current_platform.is_cpu():  # the engine's process, before the model's tensors are allocated
+            tune_malloc()
         if isinstance(layer, RoutedExperts):
             return self._moe_method(layer, prefix)
         if isinstance(layer, VocabParallelEmbedding):

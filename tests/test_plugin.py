@@ -63,6 +63,30 @@ def test_fused_layer_skip_must_be_all_or_nothing() -> None:
         config([f"{p}.k_proj"]).get_quant_method(layer, f"{p}.qkv_proj")
 
 
+def test_cpu_engine_tunes_malloc_before_building_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    # glibc's thresholds must be set before the model's tensors are allocated (cpu_native.tune_malloc), so the first
+    # get_quant_method of a CPU engine sets them; EASYQUANT_MALLOC_TUNING=0 leaves them alone.
+    import platform
+
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.platforms import current_platform
+
+    from easyquant_vllm import vllm_config
+    from easyquant_vllm.kernels import cpu_native
+
+    calls: list[int] = []
+    monkeypatch.setattr(vllm_config, "tune_malloc", lambda: calls.append(1))
+    cfg = vllm_config.EasyQuantConfig.from_config(EasyQuantCheckpointConfig().to_dict())
+    cfg.get_quant_method(LinearBase.__new__(LinearBase), "model.layers.0.mlp.down_proj")
+    assert calls == ([1] if current_platform.is_cpu() else [])
+    cpu_native.tune_malloc.cache_clear()
+    monkeypatch.setenv(cpu_native.ENV_MALLOC, "0")
+    assert cpu_native.tune_malloc() is False
+    cpu_native.tune_malloc.cache_clear()
+    monkeypatch.delenv(cpu_native.ENV_MALLOC)
+    assert cpu_native.tune_malloc() is (platform.libc_ver()[0] == "glibc")
+
+
 def test_loader_accepts_shard_id_as_argument_or_attribute() -> None:
     import torch
 
