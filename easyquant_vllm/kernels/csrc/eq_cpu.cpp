@@ -61,6 +61,7 @@
 //   kBf16Dp  AVX512-BF16: bf16 codes, vdpbf16ps per group, the group sum corrected and scaled in fp32.
 //   kAmx     AMX-BF16 (+ AVX512-VBMI): each 32 columns' codes written as a 1 KB B tile into an L1 ring, tdpbf16ps
 //            against x pre-laid-out as 16-row A tiles; per group the C tile is stored, corrected and scaled in fp32.
+//            8-bit codes: two B tiles per 32 columns, one per nibble, into the same C tile (amx_b_tiles8).
 //   kDequant W' [N, K] in x's dtype (bit-identical to the reference dequantize, outliers included), then
 //            ATen's GEMM (oneDNN; AMX where present): for prefill-sized M, where the GEMM dominates.
 #include "eq_cpu.h"
