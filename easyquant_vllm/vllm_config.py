@@ -19,7 +19,6 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.platforms import current_platform
 
 from .format import QUANT_METHOD, CheckpointError, EasyQuantCheckpointConfig
-from .kernels.cpu_native import tune_malloc
 
 ROUTERS = (".gate", ".shared_expert_gate")
 """Module-name endings of MoE routers and shared-expert gates: kept in full precision (docs/format.md)."""
@@ -83,6 +82,8 @@ class EasyQuantConfig(QuantizationConfig):
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if current_platform.is_cpu():  # the engine's process, before the model's tensors are allocated
+            from .kernels.cpu_native import tune_malloc
+
             tune_malloc()
         if isinstance(layer, RoutedExperts):
             return self._moe_method(layer, prefix)

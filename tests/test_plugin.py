@@ -65,7 +65,8 @@ def test_fused_layer_skip_must_be_all_or_nothing() -> None:
 
 def test_cpu_engine_tunes_malloc_before_building_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
     # glibc's thresholds must be set before the model's tensors are allocated (cpu_native.tune_malloc), so the first
-    # get_quant_method of a CPU engine sets them; EASYQUANT_MALLOC_TUNING=0 leaves them alone.
+    # get_quant_method of a CPU engine sets them; EASYQUANT_MALLOC_TUNING=0 or the user's own thresholds leave them.
+    import os
     import platform
 
     from vllm.model_executor.layers.linear import LinearBase
@@ -75,16 +76,21 @@ def test_cpu_engine_tunes_malloc_before_building_the_model(monkeypatch: pytest.M
     from easyquant_vllm.kernels import cpu_native
 
     calls: list[int] = []
-    monkeypatch.setattr(vllm_config, "tune_malloc", lambda: calls.append(1))
+    monkeypatch.setattr(cpu_native, "tune_malloc", lambda: calls.append(1))
     cfg = vllm_config.EasyQuantConfig.from_config(EasyQuantCheckpointConfig().to_dict())
     cfg.get_quant_method(LinearBase.__new__(LinearBase), "model.layers.0.mlp.down_proj")
     assert calls == ([1] if current_platform.is_cpu() else [])
+    monkeypatch.undo()
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    for env, value in ((cpu_native.ENV_MALLOC, "0"), ("MALLOC_TRIM_THRESHOLD_", "1048576"),
+                       ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1048576")):  # fmt: skip
+        cpu_native.tune_malloc.cache_clear()
+        with monkeypatch.context() as m:
+            m.setenv(env, value)
+            assert cpu_native.tune_malloc() is False, env
     cpu_native.tune_malloc.cache_clear()
-    monkeypatch.setenv(cpu_native.ENV_MALLOC, "0")
-    assert cpu_native.tune_malloc() is False
-    cpu_native.tune_malloc.cache_clear()
-    monkeypatch.delenv(cpu_native.ENV_MALLOC)
-    assert cpu_native.tune_malloc() is (platform.libc_ver()[0] == "glibc")
+    assert cpu_native.tune_malloc() is (platform.libc_ver()[0] == "glibc" and not os.environ.get("LD_PRELOAD"))
 
 
 def test_loader_accepts_shard_id_as_argument_or_attribute() -> None:

@@ -699,7 +699,7 @@ __attribute__((target("avx512f"))) inline __m512 bytes16(const uint8_t* p) {  //
   return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
-struct Steps16 {  // one group's step s and code offset 128 + z for the 16 rows (lanes): the bf16 paths' epilogue
+struct Steps16 {  // one group's step s and code offset base + z for the 16 rows (lanes): the bf16 paths' epilogue
   __m512 s, offset;
 };
 
@@ -925,7 +925,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) void vnni_row_bl
 // Tile registers (all 16 rows x 64 bytes): 0-3 accumulate C (16 batch rows x 16 output rows, fp32), 4 and 7
 // take A (16 batch rows x 32 bf16 of x), 5 and 6 take B (16 k-pairs x 16 output rows x 2 bf16: 16 registers
 // of bf16 codes). A and B alternate between two registers each: tiles are not renamed, so a load into the
-// register the previous tdpbf16ps still reads would wait for it.
+// register the previous tdpbf16ps still reads would wait for it. (8-bit codes need two B tiles per chunk, lo in 5
+// and hi in 6, so only A alternates there.)
 //
 // Why the C tiles rotate: a group of 32 columns (the default format) is one tdpbf16ps, and its C tile must be
 // stored and scaled before the next group can use the register; storing it right after its tdpbf16ps waits for
@@ -1089,7 +1090,8 @@ __attribute__((target("amx-tile"))) inline void amx_store_c(int64_t c, float* ds
     }                                                         \
   } while (0)
 
-// Group GI's C tile stored and folded into amx_slice's row sums: sum[r] += s * (C[r] - (128 + z) * xsum[r]).
+// Group GI's C tile stored and folded into amx_slice's row sums: sum[r] += s * (C[r] - (base + z) * xsum[r]),
+// base = 128 (2176 for 8-bit codes).
 #define EQ_AMX_FOLD(GI)                                                                                      \
   do {                                                                                                       \
     amx_store_c((GI) % kAmxCTiles, ctile);                                                                   \
