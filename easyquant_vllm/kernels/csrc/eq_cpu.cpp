@@ -61,7 +61,7 @@
 //   kBf16Dp  AVX512-BF16: bf16 codes, vdpbf16ps per group, the group sum corrected and scaled in fp32.
 //   kAmx     AMX-BF16 (+ AVX512-VBMI): each 32 columns' codes written as a 1 KB B tile into an L1 ring, tdpbf16ps
 //            against x pre-laid-out as 16-row A tiles; per group the C tile is stored, corrected and scaled in fp32.
-//            8-bit codes: two B tiles per 32 columns, one per nibble, into the same C tile (amx_b_tiles8).
+//            8-bit codes: two B tiles per 32 columns, one per nibble, into the same C tile (amx_b_tiles).
 //   kDequant W' [N, K] in x's dtype (bit-identical to the reference dequantize, outliers included), then
 //            ATen's GEMM (oneDNN; AMX where present): for prefill-sized M, where the GEMM dominates.
 #include "eq_cpu.h"
@@ -976,69 +976,54 @@ __attribute__((target("amx-tile"))) void amx_configure() {
 
 __attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
 
-// The B tile of columns 32c .. 32c + 31 of block b (four words of codes at wc) into dst (1 KB, 64-byte aligned):
-// bf16_codes' dwords, with one vpmultishiftqb (AVX512-VBMI, every AMX CPU has it) and one ternary-logic operation
-// each. vpmultishiftqb copies any 8-bit field of a qword into each of its bytes: byte 0 of row j's dword gets
-// bits 8t.. (codes 2t and 2t + 1), byte 2 gets bits 8t + 4.. (code 2t + 1 in its low nibble); the ternary logic
-// keeps the low nibbles and sets the bf16 exponent, 0x4300: 32 zmm operations per tile against bf16_codes' 60
-// (cache-hot ~8 against ~11 ns; the vector unit is this path's bottleneck, see the section's header).
-__attribute__((target("avx512f,avx512vbmi"))) inline void amx_b_tile(const uint32_t* wc, uint16_t* dst) {
-#pragma GCC unroll 4
-  for (int q = 0; q < 4; ++q)  // the four lines of the chunk kPrefetchWords words ahead
-    _mm_prefetch(reinterpret_cast<const char*>(wc + (kPrefetchWords + q) * kBlockN), _MM_HINT_T0);
-  const __m512i low_nibbles = _mm512_set1_epi32(0x000F000F), exponent = _mm512_set1_epi32(0x43004300);
-#pragma GCC unroll 4
-  for (int q = 0; q < 4; ++q) {
-    const __m512i d = _mm512_loadu_si512(wc + q * kBlockN);
-#pragma GCC unroll 4
-    for (int t = 0; t < 4; ++t) {
-      // per qword (rows j, j + 1): field offsets 8t, 8t + 4 into bytes 0, 2 and 32 + 8t, 36 + 8t into bytes 4, 6
-      const uint64_t offsets = uint64_t(8 * t) | uint64_t(8 * t + 4) << 16 | uint64_t(32 + 8 * t) << 32 |
-                               uint64_t(36 + 8 * t) << 48;
-      const __m512i fields = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(static_cast<long long>(offsets)), d);
-      _mm512_store_si512(dst + (4 * q + t) * 32, _mm512_ternarylogic_epi32(fields, low_nibbles, exponent, 0xEA));
-    }
-  }
-}
-
 // 8-bit codes (a quantized lm_head) do not fit a bf16 mantissa offset by 128 (128 + u needs 9 significant bits
 // past 255), so each code is split into its nibbles, and a chunk of 32 columns takes two B tiles against the same
 // A tile into the same C tile: `lo` with bf16 128 + (u & 15) (exponent 0x43, as the 4-bit tile) and `hi` with
 // bf16 2048 + 16 (u >> 4) (exponent 0x45: 2^11, the nibble in the mantissa's low 4 bits is 16 per unit). Their sum
 // is u + 2176, exact, and the fold removes (2176 + z) * xsum as the 4-bit path removes (128 + z) * xsum. The
 // offset's ratio to the code range (2176 / 256) is the 4-bit tile's (128 / 16), so the fp32 sums keep the 4-bit
-// path's relative accuracy. Byte order: word q of the chunk holds columns 4q .. 4q + 3, so tile row p = 2q + t
-// (columns 2p, 2p + 1) is bytes 2t and 2t + 1 of the word: fields at bits 16t and 16t + 8 (lo nibbles) or 16t + 4
-// and 16t + 12 (hi nibbles), 32 more for the qword's second row. 64 zmm operations per chunk (the 4-bit tile's 32,
-// twice), for twice the bytes.
-constexpr int64_t kAmxPrefetchLines8 = 32;  // how far ahead of amx_b_tiles8 its codes are prefetched (4 chunks)
-constexpr float kCodeBase8 = 2176.0f;       // lo + hi tiles hold u + 128 + 2048
+// path's relative accuracy.
+constexpr float kCodeBase8 = 2176.0f;  // lo + hi tiles hold u + 128 + 2048
 
-__attribute__((target("avx512f,avx512vbmi"))) inline void amx_b_tiles8(const uint32_t* wc, uint16_t* dst) {
+// The B tile(s) of columns 32c .. 32c + 31 of block b (kBits words of codes at wc) into dst (64-byte aligned): one
+// 1 KB tile of bf16_codes' dwords for 4-bit codes; for 8-bit codes the lo tile, then the hi tile at dst + kTileElems
+// (above). Each tile row is one vpmultishiftqb (AVX512-VBMI, every AMX CPU has it) and one ternary-logic operation.
+// vpmultishiftqb copies any 8-bit field of a qword into each of its bytes. Word q holds 32 / kBits columns, so tile
+// row p = (16 / kBits) q + t (columns 2p, 2p + 1) is the code pair (2t, 2t + 1) of the word: byte 0 of row j's
+// dword gets bits 2t kBits.. and byte 2 gets bits (2t + 1) kBits.. (4 more for the hi nibbles), 32 more for the
+// qword's second row (j + 1); the ternary logic keeps the low nibbles and sets the bf16 exponent. 4-bit: 32 zmm
+// operations per tile against bf16_codes' 60 (cache-hot ~8 against ~11 ns; the vector unit is this path's
+// bottleneck, see the section's header); 8-bit: 64 per chunk, for twice the bytes. The codes are prefetched four
+// chunks ahead (kBits lines a chunk: kPrefetchWords for 4-bit codes).
+template <int kBits>
+__attribute__((target("avx512f,avx512vbmi"))) inline void amx_b_tiles(const uint32_t* wc, uint16_t* dst) {
+  constexpr int kRowsPerWord = 16 / kBits, kAheadLines = 4 * kBits;
 #pragma GCC unroll 8
-  for (int q = 0; q < 8; ++q)
-    _mm_prefetch(reinterpret_cast<const char*>(wc + (kAmxPrefetchLines8 + q) * kBlockN), _MM_HINT_T0);
+  for (int q = 0; q < kBits; ++q)
+    _mm_prefetch(reinterpret_cast<const char*>(wc + (kAheadLines + q) * kBlockN), _MM_HINT_T0);
   const __m512i low_nibbles = _mm512_set1_epi32(0x000F000F);
   const __m512i exp_lo = _mm512_set1_epi32(0x43004300), exp_hi = _mm512_set1_epi32(0x45004500);
 #pragma GCC unroll 8
-  for (int q = 0; q < 8; ++q) {
+  for (int q = 0; q < kBits; ++q) {
     const __m512i d = _mm512_loadu_si512(wc + q * kBlockN);
-#pragma GCC unroll 2
-    for (int t = 0; t < 2; ++t) {
-      const uint64_t lo = uint64_t(16 * t) | uint64_t(16 * t + 8) << 16 | uint64_t(32 + 16 * t) << 32 |
-                          uint64_t(40 + 16 * t) << 48;
-      const uint64_t hi = lo + 0x0004000400040004ull;  // each field 4 bits further: the high nibbles
+#pragma GCC unroll 4
+    for (int t = 0; t < kRowsPerWord; ++t) {
+      const uint64_t lo = uint64_t(2 * t * kBits) | uint64_t((2 * t + 1) * kBits) << 16 |
+                          uint64_t(32 + 2 * t * kBits) << 32 | uint64_t(32 + (2 * t + 1) * kBits) << 48;
+      uint16_t* row = dst + (kRowsPerWord * q + t) * 32;
       const __m512i f_lo = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(static_cast<long long>(lo)), d);
-      const __m512i f_hi = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(static_cast<long long>(hi)), d);
-      _mm512_store_si512(dst + (2 * q + t) * 32, _mm512_ternarylogic_epi32(f_lo, low_nibbles, exp_lo, 0xEA));
-      _mm512_store_si512(dst + kTileElems + (2 * q + t) * 32,
-                         _mm512_ternarylogic_epi32(f_hi, low_nibbles, exp_hi, 0xEA));
+      _mm512_store_si512(row, _mm512_ternarylogic_epi32(f_lo, low_nibbles, exp_lo, 0xEA));
+      if constexpr (kBits == 8) {
+        const uint64_t hi = lo + 0x0004000400040004ull;  // each field 4 bits further: the high nibbles
+        const __m512i f_hi = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(static_cast<long long>(hi)), d);
+        _mm512_store_si512(row + kTileElems, _mm512_ternarylogic_epi32(f_hi, low_nibbles, exp_hi, 0xEA));
+      }
     }
   }
 }
 
 // GCC's _tile_loadd is an asm statement with register operands only: the compiler does not know that it reads
-// memory, so nothing stops it from sinking (or dropping) the vector stores that amx_b_tile, inlined, made into
+// memory, so nothing stops it from sinking (or dropping) the vector stores that amx_b_tiles, inlined, made into
 // the slot. This empty statement names the slot's 1 KB as read before each B tile load.
 #define EQ_AMX_READS(P) asm volatile("" : : "m"(*reinterpret_cast<const char(*)[1024]>(P)))
 
@@ -1103,12 +1088,12 @@ __attribute__((target("amx-tile"))) inline void amx_store_c(int64_t c, float* ds
   } while (0)
 
 // Batch rows m0 .. m0 + 15 (a slice: one A tile per chunk of 32 columns) against block b. Per chunk one B tile
-// (amx_b_tile, kAmxAhead chunks ahead; 8-bit codes: two, amx_b_tiles8) and one tdpbf16ps each into the group's C
-// tile; per group the C tile is stored
-// and folded into the R rows' sums (the slice's rows rounded up to a multiple of 4), which stay in zmm registers
-// for the whole block: two FMAs per row and group and a load of its C row. (Sums kept in memory, as several
-// slices at once would need, cost a load and a store more per row and group: more than writing the B tiles again
-// for each slice.) Rows past M have zero x and zero group sums: their sums stay zero and are not stored.
+// (amx_b_tiles, kAmxAhead chunks ahead; 8-bit codes: two) and one tdpbf16ps each into the group's C tile; per
+// group the C tile is stored and folded into the R rows' sums (the slice's rows rounded up to a multiple of 4),
+// which stay in zmm registers for the whole block: two FMAs per row and group and a load of its C row. (Sums kept
+// in memory, as several slices at once would need, cost a load and a store more per row and group: more than
+// writing the B tiles again for each slice.) Rows past M have zero x and zero group sums: their sums stay zero and
+// are not stored.
 template <int R, int kBits>
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) void amx_slice(const Problem& P,
                                                                                            int64_t b, int64_t m0,
@@ -1119,8 +1104,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
   const __m512 units = units16(P, b);
   const uint32_t* wb = P.w + b * (P.k * kBits / 32) * kBlockN;
   const auto write_b = [&](int64_t c) {
-    if constexpr (kBits == 8) amx_b_tiles8(wb + c * chunk_words * kBlockN, ring + (c % kAmxRing) * slot);
-    else amx_b_tile(wb + c * chunk_words * kBlockN, ring + (c % kAmxRing) * slot);
+    amx_b_tiles<kBits>(wb + c * chunk_words * kBlockN, ring + (c % kAmxRing) * slot);
   };
   const uint16_t* xa = P.xtile + (m0 / 16) * chunks * kTileElems;
   alignas(64) float ctile[16 * 16];
@@ -1534,7 +1518,7 @@ bool path_supported(int64_t path, at::ScalarType dtype) {
   switch (path) {
     case kFma: return avx2;
     case kBf16Dp: return avx512bf16 && dtype == at::kBFloat16;
-    case kAmx:  // amx_b_tile's vpmultishiftqb: AVX512-VBMI (every AMX CPU has it)
+    case kAmx:  // amx_b_tiles' vpmultishiftqb: AVX512-VBMI (every AMX CPU has it)
       return avx512bf16 && amx && __builtin_cpu_supports("avx512vbmi") && dtype == at::kBFloat16 && request_amx();
     case kDequant: return avx2;
     case kI16: return avx2;
