@@ -145,6 +145,27 @@ def test_vnni_gives_i16_outputs_bit_for_bit(bits: int, version: int, dtype: torc
             assert torch.equal(vnni.apply(tv, x, bias), i16.apply(ti, x, bias)), (n, k, group_size, m)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_vnni_one_row_runs_give_i16_outputs_bit_for_bit(bits: int) -> None:
+    # At one batch row vnni reads four runs of a thread's blocks side by side, each sub-block width its own
+    # unrolled loop (32, 64, 96, 128 columns: groups of 32, 64, per channel at K = 576, 128): 23 blocks give runs of 5
+    # and 3 left over on one thread, runs of 2 or 3 and the rest on two; a block in the wrong run or a word in the
+    # wrong sub-block would differ from i16's one-block loop.
+    threads = torch.get_num_threads()
+    try:
+        for k, group_size in ((384, 32), (384, 64), (576, -1), (512, 128)):
+            qw = quantized(heavy_tailed(16 * 23, k, seed=k + group_size), 3, group_size, bits=bits)
+            vnni, i16 = _kernel(qw, torch.bfloat16, "vnni"), _kernel(qw, torch.bfloat16, "i16")
+            tv, ti = vnni.prepare(qw), i16.prepare(qw)
+            x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)).bfloat16()
+            bias = torch.randn(16 * 23).bfloat16()
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                assert torch.equal(vnni.apply(tv, x, bias), i16.apply(ti, x, bias)), (k, group_size, t)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("path", native.PATHS_8BIT)
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 def test_8bit_v3_extremes_and_largest_sums(path: str, group_size: int) -> None:

@@ -882,42 +882,88 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) void vnni_block(
   }
 }
 
-// i16_row_block for kVnni (M = 1): the totals of the 16 rows in one register over the whole block, four chains (two
-// for 8-bit codes), row_epilogue's arithmetic per sub-block: tot += (s sigma) (A - z Q).
-template <int kBits>
-__attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) void vnni_row_block(const Problem& P, int64_t b,
-                                                                                   float* acc) {
-  constexpr int kPerWord = 32 / kBits, kPairsPerWord = kPerWord / 2, U = vnni_chains(1);
-  const int64_t words = P.xg / kPerWord, subs_per_group = P.g / P.xg;
-  const uint32_t* wb = P.w + b * (P.k / kPerWord) * kBlockN;
+// i16_row_block for kVnni (M = 1), NB blocks at once (blocks b + j stride, j < NB), x sub-blocks of kXg columns: the
+// totals of each block's 16 rows in one register over the whole block, one chain per code pair of a word (four; two
+// for 8-bit codes), row_epilogue's arithmetic per sub-block: tot += (s sigma) (A - z Q). acc: [NB][16].
+//
+// Why NB blocks far apart: at one batch row the loop waits on memory, and what a core gets from memory depends on
+// how many sequential streams it reads. run_block_range cuts a thread's blocks into NB runs and takes block i of
+// every run together, so the codes, the steps and the zero points each form NB long sequential streams (blocks
+// are contiguous in every tensor). On the AVX512 + AMX Xeon (2 cores, docs/serving.md, "One batch row on AVX512:
+// four streams") that took a pass through Qwen2.5-1.5B's linears from ~32.5 to ~28 ms (19.5 -> 23-25 GB/s from
+// memory). Taking NB adjacent blocks instead gained only where blocks are long (K = 8960), nothing at K = 1536 (12
+// KB blocks); eight runs lost to four; the software prefetch distance and hint changed nothing measurable.
+//
+// Why the sub-block width is a template parameter: with a loop over a run-time number of words, GCC 12 copies each
+// vpdpwssd accumulator to another register and back on every instruction (two zmm moves each, on the ports this
+// loop needs; objdump shows them). A sub-block's words unrolled in full carry no accumulator from one iteration to
+// the next, and the compiler keeps them in place. The first word starts each chain with vpmaddwd (the same int32 as
+// vpdpwssd into zero), so there is no zeroed register to copy either.
+//
+// Each block's arithmetic is the one-block loop's, in the same order, so the outputs do not depend on NB or on
+// stride; a sub-block's x pairs serve all NB blocks from L1.
+template <int kBits, int NB, int kXg>
+__attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) void vnni_row_blocks(const Problem& P, int64_t b,
+                                                                                    int64_t stride, float* acc) {
+  constexpr int kPerWord = 32 / kBits, kPairsPerWord = kPerWord / 2, kWords = kXg / kPerWord;
+  const int64_t subs_per_group = P.g / kXg, block_words = P.k / kPerWord;
+  const uint32_t* wb = P.w + b * block_words * kBlockN;  // word q of block b + j stride: wb + (j stride block_words + q) 16
   const uint32_t* xr = P.xq;
   const float* sigma = P.xsigma;
   const float* qsum = P.xqsum;
   const __m512i mask = _mm512_set1_epi32(kBits == 8 ? 0x00FF00FF : 0x000F000F);
-  const __m512 units = units16(P, b);
-  __m512 tot = _mm512_setzero_ps();
+  __m512 units[NB], tot[NB];
+#pragma GCC unroll 4
+  for (int j = 0; j < NB; ++j) {
+    units[j] = units16(P, b + j * stride);
+    tot[j] = _mm512_setzero_ps();
+  }
   for (int64_t gi = 0; gi < P.groups; ++gi) {
-    const StepZero16 st = group_sz16(P, units, b, gi);
-    for (int64_t j = 0; j < subs_per_group; ++j, ++sigma, ++qsum) {
-      __m512i sums[U];
+    StepZero16 st[NB];
 #pragma GCC unroll 4
-      for (int u = 0; u < U; ++u) sums[u] = _mm512_setzero_si512();
-      for (int64_t q = 0; q < words; ++q, wb += kBlockN, xr += kPairsPerWord) {
-        _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchWords * kBlockN), _MM_HINT_T0);
-        const __m512i d = _mm512_loadu_si512(wb);
-#pragma GCC unroll 4
-        for (int t = 0; t < kPairsPerWord; ++t)
-          sums[t % U] = _mm512_dpwssd_epi32(sums[t % U], code_pairs16<kBits>(d, t, mask),
-                                            _mm512_set1_epi32(static_cast<int>(xr[t])));
-      }
-      __m512i a = sums[0];
-#pragma GCC unroll 4
-      for (int u = 1; u < U; ++u) a = _mm512_add_epi32(a, sums[u]);
+    for (int j = 0; j < NB; ++j) st[j] = group_sz16(P, units[j], b + j * stride, gi);
+    for (int64_t sub = 0; sub < subs_per_group; ++sub, ++sigma, ++qsum, xr += kWords * kPairsPerWord) {
       const __m512 sg = _mm512_set1_ps(*sigma), qs = _mm512_set1_ps(*qsum);
-      tot = _mm512_fmadd_ps(_mm512_mul_ps(st.s, sg), _mm512_fnmadd_ps(st.z, qs, _mm512_cvtepi32_ps(a)), tot);
+      __m512i sums[NB][kPairsPerWord];
+#pragma GCC unroll 32
+      for (int q = 0; q < kWords; ++q) {
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; ++j) {
+          const uint32_t* wj = wb + j * stride * block_words * kBlockN;
+          _mm_prefetch(reinterpret_cast<const char*>(wj + (q + kPrefetchWords) * kBlockN), _MM_HINT_T0);
+          const __m512i d = _mm512_loadu_si512(wj + q * kBlockN);
+#pragma GCC unroll 4
+          for (int t = 0; t < kPairsPerWord; ++t) {
+            const __m512i c = code_pairs16<kBits>(d, t, mask);
+            const __m512i x = _mm512_set1_epi32(static_cast<int>(xr[q * kPairsPerWord + t]));
+            sums[j][t] = q == 0 ? _mm512_madd_epi16(c, x) : _mm512_dpwssd_epi32(sums[j][t], c, x);
+          }
+        }
+      }
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) {
+        __m512i a = sums[j][0];
+#pragma GCC unroll 4
+        for (int t = 1; t < kPairsPerWord; ++t) a = _mm512_add_epi32(a, sums[j][t]);
+        tot[j] = _mm512_fmadd_ps(_mm512_mul_ps(st[j].s, sg), _mm512_fnmadd_ps(st[j].z, qs, _mm512_cvtepi32_ps(a)),
+                                 tot[j]);
+      }
+      wb += kWords * kBlockN;
     }
   }
-  _mm512_storeu_ps(acc, tot);
+#pragma GCC unroll 4
+  for (int j = 0; j < NB; ++j) _mm512_storeu_ps(acc + j * kBlockN, tot[j]);
+}
+
+// vnni_row_blocks for P's sub-block width (i16_subblock: 32, 64, 96 or 128 columns).
+template <int kBits, int NB>
+void vnni_row_blocks(const Problem& P, int64_t b, int64_t stride, float* acc) {
+  switch (P.xg) {
+    case 32: vnni_row_blocks<kBits, NB, 32>(P, b, stride, acc); break;
+    case 64: vnni_row_blocks<kBits, NB, 64>(P, b, stride, acc); break;
+    case 96: vnni_row_blocks<kBits, NB, 96>(P, b, stride, acc); break;
+    default: vnni_row_blocks<kBits, NB, kI16MaxSubblock>(P, b, stride, acc); break;
+  }
 }
 
 // ---- kAmx: AMX-BF16 ----------------------------------------------------------------------------------
@@ -1563,9 +1609,12 @@ void prefetch_block_extras(const Problem& P, int64_t b) {
   prefetch_range(P.values + e0, (e1 - e0) * sizeof(float));
 }
 
+// Runs of blocks that vnni_row_blocks reads side by side at one batch row (its comment says why).
+constexpr int64_t kRowStreams = 4;
+
 template <typename T>
 void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_t b0, int64_t b1) {
-  std::vector<float> acc(P.m * kBlockN);
+  std::vector<float> acc(std::max(P.m, kRowStreams) * kBlockN);
   std::vector<float> sums(P.xt_lanes == 8 ? P.mp * kBlockN : 0);  // outliers_transposed8's row sums
   std::vector<char> scratch;
   float* panel32 = nullptr;
@@ -1578,7 +1627,22 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
     ring = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
     amx_configure();
   }
-  for (int64_t b = b0; b < b1; ++b) {
+  int64_t b = b0;
+  if (path == kVnni && P.m == 1 && b1 - b0 >= kRowStreams) {
+    // kRowStreams runs of `run` blocks, block i of every run side by side (vnni_row_blocks says why); the last
+    // (b1 - b0) % kRowStreams blocks one by one, below
+    const int64_t run = (b1 - b0) / kRowStreams;
+    for (int64_t i = 0; i < run; ++i) {
+      if (P.bits == 8) vnni_row_blocks<8, kRowStreams>(P, b0 + i, run, acc.data());
+      else vnni_row_blocks<4, kRowStreams>(P, b0 + i, run, acc.data());
+      for (int64_t j = 0; j < kRowStreams; ++j) {
+        outliers_row(P, b0 + i + j * run, acc.data() + j * kBlockN);
+        store_block<T>(P, b0 + i + j * run, acc.data() + j * kBlockN, bias, y);
+      }
+    }
+    b = b0 + run * kRowStreams;
+  }
+  for (; b < b1; ++b) {
     if (b + 1 < b1) prefetch_block_extras(P, b + 1);
     if (path == kFma && P.a) {  // format version 3: fractional zeros (fma_steps)
       if (P.m == 1) fma_direct<1, true>(P, b, 0, acc.data());
@@ -1595,10 +1659,10 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
       if (P.m == 1) i16_row_block<4>(P, b, acc.data());
       else int_block<false, 4>(P, b, acc.data());
     } else if (path == kVnni && P.bits == 8) {
-      if (P.m == 1) vnni_row_block<8>(P, b, acc.data());
+      if (P.m == 1) vnni_row_blocks<8, 1>(P, b, 1, acc.data());
       else vnni_block<8>(P, b, acc.data());
     } else if (path == kVnni) {
-      if (P.m == 1) vnni_row_block<4>(P, b, acc.data());
+      if (P.m == 1) vnni_row_blocks<4, 1>(P, b, 1, acc.data());
       else vnni_block<4>(P, b, acc.data());
     } else if (path == kI8) {
       int_block<true, 4>(P, b, acc.data());
