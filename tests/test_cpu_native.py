@@ -146,22 +146,25 @@ def test_vnni_gives_i16_outputs_bit_for_bit(bits: int, version: int, dtype: torc
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_vnni_one_row_runs_give_i16_outputs_bit_for_bit(bits: int) -> None:
-    # At one batch row vnni reads four runs of a thread's blocks side by side, each sub-block width its own
+def test_vnni_runs_of_blocks_give_i16_outputs_bit_for_bit(bits: int) -> None:
+    # Up to 8 batch rows vnni reads four runs of a thread's blocks side by side, each sub-block width its own
     # unrolled loop (32, 64, 96, 128 columns: groups of 32, 64, per channel at K = 576, 128): 23 blocks give runs of 5
-    # and 3 left over on one thread, runs of 2 or 3 and the rest on two; a block in the wrong run or a word in the
-    # wrong sub-block would differ from i16's one-block loop.
+    # and 3 left over on one thread, runs of 2 or 3 and the rest on two; a block in the wrong run, a word in the
+    # wrong sub-block or a row's outliers in another block would differ from i16's one-block loops. 9 rows: no runs.
     threads = torch.get_num_threads()
     try:
         for k, group_size in ((384, 32), (384, 64), (576, -1), (512, 128)):
             qw = quantized(heavy_tailed(16 * 23, k, seed=k + group_size), 3, group_size, bits=bits)
+            assert qw.outliers.nnz > 0
             vnni, i16 = _kernel(qw, torch.bfloat16, "vnni"), _kernel(qw, torch.bfloat16, "i16")
             tv, ti = vnni.prepare(qw), i16.prepare(qw)
-            x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)).bfloat16()
-            bias = torch.randn(16 * 23).bfloat16()
-            for t in (1, 2):
-                torch.set_num_threads(t)
-                assert torch.equal(vnni.apply(tv, x, bias), i16.apply(ti, x, bias)), (k, group_size, t)
+            g = torch.Generator().manual_seed(k)
+            bias = torch.randn(16 * 23, generator=g).bfloat16()
+            for m in (1, 2, 3, 6, 8, 9):
+                x = torch.randn(m, k, generator=g).bfloat16()
+                for t in (1, 2):
+                    torch.set_num_threads(t)
+                    assert torch.equal(vnni.apply(tv, x, bias), i16.apply(ti, x, bias)), (k, group_size, m, t)
     finally:
         torch.set_num_threads(threads)
 

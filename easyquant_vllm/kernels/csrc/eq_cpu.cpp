@@ -813,33 +813,35 @@ __attribute__((target("avx512f,avx512bw"))) inline __m512i code_pairs16(__m512i 
 
 constexpr int vnni_chains(int r) { return r >= 8 ? 1 : r >= 4 ? 2 : 4; }  // U for R rows (R x U >= 8)
 
-// R batch rows (m0 .. m0 + R - 1, R <= 8) against sub-block xi of block b: as i16_rows, the int32 sums of 16 rows
-// in one zmm per row and chain, then i16_epilogue's arithmetic (scale = s, offset = s z) into acc [M][16].
-template <int R, int kBits>
+// R batch rows (m0 .. m0 + R - 1, R <= 8) against sub-block xi (kXg columns) of block b: as i16_rows, the int32 sums
+// of 16 rows in one zmm per row and chain, then i16_epilogue's arithmetic (scale = s, offset = s z) into acc [M][16].
+// The sub-block's words are unrolled in full and each chain starts with vpmaddwd: see vnni_row_blocks for why
+// (GCC 12's register copies around vpdpwssd in a loop with a run-time count).
+template <int R, int kBits, int kXg>
 __attribute__((target("avx512f,avx512bw,avx512vnni,fma"))) void vnni_rows(const Problem& P, int64_t b, int64_t xi,
                                                                           int64_t m0, __m512 scale, __m512 offset,
                                                                           bool prefetch, float* acc) {
   static_assert(R >= 1 && R <= 8, "vnni_rows: 1 to 8 batch rows");
-  constexpr int kPerWord = 32 / kBits, kPairsPerWord = kPerWord / 2, U = vnni_chains(R);
-  const int64_t pairs = P.k / 2, subblocks = P.xblocks, words = P.xg / kPerWord;
-  const uint32_t* wb = P.w + (b * (P.k / kPerWord) + xi * words) * kBlockN;
-  const uint32_t* xr = P.xq + m0 * pairs + xi * P.xg / 2;
+  constexpr int kPerWord = 32 / kBits, kPairsPerWord = kPerWord / 2, kWords = kXg / kPerWord;
+  constexpr int U = std::min(vnni_chains(R), kPairsPerWord);  // chains per row that a word's pairs fill
+  const int64_t pairs = P.k / 2, subblocks = P.xblocks;
+  const uint32_t* wb = P.w + (b * (P.k / kPerWord) + xi * kWords) * kBlockN;
+  const uint32_t* xr = P.xq + m0 * pairs + xi * kXg / 2;
   const __m512i mask = _mm512_set1_epi32(kBits == 8 ? 0x00FF00FF : 0x000F000F);
   const TileScales sc(P, m0, xi);
   __m512i sums[U][R];
-#pragma GCC unroll 8
-  for (int u = 0; u < U; ++u)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) sums[u][r] = _mm512_setzero_si512();
-  for (int64_t q = 0; q < words; ++q, wb += kBlockN, xr += kPairsPerWord) {
-    if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchWords * kBlockN), _MM_HINT_T0);
-    const __m512i d = _mm512_loadu_si512(wb);
+#pragma GCC unroll 32
+  for (int q = 0; q < kWords; ++q) {
+    if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wb + (q + kPrefetchWords) * kBlockN), _MM_HINT_T0);
+    const __m512i d = _mm512_loadu_si512(wb + q * kBlockN);
 #pragma GCC unroll 4
     for (int t = 0; t < kPairsPerWord; ++t) {
       const __m512i c = code_pairs16<kBits>(d, t, mask);
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r)
-        sums[t % U][r] = _mm512_dpwssd_epi32(sums[t % U][r], c, _mm512_set1_epi32(static_cast<int>(xr[r * pairs + t])));
+      for (int r = 0; r < R; ++r) {
+        const __m512i x = _mm512_set1_epi32(static_cast<int>(xr[r * pairs + q * kPairsPerWord + t]));
+        sums[t % U][r] = q == 0 && t < U ? _mm512_madd_epi16(c, x) : _mm512_dpwssd_epi32(sums[t % U][r], c, x);
+      }
     }
   }
   float* out = acc + m0 * kBlockN;
@@ -854,31 +856,55 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,fma"))) void vnni_rows(const 
   }
 }
 
-// int_block for kVnni: sub-block by sub-block, row tiles of up to 8 batch rows (each decoded code pair serves up to
-// 8).
-template <int kBits>
-__attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) void vnni_block(const Problem& P, int64_t b,
-                                                                               float* acc) {
-  std::fill(acc, acc + P.m * kBlockN, 0.0f);
-  const int64_t per_group = P.g / P.xg;
-  const __m512 units = units16(P, b);
+// int_block for kVnni, NB blocks at once (b + j stride, j < NB; vnni_row_blocks says why): sub-block by sub-block
+// (kXg columns), the blocks in turns, row tiles of up to 8 batch rows (each decoded code pair serves up to 8).
+// acc: [NB][M][16].
+template <int kBits, int kXg, int NB>
+__attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) void vnni_blocks(const Problem& P, int64_t b,
+                                                                                int64_t stride, float* acc) {
+  std::fill(acc, acc + NB * P.m * kBlockN, 0.0f);
+  const int64_t per_group = P.g / kXg;
+  __m512 units[NB];
+#pragma GCC unroll 4
+  for (int j = 0; j < NB; ++j) units[j] = units16(P, b + j * stride);
   for (int64_t gi = 0, xi = 0; gi < P.groups; ++gi) {
-    const StepZero16 st = group_sz16(P, units, b, gi);
-    const __m512 offset = _mm512_mul_ps(st.s, st.z);  // i16_steps: offset = s z
+    StepZero16 st[NB];
+    __m512 offset[NB];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      st[j] = group_sz16(P, units[j], b + j * stride, gi);
+      offset[j] = _mm512_mul_ps(st[j].s, st[j].z);  // i16_steps: offset = s z
+    }
     for (const int64_t end = xi + per_group; xi < end; ++xi) {
-      int64_t m0 = 0;
-      for (; m0 + 8 <= P.m; m0 += 8) vnni_rows<8, kBits>(P, b, xi, m0, st.s, offset, m0 == 0, acc);
-      switch (P.m - m0) {
-        case 7: vnni_rows<7, kBits>(P, b, xi, m0, st.s, offset, m0 == 0, acc); break;
-        case 6: vnni_rows<6, kBits>(P, b, xi, m0, st.s, offset, m0 == 0, acc); break;
-        case 5: vnni_rows<5, kBits>(P, b, xi, m0, st.s, offset, m0 == 0, acc); break;
-        case 4: vnni_rows<4, kBits>(P, b, xi, m0, st.s, offset, m0 == 0, acc); break;
-        case 3: vnni_rows<3, kBits>(P, b, xi, m0, st.s, offset, m0 == 0, acc); break;
-        case 2: vnni_rows<2, kBits>(P, b, xi, m0, st.s, offset, m0 == 0, acc); break;
-        case 1: vnni_rows<1, kBits>(P, b, xi, m0, st.s, offset, m0 == 0, acc); break;
-        default: break;
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) {
+        const int64_t bj = b + j * stride;
+        float* aj = acc + j * P.m * kBlockN;
+        int64_t m0 = 0;
+        for (; m0 + 8 <= P.m; m0 += 8) vnni_rows<8, kBits, kXg>(P, bj, xi, m0, st[j].s, offset[j], m0 == 0, aj);
+        switch (P.m - m0) {
+          case 7: vnni_rows<7, kBits, kXg>(P, bj, xi, m0, st[j].s, offset[j], m0 == 0, aj); break;
+          case 6: vnni_rows<6, kBits, kXg>(P, bj, xi, m0, st[j].s, offset[j], m0 == 0, aj); break;
+          case 5: vnni_rows<5, kBits, kXg>(P, bj, xi, m0, st[j].s, offset[j], m0 == 0, aj); break;
+          case 4: vnni_rows<4, kBits, kXg>(P, bj, xi, m0, st[j].s, offset[j], m0 == 0, aj); break;
+          case 3: vnni_rows<3, kBits, kXg>(P, bj, xi, m0, st[j].s, offset[j], m0 == 0, aj); break;
+          case 2: vnni_rows<2, kBits, kXg>(P, bj, xi, m0, st[j].s, offset[j], m0 == 0, aj); break;
+          case 1: vnni_rows<1, kBits, kXg>(P, bj, xi, m0, st[j].s, offset[j], m0 == 0, aj); break;
+          default: break;
+        }
       }
     }
+  }
+}
+
+// vnni_blocks for P's sub-block width (i16_subblock: 32, 64, 96 or 128 columns).
+template <int kBits, int NB>
+void vnni_blocks(const Problem& P, int64_t b, int64_t stride, float* acc) {
+  switch (P.xg) {
+    case 32: vnni_blocks<kBits, 32, NB>(P, b, stride, acc); break;
+    case 64: vnni_blocks<kBits, 64, NB>(P, b, stride, acc); break;
+    case 96: vnni_blocks<kBits, 96, NB>(P, b, stride, acc); break;
+    default: vnni_blocks<kBits, kI16MaxSubblock, NB>(P, b, stride, acc); break;
   }
 }
 
@@ -1609,12 +1635,21 @@ void prefetch_block_extras(const Problem& P, int64_t b) {
   prefetch_range(P.values + e0, (e1 - e0) * sizeof(float));
 }
 
-// Runs of blocks that vnni_row_blocks reads side by side at one batch row (its comment says why).
+// Block b's outliers into its acc [M][16], by the method P's x was prepared for (sums: outliers_transposed8's).
+inline void add_outliers(const Problem& P, int64_t b, float* acc, float* sums) {
+  if (P.xt_lanes == 16) outliers_transposed(P, b, acc);  // xt_lanes is set (16 or 8) only with xt
+  else if (P.xt_lanes == 8) outliers_transposed8(P, b, acc, sums);
+  else if (P.m == 1) outliers_row(P, b, acc);
+  else outliers_scalar(P, b, acc);
+}
+
+// Runs of blocks that the vnni path reads side by side (vnni_row_blocks says why), up to kRunsMaxRows batch rows.
 constexpr int64_t kRowStreams = 4;
+constexpr int64_t kRunsMaxRows = 8;
 
 template <typename T>
 void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_t b0, int64_t b1) {
-  std::vector<float> acc(std::max(P.m, kRowStreams) * kBlockN);
+  std::vector<float> acc((P.m <= kRunsMaxRows ? kRowStreams : 1) * P.m * kBlockN);
   std::vector<float> sums(P.xt_lanes == 8 ? P.mp * kBlockN : 0);  // outliers_transposed8's row sums
   std::vector<char> scratch;
   float* panel32 = nullptr;
@@ -1628,16 +1663,19 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
     amx_configure();
   }
   int64_t b = b0;
-  if (path == kVnni && P.m == 1 && b1 - b0 >= kRowStreams) {
+  if (path == kVnni && P.m <= kRunsMaxRows && b1 - b0 >= kRowStreams) {
     // kRowStreams runs of `run` blocks, block i of every run side by side (vnni_row_blocks says why); the last
     // (b1 - b0) % kRowStreams blocks one by one, below
     const int64_t run = (b1 - b0) / kRowStreams;
     for (int64_t i = 0; i < run; ++i) {
-      if (P.bits == 8) vnni_row_blocks<8, kRowStreams>(P, b0 + i, run, acc.data());
-      else vnni_row_blocks<4, kRowStreams>(P, b0 + i, run, acc.data());
+      if (P.m == 1 && P.bits == 8) vnni_row_blocks<8, kRowStreams>(P, b0 + i, run, acc.data());
+      else if (P.m == 1) vnni_row_blocks<4, kRowStreams>(P, b0 + i, run, acc.data());
+      else if (P.bits == 8) vnni_blocks<8, kRowStreams>(P, b0 + i, run, acc.data());
+      else vnni_blocks<4, kRowStreams>(P, b0 + i, run, acc.data());
       for (int64_t j = 0; j < kRowStreams; ++j) {
-        outliers_row(P, b0 + i + j * run, acc.data() + j * kBlockN);
-        store_block<T>(P, b0 + i + j * run, acc.data() + j * kBlockN, bias, y);
+        float* aj = acc.data() + j * P.m * kBlockN;
+        add_outliers(P, b0 + i + j * run, aj, sums.data());
+        store_block<T>(P, b0 + i + j * run, aj, bias, y);
       }
     }
     b = b0 + run * kRowStreams;
@@ -1660,10 +1698,10 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
       else int_block<false, 4>(P, b, acc.data());
     } else if (path == kVnni && P.bits == 8) {
       if (P.m == 1) vnni_row_blocks<8, 1>(P, b, 1, acc.data());
-      else vnni_block<8>(P, b, acc.data());
+      else vnni_blocks<8, 1>(P, b, 1, acc.data());
     } else if (path == kVnni) {
       if (P.m == 1) vnni_row_blocks<4, 1>(P, b, 1, acc.data());
-      else vnni_block<4>(P, b, acc.data());
+      else vnni_blocks<4, 1>(P, b, 1, acc.data());
     } else if (path == kI8) {
       int_block<true, 4>(P, b, acc.data());
     } else if (path == kBf16Dp) {
@@ -1673,10 +1711,7 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
     } else {
       amx_block<4>(P, b, acc.data(), ring);
     }
-    if (P.xt_lanes == 16) outliers_transposed(P, b, acc.data());  // xt_lanes is set (16 or 8) only with xt
-    else if (P.xt_lanes == 8) outliers_transposed8(P, b, acc.data(), sums.data());
-    else if (P.m == 1) outliers_row(P, b, acc.data());
-    else outliers_scalar(P, b, acc.data());
+    add_outliers(P, b, acc.data(), sums.data());
     store_block<T>(P, b, acc.data(), bias, y);
   }
   if (path == kAmx) amx_release();
