@@ -530,9 +530,9 @@ def test_default_plan_per_isa(monkeypatch: pytest.MonkeyPatch) -> None:
     assert native.plan_text(native.default_plan(torch.float16, ("fma", "dequant", "i16"))) == "i16"
     for dtype in (torch.bfloat16, torch.float16):  # an AVX2-only CPU has i8 too: never planned
         assert native.plan_text(native.default_plan(dtype, avx2)) == "i16"
-    # 8-bit codes: with AMX the 4-bit bounds; else the integer path, then oneDNN's GEMM on W' where the CPU has
-    # native bf16; for every M on AVX2
-    assert native.plan_text(native.default_plan(torch.bfloat16, native.PATHS, bits=8)) == "vnni:6,amx:160,dequant"
+    # 8-bit codes: with AMX vnni to 8 rows (i16 to 6), then amx; else the integer path, then oneDNN's GEMM on W'
+    # where the CPU has native bf16; for every M on AVX2
+    assert native.plan_text(native.default_plan(torch.bfloat16, native.PATHS, bits=8)) == "vnni:8,amx:160,dequant"
     assert native.plan_text(native.default_plan(torch.bfloat16, avx512, bits=8)) == "vnni:96,dequant"
     assert native.plan_text(native.default_plan(torch.bfloat16, no_vnni, bits=8)) == "i16:6,amx:160,dequant"
     assert native.plan_text(native.default_plan(torch.bfloat16, (*avx2, "bf16dp"), bits=8)) == "i16:96,dequant"

@@ -172,10 +172,12 @@ def default_plan(dtype: torch.dtype, paths: Sequence[str], bits: int = 4) -> lis
     take), the integer path for every M: ``i16`` ran 1.5-3.2x faster than the fma path at M = 1-64 on AVX2 (1.3x at 128
     and 256), and the dense GEMM that dequant hands over to (no native bf16 there) was 4.5-11x slower.
 
-    8-bit codes (``bits = 8``, the lm_head: one row per sequence): with AMX the 4-bit plan's bounds, measured on
-    Qwen2.5-1.5B's 151936 x 1536 head (g32, 2 threads, one pass through two copies; 2026-12-06): ``vnni`` ahead
-    to 6 rows (22.6 against 29.1 ms at one row), ``amx`` 1.05x at 8 rows, 1.4x at 16, 1.5-1.7x at 32-128; dequant
-    + oneDNN's GEMM lost to ``amx`` 1.7-2.5x at 32-128 rows and won 1.3x at 192. With AVX512-BF16 but no AMX: the
+    8-bit codes (``bits = 8``, the lm_head: one row per sequence): with AMX ``vnni`` to 8 rows, ``amx`` to 160,
+    measured on Qwen2.5-1.5B's 151936 x 1536 head (g32, 2 threads, one pass through two copies; 2026-12-06, after
+    ``vnni`` began reading four runs of blocks side by side): ``vnni`` 23.4 against ``amx`` 27.1 ms at 8 rows and
+    20.4 against 27.8 at 4, ``amx`` 1.3x faster at 12 rows and at 16 (before the runs: ``vnni`` ahead to 6 rows
+    only); ``amx`` 1.5-1.7x ``vnni`` at 32-128 rows; dequant + oneDNN's GEMM lost to ``amx`` 1.7-2.5x at 32-128
+    rows and won 1.3x at 192. With AVX512-BF16 but no AMX: the
     integer path, dequant beyond 96 rows; AVX2: the integer path for every M. ``EASYQUANT_CPU_PLAN`` applies to
     them only where it names 8-bit paths alone (it is meant for the 4-bit layers: an ``i8`` override leaves the
     8-bit lm_head on this plan).
@@ -188,7 +190,7 @@ def default_plan(dtype: torch.dtype, paths: Sequence[str], bits: int = 4) -> lis
         if plan is not None and all(PATHS[p] in PATHS_8BIT for p in plan[1::2]):
             return plan
         if "amx" in paths:
-            return _flatten([(integer, 6), ("amx", 160), ("dequant", 0)])
+            return _flatten([(integer, 8 if vnni else 6), ("amx", 160), ("dequant", 0)])
         return _flatten([(integer, 96), ("dequant", 0)] if "bf16dp" in paths else [(integer, 0)])
     if plan is not None:
         return plan

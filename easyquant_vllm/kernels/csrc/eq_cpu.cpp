@@ -915,9 +915,9 @@ void vnni_blocks(const Problem& P, int64_t b, int64_t stride, float* acc) {
 // Why NB blocks far apart: at one batch row the loop waits on memory, and what a core gets from memory depends on
 // how many sequential streams it reads. run_block_range cuts a thread's blocks into NB runs and takes block i of
 // every run together, so the codes, the steps and the zero points each form NB long sequential streams (blocks
-// are contiguous in every tensor). On the AVX512 + AMX Xeon (2 cores, docs/serving.md, "One batch row on AVX512:
-// four streams") that took a pass through Qwen2.5-1.5B's linears from ~32.5 to ~28 ms (19.5 -> 23-25 GB/s from
-// memory). Taking NB adjacent blocks instead gained only where blocks are long (K = 8960), nothing at K = 1536 (12
+// are contiguous in every tensor). On the AVX512 + AMX Xeon (2 cores, docs/serving.md, "vnni from memory: four runs
+// of blocks", bench/read_streams.cpp) that took a pass through Qwen2.5-1.5B's linears at one row from ~32.5 to ~28
+// ms (19.5 -> 23 GB/s from memory). Taking NB adjacent blocks instead gained only where blocks are long (K = 8960), nothing at K = 1536 (12
 // KB blocks); eight runs lost to four; the software prefetch distance and hint changed nothing measurable.
 //
 // Why the sub-block width is a template parameter: with a loop over a run-time number of words, GCC 12 copies each
