@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and 3, 0.01 for version 1). Version 3 keeps only the candidates that remove error",
     )  # fmt: skip
     p.add_argument(
+        "--expert-max-bits", type=float, default=d.expert_max_bits, metavar="B",
+        help="bits per weight a routed expert's projection may store at most: its outliers are capped to what the "
+        "codes and group metadata leave (default %(default)s; 0 gives experts the dense layers' cap)",
+    )  # fmt: skip
+    p.add_argument(
         "--method", choices=METHODS, default=d.method,
         help="range optimiser: search (default; version 2: the clip ratio among 0.9/0.95/1.0 of min-max with the "
         "least 4th-power error; version 1: clip-ratio search + alternating least squares), adam (the paper's: "
@@ -196,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         normalize=args.normalize,
         outlier_threshold=args.outlier_threshold,
         max_outlier_fraction=args.max_outlier_fraction,
+        expert_max_bits=args.expert_max_bits if args.expert_max_bits > 0 else None,
         method=args.method,
         adam_lr=args.adam_lr,
         adam_steps=args.adam_steps,

@@ -60,6 +60,13 @@ and Qwen2-MoE's shared-expert gate (docs/format.md). Routed and shared experts a
 EXPERTS = re.compile(r"^(?P<layer>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>[^.]+)$")
 """A routed expert's projection (module name): ``<layer>.experts.<e>.<proj>``; ``layer`` names the MoE layer."""
 
+EXPERT_MAX_BITS = 4.6
+"""Bits per weight a routed expert's projection may store at most: its outliers are capped to what is left after its
+codes, group metadata, row units and column scale (:func:`outlier_budget`). Why experts only: they hold 90 % or more
+of a mixture of experts' bytes, and heavy-tailed ones (Student-t weights, 1.2 % past 3 sigma) kept so many outliers
+that they stored 4.65-4.69 bits per weight at the default cap of 0.25 % (docs/serving.md, "Bits per weight of the
+experts"); dense layers keep the cap chosen by fidelity on real models (docs/results.md)."""
+
 JOINT_COLUMN_SCALE = (("gate_proj", "up_proj"), ("w1", "w3"))
 """Layers normalised together (one column scale, from their stacked rows; format version 2). gate/up read one
 input and run as one fused GEMM. q/k/v also read one input, but one scale for the three measured worse on SmolLM2
@@ -95,6 +102,7 @@ class ConvertOptions:
     skip: list[str] = field(default_factory=list)
     lm_head: bool | None = None  # None: where vLLM quantizes the architecture's vocabulary layers (vocab_quantizable)
     lm_head_bits: int = 8
+    expert_max_bits: float | None = EXPERT_MAX_BITS  # None: experts take the dense layers' outlier cap
     device: str = "cpu"
     max_shard_bytes: int = 2 * 1024**3
     overwrite: bool = False
@@ -111,15 +119,34 @@ class Plan:
     lm_head: str | None = None  # the output projection's tensor, when it is quantized (``--lm-head``)
     lm_head_bits: int = 8  # its code width (``--lm-head-bits``)
     lm_head_note: str = ""  # why the vocabulary matrix stays in the source dtype, where it does
+    expert_max_bits: float | None = None  # routed experts' storage budget (EXPERT_MAX_BITS), None for no budget
 
     @property
     def lm_head_summary(self) -> str:
         """What became of the vocabulary matrix, for the report: ``"8-bit lm_head"`` or why it was kept."""
         return self.lm_head_note or f"{self.lm_head_bits}-bit {_module_of(self.lm_head or '')}"
 
-    def spec_of(self, name: str) -> QuantSpec:
-        """The spec tensor ``name`` is quantized with: the output projection's code width is ``lm_head_bits``."""
-        return replace(self.spec, bits=self.lm_head_bits) if name == self.lm_head else self.spec
+    def spec_of(self, name: str, shape: tuple[int, int] | None = None) -> QuantSpec:
+        """The spec tensor ``name`` (``[n, k]``: ``shape``) is quantized with: the output projection's code width
+        is ``lm_head_bits``; a routed expert's outliers are capped to ``expert_max_bits`` (:func:`outlier_budget`)."""
+        if name == self.lm_head:
+            return replace(self.spec, bits=self.lm_head_bits)
+        if self.expert_max_bits is not None and shape is not None and EXPERTS.match(_module_of(name)):
+            budget = outlier_budget(self.spec, *shape, self.expert_max_bits)
+            return replace(self.spec, max_outlier_fraction=min(self.spec.max_outlier_fraction, budget))
+        return self.spec
+
+
+def outlier_budget(spec: QuantSpec, n: int, k: int, max_bits: float) -> float:
+    """The largest outlier fraction that keeps an ``[n, k]`` weight quantized with ``spec`` within ``max_bits`` bits
+    per weight (:func:`bits_per_weight`, the bytes written): what its codes, steps, zero points, row units and
+    column scale (counted as present) leave, less the CSR's row pointers, in outliers of 48 bits each; 0 where no
+    whole outlier fits."""
+    dense = bits_per_weight(
+        n, k, spec.bits, spec.group_size, 0, spec.zero_points, spec.normalize != "none", spec.format_version
+    )
+    spare = math.floor(max_bits * n * k) - round(dense * n * k) - (n + 1) * 32  # row pointers: with the first outlier
+    return max(spare, 0) // 48 / (n * k)
 
 
 def _module_of(name: str) -> str:
@@ -243,7 +270,16 @@ def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions, config: dict[str
         g = opts.group_size
         bad = [n for k, n in in_dims.items() if isinstance(g, int) and g > 0 and k % g]
         raise ConversionError(f"{e} (e.g. tensor {(bad or list(in_dims.values()))[0]})") from None
-    return Plan(names, quantize, not_converted, resolve_spec(opts, group_size), head, opts.lm_head_bits, head_note)
+    return Plan(
+        names,
+        quantize,
+        not_converted,
+        resolve_spec(opts, group_size),
+        head,
+        opts.lm_head_bits,
+        head_note,
+        opts.expert_max_bits,
+    )
 
 
 def _vocab_choice(names: list[str], config: dict[str, Any], lm_head: bool | None,
@@ -471,7 +507,7 @@ def _write(
             continue
         t0 = time.perf_counter()
         try:
-            qws = quantize_group(tensors, plan.spec_of(name), device=opts.device)
+            qws = quantize_group(tensors, plan.spec_of(name, tuple(tensors[0].shape)), device=opts.device)
         except ValueError as e:
             raise ConversionError(f"{name} in {ckpt.file_of(name).name}: {e}") from None
         seconds = (time.perf_counter() - t0) / len(members)

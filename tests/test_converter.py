@@ -509,3 +509,32 @@ def test_convert_lm_head_default_keeps_what_the_checkpoint_leaves_ambiguous(tmp_
         assert (head is None) == (plan.lm_head_note != "")
     dry = convert(untied_src, tmp_path / "dry", dry_run=True, progress=False)
     assert dry["lm_head"] == "8-bit lm_head" and not (tmp_path / "dry").exists()
+
+
+def test_routed_experts_stay_within_their_bits_budget(tmp_path: Path) -> None:
+    # Heavy-tailed experts (Student-t, ~1.2 % past 3 sigma) keep 0.25 % outliers without a budget; with the default
+    # EXPERT_MAX_BITS each expert projection stores at most 4.6 bits per weight, the cap binding (outliers kept, fewer
+    # of them), while the attention layers keep the dense cap. 1024 x 1024 experts leave room for 0.077 %.
+    from converters.convert import EXPERT_MAX_BITS, outlier_budget
+    from easyquant_vllm.quant import QuantSpec
+
+    src = build_tiny_model(tmp_path / "src", arch="qwen3_moe", hidden_size=1024, num_layers=1, num_heads=8,
+                           num_kv_heads=2, num_experts=2, moe_intermediate_size=1024, vocab_size=256)  # fmt: skip
+    reports = {}
+    for name, opts in (("budget", ConvertOptions()), ("none", ConvertOptions(expert_max_bits=None))):
+        reports[name] = {t["name"]: t for t in convert(src, tmp_path / name, opts, progress=False)["tensors"]}
+    experts = [n for n in reports["budget"] if ".experts." in n]
+    assert len(experts) == 2 * 3
+    budget = outlier_budget(QuantSpec.for_version(3, group_size=32), 1024, 1024, EXPERT_MAX_BITS)
+    assert 0.0005 < budget < 0.001
+    for n in experts:
+        capped, free = reports["budget"][n], reports["none"][n]
+        assert free["bits_per_weight"] > EXPERT_MAX_BITS + 0.02, n  # the tails fill the 0.25 % cap
+        assert EXPERT_MAX_BITS - 0.02 < capped["bits_per_weight"] <= EXPERT_MAX_BITS, n
+        assert 0 < capped["outlier_fraction"] <= budget < free["outlier_fraction"], n
+        assert capped["rel_err"] < capped["rel_err_rtn"], n
+    for n in (n for n in reports["budget"] if n.endswith("self_attn.q_proj")):
+        for key in ("bits_per_weight", "outlier_fraction", "rel_err"):  # dense layers: not the experts' budget
+            assert reports["budget"][n][key] == reports["none"][n][key], (n, key)
+    # [256, 256] experts cannot hold one outlier within 4.6 bits (their dense part alone is 4.625): none, no CSR
+    assert outlier_budget(QuantSpec.for_version(3, group_size=32), 256, 256, EXPERT_MAX_BITS) == 0.0
