@@ -126,13 +126,14 @@ class Plan:
         """What became of the vocabulary matrix, for the report: ``"8-bit lm_head"`` or why it was kept."""
         return self.lm_head_note or f"{self.lm_head_bits}-bit {_module_of(self.lm_head or '')}"
 
-    def spec_of(self, name: str, shape: tuple[int, int] | None = None) -> QuantSpec:
-        """The spec tensor ``name`` (``[n, k]``: ``shape``) is quantized with: the output projection's code width
-        is ``lm_head_bits``; a routed expert's outliers are capped to ``expert_max_bits`` (:func:`outlier_budget`)."""
+    def spec_of(self, name: str, shapes: list[tuple[int, int]] | None = None) -> QuantSpec:
+        """The spec tensor ``name`` and the group quantized with it (``[n, k]`` each: ``shapes``) take: the output
+        projection's code width is ``lm_head_bits``; a routed expert's outliers are capped to ``expert_max_bits``
+        (:func:`outlier_budget`, the tightest over the group: one spec serves all its members)."""
         if name == self.lm_head:
             return replace(self.spec, bits=self.lm_head_bits)
-        if self.expert_max_bits is not None and shape is not None and EXPERTS.match(_module_of(name)):
-            budget = outlier_budget(self.spec, *shape, self.expert_max_bits)
+        if self.expert_max_bits is not None and shapes and EXPERTS.match(_module_of(name)):
+            budget = min(outlier_budget(self.spec, n, k, self.expert_max_bits) for n, k in shapes)
             return replace(self.spec, max_outlier_fraction=min(self.spec.max_outlier_fraction, budget))
         return self.spec
 
@@ -140,12 +141,15 @@ class Plan:
 def outlier_budget(spec: QuantSpec, n: int, k: int, max_bits: float) -> float:
     """The largest outlier fraction that keeps an ``[n, k]`` weight quantized with ``spec`` within ``max_bits`` bits
     per weight (:func:`bits_per_weight`, the bytes written): what its codes, steps, zero points, row units and
-    column scale (counted as present) leave, less the CSR's row pointers, in outliers of 48 bits each; 0 where no
-    whole outlier fits."""
+    column scale leave, less the CSR's row pointers, in outliers of 48 bits each; 0 where no whole outlier fits.
+    The column scale is counted wherever the spec may store one (version 3's ``auto`` drops it where it does not
+    pay, after the outliers are chosen): the cap can fall short of the budget by 16/n bits per weight, never over."""
     dense = bits_per_weight(
         n, k, spec.bits, spec.group_size, 0, spec.zero_points, spec.normalize != "none", spec.format_version
     )
-    spare = math.floor(max_bits * n * k) - round(dense * n * k) - (n + 1) * 32  # row pointers: with the first outlier
+    # version 3 stores the CSR's row pointers only with a first outlier; versions 1 and 2 always (counted in dense)
+    pointers = (n + 1) * 32 if spec.format_version == 3 else 0
+    spare = math.floor(max_bits * n * k) - round(dense * n * k) - pointers
     return max(spare, 0) // 48 / (n * k)
 
 
@@ -507,7 +511,7 @@ def _write(
             continue
         t0 = time.perf_counter()
         try:
-            qws = quantize_group(tensors, plan.spec_of(name, tuple(tensors[0].shape)), device=opts.device)
+            qws = quantize_group(tensors, plan.spec_of(name, [tuple(t.shape) for t in tensors]), device=opts.device)
         except ValueError as e:
             raise ConversionError(f"{name} in {ckpt.file_of(name).name}: {e}") from None
         seconds = (time.perf_counter() - t0) / len(members)

@@ -538,3 +538,24 @@ def test_routed_experts_stay_within_their_bits_budget(tmp_path: Path) -> None:
             assert reports["budget"][n][key] == reports["none"][n][key], (n, key)
     # [256, 256] experts cannot hold one outlier within 4.6 bits (their dense part alone is 4.625): none, no CSR
     assert outlier_budget(QuantSpec.for_version(3, group_size=32), 256, 256, EXPERT_MAX_BITS) == 0.0
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_outlier_budget_is_the_storage_formula_solved_for_the_outliers(version: int) -> None:
+    # The cap is tight against format.bits_per_weight (column scale counted where the spec may store one): its count
+    # of outliers fits max_bits, one more does not; versions 1 and 2 store the CSR row pointers even when empty.
+    from converters.convert import outlier_budget
+    from easyquant_vllm.format import bits_per_weight
+    from easyquant_vllm.quant import QuantSpec
+
+    spec = QuantSpec.for_version(version, group_size=32 if version == 3 else 128)
+    for n, k in ((1024, 1024), (768, 1024), (2048, 2048), (4096, 1536)):
+        nnz = round(outlier_budget(spec, n, k, 4.6 if version == 3 else 4.4) * n * k)
+        assert nnz > 0, (n, k)
+
+        def bits(count: int, n: int = n, k: int = k) -> float:
+            return bits_per_weight(n, k, spec.bits, spec.group_size, count, spec.zero_points,
+                                   spec.normalize != "none", spec.format_version)  # fmt: skip
+
+        limit = 4.6 if version == 3 else 4.4
+        assert bits(nnz) <= limit < bits(nnz + 1), (n, k, nnz)

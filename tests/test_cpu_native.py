@@ -146,25 +146,29 @@ def test_vnni_gives_i16_outputs_bit_for_bit(bits: int, version: int, dtype: torc
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_vnni_runs_of_blocks_give_i16_outputs_bit_for_bit(bits: int) -> None:
+@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_vnni_runs_of_blocks_give_i16_outputs_bit_for_bit(bits: int, version: int, dtype: torch.dtype) -> None:
     # Up to 8 batch rows vnni reads four runs of a thread's blocks side by side, each sub-block width its own
-    # unrolled loop (32, 64, 96, 128 columns: groups of 32, 64, per channel at K = 576, 128): 23 blocks give runs of 5
-    # and 3 left over on one thread, runs of 2 or 3 and the rest on two; a block in the wrong run, a word in the
-    # wrong sub-block or a row's outliers in another block would differ from i16's one-block loops. 9 rows: no runs.
+    # unrolled loop (32, 64, 96, 128 columns: groups of 32, 64, per channel at K = 576, 128). 23 blocks give runs of 5
+    # and 3 left over on one thread, runs of 2 or 3 and the rest on two; 9 blocks runs of 1 on two threads (and 4 or
+    # 5 blocks per thread). A block in the wrong run, a word in the wrong sub-block or a block's outliers in another
+    # would differ from i16's one-block loops; 9 rows take no runs. Version 2: float16 steps, integer zeros.
     threads = torch.get_num_threads()
     try:
-        for k, group_size in ((384, 32), (384, 64), (576, -1), (512, 128)):
-            qw = quantized(heavy_tailed(16 * 23, k, seed=k + group_size), 3, group_size, bits=bits)
+        for blocks, k, group_size in ((23, 384, 32), (23, 384, 64), (23, 576, -1), (23, 512, 128), (9, 256, 32)):
+            n = 16 * blocks
+            qw = quantized(heavy_tailed(n, k, seed=k + group_size + blocks), version, group_size, bits=bits)
             assert qw.outliers.nnz > 0
-            vnni, i16 = _kernel(qw, torch.bfloat16, "vnni"), _kernel(qw, torch.bfloat16, "i16")
+            vnni, i16 = _kernel(qw, dtype, "vnni"), _kernel(qw, dtype, "i16")
             tv, ti = vnni.prepare(qw), i16.prepare(qw)
             g = torch.Generator().manual_seed(k)
-            bias = torch.randn(16 * 23, generator=g).bfloat16()
-            for m in (1, 2, 3, 6, 8, 9):
-                x = torch.randn(m, k, generator=g).bfloat16()
+            bias = torch.randn(n, generator=g).to(dtype)
+            for m in range(1, 10):
+                x = torch.randn(m, k, generator=g).to(dtype)
                 for t in (1, 2):
                     torch.set_num_threads(t)
-                    assert torch.equal(vnni.apply(tv, x, bias), i16.apply(ti, x, bias)), (k, group_size, m, t)
+                    assert torch.equal(vnni.apply(tv, x, bias), i16.apply(ti, x, bias)), (blocks, k, group_size, m, t)
     finally:
         torch.set_num_threads(threads)
 

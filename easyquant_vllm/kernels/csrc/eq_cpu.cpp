@@ -859,7 +859,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,fma"))) void vnni_rows(const 
 // int_block for kVnni, NB blocks at once (b + j stride, j < NB; vnni_row_blocks says why): sub-block by sub-block
 // (kXg columns), the blocks in turns, row tiles of up to 8 batch rows (each decoded code pair serves up to 8).
 // acc: [NB][M][16].
-template <int kBits, int kXg, int NB>
+template <int kBits, int NB, int kXg>
 __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) void vnni_blocks(const Problem& P, int64_t b,
                                                                                 int64_t stride, float* acc) {
   std::fill(acc, acc + NB * P.m * kBlockN, 0.0f);
@@ -897,14 +897,15 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) void vnni_blocks
   }
 }
 
-// vnni_blocks for P's sub-block width (i16_subblock: 32, 64, 96 or 128 columns).
+// vnni_blocks for P's sub-block width (i16_subblock: 32, 64, 96 or 128 columns; the op checks G % 32 == 0).
 template <int kBits, int NB>
 void vnni_blocks(const Problem& P, int64_t b, int64_t stride, float* acc) {
   switch (P.xg) {
-    case 32: vnni_blocks<kBits, 32, NB>(P, b, stride, acc); break;
-    case 64: vnni_blocks<kBits, 64, NB>(P, b, stride, acc); break;
-    case 96: vnni_blocks<kBits, 96, NB>(P, b, stride, acc); break;
-    default: vnni_blocks<kBits, kI16MaxSubblock, NB>(P, b, stride, acc); break;
+    case 32: vnni_blocks<kBits, NB, 32>(P, b, stride, acc); break;
+    case 64: vnni_blocks<kBits, NB, 64>(P, b, stride, acc); break;
+    case 96: vnni_blocks<kBits, NB, 96>(P, b, stride, acc); break;
+    case kI16MaxSubblock: vnni_blocks<kBits, NB, kI16MaxSubblock>(P, b, stride, acc); break;
+    default: TORCH_CHECK(false, "easyquant: vnni has no loop for sub-blocks of ", P.xg, " columns");
   }
 }
 
@@ -981,14 +982,15 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) void vnni_row_bl
   for (int j = 0; j < NB; ++j) _mm512_storeu_ps(acc + j * kBlockN, tot[j]);
 }
 
-// vnni_row_blocks for P's sub-block width (i16_subblock: 32, 64, 96 or 128 columns).
+// vnni_row_blocks for P's sub-block width (i16_subblock: 32, 64, 96 or 128 columns; the op checks G % 32 == 0).
 template <int kBits, int NB>
 void vnni_row_blocks(const Problem& P, int64_t b, int64_t stride, float* acc) {
   switch (P.xg) {
     case 32: vnni_row_blocks<kBits, NB, 32>(P, b, stride, acc); break;
     case 64: vnni_row_blocks<kBits, NB, 64>(P, b, stride, acc); break;
     case 96: vnni_row_blocks<kBits, NB, 96>(P, b, stride, acc); break;
-    default: vnni_row_blocks<kBits, NB, kI16MaxSubblock>(P, b, stride, acc); break;
+    case kI16MaxSubblock: vnni_row_blocks<kBits, NB, kI16MaxSubblock>(P, b, stride, acc); break;
+    default: TORCH_CHECK(false, "easyquant: vnni has no loop for sub-blocks of ", P.xg, " columns");
   }
 }
 
