@@ -77,6 +77,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -897,16 +898,23 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) void vnni_blocks
   }
 }
 
-// vnni_blocks for P's sub-block width (i16_subblock: 32, 64, 96 or 128 columns; the op checks G % 32 == 0).
+// f(std::integral_constant<int, xg>) for the x sub-block widths the vnni loops are compiled for (i16_subblock: 32,
+// 64, 96 or 128 columns; the op checks G % 32 == 0).
+template <typename F>
+void with_subblock_width(int64_t xg, F&& f) {
+  switch (xg) {
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 96: f(std::integral_constant<int, 96>{}); break;
+    case kI16MaxSubblock: f(std::integral_constant<int, kI16MaxSubblock>{}); break;
+    default: TORCH_CHECK(false, "easyquant: vnni has no loop for sub-blocks of ", xg, " columns");
+  }
+}
+
+// vnni_blocks for P's sub-block width.
 template <int kBits, int NB>
 void vnni_blocks(const Problem& P, int64_t b, int64_t stride, float* acc) {
-  switch (P.xg) {
-    case 32: vnni_blocks<kBits, NB, 32>(P, b, stride, acc); break;
-    case 64: vnni_blocks<kBits, NB, 64>(P, b, stride, acc); break;
-    case 96: vnni_blocks<kBits, NB, 96>(P, b, stride, acc); break;
-    case kI16MaxSubblock: vnni_blocks<kBits, NB, kI16MaxSubblock>(P, b, stride, acc); break;
-    default: TORCH_CHECK(false, "easyquant: vnni has no loop for sub-blocks of ", P.xg, " columns");
-  }
+  with_subblock_width(P.xg, [&](auto xg) { vnni_blocks<kBits, NB, decltype(xg)::value>(P, b, stride, acc); });
 }
 
 // i16_row_block for kVnni (M = 1), NB blocks at once (blocks b + j stride, j < NB), x sub-blocks of kXg columns: the
@@ -982,16 +990,10 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) void vnni_row_bl
   for (int j = 0; j < NB; ++j) _mm512_storeu_ps(acc + j * kBlockN, tot[j]);
 }
 
-// vnni_row_blocks for P's sub-block width (i16_subblock: 32, 64, 96 or 128 columns; the op checks G % 32 == 0).
+// vnni_row_blocks for P's sub-block width.
 template <int kBits, int NB>
 void vnni_row_blocks(const Problem& P, int64_t b, int64_t stride, float* acc) {
-  switch (P.xg) {
-    case 32: vnni_row_blocks<kBits, NB, 32>(P, b, stride, acc); break;
-    case 64: vnni_row_blocks<kBits, NB, 64>(P, b, stride, acc); break;
-    case 96: vnni_row_blocks<kBits, NB, 96>(P, b, stride, acc); break;
-    case kI16MaxSubblock: vnni_row_blocks<kBits, NB, kI16MaxSubblock>(P, b, stride, acc); break;
-    default: TORCH_CHECK(false, "easyquant: vnni has no loop for sub-blocks of ", P.xg, " columns");
-  }
+  with_subblock_width(P.xg, [&](auto xg) { vnni_row_blocks<kBits, NB, decltype(xg)::value>(P, b, stride, acc); });
 }
 
 // ---- kAmx: AMX-BF16 ----------------------------------------------------------------------------------
