@@ -549,13 +549,13 @@ def test_outlier_budget_is_the_storage_formula_solved_for_the_outliers(version: 
     from easyquant_vllm.quant import QuantSpec
 
     spec = QuantSpec.for_version(version, group_size=32 if version == 3 else 128)
+    limit = 4.6 if version == 3 else 4.4
     for n, k in ((1024, 1024), (768, 1024), (2048, 2048), (4096, 1536)):
-        nnz = round(outlier_budget(spec, n, k, 4.6 if version == 3 else 4.4) * n * k)
+        nnz = round(outlier_budget(spec, n, k, limit) * n * k)
         assert nnz > 0, (n, k)
 
         def bits(count: int, n: int = n, k: int = k) -> float:
             return bits_per_weight(n, k, spec.bits, spec.group_size, count, spec.zero_points,
                                    spec.normalize != "none", spec.format_version)  # fmt: skip
 
-        limit = 4.6 if version == 3 else 4.4
         assert bits(nnz) <= limit < bits(nnz + 1), (n, k, nnz)

@@ -1647,6 +1647,15 @@ inline void add_outliers(const Problem& P, int64_t b, float* acc, float* sums) {
   else outliers_scalar(P, b, acc);
 }
 
+// The vnni path on blocks b + j stride (j < NB) into acc [NB][M][16]: the one-row loop or the row tiles, 4- or 8-bit.
+template <int NB>
+void vnni_any_blocks(const Problem& P, int64_t b, int64_t stride, float* acc) {
+  if (P.m == 1 && P.bits == 8) vnni_row_blocks<8, NB>(P, b, stride, acc);
+  else if (P.m == 1) vnni_row_blocks<4, NB>(P, b, stride, acc);
+  else if (P.bits == 8) vnni_blocks<8, NB>(P, b, stride, acc);
+  else vnni_blocks<4, NB>(P, b, stride, acc);
+}
+
 // Runs of blocks that the vnni path reads side by side (vnni_row_blocks says why), up to kRunsMaxRows batch rows.
 constexpr int64_t kRowStreams = 4;
 constexpr int64_t kRunsMaxRows = 8;
@@ -1672,10 +1681,7 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
     // (b1 - b0) % kRowStreams blocks one by one, below
     const int64_t run = (b1 - b0) / kRowStreams;
     for (int64_t i = 0; i < run; ++i) {
-      if (P.m == 1 && P.bits == 8) vnni_row_blocks<8, kRowStreams>(P, b0 + i, run, acc.data());
-      else if (P.m == 1) vnni_row_blocks<4, kRowStreams>(P, b0 + i, run, acc.data());
-      else if (P.bits == 8) vnni_blocks<8, kRowStreams>(P, b0 + i, run, acc.data());
-      else vnni_blocks<4, kRowStreams>(P, b0 + i, run, acc.data());
+      vnni_any_blocks<kRowStreams>(P, b0 + i, run, acc.data());
       for (int64_t j = 0; j < kRowStreams; ++j) {
         float* aj = acc.data() + j * P.m * kBlockN;
         add_outliers(P, b0 + i + j * run, aj, sums.data());
@@ -1700,12 +1706,8 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
     } else if (path == kI16) {
       if (P.m == 1) i16_row_block<4>(P, b, acc.data());
       else int_block<false, 4>(P, b, acc.data());
-    } else if (path == kVnni && P.bits == 8) {
-      if (P.m == 1) vnni_row_blocks<8, 1>(P, b, 1, acc.data());
-      else vnni_blocks<8, 1>(P, b, 1, acc.data());
     } else if (path == kVnni) {
-      if (P.m == 1) vnni_row_blocks<4, 1>(P, b, 1, acc.data());
-      else vnni_blocks<4, 1>(P, b, 1, acc.data());
+      vnni_any_blocks<1>(P, b, 1, acc.data());
     } else if (path == kI8) {
       int_block<true, 4>(P, b, acc.data());
     } else if (path == kBf16Dp) {
