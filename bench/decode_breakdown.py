@@ -3,8 +3,9 @@ mode), per model.
 
     python bench/decode_breakdown.py .cache/Qwen2.5-Coder-1.5B-Instruct .cache/Qwen2.5-Coder-1.5B-Instruct-eq
 
-Each model runs in a fresh process (in-process engine, vLLM's default compiled mode, bf16), warms up, then
-decodes ``--tokens`` tokens under ``torch.profiler`` (CPU activities, input shapes). The ops that ran
+Each model runs in a fresh process (in-process engine, vLLM's default compiled mode, bf16), warms up, prefills
+the batch's prompts and decodes one step, then decodes ``--tokens`` steps under ``torch.profiler`` (CPU
+activities, input shapes): the prompts' prefill is not in the profile. The ops that ran
 are put in buckets by name and shape:
 
 * **linears:** ``easyquant::linear`` / ``easyquant::cpu_int4_linear`` (our ops), or the dense GEMMs of the
@@ -38,17 +39,27 @@ model, tokens, vocab, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), i
 llm = LLM(model=model, dtype="bfloat16", max_model_len=512, max_num_seqs=batch, seed=0)
 prompt = [{"prompt_token_ids": [1 + (7 * i + j) % 1000 for j in range(16)]} for i in range(batch)]
 llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), use_tqdm=False)
-params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+# The requests' prefill and first decode step run before the profiler starts, so the profiled steps are decode
+# only (batch rows = sequences), as llama.cpp's tg is.
+engine = llm.llm_engine
+params = SamplingParams(max_tokens=tokens + 2, temperature=0.0, ignore_eos=True)
+for i, p in enumerate(prompt):
+    engine.add_request(str(i), p, params)
+engine.step()
+engine.step()
+steps = 0
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
     t0 = time.perf_counter()
-    out = llm.generate(prompt, params, use_tqdm=False)
+    while steps < tokens and engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
     wall = time.perf_counter() - t0
 events = []
 for e in prof.key_averages(group_by_input_shape=True):
     if e.self_cpu_time_total > 0:
         events.append({"name": e.key, "shapes": str(e.input_shapes), "self_us": e.self_cpu_time_total,
                        "calls": e.count})
-print("RESULT " + json.dumps({"wall_s": wall, "tokens": len(out[0].outputs[0].token_ids), "events": events}))  # steps
+print("RESULT " + json.dumps({"wall_s": wall, "tokens": steps, "events": events}))  # tokens: decode steps
 """
 
 LINEAR = ("easyquant::linear", "easyquant::cpu_int4_linear", "onednn_mm", "aten::mm", "aten::addmm",

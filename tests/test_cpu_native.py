@@ -418,6 +418,26 @@ def test_native_path_v3_extremes_match_reference(path: str, dtype: torch.dtype, 
         assert torch.equal(kernel.apply(tensors, x, None), F.linear(x, qw.dequantize(dtype)))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("version", FORMAT_VERSIONS)
+def test_amx_zero_point_product_keeps_fp32_accuracy_under_cancellation(bits: int, version: int) -> None:
+    # amx adds -(base + z) * sum(x) to each group's C tile by a tdpbf16ps of bf16 parts (h + m + l of the sum,
+    # hi + lo of base + z). With x far from zero (mean 40) that term is ~100x the output, so parts that were off by
+    # one bf16 step would show as O(1e-1) relative error; an exact product leaves the output's bf16 rounding. Compared
+    # with i16 (exact int32 sums) on the same x: the two differ by a few bf16 steps at most.
+    n, k = 48, 512
+    qw = quantized(heavy_tailed(n, k, seed=bits + version), version, 32, bits=bits)
+    amx, i16 = _kernel(qw, torch.bfloat16, "amx"), _kernel(qw, torch.bfloat16, "i16")
+    ref_w = qw.dequantize(torch.float64)
+    g = torch.Generator().manual_seed(40 + bits)
+    for m in (7, 16, 29):
+        x = (40 + torch.randn(m, k, generator=g)).to(torch.bfloat16)
+        ref = x.double() @ ref_w.T
+        y = amx.apply(amx.prepare(qw), x, None)
+        assert _rel(y, ref) < _bound("amx"), m
+        assert _rel(y, ref) < 2 * _rel(i16.apply(i16.prepare(qw), x, None), ref) + 1e-3, m
+
+
 @pytest.mark.parametrize("path", ["fma", "bf16dp", "amx"])
 @pytest.mark.parametrize("version", FORMAT_VERSIONS)
 @pytest.mark.parametrize("group_size", [32, 128, -1])

@@ -74,6 +74,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -121,6 +122,9 @@ struct Problem {
                            // a time: 16 with AVX512, 8 with AVX2), or null
   int64_t mp, xt_lanes;    // xt_lanes: 0 where xt is null
   const uint16_t* xtile;   // [ceil(M/16)][K/32][16][32] x as whole AMX A tiles (1 KB each), zero rows past M, or null
+  const uint16_t* xcorr;   // [ceil(M/16)][K/G][16][6] bf16 -(h, h, m, m, l, l), h + m + l = xsum * 2^e: the amx
+                           // path's zero-point tiles (amx_slice), zero rows past M, or null
+  float zero_scale;        // 2^-e: the amx path's B' holds (base + z) * 2^-e (prepare_x says why)
   int64_t xg;              // columns per x sub-block of the i16 path (divides G), else 0
   int64_t xblocks;         // K / xg (computed once, as groups)
   const uint32_t* xq;      // [M][K/2] int16 pairs of x * c, i16 layout (StoreI16); [M][K/4] int8 quads, i8 layout
@@ -128,6 +132,18 @@ struct Problem {
   const float* xsigma;     // [M][K/xg] step of xq per sub-block (x * c ~ sigma * xq; i8: xg = 32)
   const float* xqsum;      // [M][K/xg] sum of xq over the sub-block (exact: |sum| <= 128 * 32767 < 2^24)
 };
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
 
 inline float half_to_float(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
 
@@ -998,16 +1014,27 @@ void vnni_row_blocks(const Problem& P, int64_t b, int64_t stride, float* acc) {
 
 // ---- kAmx: AMX-BF16 ----------------------------------------------------------------------------------
 
-// Tile registers (all 16 rows x 64 bytes): 0-3 accumulate C (16 batch rows x 16 output rows, fp32), 4 and 7
-// take A (16 batch rows x 32 bf16 of x), 5 and 6 take B (16 k-pairs x 16 output rows x 2 bf16: 16 registers
-// of bf16 codes). A and B alternate between two registers each: tiles are not renamed, so a load into the
-// register the previous tdpbf16ps still reads would wait for it. (8-bit codes need two B tiles per chunk, lo in 5
-// and hi in 6, so only A alternates there.)
+// Tile registers: 0 and 1 accumulate C (16 batch rows x 16 output rows, fp32), 4 and 7 take A (16 batch rows x 32
+// bf16 of x), 5 and 6 take B (16 k-pairs x 16 output rows x 2 bf16: 16 registers of bf16 codes), all 16 rows x 64
+// bytes; 2 and 3 take the zero-point product's A' (16 x 6 bf16) and B' (3 k-pairs x 16 x 2 bf16). A and B
+// alternate between two registers each: tiles are not renamed, so a load into the register the previous tdpbf16ps
+// still reads would wait for it. (8-bit codes need two B tiles per chunk, lo in 5 and hi in 6, so only A alternates
+// there.)
 //
-// Why the C tiles rotate: a group of 32 columns (the default format) is one tdpbf16ps, and its C tile must be
-// stored and scaled before the next group can use the register; storing it right after its tdpbf16ps waits for
-// the product's latency on every group. So the groups take the four C tiles by turns and a group's tile is
-// stored and folded in three groups later, while the next groups' products run.
+// Why the zero point goes through the tile unit: B holds base + u (base = 128), so a group's C is
+// sum x (base + u) and y needs s (C - (base + z) xsum). Folding that in with vector FMAs cost two per batch row and
+// group, the larger part of the path's vector work. Instead one more tdpbf16ps per group adds -(base + z) xsum to
+// the C tile itself: A' holds each row's -xsum as three bf16 parts h + m + l (each twice; within 2^-27 of the fp32
+// sum, prepare_x), B' the 16 rows' base + z as two bf16 parts (exact: base + z has at most 16 significant bits,
+// amx_zero_tile), so A' B' is -(h + m + l)(hi + lo) with every product exact and fp32 sums, as the vector fold
+// computed it. The fold is then one FMA per row and group, sum += s C. Cache-hot, one thread, 16 rows (Qwen2.5's
+// 1536 x 1536 and 1536 x 8960, format 3, g32): 239 -> 205 and 1351 -> 1026 us per call.
+//
+// Why the C tiles alternate: a group of 32 columns (the default format) is one tdpbf16ps (and the zero-point
+// one), and its C tile must be stored and scaled before the next group can use the register; storing it right
+// after its tdpbf16ps waits for the products' latency on every group. So the groups take the two C tiles by
+// turns and a group's tile is stored and folded after the next group's products are issued. (Four C tiles by
+// turns measured the same as two; two leave registers 2 and 3 for A' and B'.)
 //
 // Why B is written per chunk and A comes pre-tiled: a block's B tiles for all of K (K * 32 bytes: 48 KB at
 // K = 1536, 280 KB at K = 8960) and x's rows (a tile load of 16 rows at stride 2K touches 16 lines) did not
@@ -1026,10 +1053,11 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-constexpr int64_t kAmxCTiles = 4;   // C tile registers 0-3
+constexpr int64_t kAmxCTiles = 2;   // C tile registers 0-1
 constexpr int64_t kAmxRing = 4;     // B tiles written ahead of their loads (a ring of 1 KB slots)
 constexpr int64_t kAmxAhead = 2;    // chunks between writing a B tile and loading it
 constexpr int64_t kTileElems = 512;  // bf16 per 1 KB tile (16 rows x 32)
+constexpr int64_t kCorrK = 6;        // bf16 per row of the zero-point A' tile: h, h, m, m, l, l
 
 bool request_amx() {
   // Linux grants the AMX tile state to a process only on request (else the first tile instruction is
@@ -1044,6 +1072,8 @@ __attribute__((target("amx-tile"))) void amx_configure() {
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
+  cfg.colsb[2] = kCorrK * 2;  // A': 16 batch rows x 6 bf16
+  cfg.rows[3] = kCorrK / 2;   // B': 3 k-pairs x 16 output rows x 2 bf16
   // GCC 12 does not treat ldtilecfg as reading its operand and drops the stores above (the tile config
   // then holds stack garbage: #GP). The empty asm with a memory clobber makes them visible.
   asm volatile("" : : "r"(&cfg) : "memory");
@@ -1098,42 +1128,52 @@ __attribute__((target("avx512f,avx512vbmi"))) inline void amx_b_tiles(const uint
   }
 }
 
+// The zero-point B' tile of one group (3 rows of 16 dwords, 64-byte aligned at dst): each row's base + z as bf16
+// hi (its leading 8 significant bits, truncated) in the dword's low half and lo (the rest) in its high half, the
+// same in all three rows (A' pairs them with h, m and l), times the call's 2^-e (prepare_x). Exact where base + z
+// has at most 16 significant bits: version 3's 128 + zq / 16 has 12, the 8-bit codes' 2176 + zq / 16 16, versions
+// 1 and 2 integers below 2^16.
+// (A function, not a lambda in amx_slice: a lambda does not take its caller's target attribute.)
+template <int kBits>
+__attribute__((target("avx512f,f16c"))) inline void amx_zero_tile(const Problem& P, __m512 units, int64_t b, int64_t gi,
+                                                                  uint32_t* dst) {
+  const __m512 offset = _mm512_mul_ps(group_steps16(P, units, b, gi, kBits == 8 ? kCodeBase8 : kCodeBase).offset,
+                                      _mm512_set1_ps(P.zero_scale));
+  const __m512i bits = _mm512_castps_si512(offset), high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512i hi = _mm512_and_si512(bits, high);
+  const __m512i lo = _mm512_castps_si512(_mm512_sub_ps(offset, _mm512_castsi512_ps(hi)));
+  // (lo & 0xFFFF0000) | (hi >> 16): ternary logic 0xEA is (a & b) | c
+  const __m512i row = _mm512_ternarylogic_epi32(lo, high, _mm512_srli_epi32(hi, 16), 0xEA);
+  _mm512_store_si512(dst, row);
+  _mm512_store_si512(dst + 16, row);
+  _mm512_store_si512(dst + 32, row);
+}
+
 // GCC's _tile_loadd is an asm statement with register operands only: the compiler does not know that it reads
 // memory, so nothing stops it from sinking (or dropping) the vector stores that amx_b_tiles, inlined, made into
 // the slot. This empty statement names the slot's 1 KB as read before each B tile load.
 #define EQ_AMX_READS(P) asm volatile("" : : "m"(*reinterpret_cast<const char(*)[1024]>(P)))
+#define EQ_AMX_READS_ZERO(P) asm volatile("" : : "m"(*reinterpret_cast<const char(*)[kCorrK * 32]>(P)))
 
 // Tile register ids are immediates: these pick one of the four C tiles by a run-time index.
 __attribute__((target("amx-tile"))) inline void amx_zero_c(int64_t c) {
-  switch (c) {
-    case 0: _tile_zero(0); break;
-    case 1: _tile_zero(1); break;
-    case 2: _tile_zero(2); break;
-    default: _tile_zero(3); break;
-  }
+  if (c == 0) _tile_zero(0);
+  else _tile_zero(1);
 }
 
 __attribute__((target("amx-tile"))) inline void amx_store_c(int64_t c, float* dst) {
-  switch (c) {
-    case 0: _tile_stored(0, dst, 64); break;
-    case 1: _tile_stored(1, dst, 64); break;
-    case 2: _tile_stored(2, dst, 64); break;
-    default: _tile_stored(3, dst, 64); break;
-  }
+  if (c == 0) _tile_stored(0, dst, 64);
+  else _tile_stored(1, dst, 64);
   // as EQ_AMX_READS, the other way: the tile store wrote dst's 1 KB, so the folds' loads come after it
   asm volatile("" : "=m"(*reinterpret_cast<float(*)[256]>(dst)));
 }
 
 // C tile C += A (register AREG) . B (register BREG), both loaded. GCC's tile intrinsics are macros that paste
 // the register number into the instruction text: the registers must be literals (no template parameters).
-#define EQ_AMX_DP(AREG, BREG, C)                    \
-  do {                                              \
-    switch (C) {                                    \
-      case 0: _tile_dpbf16ps(0, AREG, BREG); break; \
-      case 1: _tile_dpbf16ps(1, AREG, BREG); break; \
-      case 2: _tile_dpbf16ps(2, AREG, BREG); break; \
-      default: _tile_dpbf16ps(3, AREG, BREG); break; \
-    }                                               \
+#define EQ_AMX_DP(AREG, BREG, C)                 \
+  do {                                           \
+    if ((C) == 0) _tile_dpbf16ps(0, AREG, BREG); \
+    else _tile_dpbf16ps(1, AREG, BREG);          \
   } while (0)
 
 // One chunk: A (register AREG) loaded from xa, then C += A . B for the chunk's B tile at bt (register BREG) and,
@@ -1151,16 +1191,13 @@ __attribute__((target("amx-tile"))) inline void amx_store_c(int64_t c, float* ds
     }                                                         \
   } while (0)
 
-// Group GI's C tile stored and folded into amx_slice's row sums: sum[r] += s * (C[r] - (base + z) * xsum[r]),
-// base = 128 (2176 for 8-bit codes).
-#define EQ_AMX_FOLD(GI)                                                                                      \
-  do {                                                                                                       \
-    amx_store_c((GI) % kAmxCTiles, ctile);                                                                   \
-    const Steps16 st = group_steps16(P, units, b, (GI), kBits == 8 ? kCodeBase8 : kCodeBase);                \
-    const float* xs = P.xsum + m0 * groups + (GI);                                                           \
-    _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) sum[r] = _mm512_fmadd_ps(                           \
-        st.s, _mm512_fnmadd_ps(st.offset, _mm512_set1_ps(xs[r * groups]), _mm512_load_ps(ctile + r * 16)), \
-        sum[r]);                                                                                             \
+// Group GI's C tile (its zero point already in it) stored and folded into amx_slice's row sums: sum[r] += s C[r].
+#define EQ_AMX_FOLD(GI)                                                                                        \
+  do {                                                                                                         \
+    amx_store_c((GI) % kAmxCTiles, ctile);                                                                     \
+    const __m512 s = group_sz16(P, units, b, (GI)).s;                                                          \
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) sum[r] =                                              \
+        _mm512_fmadd_ps(s, _mm512_load_ps(ctile + r * 16), sum[r]);                                           \
   } while (0)
 
 // Batch rows m0 .. m0 + 15 (a slice: one A tile per chunk of 32 columns) against block b. Per chunk one B tile
@@ -1183,13 +1220,18 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
     amx_b_tiles<kBits>(wb + c * chunk_words * kBlockN, ring + (c % kAmxRing) * slot);
   };
   const uint16_t* xa = P.xtile + (m0 / 16) * chunks * kTileElems;
+  const uint16_t* xz = P.xcorr + (m0 / 16) * groups * 16 * kCorrK;
+  // the zero-point B' tiles, written kAmxAhead groups ahead of their loads (as the B tiles, for the same reason)
+  alignas(64) uint32_t zring[kAmxRing][kCorrK / 2 * 16];
   alignas(64) float ctile[16 * 16];
   __m512 sum[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_ps();
   for (int64_t c = 0; c < std::min(kAmxAhead, chunks); ++c) write_b(c);
+  for (int64_t gi = 0; gi < std::min(kAmxAhead, groups); ++gi) amx_zero_tile<kBits>(P, units, b, gi, zring[gi % kAmxRing]);
   for (int64_t gi = 0; gi < groups; ++gi) {
     amx_zero_c(gi % depth);
+    if (gi + kAmxAhead < groups) amx_zero_tile<kBits>(P, units, b, gi + kAmxAhead, zring[(gi + kAmxAhead) % kAmxRing]);
     for (int64_t c = gi * chunks_per_group; c < (gi + 1) * chunks_per_group; ++c) {
       if (c + kAmxAhead < chunks) write_b(c + kAmxAhead);
       const uint16_t* bt = ring + (c % kAmxRing) * slot;
@@ -1199,6 +1241,10 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
       else if constexpr (kBits == 8) EQ_AMX_CHUNK(7, 5, gi % depth, xa + c * kTileElems, bt);
       else EQ_AMX_CHUNK(7, 6, gi % depth, xa + c * kTileElems, bt);
     }
+    EQ_AMX_READS_ZERO(zring[gi % kAmxRing]);
+    _tile_loadd(2, xz + gi * 16 * kCorrK, kCorrK * 2);
+    _tile_loadd(3, zring[gi % kAmxRing], 64);
+    EQ_AMX_DP(2, 3, gi % depth);
     if (gi >= depth - 1) EQ_AMX_FOLD(gi - (depth - 1));
   }
   for (int64_t gi = std::max<int64_t>(0, groups - (depth - 1)); gi < groups; ++gi) EQ_AMX_FOLD(gi);
@@ -1210,6 +1256,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
 #undef EQ_AMX_CHUNK
 #undef EQ_AMX_DP
 #undef EQ_AMX_READS
+#undef EQ_AMX_READS_ZERO
 
 // ring: kAmxRing slots of B tiles, two tiles each (64-byte aligned scratch of the thread).
 template <int kBits>
@@ -1726,12 +1773,12 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
 // Per-call buffers of x in its forms (see Problem), grown on demand and kept (see scratch).
 struct Scratch {
   std::vector<float> xf, xs, xsum, xt, xsigma, xqsum;
-  std::vector<uint16_t> xh, xtile;
+  std::vector<uint16_t> xh, xtile, xcorr;
   std::vector<uint32_t> xq;
 
   size_t bytes() const {
     return (xf.capacity() + xs.capacity() + xsum.capacity() + xt.capacity() + xsigma.capacity() +
-            xqsum.capacity() + xq.capacity()) * 4 + (xh.capacity() + xtile.capacity()) * 2;
+            xqsum.capacity() + xq.capacity()) * 4 + (xh.capacity() + xtile.capacity() + xcorr.capacity()) * 2;
   }
 };
 
@@ -1831,6 +1878,31 @@ void prepare_x(Problem& P, const T* x, const float* c, int64_t path, int64_t nnz
           else std::memset(dst, 0, 32 * sizeof(uint16_t));
         }
     P.xtile = xtile;
+    // each group's sum of x in three bf16 parts (h rounded to nearest, then m of the rest, then l of what is left;
+    // each rest is exact in fp32, and h + m + l is the sum within 2^-27 of it), negated, as the A tile of the
+    // zero-point product (amx_slice). The tile unit flushes bf16 denormals: m and l of a sum below ~2^-110 would
+    // vanish (x at 1e-36: 1 % off). So the sums are scaled by 2^e, the call's largest to ~2^64, and B' by 2^-e
+    // (both exact); only a call whose sums span more than ~2^170 loses its smallest ones' low parts.
+    const int64_t groups = k / g;
+    float largest = 0.0f;
+    for (int64_t i = 0; i < m * groups; ++i) largest = std::max(largest, std::fabs(P.xsum[i]));
+    const int e = std::isfinite(largest) && largest > 0.0f ? std::clamp(64 - std::ilogb(largest), -100, 100) : 0;
+    const float up = std::ldexp(1.0f, e);
+    P.zero_scale = std::ldexp(1.0f, -e);
+    uint16_t* xcorr = scratch(S.xcorr, slices * groups * 16 * kCorrK);
+    for (int64_t s = 0; s < slices; ++s)
+      for (int64_t gi = 0; gi < groups; ++gi)
+        for (int64_t r = 0; r < 16; ++r) {
+          uint16_t* dst = xcorr + ((s * groups + gi) * 16 + r) * kCorrK;
+          float rest = -P.xsum[(16 * s + r) * groups + gi] * up;
+          for (int t = 0; t < 3; ++t) {
+            const uint32_t u = float_bits(rest);
+            const uint32_t part = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;  // to nearest even (finite sums)
+            dst[2 * t] = dst[2 * t + 1] = static_cast<uint16_t>(part >> 16);
+            rest -= bits_float(part);  // exact: part is within half a bf16 step of rest
+          }
+        }
+    P.xcorr = xcorr;
   }
 }
 
