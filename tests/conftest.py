@@ -12,6 +12,13 @@ from easyquant_vllm.kernels import LayerSpec
 from easyquant_vllm.quant import QuantizedWeight, QuantSpec, quantize_group
 
 
+@pytest.fixture(autouse=True)
+def _seeded_global_rng() -> None:
+    """Every test starts from the same state of torch's global RNG (tests that draw without a generator of their own),
+    so a failure comes back when the test is run again, alone or in the suite."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random Llama (hidden 256, 8 heads / 2 KV heads), single safetensors file."""

@@ -60,7 +60,8 @@
 //            bit), a word of all 16 rows in one zmm and vpdpwssd (32 MACs and the add in one instruction).
 //   kBf16Dp  AVX512-BF16: bf16 codes, vdpbf16ps per group, the group sum corrected and scaled in fp32.
 //   kAmx     AMX-BF16 (+ AVX512-VBMI): each 32 columns' codes written as a 1 KB B tile into an L1 ring, tdpbf16ps
-//            against x pre-laid-out as 16-row A tiles; per group the C tile is stored, corrected and scaled in fp32.
+//            against x pre-laid-out as 16-row A tiles; per group a second tdpbf16ps adds the zero point to the C
+//            tile, which is stored and scaled in fp32.
 //            8-bit codes: two B tiles per 32 columns, one per nibble, into the same C tile (amx_b_tiles).
 //   kDequant W' [N, K] in x's dtype (bit-identical to the reference dequantize, outliers included), then
 //            ATen's GEMM (oneDNN; AMX where present): for prefill-sized M, where the GEMM dominates.
@@ -1027,8 +1028,9 @@ void vnni_row_blocks(const Problem& P, int64_t b, int64_t stride, float* acc) {
 // the C tile itself: A' holds each row's -xsum as three bf16 parts h + m + l (each twice; within 2^-27 of the fp32
 // sum, prepare_x), B' the 16 rows' base + z as two bf16 parts (exact: base + z has at most 16 significant bits,
 // amx_zero_tile), so A' B' is -(h + m + l)(hi + lo) with every product exact and fp32 sums, as the vector fold
-// computed it. The fold is then one FMA per row and group, sum += s C. Cache-hot, one thread, 16 rows (Qwen2.5's
-// 1536 x 1536 and 1536 x 8960, format 3, g32): 239 -> 205 and 1351 -> 1026 us per call.
+// computed it. The fold is then one FMA per row and group, sum += s C. Cache-hot, 16 rows, format 3, g32 (alternating
+// builds, docs/serving.md): the 1536 x 8960 layer 894 -> 764 us per call with two threads, 1114-1182 -> 1006-1100
+// with one; 1536 x 1536 unchanged within the swing. From memory the path waits on reads, and did not move.
 //
 // Why the C tiles alternate: a group of 32 columns (the default format) is one tdpbf16ps (and the zero-point
 // one), and its C tile must be stored and scaled before the next group can use the register; storing it right
@@ -1044,9 +1046,9 @@ void vnni_row_blocks(const Problem& P, int64_t b, int64_t stride, float* acc) {
 //
 // Where the time goes (Xeon with AMX, 2026-12-06, microbenchmarks of the pieces): the tile unit's part of a
 // chunk (two tile loads, tdpbf16ps, the C tile's store) is ~14 ns; writing the B tile ~8 ns and folding a
-// 16-row group in ~20 ns are vector work, and 512-bit operations ran at ~1.6 per ns there. The fold (two FMAs
-// per row and group, for the group's step and its zero) is the larger part, which is why the sums stay in
-// registers and only the slice's rows (rounded up to 4) are folded.
+// 16-row group in ~20 ns are vector work, and 512-bit operations ran at ~1.6 per ns there. The fold was then two
+// FMAs per row and group (the group's step and its zero; the zero has since moved into the tile unit, above), which
+// is why the sums stay in registers and only the slice's rows (rounded up to 4) are folded.
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
@@ -1202,8 +1204,9 @@ __attribute__((target("amx-tile"))) inline void amx_store_c(int64_t c, float* ds
 
 // Batch rows m0 .. m0 + 15 (a slice: one A tile per chunk of 32 columns) against block b. Per chunk one B tile
 // (amx_b_tiles, kAmxAhead chunks ahead; 8-bit codes: two) and one tdpbf16ps each into the group's C tile; per
-// group the C tile is stored and folded into the R rows' sums (the slice's rows rounded up to a multiple of 4),
-// which stay in zmm registers for the whole block: two FMAs per row and group and a load of its C row. (Sums kept
+// group one more tdpbf16ps of A' and B' (amx_zero_tile, kAmxAhead groups ahead) adds the zero point, and the C tile
+// is stored and folded into the R rows' sums (the slice's rows rounded up to a multiple of 4), which stay in zmm
+// registers for the whole block: one FMA per row and group, its C row a memory operand. (Sums kept
 // in memory, as several slices at once would need, cost a load and a store more per row and group: more than
 // writing the B tiles again for each slice.) Rows past M have zero x and zero group sums: their sums stay zero and
 // are not stored.
