@@ -117,15 +117,15 @@ struct Problem {
   const float* xf;         // [M][K] x in fp32, unscaled (the outliers)
   const float* xs;         // [M][K] x * c in fp32 (the fma path; = xf without a column scale)
   const uint16_t* xh;      // [M][K] 16-bit x * c (bf16 paths read a pair of them as one dword)
-  const float* xsum;       // [M][K/G] sum of xh over each group (bf16 paths; amx: rows padded with zeros to whole
-                           // 16-row slices), or null
+  const float* xsum;       // [M][K/G] sum of xh over each group (bf16dp), or of the A tiles' x (amx: rows padded
+                           // with zeros to whole 16-row slices), or null
   const float* xt;         // [K][mp] x^T in fp32, mp = M rounded up to xt_lanes (outliers that many batch rows at
                            // a time: 16 with AVX512, 8 with AVX2), or null
   int64_t mp, xt_lanes;    // xt_lanes: 0 where xt is null
   const uint16_t* xtile;   // [ceil(M/16)][K/32][16][32] x as whole AMX A tiles (1 KB each), zero rows past M, or null
   const uint16_t* xcorr;   // [ceil(M/16)][K/G][16][6] bf16 -(h, h, m, m, l, l), h + m + l = xsum * 2^e: the amx
                            // path's zero-point tiles (amx_slice), zero rows past M, or null
-  float zero_scale;        // 2^-e: the amx path's B' holds (base + z) * 2^-e (prepare_x says why)
+  float zero_scale;        // 2^-e: the amx path's B' holds (base + z) * 2^-e (prepare_amx_x says why)
   int64_t xg;              // columns per x sub-block of the i16 path (divides G), else 0
   int64_t xblocks;         // K / xg (computed once, as groups)
   const uint32_t* xq;      // [M][K/2] int16 pairs of x * c, i16 layout (StoreI16); [M][K/4] int8 quads, i8 layout
@@ -1025,8 +1025,8 @@ void vnni_row_blocks(const Problem& P, int64_t b, int64_t stride, float* acc) {
 // Why the zero point goes through the tile unit: B holds base + u (base = 128), so a group's C is
 // sum x (base + u) and y needs s (C - (base + z) xsum). Folding that in with vector FMAs cost two per batch row and
 // group, the larger part of the path's vector work. Instead one more tdpbf16ps per group adds -(base + z) xsum to
-// the C tile itself: A' holds each row's -xsum as three bf16 parts h + m + l (each twice; within 2^-27 of the fp32
-// sum, prepare_x), B' the 16 rows' base + z as two bf16 parts (exact: base + z has at most 16 significant bits,
+// the C tile itself: A' holds each row's -xsum as three bf16 parts h + m + l (each twice; exactly the fp32 sum,
+// prepare_amx_x), B' the 16 rows' base + z as two bf16 parts (exact: base + z has at most 16 significant bits,
 // amx_zero_tile), so A' B' is -(h + m + l)(hi + lo) with every product exact and fp32 sums, as the vector fold
 // computed it. The fold is then one FMA per row and group, sum += s C. Cache-hot, 16 rows, format 3, g32 (alternating
 // builds, docs/serving.md): the 1536 x 8960 layer 894 -> 764 us per call with two threads, 1114-1182 -> 1006-1100
@@ -1133,8 +1133,8 @@ __attribute__((target("avx512f,avx512vbmi"))) inline void amx_b_tiles(const uint
 // The zero-point B' tile of one group (3 rows of 16 dwords, 64-byte aligned at dst): each row's base + z as bf16
 // hi (its leading 8 significant bits, truncated) in the dword's low half and lo (the rest) in its high half, the
 // same in all three rows (A' pairs them with h, m and l), times the call's 2^-e (prepare_x). Exact where base + z
-// has at most 16 significant bits: version 3's 128 + zq / 16 has 12, the 8-bit codes' 2176 + zq / 16 16, versions
-// 1 and 2 integers below 2^16.
+// has at most 16 significant bits: version 3's 128 + zq / 16 has 12, the 8-bit codes' 2176 + zq (a whole code) 12,
+// versions 1 and 2 are integers below 2^16. One row is written: the tile load reads it three times (stride 0).
 // (A function, not a lambda in amx_slice: a lambda does not take its caller's target attribute.)
 template <int kBits>
 __attribute__((target("avx512f,f16c"))) inline void amx_zero_tile(const Problem& P, __m512 units, int64_t b, int64_t gi,
@@ -1147,23 +1147,23 @@ __attribute__((target("avx512f,f16c"))) inline void amx_zero_tile(const Problem&
   // (lo & 0xFFFF0000) | (hi >> 16): ternary logic 0xEA is (a & b) | c
   const __m512i row = _mm512_ternarylogic_epi32(lo, high, _mm512_srli_epi32(hi, 16), 0xEA);
   _mm512_store_si512(dst, row);
-  _mm512_store_si512(dst + 16, row);
-  _mm512_store_si512(dst + 32, row);
 }
 
 // GCC's _tile_loadd is an asm statement with register operands only: the compiler does not know that it reads
 // memory, so nothing stops it from sinking (or dropping) the vector stores that amx_b_tiles, inlined, made into
 // the slot. This empty statement names the slot's 1 KB as read before each B tile load.
 #define EQ_AMX_READS(P) asm volatile("" : : "m"(*reinterpret_cast<const char(*)[1024]>(P)))
-#define EQ_AMX_READS_ZERO(P) asm volatile("" : : "m"(*reinterpret_cast<const char(*)[kCorrK * 32]>(P)))
+#define EQ_AMX_READS_ZERO(P) asm volatile("" : : "m"(*reinterpret_cast<const char(*)[64]>(P)))
 
-// Tile register ids are immediates: these pick one of the four C tiles by a run-time index.
+// Tile register ids are immediates: these pick one of the two C tiles by a run-time index.
 __attribute__((target("amx-tile"))) inline void amx_zero_c(int64_t c) {
   if (c == 0) _tile_zero(0);
   else _tile_zero(1);
 }
 
 __attribute__((target("amx-tile"))) inline void amx_store_c(int64_t c, float* dst) {
+  // the previous fold's loads of dst come before the tile store overwrites it (the store's asm names no memory)
+  asm volatile("" : "+m"(*reinterpret_cast<float(*)[256]>(dst)));
   if (c == 0) _tile_stored(0, dst, 64);
   else _tile_stored(1, dst, 64);
   // as EQ_AMX_READS, the other way: the tile store wrote dst's 1 KB, so the folds' loads come after it
@@ -1225,7 +1225,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
   const uint16_t* xa = P.xtile + (m0 / 16) * chunks * kTileElems;
   const uint16_t* xz = P.xcorr + (m0 / 16) * groups * 16 * kCorrK;
   // the zero-point B' tiles, written kAmxAhead groups ahead of their loads (as the B tiles, for the same reason)
-  alignas(64) uint32_t zring[kAmxRing][kCorrK / 2 * 16];
+  alignas(64) uint32_t zring[kAmxRing][16];
   alignas(64) float ctile[16 * 16];
   __m512 sum[R];
 #pragma GCC unroll 16
@@ -1239,14 +1239,14 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
       if (c + kAmxAhead < chunks) write_b(c + kAmxAhead);
       const uint16_t* bt = ring + (c % kAmxRing) * slot;
       // 4-bit: A and B alternate between registers 4/5 and 7/6 (see the section's header); 8-bit: A alternates,
-      // lo and hi take 5 and 6 (four registers are left beside the C tiles)
+      // lo and hi take 5 and 6 (four registers are left beside the C tiles and A', B')
       if (c % 2 == 0) EQ_AMX_CHUNK(4, 5, gi % depth, xa + c * kTileElems, bt);
       else if constexpr (kBits == 8) EQ_AMX_CHUNK(7, 5, gi % depth, xa + c * kTileElems, bt);
       else EQ_AMX_CHUNK(7, 6, gi % depth, xa + c * kTileElems, bt);
     }
     EQ_AMX_READS_ZERO(zring[gi % kAmxRing]);
     _tile_loadd(2, xz + gi * 16 * kCorrK, kCorrK * 2);
-    _tile_loadd(3, zring[gi % kAmxRing], 64);
+    _tile_loadd(3, zring[gi % kAmxRing], 0);  // the one row, three times
     EQ_AMX_DP(2, 3, gi % depth);
     if (gi >= depth - 1) EQ_AMX_FOLD(gi - (depth - 1));
   }
@@ -1882,9 +1882,9 @@ inline void prepare_amx_x(Problem& P, const uint16_t* x, const float* c, int64_t
     prepare_xt(P, xf, nnz, S);
   }
   // each group's sum of x in three bf16 parts (h rounded to nearest, then m of the rest, then l of what is left;
-  // each rest is exact in fp32, and h + m + l is the sum within 2^-27 of it), negated, as the A tile of the
-  // zero-point product (amx_slice). The tile unit flushes bf16 denormals: m and l of a sum below ~2^-110 would
-  // vanish (x at 1e-36: 1 % off). So the sums are scaled by 2^e, the call's largest to ~2^64, and B' by 2^-e
+  // each rest is exact in fp32, and h + m + l is the sum exactly: the rest after m has at most 8 significant bits),
+  // negated, as the A tile of the zero-point product (amx_slice). The tile unit flushes bf16 denormals: m and l of a
+  // sum below ~2^-110 would vanish (x at 1e-36: 1 % off). So the sums are scaled by 2^e, the call's largest to ~2^64, and B' by 2^-e
   // (both exact); only a call whose sums span more than ~2^170 loses its smallest ones' low parts.
   const int64_t groups = k / g;
   float largest = 0.0f;
@@ -2185,7 +2185,7 @@ void cpu_int4_linear_jobs(at::ScalarType dtype, at::IntArrayRef plan, const std:
   for (size_t j = 0; j < jobs.size(); ++j)  // every job checked before any runs
     if (jobs[j].m > 0) path[j] = checked_path(plan, jobs[j].m, dtype, jobs[j].w.bits);
   // Each prepared job's x has buffers of its own, alive together while the region runs (~14 bytes per element of
-  // x: fp32 x, x * c, 16-bit x and, from M = 3, x^T for the outliers). So the jobs run in waves of at most
+  // x: fp32 x, x * c, 16-bit x and, from M = 3, x^T for the outliers; the amx path ~2, and 8 more with outliers). So the jobs run in waves of at most
   // kWaveElements elements of x (one wave at decode; a larger job is a wave of its own), the pool is per thread and
   // reused between calls of one wave, and a pool grown past kKeepScratchBytes (by a prefill) is released at the end
   // of the call.
