@@ -75,8 +75,8 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -133,18 +133,6 @@ struct Problem {
   const float* xsigma;     // [M][K/xg] step of xq per sub-block (x * c ~ sigma * xq; i8: xg = 32)
   const float* xqsum;      // [M][K/xg] sum of xq over the sub-block (exact: |sum| <= 128 * 32767 < 2^24)
 };
-
-inline uint32_t float_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-inline float bits_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 inline float half_to_float(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
 
@@ -943,8 +931,9 @@ void vnni_blocks(const Problem& P, int64_t b, int64_t stride, float* acc) {
 // every run together, so the codes, the steps and the zero points each form NB long sequential streams (blocks
 // are contiguous in every tensor). On the AVX512 + AMX Xeon (2 cores, docs/serving.md, "vnni from memory: four runs
 // of blocks", bench/read_streams.cpp) that took a pass through Qwen2.5-1.5B's linears at one row from ~32.5 to ~28
-// ms (19.5 -> 23 GB/s from memory). Taking NB adjacent blocks instead gained only where blocks are long (K = 8960), nothing at K = 1536 (12
-// KB blocks); eight runs lost to four; the software prefetch distance and hint changed nothing measurable.
+// ms (19.5 -> 23 GB/s from memory). Taking NB adjacent blocks instead gained only where blocks are long
+// (K = 8960), nothing at K = 1536 (12 KB blocks); eight runs lost to four; the software prefetch distance and hint
+// changed nothing measurable.
 //
 // Why the sub-block width is a template parameter: with a loop over a run-time number of words, GCC 12 copies each
 // vpdpwssd accumulator to another register and back on every instruction (two zmm moves each, on the ports this
@@ -1132,7 +1121,7 @@ __attribute__((target("avx512f,avx512vbmi"))) inline void amx_b_tiles(const uint
 
 // The zero-point B' tile of one group (3 rows of 16 dwords, 64-byte aligned at dst): each row's base + z as bf16
 // hi (its leading 8 significant bits, truncated) in the dword's low half and lo (the rest) in its high half, the
-// same in all three rows (A' pairs them with h, m and l), times the call's 2^-e (prepare_x). Exact where base + z
+// same in all three rows (A' pairs them with h, m and l), times the call's 2^-e (prepare_amx_x). Exact where base + z
 // has at most 16 significant bits: version 3's 128 + zq / 16 has 12, the 8-bit codes' 2176 + zq (a whole code) 12,
 // versions 1 and 2 are integers below 2^16. One row is written: the tile load reads it three times (stride 0).
 // (A function, not a lambda in amx_slice: a lambda does not take its caller's target attribute.)
@@ -1231,10 +1220,12 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_ps();
   for (int64_t c = 0; c < std::min(kAmxAhead, chunks); ++c) write_b(c);
-  for (int64_t gi = 0; gi < std::min(kAmxAhead, groups); ++gi) amx_zero_tile<kBits>(P, units, b, gi, zring[gi % kAmxRing]);
+  for (int64_t gi = 0; gi < std::min(kAmxAhead, groups); ++gi)
+    amx_zero_tile<kBits>(P, units, b, gi, zring[gi % kAmxRing]);
   for (int64_t gi = 0; gi < groups; ++gi) {
     amx_zero_c(gi % depth);
-    if (gi + kAmxAhead < groups) amx_zero_tile<kBits>(P, units, b, gi + kAmxAhead, zring[(gi + kAmxAhead) % kAmxRing]);
+    if (gi + kAmxAhead < groups)
+      amx_zero_tile<kBits>(P, units, b, gi + kAmxAhead, zring[(gi + kAmxAhead) % kAmxRing]);
     for (int64_t c = gi * chunks_per_group; c < (gi + 1) * chunks_per_group; ++c) {
       if (c + kAmxAhead < chunks) write_b(c + kAmxAhead);
       const uint16_t* bt = ring + (c % kAmxRing) * slot;
@@ -1811,6 +1802,11 @@ Problem weights_problem(const easyquant::LinearWeights& W, int64_t m) {
   return P;
 }
 
+// 16 bf16 (a ymm's bits) -> fp32: the bits in the high half of each lane.
+__attribute__((target("avx512f"))) inline __m512 bf16x16_to_ps(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
 // The amx path's x in one pass (bf16 x [M][K], c [K] or null): x * c rounded to bf16 (to nearest even, as
 // scale_columns) written straight into the A tiles (xtile [ceil(M/16)][K/32][16][32], zero rows past M), and each
 // group's sum of those bf16 values (xsum [ceil(M/16) * 16][K/G]), rows r0 .. r1 - 1 (of M rounded up to 16). It
@@ -1831,16 +1827,14 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void amx_x_tiles(const ui
     __m512 acc = _mm512_setzero_ps();
     for (int64_t ch = 0; ch < chunks; ++ch) {
       __m512i v = _mm512_loadu_si512(x + r * k + 32 * ch);
-      __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
-      __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
-      if (c) {  // the sums are of what the tiles multiply: x * c after its rounding
+      if (c) {  // x * c rounded to bf16: the sums are of what the tiles multiply
+        const __m512 lo = bf16x16_to_ps(_mm512_castsi512_si256(v)), hi = bf16x16_to_ps(_mm512_extracti64x4_epi64(v, 1));
         v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, _mm512_loadu_ps(c + 32 * ch + 16)),
                                         _mm512_mul_ps(lo, _mm512_loadu_ps(c + 32 * ch)));
-        lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
-        hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
       }
       _mm512_storeu_si512(tiles + ch * 512, v);
-      acc = _mm512_add_ps(acc, _mm512_add_ps(lo, hi));
+      acc = _mm512_add_ps(acc, _mm512_add_ps(bf16x16_to_ps(_mm512_castsi512_si256(v)),
+                                             bf16x16_to_ps(_mm512_extracti64x4_epi64(v, 1))));
       if ((ch + 1) % chunks_per_group == 0) {
         xsum[r * groups + ch / chunks_per_group] = _mm512_reduce_add_ps(acc);
         acc = _mm512_setzero_ps();
@@ -1884,8 +1878,9 @@ inline void prepare_amx_x(Problem& P, const uint16_t* x, const float* c, int64_t
   // each group's sum of x in three bf16 parts (h rounded to nearest, then m of the rest, then l of what is left;
   // each rest is exact in fp32, and h + m + l is the sum exactly: the rest after m has at most 8 significant bits),
   // negated, as the A tile of the zero-point product (amx_slice). The tile unit flushes bf16 denormals: m and l of a
-  // sum below ~2^-110 would vanish (x at 1e-36: 1 % off). So the sums are scaled by 2^e, the call's largest to ~2^64, and B' by 2^-e
-  // (both exact); only a call whose sums span more than ~2^170 loses its smallest ones' low parts.
+  // sum below ~2^-110 would vanish (x at 1e-36: 1 % off). So the sums are scaled by 2^e, the call's largest to
+  // ~2^64, and B' by 2^-e (both exact); only a call whose sums span more than ~2^170 loses its smallest ones' low
+  // parts.
   const int64_t groups = k / g;
   float largest = 0.0f;
   for (int64_t i = 0; i < m * groups; ++i) largest = std::max(largest, std::fabs(P.xsum[i]));
@@ -1899,10 +1894,9 @@ inline void prepare_amx_x(Problem& P, const uint16_t* x, const float* c, int64_t
         uint16_t* dst = xcorr + ((s * groups + gi) * 16 + r) * kCorrK;
         float rest = -P.xsum[(16 * s + r) * groups + gi] * up;
         for (int t = 0; t < 3; ++t) {
-          const uint32_t u = float_bits(rest);
-          const uint32_t part = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;  // to nearest even (finite sums)
-          dst[2 * t] = dst[2 * t + 1] = static_cast<uint16_t>(part >> 16);
-          rest -= bits_float(part);  // exact: part is within half a bf16 step of rest
+          const c10::BFloat16 part(rest);  // to nearest even
+          dst[2 * t] = dst[2 * t + 1] = part.x;
+          rest -= static_cast<float>(part);  // exact: part is within half a bf16 step of rest
         }
       }
   P.xcorr = xcorr;
@@ -2185,10 +2179,10 @@ void cpu_int4_linear_jobs(at::ScalarType dtype, at::IntArrayRef plan, const std:
   for (size_t j = 0; j < jobs.size(); ++j)  // every job checked before any runs
     if (jobs[j].m > 0) path[j] = checked_path(plan, jobs[j].m, dtype, jobs[j].w.bits);
   // Each prepared job's x has buffers of its own, alive together while the region runs (~14 bytes per element of
-  // x: fp32 x, x * c, 16-bit x and, from M = 3, x^T for the outliers; the amx path ~2, and 8 more with outliers). So the jobs run in waves of at most
-  // kWaveElements elements of x (one wave at decode; a larger job is a wave of its own), the pool is per thread and
-  // reused between calls of one wave, and a pool grown past kKeepScratchBytes (by a prefill) is released at the end
-  // of the call.
+  // x: fp32 x, x * c, 16-bit x and, from M = 3, x^T for the outliers; the amx path ~2, and 8 more with outliers).
+  // So the jobs run in waves of at most kWaveElements elements of x (one wave at decode; a larger job is a wave of
+  // its own), the pool is per thread and reused between calls of one wave, and a pool grown past kKeepScratchBytes
+  // (by a prefill) is released at the end of the call.
   thread_local std::vector<Scratch> pool;
   if (pool.size() < jobs.size()) pool.resize(jobs.size());  // before any pointer into it is taken
   std::vector<Problem> problems;
