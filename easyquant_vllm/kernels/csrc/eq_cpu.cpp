@@ -1004,12 +1004,12 @@ void vnni_row_blocks(const Problem& P, int64_t b, int64_t stride, float* acc) {
 
 // ---- kAmx: AMX-BF16 ----------------------------------------------------------------------------------
 
-// Tile registers: 0 and 1 accumulate C (16 batch rows x 16 output rows, fp32), 4 and 7 take A (16 batch rows x 32
-// bf16 of x), 5 and 6 take B (16 k-pairs x 16 output rows x 2 bf16: 16 registers of bf16 codes), all 16 rows x 64
-// bytes; 2 and 3 take the zero-point product's A' (16 x 6 bf16) and B' (3 k-pairs x 16 x 2 bf16). A and B
-// alternate between two registers each: tiles are not renamed, so a load into the register the previous tdpbf16ps
-// still reads would wait for it. (8-bit codes need two B tiles per chunk, lo in 5 and hi in 6, so only A alternates
-// there.)
+// Tile registers, 4-bit codes: 0-3 accumulate C (16 batch rows x 16 output rows, fp32), 4 takes A (16 batch rows x
+// 32 bf16 of x), 5 takes B (16 k-pairs x 16 output rows x 2 bf16: 16 registers of bf16 codes), all 16 rows x 64
+// bytes; 6 and 7 take the zero-point product's A' (16 x 6 bf16) and B' (3 k-pairs x 16 x 2 bf16). 8-bit codes need
+// two B tiles per chunk, lo in 5 and hi in 6, so they keep two C tiles (0 and 1), A' and B' in 2 and 3, and A
+// alternates between 4 and 7: tiles are not renamed, so a load into the register the previous tdpbf16ps still reads
+// would wait for it.
 //
 // Why the zero point goes through the tile unit: B holds base + u (base = 128), so a group's C is
 // sum x (base + u) and y needs s (C - (base + z) xsum). Folding that in with vector FMAs cost two per batch row and
@@ -1021,11 +1021,16 @@ void vnni_row_blocks(const Problem& P, int64_t b, int64_t stride, float* acc) {
 // builds, docs/serving.md): the 1536 x 8960 layer 894 -> 764 us per call with two threads, 1114-1182 -> 1006-1100
 // with one; 1536 x 1536 unchanged within the swing. From memory the path waits on reads, and did not move.
 //
-// Why the C tiles alternate: a group of 32 columns (the default format) is one tdpbf16ps (and the zero-point
-// one), and its C tile must be stored and scaled before the next group can use the register; storing it right
-// after its tdpbf16ps waits for the products' latency on every group. So the groups take the two C tiles by
-// turns and a group's tile is stored and folded after the next group's products are issued. (Four C tiles by
-// turns measured the same as two; two leave registers 2 and 3 for A' and B'.)
+// Why the C tiles rotate and are stored in pairs: a group of 32 columns (the default format) is one tdpbf16ps (and
+// the zero-point one), and its C tile must be stored and scaled before its register takes another group. A tile
+// store holds up the loads after it until it has written its 1 KB (a microbenchmark on this Xeon: a tile store
+// alone ~5 ns, 16 vector loads alone ~6, the store then the loads ~11: they add up), and a group's fold is a tile
+// store then 16 loads. Storing right after the group's tdpbf16ps also waits for the products. So 4-bit groups take
+// four C tiles by turns and are folded two at a time, a group behind: both tiles stored back to back, then both
+// groups' 32 FMAs, one wait for two groups. Alternating builds, 16 rows, format 3, g32, two threads
+// (docs/serving.md): the pass from memory through Qwen2.5-1.5B's linear shapes 23.3 -> 21.0 ms (means of four
+// rounds), every layer faster cache-hot. Two C tiles by turns, each folded alone, is what 8-bit codes still do
+// (their second B tile leaves no registers for four).
 //
 // Why B is written per chunk and A comes pre-tiled: a block's B tiles for all of K (K * 32 bytes: 48 KB at
 // K = 1536, 280 KB at K = 8960) and x's rows (a tile load of 16 rows at stride 2K touches 16 lines) did not
@@ -1044,7 +1049,8 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-constexpr int64_t kAmxCTiles = 2;   // C tile registers 0-1
+constexpr int64_t kAmxCTiles = 2;   // 8-bit codes: C tile registers 0-1 (4-bit codes: 0-3, stored in pairs)
+constexpr int kAmxACorr4 = 6, kAmxACorr8 = 2;  // A' tile register (B' the next one): 4-bit / 8-bit codes
 constexpr int64_t kAmxRing = 4;     // B tiles written ahead of their loads (a ring of 1 KB slots)
 constexpr int64_t kAmxAhead = 2;    // chunks between writing a B tile and loading it
 constexpr int64_t kTileElems = 512;  // bf16 per 1 KB tile (16 rows x 32)
@@ -1057,14 +1063,15 @@ bool request_amx() {
   return ok;
 }
 
-__attribute__((target("amx-tile"))) void amx_configure() {
+__attribute__((target("amx-tile"))) void amx_configure(int64_t bits) {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
-  cfg.colsb[2] = kCorrK * 2;  // A': 16 batch rows x 6 bf16
-  cfg.rows[3] = kCorrK / 2;   // B': 3 k-pairs x 16 output rows x 2 bf16
+  const int a_corr = bits == 4 ? kAmxACorr4 : kAmxACorr8, b_corr = a_corr + 1;
+  cfg.colsb[a_corr] = kCorrK * 2;  // A': 16 batch rows x 6 bf16
+  cfg.rows[b_corr] = kCorrK / 2;   // B': 3 k-pairs x 16 output rows x 2 bf16
   // GCC 12 does not treat ldtilecfg as reading its operand and drops the stores above (the tile config
   // then holds stack garbage: #GP). The empty asm with a memory clobber makes them visible.
   asm volatile("" : : "r"(&cfg) : "memory");
@@ -1146,25 +1153,37 @@ __attribute__((target("avx512f,f16c"))) inline void amx_zero_tile(const Problem&
 
 // Tile register ids are immediates: these pick one of the two C tiles by a run-time index.
 __attribute__((target("amx-tile"))) inline void amx_zero_c(int64_t c) {
-  if (c == 0) _tile_zero(0);
-  else _tile_zero(1);
+  switch (c) {
+    case 0: _tile_zero(0); break;
+    case 1: _tile_zero(1); break;
+    case 2: _tile_zero(2); break;
+    default: _tile_zero(3);
+  }
 }
 
 __attribute__((target("amx-tile"))) inline void amx_store_c(int64_t c, float* dst) {
   // the previous fold's loads of dst come before the tile store overwrites it (the store's asm names no memory)
   asm volatile("" : "+m"(*reinterpret_cast<float(*)[256]>(dst)));
-  if (c == 0) _tile_stored(0, dst, 64);
-  else _tile_stored(1, dst, 64);
+  switch (c) {
+    case 0: _tile_stored(0, dst, 64); break;
+    case 1: _tile_stored(1, dst, 64); break;
+    case 2: _tile_stored(2, dst, 64); break;
+    default: _tile_stored(3, dst, 64);
+  }
   // as EQ_AMX_READS, the other way: the tile store wrote dst's 1 KB, so the folds' loads come after it
   asm volatile("" : "=m"(*reinterpret_cast<float(*)[256]>(dst)));
 }
 
 // C tile C += A (register AREG) . B (register BREG), both loaded. GCC's tile intrinsics are macros that paste
 // the register number into the instruction text: the registers must be literals (no template parameters).
-#define EQ_AMX_DP(AREG, BREG, C)                 \
-  do {                                           \
-    if ((C) == 0) _tile_dpbf16ps(0, AREG, BREG); \
-    else _tile_dpbf16ps(1, AREG, BREG);          \
+#define EQ_AMX_DP(AREG, BREG, C)                    \
+  do {                                              \
+    switch (C) {                                    \
+      case 0: _tile_dpbf16ps(0, AREG, BREG); break; \
+      case 1: _tile_dpbf16ps(1, AREG, BREG); break; \
+      case 2: _tile_dpbf16ps(2, AREG, BREG); break; \
+      default: _tile_dpbf16ps(3, AREG, BREG);       \
+    }                                               \
   } while (0)
 
 // One chunk: A (register AREG) loaded from xa, then C += A . B for the chunk's B tile at bt (register BREG) and,
@@ -1183,18 +1202,30 @@ __attribute__((target("amx-tile"))) inline void amx_store_c(int64_t c, float* ds
   } while (0)
 
 // Group GI's C tile (its zero point already in it) stored and folded into amx_slice's row sums: sum[r] += s C[r].
-#define EQ_AMX_FOLD(GI)                                                                                        \
+#define EQ_AMX_FMA(GI, CT)                                                                                     \
   do {                                                                                                         \
-    amx_store_c((GI) % kAmxCTiles, ctile);                                                                     \
     const __m512 s = group_sz16(P, units, b, (GI)).s;                                                          \
     _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) sum[r] =                                              \
-        _mm512_fmadd_ps(s, _mm512_load_ps(ctile + r * 16), sum[r]);                                           \
+        _mm512_fmadd_ps(s, _mm512_load_ps((CT) + r * 16), sum[r]);                                            \
+  } while (0)
+#define EQ_AMX_FOLD(GI)                                 \
+  do {                                                  \
+    amx_store_c((GI) % depth, ctile[0]);                \
+    EQ_AMX_FMA(GI, ctile[0]);                           \
+  } while (0)
+// 4-bit codes: groups GI and GI + 1 (GI even) stored back to back, then folded (see the section's header)
+#define EQ_AMX_FOLD2(GI)                                \
+  do {                                                  \
+    amx_store_c((GI) % depth, ctile[0]);                \
+    amx_store_c(((GI) + 1) % depth, ctile[1]);          \
+    EQ_AMX_FMA(GI, ctile[0]);                           \
+    EQ_AMX_FMA((GI) + 1, ctile[1]);                     \
   } while (0)
 
 // Batch rows m0 .. m0 + 15 (a slice: one A tile per chunk of 32 columns) against block b. Per chunk one B tile
 // (amx_b_tiles, kAmxAhead chunks ahead; 8-bit codes: two) and one tdpbf16ps each into the group's C tile; per
 // group one more tdpbf16ps of A' and B' (amx_zero_tile, kAmxAhead groups ahead) adds the zero point, and the C tile
-// is stored and folded into the R rows' sums (the slice's rows rounded up to a multiple of 4), which stay in zmm
+// is stored (4-bit codes: two groups' tiles at a time) and folded into the R rows' sums (the slice's rows rounded up to a multiple of 4), which stay in zmm
 // registers for the whole block: one FMA per row and group, its C row a memory operand. (Sums kept
 // in memory, as several slices at once would need, cost a load and a store more per row and group: more than
 // writing the B tiles again for each slice.) Rows past M have zero x and zero group sums: their sums stay zero and
@@ -1203,7 +1234,7 @@ template <int R, int kBits>
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) void amx_slice(const Problem& P,
                                                                                            int64_t b, int64_t m0,
                                                                                            uint16_t* ring, float* acc) {
-  constexpr int64_t depth = kAmxCTiles;
+  constexpr int64_t depth = kBits == 4 ? 4 : kAmxCTiles;  // C tiles by turns
   constexpr int64_t chunk_words = kBits, slot = kBits / 4 * kTileElems;  // words of codes and ring slot per chunk
   const int64_t groups = P.groups, chunks_per_group = P.g / 32, chunks = P.k / 32;
   const __m512 units = units16(P, b);
@@ -1215,13 +1246,14 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
   const uint16_t* xz = P.xcorr + (m0 / 16) * groups * 16 * kCorrK;
   // the zero-point B' tiles, written kAmxAhead groups ahead of their loads (as the B tiles, for the same reason)
   alignas(64) uint32_t zring[kAmxRing][16];
-  alignas(64) float ctile[16 * 16];
+  alignas(64) float ctile[2][16 * 16];
   __m512 sum[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_ps();
   for (int64_t c = 0; c < std::min(kAmxAhead, chunks); ++c) write_b(c);
   for (int64_t gi = 0; gi < std::min(kAmxAhead, groups); ++gi)
     amx_zero_tile<kBits>(P, units, b, gi, zring[gi % kAmxRing]);
+  int64_t folded = 0;  // groups folded so far (in order)
   for (int64_t gi = 0; gi < groups; ++gi) {
     amx_zero_c(gi % depth);
     if (gi + kAmxAhead < groups)
@@ -1229,24 +1261,51 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
     for (int64_t c = gi * chunks_per_group; c < (gi + 1) * chunks_per_group; ++c) {
       if (c + kAmxAhead < chunks) write_b(c + kAmxAhead);
       const uint16_t* bt = ring + (c % kAmxRing) * slot;
-      // 4-bit: A and B alternate between registers 4/5 and 7/6 (see the section's header); 8-bit: A alternates,
-      // lo and hi take 5 and 6 (four registers are left beside the C tiles and A', B')
-      if (c % 2 == 0) EQ_AMX_CHUNK(4, 5, gi % depth, xa + c * kTileElems, bt);
-      else if constexpr (kBits == 8) EQ_AMX_CHUNK(7, 5, gi % depth, xa + c * kTileElems, bt);
-      else EQ_AMX_CHUNK(7, 6, gi % depth, xa + c * kTileElems, bt);
+      // 4-bit: A in register 4, B in 5; 8-bit: A alternates between 4 and 7 (see the section's header), lo and hi
+      // take 5 and 6
+      if constexpr (kBits == 4) EQ_AMX_CHUNK(4, 5, gi % depth, xa + c * kTileElems, bt);
+      else if (c % 2 == 0) EQ_AMX_CHUNK(4, 5, gi % depth, xa + c * kTileElems, bt);
+      else EQ_AMX_CHUNK(7, 5, gi % depth, xa + c * kTileElems, bt);
     }
     EQ_AMX_READS_ZERO(zring[gi % kAmxRing]);
-    _tile_loadd(2, xz + gi * 16 * kCorrK, kCorrK * 2);
-    _tile_loadd(3, zring[gi % kAmxRing], 0);  // the one row, three times
-    EQ_AMX_DP(2, 3, gi % depth);
-    if (gi >= depth - 1) EQ_AMX_FOLD(gi - (depth - 1));
+    if constexpr (kBits == 4) {
+      static_assert(kAmxACorr4 == 6, "the 4-bit A' and B' tiles are registers 6 and 7");
+      _tile_loadd(6, xz + gi * 16 * kCorrK, kCorrK * 2);
+      _tile_loadd(7, zring[gi % kAmxRing], 0);  // the one row, three times
+      EQ_AMX_DP(6, 7, gi % depth);
+      // groups gi - 3 and gi - 2 (C tiles 0, 1 or 2, 3): their products finished a group ago, and their registers
+      // are zeroed again at gi + 1 and gi + 2
+      if (gi % 2 == 1 && gi >= 3) {
+        EQ_AMX_FOLD2(gi - 3);
+        folded += 2;
+      }
+    } else {
+      static_assert(kAmxACorr8 == 2, "the 8-bit A' and B' tiles are registers 2 and 3");
+      _tile_loadd(2, xz + gi * 16 * kCorrK, kCorrK * 2);
+      _tile_loadd(3, zring[gi % kAmxRing], 0);
+      EQ_AMX_DP(2, 3, gi % depth);
+      if (gi >= depth - 1) {
+        EQ_AMX_FOLD(gi - (depth - 1));
+        ++folded;
+      }
+    }
   }
-  for (int64_t gi = std::max<int64_t>(0, groups - (depth - 1)); gi < groups; ++gi) EQ_AMX_FOLD(gi);
+  for (int64_t gi = folded; gi < groups;) {  // the last groups
+    if (kBits == 4 && gi + 1 < groups) {
+      EQ_AMX_FOLD2(gi);
+      gi += 2;
+    } else {
+      EQ_AMX_FOLD(gi);
+      gi += 1;
+    }
+  }
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
     if (m0 + r < P.m) _mm512_storeu_ps(acc + (m0 + r) * kBlockN, sum[r]);
 }
 #undef EQ_AMX_FOLD
+#undef EQ_AMX_FOLD2
+#undef EQ_AMX_FMA
 #undef EQ_AMX_CHUNK
 #undef EQ_AMX_DP
 #undef EQ_AMX_READS
@@ -1714,7 +1773,7 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
   } else if (path == kAmx) {
     scratch.resize(kAmxRing * 2 * kTileElems * sizeof(uint16_t) + 64);
     ring = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
-    amx_configure();
+    amx_configure(P.bits);
   }
   int64_t b = b0;
   if (path == kVnni && P.m <= kRunsMaxRows && b1 - b0 >= kRowStreams) {
