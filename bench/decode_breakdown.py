@@ -17,6 +17,9 @@ are put in buckets by name and shape:
 * **framework:** wall time of the decode loop minus all op time above (scheduling, Python, compiled-graph
   dispatch, detokenisation).
 
+It also counts the process's minor page faults over the profiled steps (per step): memory the allocator got
+back from the kernel as fresh pages, each paid on first touch (``cpu_native.tune_malloc`` says why that mattered).
+
 Op times are self CPU time of the top-level ops, so nothing is counted twice. Times are per decode step (one token
 per sequence; ``--batch`` sequences decoded together).
 """
@@ -32,7 +35,7 @@ import tempfile
 from pathlib import Path
 
 _CHILD = r"""
-import json, sys, time
+import json, resource, sys, time
 import torch
 from vllm import LLM, SamplingParams
 model, tokens, vocab, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -49,17 +52,18 @@ engine.step()
 engine.step()
 steps = 0
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-    t0 = time.perf_counter()
+    t0, f0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     while steps < tokens and engine.has_unfinished_requests():
         engine.step()
         steps += 1
-    wall = time.perf_counter() - t0
+    wall, faults = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 events = []
 for e in prof.key_averages(group_by_input_shape=True):
     if e.self_cpu_time_total > 0:
         events.append({"name": e.key, "shapes": str(e.input_shapes), "self_us": e.self_cpu_time_total,
                        "calls": e.count})
-print("RESULT " + json.dumps({"wall_s": wall, "tokens": steps, "events": events}))  # tokens: decode steps
+# tokens: decode steps; faults: the process's minor page faults over them (fresh pages: docs/serving.md)
+print("RESULT " + json.dumps({"wall_s": wall, "tokens": steps, "faults": faults, "events": events}))
 """
 
 LINEAR = ("easyquant::linear", "easyquant::cpu_int4_linear", "onednn_mm", "aten::mm", "aten::addmm",
@@ -104,6 +108,7 @@ def profile(model: Path, tokens: int, vocab: int, batch: int = 1) -> dict:
         "wall_s": res["wall_s"],
         "tokens": n,
         "ms_per_token": {k: 1e3 * v / n for k, v in per.items()},
+        "minor_page_faults_per_step": res["faults"] / n,
         "top_ops_ms_per_token": {k: 1e3 * v / n for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]},
     }
 
@@ -128,7 +133,7 @@ def main() -> None:
         ms = r["ms_per_token"]
         print(f"| {Path(m).name} | " + " | ".join(f"{ms[k]:.1f}" for k in keys) + f" | {sum(ms.values()):.1f} |")
     for m, r in results.items():
-        print(f"\n{Path(m).name}: top ops (ms/token)")
+        print(f"\n{Path(m).name}: {r['minor_page_faults_per_step']:.0f} minor page faults per step; top ops (ms/token)")
         for k, v in r["top_ops_ms_per_token"].items():
             print(f"  {v:7.2f}  {k}")
     if args.json:
