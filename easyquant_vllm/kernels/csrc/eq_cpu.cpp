@@ -1004,12 +1004,13 @@ void vnni_row_blocks(const Problem& P, int64_t b, int64_t stride, float* acc) {
 
 // ---- kAmx: AMX-BF16 ----------------------------------------------------------------------------------
 
-// Tile registers, 4-bit codes: 0-3 accumulate C (16 batch rows x 16 output rows, fp32), 4 takes A (16 batch rows x
-// 32 bf16 of x), 5 takes B (16 k-pairs x 16 output rows x 2 bf16: 16 registers of bf16 codes), all 16 rows x 64
-// bytes; 6 and 7 take the zero-point product's A' (16 x 6 bf16) and B' (3 k-pairs x 16 x 2 bf16). 8-bit codes need
-// two B tiles per chunk, lo in 5 and hi in 6, so they keep two C tiles (0 and 1), A' and B' in 2 and 3, and A
-// alternates between 4 and 7: tiles are not renamed, so a load into the register the previous tdpbf16ps still reads
-// would wait for it.
+// Tile registers: 0-3 accumulate C (16 batch rows x 16 output rows, fp32), 4 takes A (16 batch rows x 32 bf16 of
+// x), 5 takes B (16 k-pairs x 16 output rows x 2 bf16: 16 registers of bf16 codes), all 16 rows x 64 bytes; 6 and 7
+// take the zero-point product's A' (16 x 6 bf16) and B' (3 k-pairs x 16 x 2 bf16). 8-bit codes have two B tiles per
+// chunk (lo and hi, amx_b_tiles): hi is loaded into register 5 after lo's tdpbf16ps, and waits for it to have read
+// lo (tiles are not renamed). Giving hi a register of its own, as A and B each had two registers to alternate
+// between, leaves only two C tiles, and the pairs below measured faster (the 151936 x 1536 head at 16 rows, two
+// threads, pass from memory: 18.4-18.5 -> 17.1-17.6 ms, two alternating rounds).
 //
 // Why the zero point goes through the tile unit: B holds base + u (base = 128), so a group's C is
 // sum x (base + u) and y needs s (C - (base + z) xsum). Folding that in with vector FMAs cost two per batch row and
@@ -1022,15 +1023,14 @@ void vnni_row_blocks(const Problem& P, int64_t b, int64_t stride, float* acc) {
 // with one; 1536 x 1536 unchanged within the swing. From memory the path waits on reads, and did not move.
 //
 // Why the C tiles rotate and are stored in pairs: a group of 32 columns (the default format) is one tdpbf16ps (and
-// the zero-point one), and its C tile must be stored and scaled before its register takes another group. A tile
-// store holds up the loads after it until it has written its 1 KB (a microbenchmark on this Xeon: a tile store
-// alone ~5 ns, 16 vector loads alone ~6, the store then the loads ~11: they add up), and a group's fold is a tile
-// store then 16 loads. Storing right after the group's tdpbf16ps also waits for the products. So 4-bit groups take
-// four C tiles by turns and are folded two at a time, a group behind: both tiles stored back to back, then both
-// groups' 32 FMAs, one wait for two groups. Alternating builds, 16 rows, format 3, g32, two threads
-// (docs/serving.md): the pass from memory through Qwen2.5-1.5B's linear shapes 23.3 -> 21.0 ms (means of four
-// rounds), every layer faster cache-hot. Two C tiles by turns, each folded alone, is what 8-bit codes still do
-// (their second B tile leaves no registers for four).
+// the zero-point one; 8-bit codes: two and one), and its C tile must be stored and scaled before its register takes
+// another group. A tile store holds up the loads after it until it has written its 1 KB (a microbenchmark on this
+// Xeon: a tile store alone ~5 ns, 16 vector loads alone ~6, the store then the loads ~11: they add up), and a
+// group's fold is a tile store then 16 loads. Storing right after the group's tdpbf16ps also waits for the
+// products. So the groups take four C tiles by turns and are folded two at a time, a group behind: both tiles
+// stored back to back, then both groups' 32 FMAs, one wait for two groups. Alternating builds, 16 rows, format 3,
+// g32, two threads (docs/serving.md): the pass from memory through Qwen2.5-1.5B's linear shapes 23.3 -> 21.0 ms
+// (means of four rounds; two C tiles by turns, each folded alone, before), every layer faster cache-hot.
 //
 // Why B is written per chunk and A comes pre-tiled: a block's B tiles for all of K (K * 32 bytes: 48 KB at
 // K = 1536, 280 KB at K = 8960) and x's rows (a tile load of 16 rows at stride 2K touches 16 lines) did not
@@ -1049,8 +1049,7 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-constexpr int64_t kAmxCTiles = 2;   // 8-bit codes: C tile registers 0-1 (4-bit codes: 0-3, stored in pairs)
-constexpr int kAmxACorr4 = 6, kAmxACorr8 = 2;  // A' tile register (B' the next one): 4-bit / 8-bit codes
+constexpr int64_t kAmxCTiles = 4;  // C tile registers 0-3, by turns, stored and folded in pairs
 constexpr int64_t kAmxRing = 4;     // B tiles written ahead of their loads (a ring of 1 KB slots)
 constexpr int64_t kAmxAhead = 2;    // chunks between writing a B tile and loading it
 constexpr int64_t kTileElems = 512;  // bf16 per 1 KB tile (16 rows x 32)
@@ -1063,15 +1062,14 @@ bool request_amx() {
   return ok;
 }
 
-__attribute__((target("amx-tile"))) void amx_configure(int64_t bits) {
+__attribute__((target("amx-tile"))) void amx_configure() {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
-  const int a_corr = bits == 4 ? kAmxACorr4 : kAmxACorr8, b_corr = a_corr + 1;
-  cfg.colsb[a_corr] = kCorrK * 2;  // A': 16 batch rows x 6 bf16
-  cfg.rows[b_corr] = kCorrK / 2;   // B': 3 k-pairs x 16 output rows x 2 bf16
+  cfg.colsb[6] = kCorrK * 2;  // A': 16 batch rows x 6 bf16
+  cfg.rows[7] = kCorrK / 2;   // B': 3 k-pairs x 16 output rows x 2 bf16
   // GCC 12 does not treat ldtilecfg as reading its operand and drops the stores above (the tile config
   // then holds stack garbage: #GP). The empty asm with a memory clobber makes them visible.
   asm volatile("" : : "r"(&cfg) : "memory");
@@ -1187,7 +1185,7 @@ __attribute__((target("amx-tile"))) inline void amx_store_c(int64_t c, float* ds
   } while (0)
 
 // One chunk: A (register AREG) loaded from xa, then C += A . B for the chunk's B tile at bt (register BREG) and,
-// with 8-bit codes, C += A . B_hi for its hi tile (register 6, right after the lo tile in the ring slot).
+// with 8-bit codes, C += A . B_hi for its hi tile (register BREG again, right after the lo tile in the ring slot).
 #define EQ_AMX_CHUNK(AREG, BREG, C, A, BT)                    \
   do {                                                        \
     EQ_AMX_READS(BT);                                         \
@@ -1196,24 +1194,25 @@ __attribute__((target("amx-tile"))) inline void amx_store_c(int64_t c, float* ds
     EQ_AMX_DP(AREG, BREG, C);                                 \
     if constexpr (kBits == 8) {                               \
       EQ_AMX_READS((BT) + kTileElems);                        \
-      _tile_loadd(6, (BT) + kTileElems, 64);                  \
-      EQ_AMX_DP(AREG, 6, C);                                  \
+      _tile_loadd(BREG, (BT) + kTileElems, 64);               \
+      EQ_AMX_DP(AREG, BREG, C);                               \
     }                                                         \
   } while (0)
 
-// Group GI's C tile (its zero point already in it) stored and folded into amx_slice's row sums: sum[r] += s C[r].
+// Group GI's C tile (its zero point already in it), stored at CT, folded into amx_slice's row sums: sum[r] += s C[r].
 #define EQ_AMX_FMA(GI, CT)                                                                                     \
   do {                                                                                                         \
     const __m512 s = group_sz16(P, units, b, (GI)).s;                                                          \
     _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) sum[r] =                                              \
         _mm512_fmadd_ps(s, _mm512_load_ps((CT) + r * 16), sum[r]);                                            \
   } while (0)
+// One group's C tile stored and folded (the odd group at the end of a block)
 #define EQ_AMX_FOLD(GI)                                 \
   do {                                                  \
     amx_store_c((GI) % depth, ctile[0]);                \
     EQ_AMX_FMA(GI, ctile[0]);                           \
   } while (0)
-// 4-bit codes: groups GI and GI + 1 (GI even) stored back to back, then folded (see the section's header)
+// Groups GI and GI + 1 (GI even) stored back to back, then folded (see the section's header)
 #define EQ_AMX_FOLD2(GI)                                \
   do {                                                  \
     amx_store_c((GI) % depth, ctile[0]);                \
@@ -1225,16 +1224,16 @@ __attribute__((target("amx-tile"))) inline void amx_store_c(int64_t c, float* ds
 // Batch rows m0 .. m0 + 15 (a slice: one A tile per chunk of 32 columns) against block b. Per chunk one B tile
 // (amx_b_tiles, kAmxAhead chunks ahead; 8-bit codes: two) and one tdpbf16ps each into the group's C tile; per
 // group one more tdpbf16ps of A' and B' (amx_zero_tile, kAmxAhead groups ahead) adds the zero point, and the C tile
-// is stored (4-bit codes: two groups' tiles at a time) and folded into the R rows' sums (the slice's rows rounded up to a multiple of 4), which stay in zmm
-// registers for the whole block: one FMA per row and group, its C row a memory operand. (Sums kept
-// in memory, as several slices at once would need, cost a load and a store more per row and group: more than
-// writing the B tiles again for each slice.) Rows past M have zero x and zero group sums: their sums stay zero and
-// are not stored.
+// is stored (two groups' tiles at a time) and folded into the R rows' sums (the slice's rows rounded up to a
+// multiple of 4), which stay in zmm registers for the whole block: one FMA per row and group, its C row a memory
+// operand. (Sums kept in memory, as several slices at once would need, cost a load and a store more per row and
+// group: more than writing the B tiles again for each slice.) Rows past M have zero x and zero group sums: their
+// sums stay zero and are not stored.
 template <int R, int kBits>
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) void amx_slice(const Problem& P,
                                                                                            int64_t b, int64_t m0,
                                                                                            uint16_t* ring, float* acc) {
-  constexpr int64_t depth = kBits == 4 ? 4 : kAmxCTiles;  // C tiles by turns
+  constexpr int64_t depth = kAmxCTiles;
   constexpr int64_t chunk_words = kBits, slot = kBits / 4 * kTileElems;  // words of codes and ring slot per chunk
   const int64_t groups = P.groups, chunks_per_group = P.g / 32, chunks = P.k / 32;
   const __m512 units = units16(P, b);
@@ -1261,37 +1260,21 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
     for (int64_t c = gi * chunks_per_group; c < (gi + 1) * chunks_per_group; ++c) {
       if (c + kAmxAhead < chunks) write_b(c + kAmxAhead);
       const uint16_t* bt = ring + (c % kAmxRing) * slot;
-      // 4-bit: A in register 4, B in 5; 8-bit: A alternates between 4 and 7 (see the section's header), lo and hi
-      // take 5 and 6
-      if constexpr (kBits == 4) EQ_AMX_CHUNK(4, 5, gi % depth, xa + c * kTileElems, bt);
-      else if (c % 2 == 0) EQ_AMX_CHUNK(4, 5, gi % depth, xa + c * kTileElems, bt);
-      else EQ_AMX_CHUNK(7, 5, gi % depth, xa + c * kTileElems, bt);
+      EQ_AMX_CHUNK(4, 5, gi % depth, xa + c * kTileElems, bt);
     }
     EQ_AMX_READS_ZERO(zring[gi % kAmxRing]);
-    if constexpr (kBits == 4) {
-      static_assert(kAmxACorr4 == 6, "the 4-bit A' and B' tiles are registers 6 and 7");
-      _tile_loadd(6, xz + gi * 16 * kCorrK, kCorrK * 2);
-      _tile_loadd(7, zring[gi % kAmxRing], 0);  // the one row, three times
-      EQ_AMX_DP(6, 7, gi % depth);
-      // groups gi - 3 and gi - 2 (C tiles 0, 1 or 2, 3): their products finished a group ago, and their registers
-      // are zeroed again at gi + 1 and gi + 2
-      if (gi % 2 == 1 && gi >= 3) {
-        EQ_AMX_FOLD2(gi - 3);
-        folded += 2;
-      }
-    } else {
-      static_assert(kAmxACorr8 == 2, "the 8-bit A' and B' tiles are registers 2 and 3");
-      _tile_loadd(2, xz + gi * 16 * kCorrK, kCorrK * 2);
-      _tile_loadd(3, zring[gi % kAmxRing], 0);
-      EQ_AMX_DP(2, 3, gi % depth);
-      if (gi >= depth - 1) {
-        EQ_AMX_FOLD(gi - (depth - 1));
-        ++folded;
-      }
+    _tile_loadd(6, xz + gi * 16 * kCorrK, kCorrK * 2);
+    _tile_loadd(7, zring[gi % kAmxRing], 0);  // the one row, three times
+    EQ_AMX_DP(6, 7, gi % depth);
+    // groups gi - 3 and gi - 2 (C tiles 0, 1 or 2, 3): their products finished a group ago, and their registers
+    // are zeroed again at gi + 1 and gi + 2
+    if (gi % 2 == 1 && gi >= 3) {
+      EQ_AMX_FOLD2(gi - 3);
+      folded += 2;
     }
   }
   for (int64_t gi = folded; gi < groups;) {  // the last groups
-    if (kBits == 4 && gi + 1 < groups) {
+    if (gi + 1 < groups) {
       EQ_AMX_FOLD2(gi);
       gi += 2;
     } else {
@@ -1773,7 +1756,7 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
   } else if (path == kAmx) {
     scratch.resize(kAmxRing * 2 * kTileElems * sizeof(uint16_t) + 64);
     ring = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
-    amx_configure(P.bits);
+    amx_configure();
   }
   int64_t b = b0;
   if (path == kVnni && P.m <= kRunsMaxRows && b1 - b0 >= kRowStreams) {
