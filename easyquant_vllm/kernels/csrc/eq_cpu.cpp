@@ -1008,9 +1008,9 @@ void vnni_row_blocks(const Problem& P, int64_t b, int64_t stride, float* acc) {
 // x), 5 takes B (16 k-pairs x 16 output rows x 2 bf16: 16 registers of bf16 codes), all 16 rows x 64 bytes; 6 and 7
 // take the zero-point product's A' (16 x 6 bf16) and B' (3 k-pairs x 16 x 2 bf16). 8-bit codes have two B tiles per
 // chunk (lo and hi, amx_b_tiles): hi is loaded into register 5 after lo's tdpbf16ps, and waits for it to have read
-// lo (tiles are not renamed). Giving hi a register of its own, as A and B each had two registers to alternate
-// between, leaves only two C tiles, and the pairs below measured faster (the 151936 x 1536 head at 16 rows, two
-// threads, pass from memory: 18.4-18.5 -> 17.1-17.6 ms, two alternating rounds).
+// lo (tiles are not renamed). The plan before gave hi a register of its own and let A alternate between two, which
+// left two C tiles; the pairs below need four, and measured faster (the 151936 x 1536 head at 16 rows, two threads,
+// pass from memory: 18.4-18.5 -> 17.1-17.6 ms, two alternating rounds).
 //
 // Why the zero point goes through the tile unit: B holds base + u (base = 128), so a group's C is
 // sum x (base + u) and y needs s (C - (base + z) xsum). Folding that in with vector FMAs cost two per batch row and
@@ -1027,10 +1027,11 @@ void vnni_row_blocks(const Problem& P, int64_t b, int64_t stride, float* acc) {
 // another group. A tile store holds up the loads after it until it has written its 1 KB (a microbenchmark on this
 // Xeon: a tile store alone ~5 ns, 16 vector loads alone ~6, the store then the loads ~11: they add up), and a
 // group's fold is a tile store then 16 loads. Storing right after the group's tdpbf16ps also waits for the
-// products. So the groups take four C tiles by turns and are folded two at a time, a group behind: both tiles
-// stored back to back, then both groups' 32 FMAs, one wait for two groups. Alternating builds, 16 rows, format 3,
-// g32, two threads (docs/serving.md): the pass from memory through Qwen2.5-1.5B's linear shapes 23.3 -> 21.0 ms
-// (means of four rounds; two C tiles by turns, each folded alone, before), every layer faster cache-hot.
+// products. So the groups take four C tiles by turns and are folded two at a time, after a later group's products
+// are issued (groups gi - 3 and gi - 2 after gi's, gi odd): both tiles stored back to back, then both groups' 32
+// FMAs, one wait for two groups. Alternating builds, 16 rows, format 3, g32, two threads (docs/serving.md): the pass
+// from memory through Qwen2.5-1.5B's linear shapes 23.3 -> 21.0 ms (means of four rounds; two C tiles by turns, each
+// folded alone, before), every layer faster cache-hot.
 //
 // Why B is written per chunk and A comes pre-tiled: a block's B tiles for all of K (K * 32 bytes: 48 KB at
 // K = 1536, 280 KB at K = 8960) and x's rows (a tile load of 16 rows at stride 2K touches 16 lines) did not
@@ -1049,7 +1050,7 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-constexpr int64_t kAmxCTiles = 4;  // C tile registers 0-3, by turns, stored and folded in pairs
+constexpr int64_t kAmxCTiles = 4;   // C tile registers 0-3, by turns, stored and folded in pairs
 constexpr int64_t kAmxRing = 4;     // B tiles written ahead of their loads (a ring of 1 KB slots)
 constexpr int64_t kAmxAhead = 2;    // chunks between writing a B tile and loading it
 constexpr int64_t kTileElems = 512;  // bf16 per 1 KB tile (16 rows x 32)
@@ -1149,7 +1150,7 @@ __attribute__((target("avx512f,f16c"))) inline void amx_zero_tile(const Problem&
 #define EQ_AMX_READS(P) asm volatile("" : : "m"(*reinterpret_cast<const char(*)[1024]>(P)))
 #define EQ_AMX_READS_ZERO(P) asm volatile("" : : "m"(*reinterpret_cast<const char(*)[64]>(P)))
 
-// Tile register ids are immediates: these pick one of the two C tiles by a run-time index.
+// Tile register ids are immediates: these pick one of the four C tiles by a run-time index.
 __attribute__((target("amx-tile"))) inline void amx_zero_c(int64_t c) {
   switch (c) {
     case 0: _tile_zero(0); break;
@@ -1234,6 +1235,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
                                                                                            int64_t b, int64_t m0,
                                                                                            uint16_t* ring, float* acc) {
   constexpr int64_t depth = kAmxCTiles;
+  static_assert(depth == 4, "the fold schedule below (pairs of groups gi - 3, gi - 2 at odd gi) assumes four C tiles");
   constexpr int64_t chunk_words = kBits, slot = kBits / 4 * kTileElems;  // words of codes and ring slot per chunk
   const int64_t groups = P.groups, chunks_per_group = P.g / 32, chunks = P.k / 32;
   const __m512 units = units16(P, b);
