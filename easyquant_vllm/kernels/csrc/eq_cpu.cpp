@@ -1275,15 +1275,9 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
       folded += 2;
     }
   }
-  for (int64_t gi = folded; gi < groups;) {  // the last groups
-    if (gi + 1 < groups) {
-      EQ_AMX_FOLD2(gi);
-      gi += 2;
-    } else {
-      EQ_AMX_FOLD(gi);
-      gi += 1;
-    }
-  }
+  int64_t gi = folded;  // the last groups: pairs, then an odd one
+  for (; gi + 1 < groups; gi += 2) EQ_AMX_FOLD2(gi);
+  if (gi < groups) EQ_AMX_FOLD(gi);
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
     if (m0 + r < P.m) _mm512_storeu_ps(acc + (m0 + r) * kBlockN, sum[r]);
