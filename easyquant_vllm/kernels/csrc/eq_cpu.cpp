@@ -117,8 +117,8 @@ struct Problem {
   const float* xf;         // [M][K] x in fp32, unscaled (the outliers)
   const float* xs;         // [M][K] x * c in fp32 (the fma path; = xf without a column scale)
   const uint16_t* xh;      // [M][K] 16-bit x * c (bf16 paths read a pair of them as one dword)
-  const float* xsum;       // [M][K/G] sum of xh over each group (bf16dp), or of the A tiles' x (amx: rows padded
-                           // with zeros to whole 16-row slices), or null
+  const float* xsum;       // [M][K/G] sum of xh over each group (bf16dp), or null (the amx path's sums are in
+                           // xcorr)
   const float* xt;         // [K][mp] x^T in fp32, mp = M rounded up to xt_lanes (outliers that many batch rows at
                            // a time: 16 with AVX512, 8 with AVX2), or null
   int64_t mp, xt_lanes;    // xt_lanes: 0 where xt is null
@@ -714,7 +714,7 @@ struct StepZero16 {  // one group's step s and zero point z for the 16 rows (lan
 };
 
 // group_steps8 (see there) for the 16 rows in one zmm each: the same values.
-__attribute__((target("avx512f,f16c"))) inline StepZero16 group_sz16(const Problem& P, __m512 units, int64_t b,
+__attribute__((target("avx512f,f16c"), always_inline)) inline StepZero16 group_sz16(const Problem& P, __m512 units, int64_t b,
                                                                      int64_t gi) {
   const int64_t e = group_entry(P, b, gi);
   StepZero16 st;
@@ -1099,7 +1099,8 @@ constexpr float kCodeBase8 = 2176.0f;  // lo + hi tiles hold u + 128 + 2048
 // bottleneck, see the section's header); 8-bit: 64 per chunk, for twice the bytes. The codes are prefetched four
 // chunks ahead (kBits lines a chunk: kPrefetchWords for 4-bit codes).
 template <int kBits>
-__attribute__((target("avx512f,avx512vbmi"))) inline void amx_b_tiles(const uint32_t* wc, uint16_t* dst) {
+__attribute__((target("avx512f,avx512vbmi"), always_inline)) inline void amx_b_tiles(const uint32_t* wc,
+                                                                                 uint16_t* dst) {
   constexpr int kRowsPerWord = 16 / kBits, kAheadLines = 4 * kBits;
 #pragma GCC unroll 8
   for (int q = 0; q < kBits; ++q)
@@ -1240,9 +1241,9 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
   const int64_t groups = P.groups, chunks_per_group = P.g / 32, chunks = P.k / 32;
   const __m512 units = units16(P, b);
   const uint32_t* wb = P.w + b * (P.k * kBits / 32) * kBlockN;
-  const auto write_b = [&](int64_t c) {
-    amx_b_tiles<kBits>(wb + c * chunk_words * kBlockN, ring + (c % kAmxRing) * slot);
-  };
+  // (a macro, not a lambda: a lambda does not take amx_slice's target attribute, and then cannot inline
+  // amx_b_tiles: it was a call per chunk, with the registers it clobbers saved around it)
+#define EQ_AMX_WRITE_B(C) amx_b_tiles<kBits>(wb + (C) * chunk_words * kBlockN, ring + ((C) % kAmxRing) * slot)
   const uint16_t* xa = P.xtile + (m0 / 16) * chunks * kTileElems;
   const uint16_t* xz = P.xcorr + (m0 / 16) * groups * 16 * kCorrK;
   // the zero-point B' tiles, written kAmxAhead groups ahead of their loads (as the B tiles, for the same reason)
@@ -1251,7 +1252,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
   __m512 sum[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < std::min(kAmxAhead, chunks); ++c) write_b(c);
+  for (int64_t c = 0; c < std::min(kAmxAhead, chunks); ++c) EQ_AMX_WRITE_B(c);
   for (int64_t gi = 0; gi < std::min(kAmxAhead, groups); ++gi)
     amx_zero_tile<kBits>(P, units, b, gi, zring[gi % kAmxRing]);
   int64_t folded = 0;  // groups folded so far (in order)
@@ -1260,7 +1261,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
     if (gi + kAmxAhead < groups)
       amx_zero_tile<kBits>(P, units, b, gi + kAmxAhead, zring[(gi + kAmxAhead) % kAmxRing]);
     for (int64_t c = gi * chunks_per_group; c < (gi + 1) * chunks_per_group; ++c) {
-      if (c + kAmxAhead < chunks) write_b(c + kAmxAhead);
+      if (c + kAmxAhead < chunks) EQ_AMX_WRITE_B(c + kAmxAhead);
       const uint16_t* bt = ring + (c % kAmxRing) * slot;
       EQ_AMX_CHUNK(4, 5, gi % depth, xa + c * kTileElems, bt);
     }
@@ -1282,6 +1283,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
   for (int r = 0; r < R; ++r)
     if (m0 + r < P.m) _mm512_storeu_ps(acc + (m0 + r) * kBlockN, sum[r]);
 }
+#undef EQ_AMX_WRITE_B
 #undef EQ_AMX_FOLD
 #undef EQ_AMX_FOLD2
 #undef EQ_AMX_FMA
@@ -1845,38 +1847,109 @@ __attribute__((target("avx512f"))) inline __m512 bf16x16_to_ps(__m256i v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-// The amx path's x in one pass (bf16 x [M][K], c [K] or null): x * c rounded to bf16 (to nearest even, as
-// scale_columns) written straight into the A tiles (xtile [ceil(M/16)][K/32][16][32], zero rows past M), and each
-// group's sum of those bf16 values (xsum [ceil(M/16) * 16][K/G]), rows r0 .. r1 - 1 (of M rounded up to 16). It
-// replaces four passes over M x K (widen, scale into fp32 and bf16 copies, widen the rounded copy again, sum it)
-// and a copy into the tiles: the call's fixed cost at 16 rows and K = 8960 fell from ~117 to ~70 us (one thread),
-// where the whole call takes ~1 ms.
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void amx_x_tiles(const uint16_t* x, const float* c, int64_t m,
-                                                                         int64_t k, int64_t g, int64_t r0, int64_t r1,
-                                                                         uint16_t* xtile, float* xsum) {
-  const int64_t chunks = k / 32, groups = k / g, chunks_per_group = g / 32;
-  for (int64_t r = r0; r < r1; ++r) {
-    uint16_t* tiles = xtile + ((r / 16) * chunks * 16 + r % 16) * 32;  // chunk ch's row at + ch * 16 * 32
-    if (r >= m) {
-      for (int64_t ch = 0; ch < chunks; ++ch) _mm512_storeu_si512(tiles + ch * 512, _mm512_setzero_si512());
-      std::fill(xsum + r * groups, xsum + (r + 1) * groups, 0.0f);
-      continue;
+// The lane sums of 16 vectors as one vector (lane i: the sum of p[i]'s 16 lanes), in 45 operations where 16
+// _mm512_reduce_add_ps take ~130: pairs of vectors are interleaved and added three times over (128-bit lanes, then
+// 64-bit halves of them, then whole 128-bit lanes), each step halving the vectors and doubling the rows per vector.
+__attribute__((target("avx512f"))) inline __m512 row_sums16(const __m512 p[16]) {
+  __m512 q[8], s[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: (a0 + a2, b0 + b2, a1 + a3, b1 + b3) of rows a = 2i, b = 2i + 1
+    q[i] = _mm512_add_ps(_mm512_unpacklo_ps(p[2 * i], p[2 * i + 1]), _mm512_unpackhi_ps(p[2 * i], p[2 * i + 1]));
+  for (int j = 0; j < 4; ++j)  // per 128-bit lane: the lane's sums of rows 4j .. 4j + 3
+    s[j] = _mm512_add_ps(_mm512_shuffle_ps(q[2 * j], q[2 * j + 1], 0x44), _mm512_shuffle_ps(q[2 * j], q[2 * j + 1], 0xEE));
+  const __m512 v0 = _mm512_add_ps(_mm512_shuffle_f32x4(s[0], s[1], 0x88), _mm512_shuffle_f32x4(s[0], s[1], 0xDD));
+  const __m512 v1 = _mm512_add_ps(_mm512_shuffle_f32x4(s[2], s[3], 0x88), _mm512_shuffle_f32x4(s[2], s[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x88), _mm512_shuffle_f32x4(v0, v1, 0xDD));
+}
+
+// The amx path's x for one slice s (batch rows 16s .. 16s + 15) and group gi, in one pass over its 16 x G values
+// (bf16 x [M][K], c [K] or null):
+// - x * c rounded to bf16 (to nearest even, as scale_columns) straight into the group's A tiles (xtile
+//   [ceil(M/16)][K/32][16][32], zero rows past M): each chunk of 32 columns is one 1 KB tile, 16 row stores;
+// - the group's sum of those bf16 values for each of the 16 rows, as one vector (xsum16 [ceil(M/16)][K/G][16]):
+//   each row's even and odd columns as fp32 (a shift and a mask of the bf16 pairs) added into 16 lanes, and
+//   row_sums16 turns 16 rows around at once (vdpbf16ps against bf16 ones would be one operation, but lost ~1 % of
+//   the sum of x near 1e-36 here: test_native_path_tiny_x);
+// - with kXt, the outliers' x^T (xt [K][16 ceil(M/16)] fp32, unscaled, zero columns past M): each row's even and
+//   odd columns of x as fp32 again, each set turned around by transpose16.
+// Why 16 rows at a time: row by row (before), each row and chunk ended in a horizontal reduction, and x^T was a
+// second and third pass (widen x to fp32, then transpose it), all on one thread while the other waited. On this
+// Xeon a 16 x 8960 call's x cost ~140 us of a ~810 us call with two threads (docs/serving.md).
+template <bool kScale, bool kXt>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void amx_x_group(const uint16_t* x, const float* c, int64_t m,
+                                                                         int64_t k, int64_t g, int64_t s, int64_t gi,
+                                                                         uint16_t* xtile, float* xsum16, float* xt) {
+  const int64_t chunks = k / 32, chunks_per_group = g / 32, r0 = 16 * s, rows = std::min<int64_t>(16, m - r0);
+  const int64_t mp = kXt ? 16 * ((m + 15) / 16) : 0;
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t ch = gi * chunks_per_group; ch < (gi + 1) * chunks_per_group; ++ch) {
+    uint16_t* tile = xtile + (s * chunks + ch) * kTileElems;
+    __m512 sc_lo = _mm512_setzero_ps(), sc_hi = _mm512_setzero_ps();
+    if constexpr (kScale) {
+      sc_lo = _mm512_loadu_ps(c + 32 * ch);
+      sc_hi = _mm512_loadu_ps(c + 32 * ch + 16);
     }
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      __m512i v = _mm512_loadu_si512(x + r * k + 32 * ch);
-      if (c) {  // x * c rounded to bf16: the sums are of what the tiles multiply
-        const __m512 lo = bf16x16_to_ps(_mm512_castsi512_si256(v)), hi = bf16x16_to_ps(_mm512_extracti64x4_epi64(v, 1));
-        v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, _mm512_loadu_ps(c + 32 * ch + 16)),
-                                        _mm512_mul_ps(lo, _mm512_loadu_ps(c + 32 * ch)));
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) {
+      __m512i v = _mm512_setzero_si512();
+      if (i < rows) {
+        v = _mm512_loadu_si512(x + (r0 + i) * k + 32 * ch);
+        if constexpr (kScale) {  // x * c rounded to bf16: the sums are of what the tiles multiply
+          const __m512 lo = bf16x16_to_ps(_mm512_castsi512_si256(v)), hi = bf16x16_to_ps(_mm512_extracti64x4_epi64(v, 1));
+          v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, sc_hi), _mm512_mul_ps(lo, sc_lo));
+        }
       }
-      _mm512_storeu_si512(tiles + ch * 512, v);
-      acc = _mm512_add_ps(acc, _mm512_add_ps(bf16x16_to_ps(_mm512_castsi512_si256(v)),
-                                             bf16x16_to_ps(_mm512_extracti64x4_epi64(v, 1))));
-      if ((ch + 1) % chunks_per_group == 0) {
-        xsum[r * groups + ch / chunks_per_group] = _mm512_reduce_add_ps(acc);
-        acc = _mm512_setzero_ps();
-      }
+      _mm512_storeu_si512(tile + i * 32, v);
+      acc[i] = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_castsi512_ps(_mm512_and_si512(v, high)));
+    }
+    total = _mm512_add_ps(total, row_sums16(acc));
+    if constexpr (kXt) {
+      __m512 t[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)  // even columns: the low halves of the pairs, shifted into place
+        t[i] = i < rows ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(x + (r0 + i) * k + 32 * ch), 16))
+                        : _mm512_setzero_ps();
+      transpose16(t);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(xt + (32 * ch + 2 * j) * mp + r0, t[j]);
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)  // odd columns: the high halves, masked
+        t[i] = i < rows ? _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(x + (r0 + i) * k + 32 * ch), high))
+                        : _mm512_setzero_ps();
+      transpose16(t);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(xt + (32 * ch + 2 * j + 1) * mp + r0, t[j]);
+    }
+  }
+  _mm512_storeu_ps(xsum16 + (s * (k / g) + gi) * 16, total);
+}
+
+// The zero-point A' tiles from the group sums (xsum16, above): each row's sum times 2^e in three bf16 parts, h
+// rounded to nearest even, then m of the rest, then l of what is left, negated (prepare_amx_x says why), each part
+// twice, written as xcorr's rows of 6 bf16: three dwords (hh, mm, ll) per row, interleaved by two permutes per
+// 16 dwords.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void amx_corr_tiles(const float* xsum16, int64_t count,
+                                                                            float up, uint16_t* xcorr) {
+  alignas(64) int32_t idx1[3][16], idx2[3][16];
+  for (int j = 0; j < 3; ++j)
+    for (int l = 0; l < 16; ++l) {  // output dword d = 16j + l is part t = d % 3 of row r = d / 3
+      const int d = 16 * j + l, r = d / 3, t = d % 3;
+      idx1[j][l] = t == 1 ? 16 + r : r;  // from hh (t = 0) or mm (t = 1)
+      idx2[j][l] = t == 2 ? 16 + r : l;  // ll (t = 2), or what idx1 took
+    }
+  const __m512 scale = _mm512_set1_ps(-up);
+  for (int64_t i = 0; i < count; ++i) {
+    __m512 rest = _mm512_mul_ps(_mm512_loadu_ps(xsum16 + 16 * i), scale);  // exact: up is a power of 2
+    __m512i part[3];
+    for (int t = 0; t < 3; ++t) {
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(rest);
+      const __m512i wide = _mm512_cvtepu16_epi32(h);
+      part[t] = _mm512_or_si512(wide, _mm512_slli_epi32(wide, 16));
+      rest = _mm512_sub_ps(rest, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));  // exact
+    }
+    uint32_t* dst = reinterpret_cast<uint32_t*>(xcorr + i * 16 * kCorrK);
+    for (int j = 0; j < 3; ++j) {
+      const __m512i hm = _mm512_permutex2var_epi32(part[0], _mm512_load_si512(idx1[j]), part[1]);
+      _mm512_storeu_si512(dst + 16 * j, _mm512_permutex2var_epi32(hm, _mm512_load_si512(idx2[j]), part[2]));
     }
   }
 }
@@ -1894,49 +1967,52 @@ inline void prepare_xt(Problem& P, const float* xf, int64_t nnz, Scratch& S) {
   }
 }
 
-// The amx path's x (bf16): A tiles and group sums in one pass (amx_x_tiles), the zero-point A' tiles, and xf
-// (unscaled fp32) only where there are outliers to add.
+// The amx path's x (bf16): A tiles, group sums and (with outliers, from 3 rows) x^T in one pass over x split over
+// the threads (amx_x_group), then the zero-point A' tiles (amx_corr_tiles); xf (unscaled fp32) only for outliers
+// at 1 or 2 rows.
 inline void prepare_amx_x(Problem& P, const uint16_t* x, const float* c, int64_t nnz, Scratch& S) {
-  const int64_t m = P.m, k = P.k, g = P.g, slices = (m + 15) / 16;
+  const int64_t m = P.m, k = P.k, g = P.g, slices = (m + 15) / 16, groups = k / g;
   uint16_t* xtile = scratch(S.xtile, slices * 16 * k);
-  float* xsum = scratch(S.xsum, slices * 16 * (k / g));
-  at::parallel_for(0, slices * 16, std::max<int64_t>(1, 32768 / k), [&](int64_t r0, int64_t r1) {
-    amx_x_tiles(x, c, m, k, g, r0, r1, xtile, xsum);
-  });
-  P.xtile = xtile;
-  P.xsum = xsum;
+  float* xsum16 = scratch(S.xsum, slices * groups * 16);
+  const bool with_xt = nnz && m > 2;
+  float* xt = nullptr;
   P.xf = P.xs = nullptr;
   P.xh = nullptr;
-  if (nnz) {
+  P.xsum = nullptr;
+  if (with_xt) {  // outliers_transposed, 16 batch rows at a time
+    P.xt_lanes = 16;
+    P.mp = slices * 16;
+    xt = scratch(S.xt, k * P.mp);
+    P.xt = xt;
+  } else if (nnz) {  // outliers_row / outliers_scalar
     float* xf = scratch(S.xf, m * k);
     widen(reinterpret_cast<const at::BFloat16*>(x), xf, m * k);
     P.xf = xf;
-    prepare_xt(P, xf, nnz, S);
   }
+  // units of one slice and group; a task of at least 32 K values (smaller calls run inline: a parallel region
+  // costs more than their x)
+  at::parallel_for(0, slices * groups, std::max<int64_t>(1, 32768 / (16 * g)), [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t s = u / groups, gi = u % groups;
+      if (c && with_xt) amx_x_group<true, true>(x, c, m, k, g, s, gi, xtile, xsum16, xt);
+      else if (c) amx_x_group<true, false>(x, c, m, k, g, s, gi, xtile, xsum16, xt);
+      else if (with_xt) amx_x_group<false, true>(x, c, m, k, g, s, gi, xtile, xsum16, xt);
+      else amx_x_group<false, false>(x, c, m, k, g, s, gi, xtile, xsum16, xt);
+    }
+  });
+  P.xtile = xtile;
   // each group's sum of x in three bf16 parts (h rounded to nearest, then m of the rest, then l of what is left;
   // each rest is exact in fp32, and h + m + l is the sum exactly: the rest after m has at most 8 significant bits),
   // negated, as the A tile of the zero-point product (amx_slice). The tile unit flushes bf16 denormals: m and l of a
   // sum below ~2^-110 would vanish (x at 1e-36: 1 % off). So the sums are scaled by 2^e, the call's largest to
   // ~2^64, and B' by 2^-e (both exact); only a call whose sums span more than ~2^170 loses its smallest ones' low
-  // parts.
-  const int64_t groups = k / g;
+  // parts. (Rows past M have zero sums: they do not change the largest.)
   float largest = 0.0f;
-  for (int64_t i = 0; i < m * groups; ++i) largest = std::max(largest, std::fabs(P.xsum[i]));
+  for (int64_t i = 0; i < slices * groups * 16; ++i) largest = std::max(largest, std::fabs(xsum16[i]));
   const int e = std::isfinite(largest) && largest > 0.0f ? std::clamp(64 - std::ilogb(largest), -100, 100) : 0;
-  const float up = std::ldexp(1.0f, e);
   P.zero_scale = std::ldexp(1.0f, -e);
   uint16_t* xcorr = scratch(S.xcorr, slices * groups * 16 * kCorrK);
-  for (int64_t s = 0; s < slices; ++s)
-    for (int64_t gi = 0; gi < groups; ++gi)
-      for (int64_t r = 0; r < 16; ++r) {
-        uint16_t* dst = xcorr + ((s * groups + gi) * 16 + r) * kCorrK;
-        float rest = -P.xsum[(16 * s + r) * groups + gi] * up;
-        for (int t = 0; t < 3; ++t) {
-          const c10::BFloat16 part(rest);  // to nearest even
-          dst[2 * t] = dst[2 * t + 1] = part.x;
-          rest -= static_cast<float>(part);  // exact: part is within half a bf16 step of rest
-        }
-      }
+  amx_corr_tiles(xsum16, slices * groups, std::ldexp(1.0f, e), xcorr);
   P.xcorr = xcorr;
 }
 
