@@ -114,7 +114,7 @@ struct Problem {
   const int32_t* indptr;   // [N+1]
   const int32_t* indices;  // [nnz]
   const float* values;     // [nnz]
-  const float* xf;         // [M][K] x in fp32, unscaled (the outliers)
+  const float* xf;         // [M][K] x in fp32, unscaled (the outliers; amx: only at M <= 2, else xt)
   const float* xs;         // [M][K] x * c in fp32 (the fma path; = xf without a column scale)
   const uint16_t* xh;      // [M][K] 16-bit x * c (bf16 paths read a pair of them as one dword)
   const float* xsum;       // [M][K/G] sum of xh over each group (bf16dp), or null (the amx path's sums are in
@@ -1150,6 +1150,12 @@ __attribute__((target("avx512f,f16c"))) inline void amx_zero_tile(const Problem&
 // the slot. This empty statement names the slot's 1 KB as read before each B tile load.
 #define EQ_AMX_READS(P) asm volatile("" : : "m"(*reinterpret_cast<const char(*)[1024]>(P)))
 #define EQ_AMX_READS_ZERO(P) asm volatile("" : : "m"(*reinterpret_cast<const char(*)[64]>(P)))
+// And after the load: the slot's next B tile (written kAmxRing - kAmxAhead chunks later, by amx_b_tiles inlined) must
+// not be stored before this load has read it. Nothing else tells the compiler so; before amx_b_tiles was inlined,
+// its call was the barrier.
+// (C casts: the ring is written memory, read here through a pointer to const.)
+#define EQ_AMX_LOADED(P) asm volatile("" : "+m"(*(char(*)[1024])(P)))
+#define EQ_AMX_LOADED_ZERO(P) asm volatile("" : "+m"(*(char(*)[64])(P)))
 
 // Tile register ids are immediates: these pick one of the four C tiles by a run-time index.
 __attribute__((target("amx-tile"))) inline void amx_zero_c(int64_t c) {
@@ -1192,11 +1198,13 @@ __attribute__((target("amx-tile"))) inline void amx_store_c(int64_t c, float* ds
   do {                                                        \
     EQ_AMX_READS(BT);                                         \
     _tile_loadd(BREG, (BT), 64);                              \
+    EQ_AMX_LOADED(BT);                                        \
     _tile_loadd(AREG, (A), 64);                               \
     EQ_AMX_DP(AREG, BREG, C);                                 \
     if constexpr (kBits == 8) {                               \
       EQ_AMX_READS((BT) + kTileElems);                        \
       _tile_loadd(BREG, (BT) + kTileElems, 64);               \
+      EQ_AMX_LOADED((BT) + kTileElems);                       \
       EQ_AMX_DP(AREG, BREG, C);                               \
     }                                                         \
   } while (0)
@@ -1268,6 +1276,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
     EQ_AMX_READS_ZERO(zring[gi % kAmxRing]);
     _tile_loadd(6, xz + gi * 16 * kCorrK, kCorrK * 2);
     _tile_loadd(7, zring[gi % kAmxRing], 0);  // the one row, three times
+    EQ_AMX_LOADED_ZERO(zring[gi % kAmxRing]);
     EQ_AMX_DP(6, 7, gi % depth);
     // groups gi - 3 and gi - 2 (C tiles 0, 1 or 2, 3): their products finished a group ago, and their registers
     // are zeroed again at gi + 1 and gi + 2
@@ -1291,6 +1300,8 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
 #undef EQ_AMX_DP
 #undef EQ_AMX_READS
 #undef EQ_AMX_READS_ZERO
+#undef EQ_AMX_LOADED
+#undef EQ_AMX_LOADED_ZERO
 
 // ring: kAmxRing slots of B tiles, two tiles each (64-byte aligned scratch of the thread).
 template <int kBits>
@@ -1848,8 +1859,9 @@ __attribute__((target("avx512f"))) inline __m512 bf16x16_to_ps(__m256i v) {
 }
 
 // The lane sums of 16 vectors as one vector (lane i: the sum of p[i]'s 16 lanes), in 45 operations where 16
-// _mm512_reduce_add_ps take ~130: pairs of vectors are interleaved and added three times over (128-bit lanes, then
-// 64-bit halves of them, then whole 128-bit lanes), each step halving the vectors and doubling the rows per vector.
+// _mm512_reduce_add_ps take ~130: pairs of vectors are interleaved and added, each step halving the vectors and
+// doubling the rows per vector (16 -> 8 within 128-bit lanes, -> 4 across their 64-bit halves, -> 2 and -> 1 across
+// whole 128-bit lanes).
 __attribute__((target("avx512f"))) inline __m512 row_sums16(const __m512 p[16]) {
   __m512 q[8], s[4];
   for (int i = 0; i < 8; ++i)  // per 128-bit lane: (a0 + a2, b0 + b2, a1 + a3, b1 + b3) of rows a = 2i, b = 2i + 1
@@ -2293,7 +2305,8 @@ void cpu_int4_linear_jobs(at::ScalarType dtype, at::IntArrayRef plan, const std:
   for (size_t j = 0; j < jobs.size(); ++j)  // every job checked before any runs
     if (jobs[j].m > 0) path[j] = checked_path(plan, jobs[j].m, dtype, jobs[j].w.bits);
   // Each prepared job's x has buffers of its own, alive together while the region runs (~14 bytes per element of
-  // x: fp32 x, x * c, 16-bit x and, from M = 3, x^T for the outliers; the amx path ~2, and 8 more with outliers).
+  // x: fp32 x, x * c, 16-bit x and, from M = 3, x^T for the outliers; the amx path ~2 (its tiles: rows padded to 16),
+  // and 4 more with outliers: x^T from M = 3, fp32 x below).
   // So the jobs run in waves of at most kWaveElements elements of x (one wave at decode; a larger job is a wave of
   // its own), the pool is per thread and reused between calls of one wave, and a pool grown past kKeepScratchBytes
   // (by a prefill) is released at the end of the call.
