@@ -17,6 +17,10 @@ are put in buckets by name and shape:
 * **framework:** wall time of the decode loop minus all op time above (scheduling, Python, compiled-graph
   dispatch, detokenisation).
 
+Then it decodes as many steps again without the profiler, each timed on its own: the last column (median and
+mean ms per step) is what a served step takes, beside the profiled total, which the profiler's own cost inflates
+(2026-12-06: ~98 ms plain against 94-104 profiled at batch 16, docs/serving.md).
+
 It also counts the process's minor page faults over the profiled steps (per step): fresh pages, each paid on first
 touch (``cpu_native.tune_malloc`` says why that mattered). The profiler's own records take most of them: 307-905
 per step for EasyQuant at batch 16 under it, 6 without it (docs/serving.md).
@@ -58,13 +62,24 @@ with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], re
         engine.step()
         steps += 1
     wall, faults = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+# the same steps again without the profiler, each timed on its own: what a served step takes
+for i, p in enumerate(prompt):
+    engine.add_request(f"plain-{i}", p, params)
+engine.step()
+engine.step()
+plain = []
+while len(plain) < tokens and engine.has_unfinished_requests():
+    t1 = time.perf_counter()
+    engine.step()
+    plain.append(time.perf_counter() - t1)
 events = []
 for e in prof.key_averages(group_by_input_shape=True):
     if e.self_cpu_time_total > 0:
         events.append({"name": e.key, "shapes": str(e.input_shapes), "self_us": e.self_cpu_time_total,
                        "calls": e.count})
 # tokens: decode steps; faults: the process's minor page faults over them (fresh pages: docs/serving.md)
-print("RESULT " + json.dumps({"wall_s": wall, "tokens": steps, "faults": faults, "events": events}))
+print("RESULT " + json.dumps({"wall_s": wall, "tokens": steps, "faults": faults, "events": events,
+                             "plain_steps_s": plain}))
 """
 
 LINEAR = ("easyquant::linear", "easyquant::cpu_int4_linear", "onednn_mm", "aten::mm", "aten::addmm",
@@ -105,7 +120,13 @@ def profile(model: Path, tokens: int, vocab: int, batch: int = 1) -> dict:
         top[f"{b}: {e['name']}"] = top.get(f"{b}: {e['name']}", 0.0) + e["self_us"] / 1e6
     per["framework"] = max(res["wall_s"] - sum(per.values()), 0.0)
     n = res["tokens"]
+    plain = sorted(res["plain_steps_s"])
     return {
+        "plain_step_ms": {
+            "median": 1e3 * plain[len(plain) // 2],
+            "mean": 1e3 * sum(plain) / len(plain),
+            "steps": len(plain),
+        },
         "wall_s": res["wall_s"],
         "tokens": n,
         "ms_per_token": {k: 1e3 * v / n for k, v in per.items()},
@@ -128,11 +149,14 @@ def main() -> None:
         results[str(m)] = profile(m, args.tokens, vocab, args.batch)
     keys = ["linears", "lm_head", "attention", "other ops", "framework"]
     print(f"# batch-{args.batch} decode, vLLM compiled, bf16, ms per step ({args.tokens} steps under torch.profiler)")
-    print("| model | " + " | ".join(keys) + " | total |")
-    print("|---|" + "---|" * (len(keys) + 1))
+    print("| model | " + " | ".join(keys) + " | total | without the profiler: median (mean) |")
+    print("|---|" + "---|" * (len(keys) + 2))
     for m, r in results.items():
-        ms = r["ms_per_token"]
-        print(f"| {Path(m).name} | " + " | ".join(f"{ms[k]:.1f}" for k in keys) + f" | {sum(ms.values()):.1f} |")
+        ms, plain = r["ms_per_token"], r["plain_step_ms"]
+        print(
+            f"| {Path(m).name} | " + " | ".join(f"{ms[k]:.1f}" for k in keys) + f" | {sum(ms.values()):.1f} | "
+            f"{plain['median']:.1f} ({plain['mean']:.1f}) |"
+        )
     for m, r in results.items():
         print(f"\n{Path(m).name}: {r['minor_page_faults_per_step']:.0f} minor page faults per step; top ops (ms/token)")
         for k, v in r["top_ops_ms_per_token"].items():
