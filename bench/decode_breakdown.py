@@ -51,10 +51,12 @@ llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=T
 # only (batch rows = sequences), as llama.cpp's tg is.
 engine = llm.llm_engine
 params = SamplingParams(max_tokens=tokens + 2, temperature=0.0, ignore_eos=True)
-for i, p in enumerate(prompt):
-    engine.add_request(str(i), p, params)
-engine.step()
-engine.step()
+def start(tag):  # the batch's requests, their prefill and first decode step
+    for i, p in enumerate(prompt):
+        engine.add_request(f"{tag}{i}", p, params)
+    engine.step()
+    engine.step()
+start("")
 steps = 0
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
     t0, f0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -63,10 +65,7 @@ with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], re
         steps += 1
     wall, faults = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 # the same steps again without the profiler, each timed on its own: what a served step takes
-for i, p in enumerate(prompt):
-    engine.add_request(f"plain-{i}", p, params)
-engine.step()
-engine.step()
+start("plain-")
 plain = []
 while len(plain) < tokens and engine.has_unfinished_requests():
     t1 = time.perf_counter()

@@ -1917,19 +1917,19 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void amx_x_group(const ui
     }
     total = _mm512_add_ps(total, row_sums16(acc));
     if constexpr (kXt) {
-      __m512 t[16];
+      // even columns (the low halves of the pairs, shifted into place), then odd ones (the high halves, masked);
+      // x's rows are loaded again (from L1): the 16 sums above and 16 rows here do not fit the registers together
+#pragma GCC unroll 2
+      for (int odd = 0; odd < 2; ++odd) {
+        __m512 t[16];
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i)  // even columns: the low halves of the pairs, shifted into place
-        t[i] = i < rows ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(x + (r0 + i) * k + 32 * ch), 16))
-                        : _mm512_setzero_ps();
-      transpose16(t);
-      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(xt + (32 * ch + 2 * j) * mp + r0, t[j]);
-#pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i)  // odd columns: the high halves, masked
-        t[i] = i < rows ? _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(x + (r0 + i) * k + 32 * ch), high))
-                        : _mm512_setzero_ps();
-      transpose16(t);
-      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(xt + (32 * ch + 2 * j + 1) * mp + r0, t[j]);
+        for (int i = 0; i < 16; ++i) {
+          const __m512i raw = i < rows ? _mm512_loadu_si512(x + (r0 + i) * k + 32 * ch) : _mm512_setzero_si512();
+          t[i] = _mm512_castsi512_ps(odd ? _mm512_and_si512(raw, high) : _mm512_slli_epi32(raw, 16));
+        }
+        transpose16(t);
+        for (int j = 0; j < 16; ++j) _mm512_storeu_ps(xt + (32 * ch + 2 * j + odd) * mp + r0, t[j]);
+      }
     }
   }
   _mm512_storeu_ps(xsum16 + (s * (k / g) + gi) * 16, total);
