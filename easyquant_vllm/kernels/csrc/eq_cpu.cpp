@@ -122,7 +122,8 @@ struct Problem {
   const float* xt;         // [K][mp] x^T in fp32, mp = M rounded up to xt_lanes (outliers that many batch rows at
                            // a time: 16 with AVX512, 8 with AVX2), or null
   int64_t mp, xt_lanes;    // xt_lanes: 0 where xt is null
-  const uint16_t* xtile;   // [ceil(M/16)][K/32][16][32] x as whole AMX A tiles (1 KB each), zero rows past M, or null
+  const uint16_t* xtile;   // [ceil(M/16)][amx_slice_tiles(K)][16][32] x as whole AMX A tiles (1 KB each; K/32 used
+                           // per slice), zero rows past M, on a page, or null
   const uint16_t* xcorr;   // [ceil(M/16)][K/G][16][6] bf16 -(h, h, m, m, l, l), h + m + l = xsum * 2^e: the amx
                            // path's zero-point tiles (amx_slice), zero rows past M, or null
   float zero_scale;        // 2^-e: the amx path's B' holds (base + z) * 2^-e (prepare_amx_x says why)
@@ -1055,6 +1056,26 @@ constexpr int64_t kAmxRing = 4;     // B tiles written ahead of their loads (a r
 constexpr int64_t kAmxAhead = 2;    // chunks between writing a B tile and loading it
 constexpr int64_t kTileElems = 512;  // bf16 per 1 KB tile (16 rows x 32)
 constexpr int64_t kCorrK = 6;        // bf16 per row of the zero-point A' tile: h, h, m, m, l, l
+constexpr int64_t kPage = 4096;      // x's A tiles and the ring start on a page (amx_ring_stride says why)
+
+// Why x's A tiles and the ring of B tiles start on pages. A load waits behind an older store still in the store
+// buffer whose address has the same low 12 bits, even where the addresses differ (the CPU compares those first: "4K
+// aliasing"). Each chunk writes slot c + 2's B tile (16 stores) just before loading its A tile, and x's A tiles walk
+// through all of a page, 1 KB a chunk. Where they fell against the slot just written was left to malloc, and so was
+// part of what a call cost. With both on pages, chunk c's A tile (4-bit codes: 1 KB slots) has the low bits of slot
+// c, whose B tile is loaded just before it and waited for anyway, never those of slot c + 2 (written this chunk) or
+// c + 1 (the chunk before). Alternating builds on the AMX Xeon, two threads, 16 rows, Qwen2.5-1.5B's layers cache-hot
+// (docs/serving.md): the two large decoder shapes 8-17 % less time per call without their outliers, the 8-bit head
+// 7-11 % (its 2 KB slots; slots a page and a quarter apart, which keep slot c + 2 off A tile c too, measured no
+// better). Through all layers from memory, and in a served step, the change was within these cores' noise.
+template <int kBits>
+constexpr int64_t amx_ring_stride() {
+  return kBits / 4 * kTileElems;
+}
+constexpr int64_t kAmxRingBytes = kAmxRing * 2 * kTileElems * 2;  // four slots of 8-bit codes' two tiles
+
+// A tiles per 16-row slice of x: K's chunks rounded up to whole pages, so that every slice's tiles start on one.
+inline int64_t amx_slice_tiles(int64_t k) { return (k / 32 + 3) / 4 * 4; }
 
 bool request_amx() {
   // Linux grants the AMX tile state to a process only on request (else the first tile instruction is
@@ -1245,14 +1266,14 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
                                                                                            uint16_t* ring, float* acc) {
   constexpr int64_t depth = kAmxCTiles;
   static_assert(depth == 4, "the fold schedule below (pairs of groups gi - 3, gi - 2 at odd gi) assumes four C tiles");
-  constexpr int64_t chunk_words = kBits, slot = kBits / 4 * kTileElems;  // words of codes and ring slot per chunk
+  constexpr int64_t chunk_words = kBits, slot = amx_ring_stride<kBits>();  // words of codes and ring slot per chunk
   const int64_t groups = P.groups, chunks_per_group = P.g / 32, chunks = P.k / 32;
   const __m512 units = units16(P, b);
   const uint32_t* wb = P.w + b * (P.k * kBits / 32) * kBlockN;
   // (a macro, not a lambda: a lambda does not take amx_slice's target attribute, and then cannot inline
   // amx_b_tiles: it was a call per chunk, with the registers it clobbers saved around it)
 #define EQ_AMX_WRITE_B(C) amx_b_tiles<kBits>(wb + (C) * chunk_words * kBlockN, ring + ((C) % kAmxRing) * slot)
-  const uint16_t* xa = P.xtile + (m0 / 16) * chunks * kTileElems;
+  const uint16_t* xa = P.xtile + (m0 / 16) * amx_slice_tiles(P.k) * kTileElems;
   const uint16_t* xz = P.xcorr + (m0 / 16) * groups * 16 * kCorrK;
   // the zero-point B' tiles, written kAmxAhead groups ahead of their loads (as the B tiles, for the same reason)
   alignas(64) uint32_t zring[kAmxRing][16];
@@ -1763,8 +1784,8 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
     scratch.resize(kChunkK * kBlockN * sizeof(float) + 64);
     panel32 = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
   } else if (path == kAmx) {
-    scratch.resize(kAmxRing * 2 * kTileElems * sizeof(uint16_t) + 64);
-    ring = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
+    scratch.resize(kAmxRingBytes + kPage);  // on a page (amx_ring_stride)
+    ring = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(scratch.data()) + kPage - 1) & ~uintptr_t(kPage - 1));
     amx_configure();
   }
   int64_t b = b0;
@@ -1890,12 +1911,12 @@ template <bool kScale, bool kXt>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void amx_x_group(const uint16_t* x, const float* c, int64_t m,
                                                                          int64_t k, int64_t g, int64_t s, int64_t gi,
                                                                          uint16_t* xtile, float* xsum16, float* xt) {
-  const int64_t chunks = k / 32, chunks_per_group = g / 32, r0 = 16 * s, rows = std::min<int64_t>(16, m - r0);
+  const int64_t tiles = amx_slice_tiles(k), chunks_per_group = g / 32, r0 = 16 * s, rows = std::min<int64_t>(16, m - r0);
   const int64_t mp = kXt ? 16 * ((m + 15) / 16) : 0;
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m512 total = _mm512_setzero_ps();
   for (int64_t ch = gi * chunks_per_group; ch < (gi + 1) * chunks_per_group; ++ch) {
-    uint16_t* tile = xtile + (s * chunks + ch) * kTileElems;
+    uint16_t* tile = xtile + (s * tiles + ch) * kTileElems;
     __m512 sc_lo = _mm512_setzero_ps(), sc_hi = _mm512_setzero_ps();
     if constexpr (kScale) {
       sc_lo = _mm512_loadu_ps(c + 32 * ch);
@@ -1984,7 +2005,9 @@ inline void prepare_xt(Problem& P, const float* xf, int64_t nnz, Scratch& S) {
 // at 1 or 2 rows.
 inline void prepare_amx_x(Problem& P, const uint16_t* x, const float* c, int64_t nnz, Scratch& S) {
   const int64_t m = P.m, k = P.k, g = P.g, slices = (m + 15) / 16, groups = k / g;
-  uint16_t* xtile = scratch(S.xtile, slices * 16 * k);
+  // on a page, each slice's tiles on whole pages (amx_ring_stride says why)
+  uint16_t* xtile = scratch(S.xtile, slices * amx_slice_tiles(k) * kTileElems + kPage / 2);
+  xtile = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(xtile) + kPage - 1) & ~uintptr_t(kPage - 1));
   float* xsum16 = scratch(S.xsum, slices * groups * 16);
   const bool with_xt = nnz && m > 2;
   float* xt = nullptr;
