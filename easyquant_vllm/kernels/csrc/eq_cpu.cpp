@@ -1052,7 +1052,7 @@ struct alignas(64) TileConfig {
 };
 
 constexpr int64_t kAmxCTiles = 4;   // C tile registers 0-3, by turns, stored and folded in pairs
-constexpr int64_t kAmxRing = 4;     // B tiles written ahead of their loads (a ring of 1 KB slots)
+constexpr int64_t kAmxRing = 4;     // B tiles written ahead of their loads (a ring of 1 KB slots; 8-bit codes: 2 KB)
 constexpr int64_t kAmxAhead = 2;    // chunks between writing a B tile and loading it
 constexpr int64_t kTileElems = 512;  // bf16 per 1 KB tile (16 rows x 32)
 constexpr int64_t kCorrK = 6;        // bf16 per row of the zero-point A' tile: h, h, m, m, l, l
@@ -1065,9 +1065,10 @@ constexpr int64_t kPage = 4096;      // x's A tiles and the ring start on a page
 // part of what a call cost. With both on pages, chunk c's A tile (4-bit codes: 1 KB slots) has the low bits of slot
 // c, whose B tile is loaded just before it and waited for anyway, never those of slot c + 2 (written this chunk) or
 // c + 1 (the chunk before). Alternating builds on the AMX Xeon, two threads, 16 rows, Qwen2.5-1.5B's layers cache-hot
-// (docs/serving.md): the two large decoder shapes 8-17 % less time per call without their outliers, the 8-bit head
-// 7-11 % (its 2 KB slots; slots a page and a quarter apart, which keep slot c + 2 off A tile c too, measured no
-// better). Through all layers from memory, and in a served step, the change was within these cores' noise.
+// (docs/serving.md): the two large decoder shapes 10-17 % less time per call without their outliers, the 8-bit head
+// 10-14 %. 8-bit codes' slots are 2 KB, so slot c + 2 has slot c's low bits, and A tile c falls on the slot being
+// written in half the chunks; slots a page and a quarter apart keep it off, but measured no better. Through all
+// layers from memory, and in a served step, the change was within these cores' noise.
 template <int kBits>
 constexpr int64_t amx_ring_stride() {
   return kBits / 4 * kTileElems;
@@ -1324,7 +1325,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
 #undef EQ_AMX_LOADED
 #undef EQ_AMX_LOADED_ZERO
 
-// ring: kAmxRing slots of B tiles, two tiles each (64-byte aligned scratch of the thread).
+// ring: kAmxRing slots of B tiles, two tiles each (the thread's scratch, on a page: amx_ring_stride).
 template <int kBits>
 void amx_block(const Problem& P, int64_t b, float* acc, uint16_t* ring) {
   for (int64_t m0 = 0; m0 < P.m; m0 += 16) {
@@ -1897,7 +1898,8 @@ __attribute__((target("avx512f"))) inline __m512 row_sums16(const __m512 p[16]) 
 // The amx path's x for one slice s (batch rows 16s .. 16s + 15) and group gi, in one pass over its 16 x G values
 // (bf16 x [M][K], c [K] or null):
 // - x * c rounded to bf16 (to nearest even, as scale_columns) straight into the group's A tiles (xtile
-//   [ceil(M/16)][K/32][16][32], zero rows past M): each chunk of 32 columns is one 1 KB tile, 16 row stores;
+//   [ceil(M/16)][amx_slice_tiles(K)][16][32], zero rows past M): each chunk of 32 columns is one 1 KB tile, 16 row
+//   stores;
 // - the group's sum of those bf16 values for each of the 16 rows, as one vector (xsum16 [ceil(M/16)][K/G][16]):
 //   each row's even and odd columns as fp32 (a shift and a mask of the bf16 pairs) added into 16 lanes, and
 //   row_sums16 turns 16 rows around at once (vdpbf16ps against bf16 ones would be one operation, but lost ~1 % of
