@@ -1786,7 +1786,8 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
     panel32 = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
   } else if (path == kAmx) {
     scratch.resize(kAmxRingBytes + kPage);  // on a page (amx_ring_stride)
-    ring = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(scratch.data()) + kPage - 1) & ~uintptr_t(kPage - 1));
+    const uintptr_t page = (reinterpret_cast<uintptr_t>(scratch.data()) + kPage - 1) & ~uintptr_t(kPage - 1);
+    ring = reinterpret_cast<uint16_t*>(page);
     amx_configure();
   }
   int64_t b = b0;
@@ -1913,7 +1914,8 @@ template <bool kScale, bool kXt>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void amx_x_group(const uint16_t* x, const float* c, int64_t m,
                                                                          int64_t k, int64_t g, int64_t s, int64_t gi,
                                                                          uint16_t* xtile, float* xsum16, float* xt) {
-  const int64_t tiles = amx_slice_tiles(k), chunks_per_group = g / 32, r0 = 16 * s, rows = std::min<int64_t>(16, m - r0);
+  const int64_t tiles = amx_slice_tiles(k), chunks_per_group = g / 32, r0 = 16 * s;
+  const int64_t rows = std::min<int64_t>(16, m - r0);
   const int64_t mp = kXt ? 16 * ((m + 15) / 16) : 0;
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m512 total = _mm512_setzero_ps();
