@@ -1056,7 +1056,7 @@ constexpr int64_t kAmxRing = 4;     // B tiles written ahead of their loads (a r
 constexpr int64_t kAmxAhead = 2;    // chunks between writing a B tile and loading it
 constexpr int64_t kTileElems = 512;  // bf16 per 1 KB tile (16 rows x 32)
 constexpr int64_t kCorrK = 6;        // bf16 per row of the zero-point A' tile: h, h, m, m, l, l
-constexpr int64_t kPage = 4096;      // x's A tiles and the ring start on a page (amx_ring_stride says why)
+constexpr int64_t kPage = 4096;      // x's A tiles and the ring start on a page (below)
 
 // Why x's A tiles and the ring of B tiles start on pages. A load waits behind an older store still in the store
 // buffer whose address has the same low 12 bits, even where the addresses differ (the CPU compares those first: "4K
@@ -1069,10 +1069,6 @@ constexpr int64_t kPage = 4096;      // x's A tiles and the ring start on a page
 // 10-14 %. 8-bit codes' slots are 2 KB, so slot c + 2 has slot c's low bits, and A tile c falls on the slot being
 // written in half the chunks; slots a page and a quarter apart keep it off, but measured no better. Through all
 // layers from memory, and in a served step, the change was within these cores' noise.
-template <int kBits>
-constexpr int64_t amx_ring_stride() {
-  return kBits / 4 * kTileElems;
-}
 constexpr int64_t kAmxRingBytes = kAmxRing * 2 * kTileElems * 2;  // four slots of 8-bit codes' two tiles
 
 // A tiles per 16-row slice of x: K's chunks rounded up to whole pages, so that every slice's tiles start on one.
@@ -1267,7 +1263,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
                                                                                            uint16_t* ring, float* acc) {
   constexpr int64_t depth = kAmxCTiles;
   static_assert(depth == 4, "the fold schedule below (pairs of groups gi - 3, gi - 2 at odd gi) assumes four C tiles");
-  constexpr int64_t chunk_words = kBits, slot = amx_ring_stride<kBits>();  // words of codes and ring slot per chunk
+  constexpr int64_t chunk_words = kBits, slot = kBits / 4 * kTileElems;  // words of codes and ring slot per chunk
   const int64_t groups = P.groups, chunks_per_group = P.g / 32, chunks = P.k / 32;
   const __m512 units = units16(P, b);
   const uint32_t* wb = P.w + b * (P.k * kBits / 32) * kBlockN;
@@ -1325,7 +1321,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,f16c"))) vo
 #undef EQ_AMX_LOADED
 #undef EQ_AMX_LOADED_ZERO
 
-// ring: kAmxRing slots of B tiles, two tiles each (the thread's scratch, on a page: amx_ring_stride).
+// ring: kAmxRing slots of B tiles, two tiles each (the thread's scratch, on a page: kPage says why).
 template <int kBits>
 void amx_block(const Problem& P, int64_t b, float* acc, uint16_t* ring) {
   for (int64_t m0 = 0; m0 < P.m; m0 += 16) {
@@ -1573,6 +1569,12 @@ T* scratch(std::vector<T>& buffer, int64_t count) {
   return buffer.data();
 }
 
+// p rounded up to a multiple of `bytes` (a power of two), as a T*: the caller allocated bytes - 1 more.
+template <typename T>
+T* align_up(void* p, int64_t bytes) {
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + bytes - 1) & ~static_cast<uintptr_t>(bytes - 1));
+}
+
 template <typename T>
 __attribute__((target("avx2,fma,f16c"))) void widen(const T* x, float* out, int64_t count) {  // count % 8 == 0
   for (int64_t i = 0; i < count; i += 8) _mm256_storeu_ps(out + i, load8(x + i));
@@ -1783,11 +1785,10 @@ void run_block_range(const Problem& P, int64_t path, const T* bias, T* y, int64_
   uint16_t* ring = nullptr;  // the amx path's B tiles
   if (path == kFma && P.m > 2) {
     scratch.resize(kChunkK * kBlockN * sizeof(float) + 64);
-    panel32 = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
+    panel32 = align_up<float>(scratch.data(), 64);
   } else if (path == kAmx) {
-    scratch.resize(kAmxRingBytes + kPage);  // on a page (amx_ring_stride)
-    const uintptr_t page = (reinterpret_cast<uintptr_t>(scratch.data()) + kPage - 1) & ~uintptr_t(kPage - 1);
-    ring = reinterpret_cast<uint16_t*>(page);
+    scratch.resize(kAmxRingBytes + kPage);
+    ring = align_up<uint16_t>(scratch.data(), kPage);  // kPage says why
     amx_configure();
   }
   int64_t b = b0;
@@ -2009,9 +2010,8 @@ inline void prepare_xt(Problem& P, const float* xf, int64_t nnz, Scratch& S) {
 // at 1 or 2 rows.
 inline void prepare_amx_x(Problem& P, const uint16_t* x, const float* c, int64_t nnz, Scratch& S) {
   const int64_t m = P.m, k = P.k, g = P.g, slices = (m + 15) / 16, groups = k / g;
-  // on a page, each slice's tiles on whole pages (amx_ring_stride says why)
-  uint16_t* xtile = scratch(S.xtile, slices * amx_slice_tiles(k) * kTileElems + kPage / 2);
-  xtile = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(xtile) + kPage - 1) & ~uintptr_t(kPage - 1));
+  // on a page, each slice's tiles on whole pages (kPage says why)
+  uint16_t* xtile = align_up<uint16_t>(scratch(S.xtile, slices * amx_slice_tiles(k) * kTileElems + kPage / 2), kPage);
   float* xsum16 = scratch(S.xsum, slices * groups * 16);
   const bool with_xt = nnz && m > 2;
   float* xt = nullptr;
