@@ -107,7 +107,8 @@ class EasyQuantCheckpointConfig:
     ``lm_head``: the output projection is quantized too, with the same group size and ``lm_head_bits`` (None: the
     checkpoint's ``bits``). In a model with tied embeddings that is the one embedding matrix (``model.embed_tokens``),
     which then also serves the input lookups (docs/format.md, "Quantized lm_head"). :meth:`bits_of` gives any
-    layer's code width.
+    layer's code width. ``group_sizes`` (version 3): the modules whose group size is not ``group_size`` (the
+    converter's ``--bits-per-weight``); :meth:`group_size_of` gives any layer's.
     """
 
     bits: int = _DEFAULT_SPEC.bits
@@ -122,10 +123,12 @@ class EasyQuantCheckpointConfig:
     column_scale: bool = _DEFAULT_SPEC.normalize != "none"
     lm_head: bool = False
     lm_head_bits: int | None = None
+    group_sizes: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_spec(cls, spec: QuantSpec, modules_to_not_convert: list[str] | None = None,
-                  lm_head: bool = False, lm_head_bits: int | None = None) -> EasyQuantCheckpointConfig:  # fmt: skip
+                  lm_head: bool = False, lm_head_bits: int | None = None,
+                  group_sizes: Mapping[str, int] | None = None) -> EasyQuantCheckpointConfig:  # fmt: skip
         """The config block of a checkpoint quantized with ``spec`` (what the converter writes)."""
         return cls(
             bits=spec.bits,
@@ -140,6 +143,7 @@ class EasyQuantCheckpointConfig:
             column_scale=spec.normalize != "none",
             lm_head=lm_head,
             lm_head_bits=(lm_head_bits or spec.bits) if lm_head else None,
+            group_sizes=dict(group_sizes or {}),
         )
 
     def __post_init__(self) -> None:
@@ -151,6 +155,11 @@ class EasyQuantCheckpointConfig:
             raise ValueError("lm_head_bits needs lm_head: true")
         if self.lm_head_bits not in (None, *SUPPORTED_BITS):
             raise ValueError(f"lm_head_bits = {self.lm_head_bits}; supported: {list(SUPPORTED_BITS)}")
+        if self.group_sizes and self.format_version != 3:
+            raise ValueError("group_sizes (a group size per module) needs format_version 3")
+        bad = {m: g for m, g in self.group_sizes.items() if g not in SUPPORTED_GROUP_SIZES or g == -1}
+        if bad:
+            raise ValueError(f"group_sizes {bad}: each must be one of {[g for g in SUPPORTED_GROUP_SIZES if g > 0]}")
 
     @property
     def vocab_bits(self) -> int:
@@ -162,10 +171,16 @@ class EasyQuantCheckpointConfig:
         ``lm_head`` or ``embed_tokens`` module, see :func:`is_vocab_module`), ``bits`` for every other layer."""
         return self.vocab_bits if self.lm_head and is_vocab_module(prefix) else self.bits
 
+    def group_size_of(self, prefix: str) -> int:
+        """Group size of the quantized layer ``prefix``: its entry in ``group_sizes``, else ``group_size``."""
+        return self.group_sizes.get(prefix, self.group_size)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if d["lm_head_bits"] is None:
             del d["lm_head_bits"]
+        if not d["group_sizes"]:  # checkpoints with one group size read as before the key
+            del d["group_sizes"]
         return {"quant_method": QUANT_METHOD, **d}
 
     @classmethod
@@ -194,6 +209,16 @@ class EasyQuantCheckpointConfig:
         if "lm_head_bits" in d and not lm_head:
             raise CheckpointError(fields.at("lm_head_bits", "is set, but lm_head is not true"))
         lm_head_bits = fields.integer("lm_head_bits", SUPPORTED_BITS) if "lm_head_bits" in d else None
+        sizes = d.get("group_sizes", {})
+        if not isinstance(sizes, dict) or not all(isinstance(m, str) for m in sizes):
+            raise CheckpointError(fields.at("group_sizes", f"must be a JSON object of module names, got {sizes!r}"))
+        allowed = [g for g in SUPPORTED_GROUP_SIZES if g > 0]
+        for module, g in sizes.items():
+            if type(g) is not int or g not in allowed:
+                problem = f"gives {module} the group size {g!r}; supported: {allowed}"
+                raise CheckpointError(fields.at("group_sizes", problem))
+        if sizes and version != 3:
+            raise CheckpointError(fields.at("group_sizes", f"needs format_version 3, the checkpoint says {version}"))
         skip = d.get("modules_to_not_convert")
         if skip is not None and (not isinstance(skip, list) or not all(isinstance(m, str) for m in skip)):
             raise CheckpointError(fields.at("modules_to_not_convert", f"must be a list of strings, got {skip!r}"))
@@ -208,6 +233,7 @@ class EasyQuantCheckpointConfig:
             format_version=version,
             lm_head=lm_head,
             lm_head_bits=lm_head_bits,
+            group_sizes=dict(sizes),
             **flags,
         )
 
@@ -547,7 +573,7 @@ def quantized_layers(ckpt: Any, cfg: EasyQuantCheckpointConfig) -> Iterator[tupl
     for prefix in prefixes:
         tensors = {tensor_name(prefix, s): ckpt.get(tensor_name(prefix, s))
                    for s in ALL_SUFFIXES if tensor_name(prefix, s) in names}  # fmt: skip
-        yield prefix, quantized_weight_from_tensors(prefix, tensors, cfg.bits_of(prefix), cfg.group_size,
+        yield prefix, quantized_weight_from_tensors(prefix, tensors, cfg.bits_of(prefix), cfg.group_size_of(prefix),
                                                     cfg.zero_points, cfg.column_scale, cfg.format_version)  # fmt: skip
 
 
@@ -569,16 +595,21 @@ def validate_checkpoint(model_dir: str | Path) -> dict[str, Any]:
     layers = params = outliers = 0
     bits_total = 0.0
     with open_checkpoint(model_dir) as ckpt:
-        for _, qw in quantized_layers(ckpt, cfg):
+        seen = set()
+        for prefix, qw in quantized_layers(ckpt, cfg):
+            seen.add(prefix)
             n, k = qw.shape
             layers += 1
             params += n * k
             outliers += qw.outliers.nnz
-            bits_total += bits_per_weight(n, k, qw.bits, cfg.group_size, qw.outliers.nnz, cfg.zero_points,
+            bits_total += bits_per_weight(n, k, qw.bits, qw.group_size, qw.outliers.nnz, cfg.zero_points,
                                           qw.col_scale is not None, cfg.format_version) * n * k  # fmt: skip
 
     if layers == 0:
         raise CheckpointError(f"{model_dir}: config.json says easyquant but no tensor ends in .{QWEIGHT}")
+    stray = sorted(set(cfg.group_sizes) - seen)
+    if stray:
+        raise CheckpointError(f"{model_dir}/{CONFIG_FILE}: group_sizes names {stray[0]}, which is no quantized layer")
     return {
         "layers": layers,
         "quantized_params": params,

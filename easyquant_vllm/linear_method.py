@@ -128,7 +128,14 @@ class EasyQuantLinearMethod(LinearMethodBase):
         self.config = config
         self.prefix = prefix
         self.bits = config.checkpoint.bits
-        self.group_size = config.checkpoint.group_size
+        names = config.checkpoint_names(prefix)
+        sizes = sorted({config.checkpoint.group_size_of(n) for n in names})
+        if len(sizes) > 1:  # the converter gives the shards of one GEMM one group size (quant/allocate.py)
+            raise CheckpointError(
+                f"EasyQuant layer {prefix}: config.json's group_sizes gives its shards {names} different group sizes "
+                f"{sizes}; vLLM runs them as one GEMM, so they must share one"
+            )
+        self.group_size = sizes[0]
         self.suffixes = config.checkpoint.all_suffixes()  # declared (version 3: some are per layer)
         self.required = config.checkpoint.layer_suffixes()
 

@@ -101,6 +101,12 @@ class EasyQuantMoEMethod(FusedMoEMethodBase):
         self.prefix = prefix
         self.bits = config.checkpoint.bits
         self.group_size = config.checkpoint.group_size
+        own = [m for m in config.checkpoint.group_sizes if m.startswith(prefix + ".")]
+        if own:  # the converter's --bits-per-weight leaves routed experts at the checkpoint's group size
+            raise CheckpointError(
+                f"EasyQuant MoE layer {prefix}: config.json's group_sizes gives its expert {own[0]} its own group "
+                "size; the experts of one layer must all have the checkpoint's group_size"
+            )
         self.suffixes = config.checkpoint.all_suffixes()  # declared (version 3: some are per layer)
         self.required = config.checkpoint.layer_suffixes()
         problems = unsupported_options(layer, layer.moe_config)
