@@ -44,6 +44,7 @@ from easyquant_vllm.quant import (
     quantize_group,
     resolve_group_size,
 )
+from easyquant_vllm.quant.allocate import Candidate, allocate, allocation_unit, total_bits
 from easyquant_vllm.safetensors_io import PICKLE_SUFFIXES, ShardedSafetensorsWriter, open_checkpoint, resolve_inside
 
 from .output_dir import DestinationError, absolute, check_destination, commit, staging_directory
@@ -72,6 +73,15 @@ JOINT_COLUMN_SCALE = (("gate_proj", "up_proj"), ("w1", "w3"))
 input and run as one fused GEMM. q/k/v also read one input, but one scale for the three measured worse on SmolLM2
 (docs/results.md, "Shared c for q/k/v"): each gets its own, and the vLLM loader runs each with its own scaled
 input."""
+
+ALLOCATION_LAYOUTS = tuple((g, keep) for g in (32, 64, 128) for keep in (True, False))
+"""``--bits-per-weight``'s candidates per fused module: format version 3 at each group size, with the default outlier
+rule or none (``easyquant_vllm/quant/allocate.py``)."""
+
+ALLOCATION_ROW_STRIDE = 16
+"""``--bits-per-weight`` measures each candidate on every 16th row of a module, or on every ``n // 64``-th of one with
+fewer than 1024 rows (at least 64 rows, all of them below 128): 6 candidates on 1/16 of the rows add about 0.4
+quantizations of the model to the one that writes it."""
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".h5", ".msgpack", *PICKLE_SUFFIXES)
 
@@ -103,6 +113,7 @@ class ConvertOptions:
     lm_head: bool | None = None  # None: where vLLM quantizes the architecture's vocabulary layers (vocab_quantizable)
     lm_head_bits: int = 8
     expert_max_bits: float | None = EXPERT_MAX_BITS  # None: experts take the dense layers' outlier cap
+    bits_per_weight: float | None = None  # a budget for the dense decoder layers: a layout per module (allocate.py)
     device: str = "cpu"
     max_shard_bytes: int = 2 * 1024**3
     overwrite: bool = False
@@ -120,11 +131,18 @@ class Plan:
     lm_head_bits: int = 8  # its code width (``--lm-head-bits``)
     lm_head_note: str = ""  # why the vocabulary matrix stays in the source dtype, where it does
     expert_max_bits: float | None = None  # routed experts' storage budget (EXPERT_MAX_BITS), None for no budget
+    layouts: dict[str, tuple[int, bool]] = field(default_factory=dict)  # tensor -> (group size, outliers kept)
+    layout_seconds: float = 0.0  # the time --bits-per-weight spent choosing them
 
     @property
     def lm_head_summary(self) -> str:
         """What became of the vocabulary matrix, for the report: ``"8-bit lm_head"`` or why it was kept."""
         return self.lm_head_note or f"{self.lm_head_bits}-bit {_module_of(self.lm_head or '')}"
+
+    @property
+    def group_sizes(self) -> dict[str, int]:
+        """The modules whose group size is not the checkpoint's ``group_size`` (config.json's ``group_sizes``)."""
+        return {_module_of(n): g for n, (g, _) in self.layouts.items() if g != self.spec.group_size}
 
     def spec_of(self, name: str, shapes: list[tuple[int, int]] | None = None) -> QuantSpec:
         """The spec tensor ``name`` and the group quantized with it (``[n, k]`` each: ``shapes``) take: the output
@@ -132,6 +150,10 @@ class Plan:
         (:func:`outlier_budget`, the tightest over the group: one spec serves all its members)."""
         if name == self.lm_head:
             return replace(self.spec, bits=self.lm_head_bits)
+        if name in self.layouts:  # --bits-per-weight: this module's group size, and whether it keeps outliers
+            group, keep = self.layouts[name]
+            cap = self.spec.max_outlier_fraction if keep else 0.0
+            return replace(self.spec, group_size=group, max_outlier_fraction=cap)
         if self.expert_max_bits is not None and shapes and EXPERTS.match(_module_of(name)):
             budget = min(outlier_budget(self.spec, n, k, self.expert_max_bits) for n, k in shapes)
             return replace(self.spec, max_outlier_fraction=min(self.spec.max_outlier_fraction, budget))
@@ -151,6 +173,60 @@ def outlier_budget(spec: QuantSpec, n: int, k: int, max_bits: float) -> float:
     pointers = (n + 1) * 32 if spec.format_version == 3 else 0
     spare = math.floor(max_bits * n * k) - round(dense * n * k) - pointers
     return max(spare, 0) // 48 / (n * k)
+
+
+def allocate_layouts(ckpt: Any, plan: Plan, budget: float, device: str = "cpu",
+                     progress: bool = True) -> dict[str, tuple[int, bool]]:  # fmt: skip
+    """``--bits-per-weight budget``: a group size per fused module of the dense decoder layers and whether it keeps
+    outliers (:data:`ALLOCATION_LAYOUTS`), the least total weighted error (``quant/allocate.py``) within ``budget``
+    bits per weight over those layers. Routed experts (``--expert-max-bits``) and the lm_head keep the checkpoint's
+    layout and are not counted. Reads each module once, measures the candidates on every
+    :data:`ALLOCATION_ROW_STRIDE`-th row; raises ConversionError where even the smallest layouts exceed the budget."""
+    units: dict[str, list[str]] = {}
+    for name in plan.quantize:
+        if name != plan.lm_head and not EXPERTS.match(_module_of(name)):
+            units.setdefault(allocation_unit(name), []).append(name)
+    if not units:
+        return {}
+    costs: dict[str, list[Candidate]] = {}
+    weights = 0
+    for unit, names in tqdm(units.items(), desc="easyquant: layouts", unit="module", disable=not progress,
+                            leave=False):  # fmt: skip
+        tensors = {n: ckpt.get(n) for n in names}
+        weights += sum(t.numel() for t in tensors.values())
+        costs[unit] = []
+        for group, keep in ALLOCATION_LAYOUTS:
+            if any(t.shape[1] % group for t in tensors.values()):
+                costs[unit].append(Candidate(math.inf, math.inf))
+                continue
+            cap = plan.spec.max_outlier_fraction if keep else 0.0
+            spec = replace(plan.spec, group_size=group, max_outlier_fraction=cap)
+            bits = error = 0.0
+            for members in column_scale_groups(names, spec.normalize):
+                full = [tensors[m] for m in members]
+                stride = max(1, min(ALLOCATION_ROW_STRIDE, min(t.shape[0] for t in full) // 64))
+                try:
+                    qws = quantize_group([t[::stride].contiguous() for t in full], spec, device=device)
+                except ValueError as e:
+                    raise ConversionError(f"{members[0]} in {ckpt.file_of(members[0]).name}: {e}") from None
+                for t, qw in zip(full, qws, strict=True):
+                    n, k = t.shape
+                    assert qw.stats is not None
+                    nnz = round(qw.outliers.nnz * n / qw.shape[0])
+                    bits += bits_per_weight(n, k, spec.bits, group, nnz, spec.zero_points, qw.col_scale is not None,
+                                            spec.format_version) * n * k  # fmt: skip
+                    error += qw.stats.rel_err**2 * n * k
+            costs[unit].append(Candidate(bits, error))
+        del tensors
+        _release_freed_memory()
+    choice = allocate(costs, budget * weights)
+    stored = total_bits(costs, choice) / weights
+    if stored > budget:
+        raise ConversionError(
+            f"--bits-per-weight {budget:g}: the smallest layout of the dense decoder layers stores {stored:.3f} bits "
+            f"per weight ({ALLOCATION_LAYOUTS[-1][0]}-column groups, no outliers); give at least that"
+        )
+    return {n: ALLOCATION_LAYOUTS[choice[unit]] for unit, names in units.items() for n in names}
 
 
 def _module_of(name: str) -> str:
@@ -268,6 +344,8 @@ def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions, config: dict[str
                 f"which {bits}-bit packing needs; skip it with --skip"
             )
         in_dims.setdefault(k, name)
+    if opts.bits_per_weight is not None:
+        _check_budget_options(opts)
     try:
         group_size = resolve_group_size(set(in_dims), opts.group_size, opts.format_version)
     except ValueError as e:
@@ -284,6 +362,23 @@ def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions, config: dict[str
         head_note,
         opts.expert_max_bits,
     )
+
+
+def _check_budget_options(opts: ConvertOptions) -> None:
+    """``--bits-per-weight`` chooses group sizes itself, in format version 3 only, from a budget above the codes."""
+    b = opts.bits_per_weight
+    if opts.format_version != 3:
+        raise ConversionError(
+            f"--bits-per-weight needs --format-version 3 (a group size per module), not {opts.format_version}"
+        )
+    if opts.group_size != "auto":
+        raise ConversionError(
+            f"--bits-per-weight chooses each module's group size: leave out --group-size {opts.group_size}"
+        )
+    if opts.bits != 4:
+        raise ConversionError("--bits-per-weight chooses between 4-bit layouts: leave out --bits 8")
+    if b is None or not math.isfinite(b) or b <= opts.bits:
+        raise ConversionError(f"--bits-per-weight {b}: must be more than the {opts.bits} bits of the codes themselves")
 
 
 def _vocab_choice(names: list[str], config: dict[str, Any], lm_head: bool | None,
@@ -459,9 +554,13 @@ def convert(
                 return {
                     "quantize": plan.quantize,
                     "not_converted": plan.not_converted,
-                    "group_size": plan.spec.group_size,
+                    "group_size": plan.spec.group_size if opts.bits_per_weight is None else "per module",
                     "lm_head": plan.lm_head_summary,
                 }
+            if opts.bits_per_weight is not None:
+                t0 = time.perf_counter()
+                plan.layouts = allocate_layouts(ckpt, plan, opts.bits_per_weight, opts.device, progress)
+                plan.layout_seconds = time.perf_counter() - t0
             with staging_directory(dst) as staging:
                 report = _write(src, staging.tmp, ckpt, plan, opts, config, side, progress, on_tensor)
                 _validate_output(staging.tmp)
@@ -510,8 +609,9 @@ def _write(
             writer.add(name, tensors[0])
             continue
         t0 = time.perf_counter()
+        layer_spec = plan.spec_of(name, [tuple(t.shape) for t in tensors])
         try:
-            qws = quantize_group(tensors, plan.spec_of(name, [tuple(t.shape) for t in tensors]), device=opts.device)
+            qws = quantize_group(tensors, layer_spec, device=opts.device)
         except ValueError as e:
             raise ConversionError(f"{name} in {ckpt.file_of(name).name}: {e}") from None
         seconds = (time.perf_counter() - t0) / len(members)
@@ -526,7 +626,8 @@ def _write(
                 "outlier_fraction": qw.stats.outlier_fraction,
                 "rel_err_rtn": qw.stats.rel_err_rtn,
                 "rel_err": qw.stats.rel_err,
-                "bits_per_weight": bits_per_weight(n, k, qw.bits, spec.group_size, qw.outliers.nnz,
+                "group_size": layer_spec.group_size,
+                "bits_per_weight": bits_per_weight(n, k, qw.bits, layer_spec.group_size, qw.outliers.nnz,
                                                    spec.zero_points, qw.col_scale is not None, spec.format_version),
                 "column_scale": qw.col_scale is not None,
                 "seconds": seconds,
@@ -539,7 +640,8 @@ def _write(
     total_seconds = time.perf_counter() - start
 
     qcfg = EasyQuantCheckpointConfig.from_spec(spec, plan.not_converted, lm_head=plan.lm_head is not None,
-                                               lm_head_bits=plan.lm_head_bits)  # fmt: skip
+                                               lm_head_bits=plan.lm_head_bits,
+                                               group_sizes=plan.group_sizes)  # fmt: skip
     (out / CONFIG_FILE).write_text(json.dumps({**config, "quantization_config": qcfg.to_dict()}, indent=2) + "\n")
     for name, real in side:  # from the path checked up front, not through the link again
         shutil.copyfile(real, out / name)
@@ -637,10 +739,11 @@ def _report(
             # matrix stays in the source dtype (docs/results.md counts bits this way).
             "bits_per_weight_linears": _weighted_mean(linears, "bits_per_weight") if linears else None,
             "quantize_seconds": quant_seconds,
-            "total_seconds": total_seconds,
+            "layout_seconds": plan.layout_seconds,  # --bits-per-weight's choice of layouts, before the writing
+            "total_seconds": total_seconds + plan.layout_seconds,
             "params_per_second": params / quant_seconds if quant_seconds > 0 else None,
         },
-        "timing_keys": ["seconds", "quantize_seconds", "total_seconds", "params_per_second"],
+        "timing_keys": ["seconds", "quantize_seconds", "layout_seconds", "total_seconds", "params_per_second"],
     }
 
 
@@ -684,12 +787,17 @@ def summary_table(report: dict[str, Any]) -> str:
         extras.append(f"{qc.get('lm_head_bits') or qc['bits']}-bit lm_head")
         if t.get("bits_per_weight_linears") is not None:
             bits = f"{t['bits_per_weight_linears']:.3f} bits/weight ({t['bits_per_weight']:.3f} with the lm_head)"
+    group = f"group {qc['group_size']}"
+    if qc.get("group_sizes"):  # --bits-per-weight: count the layers at each group size
+        sizes = [r["group_size"] for r in report["tensors"]]
+        group = "groups " + " / ".join(f"{g} ({sizes.count(g)} layers)" for g in sorted(set(sizes)))
     lines.append(
-        f"format v{qc['format_version']}, {qc['bits']}-bit, group {qc['group_size']}"
+        f"format v{qc['format_version']}, {qc['bits']}-bit, {group}"
         + "".join(f", {e}" for e in extras)
         + f", method {qc['method']}, {bits}; "
-        f"quantized in {t['quantize_seconds']:.1f} s ({(rate or 0) / 1e6:.1f} M params/s), "
-        f"total {t['total_seconds']:.1f} s"
+        f"quantized in {t['quantize_seconds']:.1f} s ({(rate or 0) / 1e6:.1f} M params/s)"
+        + (f", layouts chosen in {t['layout_seconds']:.1f} s" if t.get("layout_seconds") else "")
+        + f", total {t['total_seconds']:.1f} s"
     )
     if not qc.get("lm_head") and report.get("lm_head"):
         lines.append(f"lm_head {report['lm_head']}")

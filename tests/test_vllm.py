@@ -229,3 +229,30 @@ def test_vllm_unknown_format_version_is_clear(llama_eq: Path, tmp_path: Path) ->
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(Exception, match="format_version = 99 is not supported"):
         vllm_generate(bad, PROMPTS[:1])
+
+
+@pytest.fixture(scope="module")
+def llama_eq_mixed(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``--bits-per-weight``: modules of one model at different group sizes (config.json's ``group_sizes``)."""
+    dst = tmp_path_factory.mktemp("llama-mixed") / "eq"
+    convert(tiny_llama, dst, ConvertOptions(bits_per_weight=4.4), progress=False)
+    return dst
+
+
+def test_vllm_group_size_per_module_matches_hf_reference(llama_eq_mixed: Path) -> None:
+    cfg = read_quantization_config(llama_eq_mixed)
+    with open_checkpoint(llama_eq_mixed) as ckpt:
+        sizes = {cfg.group_size_of(prefix) for prefix, _ in quantized_layers(ckpt, cfg) if not is_vocab_module(prefix)}
+    assert len(sizes) > 1  # a mixed checkpoint, or this test would prove nothing
+    _check_against_hf(llama_eq_mixed, "easyquant", atol=1e-4)
+
+
+def test_vllm_fused_shards_with_different_group_sizes_are_refused(llama_eq_mixed: Path, tmp_path: Path) -> None:
+    bad = _broken(llama_eq_mixed, tmp_path / "bad", lambda t: None)
+    cfg = json.loads((bad / "config.json").read_text())
+    sizes = cfg["quantization_config"]["group_sizes"]
+    q = "model.layers.0.self_attn.q_proj"
+    sizes[q] = 128 if sizes.get(q, 32) != 128 else 64  # q no longer shares k's and v's group size
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception, match=r"qkv_proj: config\.json's group_sizes gives its shards .* must share one"):
+        vllm_generate(bad, PROMPTS[:1])

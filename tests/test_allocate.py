@@ -1,0 +1,203 @@
+"""``--bits-per-weight``: a group size per fused module within a budget (quant/allocate.py), in the converter, the
+format (config.json's ``group_sizes``) and the reference."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from converters.convert import ConversionError, ConvertOptions, convert
+from converters.tiny_model import build_tiny_model
+from easyquant_vllm.format import CheckpointError, EasyQuantCheckpointConfig, validate_checkpoint
+from easyquant_vllm.quant import QuantSpec, quantize_group
+from easyquant_vllm.quant.allocate import Candidate, allocate, allocation_unit, total_bits
+from easyquant_vllm.reference import dequantized_state_dict
+from tests.test_format_v3 import gguf_like
+
+# --- the knapsack --------------------------------------------------------------------------------------------------
+
+
+def test_allocation_unit_is_the_fused_gemm() -> None:
+    assert allocation_unit("model.layers.3.self_attn.k_proj.weight") == "model.layers.3.self_attn.qkv_proj.weight"
+    assert allocation_unit("model.layers.3.mlp.up_proj") == "model.layers.3.mlp.gate_up_proj"
+    assert allocation_unit("model.layers.3.mlp.down_proj.weight") == "model.layers.3.mlp.down_proj.weight"
+    assert allocation_unit("model.layers.3.self_attn.o_proj.weight") == "model.layers.3.self_attn.o_proj.weight"
+
+
+def _random_costs(rng: random.Random, units: int, options: int) -> dict[str, list[Candidate]]:
+    """Candidates as real layouts behave: more bits, less error, at diminishing returns; sizes differ per unit."""
+    costs = {}
+    for u in range(units):
+        size, err = rng.uniform(1, 10), rng.uniform(0.5, 2)
+        bits = sorted(rng.uniform(4.1, 4.6) for _ in range(options))
+        costs[f"u{u}"] = [Candidate(b * size, err * size * 2 ** (-8 * (b - 4.1))) for b in bits]
+    return costs
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocate_fits_the_budget_and_beats_every_uniform_layout(seed: int) -> None:
+    rng = random.Random(seed)
+    costs = _random_costs(rng, units=12, options=4)
+    lo, hi = (sum(c[i].bits for c in costs.values()) for i in (0, -1))
+    budget = rng.uniform(lo, hi)
+    choice = allocate(costs, budget)
+    used = total_bits(costs, choice)
+    error = sum(costs[u][i].error for u, i in choice.items())
+    assert used <= budget
+    for i in range(4):  # one layout for every unit, where it fits
+        if sum(c[i].bits for c in costs.values()) <= budget:
+            assert error <= sum(c[i].error for c in costs.values()) + 1e-12
+    for u, i in choice.items():  # no single upgrade that fits is left
+        for c in costs[u]:
+            assert not (c.error < costs[u][i].error and used - costs[u][i].bits + c.bits <= budget)
+
+
+def test_allocate_matches_brute_force_on_a_small_case() -> None:
+    rng = random.Random(7)
+    costs = _random_costs(rng, units=4, options=3)
+    budget = sum(c[1].bits for c in costs.values())
+    best = min(
+        (sum(costs[u][i].error for u, i in zip(costs, pick, strict=True)), pick)
+        for pick in itertools.product(range(3), repeat=4)
+        if sum(costs[u][i].bits for u, i in zip(costs, pick, strict=True)) <= budget
+    )
+    choice = allocate(costs, budget)
+    assert sum(costs[u][i].error for u, i in choice.items()) <= best[0] * 1.02  # Lagrange + greedy: near optimal
+
+
+def test_allocate_past_the_smallest_layout_returns_it_and_skips_impossible_ones() -> None:
+    costs = {"a": [Candidate(10, 1.0), Candidate(8, 2.0)], "b": [Candidate(float("inf"), float("inf")),
+                                                               Candidate(5, 1.0)]}  # fmt: skip
+    assert allocate(costs, 1.0) == {"a": 1, "b": 1}
+    assert allocate(costs, 15.0) == {"a": 0, "b": 1}
+
+
+# --- the converter -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grid_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with layer 0's gate/up on a 4-bit grid per block of 32 (as a GGUF's Q4_1 dequantizes): groups
+    of 32 recover it almost exactly, every other layer is Gaussian."""
+    src = build_tiny_model(tmp_path_factory.mktemp("grid") / "src")
+    path = src / "model.safetensors"
+    sd = load_file(path)
+    for i, name in enumerate(("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight")):
+        sd[name] = gguf_like(*sd[name].shape, seed=i)
+    save_file(sd, path, metadata={"format": "pt"})
+    return src
+
+
+def _convert(src: Path, dst: Path, budget: float) -> dict:  # type: ignore[type-arg]
+    return convert(src, dst, ConvertOptions(bits_per_weight=budget), progress=False)
+
+
+def _weighted_error(report: dict) -> float:  # type: ignore[type-arg]
+    """The allocation's objective over a checkpoint: relative squared error times weights, summed."""
+    return sum(r["rel_err"] ** 2 * r["shape"][0] * r["shape"][1] for r in report["tensors"] if "layers" in r["name"])
+
+
+def test_bits_per_weight_spends_the_budget_where_it_removes_most_error(grid_llama: Path, tmp_path: Path) -> None:
+    uniform = convert(grid_llama, tmp_path / "g64", ConvertOptions(group_size=64), progress=False)
+    at_g64 = uniform["totals"]["bits_per_weight_linears"]  # the budget of "large": groups of 64 everywhere
+    small, large = _convert(grid_llama, tmp_path / "small", 4.3), _convert(grid_llama, tmp_path / "large", at_g64)
+    for dst, report, budget in ((tmp_path / "small", small, 4.3), (tmp_path / "large", large, at_g64)):
+        assert report["totals"]["bits_per_weight_linears"] <= budget  # the tiny model's rows are all measured
+        qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+        cfg = EasyQuantCheckpointConfig.from_dict(qc)
+        assert cfg.group_size == 32 and cfg.group_sizes  # a mixed checkpoint: some modules differ
+        for layer in (0, 1):  # the shards of one GEMM share one group size
+            p = f"model.layers.{layer}"
+            assert len({cfg.group_size_of(f"{p}.self_attn.{m}_proj") for m in "qkv"}) == 1
+            assert cfg.group_size_of(f"{p}.mlp.gate_proj") == cfg.group_size_of(f"{p}.mlp.up_proj")
+        assert all(r["group_size"] == cfg.group_size_of(r["name"]) for r in report["tensors"] if "layers" in r["name"])
+        assert validate_checkpoint(dst)["layers"] == len(report["tensors"])
+    # Within the same bits as groups of 64 everywhere, less error than that; more bits, less error.
+    assert _weighted_error(large) < _weighted_error(uniform)
+    assert _weighted_error(large) < _weighted_error(small)
+
+
+def test_bits_per_weight_checkpoint_is_what_each_layer_spec_gives(grid_llama: Path, tmp_path: Path) -> None:
+    """The reference reads every layer at its own group size, and W' is the quantizer's for that layout."""
+    dst = tmp_path / "eq"
+    _convert(grid_llama, dst, 4.4)
+    cfg = EasyQuantCheckpointConfig.from_dict(json.loads((dst / "config.json").read_text())["quantization_config"])
+    module = next(m for m in cfg.group_sizes if m.endswith("o_proj"))
+    w = load_file(grid_llama / "model.safetensors")[f"{module}.weight"]
+    report = {r["name"]: r for r in json.loads((dst / "easyquant_report.json").read_text())["tensors"]}
+    spec = QuantSpec.for_version(3, group_size=cfg.group_sizes[module])
+    if report[module]["outlier_fraction"] == 0:
+        spec = QuantSpec.for_version(3, group_size=cfg.group_sizes[module], max_outlier_fraction=0.0)
+    expected = quantize_group([w], spec)[0].dequantize()
+    torch.testing.assert_close(dequantized_state_dict(dst)[f"{module}.weight"], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("opts", "message"),
+    [
+        (ConvertOptions(bits_per_weight=4.4, format_version=2), "needs --format-version 3"),
+        (ConvertOptions(bits_per_weight=4.4, group_size=64), "leave out --group-size 64"),
+        (ConvertOptions(bits_per_weight=8.5, bits=8), "leave out --bits 8"),
+        (ConvertOptions(bits_per_weight=4.0), "more than the 4 bits"),
+        (ConvertOptions(bits_per_weight=float("nan")), "more than the 4 bits"),
+        (ConvertOptions(bits_per_weight=4.05), r"smallest layout .* stores 4\.\d+ bits per weight"),
+    ],
+)
+def test_bits_per_weight_bad_options_are_clear(tiny_llama: Path, tmp_path: Path, opts: ConvertOptions,
+                                                message: str) -> None:  # fmt: skip
+    with pytest.raises(ConversionError, match=message):
+        convert(tiny_llama, tmp_path / "eq", opts, progress=False)
+    assert not (tmp_path / "eq").exists()
+
+
+# --- the format ----------------------------------------------------------------------------------------------------
+
+
+def test_group_sizes_roundtrip_and_old_checkpoints_read_unchanged() -> None:
+    base = EasyQuantCheckpointConfig().to_dict()
+    assert "group_sizes" not in base  # one group size: the config reads as before the key
+    cfg = EasyQuantCheckpointConfig.from_dict({**base, "group_sizes": {"model.layers.0.mlp.down_proj": 128}})
+    assert cfg.group_size_of("model.layers.0.mlp.down_proj") == 128
+    assert cfg.group_size_of("model.layers.0.mlp.up_proj") == cfg.group_size
+    assert EasyQuantCheckpointConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"group_sizes": [64]}, "group_sizes.* must be a JSON object"),
+        ({"group_sizes": {"m": 48}}, "gives m the group size 48"),
+        ({"group_sizes": {"m": -1}}, "gives m the group size -1"),
+        ({"group_sizes": {"m": "64"}}, "gives m the group size '64'"),
+        ({"group_sizes": {"m": 64}, "format_version": 2, "zero_points": True}, "needs format_version 3"),
+    ],
+)
+def test_group_sizes_bad_values_name_the_key(edit: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(CheckpointError, match=message):
+        EasyQuantCheckpointConfig.from_dict({**EasyQuantCheckpointConfig().to_dict(), **edit}, "x/config.json")
+
+
+def _edit_config(dst: Path, **changes: object) -> None:
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"].update(changes)
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+def test_validate_names_a_stray_or_wrong_group_size(grid_llama: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "eq"
+    _convert(grid_llama, dst, 4.4)
+    sizes = json.loads((dst / "config.json").read_text())["quantization_config"]["group_sizes"]
+    _edit_config(dst, group_sizes={**sizes, "model.layers.9.mlp.down_proj": 64})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.9\.mlp\.down_proj, which is no quantized layer"):
+        validate_checkpoint(dst)
+    module = next(iter(sizes))
+    _edit_config(dst, group_sizes={m: g for m, g in sizes.items() if m != module})  # read at the default 32
+    with pytest.raises(CheckpointError, match=re.escape(module)):
+        validate_checkpoint(dst)
