@@ -117,12 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--bits-per-weight", type=float, default=None, metavar="B",
-        help="a size budget: the dense decoder layers store at most B bits per weight on average (estimated on a "
-        "sample of rows; the summary prints what was written). Each fused "
+        help="a size budget: the quantized layers but routed experts and the lm_head store at most B bits per weight "
+        "on average (estimated on a sample of rows; the summary prints what was written). Each fused "
         "module (qkv, gate/up, o, down) gets its own group size (32, 64 or 128) and keeps or drops its outliers, "
         "chosen data-free from the weights' own errors (relative squared error, every weight alike); config.json "
         "lists the modules that differ under group_sizes. Version 3 only; routed experts (--expert-max-bits) and "
-        "the lm_head keep their layout and are not counted. On Gemma-3-270M at format version 2's 4.34 bits it "
+        "the lm_head keep their layout. Groups of 128 need K / (tensor-parallel size) to be a multiple of 128. "
+        "On Gemma-3-270M at format version 2's 4.34 bits it "
         "has 0.67x / 0.74x SINQ's KL divergence on text / chat, where groups of 128 everywhere have 0.83x / 0.89x "
         "(docs/results.md). Default: off, every module in groups of 32 (4.52-4.65 bits, the most faithful)",
     )  # fmt: skip

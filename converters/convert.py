@@ -44,7 +44,7 @@ from easyquant_vllm.quant import (
     quantize_group,
     resolve_group_size,
 )
-from easyquant_vllm.quant.allocate import Candidate, allocate, allocation_unit, total_bits
+from easyquant_vllm.quant.allocate import Candidate, allocate, total_bits
 from easyquant_vllm.safetensors_io import PICKLE_SUFFIXES, ShardedSafetensorsWriter, open_checkpoint, resolve_inside
 
 from .output_dir import DestinationError, absolute, check_destination, commit, staging_directory
@@ -175,12 +175,21 @@ def outlier_budget(spec: QuantSpec, n: int, k: int, max_bits: float) -> float:
     return max(spare, 0) // 48 / (n * k)
 
 
+def allocation_unit(name: str) -> str:
+    """The fused module a layer runs in under vLLM (:data:`FUSED_SIBLINGS`), e.g.
+    ``model.layers.0.self_attn.k_proj.weight`` -> ``model.layers.0.self_attn.q_proj+k_proj+v_proj``; any other layer
+    is its own module. ``--bits-per-weight`` gives the layers of one fused module one layout."""
+    parent, _, leaf = _module_of(name).rpartition(".")
+    family = next((f for f in FUSED_SIBLINGS if leaf in f), (leaf,))
+    return f"{parent}.{'+'.join(family)}"
+
+
 def allocate_layouts(ckpt: Any, plan: Plan, budget: float, device: str = "cpu",
                      progress: bool = True) -> dict[str, tuple[int, bool]]:  # fmt: skip
-    """``--bits-per-weight budget``: a group size per fused module of the dense decoder layers and whether it keeps
+    """``--bits-per-weight budget``: a group size per fused module (:func:`allocation_unit`) and whether it keeps
     outliers (:data:`ALLOCATION_LAYOUTS`), the least total weighted error (``quant/allocate.py``) within ``budget``
-    bits per weight over those layers. Routed experts (``--expert-max-bits``) and the lm_head keep the checkpoint's
-    layout and are not counted. Reads each module once, measures the candidates on every
+    bits per weight over every quantized layer but the routed experts (``--expert-max-bits``) and the lm_head, which
+    keep the checkpoint's layout and are not counted. Reads each module once, measures the candidates on every
     :data:`ALLOCATION_ROW_STRIDE`-th row; raises ConversionError where even the smallest layouts exceed the budget."""
     units: dict[str, list[str]] = {}
     for name in plan.quantize:
@@ -221,10 +230,10 @@ def allocate_layouts(ckpt: Any, plan: Plan, budget: float, device: str = "cpu",
         _release_freed_memory()
     choice = allocate(costs, budget * weights)
     stored = total_bits(costs, choice) / weights
-    if stored > budget:
+    if stored > budget * (1 + 1e-12):
         raise ConversionError(
-            f"--bits-per-weight {budget:g}: the smallest layout of the dense decoder layers stores {stored:.3f} bits "
-            f"per weight ({ALLOCATION_LAYOUTS[-1][0]}-column groups, no outliers); give at least that"
+            f"--bits-per-weight {budget:g}: the smallest layouts (no outliers, the largest group size each layer's "
+            f"input dim allows) store {stored:.3f} bits per weight; give at least that"
         )
     return {n: ALLOCATION_LAYOUTS[choice[unit]] for unit, names in units.items() for n in names}
 

@@ -84,8 +84,9 @@ def tensor_dtype(suffix: str, version: int) -> torch.dtype:
     return torch.uint8 if version == 3 and suffix == SCALES else TENSOR_DTYPES[suffix]
 
 
-FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-"""Linear layers vLLM loads into one fused module (one input). Their column scales may differ (docs/format.md)."""
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"))
+"""Linear layers vLLM loads into one fused module (one input; the last: DeepSeek-V2/V3's ``fused_qkv_a_proj``). Their
+column scales may differ (docs/format.md); the converter gives them one group size (``--bits-per-weight``)."""
 
 
 class CheckpointError(ValueError):

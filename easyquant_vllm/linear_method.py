@@ -128,14 +128,11 @@ class EasyQuantLinearMethod(LinearMethodBase):
         self.config = config
         self.prefix = prefix
         self.bits = config.checkpoint.bits
-        names = config.checkpoint_names(prefix)
-        sizes = sorted({config.checkpoint.group_size_of(n) for n in names})
-        if len(sizes) > 1:  # the converter gives the shards of one GEMM one group size (quant/allocate.py)
-            raise CheckpointError(
-                f"EasyQuant layer {prefix}: config.json's group_sizes gives its shards {names} different group sizes "
-                f"{sizes}; vLLM runs them as one GEMM, so they must share one"
-            )
-        self.group_size = sizes[0]
+        # Per checkpoint module (config.json's group_sizes): the fused layer itself where the checkpoint stores it
+        # whole, else each shard's. Shards at different sizes run as separate GEMMs (_runs).
+        ckpt = config.checkpoint
+        self.group_sizes = [ckpt.group_size_of(n) for n in [prefix, *config.checkpoint_names(prefix)]]
+        self.group_size = max(self.group_sizes)  # the one tensor parallelism must divide by
         self.suffixes = config.checkpoint.all_suffixes()  # declared (version 3: some are per layer)
         self.required = config.checkpoint.layer_suffixes()
 
@@ -167,8 +164,8 @@ class EasyQuantLinearMethod(LinearMethodBase):
             raise ValueError(
                 f"EasyQuant layer {self.prefix}: its input dim {input_size} split over {row_tp} tensor-parallel "
                 f"ranks gives {k_part} columns per rank, which must be a multiple of {pf} and of the "
-                f"checkpoint's group size {self.group_size}. Use a smaller tensor-parallel size, or convert "
-                "with a group size that divides it"
+                f"layer's group size {self.group_size}. Use a smaller tensor-parallel size, or convert "
+                "with a group size that divides it (with --bits-per-weight: a larger budget)"
             )
         names = self.config.checkpoint_names(self.prefix)
         state = LayerState(
@@ -222,8 +219,8 @@ class EasyQuantLinearMethod(LinearMethodBase):
                     f"EasyQuant layer {state.prefix}: checkpoint has no {[tensor_name(plan.name, s) for s in missing]}"
                 )
             named = {tensor_name(plan.name, s): t.to("cpu") for s, t in tensors.items()}
-            qw = quantized_weight_from_tensors(plan.name, named, self.bits, self.group_size, ckpt.zero_points,
-                                               ckpt.column_scale, ckpt.format_version)  # fmt: skip
+            qw = quantized_weight_from_tensors(plan.name, named, self.bits, ckpt.group_size_of(plan.name),
+                                               ckpt.zero_points, ckpt.column_scale, ckpt.format_version)  # fmt: skip
             n, k = qw.shape
             if n != plan.full_rows or k != state.k_full:
                 raise CheckpointError(
@@ -244,7 +241,7 @@ class EasyQuantLinearMethod(LinearMethodBase):
         repack them and register its tensors as the layer's buffers; drop the canonical parameters."""
         state: LayerState = layer.easyquant
         device = layer.qweight.device
-        runs = _runs_by_column_scale(parts)
+        runs = _runs(parts)
         total = sum(p.shape[0] for p in parts)
         spec = self._spec(total, state, parts[0])
         kernel_cls, reasons = choose_kernel(spec, device, state.prefix, self.force_where_possible)
@@ -314,14 +311,19 @@ class EasyQuantLinearMethod(LinearMethodBase):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
-def _runs_by_column_scale(parts: list[Any]) -> list[list[Any]]:
-    """Consecutive shards grouped by their column scale: one GEMM (one scaled input) per group."""
+def _runs(parts: list[Any]) -> list[list[Any]]:
+    """Consecutive shards grouped by their column scale and group size: one GEMM (one scaled input, one layout) per
+    group."""
     runs: list[list[Any]] = []
     for p in parts:
         prev = runs[-1][-1] if runs else None
-        same = prev is not None and (
-            (p.col_scale is None and prev.col_scale is None)
-            or (p.col_scale is not None and prev.col_scale is not None and torch.equal(p.col_scale, prev.col_scale))
+        same = (
+            prev is not None
+            and p.group_size == prev.group_size
+            and (
+                (p.col_scale is None and prev.col_scale is None)
+                or (p.col_scale is not None and prev.col_scale is not None and torch.equal(p.col_scale, prev.col_scale))
+            )
         )
         if same:
             runs[-1].append(p)

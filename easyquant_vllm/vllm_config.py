@@ -7,6 +7,7 @@ Imported (and thereby registered under the name "easyquant") by :func:`easyquant
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,13 @@ class EasyQuantConfig(QuantizationConfig):
     def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
         """Models whose vLLM module names differ from the checkpoint's rename our skip list too."""
         self.modules_to_not_convert = set(hf_to_vllm_mapper.apply_list(sorted(self.modules_to_not_convert)))
+        if self.checkpoint.group_sizes:  # looked up by the vLLM module name too
+            renamed = {}
+            for name, g in self.checkpoint.group_sizes.items():
+                mapped = hf_to_vllm_mapper.apply_list([name])
+                if mapped:
+                    renamed[mapped[0]] = g
+            self.checkpoint = replace(self.checkpoint, group_sizes=renamed)
 
     def checkpoint_names(self, prefix: str) -> list[str]:
         """Checkpoint module names behind a vLLM layer: ``...qkv_proj`` -> ``...q_proj, ...k_proj, ...v_proj``."""

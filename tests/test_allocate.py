@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from converters.convert import ConversionError, ConvertOptions, convert
+from converters.convert import ConversionError, ConvertOptions, allocation_unit, convert
 from converters.tiny_model import build_tiny_model
 from easyquant_vllm.format import CheckpointError, EasyQuantCheckpointConfig, validate_checkpoint
 from easyquant_vllm.quant import QuantSpec, quantize_group
-from easyquant_vllm.quant.allocate import Candidate, allocate, allocation_unit, total_bits
+from easyquant_vllm.quant.allocate import Candidate, allocate, total_bits
 from easyquant_vllm.reference import dequantized_state_dict
 from tests.test_format_v3 import gguf_like
 
@@ -25,10 +25,14 @@ from tests.test_format_v3 import gguf_like
 
 
 def test_allocation_unit_is_the_fused_gemm() -> None:
-    assert allocation_unit("model.layers.3.self_attn.k_proj.weight") == "model.layers.3.self_attn.qkv_proj.weight"
-    assert allocation_unit("model.layers.3.mlp.up_proj") == "model.layers.3.mlp.gate_up_proj"
-    assert allocation_unit("model.layers.3.mlp.down_proj.weight") == "model.layers.3.mlp.down_proj.weight"
-    assert allocation_unit("model.layers.3.self_attn.o_proj.weight") == "model.layers.3.self_attn.o_proj.weight"
+    qkv = "model.layers.3.self_attn.q_proj+k_proj+v_proj"
+    assert {allocation_unit(f"model.layers.3.self_attn.{m}_proj.weight") for m in "qkv"} == {qkv}
+    assert allocation_unit("model.layers.3.mlp.up_proj.weight") == "model.layers.3.mlp.gate_proj+up_proj"
+    shared, mla = "mlp.shared_expert.up_proj.weight", "self_attn.kv_a_proj_with_mqa.weight"
+    assert allocation_unit(f"model.layers.3.{shared}").endswith("shared_expert.gate_proj+up_proj")
+    assert allocation_unit(f"model.layers.3.{mla}").endswith("q_a_proj+kv_a_proj_with_mqa")
+    assert allocation_unit("model.layers.3.mlp.down_proj.weight") == "model.layers.3.mlp.down_proj"
+    assert allocation_unit("model.layers.3.self_attn.qkv_proj.weight") == "model.layers.3.self_attn.qkv_proj"
 
 
 def _random_costs(rng: random.Random, units: int, options: int) -> dict[str, list[Candidate]]:

@@ -1,13 +1,14 @@
 """A group size (and whether to keep outliers) per fused module, within a bit budget: data-free, from the weights' own
-error (``easyquant-convert --bits-per-weight``).
+error (``easyquant-convert --bits-per-weight``; the converter measures the candidates).
 
 Each fused module (vLLM's ``qkv_proj`` from q/k/v, ``gate_up_proj`` from gate/up, ``o_proj``, ``down_proj``: the
-shards of one GEMM share one group size) has a few candidate layouts: format version 3 at groups of 32, 64 or 128
-columns, with the default outlier rule or with none. A candidate costs the bits it stores and the relative squared
-error ``||W - W'||^2 / ||W||^2`` of each layer times its number of weights: every weight counts alike, the
-data-free reading of HIGGS's linearity theorem (the model's loss grows with the sum of per-layer relative errors,
-each with its own coefficient; without data the coefficients are the layers' sizes). Counting every layer alike
-instead (one coefficient each) measured worse on Gemma-3's development split (docs/results.md).
+shards of one GEMM share one group size, or the loader runs them as separate GEMMs) has a few candidate layouts:
+format version 3 at groups of 32, 64 or 128 columns, with the default outlier rule or with none. A candidate costs
+the bits it stores and the relative squared error ``||W - W'||^2 / ||W||^2`` of each layer times its number of
+weights: every weight counts alike, the data-free reading of HIGGS's linearity theorem (the model's loss grows with
+the sum of per-layer relative errors, each with its own coefficient; without data the coefficients are the layers'
+sizes). Counting every layer alike instead (one coefficient each) measured worse on Gemma-3's development split
+(docs/results.md, "A group size per module").
 
 The choice is a multiple-choice knapsack. A Lagrange multiplier solves it up to one step of the convex hull: each
 module takes the candidate minimizing ``error + lam * bits``, with the smallest ``lam`` that meets the budget; then
@@ -16,22 +17,9 @@ the slack left below the budget goes, greedily, to the upgrades that remove the 
 
 from __future__ import annotations
 
-import re
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-_FUSED = (
-    (re.compile(r"\.(q|k|v)_proj(?=\.|$)"), ".qkv_proj"),
-    (re.compile(r"\.(gate|up)_proj(?=\.|$)"), ".gate_up_proj"),
-)
-
-
-def allocation_unit(name: str) -> str:
-    """The module a layer runs in as one GEMM under vLLM, e.g. ``model.layers.0.self_attn.k_proj.weight`` ->
-    ``model.layers.0.self_attn.qkv_proj.weight``: its shards must share one group size."""
-    for pattern, fused in _FUSED:
-        name = pattern.sub(fused, name)
-    return name
 
 
 @dataclass(frozen=True)
@@ -51,8 +39,7 @@ def allocate(costs: Mapping[str, Sequence[Candidate]], budget_bits: float) -> di
     """
 
     def pick(lam: float) -> dict[str, int]:
-        return {u: min(range(len(c)), key=lambda i: (c[i].error + lam * c[i].bits, c[i].bits))
-                for u, c in costs.items()}  # fmt: skip
+        return {u: min(range(len(c)), key=lambda i: (cost(c[i], lam), c[i].bits)) for u, c in costs.items()}
 
     lo, hi = 0.0, 1.0
     while total_bits(costs, pick(hi)) > budget_bits and hi < 1e300:
@@ -79,6 +66,11 @@ def allocate(costs: Mapping[str, Sequence[Candidate]], budget_bits: float) -> di
         if best is None:
             return choice
         choice[best[0]] = best[1]
+
+
+def cost(c: Candidate, lam: float) -> float:
+    """The Lagrangian of one candidate; infinite for one its module cannot take (``inf * 0`` would be NaN)."""
+    return math.inf if math.isinf(c.error) or math.isinf(c.bits) else c.error + lam * c.bits
 
 
 def total_bits(costs: Mapping[str, Sequence[Candidate]], choice: Mapping[str, int]) -> float:
