@@ -24,7 +24,10 @@ sizes each model allows (Qwen2.5-Coder: 32, 64 and 128; its float32 forward is s
 computes them; ``--sweep`` adds variants (outlier cap, range search) for choosing defaults on ``--split dev``;
 ``--rotation`` adds version 3 after a randomized Hadamard rotation of the columns in blocks of the group size
 (incoherence processing, ``bench/quality.py: rotate``), with outliers picked after or before the rotation and
-without outliers, beside version 3 without outliers; "+ int8 lm_head" / "+ int4 lm_head"
+without outliers, beside version 3 without outliers; ``--allocate`` adds version 3 with a layout per fused module
+(group size 32/64/128, outliers or none) within version 2's bits for the model (``bench/allocation.py``, the
+converter's ``--bits-per-weight`` measured on every row), counting every weight alike (the converter's rule) or every
+layer alike, and with outliers kept everywhere; "+ int8 lm_head" / "+ int4 lm_head"
 are the default with the output projection quantized too (``easyquant-convert --lm-head``, 8 bits by default, and
 ``--lm-head-bits 4``), their bits counted over the vocabulary matrix as well. EasyQuant rows use each layer's
 reference W'. Bits per weight as ``bench/quality.py`` counts them (EasyQuant: the bytes the checkpoint stores).
@@ -179,7 +182,8 @@ def score(model: Any, corpus: Corpus) -> dict[str, dict[str, float]]:
     return {"text": text.summary(), "chat": chat.summary()}
 
 
-def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, sweep: bool, rotation: bool = False) -> list[Row]:
+def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, sweep: bool, rotation: bool = False,
+             allocate: bool = False) -> list[Row]:  # fmt: skip
     g, groups = info.group, info.groups
     rows = [Row(f"RTN g{gs}", "rtn", gs, tags={"peer": "rtn"}) for gs in groups]
     if have_hqq:
@@ -217,6 +221,12 @@ def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, sweep: bool, rota
             Row(f"v2 g{g} 8 Sinkhorn iterations", "eq", g, eq_spec(2, g, sinkhorn_iters=8),
                 tags={"sweep": "sinkhorn 8"}),
         ]  # fmt: skip
+    if allocate:
+        for outliers, per_weight in ((False, False), (True, False), (True, True)):
+            label = "v3 mixed g32-128 within v2's bits" + ("" if outliers else ", outliers everywhere")
+            label += ", every weight alike" if per_weight else ""
+            how = {"groups": [32, 64, 128], "outliers": outliers, "budget_v2_group": g, "per_weight": per_weight}
+            rows.append(Row(label, "eq", 32, eq_spec(3, 32), tags={"allocate": how}))
     if rotation:
         for g3 in info.v3_groups:
             if not (sweep and g3 == default_group(info, 3)):  # the sweep has this row already
@@ -259,7 +269,7 @@ def run_model(info: ModelInfo, args: argparse.Namespace, have_hqq: bool, have_si
           f"answer tokens), {args.split}; base pass {time.perf_counter() - t0:.0f} s; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.machine()}", flush=True)  # fmt: skip
     rows = []
-    for row in rows_for(info, have_hqq, have_sinq, args.sweep, args.rotation):
+    for row in rows_for(info, have_hqq, have_sinq, args.sweep, args.rotation, args.allocate):
         if args.rows and not re.search(args.rows, row.label):
             continue
         t0 = time.perf_counter()
@@ -396,6 +406,12 @@ def main() -> None:
         action="store_true",
         help="version 3 with a randomized Hadamard rotation of the columns in blocks of the group size, "
         "with and without outliers, against no rotation (issue 19's incoherence experiment)",
+    )
+    p.add_argument(
+        "--allocate",
+        action="store_true",
+        help="version 3 with a group size per fused module, chosen from the weights' errors within version 2's "
+        "bits (bench/allocation.py)",
     )
     p.add_argument("--rows", metavar="REGEX", help="only the rows whose label matches (e.g. 'default|lm_head')")
     p.add_argument("--vllm-check", action="store_true", help="score the default checkpoint through vLLM too")

@@ -357,6 +357,36 @@ def rotated_dequant(
     return out, bits, nnz
 
 
+def allocated_dequant(params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor],
+                      how: dict[str, Any]) -> tuple[int, int, int]:  # fmt: skip
+    """Put W' of a mixed-group-size allocation into the model (``bench/allocation.py``): ``how["groups"]`` the
+    version-3 group sizes, ``how["outliers"]`` whether each is also tried without outliers, the budget the stored
+    bits of version 2 at group ``how["budget_v2_group"]`` (its default for the model). Bits, weights, outliers."""
+    from bench.allocation import allocate, allocation_unit, measure
+
+    specs = [eq_spec(3, g, **over) for g in how["groups"]
+             for over in ([{}, {"max_outlier_fraction": 0.0}] if how["outliers"] else [{}])]  # fmt: skip
+    v2 = eq_spec(2, how["budget_v2_group"])
+    budget = sum(stored_bits(qw) for group in eq_groups(list(originals), v2)
+                 for qw in quantize_group([originals[n] for n in group], v2, with_stats=False))  # fmt: skip
+    costs = measure(originals, specs, eq_groups, stored_bits, how.get("per_weight", False))
+    choice = allocate(costs, budget)
+    bits = total = nnz = 0
+    for i, spec in enumerate(specs):
+        mine = [n for n in originals if choice[allocation_unit(n)] == i]
+        for group in eq_groups(mine, spec):
+            for name, qw in zip(group, quantize_group([originals[n] for n in group], spec, with_stats=False),
+                                strict=True):  # fmt: skip
+                params[name].data.copy_(qw.dequantize())
+                bits, nnz, total = bits + stored_bits(qw), nnz + qw.outliers.nnz, total + qw.shape[0] * qw.shape[1]
+    counts = {f"g{s.group_size}" + ("" if s.max_outlier_fraction else " no outliers"): 0 for s in specs}
+    for i in choice.values():
+        s = specs[i]
+        counts[f"g{s.group_size}" + ("" if s.max_outlier_fraction else " no outliers")] += 1
+    print(f"    allocation within {budget / total:.3f} bits: {counts}", flush=True)
+    return bits, total, nnz
+
+
 def apply_row(params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor], row: Row,
               vocab: Collection[str] = ()) -> dict[str, float]:  # fmt: skip
     """Put W' of every quantized layer into the model; bits per weight and quantization seconds. ``vocab``: the
@@ -364,7 +394,9 @@ def apply_row(params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor
     converter's ``--lm-head-bits``)."""
     bits = total = nnz = 0
     t0 = time.perf_counter()
-    if row.kind in ("rtn", "eq"):
+    if "allocate" in row.tags:  # mixed group sizes within a budget (bench/allocation.py)
+        bits, total, nnz = allocated_dequant(params, originals, row.tags["allocate"])
+    elif row.kind in ("rtn", "eq"):
         spec = rtn_spec(row.group) if row.kind == "rtn" else row.spec
         assert spec is not None
         for group in eq_groups(list(originals), spec):

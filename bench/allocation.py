@@ -1,0 +1,46 @@
+"""Mixed group sizes within a bit budget, measured on every row (issue 19's experiment behind ``--bits-per-weight``).
+
+The choice is the converter's (``easyquant_vllm/quant/allocate.py``: a layout per fused module, the least relative
+squared error within the budget); the converter measures each candidate on a sample of rows, this bench on all of
+them, and ``per_weight=False`` tries the other weighting (every layer alike instead of every weight alike).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import torch
+
+from converters.convert import allocation_unit
+from easyquant_vllm.quant import QuantizedWeight, QuantSpec, quantize_group
+from easyquant_vllm.quant.allocate import Candidate, allocate
+
+__all__ = ["allocate", "allocation_unit", "measure"]
+
+
+def measure(
+    originals: dict[str, torch.Tensor],
+    specs: Sequence[QuantSpec],
+    groups: Callable[[list[str], QuantSpec], list[list[str]]],
+    stored_bits: Callable[[QuantizedWeight], int],
+    per_weight: bool = False,
+) -> dict[str, list[Candidate]]:
+    """``{unit: [Candidate per spec]}`` from every row; a spec whose group size does not divide a unit's K costs
+    infinite error. ``per_weight``: each layer's relative squared error counts times its number of weights (the
+    converter's rule) instead of once."""
+    bits: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(specs))
+    error: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(specs))
+    for i, spec in enumerate(specs):
+        for group in groups(list(originals), spec):
+            ws = [originals[n] for n in group]
+            if ws[0].shape[1] % spec.group_size:
+                for n in group:
+                    error[allocation_unit(n)][i] = bits[allocation_unit(n)][i] = float("inf")
+                continue
+            for name, w, qw in zip(group, ws, quantize_group(ws, spec, with_stats=False), strict=True):
+                w = w.float()
+                rel = float((w - qw.dequantize()).square().sum() / w.square().sum())
+                error[allocation_unit(name)][i] += rel * w.numel() if per_weight else rel
+                bits[allocation_unit(name)][i] += stored_bits(qw)
+    return {u: [Candidate(b, e) for b, e in zip(bits[u], error[u], strict=True)] for u in bits}
