@@ -151,7 +151,7 @@ def test_bits_per_weight_checkpoint_is_what_each_layer_spec_gives(grid_llama: Pa
         (ConvertOptions(bits_per_weight=8.5, bits=8), "leave out --bits 8"),
         (ConvertOptions(bits_per_weight=4.0), "more than the 4 bits"),
         (ConvertOptions(bits_per_weight=float("nan")), "more than the 4 bits"),
-        (ConvertOptions(bits_per_weight=4.05), r"smallest layout .* stores 4\.\d+ bits per weight"),
+        (ConvertOptions(bits_per_weight=4.05), r"smallest layouts .* store 4\.\d+ bits per weight"),
     ],
 )
 def test_bits_per_weight_bad_options_are_clear(tiny_llama: Path, tmp_path: Path, opts: ConvertOptions,
