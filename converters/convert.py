@@ -114,7 +114,7 @@ class ConvertOptions:
     lm_head: bool | None = None  # None: where vLLM quantizes the architecture's vocabulary layers (vocab_quantizable)
     lm_head_bits: int = 8
     expert_max_bits: float | None = EXPERT_MAX_BITS  # None: experts take the dense layers' outlier cap
-    bits_per_weight: float | None = None  # a budget for the dense decoder layers: a layout per module (allocate.py)
+    bits_per_weight: float | None = None  # a budget (experts, lm_head aside): a layout per module (allocate.py)
     device: str = "cpu"
     max_shard_bytes: int = 2 * 1024**3
     overwrite: bool = False
