@@ -379,10 +379,8 @@ def allocated_dequant(params: dict[str, torch.Tensor], originals: dict[str, torc
                                 strict=True):  # fmt: skip
                 params[name].data.copy_(qw.dequantize())
                 bits, nnz, total = bits + stored_bits(qw), nnz + qw.outliers.nnz, total + qw.shape[0] * qw.shape[1]
-    counts = {f"g{s.group_size}" + ("" if s.max_outlier_fraction else " no outliers"): 0 for s in specs}
-    for i in choice.values():
-        s = specs[i]
-        counts[f"g{s.group_size}" + ("" if s.max_outlier_fraction else " no outliers")] += 1
+    labels = [f"g{s.group_size}" + ("" if s.max_outlier_fraction else " no outliers") for s in specs]
+    counts = {label: sum(labels[i] == label for i in choice.values()) for label in labels}
     print(f"    allocation within {budget / total:.3f} bits: {counts}", flush=True)
     return bits, total, nnz
 

@@ -130,9 +130,8 @@ class EasyQuantLinearMethod(LinearMethodBase):
         self.bits = config.checkpoint.bits
         # Per checkpoint module (config.json's group_sizes): the fused layer itself where the checkpoint stores it
         # whole, else each shard's. Shards at different sizes run as separate GEMMs (_runs).
-        ckpt = config.checkpoint
-        self.group_sizes = [ckpt.group_size_of(n) for n in [prefix, *config.checkpoint_names(prefix)]]
-        self.group_size = max(self.group_sizes)  # the one tensor parallelism must divide by
+        names = [prefix, *config.checkpoint_names(prefix)]
+        self.group_size = max(map(config.checkpoint.group_size_of, names))  # the one tensor parallelism divides by
         self.suffixes = config.checkpoint.all_suffixes()  # declared (version 3: some are per layer)
         self.required = config.checkpoint.layer_suffixes()
 

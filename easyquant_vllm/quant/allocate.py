@@ -41,11 +41,11 @@ def allocate(costs: Mapping[str, Sequence[Candidate]], budget_bits: float) -> di
     def pick(lam: float) -> dict[str, int]:
         return {u: min(range(len(c)), key=lambda i: (cost(c[i], lam), c[i].bits)) for u, c in costs.items()}
 
-    lo, hi = 0.0, 1.0
-    while total_bits(costs, pick(hi)) > budget_bits and hi < 1e300:
-        hi *= 16.0
-    choice = pick(lo)
-    if total_bits(costs, choice) > budget_bits:
+    choice = pick(0.0)
+    if total_bits(costs, choice) > budget_bits:  # the least-error choice does not fit: find the multiplier
+        lo, hi = 0.0, 1.0
+        while total_bits(costs, pick(hi)) > budget_bits and hi < 1e300:
+            hi *= 16.0
         for _ in range(200):  # bisection on lam: the smallest multiplier whose choice fits
             mid = (lo + hi) / 2
             if mid in (lo, hi):
