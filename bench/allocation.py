@@ -24,7 +24,7 @@ def measure(
     specs: Sequence[QuantSpec],
     groups: Callable[[list[str], QuantSpec], list[list[str]]],
     stored_bits: Callable[[QuantizedWeight], int],
-    per_weight: bool = False,
+    per_weight: bool | str = False,
 ) -> dict[str, list[Candidate]]:
     """``{unit: [Candidate per spec]}`` from every row; a spec whose group size does not divide a unit's K costs
     infinite error. ``per_weight``: each layer's relative squared error counts times its number of weights (the
@@ -40,7 +40,14 @@ def measure(
                 continue
             for name, w, qw in zip(group, ws, quantize_group(ws, spec, with_stats=False), strict=True):
                 w = w.float()
-                rel = float((w - qw.dequantize()).square().sum() / w.square().sum())
-                error[allocation_unit(name)][i] += rel * w.numel() if per_weight else rel
+                d2 = (w - qw.dequantize()).square()
+                rel = float(d2.sum() / w.square().sum())
+                if per_weight == "abs":
+                    e = float(d2.sum())
+                elif per_weight == "rows":
+                    e = float((d2.sum(1) / w.square().sum(1).clamp_min(1e-30)).sum()) * w.shape[1]
+                else:
+                    e = rel * w.numel() if per_weight else rel
+                error[allocation_unit(name)][i] += e
                 bits[allocation_unit(name)][i] += stored_bits(qw)
     return {u: [Candidate(b, e) for b, e in zip(bits[u], error[u], strict=True)] for u in bits}

@@ -74,6 +74,7 @@ from bench.quality import (  # noqa: E402
     windows,
 )
 from converters.convert import DEFAULT_QUANTIZE_PATTERN, ConvertOptions, convert  # noqa: E402
+from easyquant_vllm.quant import SearchParams  # noqa: E402
 
 TEMPLATES = ("What is {t}?", "Who or what is {t}?", "Why is {t} notable?", "Tell me about {t}.")
 
@@ -209,8 +210,6 @@ def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, sweep: bool, rota
         ]  # fmt: skip
         rows += [Row(f"v2 g{g} outlier cap {100 * c:g} %", "eq", g, eq_spec(2, g, max_outlier_fraction=c),
                      tags={"sweep": f"cap {c}"}) for c in (0.0, 0.001, 0.005)]  # fmt: skip
-        from easyquant_vllm.quant import SearchParams
-
         rows += [
             Row(f"v2 g{g} range: least squares", "eq", g,
                 eq_spec(2, g, search=SearchParams(grid_min=0.9, grid_points=3, lsq_iters=0, power=2.0)),
@@ -227,6 +226,8 @@ def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, sweep: bool, rota
             label += ", every weight alike" if per_weight else ""
             how = {"groups": [32, 64, 128], "outliers": outliers, "budget_v2_group": g, "per_weight": per_weight}
             rows.append(Row(label, "eq", 32, eq_spec(3, 32), tags={"allocate": how}))
+        if sweep:  # what else the allocation was tried with (docs/results.md), the default's rule first
+            rows += allocate_variants(g)
     if rotation:
         for g3 in info.v3_groups:
             if not (sweep and g3 == default_group(info, 3)):  # the sweep has this row already
@@ -238,6 +239,32 @@ def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, sweep: bool, rota
                 Row(f"v3 g{g3} rotated, no outliers", "eq", g3, eq_spec(3, g3, max_outlier_fraction=0.0),
                     tags={"rotate": "no outliers"}),
             ]  # fmt: skip
+    return rows
+
+
+ONE_START = SearchParams(grid_min=1.0, grid_points=1, lsq_iters=2, power=2.0)
+"""Version 3's range search before 2026-12-07 (one start from min-max, two rounds): the ``--sweep`` rows beside it."""
+
+
+def allocate_variants(g: int) -> list[Row]:
+    """``--allocate --sweep``: the converter's allocation (every weight alike) with one thing changed each."""
+    rule = {"groups": [32, 64, 128], "outliers": True, "budget_v2_group": g, "per_weight": True}
+    label = "v3 mixed g32-128 within v2's bits, every weight alike"
+    variants = [
+        ("the range search before 2026-12-07", {"search": ONE_START}),  # written to the json as its fields
+        ("objective: absolute squared error", {"per_weight": "abs"}),
+        ("objective: relative error per row", {"per_weight": "rows"}),
+        ("outlier caps 0.1 / 0.05 % too", {"caps": [0.001, 0.0005]}),
+        ("8-bit g128 too", {"groups8": [128]}),
+        ("outliers priced as int16", {"outliers_as": "int16"}),
+        ("outliers priced as int16, caps 0.1 / 0.05 % too", {"outliers_as": "int16", "caps": [0.001, 0.0005]}),
+        ("outliers priced as int32 positions, caps 0.1 / 0.05 % too",
+         {"outliers_as": "positions", "caps": [0.001, 0.0005]}),
+    ]  # fmt: skip
+    rows = [Row("v3 g32, the range search before 2026-12-07", "eq", 32, eq_spec(3, 32, search=ONE_START),
+                tags={"sweep": "one start"})]  # fmt: skip
+    rows += [Row(f"{label}, {what}", "eq", 32, eq_spec(3, 32), tags={"allocate": {**rule, **over}})
+             for what, over in variants]  # fmt: skip
     return rows
 
 
@@ -433,7 +460,8 @@ def main() -> None:
     for key in args.models:
         results["models"][key] = run_model(MODELS[key], args, have_hqq, have_sinq)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1) + "\n")  # after each model: a partial run keeps its rows
+        # after each model: a partial run keeps its rows (default=vars: a SearchParams in the sweep's tags)
+        args.out.write_text(json.dumps(results, indent=1, default=vars) + "\n")
     seconds = time.perf_counter() - t0
     print_tables(results)
     print(f"\n# this run ({', '.join(args.models)}): {seconds / 60:.1f} min")

@@ -285,9 +285,21 @@ def nf4_dequant(w: torch.Tensor, block: int = 64) -> torch.Tensor:
     return (NF4_CODEBOOK[codes] * absmax).reshape(w.shape)
 
 
-def stored_bits(qw: QuantizedWeight) -> int:
-    """Bits the checkpoint stores for one layer: every tensor ``format.layer_tensors`` writes for it."""
-    return sum(t.numel() * t.element_size() * 8 for t in layer_tensors("layer", qw).values())
+def stored_bits(qw: QuantizedWeight, outliers_as: str | None = None) -> int:
+    """Bits the checkpoint stores for one layer: every tensor ``format.layer_tensors`` writes for it.
+
+    ``outliers_as`` counts the outliers in a storage the format does not have, to price it (``--allocate
+    --sweep``): ``"int16"``, int16 columns and an int16 count per row instead of int32 columns and row pointers;
+    ``"positions"``, one int32 position ``n * K + k`` per outlier and no row pointers."""
+    out = 0
+    for name, t in layer_tensors("layer", qw).items():
+        bits = t.numel() * t.element_size() * 8
+        if outliers_as == "int16" and name.endswith((".outlier_indices", ".outlier_indptr")):
+            bits = (t.numel() - name.endswith(".outlier_indptr")) * 16
+        elif outliers_as == "positions" and name.endswith(".outlier_indptr"):
+            bits = 0
+        out += bits
+    return out
 
 
 def eq_groups(names: list[str], spec: QuantSpec) -> list[list[str]]:
@@ -361,15 +373,28 @@ def allocated_dequant(params: dict[str, torch.Tensor], originals: dict[str, torc
                       how: dict[str, Any]) -> tuple[int, int, int]:  # fmt: skip
     """Put W' of a mixed-group-size allocation into the model (``bench/allocation.py``): ``how["groups"]`` the
     version-3 group sizes, ``how["outliers"]`` whether each is also tried without outliers, the budget the stored
-    bits of version 2 at group ``how["budget_v2_group"]`` (its default for the model). Bits, weights, outliers."""
+    bits of version 2 at group ``how["budget_v2_group"]`` (its default for the model). Bits, weights, outliers.
+
+    Variants (``--allocate --sweep``): ``how["per_weight"]`` the objective (:func:`bench.allocation.measure`),
+    ``how["caps"]`` more outlier caps per group size, ``how["groups8"]`` 8-bit layouts at those group sizes,
+    ``how["search"]`` another range search, ``how["outliers_as"]`` the outliers priced in another storage
+    (:func:`stored_bits`; the bits reported are then that storage's)."""
     from bench.allocation import allocate, allocation_unit, measure
 
     specs = [eq_spec(3, g, **over) for g in how["groups"]
              for over in ([{}, {"max_outlier_fraction": 0.0}] if how["outliers"] else [{}])]  # fmt: skip
+    specs += [eq_spec(3, g, max_outlier_fraction=c) for g in how["groups"] for c in how.get("caps", ())]
+    specs += [eq_spec(3, g, bits=8, max_outlier_fraction=0.0) for g in how.get("groups8", ())]
+    if "search" in how:
+        specs = [replace(s, search=how["search"]) for s in specs]
+
+    def cost_bits(qw: QuantizedWeight) -> int:
+        return stored_bits(qw, how.get("outliers_as"))
+
     v2 = eq_spec(2, how["budget_v2_group"])
     budget = sum(stored_bits(qw) for group in eq_groups(list(originals), v2)
                  for qw in quantize_group([originals[n] for n in group], v2, with_stats=False))  # fmt: skip
-    costs = measure(originals, specs, eq_groups, stored_bits, how.get("per_weight", False))
+    costs = measure(originals, specs, eq_groups, cost_bits, how.get("per_weight", False))
     choice = allocate(costs, budget)
     bits = total = nnz = 0
     for i, spec in enumerate(specs):
@@ -378,8 +403,9 @@ def allocated_dequant(params: dict[str, torch.Tensor], originals: dict[str, torc
             for name, qw in zip(group, quantize_group([originals[n] for n in group], spec, with_stats=False),
                                 strict=True):  # fmt: skip
                 params[name].data.copy_(qw.dequantize())
-                bits, nnz, total = bits + stored_bits(qw), nnz + qw.outliers.nnz, total + qw.shape[0] * qw.shape[1]
-    labels = [f"g{s.group_size}" + ("" if s.max_outlier_fraction else " no outliers") for s in specs]
+                bits, nnz, total = bits + cost_bits(qw), nnz + qw.outliers.nnz, total + qw.shape[0] * qw.shape[1]
+    labels = [f"{s.bits}-bit g{s.group_size}" + (f", outliers {100 * s.max_outlier_fraction:g} %" if
+              s.max_outlier_fraction else "") for s in specs]  # fmt: skip
     counts = {label: sum(labels[i] == label for i in choice.values()) for label in labels}
     print(f"    allocation within {budget / total:.3f} bits: {counts}", flush=True)
     return bits, total, nnz

@@ -80,6 +80,28 @@ def test_solve_affine_fits_a_grid_exactly_and_never_loses_to_min_max() -> None:
     assert bool((affine_loss(y, s_a, z_a, 4) <= affine_loss(y, s_mm, z_mm.float(), 4) * (1 + 1e-6)).all())
 
 
+def test_solve_affine_more_starts_never_lose_and_skip_groups_on_their_grid() -> None:
+    """Each start is kept only where it lowers a group's error, so the default's four starts are never worse than
+    the first alone, and better somewhere on weights off any grid. A group its first start fits exactly takes no
+    other: mixed with weights off the grid, it gets the one-start answer bit for bit."""
+    ratios = tuple(torch.linspace(1.0, 0.85, 4, dtype=torch.float64).tolist())
+    y = heavy_tailed(400, 32, seed=6)
+    _, _, l1 = solve_affine(y, 4, None, ratios[:1], 3)
+    s4, z4, l4 = solve_affine(y, 4, None, ratios, 3)
+    assert bool((l4 <= l1).all()) and float(l4.sum()) < 0.99 * float(l1.sum())
+    torch.testing.assert_close(l4, affine_loss(y, s4, z4, 4), rtol=1e-5, atol=1e-12)
+    mask = (torch.rand(y.shape, generator=torch.Generator().manual_seed(7)) > 0.02).float()  # outliers left out
+    _, _, lm1 = solve_affine(y, 4, mask, ratios[:1], 3)
+    _, _, lm4 = solve_affine(y, 4, mask, ratios, 3)
+    assert bool((lm4 <= lm1).all())
+    grid = gguf_like(8, 32, seed=8)
+    both = torch.cat([grid, y[:8]])
+    sg, zg, lg = solve_affine(both, 4, None, ratios, 3)
+    sg1, zg1, _ = solve_affine(grid, 4, None, ratios[:1], 3)
+    assert torch.equal(sg[:8], sg1) and torch.equal(zg[:8], zg1)
+    assert bool((lg[:8] <= 1e-10 * grid.square().sum(1)).all())
+
+
 def test_v3_layer_roundtrip_and_validation_names_the_tensor() -> None:
     w = heavy_tailed(32, 128, seed=5)
     w[1, 2] = 0.8

@@ -242,6 +242,51 @@ def affine_loss(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int,
     return (err if mask is None else err.mul_(mask)).sum(1)
 
 
+def _affine_start(
+    x: torch.Tensor, w: torch.Tensor | None, lo: torch.Tensor, hi: torch.Tensor, n_w: torch.Tensor,
+    sum_x: torch.Tensor, bits: int, ratio: float, lsq_iters: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One start of :func:`solve_affine`: the range ``[lo, hi]`` shrunk by ``ratio``, then ``lsq_iters`` rounds of
+    codes and least squares; each group's best ``(s, z, loss)`` over the rounds."""
+    top = (1 << bits) - 1
+    s_ones = torch.ones_like(lo)
+    centre, half = (lo + hi) / 2, (hi - lo) / 2 * ratio
+    s = 2 * half / top
+    z = torch.where(s > 0, (half - centre) / torch.where(s > 0, s, s_ones), torch.zeros_like(s))
+    best_s = best_z = best_loss = None
+    for it in range(lsq_iters + 1):
+        u = affine_codes(x, s, z, bits)  # once per round: for the loss and for the least-squares step
+        err = (u - z.unsqueeze(1)).mul_(s.unsqueeze(1)).sub_(x).square_()
+        loss = (err if w is None else err.mul_(w)).sum(1)
+        if best_loss is None:
+            best_s, best_z, best_loss = s, z, loss
+        else:
+            better = loss < best_loss
+            best_s = torch.where(better, s, best_s)
+            best_z = torch.where(better, z, best_z)
+            best_loss = torch.where(better, loss, best_loss)
+        if it == lsq_iters:
+            break
+        # least squares of x ≈ s * u + b over the counted elements, for these codes; b = -s * z
+        uw = u if w is None else u.mul_(w)
+        su, suu, sux = uw.sum(1), (uw * u).sum(1) if w is None else (uw * uw).sum(1), (uw * x).sum(1)
+        det = n_w * suu - su * su
+        ok = det > 1e-12 * n_w * n_w
+        s_new = (n_w * sux - su * sum_x) / torch.where(ok, det, s_ones)
+        b_new = (sum_x - s_new * su) / n_w.clamp_min(1.0)
+        ok &= s_new > 0
+        z_new = (-b_new / torch.where(ok, s_new, s_ones)).clamp(0.0, float(top))
+        s = torch.where(ok, s_new, s)
+        z = torch.where(ok, z_new, z)
+    assert best_s is not None and best_z is not None and best_loss is not None
+    return best_s, best_z, best_loss
+
+
+_EXACT_FIT = 1e-10
+"""A group whose squared error is at most this share of its squared norm lies on its grid already (a GGUF's
+weights): :func:`solve_affine` tries no further start for it."""
+
+
 def solve_affine(
     x: torch.Tensor, bits: int, mask: torch.Tensor | None = None, ratios: tuple[float, ...] = (1.0, 0.9),
     lsq_iters: int = 2,
@@ -253,10 +298,11 @@ def solve_affine(
     codes for the current ``(s, z)`` and the least-squares ``(s, s * z)`` for those codes (a 2 x 2 system per
     group: the fit is exact where the group already lies on a grid of 16 levels, as in a 4-bit GGUF), and the
     integer-zero min-max range of :func:`rtn_asym`. Each candidate is kept where it lowers the error, so the result
-    is never worse than version 2's RTN. ``x [R, G]`` float32; ``mask`` as in :func:`affine_loss`. Returns
+    is never worse than version 2's RTN. The rounds stop in the local minimum nearest their start, so the starts
+    matter (a shrunk range frees the levels that the extremes held); a group fitted exactly by the first start
+    (:data:`_EXACT_FIT`) takes no other. ``x [R, G]`` float32; ``mask`` as in :func:`affine_loss`. Returns
     ``(s, z, loss)``, the loss as :func:`affine_loss`.
     """
-    top = (1 << bits) - 1
     if mask is None:
         lo, hi = x.amin(1), x.amax(1)
         w = None
@@ -271,37 +317,24 @@ def solve_affine(
     lo, hi = lo.clamp_max(0.0), hi.clamp_min(0.0)
     n_w = torch.full_like(lo, x.shape[1]) if w is None else w.sum(1)
     sum_x = x.sum(1) if w is None else (x * w).sum(1)
-    best_s = best_z = best_loss = None
-    s_ones = torch.ones_like(lo)
-    for ratio in ratios:
-        centre, half = (lo + hi) / 2, (hi - lo) / 2 * ratio
-        s = 2 * half / top
-        z = torch.where(s > 0, (half - centre) / torch.where(s > 0, s, s_ones), torch.zeros_like(s))
-        for it in range(lsq_iters + 1):
-            u = affine_codes(x, s, z, bits)  # once per round: for the loss and for the least-squares step
-            err = (u - z.unsqueeze(1)).mul_(s.unsqueeze(1)).sub_(x).square_()
-            loss = (err if w is None else err.mul_(w)).sum(1)
-            if best_loss is None:
-                best_s, best_z, best_loss = s, z, loss
+    best_s, best_z, best_loss = _affine_start(x, w, lo, hi, n_w, sum_x, bits, ratios[0], lsq_iters)
+    if len(ratios) > 1:
+        norm = (x.square() if w is None else x.square() * w).sum(1)
+        todo = torch.nonzero(best_loss > _EXACT_FIT * norm).squeeze(1)
+        every = todo.numel() == x.shape[0]  # then no gather
+        if todo.numel():
+            xo, wo = (x, w) if every else (x[todo], None if w is None else w[todo])
+            lo_o, hi_o, n_o, sx_o = (lo, hi, n_w, sum_x) if every else (lo[todo], hi[todo], n_w[todo], sum_x[todo])
+            so, zo, lo_best = (best_s, best_z, best_loss) if every else (best_s[todo], best_z[todo], best_loss[todo])
+            for ratio in ratios[1:]:
+                s, z, loss = _affine_start(xo, wo, lo_o, hi_o, n_o, sx_o, bits, ratio, lsq_iters)
+                better = loss < lo_best
+                so, zo = torch.where(better, s, so), torch.where(better, z, zo)
+                lo_best = torch.where(better, loss, lo_best)
+            if every:
+                best_s, best_z, best_loss = so, zo, lo_best
             else:
-                better = loss < best_loss
-                best_s = torch.where(better, s, best_s)
-                best_z = torch.where(better, z, best_z)
-                best_loss = torch.where(better, loss, best_loss)
-            if it == lsq_iters:
-                break
-            # least squares of x ≈ s * u + b over the counted elements, for these codes; b = -s * z
-            uw = u if w is None else u.mul_(w)
-            su, suu, sux = uw.sum(1), (uw * u).sum(1) if w is None else (uw * uw).sum(1), (uw * x).sum(1)
-            det = n_w * suu - su * su
-            ok = det > 1e-12 * n_w * n_w
-            s_new = (n_w * sux - su * sum_x) / torch.where(ok, det, s_ones)
-            b_new = (sum_x - s_new * su) / n_w.clamp_min(1.0)
-            ok &= s_new > 0
-            z_new = (-b_new / torch.where(ok, s_new, s_ones)).clamp(0.0, float(top))
-            s = torch.where(ok, s_new, s)
-            z = torch.where(ok, z_new, z)
-    assert best_s is not None and best_z is not None and best_loss is not None
+                best_s[todo], best_z[todo], best_loss[todo] = so, zo, lo_best
     # Version 2's integer-zero min-max range, which a real zero can only improve on: kept where it is better.
     s_int, z_int = rtn_asym(x if w is None else x * w, bits)  # the outliers out of the range
     loss = affine_loss(x, s_int, z_int, bits, w)
