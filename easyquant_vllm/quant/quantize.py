@@ -76,11 +76,9 @@ FORMAT_DEFAULTS: dict[int, dict[str, Any]] = {
         "outlier_min_gain": 0.0},
     # Compact steps (8-bit multiples of a per-row unit) and zeros in sixteenths of a code: groups of 32 for about
     # the bits of version 2's groups of 64; the column scale and the outliers per layer where they remove error
-    # (docs/results.md). The range: least squares from four starts (1.0 / 0.95 / 0.9 / 0.85 of min-max), three
-    # rounds each: 4-6 % less squared error than one start and two rounds, 4-9 % less KLD at g32 and g64 on
-    # Gemma-3's dev split.
+    # (docs/results.md).
     3: {"zero_points": True, "normalize": "auto", "max_outlier_fraction": 0.0025, "outlier_min_gain": 16.0,
-        "compact_steps": True, "search": SearchParams(grid_min=0.85, grid_points=4, lsq_iters=3, power=2.0)},
+        "compact_steps": True, "search": SearchParams(grid_min=1.0, grid_points=1, lsq_iters=2, power=2.0)},
 }  # fmt: skip
 """The one definition of each format version's method defaults: :meth:`QuantSpec.for_version` reads it, and
 the converter, the checkpoint config and the tests go through that."""
