@@ -27,8 +27,11 @@ def measure(
     per_weight: bool | str = False,
 ) -> dict[str, list[Candidate]]:
     """``{unit: [Candidate per spec]}`` from every row; a spec whose group size does not divide a unit's K costs
-    infinite error. ``per_weight``: each layer's relative squared error counts times its number of weights (the
-    converter's rule) instead of once."""
+    infinite error. ``per_weight``: True, each layer's relative squared error counts times its number of weights
+    (the converter's rule); False, once per layer; ``"rows"``, each row's relative squared error times its length;
+    ``"abs"``, the absolute squared error ``||W - W'||^2`` (the last two tried by ``--allocate --sweep``)."""
+    if per_weight not in (True, False, "rows", "abs"):
+        raise ValueError(f"per_weight: True, False, 'rows' or 'abs', got {per_weight!r}")
     bits: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(specs))
     error: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(specs))
     for i, spec in enumerate(specs):

@@ -81,8 +81,8 @@ def test_solve_affine_fits_a_grid_exactly_and_never_loses_to_min_max() -> None:
 
 
 def test_solve_affine_more_starts_never_lose_and_skip_groups_on_their_grid() -> None:
-    """Each start is kept only where it lowers a group's error, so the default's four starts are never worse than
-    the first alone, and better somewhere on weights off any grid. A group its first start fits exactly takes no
+    """Each start is kept only where it lowers a group's error, so four starts are never worse than the first
+    alone, and better somewhere on weights off any grid. A group its first start fits exactly takes no
     other: mixed with weights off the grid, it gets the one-start answer bit for bit."""
     ratios = tuple(torch.linspace(1.0, 0.85, 4, dtype=torch.float64).tolist())
     y = heavy_tailed(400, 32, seed=6)
