@@ -36,8 +36,10 @@ reference W'. Bits per weight as ``bench/quality.py`` counts them (EasyQuant: th
 ``--vllm-check`` scores the default EasyQuant checkpoint's chat sequences through vLLM (compiled, float32,
 prompt logprobs top-20) and reports how far they are from the same W' in HF.
 
-Writes ``docs/results/fidelity.json``; prints markdown tables and the default's KLD against SINQ's, interpolated
-in bits between SINQ's group sizes.
+Writes ``docs/results/fidelity.json``; prints markdown tables, the default's KLD against SINQ's, interpolated
+in bits between SINQ's group sizes, and each row's KLD minus the default's over the same tokens with its paired
+standard error (``kld_minus_default`` in the json): two rows share most of the tokens' spread, so their own
+standard errors overstate the noise of their difference.
 """
 
 from __future__ import annotations
@@ -172,7 +174,18 @@ class Corpus:
     base_chat: list[torch.Tensor]  # the answer positions: base log-probs
 
 
-def score(model: Any, corpus: Corpus) -> dict[str, dict[str, float]]:
+def paired_difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """Mean of ``a - b`` over the same scored tokens (``[T]`` per-token KLDs of two rows) and its standard error.
+
+    Each row's own standard error counts how much the tokens' KLDs spread, and two rows share most of that spread
+    (the hard tokens are hard for both), so comparing the two rows' intervals overstates the noise of their
+    difference; the paired one says whether two rows differ beyond it."""
+    d = a.double() - b.double()
+    return {"mean": float(d.mean()), "stderr": float(d.std() / math.sqrt(max(d.numel() - 1, 1)))}
+
+
+def score(model: Any, corpus: Corpus) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+    """Each statistic on text and on chat, and the per-token KLDs (``[T]``) for :func:`paired_difference`."""
     text, chat = Scores(), Scores()
     for w, base in zip(corpus.text, corpus.base_text, strict=True):
         half = (len(w) - 1) // 2
@@ -182,7 +195,7 @@ def score(model: Any, corpus: Corpus) -> dict[str, dict[str, float]]:
         lp = logprobs(model, prompt + answer)[len(prompt) - 1 :]
         chat.add(base, lp, torch.tensor(answer))
         chat.unchanged.append(bool((lp[:8].argmax(-1) == torch.tensor(answer[:8])).all()))
-    return {"text": text.summary(), "chat": chat.summary()}
+    return {"text": text.summary(), "chat": chat.summary()}, {"text": torch.cat(text.kld), "chat": torch.cat(chat.kld)}
 
 
 def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, sweep: bool, rotation: bool = False,
@@ -300,6 +313,7 @@ def run_model(info: ModelInfo, args: argparse.Namespace, have_hqq: bool, have_si
           f"answer tokens), {args.split}; base pass {time.perf_counter() - t0:.0f} s; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.machine()}", flush=True)  # fmt: skip
     rows = []
+    token_kld: list[dict[str, torch.Tensor]] = []  # per row: per-token KLDs, for the paired differences
     for row in rows_for(info, have_hqq, have_sinq, args.sweep, args.rotation, args.allocate):
         if args.rows and not re.search(args.rows, row.label):
             continue
@@ -307,7 +321,8 @@ def run_model(info: ModelInfo, args: argparse.Namespace, have_hqq: bool, have_si
         for name, w in vocab.items():  # the vocabulary matrix is quantized only in the lm_head row
             params[name].data.copy_(w)
         meta = apply_row(params, {**originals, **vocab} if row.tags.get("lm_head") else originals, row, vocab)
-        stats = score(model, corpus)
+        stats, kld = score(model, corpus)
+        token_kld.append(kld)
         rows.append({"label": row.label, "kind": row.kind, "group": row.group, **meta, **stats, **row.tags,
                      "row_seconds": time.perf_counter() - t0})  # fmt: skip
         t, c = stats["text"], stats["chat"]
@@ -315,6 +330,10 @@ def run_model(info: ModelInfo, args: argparse.Namespace, have_hqq: bool, have_si
               f"{t['kld_p99']:.3f}) same-top {100 * t['same_top']:.1f} % | chat KLD {c['kld_mean']:.4f} same-top "
               f"{100 * c['same_top']:.1f} % first-8 {100 * c['first8_unchanged']:.0f} % | "
               f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+    d = next((i for i, r in enumerate(rows) if r.get("default")), None)
+    for i, r in enumerate(rows):  # each row's KLD minus the default's, token by token
+        if d is not None and i != d:
+            r["kld_minus_default"] = {k: paired_difference(token_kld[i][k], token_kld[d][k]) for k in ("text", "chat")}
     for name, w in {**originals, **vocab}.items():  # the unquantized model again, for the vLLM check's reference
         params[name].data.copy_(w)
     vllm = vllm_check(info, src, corpus, args.cache) if args.vllm_check else None
@@ -420,6 +439,13 @@ def print_tables(results: dict[str, Any]) -> None:
                         f"\n{MODELS[key].title} {kind}: default KLD {d[kind]['kld_mean']:.4f} = "
                         f"{d[kind]['kld_mean'] / ref:.2f}x SINQ's at {d['bits_per_weight']:.3f} bits ({ref:.4f})"
                     )
+        paired = [r for r in res["rows"] if "kld_minus_default" in r]
+        if paired:
+            print(f"\nKLD minus the default's ({d['label']}), over the same tokens, ± the paired standard error:\n")
+            for r in paired:
+                t, c = r["kld_minus_default"]["text"], r["kld_minus_default"]["chat"]
+                print(f"- {r['label']}: text {t['mean']:+.4f} ± {t['stderr']:.4f}, chat {c['mean']:+.4f} ± "
+                      f"{c['stderr']:.4f}")  # fmt: skip
         if res.get("vllm"):
             print(f"\nvLLM check: {res['vllm']}")
 
