@@ -331,8 +331,8 @@ def run_model(info: ModelInfo, args: argparse.Namespace, have_hqq: bool, have_si
               f"{100 * c['same_top']:.1f} % first-8 {100 * c['first8_unchanged']:.0f} % | "
               f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
     d = next((i for i, r in enumerate(rows) if r.get("default")), None)
-    for i, r in enumerate(rows):  # each row's KLD minus the default's, token by token
-        if d is not None and i != d:
+    for i, r in enumerate(rows if d is not None else []):  # each row's KLD minus the default's, token by token
+        if i != d:
             r["kld_minus_default"] = {k: paired_difference(token_kld[i][k], token_kld[d][k]) for k in ("text", "chat")}
     for name, w in {**originals, **vocab}.items():  # the unquantized model again, for the vLLM check's reference
         params[name].data.copy_(w)

@@ -321,20 +321,16 @@ def solve_affine(
     if len(ratios) > 1:
         norm = (x.square() if w is None else x.square() * w).sum(1)
         todo = torch.nonzero(best_loss > _EXACT_FIT * norm).squeeze(1)
-        every = todo.numel() == x.shape[0]  # then no gather
         if todo.numel():
-            xo, wo = (x, w) if every else (x[todo], None if w is None else w[todo])
-            lo_o, hi_o, n_o, sx_o = (lo, hi, n_w, sum_x) if every else (lo[todo], hi[todo], n_w[todo], sum_x[todo])
-            so, zo, lo_best = (best_s, best_z, best_loss) if every else (best_s[todo], best_z[todo], best_loss[todo])
+            xo, wo = x[todo], None if w is None else w[todo]
+            lo_o, hi_o, n_o, sx_o = lo[todo], hi[todo], n_w[todo], sum_x[todo]
+            so, zo, lo_best = best_s[todo], best_z[todo], best_loss[todo]
             for ratio in ratios[1:]:
                 s, z, loss = _affine_start(xo, wo, lo_o, hi_o, n_o, sx_o, bits, ratio, lsq_iters)
                 better = loss < lo_best
                 so, zo = torch.where(better, s, so), torch.where(better, z, zo)
                 lo_best = torch.where(better, loss, lo_best)
-            if every:
-                best_s, best_z, best_loss = so, zo, lo_best
-            else:
-                best_s[todo], best_z[todo], best_loss[todo] = so, zo, lo_best
+            best_s[todo], best_z[todo], best_loss[todo] = so, zo, lo_best
     # Version 2's integer-zero min-max range, which a real zero can only improve on: kept where it is better.
     s_int, z_int = rtn_asym(x if w is None else x * w, bits)  # the outliers out of the range
     loss = affine_loss(x, s_int, z_int, bits, w)
