@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from easyquant_vllm.format import CheckpointError, validate_checkpoint
-from easyquant_vllm.quant import METHODS, NORMALIZE, SUPPORTED_BITS
+from easyquant_vllm.quant import FORMAT_DEFAULTS, METHODS, NORMALIZE, SUPPORTED_BITS
 
 from .convert import (
     DEFAULT_SKIP_PATTERNS,
@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-outlier-fraction", type=float, default=None, metavar="F",
         help="cap on the outlier fraction per tensor; the largest deviations win (default: 0.0025 for versions 2 "
         "and 3, 0.01 for version 1). Version 3 keeps only the candidates that remove error",
+    )  # fmt: skip
+    p.add_argument(
+        "--group-meta-bits", type=int, choices=(6, 8), default=None, metavar="{6,8}",
+        help="version 3: bits for each group's step multiplier and for its zero point in the 4-bit layers. 6 packs "
+        "both into 12 bits per group (4.375 bits per weight at groups of 32 before outliers and row terms); 8 "
+        f"stores a byte each, as version 3 began (4.5). Default: the format's ({FORMAT_DEFAULTS[3]['meta_bits']}). "
+        "Kernels unpack 6-bit ones at load, so served memory is the same either way",
     )  # fmt: skip
     p.add_argument(
         "--expert-max-bits", type=float, default=d.expert_max_bits, metavar="B",
@@ -214,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         normalize=args.normalize,
         outlier_threshold=args.outlier_threshold,
         max_outlier_fraction=args.max_outlier_fraction,
+        group_meta_bits=args.group_meta_bits,
         expert_max_bits=args.expert_max_bits if args.expert_max_bits > 0 else None,
         bits_per_weight=args.bits_per_weight,
         method=args.method,

@@ -40,6 +40,7 @@ from easyquant_vllm.quant import (
     check_bits,
     check_float16_range,
     count_nonfinite,
+    group_meta_bits,
     pack_factor,
     quantize_group,
     resolve_group_size,
@@ -106,6 +107,7 @@ class ConvertOptions:
     normalize: str | None = None
     outlier_threshold: float = 3.0
     max_outlier_fraction: float | None = None
+    group_meta_bits: int | None = None  # version 3: 6 or 8 bits per group's step and zero (None: the default)
     method: str = "search"
     adam_lr: float = AdamParams.lr
     adam_steps: int = AdamParams.steps
@@ -167,9 +169,8 @@ def outlier_budget(spec: QuantSpec, n: int, k: int, max_bits: float) -> float:
     column scale leave, less the CSR's row pointers, in outliers of 48 bits each; 0 where no whole outlier fits.
     The column scale is counted wherever the spec may store one (version 3's ``auto`` drops it where it does not
     pay, after the outliers are chosen): the cap can fall short of the budget by 16/n bits per weight, never over."""
-    dense = bits_per_weight(
-        n, k, spec.bits, spec.group_size, 0, spec.zero_points, spec.normalize != "none", spec.format_version
-    )
+    dense = bits_per_weight(n, k, spec.bits, spec.group_size, 0, spec.zero_points, spec.normalize != "none",
+                            spec.format_version, group_meta_bits(spec.bits, spec.meta_bits))  # fmt: skip
     # version 3 stores the CSR's row pointers only with a first outlier; versions 1 and 2 always (counted in dense)
     pointers = (n + 1) * 32 if spec.format_version == 3 else 0
     spare = math.floor(max_bits * n * k) - round(dense * n * k) - pointers
@@ -223,8 +224,10 @@ def allocate_layouts(ckpt: Any, plan: Plan, budget: float, device: str = "cpu",
                     n, k = t.shape
                     assert qw.stats is not None
                     nnz = round(qw.outliers.nnz * n / qw.shape[0])
-                    bits += bits_per_weight(n, k, spec.bits, group, nnz, spec.zero_points, qw.col_scale is not None,
-                                            spec.format_version) * n * k  # fmt: skip
+                    per_weight = bits_per_weight(n, k, spec.bits, group, nnz, spec.zero_points,
+                                                 qw.col_scale is not None, spec.format_version,
+                                                 group_meta_bits(spec.bits, spec.meta_bits))  # fmt: skip
+                    bits += per_weight * n * k
                     error += qw.stats.rel_err**2 * n * k
             costs[unit].append(Candidate(bits, error))
         del tensors
@@ -427,8 +430,11 @@ def resolve_spec(opts: ConvertOptions, group_size: int) -> QuantSpec:
         )
     if opts.normalize is not None and opts.normalize not in NORMALIZE:
         raise ConversionError(f"--normalize {opts.normalize}: choose one of {list(NORMALIZE)}")
+    if opts.group_meta_bits is not None and opts.format_version != 3:
+        raise ConversionError(f"--group-meta-bits: narrow group metadata is format version 3's, not "
+                              f"{opts.format_version}'s")  # fmt: skip
     explicit = {"zero_points": opts.zero_points, "normalize": opts.normalize,
-                "max_outlier_fraction": opts.max_outlier_fraction}  # fmt: skip
+                "max_outlier_fraction": opts.max_outlier_fraction, "meta_bits": opts.group_meta_bits}  # fmt: skip
     try:
         return QuantSpec.for_version(
             opts.format_version,
@@ -625,8 +631,9 @@ def _write(
         except ValueError as e:
             raise ConversionError(f"{name} in {ckpt.file_of(name).name}: {e}") from None
         seconds = (time.perf_counter() - t0) / len(members)
+        meta_bits = group_meta_bits(layer_spec.bits, layer_spec.meta_bits)
         for m, t, qw in zip(members, tensors, qws, strict=True):
-            for full, tensor in layer_tensors(_module_of(m), qw).items():
+            for full, tensor in layer_tensors(_module_of(m), qw, meta_bits).items():
                 writer.add(full, tensor)
             n, k = t.shape
             assert qw.stats is not None
@@ -638,7 +645,8 @@ def _write(
                 "rel_err": qw.stats.rel_err,
                 "group_size": layer_spec.group_size,
                 "bits_per_weight": bits_per_weight(n, k, qw.bits, layer_spec.group_size, qw.outliers.nnz,
-                                                   spec.zero_points, qw.col_scale is not None, spec.format_version),
+                                                   spec.zero_points, qw.col_scale is not None, spec.format_version,
+                                                   meta_bits),
                 "column_scale": qw.col_scale is not None,
                 "seconds": seconds,
             })  # fmt: skip

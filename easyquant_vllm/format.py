@@ -18,6 +18,9 @@ tensor                 dtype    shape                      meaning
 Version 3 (compact steps): ``P.scales`` is uint8 ``[N, K/G]`` (each group's step as a multiple of its row's
 unit), ``P.qzeros`` uint8 ``[N, K/G]`` (one byte per group: the zero in sixteenths of a 4-bit code), and
 ``P.row_steps`` float16 ``[N]`` holds each row's unit; the outlier values are what the dense part misses there.
+With ``group_meta_bits: 6``, the 4-bit layers' ``P.scales`` and ``P.qzeros`` hold 6-bit values, four groups in
+three bytes (``[N, 3 * ceil(K/G / 4)]``; the zero in quarters of a code); in memory they are unpacked to the
+one-byte layout above.
 """
 
 from __future__ import annotations
@@ -33,14 +36,19 @@ import torch
 
 from .quant import (
     DEFAULT_FORMAT_VERSION,
+    META_BITS,
     SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,
     OutlierCSR,
     QuantizedWeight,
     QuantSpec,
     effective_group_size,
+    group_meta_bits,
+    meta6_bytes,
     pack_factor,
+    pack_meta6,
     pack_zeros,
+    unpack_meta6,
     unpack_zeros,
     zeros_bytes,
 )
@@ -109,7 +117,9 @@ class EasyQuantCheckpointConfig:
     checkpoint's ``bits``). In a model with tied embeddings that is the one embedding matrix (``model.embed_tokens``),
     which then also serves the input lookups (docs/format.md, "Quantized lm_head"). :meth:`bits_of` gives any
     layer's code width. ``group_sizes`` (version 3): the modules whose group size is not ``group_size`` (the
-    converter's ``--bits-per-weight``); :meth:`group_size_of` gives any layer's.
+    converter's ``--bits-per-weight``); :meth:`group_size_of` gives any layer's. ``group_meta_bits`` (version 3):
+    the width of each group's step multiplier and zero in the 4-bit layers, 8 (one byte each) or 6 (packed);
+    :meth:`meta_bits_of` gives any layer's.
     """
 
     bits: int = _DEFAULT_SPEC.bits
@@ -125,6 +135,7 @@ class EasyQuantCheckpointConfig:
     lm_head: bool = False
     lm_head_bits: int | None = None
     group_sizes: dict[str, int] = field(default_factory=dict)
+    group_meta_bits: int = _DEFAULT_SPEC.meta_bits  # absent from config.json: 8, as version 3 began
 
     @classmethod
     def from_spec(cls, spec: QuantSpec, modules_to_not_convert: list[str] | None = None,
@@ -145,6 +156,7 @@ class EasyQuantCheckpointConfig:
             lm_head=lm_head,
             lm_head_bits=(lm_head_bits or spec.bits) if lm_head else None,
             group_sizes=dict(group_sizes or {}),
+            group_meta_bits=spec.meta_bits if spec.format_version == 3 else 8,
         )
 
     def __post_init__(self) -> None:
@@ -161,6 +173,9 @@ class EasyQuantCheckpointConfig:
         bad = {m: g for m, g in self.group_sizes.items() if g not in SUPPORTED_GROUP_SIZES or g == -1}
         if bad:
             raise ValueError(f"group_sizes {bad}: each must be one of {[g for g in SUPPORTED_GROUP_SIZES if g > 0]}")
+        group_meta_bits(self.bits, self.group_meta_bits)  # a supported width
+        if self.format_version != 3:  # versions 1 and 2 store float16 steps: the key does not apply
+            object.__setattr__(self, "group_meta_bits", 8)  # frozen: the one normalisation of a field
 
     @property
     def vocab_bits(self) -> int:
@@ -176,8 +191,15 @@ class EasyQuantCheckpointConfig:
         """Group size of the quantized layer ``prefix``: its entry in ``group_sizes``, else ``group_size``."""
         return self.group_sizes.get(prefix, self.group_size)
 
+    def meta_bits_of(self, prefix: str) -> int:
+        """Width of the step multipliers and zeros of the quantized layer ``prefix`` in the checkpoint (version 3):
+        ``group_meta_bits`` for a layer with 4-bit codes, 8 for one with 8-bit codes."""
+        return group_meta_bits(self.bits_of(prefix), self.group_meta_bits)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if d["group_meta_bits"] == 8:  # checkpoints with one-byte metadata read as before the key
+            del d["group_meta_bits"]
         if d["lm_head_bits"] is None:
             del d["lm_head_bits"]
         if not d["group_sizes"]:  # checkpoints with one group size read as before the key
@@ -220,6 +242,10 @@ class EasyQuantCheckpointConfig:
                 raise CheckpointError(fields.at("group_sizes", problem))
         if sizes and version != 3:
             raise CheckpointError(fields.at("group_sizes", f"needs format_version 3, the checkpoint says {version}"))
+        meta_bits = fields.integer("group_meta_bits", META_BITS, unsupported) if "group_meta_bits" in d else 8
+        if meta_bits != 8 and version != 3:
+            problem = f"needs format_version 3, the checkpoint says {version}"
+            raise CheckpointError(fields.at("group_meta_bits", problem))
         skip = d.get("modules_to_not_convert")
         if skip is not None and (not isinstance(skip, list) or not all(isinstance(m, str) for m in skip)):
             raise CheckpointError(fields.at("modules_to_not_convert", f"must be a list of strings, got {skip!r}"))
@@ -235,6 +261,7 @@ class EasyQuantCheckpointConfig:
             lm_head=lm_head,
             lm_head_bits=lm_head_bits,
             group_sizes=dict(sizes),
+            group_meta_bits=meta_bits,
             **flags,
         )
 
@@ -340,29 +367,42 @@ def tensor_name(prefix: str, suffix: str) -> str:
     return f"{prefix}.{suffix}"
 
 
-def dense_shapes(n: int, k: int, bits: int, group_size: int, version: int | None = None) -> dict[str, tuple[int, ...]]:
-    """Shapes of the fixed-size tensors of an ``[N, K]`` weight (the CSR arrays' nnz is data)."""
+def dense_shapes(n: int, k: int, bits: int, group_size: int, version: int | None = None,
+                 meta_bits: int = 8) -> dict[str, tuple[int, ...]]:  # fmt: skip
+    """Shapes of the fixed-size tensors of an ``[N, K]`` weight (the CSR arrays' nnz is data); ``meta_bits`` the
+    layer's width of version 3's steps and zeros (:meth:`EasyQuantCheckpointConfig.meta_bits_of`)."""
     groups = k // effective_group_size(k, group_size)
+    meta = (n, meta6_bytes(groups)) if version == 3 and meta_bits == 6 else (n, groups)
     return {
         QWEIGHT: (n, k // pack_factor(bits)),
-        SCALES: (n, groups),
+        SCALES: meta,
         OUTLIER_INDPTR: (n + 1,),
-        QZEROS: (n, groups) if version == 3 else (n, zeros_bytes(groups, bits)),
+        QZEROS: meta if version == 3 else (n, zeros_bytes(groups, bits)),
         COL_SCALE: (k,),
         ROW_STEPS: (n,),
     }
 
 
-def layer_tensors(prefix: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+def layer_tensors(prefix: str, qw: QuantizedWeight, meta_bits: int = 8) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one quantized linear (five, plus the version-2 ones it has), keyed by full
-    name, in file order. A version-3 layer without outliers stores no CSR arrays."""
+    name, in file order. A version-3 layer without outliers stores no CSR arrays. ``meta_bits`` 6 (a version-3
+    layer of a checkpoint with ``group_meta_bits: 6`` and 4-bit codes): its steps and zeros packed, which must
+    then fit 6 bits (the quantizer's ``QuantSpec.meta_bits``); ValueError otherwise."""
     o = qw.outliers
-    parts = {QWEIGHT: qw.qweight, SCALES: qw.scales, OUTLIER_INDPTR: o.indptr, OUTLIER_INDICES: o.indices,
+    scales, zeros = qw.scales, qw.zeros
+    if qw.row_steps is not None and meta_bits != 8:
+        if group_meta_bits(qw.bits, meta_bits) != meta_bits:
+            raise ValueError(f"{prefix}: {qw.bits}-bit codes keep 8-bit steps and zeros, not {meta_bits}")
+        assert zeros is not None
+        if bool((zeros % 4).any()):
+            raise ValueError(f"{prefix}: a zero point off the quarter-code grid cannot be stored in 6 bits")
+        scales, zeros = pack_meta6(scales), pack_meta6(zeros // 4)
+    parts = {QWEIGHT: qw.qweight, SCALES: scales, OUTLIER_INDPTR: o.indptr, OUTLIER_INDICES: o.indices,
              OUTLIER_VALUES: o.values}  # fmt: skip
     if qw.row_steps is not None and o.nnz == 0:
-        parts = {QWEIGHT: qw.qweight, SCALES: qw.scales}
-    if qw.zeros is not None:  # version 3: one byte per group as it is
-        parts[QZEROS] = qw.zeros if qw.row_steps is not None else pack_zeros(qw.zeros, qw.bits)
+        parts = {QWEIGHT: qw.qweight, SCALES: scales}
+    if zeros is not None:  # version 3: one byte per group (or packed 6-bit values) as it is
+        parts[QZEROS] = zeros if qw.row_steps is not None else pack_zeros(zeros, qw.bits)
     if qw.col_scale is not None:
         parts[COL_SCALE] = qw.col_scale
     if qw.row_steps is not None:
@@ -378,9 +418,11 @@ def quantized_weight_from_tensors(
     zero_points: bool = False,
     column_scale: bool = False,
     version: int | None = None,
+    meta_bits: int = 8,
 ) -> QuantizedWeight:
-    """Validate the tensors of ``prefix`` and wrap them (inverse of :func:`layer_tensors`)."""
-    validate_layer(prefix, tensors, bits, group_size, zero_points, column_scale, version)
+    """Validate the tensors of ``prefix`` and wrap them (inverse of :func:`layer_tensors`); 6-bit group metadata
+    (``meta_bits``, :meth:`EasyQuantCheckpointConfig.meta_bits_of`) is unpacked to one byte per group."""
+    validate_layer(prefix, tensors, bits, group_size, zero_points, column_scale, version, meta_bits)
     suffixes = layer_suffixes(zero_points, column_scale, version) + optional_suffixes(column_scale, version)
     t = {s: tensors[tensor_name(prefix, s)] for s in suffixes if tensor_name(prefix, s) in tensors}
     n = t[QWEIGHT].shape[0]
@@ -390,10 +432,13 @@ def quantized_weight_from_tensors(
     else:  # version 3 without outliers
         empty = t[QWEIGHT].new_zeros(0)
         csr = OutlierCSR(t[QWEIGHT].new_zeros(n + 1), empty, empty.to(torch.float16), (n, k))
-    zeros = None
-    if zero_points:
+    zeros, scales = None, t[SCALES]
+    if version == 3 and meta_bits == 6:
+        groups = k // effective_group_size(k, group_size)
+        scales, zeros = unpack_meta6(scales, groups), unpack_meta6(t[QZEROS], groups) * 4
+    elif zero_points:
         zeros = t[QZEROS] if version == 3 else unpack_zeros(t[QZEROS], t[SCALES].shape[1], bits)
-    return QuantizedWeight(t[QWEIGHT], t[SCALES], csr, bits, group_size, zeros=zeros, col_scale=t.get(COL_SCALE),
+    return QuantizedWeight(t[QWEIGHT], scales, csr, bits, group_size, zeros=zeros, col_scale=t.get(COL_SCALE),
                            row_steps=t.get(ROW_STEPS))  # fmt: skip
 
 
@@ -405,6 +450,7 @@ def validate_layer(
     zero_points: bool = False,
     column_scale: bool = False,
     version: int | None = None,
+    meta_bits: int = 8,
 ) -> None:
     """Check one layer's tensors against the schema; raise :class:`CheckpointError` naming the tensor.
 
@@ -469,7 +515,7 @@ def validate_layer(
         raise CheckpointError(
             f"{tensor_name(prefix, QWEIGHT)}: input dim K = {k} is not a multiple of group_size {group_size}"
         )
-    for s, shape in dense_shapes(n, k, bits, group_size, version).items():
+    for s, shape in dense_shapes(n, k, bits, group_size, version, meta_bits).items():
         if s in t and tuple(t[s].shape) != shape:
             raise CheckpointError(
                 f"{tensor_name(prefix, s)}: shape {list(t[s].shape)}, expected {list(shape)} (N={n}, K={k})"
@@ -541,14 +587,16 @@ def read_quantization_config(model_dir: str | Path) -> EasyQuantCheckpointConfig
 
 
 def bits_per_weight(n: int, k: int, bits: int, group_size: int, nnz: int, zero_points: bool = False,
-                    column_scale: bool = False, version: int | None = None) -> float:  # fmt: skip
+                    column_scale: bool = False, version: int | None = None, meta_bits: int = 8) -> float:  # fmt: skip
     """Storage cost per weight, from the bytes written: codes + float16 steps + outliers (16-bit value,
     32-bit index) + indptr, plus the packed zero points and the float16 column scale where present; version 3:
-    8-bit steps and zeros per group and a float16 unit per row."""
+    steps and zeros per group (one byte each, or packed 6-bit values with ``meta_bits`` 6) and a float16 unit
+    per row."""
     g = effective_group_size(k, group_size)
     total = n * k * bits + nnz * (16 + 32) + (n + 1) * 32 * (nnz > 0 or version != 3)  # v3: no CSR when empty
     if version == 3:
-        total += n * (k // g) * 16 + n * 16
+        meta = meta6_bytes(k // g) if meta_bits == 6 else k // g
+        total += n * meta * 16 + n * 16
     else:
         total += n * (k // g) * 16
         if zero_points:
@@ -575,7 +623,8 @@ def quantized_layers(ckpt: Any, cfg: EasyQuantCheckpointConfig) -> Iterator[tupl
         tensors = {tensor_name(prefix, s): ckpt.get(tensor_name(prefix, s))
                    for s in ALL_SUFFIXES if tensor_name(prefix, s) in names}  # fmt: skip
         yield prefix, quantized_weight_from_tensors(prefix, tensors, cfg.bits_of(prefix), cfg.group_size_of(prefix),
-                                                    cfg.zero_points, cfg.column_scale, cfg.format_version)  # fmt: skip
+                                                    cfg.zero_points, cfg.column_scale, cfg.format_version,
+                                                    cfg.meta_bits_of(prefix))  # fmt: skip
 
 
 def validate_checkpoint(model_dir: str | Path) -> dict[str, Any]:
@@ -604,7 +653,8 @@ def validate_checkpoint(model_dir: str | Path) -> dict[str, Any]:
             params += n * k
             outliers += qw.outliers.nnz
             bits_total += bits_per_weight(n, k, qw.bits, qw.group_size, qw.outliers.nnz, cfg.zero_points,
-                                          qw.col_scale is not None, cfg.format_version) * n * k  # fmt: skip
+                                          qw.col_scale is not None, cfg.format_version,
+                                          cfg.meta_bits_of(prefix)) * n * k  # fmt: skip
 
     if layers == 0:
         raise CheckpointError(f"{model_dir}: config.json says easyquant but no tensor ends in .{QWEIGHT}")

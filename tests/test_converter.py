@@ -17,6 +17,7 @@ from converters.cli import validate_main
 from converters.convert import ConversionError, ConvertOptions, convert
 from converters.tiny_model import build_tiny_model
 from easyquant_vllm.format import (
+    dense_shapes,
     quantized_layers,
     quantized_weight_from_tensors,
     read_quantization_config,
@@ -69,7 +70,8 @@ def test_convert_weights_close_and_passthrough_identical(converted: tuple[Path, 
         module = name.removesuffix(".weight")
         if module in errs:
             qw = quantized_weight_from_tensors(module, out, qc.bits_of(module), qc.group_size, qc.zero_points,
-                                               qc.column_scale, qc.format_version)  # fmt: skip
+                                               qc.column_scale, qc.format_version,
+                                               qc.meta_bits_of(module))  # fmt: skip
             w_hat = qw.dequantize()
             rel = float((w_hat - w).norm() / w.norm())
             assert rel == pytest.approx(errs[module]["rel_err"], rel=1e-4)
@@ -345,6 +347,32 @@ def test_convert_format_version_3_compact_steps(tiny_llama: Path, tmp_path: Path
         convert(tiny_llama, tmp_path / "bad", ConvertOptions(format_version=3, zero_points=False), progress=False)
 
 
+@pytest.mark.parametrize("meta_bits", [6, 8])
+def test_convert_group_meta_bits(tiny_llama: Path, tmp_path: Path, meta_bits: int) -> None:
+    dst = tmp_path / f"m{meta_bits}"
+    report = convert(tiny_llama, dst, ConvertOptions(group_meta_bits=meta_bits, lm_head=True), progress=False)
+    qc = read_quantization_config(dst)
+    assert qc.group_meta_bits == meta_bits and qc.meta_bits_of("lm_head") == 8
+    assert ("group_meta_bits" in json.loads((dst / "config.json").read_text())["quantization_config"]) == (
+        meta_bits != 8
+    )
+    summary = validate_checkpoint(dst)
+    assert summary["bits_per_weight"] == pytest.approx(report["totals"]["bits_per_weight"])
+    out = _all_tensors(dst)
+    p = "model.layers.0.mlp.down_proj"
+    groups = out[f"{p}.qweight"].shape[1] * 8 // 32
+    assert out[f"{p}.scales"].shape[1] == (3 * ((groups + 3) // 4) if meta_bits == 6 else groups)
+    src = _all_tensors(tiny_llama)
+    with open_checkpoint(dst) as ckpt:
+        for module, qw in quantized_layers(ckpt, qc):
+            w = src[f"{module}.weight"].float()
+            assert float((qw.dequantize() - w).norm() / w.norm()) < 0.1, module
+            assert int(qw.scales.max()) <= (63 if meta_bits == 6 and qw.bits == 4 else 255), module
+    with pytest.raises(ConversionError, match="--group-meta-bits: narrow group metadata is format version 3's"):
+        convert(tiny_llama, tmp_path / "bad", ConvertOptions(format_version=2, group_meta_bits=6), progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_convert_refuses_a_weight_beyond_float16_range(tiny_llama: Path, tmp_path: Path) -> None:
     # Legal in bf16/fp32 checkpoints, but outliers and steps are stored in float16: a clear error, no output.
     src = tmp_path / "src"
@@ -394,8 +422,9 @@ def test_convert_lm_head_in_8_bits_by_default(tmp_path: Path) -> None:
         assert (qc.bits, qc.lm_head_bits, qc.bits_of("model.embed_tokens")) == (4, bits, bits)
         tensors = _all_tensors(out)
         assert tensors["model.embed_tokens.qweight"].shape == (512, 256 * bits // 32)
-        assert tensors["model.layers.0.mlp.down_proj.qweight"].shape[1] == tensors[
-            "model.layers.0.mlp.down_proj.scales"].shape[1] * 32 * 4 // 32  # fmt: skip
+        down = "model.layers.0.mlp.down_proj"
+        n, words = tensors[f"{down}.qweight"].shape
+        assert tensors[f"{down}.scales"].shape == dense_shapes(n, 8 * words, 4, 32, 3, qc.meta_bits_of(down))["scales"]
         row = next(r for r in report["tensors"] if r["name"] == "model.embed_tokens")
         assert bits < row["bits_per_weight"] < bits + 1
         assert validate_checkpoint(out)["layers"] == 15
@@ -514,18 +543,21 @@ def test_convert_lm_head_default_keeps_what_the_checkpoint_leaves_ambiguous(tmp_
 def test_routed_experts_stay_within_their_bits_budget(tmp_path: Path) -> None:
     # Heavy-tailed experts (Student-t, ~1.2 % past 3 sigma) keep 0.25 % outliers without a budget; with the default
     # EXPERT_MAX_BITS each expert projection stores at most 4.6 bits per weight, the cap binding (outliers kept, fewer
-    # of them), while the attention layers keep the dense cap. 1024 x 1024 experts leave room for 0.077 %.
+    # of them), while the attention layers keep the dense cap. 1024 x 1024 experts leave room for 0.077 % with one-byte
+    # steps and zeros (pinned here: 6-bit ones leave room for more than the 0.25 % cap, and the budget does not bind).
     from converters.convert import EXPERT_MAX_BITS, outlier_budget
     from easyquant_vllm.quant import QuantSpec
 
     src = build_tiny_model(tmp_path / "src", arch="qwen3_moe", hidden_size=1024, num_layers=1, num_heads=8,
                            num_kv_heads=2, num_experts=2, moe_intermediate_size=1024, vocab_size=256)  # fmt: skip
     reports = {}
-    for name, opts in (("budget", ConvertOptions()), ("none", ConvertOptions(expert_max_bits=None))):
+    for name, opts in (("budget", ConvertOptions(group_meta_bits=8)),
+                       ("none", ConvertOptions(expert_max_bits=None, group_meta_bits=8))):  # fmt: skip
         reports[name] = {t["name"]: t for t in convert(src, tmp_path / name, opts, progress=False)["tensors"]}
     experts = [n for n in reports["budget"] if ".experts." in n]
     assert len(experts) == 2 * 3
-    budget = outlier_budget(QuantSpec.for_version(3, group_size=32), 1024, 1024, EXPERT_MAX_BITS)
+    spec8 = QuantSpec.for_version(3, group_size=32, meta_bits=8)
+    budget = outlier_budget(spec8, 1024, 1024, EXPERT_MAX_BITS)
     assert 0.0005 < budget < 0.001
     for n in experts:
         capped, free = reports["budget"][n], reports["none"][n]
@@ -537,7 +569,7 @@ def test_routed_experts_stay_within_their_bits_budget(tmp_path: Path) -> None:
         for key in ("bits_per_weight", "outlier_fraction", "rel_err"):  # dense layers: not the experts' budget
             assert reports["budget"][n][key] == reports["none"][n][key], (n, key)
     # [256, 256] experts cannot hold one outlier within 4.6 bits (their dense part alone is 4.625): none, no CSR
-    assert outlier_budget(QuantSpec.for_version(3, group_size=32), 256, 256, EXPERT_MAX_BITS) == 0.0
+    assert outlier_budget(spec8, 256, 256, EXPERT_MAX_BITS) == 0.0
 
 
 @pytest.mark.parametrize("version", [1, 2, 3])
@@ -546,7 +578,7 @@ def test_outlier_budget_is_the_storage_formula_solved_for_the_outliers(version: 
     # of outliers fits max_bits, one more does not; versions 1 and 2 store the CSR row pointers even when empty.
     from converters.convert import outlier_budget
     from easyquant_vllm.format import bits_per_weight
-    from easyquant_vllm.quant import QuantSpec
+    from easyquant_vllm.quant import QuantSpec, group_meta_bits
 
     spec = QuantSpec.for_version(version, group_size=32 if version == 3 else 128)
     limit = 4.6 if version == 3 else 4.4
@@ -556,6 +588,7 @@ def test_outlier_budget_is_the_storage_formula_solved_for_the_outliers(version: 
 
         def bits(count: int, n: int = n, k: int = k) -> float:
             return bits_per_weight(n, k, spec.bits, spec.group_size, count, spec.zero_points,
-                                   spec.normalize != "none", spec.format_version)  # fmt: skip
+                                   spec.normalize != "none", spec.format_version,
+                                   group_meta_bits(spec.bits, spec.meta_bits))  # fmt: skip
 
         assert bits(nnz) <= limit < bits(nnz + 1), (n, k, nnz)

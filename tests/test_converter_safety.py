@@ -218,8 +218,8 @@ def test_convert_validates_the_output_before_committing(
     import converters.convert as conv
     from easyquant_vllm.format import layer_tensors as real_layer_tensors
 
-    def corrupt(prefix, qw):  # type: ignore[no-untyped-def]
-        t = real_layer_tensors(prefix, qw)
+    def corrupt(prefix, qw, meta_bits=8):  # type: ignore[no-untyped-def]
+        t = real_layer_tensors(prefix, qw, meta_bits)
         t[f"{prefix}.outlier_indptr"] = t[f"{prefix}.outlier_indptr"].flip(0).contiguous()  # not monotone
         return t
 

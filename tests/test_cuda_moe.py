@@ -68,6 +68,8 @@ def _experts(e: int, hidden: int, inter: int, version: int, group: int, outliers
             "many": {"outlier_threshold": 1.0, "max_outlier_fraction": 0.2}}[outliers]  # fmt: skip
     if not column_scale:
         over["normalize"] = "none"
+    if version == 3:  # one-byte steps and zeros: the kernels' whole range (6-bit ones unpack into the same bytes)
+        over["meta_bits"] = 8
     spec = QuantSpec.for_version(version, group_size=group, **over)
     out = []
     for i in range(e):

@@ -14,7 +14,16 @@ from easyquant_vllm.format import (
     quantized_weight_from_tensors,
     validate_layer,
 )
-from easyquant_vllm.quant import QuantSpec, dequantize_rows, max_row_nnz, quantize_group, unpack_codes
+from easyquant_vllm.quant import (
+    QuantSpec,
+    dequantize_rows,
+    max_row_nnz,
+    meta6_bytes,
+    pack_meta6,
+    quantize_group,
+    unpack_codes,
+    unpack_meta6,
+)
 from easyquant_vllm.quant.solvers import affine_loss, rtn_asym, solve_affine
 from easyquant_vllm.sharding import pad_rows, slice_columns, slice_rows, stack_rows
 from tests.conftest import heavy_tailed
@@ -53,15 +62,16 @@ def test_v3_reconstruction_is_the_documented_formula() -> None:
 
 
 def test_v3_recovers_a_gguf_grid_of_blocks_of_32() -> None:
+    # With one byte each for the step multiplier and the zero: the 6-bit default keeps a coarser grid of steps
+    # (a 64th of the row's largest) and zeros (quarter codes), and lands near such a grid, not on it.
     w = gguf_like(64, 256, seed=2)
-    qw = _v3(w, normalize="none", max_outlier_fraction=0.0)
+    qw = _v3(w, normalize="none", max_outlier_fraction=0.0, meta_bits=8)
     v2 = quantize_group([w], QuantSpec.for_version(2, group_size=32, normalize="none", max_outlier_fraction=0.0))[0]
     err3 = float((qw.dequantize() - w).norm() / w.norm())
     err2 = float((v2.dequantize() - w).norm() / w.norm())
-    assert err3 < 0.1 * err2, (
-        err3,
-        err2,
-    )  # the fractional zero and fitted step find the grid; v2's integer zero cannot
+    assert err3 < 0.1 * err2, (err3, err2)  # the fractional zero and fitted step find the grid; v2's cannot
+    err6 = float((_v3(w, normalize="none", max_outlier_fraction=0.0).dequantize() - w).norm() / w.norm())
+    assert err3 < err6 < 0.5 * err2, (err3, err6, err2)
 
 
 def test_solve_affine_fits_a_grid_exactly_and_never_loses_to_min_max() -> None:
@@ -175,7 +185,7 @@ def test_v3_auto_column_scale_and_outliers_keep_only_what_helps() -> None:
     # On a 16-level grid per block of 32 (a GGUF's), a column scale would move the weights off the grid and no
     # candidate outlier removes any error: auto keeps no column scale, no outliers, and stores no CSR.
     grid = gguf_like(64, 256, seed=10)
-    qw = _v3(grid)
+    qw = _v3(grid, meta_bits=8)
     assert qw.col_scale is None and qw.outliers.nnz == 0
     assert float((qw.dequantize() - grid).norm() / grid.norm()) < 0.01
     t = layer_tensors("P", qw)
@@ -191,3 +201,65 @@ def test_v3_auto_column_scale_and_outliers_keep_only_what_helps() -> None:
     assert qw.col_scale is not None and qw.outliers.nnz >= 1
     plain = _v3(w, normalize="none")
     assert float((qw.dequantize() - w).norm()) < float((plain.dequantize() - w).norm())
+
+
+# --- group_meta_bits 6: steps and zeros in 6 bits each, packed four groups to three bytes ---
+
+
+@pytest.mark.parametrize("groups", [1, 3, 4, 5, 18, 20, 280])
+def test_meta6_packing_roundtrip_and_range(groups: int) -> None:
+    v = torch.randint(0, 64, (7, groups), dtype=torch.uint8, generator=torch.Generator().manual_seed(groups))
+    packed = pack_meta6(v)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, meta6_bytes(groups)) == (7, 3 * ((groups + 3) // 4))
+    assert torch.equal(unpack_meta6(packed, groups), v)
+    # the documented layout: group 4j + i in bits 6i.. of the 24-bit little-endian word of bytes 3j..3j+2
+    word = [int(packed[0, 0]) | int(packed[0, 1]) << 8 | int(packed[0, 2]) << 16]
+    assert [(word[0] >> (6 * i)) & 63 for i in range(min(groups, 4))] == v[0, :4].tolist()
+    with pytest.raises(ValueError, match=r"must lie in \[0, 63\]"):
+        pack_meta6(torch.full((1, groups), 64, dtype=torch.int32))
+
+
+def test_meta6_quantizer_stays_on_its_grid_and_costs_little() -> None:
+    w = heavy_tailed(64, 256, seed=21)
+    wide, narrow = _v3(w, meta_bits=8), _v3(w, meta_bits=6)
+    assert int(narrow.scales.max()) <= 63 and not bool((narrow.zeros % 4).any())  # quarter codes, in sixteenths
+    err = [float((q.dequantize() - w).norm() / w.norm()) for q in (wide, narrow)]
+    assert err[0] <= err[1] < 1.1 * err[0]  # the narrower grid of steps and zeros costs a little error
+    assert narrow.stats is not None and narrow.stats.rel_err == pytest.approx(err[1], rel=1e-5)
+    # 8-bit codes keep one byte each (group_meta_bits applies to 4-bit layers)
+    eight = _v3(w, bits=8, meta_bits=6)
+    assert torch.equal(eight.scales, _v3(w, bits=8).scales) and int(eight.scales.max()) == 255
+
+
+def test_meta6_layer_roundtrip_validation_and_bits() -> None:
+    w = heavy_tailed(32, 640, seed=22)  # 20 groups of 32: five packed words per row
+    w[1, 2] = 0.8
+    qw = _v3(w, meta_bits=6, normalize="sinkhorn")
+    t = layer_tensors("P", qw, 6)
+    assert t["P.scales"].shape == t["P.qzeros"].shape == (32, 15) and t["P.scales"].dtype == torch.uint8
+    back = quantized_weight_from_tensors("P", t, 4, 32, True, True, 3, 6)
+    assert torch.equal(back.scales, qw.scales) and torch.equal(back.zeros, qw.zeros)
+    assert torch.equal(back.dequantize(), qw.dequantize())
+    written = sum(x.numel() * x.element_size() * 8 for x in t.values())
+    assert bits_per_weight(32, 640, 4, 32, qw.outliers.nnz, True, True, 3, 6) * 32 * 640 == written
+    # a one-byte layout read as packed (or the reverse) is refused by its shape, naming the tensor
+    with pytest.raises(CheckpointError, match=r"P.scales: shape \[32, 20\], expected \[32, 15\]"):
+        validate_layer("P", layer_tensors("P", qw), 4, 32, True, True, 3, 6)
+    with pytest.raises(CheckpointError, match=r"P.scales: shape \[32, 15\], expected \[32, 20\]"):
+        validate_layer("P", t, 4, 32, True, True, 3)
+    with pytest.raises(ValueError, match="off the quarter-code grid"):
+        layer_tensors("P", _v3(w, meta_bits=8), 6)
+    with pytest.raises(ValueError, match="8-bit codes keep 8-bit steps"):
+        layer_tensors("P", _v3(w, bits=8), 6)
+
+
+def test_meta6_config_key() -> None:
+    base = {"quant_method": "easyquant", "format_version": 3, "bits": 4, "group_size": 32, "zero_points": True}
+    cfg = EasyQuantCheckpointConfig.from_dict({**base, "group_meta_bits": 6, "lm_head": True, "lm_head_bits": 8})
+    assert cfg.group_meta_bits == 6 and cfg.to_dict()["group_meta_bits"] == 6
+    assert cfg.meta_bits_of("model.layers.0.mlp.down_proj") == 6 and cfg.meta_bits_of("lm_head") == 8
+    assert "group_meta_bits" not in EasyQuantCheckpointConfig.from_dict(base).to_dict()  # 8: read as before the key
+    with pytest.raises(CheckpointError, match=r"group_meta_bits = 7 is not supported"):
+        EasyQuantCheckpointConfig.from_dict({**base, "group_meta_bits": 7})
+    with pytest.raises(CheckpointError, match=r"group_meta_bits needs format_version 3"):
+        EasyQuantCheckpointConfig.from_dict({**base, "format_version": 2, "group_meta_bits": 6})

@@ -113,3 +113,46 @@ def unpack_zeros(packed: torch.Tensor, groups: int, bits: int) -> torch.Tensor:
 def zeros_bytes(groups: int, bits: int) -> int:
     """Bytes per row of packed zero points."""
     return (groups * bits + 7) // 8
+
+
+# --- format version 3's group metadata at 6 bits (``group_meta_bits: 6``) ---
+
+META_BITS = (6, 8)
+"""Widths of a version-3 group's step multiplier ``a`` and zero ``zq`` (config.json's ``group_meta_bits``): 8, one
+byte each, as version 3 began; 6, four values in three bytes (:func:`pack_meta6`)."""
+
+
+def group_meta_bits(bits: int, meta_bits: int) -> int:
+    """The metadata width a version-3 layer with ``bits``-bit codes has in a checkpoint of ``meta_bits``: narrow
+    metadata applies to 4-bit layers, where it is an eighth of the layer's bytes at groups of 32; 8-bit layers (a
+    quantized lm_head) keep one byte each."""
+    if meta_bits not in META_BITS:
+        raise ValueError(f"unsupported group_meta_bits = {meta_bits}; supported: {list(META_BITS)}")
+    return meta_bits if bits == 4 else 8
+
+
+def meta6_bytes(groups: int) -> int:
+    """Bytes per row of :func:`pack_meta6`: three per four groups, the last four padded."""
+    return 3 * ((groups + 3) // 4)
+
+
+def pack_meta6(v: torch.Tensor) -> torch.Tensor:
+    """``[N, groups]`` values in ``[0, 63]`` -> ``[N, meta6_bytes(groups)]`` uint8: each run of four groups is one
+    24-bit little-endian word ``v0 | v1 << 6 | v2 << 12 | v3 << 18`` in three bytes (missing groups are 0)."""
+    n, groups = v.shape
+    if v.numel() and (int(v.max()) > 63 or int(v.min()) < 0):
+        raise ValueError(f"6-bit group metadata must lie in [0, 63], got [{int(v.min())}, {int(v.max())}]")
+    pad = (-groups) % 4
+    v = torch.nn.functional.pad(v.to(torch.int32), (0, pad)).view(n, -1, 4)
+    word = v[..., 0] | (v[..., 1] << 6) | (v[..., 2] << 12) | (v[..., 3] << 18)  # [N, groups/4] int32, 24 bits
+    out = torch.stack([word & 0xFF, (word >> 8) & 0xFF, word >> 16], dim=-1)
+    return out.reshape(n, -1).to(torch.uint8).contiguous()
+
+
+def unpack_meta6(packed: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of :func:`pack_meta6`: ``[N, groups]`` uint8 in ``[0, 63]``."""
+    n = packed.shape[0]
+    b = packed.to(torch.int32).view(n, -1, 3)
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+    v = torch.stack([(word >> (6 * j)) & 0x3F for j in range(4)], dim=-1)
+    return v.reshape(n, -1)[:, :groups].to(torch.uint8).contiguous()

@@ -21,7 +21,7 @@ import torch
 
 from .normalize import sinkhorn_column_scale
 from .outliers import OutlierCSR, csr_from_coordinates, rows_from_indptr, select_outliers
-from .packing import check_bits, code_offset, code_range, pack_codes, pack_factor, unpack_codes
+from .packing import check_bits, code_offset, code_range, group_meta_bits, pack_codes, pack_factor, unpack_codes
 from .solvers import (
     AdamParams,
     SearchParams,
@@ -68,17 +68,18 @@ FORMAT_DEFAULTS: dict[int, dict[str, Any]] = {
     # The paper's method, as format version 1 stores it: symmetric codes, 1 % outliers, clip-ratio search +
     # alternating least squares.
     1: {"zero_points": False, "normalize": "none", "max_outlier_fraction": 0.01, "search": SearchParams(),
-        "compact_steps": False, "outlier_min_gain": 0.0},
+        "compact_steps": False, "outlier_min_gain": 0.0, "meta_bits": 8},
     # Measured best on SmolLM2 and Gemma-3 (docs/results.md): zero points, Sinkhorn column scales, 0.25 %
     # outliers, and a range chosen by the 4th power of the error among 0.9 / 0.95 / 1.0 of min-max.
     2: {"zero_points": True, "normalize": "sinkhorn", "max_outlier_fraction": 0.0025,
         "search": SearchParams(grid_min=0.9, grid_points=3, lsq_iters=0, power=4.0), "compact_steps": False,
-        "outlier_min_gain": 0.0},
-    # Compact steps (8-bit multiples of a per-row unit) and zeros in sixteenths of a code: groups of 32 for about
-    # the bits of version 2's groups of 64; the column scale and the outliers per layer where they remove error
-    # (docs/results.md).
+        "outlier_min_gain": 0.0, "meta_bits": 8},
+    # Compact steps (6-bit multiples of a per-row unit) and zeros in quarters of a code, 12 bits per group: groups
+    # of 32 for fewer bits than version 2's groups of 64; the column scale and the outliers per layer where they
+    # remove error (docs/results.md).
     3: {"zero_points": True, "normalize": "auto", "max_outlier_fraction": 0.0025, "outlier_min_gain": 16.0,
-        "compact_steps": True, "search": SearchParams(grid_min=1.0, grid_points=1, lsq_iters=2, power=2.0)},
+        "compact_steps": True, "search": SearchParams(grid_min=1.0, grid_points=1, lsq_iters=2, power=2.0),
+        "meta_bits": 6},
 }  # fmt: skip
 """The one definition of each format version's method defaults: :meth:`QuantSpec.for_version` reads it, and
 the converter, the checkpoint config and the tests go through that."""
@@ -112,6 +113,11 @@ class QuantSpec:
     """Format version 3: each group's step is an 8-bit multiple of a per-row float16 unit and its zero point a
     number of sixteenths of a code (8 bits), so that small groups (32 columns) cost 16 bits each; needs
     ``zero_points``. The range is fitted with a real zero (:func:`.solvers.solve_affine`)."""
+    meta_bits: int = _DEFAULTS.get("meta_bits", 8)
+    """Format version 3 (config.json's ``group_meta_bits``): the width of each group's step multiplier ``a``
+    (``0 .. 2**meta_bits - 1``) and zero (a multiple of ``2**(8 - meta_bits)`` sixteenths of a 4-bit code), for
+    layers with 4-bit codes (:func:`.packing.group_meta_bits`: 8-bit layers keep 8). In memory both stay one byte
+    per group, as version 3 began; the checkpoint packs 6-bit ones (docs/format.md)."""
     outlier_min_gain: float = _DEFAULTS["outlier_min_gain"]
     """Format version 3: keep a candidate outlier only where it removes more than this many times the mean squared
     error of the other entries (0 keeps every candidate, as versions 1 and 2 do)."""
@@ -151,6 +157,7 @@ class QuantSpec:
             raise ValueError("the paper's Adam optimiser is symmetric; zero points need method search or rtn")
         if self.compact_steps and not self.zero_points:
             raise ValueError("compact steps (format version 3) store a zero point per group: they need zero_points")
+        group_meta_bits(self.bits, self.meta_bits)  # a supported width
         if self.normalize == "auto" and not self.compact_steps:
             raise ValueError("normalize auto (a column scale per layer or none) needs format version 3: versions 1 "
                              "and 2 store a column scale on every layer or on none")  # fmt: skip
@@ -392,7 +399,10 @@ def _quantize_compact(
     out_device = w.device
     g = effective_group_size(k, spec.group_size)
     groups, top = k // g, (1 << spec.bits) - 1
-    unit = zero_unit(spec.bits)
+    # meta_bits < 8: a in 0 .. 2**meta_bits - 1 and the zero in steps of z_step sixteenths (stored as sixteenths)
+    meta_bits = group_meta_bits(spec.bits, spec.meta_bits)
+    a_top, z_top, z_step = (1 << meta_bits) - 1, (1 << meta_bits) - 1, 1 << (8 - meta_bits)
+    unit = zero_unit(spec.bits) * z_step
     ratios = tuple(torch.linspace(1.0, spec.search.grid_min, spec.search.grid_points, dtype=torch.float64).tolist())
     if spec.method == "rtn":
         ratios, lsq_iters = (1.0,), 0
@@ -434,17 +444,17 @@ def _quantize_compact(
             mg[plain_groups] = 1.0  # their candidates are ordinary entries now
         # Per row: the unit d (float16) and each group's multiplier a; a row of zeros keeps d = 0.
         s_rows = s.view(r1 - r0, groups)
-        d = (s_rows.amax(1) / 255).to(torch.float16).float()
+        d = (s_rows.amax(1) / a_top).to(torch.float16).float()
         d_safe = torch.where(d > 0, d, torch.ones_like(d)).unsqueeze(1)
-        a = torch.where(d.unsqueeze(1) > 0, torch.round(s_rows / d_safe).clamp(0, 255), torch.zeros_like(s_rows))
+        a = torch.where(d.unsqueeze(1) > 0, torch.round(s_rows / d_safe).clamp(0, a_top), torch.zeros_like(s_rows))
         s_q = (d.unsqueeze(1) * a).reshape(-1)  # exact in float32
         # The zero for the stored step: keep the fitted offset s * z, in units of the zero's 8 bits.
         s_q_safe = torch.where(s_q > 0, s_q, torch.ones_like(s_q))
-        zq = torch.where(s_q > 0, torch.round(s * z / s_q_safe / unit), torch.round(z / unit)).clamp_(0, 255)
+        zq = torch.where(s_q > 0, torch.round(s * z / s_q_safe / unit), torch.round(z / unit)).clamp_(0, z_top)
         # The neighbouring zero on the side the rounding went away from: rounding a and zq separately can miss
         # the better pair.
         z_exact = torch.where(s_q > 0, s * z / s_q_safe / unit, zq)
-        cand = torch.where(z_exact > zq, zq + 1, zq - 1).clamp_(0, 255)
+        cand = torch.where(z_exact > zq, zq + 1, zq - 1).clamp_(0, z_top)
         better = affine_loss(xg, s_q, cand * unit, spec.bits, mg) < affine_loss(xg, s_q, zq * unit, spec.bits, mg)
         zq = torch.where(better, cand, zq)
         zf = zq * unit
@@ -465,7 +475,7 @@ def _quantize_compact(
             residual_parts.append((block[kr, kc] - dense[kr, kc]).to(out_device))
         qweight[r0:r1] = pack_codes(u.to(torch.uint8), spec.bits).to(out_device)
         mult[r0:r1] = a.to(torch.uint8).to(out_device)
-        zeros[r0:r1] = zq.view(r1 - r0, groups).to(torch.uint8).to(out_device)
+        zeros[r0:r1] = (zq.view(r1 - r0, groups) * z_step).to(torch.uint8).to(out_device)
         row_steps[r0:r1] = d.to(torch.float16).to(out_device)
         if with_stats:
             err = dense - block
