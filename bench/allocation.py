@@ -7,6 +7,7 @@ them, and ``per_weight=False`` tries the other weighting (every layer alike inst
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -16,22 +17,50 @@ from converters.convert import allocation_unit
 from easyquant_vllm.quant import QuantizedWeight, QuantSpec, quantize_group
 from easyquant_vllm.quant.allocate import Candidate, allocate
 
-__all__ = ["allocate", "allocation_unit", "measure"]
+__all__ = ["PRIORS", "allocate", "allocation_unit", "measure"]
+
+# Data-free coefficients per layer for the allocation's objective (``--allocate --sweep``), after llama.cpp's
+# Q4_K_M recipe, which gives attn_v and ffn_down more bits, and more in the first and last eighth of the layers and
+# every third layer between (its ``use_more_bits``). Each maps (layer leaf name, layer index, layer count) to a
+# multiplier of the layer's error; the converter's rule is 1 everywhere.
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def _more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+PRIORS: dict[str, Callable[[str, int, int], float]] = {
+    "v and down x2": lambda leaf, i, n: 2.0 if leaf in ("v_proj", "down_proj") else 1.0,
+    "v and down x4": lambda leaf, i, n: 4.0 if leaf in ("v_proj", "down_proj") else 1.0,
+    "llama.cpp's layers x2": lambda leaf, i, n: 2.0 if leaf in ("v_proj", "down_proj") and _more_bits(i, n) else 1.0,
+    "first and last eighth x2": lambda leaf, i, n: 2.0 if i < n // 8 or i >= 7 * n // 8 else 1.0,
+}
 
 
 def measure(
     originals: dict[str, torch.Tensor],
     specs: Sequence[QuantSpec],
     groups: Callable[[list[str], QuantSpec], list[list[str]]],
-    stored_bits: Callable[[QuantizedWeight], int],
+    stored_bits: Callable[[QuantizedWeight, QuantSpec], int],
     per_weight: bool | str = False,
+    prior: str | None = None,
 ) -> dict[str, list[Candidate]]:
     """``{unit: [Candidate per spec]}`` from every row; a spec whose group size does not divide a unit's K costs
     infinite error. ``per_weight``: True, each layer's relative squared error counts times its number of weights
     (the converter's rule); False, once per layer; ``"rows"``, each row's relative squared error times its length;
-    ``"abs"``, the absolute squared error ``||W - W'||^2`` (the last two tried by ``--allocate --sweep``)."""
+    ``"abs"``, the absolute squared error ``||W - W'||^2`` (the last two tried by ``--allocate --sweep``). ``prior``:
+    a key of :data:`PRIORS`, each layer's error times its multiplier."""
     if per_weight not in (True, False, "rows", "abs"):
         raise ValueError(f"per_weight: True, False, 'rows' or 'abs', got {per_weight!r}")
+    depth = 1 + max((int(m.group(1)) for n in originals if (m := _LAYER.search(n))), default=0)
+
+    def coefficient(name: str) -> float:
+        if prior is None:
+            return 1.0
+        m = _LAYER.search(name)
+        return PRIORS[prior](name.split(".")[-2], int(m.group(1)) if m else 0, depth)
+
     bits: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(specs))
     error: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(specs))
     for i, spec in enumerate(specs):
@@ -51,6 +80,6 @@ def measure(
                     e = float((d2.sum(1) / w.square().sum(1).clamp_min(1e-30)).sum()) * w.shape[1]
                 else:
                     e = rel * w.numel() if per_weight else rel
-                error[allocation_unit(name)][i] += e
-                bits[allocation_unit(name)][i] += stored_bits(qw)
+                error[allocation_unit(name)][i] += e * coefficient(name)
+                bits[allocation_unit(name)][i] += stored_bits(qw, spec)
     return {u: [Candidate(b, e) for b, e in zip(bits[u], error[u], strict=True)] for u in bits}

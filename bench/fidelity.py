@@ -62,6 +62,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.allocation import PRIORS  # noqa: E402
 from bench.quality import (  # noqa: E402
     MODELS,
     WINDOW,
@@ -278,8 +279,12 @@ def allocate_variants(info: ModelInfo) -> list[Row]:
         ("outliers priced as int32 positions, caps 0.1 / 0.05 % too",
          {"outliers_as": "positions", "caps": [0.001, 0.0005]}),
     ]  # fmt: skip
+    variants += [(f"prior: {name}", {"prior": name}) for name in PRIORS]
+    variants += [("8-bit steps and zeros", {"meta_bits": [8]})]  # the rule before 6-bit ones became the default
     rows = [Row(f"v3 g{gs}, four starts", "eq", gs, eq_spec(3, gs, search=FOUR_STARTS), tags={"sweep": "four starts"})
             for gs in info.v3_groups]  # fmt: skip
+    rows += [Row(f"v3 g{gs}, {mb}-bit steps and zeros", "eq", gs, eq_spec(3, gs, meta_bits=mb),
+                 tags={"sweep": f"meta_bits {mb}"}) for mb in (6, 8) for gs in info.v3_groups]  # fmt: skip
     rows += [Row(f"{label}, {what}", "eq", 32, eq_spec(3, 32), tags={"allocate": {**rule, **over}})
              for what, over in variants]  # fmt: skip
     return rows

@@ -68,6 +68,7 @@ from easyquant_vllm.quant import (  # noqa: E402
     DEFAULT_FORMAT_VERSION,
     QuantizedWeight,
     QuantSpec,
+    group_meta_bits,
     quantize_group,
     select_outliers,
 )
@@ -285,14 +286,16 @@ def nf4_dequant(w: torch.Tensor, block: int = 64) -> torch.Tensor:
     return (NF4_CODEBOOK[codes] * absmax).reshape(w.shape)
 
 
-def stored_bits(qw: QuantizedWeight, outliers_as: str | None = None) -> int:
+def stored_bits(qw: QuantizedWeight, outliers_as: str | None = None, meta_bits: int = 8) -> int:
     """Bits the checkpoint stores for one layer: every tensor ``format.layer_tensors`` writes for it.
 
     ``outliers_as`` counts the outliers in a storage the format does not have, to price it (``--allocate
     --sweep``): ``"int16"``, int16 columns and an int16 count per row instead of int32 columns and row pointers;
-    ``"positions"``, one int32 position ``n * K + k`` per outlier and no row pointers."""
+    ``"positions"``, one int32 position ``n * K + k`` per outlier and no row pointers. ``meta_bits``: a version-3
+    weight's ``QuantSpec.meta_bits``, its steps and zeros stored as the converter stores them."""
     out = 0
-    for name, t in layer_tensors("layer", qw).items():
+    meta_bits = group_meta_bits(qw.bits, meta_bits) if qw.row_steps is not None else 8
+    for name, t in layer_tensors("layer", qw, meta_bits).items():
         bits = t.numel() * t.element_size() * 8
         if outliers_as == "int16" and name.endswith((".outlier_indices", ".outlier_indptr")):
             bits = (t.numel() - name.endswith(".outlier_indptr")) * 16
@@ -377,24 +380,27 @@ def allocated_dequant(params: dict[str, torch.Tensor], originals: dict[str, torc
 
     Variants (``--allocate --sweep``): ``how["per_weight"]`` the objective (:func:`bench.allocation.measure`),
     ``how["caps"]`` more outlier caps per group size, ``how["groups8"]`` 8-bit layouts at those group sizes,
-    ``how["search"]`` another range search, ``how["outliers_as"]`` the outliers priced in another storage
+    ``how["search"]`` another range search, ``how["meta_bits"]`` the widths of the layouts' steps and zeros
+    (``QuantSpec.meta_bits``; default the format's), ``how["prior"]`` a data-free coefficient per layer
+    (:data:`bench.allocation.PRIORS`), ``how["outliers_as"]`` the outliers priced in another storage
     (:func:`stored_bits`; the bits reported are then that storage's)."""
     from bench.allocation import allocate, allocation_unit, measure
 
-    specs = [eq_spec(3, g, **over) for g in how["groups"]
+    metas = how.get("meta_bits", [eq_spec(3, 32).meta_bits])  # the format's default width
+    specs = [eq_spec(3, g, meta_bits=m, **over) for m in metas for g in how["groups"]
              for over in ([{}, {"max_outlier_fraction": 0.0}] if how["outliers"] else [{}])]  # fmt: skip
     specs += [eq_spec(3, g, max_outlier_fraction=c) for g in how["groups"] for c in how.get("caps", ())]
     specs += [eq_spec(3, g, bits=8, max_outlier_fraction=0.0) for g in how.get("groups8", ())]
     if "search" in how:
         specs = [replace(s, search=how["search"]) for s in specs]
 
-    def cost_bits(qw: QuantizedWeight) -> int:
-        return stored_bits(qw, how.get("outliers_as"))
+    def cost_bits(qw: QuantizedWeight, spec: QuantSpec) -> int:
+        return stored_bits(qw, how.get("outliers_as"), spec.meta_bits)
 
     v2 = eq_spec(2, how["budget_v2_group"])
     budget = sum(stored_bits(qw) for group in eq_groups(list(originals), v2)
                  for qw in quantize_group([originals[n] for n in group], v2, with_stats=False))  # fmt: skip
-    costs = measure(originals, specs, eq_groups, cost_bits, how.get("per_weight", False))
+    costs = measure(originals, specs, eq_groups, cost_bits, how.get("per_weight", False), how.get("prior"))
     choice = allocate(costs, budget)
     bits = total = nnz = 0
     for i, spec in enumerate(specs):
@@ -403,9 +409,10 @@ def allocated_dequant(params: dict[str, torch.Tensor], originals: dict[str, torc
             for name, qw in zip(group, quantize_group([originals[n] for n in group], spec, with_stats=False),
                                 strict=True):  # fmt: skip
                 params[name].data.copy_(qw.dequantize())
-                bits, nnz, total = bits + cost_bits(qw), nnz + qw.outliers.nnz, total + qw.shape[0] * qw.shape[1]
-    labels = [f"{s.bits}-bit g{s.group_size}" + (f", outliers {100 * s.max_outlier_fraction:g} %" if
-              s.max_outlier_fraction else "") for s in specs]  # fmt: skip
+                bits, nnz, total = bits + cost_bits(qw, spec), nnz + qw.outliers.nnz, total + qw.shape[0] * qw.shape[1]
+    labels = [f"{s.bits}-bit g{s.group_size}" + (f", {s.meta_bits}-bit steps" if s.meta_bits < 8 else "") +
+              (f", outliers {100 * s.max_outlier_fraction:g} %" if s.max_outlier_fraction else "")
+              for s in specs]  # fmt: skip
     counts = {label: sum(labels[i] == label for i in choice.values()) for label in labels}
     print(f"    allocation within {budget / total:.3f} bits: {counts}", flush=True)
     return bits, total, nnz
@@ -435,7 +442,7 @@ def apply_row(params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor
             for name, qw in zip(group, quantize_group([originals[n] for n in group], head, with_stats=False),
                                 strict=True):  # fmt: skip
                 params[name].data.copy_(qw.dequantize())
-                bits += stored_bits(qw)
+                bits += stored_bits(qw, meta_bits=head.meta_bits)
                 nnz += qw.outliers.nnz
                 total += qw.shape[0] * qw.shape[1]
     else:
