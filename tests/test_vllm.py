@@ -263,7 +263,7 @@ def test_vllm_fused_shards_at_different_group_sizes_run_apart(tiny_llama: Path, 
     def requantize(t: dict) -> None:
         for name in [n for n in t if n.startswith(q + ".")]:
             del t[name]
-        t.update(layer_tensors(q, qw))
+        t.update(layer_tensors(q, qw, cfg["quantization_config"].get("group_meta_bits", 8)))
 
     bad = _broken(llama_eq_mixed, tmp_path / "mixed", requantize)
     (bad / "config.json").write_text(json.dumps(cfg))
