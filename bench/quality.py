@@ -286,14 +286,16 @@ def nf4_dequant(w: torch.Tensor, block: int = 64) -> torch.Tensor:
     return (NF4_CODEBOOK[codes] * absmax).reshape(w.shape)
 
 
-def stored_bits(qw: QuantizedWeight, outliers_as: str | None = None, meta_bits: int = 8) -> int:
+def stored_bits(qw: QuantizedWeight, outliers_as: str | None = None, meta_bits: int | None = None) -> int:
     """Bits the checkpoint stores for one layer: every tensor ``format.layer_tensors`` writes for it.
 
     ``outliers_as`` counts the outliers in a storage the format does not have, to price it (``--allocate
     --sweep``): ``"int16"``, int16 columns and an int16 count per row instead of int32 columns and row pointers;
     ``"positions"``, one int32 position ``n * K + k`` per outlier and no row pointers. ``meta_bits``: a version-3
-    weight's ``QuantSpec.meta_bits``, its steps and zeros stored as the converter stores them."""
+    weight's ``QuantSpec.meta_bits`` (default: the format's default), its steps and zeros stored as the converter
+    stores them."""
     out = 0
+    meta_bits = QuantSpec().meta_bits if meta_bits is None else meta_bits
     meta_bits = group_meta_bits(qw.bits, meta_bits) if qw.row_steps is not None else 8
     for name, t in layer_tensors("layer", qw, meta_bits).items():
         bits = t.numel() * t.element_size() * 8
@@ -362,7 +364,7 @@ def rotated_dequant(
     out, bits, nnz = [], 0, 0
     for w, pick, qw in zip(ws, picks, quantize_group(dense, qspec, with_stats=False), strict=True):
         wq = rotate(qw.dequantize(), g, inverse=True)
-        bits += stored_bits(qw)
+        bits += stored_bits(qw, meta_bits=spec.meta_bits)
         nnz += qw.outliers.nnz
         if pick is not None and pick[0].numel():
             wq[pick] = w.float()[pick]

@@ -135,7 +135,7 @@ class EasyQuantCheckpointConfig:
     lm_head: bool = False
     lm_head_bits: int | None = None
     group_sizes: dict[str, int] = field(default_factory=dict)
-    group_meta_bits: int = _DEFAULT_SPEC.meta_bits  # absent from config.json: 8, as version 3 began
+    group_meta_bits: int = _DEFAULT_SPEC.meta_bits  # the converter's default; from_dict reads an absent key as 8
 
     @classmethod
     def from_spec(cls, spec: QuantSpec, modules_to_not_convert: list[str] | None = None,
@@ -370,9 +370,10 @@ def tensor_name(prefix: str, suffix: str) -> str:
 def dense_shapes(n: int, k: int, bits: int, group_size: int, version: int | None = None,
                  meta_bits: int = 8) -> dict[str, tuple[int, ...]]:  # fmt: skip
     """Shapes of the fixed-size tensors of an ``[N, K]`` weight (the CSR arrays' nnz is data); ``meta_bits`` the
-    layer's width of version 3's steps and zeros (:meth:`EasyQuantCheckpointConfig.meta_bits_of`)."""
+    checkpoint's ``group_meta_bits`` (applied to 4-bit layers, :func:`.quant.packing.group_meta_bits`)."""
     groups = k // effective_group_size(k, group_size)
-    meta = (n, meta6_bytes(groups)) if version == 3 and meta_bits == 6 else (n, groups)
+    packed = version == 3 and group_meta_bits(bits, meta_bits) == 6  # 8-bit codes keep bytes (packing.py)
+    meta = (n, meta6_bytes(groups)) if packed else (n, groups)
     return {
         QWEIGHT: (n, k // pack_factor(bits)),
         SCALES: meta,
@@ -385,14 +386,12 @@ def dense_shapes(n: int, k: int, bits: int, group_size: int, version: int | None
 
 def layer_tensors(prefix: str, qw: QuantizedWeight, meta_bits: int = 8) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one quantized linear (five, plus the version-2 ones it has), keyed by full
-    name, in file order. A version-3 layer without outliers stores no CSR arrays. ``meta_bits`` 6 (a version-3
-    layer of a checkpoint with ``group_meta_bits: 6`` and 4-bit codes): its steps and zeros packed, which must
-    then fit 6 bits (the quantizer's ``QuantSpec.meta_bits``); ValueError otherwise."""
+    name, in file order. A version-3 layer without outliers stores no CSR arrays. ``meta_bits``: the checkpoint's
+    ``group_meta_bits``; with 6 a 4-bit layer's steps and zeros are packed and must fit 6 bits (the quantizer's
+    ``QuantSpec.meta_bits``; ValueError otherwise), an 8-bit layer keeps bytes."""
     o = qw.outliers
     scales, zeros = qw.scales, qw.zeros
-    if qw.row_steps is not None and meta_bits != 8:
-        if group_meta_bits(qw.bits, meta_bits) != meta_bits:
-            raise ValueError(f"{prefix}: {qw.bits}-bit codes keep 8-bit steps and zeros, not {meta_bits}")
+    if qw.row_steps is not None and group_meta_bits(qw.bits, meta_bits) == 6:
         assert zeros is not None
         if bool((zeros % 4).any()):
             raise ValueError(f"{prefix}: a zero point off the quarter-code grid cannot be stored in 6 bits")
@@ -420,8 +419,9 @@ def quantized_weight_from_tensors(
     version: int | None = None,
     meta_bits: int = 8,
 ) -> QuantizedWeight:
-    """Validate the tensors of ``prefix`` and wrap them (inverse of :func:`layer_tensors`); 6-bit group metadata
-    (``meta_bits``, :meth:`EasyQuantCheckpointConfig.meta_bits_of`) is unpacked to one byte per group."""
+    """Validate the tensors of ``prefix`` and wrap them (inverse of :func:`layer_tensors`); ``meta_bits`` the
+    checkpoint's ``group_meta_bits``: a 4-bit layer's packed 6-bit steps and zeros are unpacked to one byte per
+    group (8-bit layers have bytes)."""
     validate_layer(prefix, tensors, bits, group_size, zero_points, column_scale, version, meta_bits)
     suffixes = layer_suffixes(zero_points, column_scale, version) + optional_suffixes(column_scale, version)
     t = {s: tensors[tensor_name(prefix, s)] for s in suffixes if tensor_name(prefix, s) in tensors}
@@ -433,7 +433,7 @@ def quantized_weight_from_tensors(
         empty = t[QWEIGHT].new_zeros(0)
         csr = OutlierCSR(t[QWEIGHT].new_zeros(n + 1), empty, empty.to(torch.float16), (n, k))
     zeros, scales = None, t[SCALES]
-    if version == 3 and meta_bits == 6:
+    if version == 3 and group_meta_bits(bits, meta_bits) == 6:
         groups = k // effective_group_size(k, group_size)
         scales, zeros = unpack_meta6(scales, groups), unpack_meta6(t[QZEROS], groups) * 4
     elif zero_points:
@@ -520,6 +520,11 @@ def validate_layer(
             raise CheckpointError(
                 f"{tensor_name(prefix, s)}: shape {list(t[s].shape)}, expected {list(shape)} (N={n}, K={k})"
             )
+    groups = k // effective_group_size(k, group_size)
+    if version == 3 and group_meta_bits(bits, meta_bits) == 6 and groups % 4:
+        for s in (SCALES, QZEROS):  # the last packed word's missing groups are 0 (docs/format.md)
+            if bool(unpack_meta6(t[s][:, -3:], 4)[:, groups % 4 :].any()):
+                raise CheckpointError(f"{tensor_name(prefix, s)}: the padding after group {groups - 1} is not 0")
     nnz = t[OUTLIER_INDICES].numel()
     if t[OUTLIER_VALUES].numel() != nnz:
         raise CheckpointError(
@@ -595,7 +600,7 @@ def bits_per_weight(n: int, k: int, bits: int, group_size: int, nnz: int, zero_p
     g = effective_group_size(k, group_size)
     total = n * k * bits + nnz * (16 + 32) + (n + 1) * 32 * (nnz > 0 or version != 3)  # v3: no CSR when empty
     if version == 3:
-        meta = meta6_bytes(k // g) if meta_bits == 6 else k // g
+        meta = meta6_bytes(k // g) if group_meta_bits(bits, meta_bits) == 6 else k // g
         total += n * meta * 16 + n * 16
     else:
         total += n * (k // g) * 16
@@ -624,7 +629,7 @@ def quantized_layers(ckpt: Any, cfg: EasyQuantCheckpointConfig) -> Iterator[tupl
                    for s in ALL_SUFFIXES if tensor_name(prefix, s) in names}  # fmt: skip
         yield prefix, quantized_weight_from_tensors(prefix, tensors, cfg.bits_of(prefix), cfg.group_size_of(prefix),
                                                     cfg.zero_points, cfg.column_scale, cfg.format_version,
-                                                    cfg.meta_bits_of(prefix))  # fmt: skip
+                                                    cfg.group_meta_bits)  # fmt: skip
 
 
 def validate_checkpoint(model_dir: str | Path) -> dict[str, Any]:
@@ -654,7 +659,7 @@ def validate_checkpoint(model_dir: str | Path) -> dict[str, Any]:
             outliers += qw.outliers.nnz
             bits_total += bits_per_weight(n, k, qw.bits, qw.group_size, qw.outliers.nnz, cfg.zero_points,
                                           qw.col_scale is not None, cfg.format_version,
-                                          cfg.meta_bits_of(prefix)) * n * k  # fmt: skip
+                                          cfg.group_meta_bits) * n * k  # fmt: skip
 
     if layers == 0:
         raise CheckpointError(f"{model_dir}: config.json says easyquant but no tensor ends in .{QWEIGHT}")

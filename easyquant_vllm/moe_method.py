@@ -180,7 +180,7 @@ class EasyQuantMoEMethod(FusedMoEMethodBase):
                 named = {tensor_name(name, s): t.to("cpu") for s, t in tensors.items()}
                 qw = quantized_weight_from_tensors(name, named, self.bits, self.group_size, ckpt.zero_points,
                                                    ckpt.column_scale, ckpt.format_version,
-                                                   ckpt.meta_bits_of(name))  # fmt: skip
+                                                   ckpt.group_meta_bits)  # fmt: skip
                 expected = (state.hidden, state.intermediate) if shard == "w2" else (state.intermediate, state.hidden)
                 if qw.shape != expected:
                     raise CheckpointError(

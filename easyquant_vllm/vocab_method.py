@@ -94,7 +94,7 @@ class EasyQuantVocabMethod(EasyQuantLinearMethod):
         named = {tensor_name(plan.name, s): t.to("cpu") for s, t in tensors.items()}
         qw = quantized_weight_from_tensors(plan.name, named, self.bits, self.group_size, ckpt.zero_points,
                                            ckpt.column_scale, ckpt.format_version,
-                                           ckpt.meta_bits_of(plan.name))  # fmt: skip
+                                           ckpt.group_meta_bits)  # fmt: skip
         n, k = qw.shape
         if n != plan.full_rows or k != state.k_full:
             raise CheckpointError(

@@ -249,8 +249,21 @@ def test_meta6_layer_roundtrip_validation_and_bits() -> None:
         validate_layer("P", t, 4, 32, True, True, 3)
     with pytest.raises(ValueError, match="off the quarter-code grid"):
         layer_tensors("P", _v3(w, meta_bits=8), 6)
-    with pytest.raises(ValueError, match="8-bit codes keep 8-bit steps"):
-        layer_tensors("P", _v3(w, bits=8), 6)
+    eight = _v3(w, bits=8)  # 8-bit codes keep bytes in a checkpoint with 6-bit steps and zeros
+    t8 = layer_tensors("P", eight, 6)
+    assert t8["P.scales"].shape == (32, 20) and torch.equal(t8["P.scales"], eight.scales)
+    back8 = quantized_weight_from_tensors("", {k.replace("P.", "."): v for k, v in t8.items()}, 8, 32, True, True, 3, 6)
+    assert torch.equal(back8.dequantize(), eight.dequantize())  # whatever the layer's name (vLLM may give none)
+    assert bits_per_weight(32, 640, 8, 32, eight.outliers.nnz, True, True, 3, 6) == bits_per_weight(
+        32, 640, 8, 32, eight.outliers.nnz, True, True, 3, 8
+    )
+    # the last packed word's padding must be 0 (K/G = 20 is a whole number of words: pad a 18-group layer)
+    w18 = heavy_tailed(8, 576, seed=23)
+    t18 = layer_tensors("P", _v3(w18, meta_bits=6, normalize="none"), 6)
+    bad = t18["P.qzeros"].clone()
+    bad[3, -1] |= 0xC0  # group 19 of row 3, past the 18 groups
+    with pytest.raises(CheckpointError, match=r"P.qzeros: the padding after group 17 is not 0"):
+        validate_layer("P", {**t18, "P.qzeros": bad}, 4, 32, True, False, 3, 6)
 
 
 def test_meta6_config_key() -> None:

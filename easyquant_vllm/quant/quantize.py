@@ -110,9 +110,9 @@ class QuantSpec:
     :func:`quantize_group` (:func:`quantize_weight` takes it as an argument)."""
     sinkhorn_iters: int = 4
     compact_steps: bool = _DEFAULTS["compact_steps"]
-    """Format version 3: each group's step is an 8-bit multiple of a per-row float16 unit and its zero point a
-    number of sixteenths of a code (8 bits), so that small groups (32 columns) cost 16 bits each; needs
-    ``zero_points``. The range is fitted with a real zero (:func:`.solvers.solve_affine`)."""
+    """Format version 3: each group's step is a multiple of a per-row float16 unit and its zero point a number of
+    fractions of a code (``meta_bits`` wide each), so that small groups (32 columns) cost 12 or 16 bits each;
+    needs ``zero_points``. The range is fitted with a real zero (:func:`.solvers.solve_affine`)."""
     meta_bits: int = _DEFAULTS.get("meta_bits", 8)
     """Format version 3 (config.json's ``group_meta_bits``): the width of each group's step multiplier ``a``
     (``0 .. 2**meta_bits - 1``) and zero (a multiple of ``2**(8 - meta_bits)`` sixteenths of a 4-bit code), for
@@ -384,8 +384,9 @@ def _quantize_compact(
     """Format version 3 (``spec.compact_steps``): see :func:`quantize_weight` for the arguments.
 
     Per group, :func:`.solvers.solve_affine` fits a step and a real zero to ``W / c`` over the non-outlier
-    entries. Per row, the steps become 8-bit multiples ``a`` of the row's float16 unit ``d = max(s) / 255``, and the
-    zero of each group (re-centred for its stored step) 8 bits of sixteenths of a code; the codes are chosen for
+    entries. Per row, the steps become multiples ``a`` of the row's float16 unit ``d = max(s) / (2**mb - 1)``, and the
+    zero of each group (re-centred for its stored step) ``mb`` bits of ``2**(8 - mb)`` sixteenths of a code (``mb``
+    the metadata width, :func:`.packing.group_meta_bits`: 6 or 8); the codes are chosen for
     the stored step and zero. The outliers keep what the dense part misses at their positions: the sparse value is
     ``W - dense`` there (rounded to float16), so ``W' = W`` up to that rounding, as in the other versions.
 
