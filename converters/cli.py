@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         "lists the modules that differ under group_sizes. Version 3 only; routed experts (--expert-max-bits) and "
         "the lm_head keep their layout. Groups of 128 need K / (tensor-parallel size) to be a multiple of 128. "
         "On Gemma-3-270M at format version 2's 4.34 bits it "
-        "has 0.67x / 0.74x SINQ's KL divergence on text / chat, where groups of 128 everywhere have 0.83x / 0.89x "
-        "(docs/results.md). Default: off, every module in groups of 32 (4.52-4.65 bits, the most faithful)",
+        "has 0.48x / 0.57x SINQ's KL divergence on text / chat, held-out (docs/results.md, 6-bit steps and "
+        "zeros). Default: off, every module in groups of 32 (4.43-4.53 bits on our models, the most faithful)",
     )  # fmt: skip
     p.add_argument(
         "--method", choices=METHODS, default=d.method,
