@@ -26,15 +26,22 @@ __all__ = ["PRIORS", "allocate", "allocation_unit", "measure"]
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
+_MORE_BITS_LEAVES = ("v_proj", "down_proj")
+
+
+def _edge(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8
+
+
 def _more_bits(i: int, n: int) -> bool:
-    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+    return _edge(i, n) or (i - n // 8) % 3 == 2
 
 
 PRIORS: dict[str, Callable[[str, int, int], float]] = {
-    "v and down x2": lambda leaf, i, n: 2.0 if leaf in ("v_proj", "down_proj") else 1.0,
-    "v and down x4": lambda leaf, i, n: 4.0 if leaf in ("v_proj", "down_proj") else 1.0,
-    "llama.cpp's layers x2": lambda leaf, i, n: 2.0 if leaf in ("v_proj", "down_proj") and _more_bits(i, n) else 1.0,
-    "first and last eighth x2": lambda leaf, i, n: 2.0 if i < n // 8 or i >= 7 * n // 8 else 1.0,
+    "v and down x2": lambda leaf, i, n: 2.0 if leaf in _MORE_BITS_LEAVES else 1.0,
+    "v and down x4": lambda leaf, i, n: 4.0 if leaf in _MORE_BITS_LEAVES else 1.0,
+    "llama.cpp's layers x2": lambda leaf, i, n: 2.0 if leaf in _MORE_BITS_LEAVES and _more_bits(i, n) else 1.0,
+    "first and last eighth x2": lambda leaf, i, n: 2.0 if _edge(i, n) else 1.0,
 }
 
 

@@ -68,7 +68,6 @@ from easyquant_vllm.quant import (  # noqa: E402
     DEFAULT_FORMAT_VERSION,
     QuantizedWeight,
     QuantSpec,
-    group_meta_bits,
     quantize_group,
     select_outliers,
 )
@@ -295,9 +294,7 @@ def stored_bits(qw: QuantizedWeight, outliers_as: str | None = None, meta_bits: 
     weight's ``QuantSpec.meta_bits`` (default: the format's default), its steps and zeros stored as the converter
     stores them."""
     out = 0
-    meta_bits = QuantSpec().meta_bits if meta_bits is None else meta_bits
-    meta_bits = group_meta_bits(qw.bits, meta_bits) if qw.row_steps is not None else 8
-    for name, t in layer_tensors("layer", qw, meta_bits).items():
+    for name, t in layer_tensors("layer", qw, QuantSpec().meta_bits if meta_bits is None else meta_bits).items():
         bits = t.numel() * t.element_size() * 8
         if outliers_as == "int16" and name.endswith((".outlier_indices", ".outlier_indptr")):
             bits = (t.numel() - name.endswith(".outlier_indptr")) * 16

@@ -40,7 +40,6 @@ from easyquant_vllm.quant import (
     check_bits,
     check_float16_range,
     count_nonfinite,
-    group_meta_bits,
     pack_factor,
     quantize_group,
     resolve_group_size,
@@ -170,7 +169,7 @@ def outlier_budget(spec: QuantSpec, n: int, k: int, max_bits: float) -> float:
     The column scale is counted wherever the spec may store one (version 3's ``auto`` drops it where it does not
     pay, after the outliers are chosen): the cap can fall short of the budget by 16/n bits per weight, never over."""
     dense = bits_per_weight(n, k, spec.bits, spec.group_size, 0, spec.zero_points, spec.normalize != "none",
-                            spec.format_version, group_meta_bits(spec.bits, spec.meta_bits))  # fmt: skip
+                            spec.format_version, spec.meta_bits)  # fmt: skip
     # version 3 stores the CSR's row pointers only with a first outlier; versions 1 and 2 always (counted in dense)
     pointers = (n + 1) * 32 if spec.format_version == 3 else 0
     spare = math.floor(max_bits * n * k) - round(dense * n * k) - pointers
@@ -224,10 +223,8 @@ def allocate_layouts(ckpt: Any, plan: Plan, budget: float, device: str = "cpu",
                     n, k = t.shape
                     assert qw.stats is not None
                     nnz = round(qw.outliers.nnz * n / qw.shape[0])
-                    per_weight = bits_per_weight(n, k, spec.bits, group, nnz, spec.zero_points,
-                                                 qw.col_scale is not None, spec.format_version,
-                                                 group_meta_bits(spec.bits, spec.meta_bits))  # fmt: skip
-                    bits += per_weight * n * k
+                    bits += bits_per_weight(n, k, spec.bits, group, nnz, spec.zero_points, qw.col_scale is not None,
+                                            spec.format_version, spec.meta_bits) * n * k  # fmt: skip
                     error += qw.stats.rel_err**2 * n * k
             costs[unit].append(Candidate(bits, error))
         del tensors
@@ -631,9 +628,8 @@ def _write(
         except ValueError as e:
             raise ConversionError(f"{name} in {ckpt.file_of(name).name}: {e}") from None
         seconds = (time.perf_counter() - t0) / len(members)
-        meta_bits = group_meta_bits(layer_spec.bits, layer_spec.meta_bits)
         for m, t, qw in zip(members, tensors, qws, strict=True):
-            for full, tensor in layer_tensors(_module_of(m), qw, meta_bits).items():
+            for full, tensor in layer_tensors(_module_of(m), qw, layer_spec.meta_bits).items():
                 writer.add(full, tensor)
             n, k = t.shape
             assert qw.stats is not None
@@ -646,7 +642,7 @@ def _write(
                 "group_size": layer_spec.group_size,
                 "bits_per_weight": bits_per_weight(n, k, qw.bits, layer_spec.group_size, qw.outliers.nnz,
                                                    spec.zero_points, qw.col_scale is not None, spec.format_version,
-                                                   meta_bits),
+                                                   layer_spec.meta_bits),
                 "column_scale": qw.col_scale is not None,
                 "seconds": seconds,
             })  # fmt: skip

@@ -156,7 +156,7 @@ class EasyQuantCheckpointConfig:
             lm_head=lm_head,
             lm_head_bits=(lm_head_bits or spec.bits) if lm_head else None,
             group_sizes=dict(group_sizes or {}),
-            group_meta_bits=spec.meta_bits if spec.format_version == 3 else 8,
+            group_meta_bits=spec.meta_bits,  # versions 1 and 2: 8 (__post_init__)
         )
 
     def __post_init__(self) -> None:
@@ -367,13 +367,17 @@ def tensor_name(prefix: str, suffix: str) -> str:
     return f"{prefix}.{suffix}"
 
 
+def _packed_meta(bits: int, version: int | None, meta_bits: int) -> bool:
+    """Whether a layer's steps and zeros are packed 6-bit values: version 3, 4-bit codes, ``group_meta_bits: 6``."""
+    return version == 3 and group_meta_bits(bits, meta_bits) == 6
+
+
 def dense_shapes(n: int, k: int, bits: int, group_size: int, version: int | None = None,
                  meta_bits: int = 8) -> dict[str, tuple[int, ...]]:  # fmt: skip
     """Shapes of the fixed-size tensors of an ``[N, K]`` weight (the CSR arrays' nnz is data); ``meta_bits`` the
     checkpoint's ``group_meta_bits`` (applied to 4-bit layers, :func:`.quant.packing.group_meta_bits`)."""
     groups = k // effective_group_size(k, group_size)
-    packed = version == 3 and group_meta_bits(bits, meta_bits) == 6  # 8-bit codes keep bytes (packing.py)
-    meta = (n, meta6_bytes(groups)) if packed else (n, groups)
+    meta = (n, meta6_bytes(groups)) if _packed_meta(bits, version, meta_bits) else (n, groups)
     return {
         QWEIGHT: (n, k // pack_factor(bits)),
         SCALES: meta,
@@ -391,7 +395,7 @@ def layer_tensors(prefix: str, qw: QuantizedWeight, meta_bits: int = 8) -> dict[
     ``QuantSpec.meta_bits``; ValueError otherwise), an 8-bit layer keeps bytes."""
     o = qw.outliers
     scales, zeros = qw.scales, qw.zeros
-    if qw.row_steps is not None and group_meta_bits(qw.bits, meta_bits) == 6:
+    if _packed_meta(qw.bits, qw.format_version, meta_bits):
         assert zeros is not None
         if bool((zeros % 4).any()):
             raise ValueError(f"{prefix}: a zero point off the quarter-code grid cannot be stored in 6 bits")
@@ -433,7 +437,7 @@ def quantized_weight_from_tensors(
         empty = t[QWEIGHT].new_zeros(0)
         csr = OutlierCSR(t[QWEIGHT].new_zeros(n + 1), empty, empty.to(torch.float16), (n, k))
     zeros, scales = None, t[SCALES]
-    if version == 3 and group_meta_bits(bits, meta_bits) == 6:
+    if _packed_meta(bits, version, meta_bits):
         groups = k // effective_group_size(k, group_size)
         scales, zeros = unpack_meta6(scales, groups), unpack_meta6(t[QZEROS], groups) * 4
     elif zero_points:
@@ -521,7 +525,7 @@ def validate_layer(
                 f"{tensor_name(prefix, s)}: shape {list(t[s].shape)}, expected {list(shape)} (N={n}, K={k})"
             )
     groups = k // effective_group_size(k, group_size)
-    if version == 3 and group_meta_bits(bits, meta_bits) == 6 and groups % 4:
+    if _packed_meta(bits, version, meta_bits) and groups % 4:
         for s in (SCALES, QZEROS):  # the last packed word's missing groups are 0 (docs/format.md)
             if bool(unpack_meta6(t[s][:, -3:], 4)[:, groups % 4 :].any()):
                 raise CheckpointError(f"{tensor_name(prefix, s)}: the padding after group {groups - 1} is not 0")
@@ -600,7 +604,7 @@ def bits_per_weight(n: int, k: int, bits: int, group_size: int, nnz: int, zero_p
     g = effective_group_size(k, group_size)
     total = n * k * bits + nnz * (16 + 32) + (n + 1) * 32 * (nnz > 0 or version != 3)  # v3: no CSR when empty
     if version == 3:
-        meta = meta6_bytes(k // g) if group_meta_bits(bits, meta_bits) == 6 else k // g
+        meta = meta6_bytes(k // g) if _packed_meta(bits, version, meta_bits) else k // g
         total += n * meta * 16 + n * 16
     else:
         total += n * (k // g) * 16

@@ -113,7 +113,7 @@ class QuantSpec:
     """Format version 3: each group's step is a multiple of a per-row float16 unit and its zero point a number of
     fractions of a code (``meta_bits`` wide each), so that small groups (32 columns) cost 12 or 16 bits each;
     needs ``zero_points``. The range is fitted with a real zero (:func:`.solvers.solve_affine`)."""
-    meta_bits: int = _DEFAULTS.get("meta_bits", 8)
+    meta_bits: int = _DEFAULTS["meta_bits"]
     """Format version 3 (config.json's ``group_meta_bits``): the width of each group's step multiplier ``a``
     (``0 .. 2**meta_bits - 1``) and zero (a multiple of ``2**(8 - meta_bits)`` sixteenths of a 4-bit code), for
     layers with 4-bit codes (:func:`.packing.group_meta_bits`: 8-bit layers keep 8). In memory both stay one byte
@@ -400,9 +400,9 @@ def _quantize_compact(
     out_device = w.device
     g = effective_group_size(k, spec.group_size)
     groups, top = k // g, (1 << spec.bits) - 1
-    # meta_bits < 8: a in 0 .. 2**meta_bits - 1 and the zero in steps of z_step sixteenths (stored as sixteenths)
+    # meta_bits < 8: a and the zero in 0 .. meta_top, the zero in steps of z_step sixteenths (stored as sixteenths)
     meta_bits = group_meta_bits(spec.bits, spec.meta_bits)
-    a_top, z_top, z_step = (1 << meta_bits) - 1, (1 << meta_bits) - 1, 1 << (8 - meta_bits)
+    meta_top, z_step = (1 << meta_bits) - 1, 1 << (8 - meta_bits)
     unit = zero_unit(spec.bits) * z_step
     ratios = tuple(torch.linspace(1.0, spec.search.grid_min, spec.search.grid_points, dtype=torch.float64).tolist())
     if spec.method == "rtn":
@@ -445,17 +445,17 @@ def _quantize_compact(
             mg[plain_groups] = 1.0  # their candidates are ordinary entries now
         # Per row: the unit d (float16) and each group's multiplier a; a row of zeros keeps d = 0.
         s_rows = s.view(r1 - r0, groups)
-        d = (s_rows.amax(1) / a_top).to(torch.float16).float()
+        d = (s_rows.amax(1) / meta_top).to(torch.float16).float()
         d_safe = torch.where(d > 0, d, torch.ones_like(d)).unsqueeze(1)
-        a = torch.where(d.unsqueeze(1) > 0, torch.round(s_rows / d_safe).clamp(0, a_top), torch.zeros_like(s_rows))
+        a = torch.where(d.unsqueeze(1) > 0, torch.round(s_rows / d_safe).clamp(0, meta_top), torch.zeros_like(s_rows))
         s_q = (d.unsqueeze(1) * a).reshape(-1)  # exact in float32
         # The zero for the stored step: keep the fitted offset s * z, in units of the zero's 8 bits.
         s_q_safe = torch.where(s_q > 0, s_q, torch.ones_like(s_q))
-        zq = torch.where(s_q > 0, torch.round(s * z / s_q_safe / unit), torch.round(z / unit)).clamp_(0, z_top)
+        zq = torch.where(s_q > 0, torch.round(s * z / s_q_safe / unit), torch.round(z / unit)).clamp_(0, meta_top)
         # The neighbouring zero on the side the rounding went away from: rounding a and zq separately can miss
         # the better pair.
         z_exact = torch.where(s_q > 0, s * z / s_q_safe / unit, zq)
-        cand = torch.where(z_exact > zq, zq + 1, zq - 1).clamp_(0, z_top)
+        cand = torch.where(z_exact > zq, zq + 1, zq - 1).clamp_(0, meta_top)
         better = affine_loss(xg, s_q, cand * unit, spec.bits, mg) < affine_loss(xg, s_q, zq * unit, spec.bits, mg)
         zq = torch.where(better, cand, zq)
         zf = zq * unit
