@@ -242,6 +242,17 @@ def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, sweep: bool, rota
             label += ", every weight alike" if per_weight else ""
             how = {"groups": [32, 64, 128], "outliers": outliers, "budget_v2_group": g, "per_weight": per_weight}
             rows.append(Row(label, "eq", 32, eq_spec(3, 32), tags={"allocate": how}))
+        for b in (4.25, 4.29):  # budgets that are the same on every model (issue 19's bits target)
+            how = {"groups": [32, 64, 128], "outliers": True, "budget_bits": b, "per_weight": True}
+            rows.append(
+                Row(
+                    f"v3 mixed g32-128 within {b} bits, every weight alike",
+                    "eq",
+                    32,
+                    eq_spec(3, 32),
+                    tags={"allocate": how},
+                )
+            )
         if sweep:  # what else the allocation was tried with (docs/results.md), the default's rule first
             rows += allocate_variants(info)
     if rotation:

@@ -209,13 +209,23 @@ def default_group(info: ModelInfo, version: int = DEFAULT_FORMAT_VERSION) -> int
 
 
 def eq_rows(info: ModelInfo, version: int, groups: tuple[int, ...]) -> list[Row]:
-    """EasyQuant format ``version`` at each of ``groups``, the converter's default row tagged ``default``."""
-    out = []
-    for gs in groups:
-        default = version == DEFAULT_FORMAT_VERSION and gs == default_group(info, version)
-        out.append(Row(f"EasyQuant v{version} g{gs}" + (" (default)" if default else ""), "eq", gs,
-                       eq_spec(version, gs), tags={f"v{version}": True, "default": default}))  # fmt: skip
+    """EasyQuant format ``version`` at each of ``groups``; for the default version also the converter's default
+    (a layout per module within version 2's bits, ``--bits-per-weight auto``), tagged ``default``."""
+    out = [Row(f"EasyQuant v{version} g{gs}", "eq", gs, eq_spec(version, gs), tags={f"v{version}": True})
+           for gs in groups]  # fmt: skip
+    if version == DEFAULT_FORMAT_VERSION:
+        out.append(default_row(info))
     return out
+
+
+def default_row(info: ModelInfo, **tags: Any) -> Row:
+    """The converter's defaults: format version 3, a group size (32 or 64) and outliers or none per fused module
+    within the bits version 2 would store (``--bits-per-weight auto``), measured on the converter's sample of rows."""
+    g = default_group(info)
+    return Row(f"EasyQuant v{DEFAULT_FORMAT_VERSION} (default)" + (" + int{} lm_head".format(tags["lm_head"])
+               if "lm_head" in tags else ""), "eq", g, eq_spec(DEFAULT_FORMAT_VERSION, g),
+               tags={f"v{DEFAULT_FORMAT_VERSION}": True, "budget": "auto", "default": "lm_head" not in tags,
+                     **tags})  # fmt: skip
 
 
 def lm_head_rows(info: ModelInfo) -> list[Row]:
@@ -223,9 +233,7 @@ def lm_head_rows(info: ModelInfo) -> list[Row]:
     the converter's default checkpoint has it for the three models here (their vLLM models quantize it), and in 4
     (``--lm-head-bits 4``); ``tags["lm_head"]`` is its code width. The "(default)" rows keep it in bf16, as every
     peer row does."""
-    dv, dg = DEFAULT_FORMAT_VERSION, default_group(info)
-    return [Row(f"EasyQuant v{dv} g{dg} + int{b} lm_head", "eq", dg, eq_spec(dv, dg), tags={"lm_head": b})
-            for b in (8, 4)]  # fmt: skip
+    return [default_row(info, lm_head=b) for b in (8, 4)]
 
 
 def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, ablations: bool) -> list[Row]:
@@ -375,7 +383,8 @@ def allocated_dequant(params: dict[str, torch.Tensor], originals: dict[str, torc
                       how: dict[str, Any]) -> tuple[int, int, int]:  # fmt: skip
     """Put W' of a mixed-group-size allocation into the model (``bench/allocation.py``): ``how["groups"]`` the
     version-3 group sizes, ``how["outliers"]`` whether each is also tried without outliers, the budget the stored
-    bits of version 2 at group ``how["budget_v2_group"]`` (its default for the model). Bits, weights, outliers.
+    bits of version 2 at group ``how["budget_v2_group"]`` (its default for the model) or ``how["budget_bits"]`` bits per
+    weight. Bits, weights, outliers.
 
     Variants (``--allocate --sweep``): ``how["per_weight"]`` the objective (:func:`bench.allocation.measure`),
     ``how["caps"]`` more outlier caps per group size, ``how["groups8"]`` 8-bit layouts at those group sizes,
@@ -396,9 +405,12 @@ def allocated_dequant(params: dict[str, torch.Tensor], originals: dict[str, torc
     def cost_bits(qw: QuantizedWeight, spec: QuantSpec) -> int:
         return stored_bits(qw, how.get("outliers_as"), spec.meta_bits)
 
-    v2 = eq_spec(2, how["budget_v2_group"])
-    budget = sum(stored_bits(qw) for group in eq_groups(list(originals), v2)
-                 for qw in quantize_group([originals[n] for n in group], v2, with_stats=False))  # fmt: skip
+    if "budget_bits" in how:  # a fixed number of bits per weight, the same on every model
+        budget = how["budget_bits"] * sum(w.numel() for w in originals.values())
+    else:
+        v2 = eq_spec(2, how["budget_v2_group"])
+        budget = sum(stored_bits(qw) for group in eq_groups(list(originals), v2)
+                     for qw in quantize_group([originals[n] for n in group], v2, with_stats=False))  # fmt: skip
     costs = measure(originals, specs, eq_groups, cost_bits, how.get("per_weight", False), how.get("prior"))
     choice = allocate(costs, budget)
     bits = total = nnz = 0
@@ -417,6 +429,41 @@ def allocated_dequant(params: dict[str, torch.Tensor], originals: dict[str, torc
     return bits, total, nnz
 
 
+class _TensorsAsCheckpoint:
+    """The read side of ``safetensors_io.open_checkpoint`` over tensors in memory, for the converter's functions."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.tensors[name].shape)
+
+    def file_of(self, name: str) -> Path:
+        return Path("(in memory)")
+
+
+def converter_layouts(originals: dict[str, torch.Tensor], vocab: Collection[str], spec: QuantSpec,
+                      budget: float | str) -> dict[str, tuple[int, bool]]:  # fmt: skip
+    """``{layer: (group size, outliers kept)}`` as ``easyquant-convert --bits-per-weight budget`` chooses them for
+    these layers (``converters.convert.allocate_layouts``, its sample of rows and all; ``budget`` ``"auto"`` is the
+    default), the vocabulary matrix aside."""
+    from converters.convert import Plan, allocate_layouts
+
+    names = [n for n in originals if n not in vocab]
+    plan = Plan(names, names, [], spec, budget=budget)
+    layouts = allocate_layouts(_TensorsAsCheckpoint(originals), plan, budget, progress=False)
+    sizes = [g for g, _ in layouts.values()]
+    print(
+        f"    converter's layouts within {plan.layout_budget:.3f} bits: "
+        + ", ".join(f"{sizes.count(g)} layers g{g}" for g in sorted(set(sizes))),
+        flush=True,
+    )
+    return layouts
+
+
 def apply_row(params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor], row: Row,
               vocab: Collection[str] = ()) -> dict[str, float]:  # fmt: skip
     """Put W' of every quantized layer into the model; bits per weight and quantization seconds. ``vocab``: the
@@ -429,6 +476,7 @@ def apply_row(params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor
     elif row.kind in ("rtn", "eq"):
         spec = rtn_spec(row.group) if row.kind == "rtn" else row.spec
         assert spec is not None
+        layouts = converter_layouts(originals, vocab, spec, row.tags["budget"]) if "budget" in row.tags else {}
         for group in eq_groups(list(originals), spec):
             if "rotate" in row.tags:
                 ws, b, k = rotated_dequant([originals[n] for n in group], spec, row.tags["rotate"] == "outliers first")
@@ -438,6 +486,9 @@ def apply_row(params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor
                 bits, nnz = bits + b, nnz + k
                 continue
             head = replace(spec, bits=row.tags["lm_head"]) if group[0] in vocab else spec
+            if group[0] in layouts:  # the converter's --bits-per-weight: this module's group size and outliers
+                g, keep = layouts[group[0]]
+                head = replace(spec, group_size=g, max_outlier_fraction=spec.max_outlier_fraction if keep else 0.0)
             for name, qw in zip(group, quantize_group([originals[n] for n in group], head, with_stats=False),
                                 strict=True):  # fmt: skip
                 params[name].data.copy_(qw.dequantize())

@@ -15,6 +15,7 @@ from easyquant_vllm.format import CheckpointError, validate_checkpoint
 from easyquant_vllm.quant import FORMAT_DEFAULTS, METHODS, NORMALIZE, SUPPORTED_BITS
 
 from .convert import (
+    BUDGET_AUTO,
     DEFAULT_SKIP_PATTERNS,
     ConversionError,
     ConvertOptions,
@@ -28,10 +29,12 @@ weight-only quantization. For every linear weight inside the decoder blocks, the
 outliers are kept in float16 (CSR) and the rest is quantized to int4 (or int8) per group with an
 optimised range. No calibration data is used.
 
-Format version 3 (default) stores each group of 32 columns with a zero point and a step as two bytes
-(an 8-bit multiple of a per-row unit), keeps a scale per input column and at most 0.25 % outliers
-on the layers where they remove error; --format-version 2 and 1 (the paper's symmetric method) stay
-available. The defaults were chosen by fidelity to the unquantized model (docs/results.md).
+Format version 3 (default) stores each group of 32 or 64 columns with a zero point and a step in 12 bits
+(6-bit multiples of a per-row unit), keeps a scale per input column and at most 0.25 % outliers on the
+layers where they remove error. Each fused module gets the group size and outliers that remove the most
+error within the bits version 2's defaults would store (--bits-per-weight auto; off: groups of 32
+everywhere). --format-version 2 and 1 (the paper's symmetric method) stay available. The defaults
+were chosen by fidelity to the unquantized model (docs/results.md).
 
 The output projection (lm_head; with tied embeddings the one embedding matrix) is quantized in 8 bits
 where vLLM serves it quantized for the model's architecture (Llama, Mistral, Qwen2/3, Qwen MoEs, Gemma-3,
@@ -51,7 +54,8 @@ examples:
   easyquant-convert ./model ./out --skip 'layers\\.0\\.'       # leave the first block in fp16
   easyquant-convert ./model ./out --no-lm-head               # keep the lm_head in the source dtype
   easyquant-convert ./model ./out --lm-head-bits 4           # int4 lm_head: a quarter of bf16, less faithful
-  easyquant-convert ./model ./out --bits-per-weight 4.35     # smaller: a group size per module within 4.35 bits
+  easyquant-convert ./model ./out --bits-per-weight 4.25     # smaller: a group size per module within 4.25 bits
+  easyquant-convert ./model ./out --bits-per-weight off      # groups of 32 everywhere: larger, the most faithful
 exit status: 0 success, 1 bad input (message names the file/tensor), 130 interrupted.
 """
 
@@ -123,16 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
         "codes and group metadata leave (default %(default)s; 0 gives experts the dense layers' cap)",
     )  # fmt: skip
     p.add_argument(
-        "--bits-per-weight", type=float, default=None, metavar="B",
+        "--bits-per-weight", type=_budget, default=d.bits_per_weight, metavar="{B,auto,off}",
         help="a size budget: the quantized layers but routed experts and the lm_head store at most B bits per weight "
         "on average (estimated on a sample of rows; the summary prints what was written). Each fused "
         "module (qkv, gate/up, o, down) gets its own group size (32, 64 or 128) and keeps or drops its outliers, "
         "chosen data-free from the weights' own errors (relative squared error, every weight alike); config.json "
-        "lists the modules that differ under group_sizes. Version 3 only; routed experts (--expert-max-bits) and "
-        "the lm_head keep their layout. Groups of 128 need K / (tensor-parallel size) to be a multiple of 128. "
-        "On Gemma-3-270M at format version 2's 4.34 bits it "
-        "has 0.48x / 0.57x SINQ's KL divergence on text / chat, held-out (docs/results.md, 6-bit steps and "
-        "zeros). Default: off, every module in groups of 32 (4.43-4.53 bits on our models, the most faithful)",
+        "lists the modules that differ under group_sizes. Routed experts (--expert-max-bits) and the lm_head keep "
+        "their layout. Default auto: the bits format version 2's defaults would store for the same layers "
+        "(groups of 128 or 64 with a float16 step each, column scales, 0.25 %% outliers), chosen among groups of 32 "
+        "and 64 only, so a default checkpoint is never larger than version 2's (held-out KL divergence at those "
+        "bits: 0.48x / 0.57x SINQ's on Gemma-3-270M text / chat, 0.46x / 0.36x on Qwen2.5-Coder-1.5B; SmolLM2 fits "
+        "groups of 32 everywhere; docs/results.md). auto applies to version 3's 4-bit defaults only: with "
+        "--group-size, --bits 8 or --format-version 1/2 the layout is the one they give. off: every module in "
+        "groups of 32 (4.43-4.53 bits on our models, the most faithful). A number needs version 3, 4-bit codes "
+        "and --group-size auto; groups of 128 need K / (tensor-parallel size) to be a multiple of 128",
     )  # fmt: skip
     p.add_argument(
         "--method", choices=METHODS, default=d.method,
@@ -208,6 +216,16 @@ class _Interrupts:
     def _handle(self, signum: int, frame: object) -> None:
         if not self.committed:
             raise KeyboardInterrupt
+
+
+def _budget(text: str) -> float | str | None:
+    """``--bits-per-weight``: a number of bits per weight, ``auto`` (version 2's size) or ``off``."""
+    if text in ("auto", "off"):
+        return None if text == "off" else BUDGET_AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of bits per weight, auto or off, not {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

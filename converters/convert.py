@@ -75,8 +75,19 @@ input and run as one fused GEMM. q/k/v also read one input, but one scale for th
 input."""
 
 ALLOCATION_LAYOUTS = tuple((g, keep) for g in (32, 64, 128) for keep in (True, False))
-"""``--bits-per-weight``'s candidates per fused module: format version 3 at each group size, with the default outlier
+"""``--bits-per-weight B``'s candidates per fused module: format version 3 at each group size, with the default outlier
 rule or none (``easyquant_vllm/quant/allocate.py``)."""
+
+ALLOCATION_LAYOUTS_AUTO = tuple((g, keep) for g in (32, 64) for keep in (True, False))
+"""``--bits-per-weight auto``'s candidates (the default): no groups of 128. Within version 2's bits they won no module
+on Gemma-3 or Qwen2.5 (docs/results.md), and a row-parallel layer in groups of 128 needs K / (tensor-parallel size) to
+be a multiple of 128, which a default should not ask of every model (Qwen2.5-7B's down_proj at TP 8: 2368)."""
+
+BUDGET_AUTO = "auto"
+"""``--bits-per-weight``'s default: the budget is what format version 2's defaults would store for the same layers
+(groups of 128, 64 or 32 with a float16 step and a zero each, column scales, 0.25 % outliers; :func:`version2_spec`),
+so a default checkpoint is never larger than version 2's was, and spends those bits where they remove the most error.
+Where groups of 32 everywhere fit (SmolLM2: version 2 needed groups of 64), that is what it chooses."""
 
 ALLOCATION_ROW_STRIDE = 16
 """``--bits-per-weight`` measures each candidate on every 16th row of a module, or on every ``n // 64``-th of one with
@@ -115,7 +126,9 @@ class ConvertOptions:
     lm_head: bool | None = None  # None: where vLLM quantizes the architecture's vocabulary layers (vocab_quantizable)
     lm_head_bits: int = 8
     expert_max_bits: float | None = EXPERT_MAX_BITS  # None: experts take the dense layers' outlier cap
-    bits_per_weight: float | None = None  # a budget (experts, lm_head aside): a layout per module (allocate.py)
+    # A budget (experts, lm_head aside), a layout per module (allocate.py): bits per weight, BUDGET_AUTO (version 2's
+    # size; applies only with version 3's 4-bit defaults and --group-size auto) or None (every module in groups of 32).
+    bits_per_weight: float | str | None = BUDGET_AUTO
     device: str = "cpu"
     max_shard_bytes: int = 2 * 1024**3
     overwrite: bool = False
@@ -133,8 +146,10 @@ class Plan:
     lm_head_bits: int = 8  # its code width (``--lm-head-bits``)
     lm_head_note: str = ""  # why the vocabulary matrix stays in the source dtype, where it does
     expert_max_bits: float | None = None  # routed experts' storage budget (EXPERT_MAX_BITS), None for no budget
+    budget: float | str | None = None  # --bits-per-weight as it applies: bits, BUDGET_AUTO or None (no choice)
     layouts: dict[str, tuple[int, bool]] = field(default_factory=dict)  # tensor -> (group size, outliers kept)
     layout_seconds: float = 0.0  # the time --bits-per-weight spent choosing them
+    layout_budget: float | None = None  # the budget they were chosen within, bits per weight
 
     @property
     def lm_head_summary(self) -> str:
@@ -185,58 +200,103 @@ def allocation_unit(name: str) -> str:
     return f"{parent}.{'+'.join(family)}"
 
 
-def allocate_layouts(ckpt: Any, plan: Plan, budget: float, device: str = "cpu",
+def allocate_layouts(ckpt: Any, plan: Plan, budget: float | str, device: str = "cpu",
                      progress: bool = True) -> dict[str, tuple[int, bool]]:  # fmt: skip
     """``--bits-per-weight budget``: a group size per fused module (:func:`allocation_unit`) and whether it keeps
-    outliers (:data:`ALLOCATION_LAYOUTS`), the least total weighted error (``quant/allocate.py``) within ``budget``
-    bits per weight over every quantized layer but the routed experts (``--expert-max-bits``) and the lm_head, which
-    keep the checkpoint's layout and are not counted. Reads each module once, measures the candidates on every
-    :data:`ALLOCATION_ROW_STRIDE`-th row; raises ConversionError where even the smallest layouts exceed the budget."""
+    outliers, the least total weighted error (``quant/allocate.py``) within ``budget`` bits per weight over every
+    quantized layer but the routed experts (``--expert-max-bits``) and the lm_head, which keep the checkpoint's layout
+    and are not counted. ``budget`` :data:`BUDGET_AUTO` (the default) is what format version 2's defaults would
+    store for the same layers (:func:`version2_spec`), chosen among :data:`ALLOCATION_LAYOUTS_AUTO`; a number among
+    :data:`ALLOCATION_LAYOUTS`. Reads each module once, measures the candidates (and version 2) on every
+    :data:`ALLOCATION_ROW_STRIDE`-th row; raises ConversionError where even the smallest layouts exceed the budget.
+    Returns ``{tensor: (group size, outliers kept)}``, empty where nothing is to be chosen."""
     units: dict[str, list[str]] = {}
     for name in plan.quantize:
         if name != plan.lm_head and not EXPERTS.match(_module_of(name)):
             units.setdefault(allocation_unit(name), []).append(name)
-    if not units:
+    auto = budget == BUDGET_AUTO
+    v2 = version2_spec([ckpt.shape(n)[1] for names in units.values() for n in names]) if auto else None
+    if not units or (auto and v2 is None):
         return {}
+    layouts = ALLOCATION_LAYOUTS_AUTO if auto else ALLOCATION_LAYOUTS
     costs: dict[str, list[Candidate]] = {}
     weights = 0
+    budget_bits = 0.0
     for unit, names in tqdm(units.items(), desc="easyquant: layouts", unit="module", disable=not progress,
                             leave=False):  # fmt: skip
         tensors = {n: ckpt.get(n) for n in names}
+        for n, t in tensors.items():  # bad values fail here as they would in the writing, before any choice
+            _check_values(ckpt, plan, n, t, True)
         weights += sum(t.numel() for t in tensors.values())
         costs[unit] = []
-        for group, keep in ALLOCATION_LAYOUTS:
+        for group, keep in layouts:
             if any(t.shape[1] % group for t in tensors.values()):
                 costs[unit].append(Candidate(math.inf, math.inf))
                 continue
             cap = plan.spec.max_outlier_fraction if keep else 0.0
             spec = replace(plan.spec, group_size=group, max_outlier_fraction=cap)
-            bits = error = 0.0
-            for members in column_scale_groups(names, spec.normalize):
-                full = [tensors[m] for m in members]
-                stride = max(1, min(ALLOCATION_ROW_STRIDE, min(t.shape[0] for t in full) // 64))
-                try:
-                    qws = quantize_group([t[::stride].contiguous() for t in full], spec, device=device)
-                except ValueError as e:
-                    raise ConversionError(f"{members[0]} in {ckpt.file_of(members[0]).name}: {e}") from None
-                for t, qw in zip(full, qws, strict=True):
-                    n, k = t.shape
-                    assert qw.stats is not None
-                    nnz = round(qw.outliers.nnz * n / qw.shape[0])
-                    bits += bits_per_weight(n, k, spec.bits, group, nnz, spec.zero_points, qw.col_scale is not None,
-                                            spec.format_version, spec.meta_bits) * n * k  # fmt: skip
-                    error += qw.stats.rel_err**2 * n * k
-            costs[unit].append(Candidate(bits, error))
+            costs[unit].append(Candidate(*_sampled_cost(ckpt, tensors, spec, device)))
+        if v2 is not None:
+            budget_bits += _sampled_cost(ckpt, tensors, v2, device)[0]
         del tensors
         _release_freed_memory()
-    choice = allocate(costs, budget * weights)
+    if not auto:
+        budget_bits = float(budget) * weights
+    choice = allocate(costs, budget_bits)
     stored = total_bits(costs, choice) / weights
-    if stored > budget * (1 + 1e-12):
+    plan.layout_budget = budget_bits / weights
+    if stored > plan.layout_budget * (1 + 1e-12):
         raise ConversionError(
-            f"--bits-per-weight {budget:g}: the smallest layouts (no outliers, the largest group size each layer's "
+            f"--bits-per-weight {budget}: the smallest layouts (no outliers, the largest group size each layer's "
             f"input dim allows) store {stored:.3f} bits per weight; give at least that"
         )
-    return {n: ALLOCATION_LAYOUTS[choice[unit]] for unit, names in units.items() for n in names}
+    return {n: layouts[choice[unit]] for unit, names in units.items() for n in names}
+
+
+def _check_values(ckpt: Any, plan: Plan, name: str, t: torch.Tensor, quantized: bool) -> None:
+    """Raise ConversionError naming the tensor and its file where it holds NaN/Inf, or, to be quantized, values
+    beyond float16's range."""
+    if t.is_floating_point():
+        bad = count_nonfinite(t)
+        if bad:
+            raise ConversionError(f"{name} in {ckpt.file_of(name).name}: {bad} NaN/Inf value(s)")
+    if quantized:
+        try:
+            check_float16_range(t)
+        except ValueError as e:
+            hint = str(e).replace("(--skip)", "(--no-lm-head)") if name == plan.lm_head else str(e)
+            raise ConversionError(f"{name} in {ckpt.file_of(name).name}: {hint}") from None
+
+
+def version2_spec(in_dims: list[int]) -> QuantSpec | None:
+    """Format version 2's defaults for layers with input dims ``in_dims``, its group size resolved as its converter
+    did (the largest of 128 / 64 / 32 dividing every one): the reference of ``--bits-per-weight auto``. None where
+    no group size divides them all (version 2 would have needed ``--group-size -1``)."""
+    try:
+        return QuantSpec.for_version(2, group_size=resolve_group_size(set(in_dims), "auto", 2))
+    except ValueError:
+        return None
+
+
+def _sampled_cost(ckpt: Any, tensors: dict[str, torch.Tensor], spec: QuantSpec, device: str) -> tuple[float, float]:
+    """Bits stored and weighted error (relative squared error times weights) of ``spec`` on one fused module
+    (``tensors``), measured on every :data:`ALLOCATION_ROW_STRIDE`-th row and scaled to the whole module."""
+    bits = error = 0.0
+    for members in column_scale_groups(list(tensors), spec.normalize):
+        full = [tensors[m] for m in members]
+        stride = max(1, min(ALLOCATION_ROW_STRIDE, min(t.shape[0] for t in full) // 64))
+        try:
+            qws = quantize_group([t[::stride].contiguous() for t in full], spec, device=device)
+        except ValueError as e:
+            raise ConversionError(f"{members[0]} in {ckpt.file_of(members[0]).name}: {e}") from None
+        for t, qw in zip(full, qws, strict=True):
+            n, k = t.shape
+            assert qw.stats is not None
+            nnz = round(qw.outliers.nnz * n / qw.shape[0])
+            bits += bits_per_weight(n, k, spec.bits, spec.group_size, nnz, spec.zero_points, qw.col_scale is not None,
+                                    spec.format_version, spec.meta_bits) * n * k  # fmt: skip
+            error += qw.stats.rel_err**2 * n * k
+    return bits, error
 
 
 def _module_of(name: str) -> str:
@@ -354,7 +414,10 @@ def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions, config: dict[str
                 f"which {bits}-bit packing needs; skip it with --skip"
             )
         in_dims.setdefault(k, name)
-    if opts.bits_per_weight is not None:
+    budget = opts.bits_per_weight
+    if budget == BUDGET_AUTO:  # the default: only where it has layouts to choose between (version 3, 4-bit, auto)
+        budget = budget if (opts.format_version, opts.bits, opts.group_size) == (3, 4, "auto") else None
+    elif budget is not None:
         _check_budget_options(opts)
     try:
         group_size = resolve_group_size(set(in_dims), opts.group_size, opts.format_version)
@@ -371,6 +434,7 @@ def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions, config: dict[str
         opts.lm_head_bits,
         head_note,
         opts.expert_max_bits,
+        budget=budget,
     )
 
 
@@ -387,7 +451,7 @@ def _check_budget_options(opts: ConvertOptions) -> None:
         )
     if opts.bits != 4:
         raise ConversionError("--bits-per-weight chooses between 4-bit layouts: leave out --bits 8")
-    if b is None or not math.isfinite(b) or b <= opts.bits:
+    if not isinstance(b, (int, float)) or not math.isfinite(b) or b <= opts.bits:
         raise ConversionError(f"--bits-per-weight {b}: must be more than the {opts.bits} bits of the codes themselves")
 
 
@@ -567,12 +631,12 @@ def convert(
                 return {
                     "quantize": plan.quantize,
                     "not_converted": plan.not_converted,
-                    "group_size": plan.spec.group_size if opts.bits_per_weight is None else "per module",
+                    "group_size": plan.spec.group_size if plan.budget is None else "per module",
                     "lm_head": plan.lm_head_summary,
                 }
-            if opts.bits_per_weight is not None:
+            if plan.budget is not None:
                 t0 = time.perf_counter()
-                plan.layouts = allocate_layouts(ckpt, plan, opts.bits_per_weight, opts.device, progress)
+                plan.layouts = allocate_layouts(ckpt, plan, plan.budget, opts.device, progress)
                 plan.layout_seconds = time.perf_counter() - t0
             with staging_directory(dst) as staging:
                 report = _write(src, staging.tmp, ckpt, plan, opts, config, side, progress, on_tensor)
@@ -608,16 +672,7 @@ def _write(
         members = groups.get(name, [name])
         tensors = [ckpt.get(m) for m in members]
         for m, t in zip(members, tensors, strict=True):
-            if t.is_floating_point():
-                bad = count_nonfinite(t)
-                if bad:
-                    raise ConversionError(f"{m} in {ckpt.file_of(m).name}: {bad} NaN/Inf value(s)")
-            if m in to_quantize:
-                try:
-                    check_float16_range(t)
-                except ValueError as e:
-                    hint = str(e).replace("(--skip)", "(--no-lm-head)") if m == plan.lm_head else str(e)
-                    raise ConversionError(f"{m} in {ckpt.file_of(m).name}: {hint}") from None
+            _check_values(ckpt, plan, m, t, m in to_quantize)
         if name not in to_quantize:
             writer.add(name, tensors[0])
             continue
@@ -754,6 +809,7 @@ def _report(
             "bits_per_weight_linears": _weighted_mean(linears, "bits_per_weight") if linears else None,
             "quantize_seconds": quant_seconds,
             "layout_seconds": plan.layout_seconds,  # --bits-per-weight's choice of layouts, before the writing
+            "layout_budget": plan.layout_budget,  # the bits per weight they were chosen within (None: no choice)
             "total_seconds": total_seconds + plan.layout_seconds,
             "params_per_second": params / quant_seconds if quant_seconds > 0 else None,
         },

@@ -164,6 +164,53 @@ def test_bits_per_weight_bad_options_are_clear(tiny_llama: Path, tmp_path: Path,
     assert not (tmp_path / "eq").exists()
 
 
+def test_default_budget_is_version_2s_size(tiny_llama: Path, tmp_path: Path) -> None:
+    """``--bits-per-weight auto`` (the default): no more bits than format version 2's defaults store for the same
+    model, less error than version 2, and only groups of 32 and 64 (no K / TP constraint of groups of 128)."""
+    auto = convert(tiny_llama, tmp_path / "auto", progress=False)["totals"]
+    v2 = convert(tiny_llama, tmp_path / "v2", ConvertOptions(format_version=2), progress=False)["totals"]
+    off = convert(tiny_llama, tmp_path / "off", ConvertOptions(bits_per_weight=None), progress=False)["totals"]
+    # The budget is version 2's bits estimated on a sample of rows (every 4th here): close to what it writes.
+    assert auto["layout_budget"] == pytest.approx(v2["bits_per_weight_linears"], abs=0.01)
+    assert auto["bits_per_weight_linears"] <= auto["layout_budget"] + 1e-9
+    assert auto["bits_per_weight_linears"] <= v2["bits_per_weight_linears"] + 0.01
+    assert off["bits_per_weight_linears"] > v2["bits_per_weight_linears"] + 0.1  # groups of 32 everywhere: larger
+    assert off["rel_err"] < auto["rel_err"] < v2["rel_err"]
+    cfg = EasyQuantCheckpointConfig.from_dict(
+        json.loads((tmp_path / "auto" / "config.json").read_text())["quantization_config"]
+    )
+    assert cfg.group_size == 32 and set(cfg.group_sizes.values()) == {64}  # mixed, never 128
+    assert off["layout_budget"] is None and off["layout_seconds"] == 0
+    assert validate_checkpoint(tmp_path / "auto")["layers"] == 15
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [ConvertOptions(group_size=32), ConvertOptions(group_size=64), ConvertOptions(format_version=2),
+     ConvertOptions(bits=8), ConvertOptions(format_version=1)],
+)  # fmt: skip
+def test_default_budget_steps_aside_for_an_explicit_layout(tiny_llama: Path, tmp_path: Path,
+                                                           opts: ConvertOptions) -> None:  # fmt: skip
+    # auto is the default, not a request: an explicit group size, code width or older version is the layout given.
+    report = convert(tiny_llama, tmp_path / "eq", opts, progress=False)
+    assert report["totals"]["layout_budget"] is None
+    qc = json.loads((tmp_path / "eq" / "config.json").read_text())["quantization_config"]
+    assert "group_sizes" not in qc and all(r["group_size"] == qc["group_size"] for r in report["tensors"])
+
+
+def test_cli_bits_per_weight_values(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from converters.cli import main as cli_main
+
+    assert cli_main([str(tiny_llama), str(tmp_path / "off"), "--bits-per-weight", "off", "--no-progress"]) == 0
+    assert "format v3, 4-bit, group 32, zero points" in capsys.readouterr().out
+    assert cli_main([str(tiny_llama), str(tmp_path / "n"), "--bits-per-weight", "4.3", "--no-progress"]) == 0
+    assert "groups 32 (" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli_main([str(tiny_llama), str(tmp_path / "bad"), "--bits-per-weight", "small", "--no-progress"])
+    assert "auto or off, not 'small'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 # --- the format ----------------------------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -69,16 +70,17 @@ def test_convert_weights_close_and_passthrough_identical(converted: tuple[Path, 
     for name, w in src.items():
         module = name.removesuffix(".weight")
         if module in errs:
-            qw = quantized_weight_from_tensors(module, out, qc.bits_of(module), qc.group_size, qc.zero_points,
-                                               qc.column_scale, qc.format_version,
+            qw = quantized_weight_from_tensors(module, out, qc.bits_of(module), qc.group_size_of(module),
+                                               qc.zero_points, qc.column_scale, qc.format_version,
                                                qc.meta_bits_of(module))  # fmt: skip
             w_hat = qw.dequantize()
             rel = float((w_hat - w).norm() / w.norm())
             assert rel == pytest.approx(errs[module]["rel_err"], rel=1e-4)
             if qc.bits_of(module) == 4:
-                # Format version 3's groups of 32 with a least-squares range: measured 0.62 of RTN's error at most
-                # here (RTN at the same group size).
-                assert rel < 0.7 * errs[module]["rel_err_rtn"] and rel < 0.1
+                # Format version 3's least-squares range: measured 0.62 of RTN's error at most here in groups of 32,
+                # 0.71 in groups of 64 (RTN at the same group size; the default chooses one per module).
+                g = qc.group_size_of(module)
+                assert rel < (0.7 if g == 32 else 0.75) * errs[module]["rel_err_rtn"] and rel < 0.11
             else:  # the 8-bit lm_head: 1.11x RTN's here (0.8-0.9x on real and heavy-tailed matrices, not a GGUF's)
                 assert rel < 1.25 * errs[module]["rel_err_rtn"] and rel < 0.01
         else:  # the input embedding, norms: byte-identical
@@ -329,7 +331,7 @@ def test_convert_format_version_1_is_the_symmetric_method(tiny_llama: Path, tmp_
 
 def test_convert_format_version_3_compact_steps(tiny_llama: Path, tmp_path: Path) -> None:
     dst = tmp_path / "v3"
-    report = convert(tiny_llama, dst, ConvertOptions(format_version=3), progress=False)
+    report = convert(tiny_llama, dst, ConvertOptions(format_version=3, bits_per_weight=None), progress=False)
     qc = read_quantization_config(dst)
     assert (qc.format_version, qc.zero_points, qc.column_scale, qc.group_size) == (3, True, True, 32)  # auto: 32
     summary = validate_checkpoint(dst)
@@ -360,13 +362,14 @@ def test_convert_group_meta_bits(tiny_llama: Path, tmp_path: Path, meta_bits: in
     assert summary["bits_per_weight"] == pytest.approx(report["totals"]["bits_per_weight"])
     out = _all_tensors(dst)
     p = "model.layers.0.mlp.down_proj"
-    groups = out[f"{p}.qweight"].shape[1] * 8 // 32
+    groups = out[f"{p}.qweight"].shape[1] * 8 // qc.group_size_of(p)
     assert out[f"{p}.scales"].shape[1] == (3 * ((groups + 3) // 4) if meta_bits == 6 else groups)
     src = _all_tensors(tiny_llama)
     with open_checkpoint(dst) as ckpt:
         for module, qw in quantized_layers(ckpt, qc):
             w = src[f"{module}.weight"].float()
-            assert float((qw.dequantize() - w).norm() / w.norm()) < 0.1, module
+            limit = 0.1 if qc.group_size_of(module) == 32 else 0.11  # groups of 64 where the default chose them
+            assert float((qw.dequantize() - w).norm() / w.norm()) < limit, module
             assert int(qw.scales.max()) <= (63 if meta_bits == 6 and qw.bits == 4 else 255), module
     with pytest.raises(ConversionError, match="--group-meta-bits: narrow group metadata is format version 3's"):
         convert(tiny_llama, tmp_path / "bad", ConvertOptions(format_version=2, group_meta_bits=6), progress=False)
@@ -424,7 +427,10 @@ def test_convert_lm_head_in_8_bits_by_default(tmp_path: Path) -> None:
         assert tensors["model.embed_tokens.qweight"].shape == (512, 256 * bits // 32)
         down = "model.layers.0.mlp.down_proj"
         n, words = tensors[f"{down}.qweight"].shape
-        assert tensors[f"{down}.scales"].shape == dense_shapes(n, 8 * words, 4, 32, 3, qc.meta_bits_of(down))["scales"]
+        assert (
+            tensors[f"{down}.scales"].shape
+            == dense_shapes(n, 8 * words, 4, qc.group_size_of(down), 3, qc.meta_bits_of(down))["scales"]
+        )
         row = next(r for r in report["tensors"] if r["name"] == "model.embed_tokens")
         assert bits < row["bits_per_weight"] < bits + 1
         assert validate_checkpoint(out)["layers"] == 15
@@ -437,7 +443,9 @@ def test_cli_lm_head_bits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     src = build_tiny_model(tmp_path / "src", tie_word_embeddings=True, vocab_size=512)
     assert cli_main([str(src), str(tmp_path / "eq"), "--lm-head", "--lm-head-bits", "4", "--no-progress"]) == 0
     assert read_quantization_config(tmp_path / "eq").lm_head_bits == 4
-    assert "format v3, 4-bit, group 32, zero points" in (out := capsys.readouterr().out) and "4-bit lm_head" in out
+    out = capsys.readouterr().out  # the default chose a group size per module: the summary counts them
+    assert re.search(r"format v3, 4-bit, groups 32 \(\d+ layers\) / 64 \(\d+ layers\), zero points", out), out
+    assert "4-bit lm_head" in out
     with pytest.raises(SystemExit):
         cli_main([str(src), str(tmp_path / "bad"), "--lm-head", "--lm-head-bits", "6", "--no-progress"])
     assert not (tmp_path / "bad").exists()
