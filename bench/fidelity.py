@@ -21,18 +21,21 @@ model's; ``RMS dp`` = the RMS of ``p_q(t) - p_base(t)`` for the token ``t`` that
 Rows: RTN, HQQ, SINQ and NF4 (bitsandbytes' codebook, absmax per block of 64, simulated in torch) at the group
 sizes each model allows (Qwen2.5-Coder: 32, 64 and 128; its float32 forward is slow on 2 cores, pick rows with
 ``--rows``), EasyQuant format 1 (the paper) and formats 2 and 3 at every group size, exactly as the converter
-computes them; ``--sweep`` adds variants (outlier cap, range search) for choosing defaults on ``--split dev``;
+computes them, and "EasyQuant v3 (default)": the converter's default layouts, a group size (32 or 64) and outliers or
+none per fused module within version 2's bits (``--bits-per-weight auto``, its own sample of rows); ``--sweep`` adds
+variants (outlier cap, range search) for choosing defaults on ``--split dev``;
 ``--rotation`` adds version 3 after a randomized Hadamard rotation of the columns in blocks of the group size
 (incoherence processing, ``bench/quality.py: rotate``), with outliers picked after or before the rotation and
 without outliers, beside version 3 without outliers; ``--allocate`` adds version 3 with a layout per fused module
 (group size 32/64/128, outliers or none) within version 2's bits for the model (``bench/allocation.py``, the
-converter's ``--bits-per-weight`` measured on every row), counting every weight alike (the converter's rule) or every
-layer alike, and with outliers kept everywhere (with ``--sweep`` also: version 3 with the range search from four
-starts at each group size, and the allocation with another objective, more outlier caps, 8-bit layouts, four starts,
-or the outliers priced in a storage the format does not have); "+ int8 lm_head" / "+ int4 lm_head"
-are the default with the output projection quantized too (``easyquant-convert --lm-head``, 8 bits by default, and
-``--lm-head-bits 4``), their bits counted over the vocabulary matrix as well. EasyQuant rows use each layer's
-reference W'. Bits per weight as ``bench/quality.py`` counts them (EasyQuant: the bytes the checkpoint stores).
+converter's ``--bits-per-weight`` measured on every row), counting every weight alike (the converter's rule) or
+every layer alike, with outliers kept everywhere, and within a fixed 4.25 or 4.29 bits (with ``--sweep`` also:
+version 3 with the range search from four starts at each group size, and the allocation with another objective, more
+outlier caps, 8-bit layouts, four starts, or the outliers priced in a storage the format does not have); "+ int8
+lm_head" / "+ int4 lm_head" are the default with the output projection quantized too (``easyquant-convert
+--lm-head``, 8 bits by default, and ``--lm-head-bits 4``), their bits counted over the vocabulary matrix as well.
+EasyQuant rows use each layer's reference W'. Bits per weight as ``bench/quality.py`` counts them (EasyQuant: the
+bytes the checkpoint stores).
 ``--vllm-check`` scores the default EasyQuant checkpoint's chat sequences through vLLM (compiled, float32,
 prompt logprobs top-20) and reports how far they are from the same W' in HF.
 
@@ -242,7 +245,7 @@ def rows_for(info: ModelInfo, have_hqq: bool, have_sinq: bool, sweep: bool, rota
             label += ", every weight alike" if per_weight else ""
             how = {"groups": [32, 64, 128], "outliers": outliers, "budget_v2_group": g, "per_weight": per_weight}
             rows.append(Row(label, "eq", 32, eq_spec(3, 32), tags={"allocate": how}))
-        for b in (4.25, 4.29):  # budgets that are the same on every model (issue 19's bits target)
+        for b in (4.25, 4.29):  # fixed budgets, the same on every model: tried for the default and not adopted
             how = {"groups": [32, 64, 128], "outliers": True, "budget_bits": b, "per_weight": True}
             rows.append(
                 Row(

@@ -208,8 +208,9 @@ def allocate_layouts(ckpt: Any, plan: Plan, budget: float | str, device: str = "
     and are not counted. ``budget`` :data:`BUDGET_AUTO` (the default) is what format version 2's defaults would
     store for the same layers (:func:`version2_spec`), chosen among :data:`ALLOCATION_LAYOUTS_AUTO`; a number among
     :data:`ALLOCATION_LAYOUTS`. Reads each module once, measures the candidates (and version 2) on every
-    :data:`ALLOCATION_ROW_STRIDE`-th row; raises ConversionError where even the smallest layouts exceed the budget.
-    Returns ``{tensor: (group size, outliers kept)}``, empty where nothing is to be chosen."""
+    :data:`ALLOCATION_ROW_STRIDE`-th row; raises ConversionError where even the smallest layouts exceed a number
+    (``auto`` takes them, with a warning). Returns ``{tensor: (group size, outliers kept)}``, empty where nothing is
+    to be chosen."""
     units: dict[str, list[str]] = {}
     for name in plan.quantize:
         if name != plan.lm_head and not EXPERTS.match(_module_of(name)):
@@ -245,7 +246,11 @@ def allocate_layouts(ckpt: Any, plan: Plan, budget: float | str, device: str = "
     choice = allocate(costs, budget_bits)
     stored = total_bits(costs, choice) / weights
     plan.layout_budget = budget_bits / weights
-    if stored > plan.layout_budget * (1 + 1e-12):
+    if stored > plan.layout_budget * (1 + 1e-12) and auto:  # a default asks for no more than the format can give
+        log.warning(
+            "--bits-per-weight auto: version 2's size (%.3f bits per weight) is below what format version 3's "
+            "smallest layouts store here (%.3f): they are taken", plan.layout_budget, stored)  # fmt: skip
+    elif stored > plan.layout_budget * (1 + 1e-12):
         raise ConversionError(
             f"--bits-per-weight {budget}: the smallest layouts (no outliers, the largest group size each layer's "
             f"input dim allows) store {stored:.3f} bits per weight; give at least that"
@@ -866,7 +871,11 @@ def summary_table(report: dict[str, Any]) -> str:
         + "".join(f", {e}" for e in extras)
         + f", method {qc['method']}, {bits}; "
         f"quantized in {t['quantize_seconds']:.1f} s ({(rate or 0) / 1e6:.1f} M params/s)"
-        + (f", layouts chosen in {t['layout_seconds']:.1f} s" if t.get("layout_seconds") else "")
+        + (
+            f", layouts chosen within {t['layout_budget']:.3f} bits in {t['layout_seconds']:.1f} s"
+            if t.get("layout_budget")
+            else ""
+        )
         + f", total {t['total_seconds']:.1f} s"
     )
     if not qc.get("lm_head") and report.get("lm_head"):

@@ -184,6 +184,25 @@ def test_default_budget_is_version_2s_size(tiny_llama: Path, tmp_path: Path) -> 
     assert validate_checkpoint(tmp_path / "auto")["layers"] == 15
 
 
+def test_default_budget_below_the_smallest_layouts_takes_them(tiny_llama: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    # A version-2 size below what version 3 can store (here: a reference with no outliers and no column scale, 4.27
+    # bits, under the 4.30 of groups of 64 with their row units and column scales): the default converts with the
+    # smallest layouts and says so, where an explicit number would be refused.
+    import converters.convert as conv
+
+    monkeypatch.setattr(conv, "version2_spec", lambda dims: QuantSpec.for_version(
+        2, group_size=128, max_outlier_fraction=0.0, normalize="none"))  # fmt: skip
+    with caplog.at_level("WARNING", logger="easyquant.convert"):
+        totals = convert(tiny_llama, tmp_path / "eq", progress=False)["totals"]
+    assert "--bits-per-weight auto: version 2's size (4.2" in caplog.text and "they are taken" in caplog.text
+    assert totals["layout_budget"] < totals["bits_per_weight_linears"]
+    qc = json.loads((tmp_path / "eq" / "config.json").read_text())["quantization_config"]
+    assert set(qc["group_sizes"].values()) == {64}  # groups of 64 everywhere
+    assert validate_checkpoint(tmp_path / "eq")["layers"] == 15
+
+
 @pytest.mark.parametrize(
     "opts",
     [ConvertOptions(group_size=32), ConvertOptions(group_size=64), ConvertOptions(format_version=2),
