@@ -135,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         "lists the modules that differ under group_sizes. Routed experts (--expert-max-bits) and the lm_head keep "
         "their layout. Default auto: the bits format version 2's defaults would store for the same layers "
         "(groups of 128 or 64 with a float16 step each, column scales, 0.25 %% outliers), chosen among groups of 32 "
-        "and 64 only, so a default checkpoint is never larger than version 2's (held-out KL divergence at those "
-        "bits: 0.48x / 0.57x SINQ's on Gemma-3-270M text / chat, 0.46x / 0.36x on Qwen2.5-Coder-1.5B; SmolLM2 fits "
-        "groups of 32 everywhere; docs/results.md). auto applies to version 3's 4-bit defaults only: with "
+        "and 64 only, so the decoder layers store about as many bits as version 2's did (held-out KL divergence at "
+        "those bits: 0.53x / 0.63x SINQ's on Gemma-3-270M text / chat, QWEN_HELP on Qwen2.5-Coder-1.5B; SmolLM2 "
+        "fits groups of 32 everywhere; docs/results.md). auto applies to version 3's 4-bit defaults only: with "
         "--group-size, --bits 8 or --format-version 1/2 the layout is the one they give. off: every module in "
         "groups of 32 (4.43-4.53 bits on our models, the most faithful). A number needs version 3, 4-bit codes "
         "and --group-size auto; groups of 128 need K / (tensor-parallel size) to be a multiple of 128",

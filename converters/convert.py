@@ -81,12 +81,15 @@ rule or none (``easyquant_vllm/quant/allocate.py``)."""
 ALLOCATION_LAYOUTS_AUTO = tuple((g, keep) for g in (32, 64) for keep in (True, False))
 """``--bits-per-weight auto``'s candidates (the default): no groups of 128. Within version 2's bits they won no module
 on Gemma-3 or Qwen2.5 (docs/results.md), and a row-parallel layer in groups of 128 needs K / (tensor-parallel size) to
-be a multiple of 128, which a default should not ask of every model (Qwen2.5-7B's down_proj at TP 8: 2368)."""
+be a multiple of 128, which a default should not ask of every model (Qwen2.5-7B's down_proj at TP 8: 2368). Groups of
+64 go to a layer that may be split by K only where K / :func:`max_tensor_parallel` is a multiple of 64 (Llama-2-7B's
+down_proj, K = 11008, keeps groups of 32: 1376 columns per rank at TP 8)."""
 
 BUDGET_AUTO = "auto"
 """``--bits-per-weight``'s default: the budget is what format version 2's defaults would store for the same layers
 (groups of 128, 64 or 32 with a float16 step and a zero each, column scales, 0.25 % outliers; :func:`version2_spec`),
-so a default checkpoint is never larger than version 2's was, and spends those bits where they remove the most error.
+so a default checkpoint's decoder layers (routed experts and the lm_head aside: they keep their own layouts) store
+about what version 2's did (estimated on a sample of rows), spent where they remove the most error.
 Where groups of 32 everywhere fit (SmolLM2: version 2 needed groups of 64), that is what it chooses."""
 
 ALLOCATION_ROW_STRIDE = 16
@@ -147,6 +150,7 @@ class Plan:
     lm_head_note: str = ""  # why the vocabulary matrix stays in the source dtype, where it does
     expert_max_bits: float | None = None  # routed experts' storage budget (EXPERT_MAX_BITS), None for no budget
     budget: float | str | None = None  # --bits-per-weight as it applies: bits, BUDGET_AUTO or None (no choice)
+    tp_max: int = 8  # the largest tensor-parallel size the default's layouts keep servable (max_tensor_parallel)
     layouts: dict[str, tuple[int, bool]] = field(default_factory=dict)  # tensor -> (group size, outliers kept)
     layout_seconds: float = 0.0  # the time --bits-per-weight spent choosing them
     layout_budget: float | None = None  # the budget they were chosen within, bits per weight
@@ -192,11 +196,13 @@ def outlier_budget(spec: QuantSpec, n: int, k: int, max_bits: float) -> float:
 
 
 def allocation_unit(name: str) -> str:
-    """The fused module a layer runs in under vLLM (:data:`FUSED_SIBLINGS`), e.g.
-    ``model.layers.0.self_attn.k_proj.weight`` -> ``model.layers.0.self_attn.q_proj+k_proj+v_proj``; any other layer
-    is its own module. ``--bits-per-weight`` gives the layers of one fused module one layout."""
+    """The fused module a layer runs in under vLLM (:data:`FUSED_SIBLINGS`; also the layers quantized with one column
+    scale, :data:`JOINT_COLUMN_SCALE`), e.g. ``model.layers.0.self_attn.k_proj.weight`` ->
+    ``model.layers.0.self_attn.q_proj+k_proj+v_proj``; any other layer is its own module. ``--bits-per-weight`` gives
+    the layers of one fused module one layout. Every such family is column-parallel under tensor parallelism (its
+    input is not split)."""
     parent, _, leaf = _module_of(name).rpartition(".")
-    family = next((f for f in FUSED_SIBLINGS if leaf in f), (leaf,))
+    family = next((f for f in (*FUSED_SIBLINGS, *JOINT_COLUMN_SCALE) if leaf in f), (leaf,))
     return f"{parent}.{'+'.join(family)}"
 
 
@@ -216,7 +222,7 @@ def allocate_layouts(ckpt: Any, plan: Plan, budget: float | str, device: str = "
         if name != plan.lm_head and not EXPERTS.match(_module_of(name)):
             units.setdefault(allocation_unit(name), []).append(name)
     auto = budget == BUDGET_AUTO
-    v2 = version2_spec([ckpt.shape(n)[1] for names in units.values() for n in names]) if auto else None
+    v2 = version2_spec([ckpt.shape(n)[1] for n in plan.quantize]) if auto else None  # as its converter resolved it
     if not units or (auto and v2 is None):
         return {}
     layouts = ALLOCATION_LAYOUTS_AUTO if auto else ALLOCATION_LAYOUTS
@@ -230,8 +236,12 @@ def allocate_layouts(ckpt: Any, plan: Plan, budget: float | str, device: str = "
             _check_values(ckpt, plan, n, t, True)
         weights += sum(t.numel() for t in tensors.values())
         costs[unit] = []
+        # Under auto, groups of 64 on a layer that tensor parallelism may split by K (anything but the column-parallel
+        # families) only where every rank's share of K stays a multiple of 64 (plan.tp_max).
+        column_parallel = "+" in unit
         for group, keep in layouts:
-            if any(t.shape[1] % group for t in tensors.values()):
+            split = 1 if not auto or column_parallel or group == 32 else plan.tp_max
+            if any(t.shape[1] % (group * split) for t in tensors.values()):
                 costs[unit].append(Candidate(math.inf, math.inf))
                 continue
             cap = plan.spec.max_outlier_fraction if keep else 0.0
@@ -419,7 +429,7 @@ def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions, config: dict[str
                 f"which {bits}-bit packing needs; skip it with --skip"
             )
         in_dims.setdefault(k, name)
-    budget = opts.bits_per_weight
+    budget = None if opts.bits_per_weight == "off" else opts.bits_per_weight
     if budget == BUDGET_AUTO:  # the default: only where it has layouts to choose between (version 3, 4-bit, auto)
         budget = budget if (opts.format_version, opts.bits, opts.group_size) == (3, 4, "auto") else None
     elif budget is not None:
@@ -440,7 +450,17 @@ def plan_conversion(src: Path, ckpt: Any, opts: ConvertOptions, config: dict[str
         head_note,
         opts.expert_max_bits,
         budget=budget,
+        tp_max=max_tensor_parallel(config or {}),
     )
+
+
+def max_tensor_parallel(config: dict[str, Any]) -> int:
+    """The largest tensor-parallel size (a power of two, at most 8) that divides the model's attention heads, as vLLM
+    requires; 8 where config.json does not say. ``--bits-per-weight auto`` keeps every layer servable at it."""
+    heads = config.get("num_attention_heads") or (config.get("text_config") or {}).get("num_attention_heads")
+    if not isinstance(heads, int) or heads <= 0:
+        return 8
+    return min(8, heads & -heads)
 
 
 def _check_budget_options(opts: ConvertOptions) -> None:

@@ -164,7 +164,7 @@ class EasyQuantLinearMethod(LinearMethodBase):
                 f"EasyQuant layer {self.prefix}: its input dim {input_size} split over {row_tp} tensor-parallel "
                 f"ranks gives {k_part} columns per rank, which must be a multiple of {pf} and of the "
                 f"layer's group size {self.group_size}. Use a smaller tensor-parallel size, or convert "
-                "with a group size that divides it (with --bits-per-weight: a larger budget)"
+                "with a group size that divides it (easyquant-convert --bits-per-weight off: groups of 32 everywhere)"
             )
         names = self.config.checkpoint_names(self.prefix)
         state = LayerState(

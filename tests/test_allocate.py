@@ -7,6 +7,7 @@ import itertools
 import json
 import random
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from converters.convert import ConversionError, ConvertOptions, allocation_unit, convert
+from converters.convert import ConversionError, ConvertOptions, allocation_unit, convert, max_tensor_parallel
 from converters.tiny_model import build_tiny_model
 from easyquant_vllm.format import CheckpointError, EasyQuantCheckpointConfig, validate_checkpoint
 from easyquant_vllm.quant import QuantSpec, quantize_group
@@ -25,7 +26,10 @@ from tests.test_format_v3 import gguf_like
 # --- the knapsack --------------------------------------------------------------------------------------------------
 
 
-def test_allocation_unit_is_the_fused_gemm() -> None:
+def test_allocation_unit_is_the_fused_gemm_or_the_joint_column_scale() -> None:
+    # w1 / w3 share a column scale and are quantized together: one layout for both (InternLM2-style dense models).
+    assert allocation_unit("model.layers.0.feed_forward.w1.weight") == "model.layers.0.feed_forward.w1+w3"
+    assert allocation_unit("model.layers.0.feed_forward.w3.weight") == "model.layers.0.feed_forward.w1+w3"
     qkv = "model.layers.3.self_attn.q_proj+k_proj+v_proj"
     assert {allocation_unit(f"model.layers.3.self_attn.{m}_proj.weight") for m in "qkv"} == {qkv}
     assert allocation_unit("model.layers.3.mlp.up_proj.weight") == "model.layers.3.mlp.gate_proj+up_proj"
@@ -162,6 +166,26 @@ def test_bits_per_weight_bad_options_are_clear(tiny_llama: Path, tmp_path: Path,
     with pytest.raises(ConversionError, match=message):
         convert(tiny_llama, tmp_path / "eq", opts, progress=False)
     assert not (tmp_path / "eq").exists()
+
+
+def test_default_keeps_every_layer_servable_at_the_largest_tensor_parallel_size(tiny_llama: Path,
+                                                                               tmp_path: Path) -> None:  # fmt: skip
+    # A layer tensor parallelism may split by K (o_proj, down_proj) takes groups of 64 under the default only where
+    # K / TP stays a multiple of 64 at the largest TP the heads allow (a power of two, at most 8).
+    assert max_tensor_parallel({"num_attention_heads": 12}) == 4 and max_tensor_parallel({}) == 8
+    assert max_tensor_parallel({"text_config": {"num_attention_heads": 9}}) == 1
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    config = json.loads((src / "config.json").read_text())
+    for heads in (1, 8):  # TP 1: anything; TP 8: o_proj's K = 256 and down_proj's 512 need K % 512
+        (src / "config.json").write_text(json.dumps({**config, "num_attention_heads": heads}))
+        convert(src, tmp_path / f"h{heads}", progress=False)
+        qc = json.loads((tmp_path / f"h{heads}" / "config.json").read_text())["quantization_config"]
+        sizes = qc.get("group_sizes", {})
+        if heads == 8:
+            assert not any(m.endswith("o_proj") for m in sizes), sizes
+        else:
+            assert any(m.endswith(("o_proj", "down_proj")) for m in sizes), sizes  # the constraint was binding
 
 
 def test_default_budget_is_version_2s_size(tiny_llama: Path, tmp_path: Path) -> None:
