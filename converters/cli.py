@@ -129,18 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bits-per-weight", type=_budget, default=d.bits_per_weight, metavar="{B,auto,off}",
         help="a size budget: the quantized layers but routed experts and the lm_head store at most B bits per weight "
-        "on average (estimated on a sample of rows; the summary prints what was written). Each fused "
-        "module (qkv, gate/up, o, down) gets its own group size (32, 64 or 128) and keeps or drops its outliers, "
-        "chosen data-free from the weights' own errors (relative squared error, every weight alike); config.json "
-        "lists the modules that differ under group_sizes. Routed experts (--expert-max-bits) and the lm_head keep "
-        "their layout. Default auto: the bits format version 2's defaults would store for the same layers "
-        "(groups of 128 or 64 with a float16 step each, column scales, 0.25 %% outliers), chosen among groups of 32 "
-        "and 64 only, so the decoder layers store about as many bits as version 2's did (held-out KL divergence at "
-        "those bits: 0.53x / 0.63x SINQ's on Gemma-3-270M text / chat, QWEN_HELP on Qwen2.5-Coder-1.5B; SmolLM2 "
-        "fits groups of 32 everywhere; docs/results.md). auto applies to version 3's 4-bit defaults only: with "
-        "--group-size, --bits 8 or --format-version 1/2 the layout is the one they give. off: every module in "
-        "groups of 32 (4.43-4.53 bits on our models, the most faithful). A number needs version 3, 4-bit codes "
-        "and --group-size auto; groups of 128 need K / (tensor-parallel size) to be a multiple of 128",
+        "on average (estimated on a sample of rows; the summary prints what was written). Each fused module (qkv,"
+        " gate/up, o, down) gets its own group size (32, 64 or 128) and keeps or drops its outliers, chosen "
+        "data-free from the weights' own errors (relative squared error, every weight alike); config.json lists "
+        "the modules that differ under group_sizes. Routed experts (--expert-max-bits) and the lm_head keep their"
+        " layout. Default auto: the bits format version 2's defaults would store for the same layers (groups of "
+        "128 or 64 with a float16 step each, column scales, 0.25 %% outliers), chosen among groups of 32 and 64 "
+        "only, so the decoder layers store about as many bits as version 2's did (held-out KL divergence at those"
+        " bits: 0.53x / 0.63x SINQ's on Gemma-3-270M text / chat, 0.51x / 0.42x SINQ g64's on Qwen2.5-Coder-1.5B;"
+        " SmolLM2 fits groups of 32 everywhere; docs/results.md). auto applies to version 3's 4-bit defaults "
+        "only: with --group-size, --bits 8 or --format-version 1/2 the layout is the one they give. off: every "
+        "module in groups of 32 (4.43-4.53 bits on our models, the most faithful). A number needs version 3, "
+        "4-bit codes and --group-size auto; groups of 128 need K / (tensor-parallel size) to be a multiple of 128",
     )  # fmt: skip
     p.add_argument(
         "--method", choices=METHODS, default=d.method,
