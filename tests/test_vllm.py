@@ -42,10 +42,20 @@ def qwen2_eq(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def llama_eq(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default format (version 3, group 32): compact steps, fractional zero points, column scales and outliers
-    per layer where they pay (q/k/v each decides, gate/up together)."""
+    """The default conversion (version 3, groups of 32 or 64 per module within version 2's bits): compact steps,
+    fractional zero points, column scales and outliers per layer where they pay (q/k/v each decides, gate/up
+    together)."""
     dst = tmp_path_factory.mktemp("llama") / "eq"
     convert(tiny_llama, dst, progress=False)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def llama_eq_g32(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Version 3 in groups of 32 everywhere (``--bits-per-weight off``): every layer keeps its outlier rule, so the
+    layer the malformed-checkpoint tests edit has outliers and a known group size."""
+    dst = tmp_path_factory.mktemp("llama-g32") / "eq"
+    convert(tiny_llama, dst, ConvertOptions(bits_per_weight=None), progress=False)
     return dst
 
 
@@ -217,8 +227,8 @@ def _bad_shape(t: dict) -> None:
         (_bad_shape, rf"{P}\.qweight: input dim K = 248 is not a multiple of group_size 32"),
     ],
 )
-def test_vllm_malformed_checkpoint_fails_at_load(llama_eq: Path, tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
-    bad = _broken(llama_eq, tmp_path / "bad", edit)
+def test_vllm_malformed_checkpoint_fails_at_load(llama_eq_g32: Path, tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
+    bad = _broken(llama_eq_g32, tmp_path / "bad", edit)
     with pytest.raises(Exception, match=message):
         vllm_generate(bad, PROMPTS[:1])
 
