@@ -656,7 +656,12 @@ def convert(
                 return {
                     "quantize": plan.quantize,
                     "not_converted": plan.not_converted,
-                    "group_size": plan.spec.group_size if plan.budget is None else "per module",
+                    "group_size": plan.spec.group_size
+                    if plan.budget is None
+                    else (
+                        f"{plan.spec.group_size} or larger per module (--bits-per-weight {plan.budget}, chosen when "
+                        "converting)"
+                    ),
                     "lm_head": plan.lm_head_summary,
                 }
             if plan.budget is not None:
