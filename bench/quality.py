@@ -59,6 +59,8 @@ sys.path.insert(0, str(ROOT))
 from converters.convert import (  # noqa: E402
     DEFAULT_QUANTIZE_PATTERN,
     ConvertOptions,
+    Plan,
+    allocate_layouts,
     column_scale_groups,
     convert,
     resolve_spec,
@@ -446,22 +448,20 @@ class _TensorsAsCheckpoint:
 
 
 def converter_layouts(originals: dict[str, torch.Tensor], vocab: Collection[str], spec: QuantSpec,
-                      budget: float | str) -> dict[str, tuple[int, bool]]:  # fmt: skip
-    """``{layer: (group size, outliers kept)}`` as ``easyquant-convert --bits-per-weight budget`` chooses them for
-    these layers (``converters.convert.allocate_layouts``, its sample of rows and all; ``budget`` ``"auto"`` is the
-    default), the vocabulary matrix aside."""
-    from converters.convert import Plan, allocate_layouts
-
+                      budget: float | str) -> Plan:  # fmt: skip
+    """The converter's plan for these layers with the layouts ``easyquant-convert --bits-per-weight budget`` chooses
+    (``converters.convert.allocate_layouts``, its sample of rows and all; ``budget`` ``"auto"`` is the default), the
+    vocabulary matrix aside: ``plan.spec_of(name)`` is the spec each layer is quantized with."""
     names = [n for n in originals if n not in vocab]
     plan = Plan(names, names, [], spec, budget=budget)
-    layouts = allocate_layouts(_TensorsAsCheckpoint(originals), plan, budget, progress=False)
-    sizes = [g for g, _ in layouts.values()]
+    plan.layouts = allocate_layouts(_TensorsAsCheckpoint(originals), plan, budget, progress=False)
+    sizes = [g for g, _ in plan.layouts.values()]
     print(
         f"    converter's layouts within {plan.layout_budget:.3f} bits: "
         + ", ".join(f"{sizes.count(g)} layers g{g}" for g in sorted(set(sizes))),
         flush=True,
     )
-    return layouts
+    return plan
 
 
 def apply_row(params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor], row: Row,
@@ -476,7 +476,7 @@ def apply_row(params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor
     elif row.kind in ("rtn", "eq"):
         spec = rtn_spec(row.group) if row.kind == "rtn" else row.spec
         assert spec is not None
-        layouts = converter_layouts(originals, vocab, spec, row.tags["budget"]) if "budget" in row.tags else {}
+        plan = converter_layouts(originals, vocab, spec, row.tags["budget"]) if "budget" in row.tags else None
         for group in eq_groups(list(originals), spec):
             if "rotate" in row.tags:
                 ws, b, k = rotated_dequant([originals[n] for n in group], spec, row.tags["rotate"] == "outliers first")
@@ -486,9 +486,8 @@ def apply_row(params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor
                 bits, nnz = bits + b, nnz + k
                 continue
             head = replace(spec, bits=row.tags["lm_head"]) if group[0] in vocab else spec
-            if group[0] in layouts:  # the converter's --bits-per-weight: this module's group size and outliers
-                g, keep = layouts[group[0]]
-                head = replace(spec, group_size=g, max_outlier_fraction=spec.max_outlier_fraction if keep else 0.0)
+            if plan is not None and group[0] in plan.layouts:  # the converter's layout for this module
+                head = plan.spec_of(group[0])
             for name, qw in zip(group, quantize_group([originals[n] for n in group], head, with_stats=False),
                                 strict=True):  # fmt: skip
                 params[name].data.copy_(qw.dequantize())

@@ -165,6 +165,12 @@ class Plan:
         """The modules whose group size is not the checkpoint's ``group_size`` (config.json's ``group_sizes``)."""
         return {_module_of(n): g for n, (g, _) in self.layouts.items() if g != self.spec.group_size}
 
+    def layout_spec(self, group: int, keep_outliers: bool) -> QuantSpec:
+        """The spec of one ``--bits-per-weight`` layout: the checkpoint's, at ``group`` columns per group, with its
+        outlier rule or none."""
+        cap = self.spec.max_outlier_fraction if keep_outliers else 0.0
+        return replace(self.spec, group_size=group, max_outlier_fraction=cap)
+
     def spec_of(self, name: str, shapes: list[tuple[int, int]] | None = None) -> QuantSpec:
         """The spec tensor ``name`` and the group quantized with it (``[n, k]`` each: ``shapes``) take: the output
         projection's code width is ``lm_head_bits``; a routed expert's outliers are capped to ``expert_max_bits``
@@ -172,9 +178,7 @@ class Plan:
         if name == self.lm_head:
             return replace(self.spec, bits=self.lm_head_bits)
         if name in self.layouts:  # --bits-per-weight: this module's group size, and whether it keeps outliers
-            group, keep = self.layouts[name]
-            cap = self.spec.max_outlier_fraction if keep else 0.0
-            return replace(self.spec, group_size=group, max_outlier_fraction=cap)
+            return self.layout_spec(*self.layouts[name])
         if self.expert_max_bits is not None and shapes and EXPERTS.match(_module_of(name)):
             budget = min(outlier_budget(self.spec, n, k, self.expert_max_bits) for n, k in shapes)
             return replace(self.spec, max_outlier_fraction=min(self.spec.max_outlier_fraction, budget))
@@ -244,9 +248,7 @@ def allocate_layouts(ckpt: Any, plan: Plan, budget: float | str, device: str = "
             if any(t.shape[1] % (group * split) for t in tensors.values()):
                 costs[unit].append(Candidate(math.inf, math.inf))
                 continue
-            cap = plan.spec.max_outlier_fraction if keep else 0.0
-            spec = replace(plan.spec, group_size=group, max_outlier_fraction=cap)
-            costs[unit].append(Candidate(*_sampled_cost(ckpt, tensors, spec, device)))
+            costs[unit].append(Candidate(*_sampled_cost(ckpt, tensors, plan.layout_spec(group, keep), device)))
         if v2 is not None:
             budget_bits += _sampled_cost(ckpt, tensors, v2, device)[0]
         del tensors
@@ -256,11 +258,12 @@ def allocate_layouts(ckpt: Any, plan: Plan, budget: float | str, device: str = "
     choice = allocate(costs, budget_bits)
     stored = total_bits(costs, choice) / weights
     plan.layout_budget = budget_bits / weights
-    if stored > plan.layout_budget * (1 + 1e-12) and auto:  # a default asks for no more than the format can give
+    over = stored > plan.layout_budget * (1 + 1e-12)
+    if over and auto:  # a default asks for no more than the format can give
         log.warning(
             "--bits-per-weight auto: version 2's size (%.3f bits per weight) is below what format version 3's "
             "smallest layouts store here (%.3f): they are taken", plan.layout_budget, stored)  # fmt: skip
-    elif stored > plan.layout_budget * (1 + 1e-12):
+    elif over:
         raise ConversionError(
             f"--bits-per-weight {budget}: the smallest layouts (no outliers, the largest group size each layer's "
             f"input dim allows) store {stored:.3f} bits per weight; give at least that"
