@@ -121,6 +121,8 @@ def build_qwen2_from_gguf(gguf: Path, out_dir: str | Path, dtype: torch.dtype = 
     writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=2 * 1024**3)
     for name, t in sorted(source.items()):
         values = dequantize(t.data, t.tensor_type)  # numpy float32, [ne1, ne0] = HF's [out, in]
+        if not values.flags.writeable:  # F32 tensors come back as the read-only memory map: norms and biases, small
+            values = values.copy()
         shape = [int(d) for d in reversed(t.shape)]
         writer.add(name, torch.from_numpy(values.reshape(shape)).to(dtype))
         del values
