@@ -187,7 +187,7 @@ def main() -> None:
                         "'default i8'; 'default' is the plan the kernel picks itself")  # fmt: skip
     p.add_argument("--llama-cpp", type=Path, metavar="GGUF",
                    help="also time llama.cpp (bench/llama_cpp.py) on this GGUF, same threads, and compare")  # fmt: skip
-    p.add_argument("--json", type=Path, help="also write the rows here")
+    p.add_argument("--json", type=Path, help="also write the rows here: the medians, and each run's decode rate")
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
@@ -229,10 +229,12 @@ def main() -> None:
                 ed = statistics.median(decode_rate(r) for r in runs)
                 eqs.append({"checkpoint": q.name, "plan": plan or None, "tok_s": e, "ratio": e / b,
                             "decode_tok_s": ed, "decode_ratio": ed / bd,
+                            "decode_runs": [decode_rate(r) for r in runs],
                             "kernel": runs[-1]["kernel"], "weight_bytes": runs[-1]["weight_bytes"],
                             "rss": runs[-1]["rss"]})  # fmt: skip
             rows.append({"mode": args.mode, "isa": isa, "dtype": dtype, "batch": batch, "unquantized_tok_s": b,
                          "unquantized_decode_tok_s": bd, "unquantized_weight_bytes": base["weight_bytes"],
+                         "unquantized_decode_runs": [decode_rate(r) for r in base_runs],
                          "unquantized_rss": base["rss"],
                          "easyquant": eqs})  # fmt: skip
             weights = " / ".join(f"{x['weight_bytes'] / gib:.2f}" for x in eqs)
