@@ -4,7 +4,6 @@ joining of the Qwen2.5-Coder builder on fake wheels (the real 22 packages are 1.
 from __future__ import annotations
 
 import json
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -60,16 +59,26 @@ def _qwen2_gguf(path: Path, tied: bool = True) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gguf_builder_streams_a_qwen2_model_that_transformers_loads(tmp_path: Path, dtype: torch.dtype) -> None:
+def test_gguf_builder_streams_a_qwen2_model_that_transformers_loads(
+    tmp_path: Path, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from transformers import AutoModelForCausalLM
 
     from converters.gguf_stream import build_qwen2_from_gguf
     from easyquant_vllm.safetensors_io import open_checkpoint
 
     originals = _qwen2_gguf(tmp_path / "m.gguf")
-    with warnings.catch_warnings():  # F32 tensors arrive read-only from the memory map: no warning for the user
-        warnings.filterwarnings("error", message=".*not writable.*")
-        out = build_qwen2_from_gguf(tmp_path / "m.gguf", tmp_path / "hf", dtype, tokenizer=False)
+    # F32 tensors arrive read-only from the memory map; handed to torch as they are, PyTorch warns the user (once
+    # per process, so a warnings filter would miss it after the first test): every array must be writable.
+    from_numpy = torch.from_numpy
+
+    def writable_only(a: np.ndarray) -> torch.Tensor:
+        assert a.flags.writeable, "a read-only array reached torch.from_numpy"
+        return from_numpy(a)
+
+    monkeypatch.setattr(torch, "from_numpy", writable_only)
+    out = build_qwen2_from_gguf(tmp_path / "m.gguf", tmp_path / "hf", dtype, tokenizer=False)
+    monkeypatch.undo()
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["hidden_size"], cfg["num_key_value_heads"], cfg["tie_word_embeddings"]) == (H, KV, True)
     with open_checkpoint(out) as ckpt:
