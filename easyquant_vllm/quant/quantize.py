@@ -342,7 +342,7 @@ def quantize_weight(
 
         wx = None if col_weight is None else col_weight.to(device=device, dtype=torch.float32).view(1, k // g, g)
         wx = None if wx is None else wx.expand(r1 - r0, k // g, g).reshape(-1, g)
-        s16, z, loss = _steps_and_zeros(x, spec, wx)
+        s16, z, _ = _steps_and_zeros(x, spec, wx)
         u = quantize_codes_asym(x, s16, z, spec.bits) if spec.zero_points else \
             quantize_codes(x, s16, spec.bits) + code_offset(spec.bits)  # fmt: skip
         qweight[r0:r1] = pack_codes(u.to(torch.uint8).view(r1 - r0, k), spec.bits).to(out_device)
@@ -352,12 +352,12 @@ def quantize_weight(
 
         if with_stats:
             xb = block.view(-1, g)
-            if c is None:
-                sq_err += float(loss.sum())
-            else:  # the error in the original domain, where the column scale weighs each column
-                zq = z if spec.zero_points else torch.full_like(s16, code_offset(spec.bits))
-                dense = ((u - zq.unsqueeze(1)) * s16.unsqueeze(1)).view(r1 - r0, k) * c
-                sq_err += float((dense - normal * c).square().sum())
+            # The plain squared error, in the original domain: the range search's own loss is not it where it
+            # weighs columns (col_weight) or takes another power of the error (version 2's 4th).
+            zq = z if spec.zero_points else torch.full_like(s16, code_offset(spec.bits))
+            dense = ((u - zq.unsqueeze(1)) * s16.unsqueeze(1)).view(r1 - r0, k)
+            diff = dense - normal
+            sq_err += float((diff if c is None else diff * c).square().sum())
             sq_err_rtn += float(group_loss(xb, rtn_scales(xb, spec.bits).half().float(), spec.bits).sum())
             sq_norm += float(block.square().sum())
 
