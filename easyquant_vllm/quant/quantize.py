@@ -342,7 +342,7 @@ def quantize_weight(
 
         wx = None if col_weight is None else col_weight.to(device=device, dtype=torch.float32).view(1, k // g, g)
         wx = None if wx is None else wx.expand(r1 - r0, k // g, g).reshape(-1, g)
-        s16, z, _ = _steps_and_zeros(x, spec, wx)
+        s16, z = _steps_and_zeros(x, spec, wx)
         u = quantize_codes_asym(x, s16, z, spec.bits) if spec.zero_points else \
             quantize_codes(x, s16, spec.bits) + code_offset(spec.bits)  # fmt: skip
         qweight[r0:r1] = pack_codes(u.to(torch.uint8).view(r1 - r0, k), spec.bits).to(out_device)
@@ -517,8 +517,8 @@ def check_float16_range(w: torch.Tensor) -> None:
 
 def _steps_and_zeros(
     x: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Float16-representable steps, zero points (``z`` meaningful with ``spec.zero_points``) and losses, ``[R]``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float16-representable steps and zero points (``z`` meaningful with ``spec.zero_points``), ``[R]`` each.
 
     The checkpoint stores float16 steps: the codes are chosen for the stored step, and wherever rounding
     to float16 made ours worse than round-to-nearest's, RTN's range is kept (never worse than RTN).
@@ -534,13 +534,13 @@ def _steps_and_zeros(
         loss = group_loss_asym(x, s16, z, spec.bits, weight, spec.search.power)
         loss_rtn = group_loss_asym(x, s_rtn16, z_rtn, spec.bits, weight, spec.search.power)
         use_rtn = loss_rtn < loss
-        return torch.where(use_rtn, s_rtn16, s16), torch.where(use_rtn, z_rtn, z), torch.where(use_rtn, loss_rtn, loss)
+        return torch.where(use_rtn, s_rtn16, s16), torch.where(use_rtn, z_rtn, z)
     s16 = _solve(x, spec).to(torch.float16).float()
     s_rtn16 = rtn_scales(x, spec.bits).to(torch.float16).float()
     loss = group_loss(x, s16, spec.bits)
     loss_rtn = group_loss(x, s_rtn16, spec.bits)
     use_rtn = loss_rtn < loss
-    return torch.where(use_rtn, s_rtn16, s16), torch.zeros_like(s16), torch.where(use_rtn, loss_rtn, loss)
+    return torch.where(use_rtn, s_rtn16, s16), torch.zeros_like(s16)
 
 
 def quantize_group(
